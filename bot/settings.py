@@ -1,0 +1,197 @@
+"""Settings: read once from the environment and `.env`, validated into one typed object that is passed down.
+
+Nothing else in the project reads `os.environ`; every key is documented in `.env.example`.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TOKEN_HELP = (
+    "DISCORD_TOKEN is not set. Create an application at https://discord.com/developers/applications, "
+    "open Bot -> Reset Token, and put the token in .env as DISCORD_TOKEN=... (see .env.example)."
+)
+
+
+class SettingsError(ValueError):
+    """A setting has a value the bot cannot use; the message names the key, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    discord_token: str | None = field(default=None, repr=False)
+    guild_ids: tuple[int, ...] = ()
+    model: str = DEFAULT_MODEL
+    data_dir: Path = Path("data")
+    device: str = "auto"
+    dtype: str = "auto"
+    admin_role: str | None = None
+    max_queued_jobs: int = 3
+    trainings_per_day: int = 2
+    min_photos: int = 3
+    max_photos: int = 30
+    max_photo_mb: int = 20
+    photo_retention_days: int = 7
+    train_timeout_s: int = 3600
+    imagine_timeout_s: int = 300
+    fair_window_hours: float = 24.0
+    train_slice_s: float = 10.0
+    safety: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "boothbot.sqlite3"
+
+    def require_token(self) -> str:
+        if not self.discord_token:
+            raise SettingsError(TOKEN_HELP)
+        return self.discord_token
+
+
+# environment key -> (field name, parser)
+def _int(lo: int, hi: int):
+    def parse(key: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{key}={raw!r} is not a whole number; allowed: {lo}..{hi}") from None
+        if not lo <= value <= hi:
+            raise SettingsError(f"{key}={value} is out of range; allowed: {lo}..{hi}")
+        return value
+    return parse
+
+
+def _float(lo: float, hi: float):
+    def parse(key: str, raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{key}={raw!r} is not a number; allowed: {lo}..{hi}") from None
+        if not lo <= value <= hi:
+            raise SettingsError(f"{key}={value} is out of range; allowed: {lo}..{hi}")
+        return value
+    return parse
+
+
+def _choice(*allowed: str):
+    def parse(key: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise SettingsError(f"{key}={raw!r} is not allowed; choose one of: {', '.join(allowed)}")
+        return value
+    return parse
+
+
+def _device(key: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise SettingsError(f"{key}={raw!r} is not a device; allowed: auto, cpu, cuda, cuda:N, mps")
+
+
+def _bool(key: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"{key}={raw!r} is not a yes/no value; allowed: true, false, 1, 0, yes, no, on, off")
+
+
+def _guild_ids(key: str, raw: str) -> tuple[int, ...]:
+    ids = []
+    for part in raw.replace(" ", ",").split(","):
+        if not part:
+            continue
+        if not part.isdigit() or not 15 <= len(part) <= 21:
+            raise SettingsError(
+                f"{key} has {part!r}, which is not a Discord server id; allowed: comma-separated ids "
+                "(right-click the server with Developer Mode on -> Copy Server ID), or empty to sync globally"
+            )
+        ids.append(int(part))
+    return tuple(ids)
+
+
+def _text(key: str, raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _model(key: str, raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise SettingsError(f"{key} is empty; allowed: a hub id such as {DEFAULT_MODEL}, a local diffusers "
+                            "directory, or a .safetensors/.ckpt file")
+    return value
+
+
+def _path(key: str, raw: str) -> Path:
+    if not raw.strip():
+        raise SettingsError(f"{key} is empty; allowed: a directory path such as ./data")
+    return Path(raw.strip()).expanduser()
+
+
+_KEYS: dict[str, tuple[str, object]] = {
+    "DISCORD_TOKEN": ("discord_token", _text),
+    "BOOTHBOT_GUILD_IDS": ("guild_ids", _guild_ids),
+    "BOOTHBOT_MODEL": ("model", _model),
+    "BOOTHBOT_DATA_DIR": ("data_dir", _path),
+    "BOOTHBOT_DEVICE": ("device", _device),
+    "BOOTHBOT_DTYPE": ("dtype", _choice("auto", "bf16", "fp16", "fp32")),
+    "BOOTHBOT_ADMIN_ROLE": ("admin_role", _text),
+    "BOOTHBOT_MAX_QUEUED_JOBS": ("max_queued_jobs", _int(1, 100)),
+    "BOOTHBOT_TRAININGS_PER_DAY": ("trainings_per_day", _int(0, 100)),
+    "BOOTHBOT_MIN_PHOTOS": ("min_photos", _int(1, 100)),
+    "BOOTHBOT_MAX_PHOTOS": ("max_photos", _int(1, 200)),
+    "BOOTHBOT_MAX_PHOTO_MB": ("max_photo_mb", _int(1, 100)),
+    "BOOTHBOT_PHOTO_RETENTION_DAYS": ("photo_retention_days", _int(0, 3650)),
+    "BOOTHBOT_TRAIN_TIMEOUT_S": ("train_timeout_s", _int(10, 86400)),
+    "BOOTHBOT_IMAGINE_TIMEOUT_S": ("imagine_timeout_s", _int(5, 3600)),
+    "BOOTHBOT_FAIR_WINDOW_HOURS": ("fair_window_hours", _float(0.1, 24 * 30)),
+    "BOOTHBOT_TRAIN_SLICE_S": ("train_slice_s", _float(0.5, 3600)),
+    "BOOTHBOT_SAFETY": ("safety", _bool),
+    "BOOTHBOT_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
+}
+
+
+def load_settings(env: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = ".env") -> Settings:
+    """Build Settings from `env` (default: the process environment) over the values in `env_file`.
+
+    The environment wins over the file, as python-dotenv does by default. Unknown BOOTHBOT_* keys are an error, so
+    a typo never silently falls back to a default.
+    """
+    merged: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(os.environ if env is None else env)
+
+    unknown = sorted(k for k in merged if k.startswith("BOOTHBOT_") and k not in _KEYS)
+    if unknown:
+        raise SettingsError(f"unknown setting {unknown[0]}; allowed keys: {', '.join(sorted(_KEYS))}")
+
+    values: dict[str, object] = {}
+    for key, (name, parse) in _KEYS.items():
+        if key in merged:
+            values[name] = parse(key, merged[key])
+    if "log_level" in values:
+        values["log_level"] = str(values["log_level"]).upper()
+    settings = Settings(**values)
+    if settings.min_photos > settings.max_photos:
+        raise SettingsError(
+            f"BOOTHBOT_MIN_PHOTOS={settings.min_photos} is more than BOOTHBOT_MAX_PHOTOS={settings.max_photos}; "
+            "the minimum must not exceed the maximum"
+        )
+    return settings
+
+
+def setting_names() -> list[str]:
+    """Every key the bot reads, for .env.example and `--help`."""
+    return list(_KEYS)
+
+
+assert {name for name, _ in _KEYS.values()} == {f.name for f in fields(Settings)}

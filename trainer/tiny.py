@@ -1,0 +1,126 @@
+"""A tiny random Stable Diffusion pipeline, built in-process: for tests and offline smoke runs, never a default.
+
+It has the real SD 1.x component classes (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer), just
+small, so every code path that runs on the real model runs on it in seconds on a CPU. Images are 64 px by default.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# A few real words get their own BPE token, so "the tokenizer already knows this word" can be tested on the tiny
+# tokenizer too; everything else falls back to single characters.
+KNOWN_WORDS = (
+    "a", "an", "the", "of", "photo", "portrait", "man", "woman", "person", "boy", "girl", "dog", "cat", "style",
+    "object", "in", "as", "on", "with", "painting", "sid", "jedi", "astronaut", "red", "blue", "green",
+)
+TINY_RESOLUTION = 64
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The byte -> printable character table that CLIP's byte-level BPE uses.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def write_tiny_tokenizer(directory: Path) -> int:
+    """Write a CLIP-style BPE tokenizer (vocab.json, merges.txt) and return its vocabulary size."""
+    directory.mkdir(parents=True, exist_ok=True)
+    base = list(_bytes_to_unicode().values())
+    vocab_tokens = base + [c + "</w>" for c in base]
+    merges: list[tuple[str, str]] = []
+    for word in KNOWN_WORDS:
+        # Apply the merges learnt so far (as BPE will), then add merges that join what is left into one token.
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        for left, right in merges:
+            i = 0
+            while i < len(pieces) - 1:
+                if pieces[i] == left and pieces[i + 1] == right:
+                    pieces[i:i + 2] = [left + right]
+                else:
+                    i += 1
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            vocab_tokens.append(pieces[0] + pieces[1])
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_tokens))}
+    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8")
+    return len(vocab)
+
+
+def build_tiny_pipeline(seed: int = 0, tokenizer_dir: Path | None = None):
+    """Return a StableDiffusionPipeline with tiny random weights (deterministic for a seed)."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = Path(tokenizer_dir or tmp)
+        vocab_size = write_tiny_tokenizer(tok_dir)
+        tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77)
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=TINY_RESOLUTION,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        )
+    )
+    # The scheduler config SD 1.5 ships with.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False,
+    )
+    return StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
+    """Save the tiny pipeline so `StableDiffusionPipeline.from_pretrained(directory)` loads it."""
+    directory = Path(directory)
+    pipe = build_tiny_pipeline(seed)
+    pipe.save_pretrained(str(directory), safe_serialization=True)
+    return directory
