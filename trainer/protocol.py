@@ -1,0 +1,122 @@
+"""The worker protocol: plain dicts, one JSON object per line. Pure Python, so the bot process may import it.
+
+Bot -> worker requests: run, cancel, shutdown. Worker -> bot events: ready, progress, paused, done, cancelled,
+failed, and fatal (the worker cannot start, e.g. the base model does not load; it exits after sending it).
+Files travel as absolute paths under the data directory. See docs/ARCHITECTURE.md for the params of each kind.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+KINDS = ("train", "imagine", "selftest")
+REQUESTS = ("run", "cancel", "shutdown")
+EVENTS = ("ready", "progress", "paused", "done", "cancelled", "failed", "fatal")
+# Events after which the worker has finished with a job (for now: `paused` hands control back until the next run).
+TERMINAL_EVENTS = ("done", "cancelled", "failed")
+JOB_END_EVENTS = TERMINAL_EVENTS + ("paused",)
+
+_REQUIRED = {
+    ("op", "run"): ("job_id", "kind", "params"),
+    ("op", "cancel"): ("job_id",),
+    ("op", "shutdown"): (),
+    ("event", "ready"): ("device", "dtype", "model", "pid"),
+    ("event", "progress"): ("job_id", "step", "total"),
+    ("event", "paused"): ("job_id", "step", "total"),
+    ("event", "done"): ("job_id", "result"),
+    ("event", "cancelled"): ("job_id",),
+    ("event", "failed"): ("job_id", "error"),
+    ("event", "fatal"): ("error",),
+}
+
+
+class ProtocolError(ValueError):
+    """A line that is not a valid protocol message."""
+
+
+# --- requests (bot -> worker) ---
+def run(job_id: int, kind: str, params: dict) -> dict:
+    if kind not in KINDS:
+        raise ProtocolError(f"unknown job kind {kind!r}; allowed: {', '.join(KINDS)}")
+    return {"op": "run", "job_id": job_id, "kind": kind, "params": params}
+
+
+def cancel(job_id: int) -> dict:
+    return {"op": "cancel", "job_id": job_id}
+
+
+def shutdown() -> dict:
+    return {"op": "shutdown"}
+
+
+# --- events (worker -> bot) ---
+def ready(device: str, dtype: str, model: str | None, pid: int) -> dict:
+    return {"event": "ready", "device": device, "dtype": dtype, "model": model, "pid": pid}
+
+
+def progress(job_id: int, step: int, total: int, eta_s: float | None = None, loss: float | None = None,
+             preview: str | None = None) -> dict:
+    return {"event": "progress", "job_id": job_id, "step": step, "total": total, "eta_s": eta_s, "loss": loss,
+            "preview": preview}
+
+
+def paused(job_id: int, step: int, total: int) -> dict:
+    return {"event": "paused", "job_id": job_id, "step": step, "total": total}
+
+
+def done(job_id: int, result: dict) -> dict:
+    return {"event": "done", "job_id": job_id, "result": result}
+
+
+def cancelled(job_id: int) -> dict:
+    return {"event": "cancelled", "job_id": job_id}
+
+
+def failed(job_id: int, error: str, detail: str = "") -> dict:
+    return {"event": "failed", "job_id": job_id, "error": error, "detail": detail}
+
+
+def fatal(error: str, detail: str = "") -> dict:
+    return {"event": "fatal", "error": error, "detail": detail}
+
+
+# --- wire format ---
+def encode(message: dict) -> bytes:
+    """One line of UTF-8 JSON. NaN/inf (e.g. a diverged loss) are sent as null rather than as invalid JSON."""
+    return (json.dumps(_finite(message), separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
+
+
+def decode(line: bytes | str) -> dict:
+    """Parse and check one line; raises ProtocolError naming what is wrong."""
+    if isinstance(line, bytes):
+        line = line.decode("utf-8", errors="replace")
+    try:
+        message = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ProtocolError(f"not JSON ({e.msg}): {line[:200]!r}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"not a JSON object: {line[:200]!r}")
+    if "op" in message:
+        key = ("op", message["op"])
+    elif "event" in message:
+        key = ("event", message["event"])
+    else:
+        raise ProtocolError(f"neither 'op' nor 'event' in {line[:200]!r}")
+    if key not in _REQUIRED:
+        raise ProtocolError(f"unknown {key[0]} {key[1]!r}")
+    missing = [k for k in _REQUIRED[key] if k not in message]
+    if missing:
+        raise ProtocolError(f"{key[0]} {key[1]!r} lacks {', '.join(missing)}")
+    if key == ("op", "run") and message["kind"] not in KINDS:
+        raise ProtocolError(f"unknown job kind {message['kind']!r}; allowed: {', '.join(KINDS)}")
+    return message
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

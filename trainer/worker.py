@@ -1,0 +1,348 @@
+"""`python -m trainer worker`: the GPU worker process the bot talks to over JSON lines (trainer/protocol.py).
+
+It loads the base model once and keeps it resident, then runs jobs one at a time on the main thread. A reader thread
+takes requests from stdin, so a `cancel` reaches a running job at its next step boundary. Events go to the original
+stdout; sys.stdout (and file descriptor 1) point at stderr so prints from libraries cannot corrupt the stream.
+When stdin closes (the bot went away) the running job stops at its next step and the worker exits.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from trainer import protocol
+from trainer.errors import Cancelled, UserError
+
+OUT_OF_MEMORY = ("The GPU ran out of memory while running your job. Try fewer or smaller images, or try again when "
+                 "the server is less busy.")
+INTERNAL_ERROR = ("Something went wrong on the GPU while running your job. The server admins can find the details "
+                  "in the bot's log.")
+NO_MODEL = "The GPU worker was started without a base model (--no-model), so it can only run self-tests."
+ENGINE_MISSING = "This bot cannot run {kind} jobs yet: its {what} engine is not installed. Please tell a server admin."
+PROGRESS_INTERVAL_S = 0.25  # at most ~4 progress events a second per job (plus the first and the last step)
+SELFTEST_MAX_S = 3600.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="base model: hub id, local diffusers directory or .safetensors/.ckpt file")
+    parser.add_argument("--no-model", action="store_true",
+                        help="do not load a base model: only `selftest` jobs run (GPU checks, benchmarks, tests)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="default auto")
+    parser.add_argument("--data-dir", required=True, help="the bot's data directory (caches live under it)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice). Leaving one core free keeps the bot "
+                             "responsive on CPU-only machines")
+
+
+class EventWriter:
+    """Writes protocol events, one line each, to the stream the bot reads. Safe to call from any thread."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def send(self, message: dict) -> None:
+        data = protocol.encode(message)
+        with self._lock:
+            self._stream.write(data)
+            self._stream.flush()
+
+
+class JobControl:
+    """What the stdin reader thread tells the job loop: jobs to run, cancels, and whether the bot has gone away."""
+
+    def __init__(self):
+        self.jobs: queue.Queue[dict | None] = queue.Queue()
+        self._cancelled: set[int] = set()
+        self._lock = threading.Lock()
+        self.closing = threading.Event()
+
+    def cancel(self, job_id: int) -> None:
+        with self._lock:
+            self._cancelled.add(job_id)
+
+    def is_cancelled(self, job_id: int) -> bool:
+        with self._lock:
+            return job_id in self._cancelled
+
+    def should_stop(self, job_id: int) -> Callable[[], bool]:
+        return lambda: self.closing.is_set() or self.is_cancelled(job_id)
+
+    def close(self) -> None:
+        self.closing.set()
+        self.jobs.put(None)
+
+
+def read_requests(stream, control: JobControl) -> None:
+    """The stdin reader thread: runs until EOF or `shutdown`."""
+    for raw in stream:
+        if not raw.strip():
+            continue
+        try:
+            message = protocol.decode(raw)
+        except protocol.ProtocolError as e:
+            print(f"worker: ignoring a bad request: {e}", file=sys.stderr, flush=True)
+            continue
+        op = message.get("op")
+        if op == "run":
+            control.jobs.put(message)
+        elif op == "cancel":
+            control.cancel(message["job_id"])
+        elif op == "shutdown":
+            break
+        else:
+            print(f"worker: ignoring an event sent to the worker: {message}", file=sys.stderr, flush=True)
+    control.close()
+
+
+class ProgressReporter:
+    """Turns engine progress callbacks into throttled `progress` events."""
+
+    def __init__(self, writer: EventWriter, job_id: int):
+        self._writer = writer
+        self._job_id = job_id
+        self._last = 0.0
+
+    def __call__(self, info) -> None:
+        step, total = int(_field(info, "step", 0)), int(_field(info, "total", 0))
+        now = time.monotonic()
+        if step not in (1, total) and now - self._last < PROGRESS_INTERVAL_S:
+            return
+        self._last = now
+        eta, loss, preview = _field(info, "eta_s"), _field(info, "loss"), _field(info, "preview")
+        self._writer.send(protocol.progress(
+            self._job_id, step, total,
+            eta_s=None if eta is None else round(float(eta), 2),
+            loss=None if loss is None else float(loss),
+            preview=None if preview is None else str(preview),
+        ))
+
+
+def _field(info, name, default=None):
+    if isinstance(info, dict):
+        return info.get(name, default)
+    return getattr(info, name, default)
+
+
+class Worker:
+    """The resident model and the engines; `run_job` turns one `run` request into exactly one end event."""
+
+    def __init__(self, writer: EventWriter, control: JobControl, *, pipe, device: str, model: str | None,
+                 data_dir: Path):
+        self.writer = writer
+        self.control = control
+        self.pipe = pipe
+        self.device = device
+        self.model = model
+        self.data_dir = data_dir
+        self._generation = None
+
+    def serve(self) -> None:
+        while True:
+            message = self.control.jobs.get()
+            if message is None or self.control.closing.is_set():
+                return  # shutdown, or the bot went away: jobs still queued here have nobody to report to
+            self.run_job(message["job_id"], message["kind"], message["params"])
+
+    def run_job(self, job_id: int, kind: str, params: dict) -> None:
+        if self.control.is_cancelled(job_id):
+            self.writer.send(protocol.cancelled(job_id))
+            return
+        should_stop = self.control.should_stop(job_id)
+        on_progress = ProgressReporter(self.writer, job_id)
+        try:
+            if kind == "selftest":
+                event = protocol.done(job_id, selftest(params, self.device, on_progress, should_stop))
+            elif kind == "train":
+                event = self._train(job_id, params, on_progress, should_stop)
+            elif kind == "imagine":
+                event = protocol.done(job_id, self._imagine(params, on_progress, should_stop))
+            else:
+                event = protocol.failed(job_id, f"Unknown job kind {kind!r}.")
+        except Cancelled:
+            event = protocol.cancelled(job_id)
+        except BaseException as exc:  # noqa: BLE001 - every failure must become a `failed` event, then we go on
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            error, detail = describe_failure(exc, kind)
+            event = protocol.failed(job_id, error, detail)
+            if detail:
+                print(f"worker: job {job_id} ({kind}) failed:\n{detail}", file=sys.stderr, flush=True)
+            if is_out_of_memory(exc):
+                release_memory()
+        self.writer.send(event)
+
+    def _train(self, job_id, params, on_progress, should_stop) -> dict:
+        if self.pipe is None:
+            raise UserError(NO_MODEL)
+        training = _engine("trainer.training", "train", "training")
+        spec = training.TrainSpec.from_params(params)
+        cache_dir = Path(params.get("cache_dir") or self.data_dir / "cache" / "priors")
+        outcome = training.train_concept(self.pipe, spec, cache_dir=cache_dir, on_progress=on_progress,
+                                         should_stop=should_stop, slice_s=params.get("slice_s"))
+        if outcome.status == "done":
+            return protocol.done(job_id, outcome.result)
+        if outcome.status == "paused":
+            return protocol.paused(job_id, outcome.step, outcome.total)
+        if outcome.status == "cancelled":
+            return protocol.cancelled(job_id)
+        raise RuntimeError(f"train_concept returned an unknown status {outcome.status!r}")
+
+    def _imagine(self, params, on_progress, should_stop) -> dict:
+        if self.pipe is None:
+            raise UserError(NO_MODEL)
+        generation = _engine("trainer.generation", "imagine", "image generation")
+        if self._generation is None:
+            self._generation = generation.GenerationService(self.pipe, model_name=self.model or "")
+        request = generation.ImagineRequest.from_params(params)
+        result = self._generation.imagine(request, on_progress=on_progress, should_stop=should_stop)
+        return result.to_dict()
+
+
+class EngineMissing(UserError):
+    pass
+
+
+def _engine(module_name: str, kind: str, what: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise  # the engine exists but something it imports is missing: a real bug, report it with a traceback
+        raise EngineMissing(ENGINE_MISSING.format(kind=kind, what=what)) from None
+
+
+def selftest(params: dict, device: str, on_progress, should_stop) -> dict:
+    """A real torch workload: square matmuls for `seconds`, in steps of `step_s`, cancellable between steps.
+
+    Used by `python -m bot check --gpu`, the event-loop lag benchmark and the worker tests. A long `step_s` stands
+    for a step that cannot be interrupted (cancel waits for its end).
+    """
+    import torch
+
+    seconds = _number(params, "seconds", 3.0, 0.0, SELFTEST_MAX_S)
+    step_s = _number(params, "step_s", 0.1, 0.001, SELFTEST_MAX_S)
+    size = int(_number(params, "size", 2048 if device.startswith("cuda") else 256, 16, 16384))
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device, dtype)
+    b = torch.randn(size, size, generator=generator).to(device, dtype)
+    total = max(1, math.ceil(seconds / step_s))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    matmuls, started = 0, time.perf_counter()
+    for step in range(1, total + 1):
+        if should_stop():
+            raise Cancelled()
+        step_end = started + step * step_s
+        while True:
+            torch.matmul(a, b)
+            sync()
+            matmuls += 1
+            if time.perf_counter() >= step_end:
+                break
+        elapsed = time.perf_counter() - started
+        on_progress({"step": step, "total": total, "eta_s": max(0.0, seconds - elapsed), "loss": None})
+    elapsed = time.perf_counter() - started
+    return {"steps": total, "seconds": round(elapsed, 3), "matmuls": matmuls, "size": size, "device": device,
+            "tflops": round(2 * size ** 3 * matmuls / max(elapsed, 1e-9) / 1e12, 3)}
+
+
+def _number(params: dict, name: str, default: float, lo: float, hi: float) -> float:
+    value = params.get(name, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise UserError(f"selftest {name}={value!r} is not allowed; allowed: {lo}..{hi}")
+    return float(value)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of the worker
+        return False
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def describe_failure(exc: BaseException, kind: str) -> tuple[str, str]:
+    """(message a member understands, traceback for the log). A UserError's text is shown as it is."""
+    if isinstance(exc, UserError):
+        return str(exc), ""
+    detail = "".join(traceback.format_exception(exc))
+    if is_out_of_memory(exc):
+        return OUT_OF_MEMORY, detail
+    return INTERNAL_ERROR, detail
+
+
+def release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def claim_stdout():
+    """Keep the real stdout for events; point fd 1 and sys.stdout at stderr so stray prints cannot corrupt it."""
+    sys.stdout.flush()
+    events_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(events_fd, "wb", buffering=0)
+
+
+def describe_device(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        index = torch.device(device).index
+        return f"{device} ({torch.cuda.get_device_name(index if index is not None else torch.cuda.current_device())})"
+    return device
+
+
+def run(args: argparse.Namespace) -> int:
+    events = claim_stdout()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    writer = EventWriter(events)
+    control = JobControl()
+    if not args.no_model and not args.model:
+        writer.send(protocol.fatal("the worker needs --model (or --no-model for self-tests only)"))
+        return 2
+    try:
+        import torch
+
+        from trainer.models import load_pipeline, pick_device, pick_dtype
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = pick_device(args.device)
+        dtype = pick_dtype(device, args.dtype)
+        pipe = None if args.no_model else load_pipeline(args.model, device, args.dtype)
+    except Exception as exc:  # noqa: BLE001 - whatever stops the start is reported to the bot, then we exit
+        what = "the GPU worker could not start" if args.no_model else f"the base model {args.model} could not be loaded"
+        writer.send(protocol.fatal(f"{what}: {exc}", "".join(traceback.format_exception(exc))))
+        return 3
+    threading.Thread(target=read_requests, args=(sys.stdin.buffer, control), name="worker-stdin", daemon=True).start()
+    writer.send(protocol.ready(describe_device(device), str(dtype).removeprefix("torch."),
+                               None if args.no_model else args.model, os.getpid()))
+    worker = Worker(writer, control, pipe=pipe, device=device, model=None if args.no_model else args.model,
+                    data_dir=Path(args.data_dir))
+    try:
+        worker.serve()
+    except BrokenPipeError:
+        pass  # the bot went away while we were writing: nobody is left to tell
+    return 0
