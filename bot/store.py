@@ -1,0 +1,214 @@
+"""Store: the bot's one SQLite file (WAL, foreign keys, busy timeout) and its numbered migrations.
+
+Each Store owns one aiosqlite connection in autocommit mode. Statements from different coroutines on the same
+Store are serialised by a lock, so a transaction opened with `immediate()` never sees another coroutine's statements
+slip in. Several Stores (or processes) on the same file coordinate through SQLite's own locking: `BEGIN IMMEDIATE`
+takes the write lock up front, and the busy timeout makes a second writer wait instead of failing.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import re
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+_MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+# The Store whose transaction the current task is inside; its statements then skip the lock they already hold.
+_transaction_owner: contextvars.ContextVar[Store | None] = contextvars.ContextVar("boothbot_tx", default=None)
+
+
+class MigrationError(RuntimeError):
+    """A migration file is misnamed, conflicts with what the database recorded, or failed (and was rolled back)."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    path: Path
+
+
+def find_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    found: dict[int, Migration] = {}
+    for path in sorted(directory.glob("*.sql")):
+        match = _MIGRATION_NAME.match(path.name)
+        if not match:
+            raise MigrationError(f"{path}: migration files are named NNNN_lowercase_name.sql")
+        version = int(match.group(1))
+        if version in found:
+            raise MigrationError(f"{path}: version {version} is also used by {found[version].path.name}")
+        found[version] = Migration(version, path.stem, path)
+    return [found[v] for v in sorted(found)]
+
+
+def split_statements(script: str) -> list[str]:
+    """Split SQL on ';' where SQLite agrees a statement ends (so trigger bodies and quoted ';' stay whole)."""
+    statements, buffer = [], ""
+    pieces = script.split(";")
+    for index, piece in enumerate(pieces):
+        buffer += piece if index == len(pieces) - 1 else piece + ";"
+        if sqlite3.complete_statement(buffer):
+            if _strip_comments(buffer).strip(" \t\r\n;"):
+                statements.append(buffer.strip())
+            buffer = ""
+    if _strip_comments(buffer).strip(" \t\r\n;"):
+        raise MigrationError(f"unterminated SQL statement: {buffer.strip()[:80]!r}")
+    return statements
+
+
+def _strip_comments(sql: str) -> str:
+    return "\n".join(line.split("--", 1)[0] for line in sql.splitlines())
+
+
+class Store:
+    """One connection to the bot's database. Create with `await Store.open(path)`; `await close()` when done."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path):
+        self._conn = conn
+        self.path = path
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str | Path, *, busy_timeout_s: float = 30.0,
+                   migrations_dir: Path = MIGRATIONS_DIR) -> Store:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(str(path), isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        store = cls(conn, path)
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            await conn.execute("PRAGMA journal_mode = WAL")
+            await conn.execute("PRAGMA foreign_keys = ON")
+            await conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL: a crash loses no committed data
+            await store._migrate(find_migrations(migrations_dir))
+        except BaseException:
+            await conn.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # --- statements ---------------------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        if _transaction_owner.get() is self:
+            yield
+            return
+        async with self._lock:
+            yield
+
+    async def execute(self, sql: str, params: Sequence[Any] | dict = ()) -> int:
+        """Run one statement; returns the number of rows it changed."""
+        async with self._turn():
+            cursor = await self._conn.execute(sql, params)
+            try:
+                return cursor.rowcount
+            finally:
+                await cursor.close()
+
+    async def insert(self, sql: str, params: Sequence[Any] | dict = ()) -> int:
+        """Run one INSERT; returns the new row's id."""
+        async with self._turn():
+            cursor = await self._conn.execute(sql, params)
+            try:
+                return cursor.lastrowid
+            finally:
+                await cursor.close()
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        async with self._turn():
+            await self._conn.executemany(sql, rows)
+
+    async def fetchone(self, sql: str, params: Sequence[Any] | dict = ()) -> sqlite3.Row | None:
+        async with self._turn():
+            async with self._conn.execute(sql, params) as cursor:
+                return await cursor.fetchone()
+
+    async def fetchall(self, sql: str, params: Sequence[Any] | dict = ()) -> list[sqlite3.Row]:
+        async with self._turn():
+            async with self._conn.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+
+    async def fetchval(self, sql: str, params: Sequence[Any] | dict = ()) -> Any:
+        row = await self.fetchone(sql, params)
+        return None if row is None else row[0]
+
+    @asynccontextmanager
+    async def immediate(self) -> AsyncIterator[Store]:
+        """`BEGIN IMMEDIATE ... COMMIT`, or ROLLBACK when the block raises (or is cancelled).
+
+        Takes SQLite's write lock at once, so read-then-write (claims, guarded transitions) cannot interleave with
+        another writer. Re-entrant: a nested `immediate()` on the same Store joins the open transaction. Do not
+        start tasks inside the block; they would share the transaction.
+        """
+        if _transaction_owner.get() is self:
+            yield self
+            return
+        async with self._turn():
+            await self._conn.execute("BEGIN IMMEDIATE")
+            token = _transaction_owner.set(self)
+            try:
+                yield self
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    await self._conn.execute("ROLLBACK")
+                raise
+            finally:
+                _transaction_owner.reset(token)
+
+    # --- migrations ---------------------------------------------------------------------------------------------
+
+    async def _migrate(self, migrations: list[Migration]) -> None:
+        await self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+        )
+        for migration in migrations:
+            statements = split_statements(migration.path.read_text(encoding="utf-8"))
+            # Checked inside the write lock, so two Stores opening a fresh file apply each migration once.
+            async with self.immediate():
+                recorded = await self.fetchval(
+                    "SELECT name FROM schema_migrations WHERE version = ?", (migration.version,))
+                if recorded is not None:
+                    if recorded != migration.name:
+                        raise MigrationError(
+                            f"database recorded migration {migration.version} as {recorded!r}, "
+                            f"but the file is {migration.path.name}; migrations must never be renamed or replaced"
+                        )
+                    continue
+                for statement in statements:
+                    try:
+                        await self._conn.execute(statement)
+                    except sqlite3.Error as e:
+                        raise MigrationError(
+                            f"migration {migration.path.name} failed and was rolled back: {e}\n"
+                            f"in: {statement[:200]}"
+                        ) from e
+                await self._conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    (migration.version, migration.name, time.time()),
+                )
+
+    async def applied_migrations(self) -> list[tuple[int, str]]:
+        rows = await self.fetchall("SELECT version, name FROM schema_migrations ORDER BY version")
+        return [(row["version"], row["name"]) for row in rows]
