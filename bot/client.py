@@ -1,0 +1,140 @@
+"""The discord.py client: loads the cogs as extensions by name, syncs the slash commands, answers errors.
+
+bot/ never imports cogs/: the cogs are loaded by name and find the services on the client (`bot.services`).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = (
+    "cogs.delivery",   # first: the other cogs hand new jobs to its notifier
+    "cogs.train",
+    "cogs.imagine",
+    "cogs.queue",
+    "cogs.concepts",
+    "cogs.forget",
+    "cogs.help",
+)
+DM_REFUSAL = "boothbot works inside a server, not in direct messages. Please use the commands in a server channel."
+
+
+def error_reference(interaction: discord.Interaction) -> str:
+    """What the apology names so an admin can find the log line: the job id when the cog knew one."""
+    job_id = interaction.extras.get("job_id")
+    return f"job {job_id}" if job_id is not None else f"ref {interaction.id}"
+
+
+async def send_ephemeral(interaction: discord.Interaction, text: str) -> None:
+    """Answer only the member, whether or not the interaction was already acknowledged."""
+    try:
+        if interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True)
+        else:
+            await interaction.response.send_message(text, ephemeral=True)
+    except discord.HTTPException as e:  # the token may have expired; there is no one left to tell
+        log.warning("could not answer interaction %s: %s", interaction.id, e)
+
+
+def member_message(error: Exception) -> str | None:
+    """The text for a mistake the member can fix, or None for a bug."""
+    if isinstance(error, UserError):
+        return str(error)
+    if isinstance(error, app_commands.NoPrivateMessage):
+        return DM_REFUSAL
+    if isinstance(error, app_commands.MissingPermissions):
+        return "Only server admins (Manage Server) can do that."
+    if isinstance(error, app_commands.TransformerError):
+        return f"`{error.value}` is not a valid value there. Please pick one of the offered choices."
+    if isinstance(error, app_commands.CommandOnCooldown):
+        return f"Slow down a little: try again in {error.retry_after:.0f} s."
+    if isinstance(error, app_commands.CheckFailure) and str(error):
+        return str(error)
+    return None
+
+
+async def answer_error(interaction: discord.Interaction, error: Exception) -> None:
+    """Member mistakes get what to do next; anything else is logged and gets a short apology with a reference."""
+    if isinstance(error, app_commands.CommandInvokeError):
+        error = error.original
+    text = member_message(error)
+    if text is None:
+        reference = error_reference(interaction)
+        command = interaction.command.qualified_name if interaction.command else interaction.data.get("custom_id", "?")
+        log.error("unexpected error in %s (%s, member %s)", command, reference, interaction.user.id, exc_info=error)
+        text = f"Sorry, something went wrong on our side ({reference}). An admin can look it up in the bot's log."
+    await send_ephemeral(interaction, text)
+
+
+class BoothTree(app_commands.CommandTree):
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        if interaction.guild_id is None and interaction.type is not discord.InteractionType.autocomplete:
+            raise app_commands.NoPrivateMessage(DM_REFUSAL)
+        return True
+
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        await answer_error(interaction, error)
+
+
+class BoothBot(commands.Bot):
+    """The bot: `services` is the bot/app.py Services container the cogs use."""
+
+    def __init__(self, settings, services, *, extensions: Sequence[str] = EXTENSIONS, **options) -> None:
+        intents = discord.Intents.default()
+        intents.message_content = False
+        intents.presences = False
+        intents.members = False
+        options.setdefault("allowed_mentions", discord.AllowedMentions(everyone=False, roles=False, users=True))
+        super().__init__(command_prefix=commands.when_mentioned, intents=intents, tree_cls=BoothTree,
+                         help_command=None, **options)
+        self.settings = settings
+        self.services = services
+        self.extension_names = tuple(extensions)
+        self.notifier = None  # set by the cogs.delivery extension
+
+    async def setup_hook(self) -> None:
+        for name in self.extension_names:
+            await self.load_extension(name)
+        await self.sync_commands()
+
+    async def sync_commands(self) -> None:
+        """Sync to the configured servers (instant), or globally (Discord may take up to an hour) when none."""
+        if self.settings.guild_ids:
+            for guild_id in self.settings.guild_ids:
+                guild = discord.Object(guild_id)
+                self.tree.copy_global_to(guild=guild)
+                synced = await self.tree.sync(guild=guild)
+                log.info("synced %d commands to server %s", len(synced), guild_id)
+        else:
+            synced = await self.tree.sync()
+            log.info("synced %d commands globally (can take up to an hour to show everywhere)", len(synced))
+
+    async def on_ready(self) -> None:
+        log.info("connected to Discord as %s (%s) in %d server(s)", self.user, self.user.id if self.user else "?",
+                 len(self.guilds))
+
+
+def is_admin(interaction: discord.Interaction, admin_role: str | None) -> bool:
+    """Manage Server, or the configured admin role (matched by id or by name)."""
+    if interaction.permissions.manage_guild:
+        return True
+    if not admin_role:
+        return False
+    for role in getattr(interaction.user, "roles", ()):
+        if str(role.id) == admin_role or role.name.casefold() == admin_role.casefold():
+            return True
+    return False
+
+
+async def run_discord(settings, services) -> None:
+    """Connect to Discord and serve until the process is stopped (what `python -m bot` runs)."""
+    async with BoothBot(settings, services) as bot:
+        await bot.start(settings.require_token())

@@ -1,0 +1,171 @@
+"""How jobs, concepts and reports look in Discord: plain functions from service objects to text and embeds."""
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import discord
+
+COLOR_QUEUED = discord.Colour.light_grey()
+COLOR_RUNNING = discord.Colour.blurple()
+COLOR_DONE = discord.Colour.green()
+COLOR_FAILED = discord.Colour.red()
+COLOR_INFO = discord.Colour.teal()
+BAR_WIDTH = 16
+
+
+def duration(seconds: float | None) -> str:
+    """A short human duration: '45 s', '3 min', '1 h 20 min'; '?' when unknown."""
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "?"
+    seconds = int(math.ceil(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = int(round(seconds / 60))
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
+def progress_bar(step: int, total: int, width: int = BAR_WIDTH) -> str:
+    total = max(total, 1)
+    step = min(max(step, 0), total)
+    filled = int(round(width * step / total))
+    return "▰" * filled + "▱" * (width - filled) + f" {int(100 * step / total)}%"
+
+
+def job_title(job) -> str:
+    params = job.params or {}
+    if job.kind == "train":
+        return f"Training `{params.get('token', '?')}` ({params.get('class_name', '?')})"
+    prompt = str(params.get("prompt", ""))
+    return f"Imagining “{prompt[:80]}{'…' if len(prompt) > 80 else ''}”"
+
+
+def queued_embed(job, position: int | None, eta_s: float | None, *, paused: bool = False) -> discord.Embed:
+    embed = discord.Embed(title=job_title(job), colour=COLOR_QUEUED)
+    where = f"#{position} in the queue" if position else "in the queue"
+    embed.description = f"<@{job.owner_id}>'s job {job.id} is {where}."
+    if eta_s is not None:
+        embed.description += f" It should be done in about {duration(eta_s)}."
+    if paused:
+        embed.description += "\nThe queue is paused by an admin; it will go on when they resume it."
+    embed.set_footer(text=f"job {job.id} · /queue cancel to cancel it")
+    return embed
+
+
+def running_embed(job, event: dict, *, preview_name: str | None = None) -> discord.Embed:
+    step, total = int(event.get("step") or 0), int(event.get("total") or 0)
+    embed = discord.Embed(title=job_title(job), colour=COLOR_RUNNING)
+    lines = [progress_bar(step, total), f"step {step}/{total}"]
+    if event.get("eta_s") is not None:
+        lines[-1] += f" · about {duration(event['eta_s'])} left"
+    embed.description = "\n".join(lines)
+    if preview_name:
+        embed.set_image(url=f"attachment://{preview_name}")
+    embed.set_footer(text=f"job {job.id} · {'sample preview' if job.kind == 'train' else 'preview'} updates as it runs")
+    return embed
+
+
+def failed_text(job) -> str:
+    what = "training" if job.kind == "train" else "image"
+    if job.status == "cancelled":
+        return f"<@{job.owner_id}> your {what} job {job.id} was cancelled."
+    if job.status == "interrupted":
+        return (f"<@{job.owner_id}> your {what} job {job.id} was interrupted by a bot restart. "
+                "Please run the command again.")
+    reason = job.error or "something went wrong"
+    return f"<@{job.owner_id}> your {what} job {job.id} failed: {reason}"
+
+
+def train_done_text(job, result: dict) -> str:
+    params = job.params or {}
+    token, class_name = params.get("token", "?"), params.get("class_name", "?")
+    subject = f"{token} {class_name}" if not params.get("style") else f"{token} style"
+    example = (f"a photo of {subject} as an astronaut" if not params.get("style")
+               else f"a lighthouse in {subject}")
+    steps, seconds = result.get("steps"), result.get("seconds")
+    took = f" ({steps} steps in {duration(seconds)})" if steps is not None and seconds is not None else ""
+    return (f"<@{job.owner_id}> `{token}` is ready{took}. Here are a few samples.\n"
+            f"Use it: `/imagine prompt: {example}`\n"
+            f"It is private to you; `/concepts share {token}` lets everyone here use it, "
+            f"`/concepts export {token}` sends you the LoRA file.")
+
+
+def imagine_done_text(job, result: dict) -> str:
+    params = job.params or {}
+    seeds = result.get("seeds") or []
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else (f"seeds {', '.join(map(str, seeds))}" if seeds else "")
+    lines = [f"<@{job.owner_id}> “{params.get('prompt', '')}”" + (f" · {seed_text}" if seed_text else "")]
+    for notice in result.get("notices") or []:
+        lines.append(f"ℹ️ {notice}")
+    if result.get("blocked"):
+        lines.append(f"{len(result['blocked'])} image(s) were held back by the safety filter.")
+    return "\n".join(lines)[:2000]
+
+
+def intake_embed(report_text: str, *, token: str, accepted: int, ok: bool) -> discord.Embed:
+    embed = discord.Embed(title=f"Photos for `{token}`", colour=COLOR_DONE if ok else COLOR_FAILED)
+    embed.description = report_text[:4000]
+    if ok:
+        embed.set_footer(text=f"{accepted} photo(s) will be used for training")
+    return embed
+
+
+def concept_line(concept, member_id: int) -> str:
+    owner = "yours" if concept.owner_id == member_id else f"shared by <@{concept.owner_id}>"
+    state = {"ready": "ready", "training": "training…", "failed": "training failed"}.get(concept.status, concept.status)
+    shared = ", shared" if concept.shared and concept.owner_id == member_id else ""
+    return f"`{concept.token}` — {concept.class_name}{' (style)' if concept.style else ''} · {state} · {owner}{shared}"
+
+
+def concept_embed(concept, member_id: int) -> discord.Embed:
+    embed = discord.Embed(title=f"`{concept.token}`", colour=COLOR_INFO, description=concept_line(concept, member_id))
+    embed.add_field(name="Class", value=concept.class_name)
+    embed.add_field(name="Photos", value=str(concept.photo_count))
+    embed.add_field(name="Shared", value="yes" if concept.shared else "no")
+    if concept.status == "ready":
+        subject = f"{concept.token} {concept.class_name}" if not concept.style else f"{concept.token} style"
+        embed.add_field(name="Use it", value=f"`/imagine prompt: a photo of {subject}`", inline=False)
+    return embed
+
+
+def job_line(job, position: int | None = None, eta_s: float | None = None, *, show_owner: bool = False) -> str:
+    owner = f" · <@{job.owner_id}>" if show_owner else ""
+    if job.status == "queued":
+        where = f"#{position}" if position else "queued"
+        when = f", done in ~{duration(eta_s)}" if eta_s is not None else ""
+        state = f"{where}{when}"
+    elif job.status == "running":
+        total = job.progress_total or 0
+        state = f"running {progress_bar(job.progress_step or 0, total, 8)}" if total else "running"
+    else:
+        state = job.status
+    return f"**{job.id}** {job_title(job)} — {state}{owner}"
+
+
+def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def contact_sheet(paths: Sequence[Path], *, cell: int = 96, columns: int = 6) -> bytes | None:
+    """A small JPEG grid of thumbnails (the accepted photos), or None when there are none."""
+    from PIL import Image
+
+    paths = list(paths)
+    if not paths:
+        return None
+    rows = math.ceil(len(paths) / columns)
+    sheet = Image.new("RGB", (cell * min(columns, len(paths)), cell * rows), "white")
+    for index, path in enumerate(paths):
+        with Image.open(path) as image:
+            thumb = image.convert("RGB")
+            thumb.thumbnail((cell, cell))
+        x, y = (index % columns) * cell, (index // columns) * cell
+        sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
+    out = io.BytesIO()
+    sheet.save(out, "JPEG", quality=80)
+    return out.getvalue()

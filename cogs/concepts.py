@@ -1,0 +1,155 @@
+"""/concepts: list, inspect, share, unshare, delete and export trained concepts. Owner-only unless shared."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.client import is_admin
+from bot.errors import NotFound, PermissionDenied, UserError
+from cogs import _render
+from cogs._views import ConfirmView
+
+MAX_CHOICES = 25
+
+
+def _is_admin(interaction: discord.Interaction) -> bool:
+    return is_admin(interaction, interaction.client.settings.admin_role)  # type: ignore[attr-defined]
+
+
+async def _choices(interaction: discord.Interaction, current: str, *, own_only: bool):
+    """Only concepts this member may use (or, for changes, owns); filtered by what they typed; at most 25."""
+    concepts = interaction.client.services.concepts  # type: ignore[attr-defined]
+    if own_only:
+        found = await concepts.owned(interaction.guild_id, interaction.user.id)
+    else:
+        found = await concepts.visible(interaction.guild_id, interaction.user.id)
+    current = current.strip().lower()
+    matches = [c for c in found if current in c.token.lower()]
+    matches.sort(key=lambda c: (not c.token.lower().startswith(current), c.token.lower()))
+    return [app_commands.Choice(name=f"{c.token} ({c.class_name}, {c.status})"[:100], value=c.token)
+            for c in matches[:MAX_CHOICES]]
+
+
+@app_commands.guild_only()
+class Concepts(commands.GroupCog, group_name="concepts", group_description="Your trained concepts"):
+    def __init__(self, bot: commands.Bot) -> None:
+        self.bot = bot
+        super().__init__()
+
+    @property
+    def service(self):
+        return self.bot.services.concepts
+
+    async def _find(self, interaction: discord.Interaction, token: str):
+        """The concept called `token` if this member may see it; the same answer whether it is missing or private."""
+        concept = await self.service.by_token(interaction.guild_id, token)
+        member = interaction.user.id
+        if concept is None or not (concept.owner_id == member or (concept.shared and concept.status == "ready")
+                                   or _is_admin(interaction)):
+            raise NotFound(f"You have no concept called {token} (and none is shared under that name). "
+                           "/concepts list shows the ones you can use.")
+        return concept
+
+    @app_commands.command(name="list", description="The concepts you can use: yours and shared ones")
+    async def list_(self, interaction: discord.Interaction) -> None:
+        concepts = await self.service.visible(interaction.guild_id, interaction.user.id)
+        if not concepts:
+            text = "You have no concepts yet. Train one with `/train token:<word> class:<man|woman|dog|…>` and photos."
+        else:
+            text = "\n".join(_render.concept_line(c, interaction.user.id) for c in concepts[:40])
+            if len(concepts) > 40:
+                text += f"\n…and {len(concepts) - 40} more."
+        await interaction.response.send_message(text[:2000], ephemeral=True,
+                                                allowed_mentions=discord.AllowedMentions.none())
+
+    @app_commands.command(name="info", description="Details of one concept and how to use it")
+    @app_commands.describe(concept="The concept's token")
+    async def info(self, interaction: discord.Interaction, concept: str) -> None:
+        found = await self._find(interaction, concept)
+        await interaction.response.send_message(embed=_render.concept_embed(found, interaction.user.id),
+                                                ephemeral=True)
+
+    @app_commands.command(name="share", description="Let everyone on this server use one of your concepts")
+    @app_commands.describe(concept="The concept's token")
+    async def share(self, interaction: discord.Interaction, concept: str) -> None:
+        found = await self._find(interaction, concept)
+        await self.service.set_shared(found.id, interaction.user.id, True)
+        await interaction.response.send_message(
+            f"`{found.token}` is now shared: everyone here can use it in /imagine. "
+            f"`/concepts unshare {found.token}` makes it private again.", ephemeral=True)
+
+    @app_commands.command(name="unshare", description="Make one of your concepts private again")
+    @app_commands.describe(concept="The concept's token")
+    async def unshare(self, interaction: discord.Interaction, concept: str) -> None:
+        found = await self._find(interaction, concept)
+        await self.service.set_shared(found.id, interaction.user.id, False, is_admin=_is_admin(interaction))
+        await interaction.response.send_message(f"`{found.token}` is private again: only its owner can use it.",
+                                                ephemeral=True)
+
+    @app_commands.command(name="delete", description="Delete one of your concepts and its files")
+    @app_commands.describe(concept="The concept's token")
+    async def delete(self, interaction: discord.Interaction, concept: str) -> None:
+        found = await self._find(interaction, concept)
+        admin = _is_admin(interaction)
+        if found.owner_id != interaction.user.id and not admin:
+            raise PermissionDenied(f"`{found.token}` belongs to someone else; only its owner or an admin can delete it.")
+        view = ConfirmView(interaction.user.id, confirm_label=f"Delete {found.token}")
+        await interaction.response.send_message(
+            f"Delete `{found.token}` for good? Its LoRA, samples and photos are removed and the token becomes free.",
+            view=view, ephemeral=True)
+        if await view.wait() or not view.confirmed:
+            answer = "Nothing was deleted." if view.confirmed is False else "No answer, so nothing was deleted."
+            if view.interaction is not None:
+                await view.interaction.response.edit_message(content=answer, view=None)
+            else:
+                await interaction.edit_original_response(content=answer, view=None)
+            return
+        await view.interaction.response.edit_message(content=f"Deleting `{found.token}`…", view=None)
+        deleted = await self.service.delete(found.id, interaction.user.id, is_admin=admin)
+        await view.interaction.edit_original_response(content=f"`{deleted.token}` is deleted.")
+        if deleted.job_id is not None:
+            job = await self.bot.services.ledger.get(deleted.job_id)
+            if job is not None and job.status == "cancelled":
+                await self.bot.notifier.job_finished(job)
+
+    @app_commands.command(name="export", description="Get one of your concepts as a LoRA file (A1111/ComfyUI format)")
+    @app_commands.describe(concept="The concept's token")
+    async def export(self, interaction: discord.Interaction, concept: str) -> None:
+        found = await self._find(interaction, concept)
+        if found.owner_id != interaction.user.id and not _is_admin(interaction):
+            raise PermissionDenied(f"Only the owner of `{found.token}` can export it.")
+        if found.status != "ready":
+            raise UserError(f"`{found.token}` is {found.status}; it can be exported once training has finished.")
+        path = Path(found.lora_kohya_path or found.lora_path or "")
+        if not path.is_file():
+            raise NotFound(f"The file of `{found.token}` is missing on the bot's machine; ask an admin.")
+        size, limit = path.stat().st_size, interaction.filesize_limit
+        if size > limit:
+            await interaction.response.send_message(
+                f"`{found.token}`'s LoRA is {size / 1024 / 1024:.1f} MB, more than Discord lets me upload here "
+                f"({limit / 1024 / 1024:.0f} MB). An admin can copy it from the bot's machine: `{path}`",
+                ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        await interaction.followup.send(
+            f"`{found.token}` as a LoRA ({'kohya/A1111' if found.lora_kohya_path else 'diffusers'} format). "
+            f"Put it in your LoRA folder and use `<lora:{found.token}:1> {found.token} {found.class_name}` in a "
+            "prompt.", file=discord.File(path, filename=f"{found.token}.safetensors"), ephemeral=True)
+
+    @info.autocomplete("concept")
+    async def _usable_choices(self, interaction: discord.Interaction, current: str):
+        return await _choices(interaction, current, own_only=False)
+
+    @share.autocomplete("concept")
+    @unshare.autocomplete("concept")
+    @delete.autocomplete("concept")
+    @export.autocomplete("concept")
+    async def _own_choices(self, interaction: discord.Interaction, current: str):
+        return await _choices(interaction, current, own_only=True)
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(Concepts(bot))

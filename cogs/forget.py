@@ -1,0 +1,64 @@
+"""/forget: erase everything the member owns on this server, after a confirmation button."""
+from __future__ import annotations
+
+import logging
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.members import forget_member
+from cogs._views import ConfirmView
+
+log = logging.getLogger(__name__)
+
+
+def _summary(counts: dict) -> str:
+    parts = [f"{counts.get('concepts', 0)} concept(s)", f"{counts.get('images', 0)} image(s)",
+             f"{counts.get('jobs', 0)} job record(s)", f"{counts.get('files', 0)} file(s) and folder(s)"]
+    text = "Done. Deleted " + ", ".join(parts) + "."
+    if counts.get("still_running"):
+        text += (f"\n{counts['still_running']} job(s) were running; they are stopping now. "
+                 "Run /forget again in a minute to remove what they leave behind.")
+    return text + ("\nImages already posted in channels are Discord messages: delete them there, "
+                   "or ask a moderator.")
+
+
+class Forget(commands.Cog):
+    def __init__(self, bot: commands.Bot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="forget", description="Delete everything the bot keeps about you on this server")
+    @app_commands.guild_only()
+    async def forget(self, interaction: discord.Interaction) -> None:
+        view = ConfirmView(interaction.user.id, confirm_label="Delete everything")
+        await interaction.response.send_message(
+            "This deletes your trained concepts, your photos, the images you made and your job history on this "
+            "server. Waiting jobs are cancelled. It cannot be undone.", view=view, ephemeral=True)
+        if await view.wait() or not view.confirmed:
+            answer = "Nothing was deleted." if view.confirmed is False else "No answer, so nothing was deleted."
+            if view.interaction is not None:
+                await view.interaction.response.edit_message(content=answer, view=None)
+            else:
+                await interaction.edit_original_response(content=answer, view=None)
+            return
+        await view.interaction.response.edit_message(content="Deleting…", view=None)
+        services = self.bot.services
+        # The status messages of waiting jobs would go stale once their rows are gone; note them first.
+        active = await services.ledger.list_jobs(guild_id=interaction.guild_id, owner_id=interaction.user.id,
+                                                 statuses=("queued", "running"), limit=100)
+        counts = await forget_member(services.store, services.settings.data_dir, interaction.guild_id,
+                                     interaction.user.id)
+        await view.interaction.edit_original_response(content=_summary(counts))
+        for job in active:
+            if job.channel_id and job.message_id:
+                channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+                try:
+                    await channel.get_partial_message(job.message_id).edit(
+                        content=f"Job {job.id} was cancelled: its owner used /forget.", embed=None, attachments=[])
+                except discord.HTTPException as e:
+                    log.info("job %s: could not retire its status message: %s", job.id, e)
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(Forget(bot))

@@ -1,0 +1,102 @@
+"""/train: teach the model a member's subject from their photos (attachments or one .zip)."""
+from __future__ import annotations
+
+import io
+import logging
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.errors import UserError
+from bot.submissions import MAX_ZIP_MB, submit_training
+from cogs import _render
+
+log = logging.getLogger(__name__)
+
+PHOTO_OPTIONS = 10
+MIN_STEPS, MAX_STEPS = 1, 3000
+
+
+async def download(attachments: list[discord.Attachment], *, max_photo_mb: int) -> list[tuple[str, bytes]]:
+    """Read the attachments now (Discord's CDN links expire), refusing oversized ones before reading them."""
+    files = []
+    for attachment in attachments:
+        is_zip = attachment.filename.lower().endswith(".zip")
+        limit_mb = MAX_ZIP_MB if is_zip else max_photo_mb
+        if attachment.size > limit_mb * 1024 * 1024:
+            raise UserError(f"{attachment.filename} is {attachment.size / 1024 / 1024:.1f} MB; the most allowed is "
+                            f"{limit_mb} MB {'for a .zip' if is_zip else 'per photo'}. Please send a smaller file.")
+        try:
+            files.append((attachment.filename, await attachment.read()))
+        except discord.HTTPException:
+            raise UserError(f"Discord would not give me {attachment.filename} (the link may have expired). "
+                            "Please run /train again with the photos attached.") from None
+    return files
+
+
+class Train(commands.Cog):
+    def __init__(self, bot: commands.Bot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="train", description="Teach the bot your subject from 3–30 photos (or one .zip).")
+    @app_commands.guild_only()
+    @app_commands.rename(class_name="class")
+    @app_commands.describe(
+        token="A made-up word that will stand for your subject in prompts, e.g. squidarth",
+        class_name="What the subject is, in a word or two: man, woman, dog, cat, style…",
+        zip="A .zip with up to 30 photos (instead of, or as well as, photo1…photo10)",
+        steps="Training steps (more = closer likeness but slower; default is usually right)",
+        style="Train an art style instead of a subject",
+        **{f"photo{i}": f"Photo {i} of your subject" for i in range(1, PHOTO_OPTIONS + 1)},
+    )
+    async def train(self, interaction: discord.Interaction, token: app_commands.Range[str, 2, 32],
+                    class_name: app_commands.Range[str, 1, 40],
+                    photo1: discord.Attachment | None = None, photo2: discord.Attachment | None = None,
+                    photo3: discord.Attachment | None = None, photo4: discord.Attachment | None = None,
+                    photo5: discord.Attachment | None = None, photo6: discord.Attachment | None = None,
+                    photo7: discord.Attachment | None = None, photo8: discord.Attachment | None = None,
+                    photo9: discord.Attachment | None = None, photo10: discord.Attachment | None = None,
+                    zip: discord.Attachment | None = None,
+                    steps: app_commands.Range[int, MIN_STEPS, MAX_STEPS] | None = None,
+                    style: bool = False) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        services = self.bot.services
+        attachments = [a for a in (photo1, photo2, photo3, photo4, photo5, photo6, photo7, photo8, photo9, photo10,
+                                   zip) if a is not None]
+        if not attachments:
+            raise UserError("Attach your photos: use the photo1…photo10 options, or one .zip with up to "
+                            f"{services.settings.max_photos} photos in the zip option.")
+        files = await download(attachments, max_photo_mb=services.settings.max_photo_mb)
+        job, report = await submit_training(
+            services, guild_id=interaction.guild_id, member_id=interaction.user.id,
+            channel_id=interaction.channel_id, role_ids=[r.id for r in getattr(interaction.user, "roles", ())],
+            token=token, class_name=class_name, style=style, files=files, steps=steps)
+        interaction.extras["job_id"] = job.id
+        await self.bot.notifier.announce(job)
+        embed = _render.intake_embed(report.summary(), token=job.params.get("token", token),
+                                     accepted=len(report.accepted), ok=True)
+        embed.description = (embed.description or "") + (
+            "\n\nYour training is queued; its progress shows in this channel.")
+        files_out = []
+        sheet = await _contact_sheet(report)
+        if sheet is not None:
+            embed.set_image(url="attachment://accepted.jpg")
+            files_out.append(discord.File(io.BytesIO(sheet), "accepted.jpg"))
+        await interaction.followup.send(embed=embed, files=files_out, ephemeral=True)
+
+
+async def _contact_sheet(report) -> bytes | None:
+    import asyncio
+    paths = [p for p in (getattr(a, "path", None) for a in report.accepted) if p]
+    if not paths:
+        return None
+    try:
+        return await asyncio.to_thread(_render.contact_sheet, paths[:30])
+    except OSError:
+        log.warning("could not build the contact sheet", exc_info=True)
+        return None
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(Train(bot))
