@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import sqlite3
+import sys
 
 import pytest
 
@@ -122,3 +124,41 @@ async def test_foreign_keys_are_enforced(store):
     with pytest.raises(sqlite3.IntegrityError):
         await store.execute("INSERT INTO images (job_id, owner_id, guild_id, path, created_at)"
                             " VALUES (999, 1, 1, 'x.png', 0)")
+
+
+CHILD = r"""
+import asyncio, sys
+from bot.ledger import Ledger
+from bot.store import Store
+
+async def main(path):
+    store = await Store.open(path)
+    ledger = Ledger(store)
+    job = await ledger.submit("imagine", 1, 1, 1, {})
+    await ledger.claim(job.id)
+    async with store.immediate() as db:  # a finish that never commits
+        await db.execute("UPDATE jobs SET status = 'succeeded', finished_at = 1 WHERE id = ?", (job.id,))
+        print(job.id, flush=True)
+        await asyncio.sleep(60)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_process_killed_inside_a_transaction_leaves_the_last_committed_state(tmp_path):
+    from bot.ledger import Ledger
+
+    path = tmp_path / "killed.sqlite3"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, str(path), stdout=asyncio.subprocess.PIPE, cwd=str(MIGRATIONS_DIR.parent.parent))
+    try:
+        job_id = int(await asyncio.wait_for(child.stdout.readline(), timeout=30))
+    finally:
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
+
+    async with await Store.open(path, busy_timeout_s=5) as store:
+        ledger = Ledger(store)
+        assert (await ledger.get(job_id)).status == "running"  # the uncommitted finish is gone
+        (recovered,) = await ledger.recover_at_start()  # and the dead process's write lock with it
+        assert (recovered.id, recovered.status) == (job_id, "interrupted")
