@@ -70,12 +70,14 @@ class WorkerClient:
         self.ready_info: dict | None = None  # the last `ready` event
         self.last_fatal: dict | None = None  # the last `fatal` event (the worker could not start)
         self.starts = 0  # how many worker processes were launched
+        self.exits = 0  # how many of them have exited
         self._proc: asyncio.subprocess.Process | None = None
         self._ready = asyncio.Event()
         self._job_lock = asyncio.Lock()
         self._inbox: tuple[int, asyncio.Queue] | None = None
         self._supervisor: asyncio.Task | None = None
         self._stopping = False
+        self._stop_requested = asyncio.Event()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=30)
 
     @classmethod
@@ -95,6 +97,7 @@ class WorkerClient:
         """Launch the worker and keep it alive in the background; `wait_ready` waits for the model to load."""
         if self._supervisor is None:
             self._stopping = False
+            self._stop_requested.clear()
             self._supervisor = asyncio.create_task(self._supervise(), name="worker-supervisor")
 
     async def wait_ready(self, timeout: float | None = None) -> dict:
@@ -142,6 +145,7 @@ class WorkerClient:
     async def stop(self) -> None:
         """Ask the worker to shut down, kill it after the grace period, and stop restarting it."""
         self._stopping = True
+        self._stop_requested.set()
         proc = self._proc
         if proc and proc.returncode is None:
             with contextlib.suppress(Exception):
@@ -203,13 +207,15 @@ class WorkerClient:
             except OSError as e:
                 log.error("could not start the GPU worker (%s): %s", " ".join(self.argv[:4]), e)
                 returncode = None
+            self.exits += 1
             if self._stopping:
                 break
             lived = loop.time() - started
             failures = 0 if lived >= HEALTHY_AFTER_S else failures + 1
             delay = self.restart_delays_s[min(max(failures - 1, 0), len(self.restart_delays_s) - 1)]
             log.warning("%s after %.1f s; restarting it in %.1f s", describe_exit(returncode), lived, delay)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_requested.wait(), delay)
 
     async def _run_one_worker(self) -> int | None:
         self._ready.clear()

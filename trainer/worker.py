@@ -331,7 +331,15 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         device = pick_device(args.device)
         dtype = pick_dtype(device, args.dtype)
-        pipe = None if args.no_model else load_pipeline(args.model, device, args.dtype)
+        pipe = None
+        if not args.no_model:
+            from trainer.models import resolve_model
+
+            resolve_model(args.model)  # a wrong path fails here at once, before seconds of importing diffusers
+            from diffusers.utils import logging as diffusers_logging
+
+            diffusers_logging.disable_progress_bar()  # one line per loaded component would flood the bot's log
+            pipe = load_pipeline(args.model, device, args.dtype)
     except Exception as exc:  # noqa: BLE001 - whatever stops the start is reported to the bot, then we exit
         what = "the GPU worker could not start" if args.no_model else f"the base model {args.model} could not be loaded"
         writer.send(protocol.fatal(f"{what}: {exc}", "".join(traceback.format_exception(exc))))

@@ -1,0 +1,80 @@
+"""Wiring: Settings -> Store (migrations) -> services -> GPU worker -> dispatcher, in one `Services` container.
+
+`python -m bot` calls `start_services(settings)` and hands the result to the Discord client, whose cogs find every
+service on it; the delivery cog attaches its notifier with `services.set_notifier(...)`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from bot.admin import AdminService
+from bot.concepts import ConceptService
+from bot.dispatcher import Dispatcher, Notifier
+from bot.gallery import Gallery
+from bot.ledger import Ledger
+from bot.settings import Settings
+from bot.store import Store
+from bot.worker_client import WorkerClient
+
+log = logging.getLogger("boothbot")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    ledger: Ledger
+    concepts: ConceptService
+    gallery: Gallery
+    admin: AdminService
+    worker: WorkerClient
+    dispatcher: Dispatcher
+
+    def set_notifier(self, notifier: Notifier | None) -> None:
+        """Attach the announcer of progress and finished jobs; jobs that finished without one are announced now."""
+        self.dispatcher.set_notifier(notifier)
+
+    def job_submitted(self) -> None:
+        """Tell the dispatcher a job was queued, so it starts at once instead of at its next poll."""
+        self.dispatcher.wake()
+
+    async def stop(self) -> None:
+        """Let the running job or slice end (a short grace), stop the worker, close the database."""
+        try:
+            await self.dispatcher.stop()
+        finally:
+            try:
+                await self.worker.stop()
+            finally:
+                await self.store.close()
+        log.info("stopped")
+
+
+async def start_services(settings: Settings, *, worker: WorkerClient | None = None,
+                         notifier: Notifier | None = None) -> Services:
+    """Open the database (applying migrations), build the services, start the GPU worker and the dispatcher.
+
+    Returns at once: the worker loads the base model in the background and the dispatcher waits for it.
+    `worker` replaces the default one built from the settings (benchmarks and tests pick its command line).
+    """
+    store = await Store.open(settings.db_path)
+    try:
+        applied = await store.applied_migrations()
+        log.info("database %s ready (schema version %s)", settings.db_path, applied[-1][0] if applied else 0)
+        ledger = Ledger(store, settings=settings)
+        concepts = ConceptService(store, settings.data_dir)
+        gallery = Gallery(store)
+        admin = AdminService(store, ledger, settings)
+        worker = worker or WorkerClient.from_settings(settings)
+        dispatcher = Dispatcher(settings, ledger, concepts, gallery, worker, notifier=notifier)
+        await worker.start()
+        await dispatcher.start()
+    except BaseException:
+        if worker is not None:
+            await worker.stop()
+        await store.close()
+        raise
+    log.info("GPU worker starting with base model %s on %s; jobs run once it is ready", settings.model,
+             settings.device)
+    return Services(settings, store, ledger, concepts, gallery, admin, worker, dispatcher)

@@ -1,0 +1,245 @@
+"""`python -m bot check`: is this machine ready to run the bot? Prints one line per finding, never touches Discord.
+
+The only place in the bot process that imports torch (to report the GPU); the bot itself leaves torch to the worker.
+Exit status 0 when nothing would stop the bot (warnings allowed), 1 otherwise.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bot.settings import DEFAULT_MODEL, Settings, SettingsError, load_settings
+
+GB = 1024 ** 3
+MIN_FREE_DISK_GB = 2.0  # below this the base model download or a training's files will not fit
+LOW_FREE_DISK_GB = 10.0
+LOW_FREE_VRAM_GB = 8.0  # SD 1.5 LoRA training at 512 px needs about this much
+GPU_CHECK_S = 3.0
+WORKER_START_TIMEOUT_S = 900.0  # first start may download the base model
+
+
+@dataclass
+class Report:
+    lines: list[tuple[str, str, str]] = field(default_factory=list)
+    out: object = None
+
+    def _add(self, status: str, topic: str, text: str) -> None:
+        self.lines.append((status, topic, text))
+        print(f"{status:<5} {topic:<10} {text}", file=self.out or sys.stdout, flush=True)
+
+    def ok(self, topic: str, text: str) -> None:
+        self._add("ok", topic, text)
+
+    def warn(self, topic: str, text: str) -> None:
+        self._add("warn", topic, text)
+
+    def fail(self, topic: str, text: str) -> None:
+        self._add("FAIL", topic, text)
+
+    @property
+    def failed(self) -> bool:
+        return any(status == "FAIL" for status, _, _ in self.lines)
+
+
+def run_check(*, env_file: str | os.PathLike | None = ".env", gpu: bool = False, out=None) -> int:
+    report = Report(out=out)
+    settings = check_settings(report, env_file)
+    if settings is not None:
+        check_data_dir(report, settings.data_dir)
+        asyncio.run(check_database(report, settings))
+        check_torch(report, settings.device)
+        check_model(report, settings.model)
+        if gpu and not report.failed:
+            asyncio.run(check_worker(report, settings))
+    failures = sum(status == "FAIL" for status, _, _ in report.lines)
+    warnings = sum(status == "warn" for status, _, _ in report.lines)
+    summary = (f"{failures} problem(s) to fix before the bot can run" if failures else
+               "ready to run: python -m bot" + (f" ({warnings} warning(s) above)" if warnings else ""))
+    print(summary, file=out or sys.stdout, flush=True)
+    return 1 if failures else 0
+
+
+def check_settings(report: Report, env_file) -> Settings | None:
+    source = f"environment + {env_file}" if env_file and Path(env_file).is_file() else "environment (no .env file)"
+    try:
+        settings = load_settings(env_file=env_file)
+    except SettingsError as e:
+        report.fail("settings", str(e))
+        return None
+    report.ok("settings", f"read from the {source}: model {settings.model}, device {settings.device}, "
+                          f"dtype {settings.dtype}, data {settings.data_dir}")
+    try:
+        token = settings.require_token()
+    except SettingsError as e:
+        report.fail("token", str(e))
+    else:
+        if token.count(".") == 2 and len(token) >= 50:
+            report.ok("token", "DISCORD_TOKEN is set (not checked against Discord)")
+        else:
+            report.warn("token", "DISCORD_TOKEN is set but does not look like a bot token (three parts separated "
+                                 "by dots); copy it again from Bot -> Reset Token in the developer portal")
+    if settings.guild_ids:
+        report.ok("commands", f"slash commands sync to {len(settings.guild_ids)} server(s) at once")
+    else:
+        report.ok("commands", "slash commands sync globally (can take up to an hour to appear); set "
+                              "BOOTHBOT_GUILD_IDS for instant sync")
+    return settings
+
+
+def check_data_dir(report: Report, data_dir: Path) -> None:
+    path = data_dir.expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".check-", delete=False) as f:
+            f.write(b"boothbot")
+        probe = Path(f.name)
+        probe.rename(probe.with_suffix(".renamed"))
+        probe.with_suffix(".renamed").unlink()
+    except OSError as e:
+        report.fail("data", f"cannot write in {path} ({e.strerror or e}); set BOOTHBOT_DATA_DIR to a writable "
+                            "directory")
+        return
+    free_gb = shutil.disk_usage(path).free / GB
+    text = f"{path} is writable; {free_gb:.1f} GB free"
+    if free_gb < MIN_FREE_DISK_GB:
+        report.fail("data", f"{text}: the bot needs at least {MIN_FREE_DISK_GB:.0f} GB (base model, LoRAs, images)")
+    elif free_gb < LOW_FREE_DISK_GB:
+        report.warn("data", f"{text}: low; the base model alone takes about 4-5 GB")
+    else:
+        report.ok("data", text)
+
+
+async def check_database(report: Report, settings: Settings) -> None:
+    from bot.store import Store
+
+    try:
+        store = await Store.open(settings.db_path)
+    except Exception as e:  # noqa: BLE001 - whatever it is, the operator needs to see it
+        report.fail("database", f"{settings.db_path}: {e}")
+        return
+    try:
+        applied = await store.applied_migrations()
+        mode = await store.fetchval("PRAGMA journal_mode")
+        counts = dict(await store.fetchall("SELECT status, COUNT(*) FROM jobs GROUP BY status"))
+        latest = f"{applied[-1][0]:04d}_{applied[-1][1]}" if applied else "none"
+        jobs = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no jobs yet"
+        report.ok("database", f"{settings.db_path.resolve()}: {len(applied)} migration(s), latest {latest}; "
+                              f"journal {mode}; {jobs}")
+    except Exception as e:  # noqa: BLE001
+        report.fail("database", f"{settings.db_path}: {e}")
+    finally:
+        await store.close()
+
+
+def check_torch(report: Report, device: str) -> None:
+    try:
+        import torch
+    except ImportError as e:
+        report.fail("torch", f"torch is not installed ({e}); install it: python3 -m pip install -e .")
+        return
+    text = f"torch {torch.__version__}"
+    if not torch.cuda.is_available():
+        if device.startswith("cuda"):
+            report.fail("gpu", f"{text} sees no CUDA GPU but BOOTHBOT_DEVICE={device}; install a CUDA build of "
+                               "torch and the NVIDIA driver, or set BOOTHBOT_DEVICE=cpu")
+        elif device == "mps" or (device == "auto" and torch.backends.mps.is_available()):
+            report.ok("gpu", f"{text}; Apple GPU (mps)")
+        else:
+            report.warn("gpu", f"{text}; no CUDA GPU: jobs run on the CPU, which is fine for trying things out but "
+                               "very slow (minutes per image)")
+        return
+    index = torch.device(device).index if device.startswith("cuda:") else 0
+    if index >= torch.cuda.device_count():
+        report.fail("gpu", f"BOOTHBOT_DEVICE={device} but torch sees {torch.cuda.device_count()} GPU(s)")
+        return
+    name = torch.cuda.get_device_name(index)
+    free, total = torch.cuda.mem_get_info(index)
+    bf16 = "bf16" if torch.cuda.is_bf16_supported() else "fp16 (no bf16)"
+    text = f"{text}, CUDA {torch.version.cuda}; cuda:{index} {name}, {free / GB:.1f} of {total / GB:.1f} GB free; {bf16}"
+    if free / GB < LOW_FREE_VRAM_GB:
+        report.warn("gpu", f"{text}: training needs about {LOW_FREE_VRAM_GB:.0f} GB free; other programs on the "
+                           "GPU may cause out-of-memory failures")
+    else:
+        report.ok("gpu", text)
+
+
+def check_model(report: Report, ref: str) -> None:
+    from trainer.models import ModelNotFound, resolve_model
+
+    try:
+        source = resolve_model(ref)
+    except ModelNotFound as e:
+        report.fail("model", f"BOOTHBOT_MODEL: {e}")
+        return
+    except Exception as e:  # noqa: BLE001 - e.g. an unreadable Hugging Face cache
+        report.fail("model", f"BOOTHBOT_MODEL={ref}: could not look it up ({e})")
+        return
+    if source.kind == "directory":
+        missing = _missing_components(Path(source.location))
+        if missing:
+            report.fail("model", f"{source.detail}: model_index.json lists {', '.join(missing)} but the folder(s) "
+                                 "are missing; save the model again with pipe.save_pretrained")
+            return
+    if source.kind == "hub" and not source.cached:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            report.fail("model", f"{source.detail}, but HF_HUB_OFFLINE is set so it cannot be downloaded; "
+                                 "download it on a connected machine or point BOOTHBOT_MODEL at a local copy")
+        else:
+            note = "" if ref == DEFAULT_MODEL else " (check the spelling: it is only looked up when downloading)"
+            report.warn("model", source.detail + note)
+        return
+    report.ok("model", source.detail)
+
+
+def _missing_components(directory: Path) -> list[str]:
+    try:
+        index = json.loads((directory / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ["(model_index.json is unreadable)"]
+    return [name for name, value in index.items()
+            if isinstance(value, list) and value and value[0] is not None and not (directory / name).is_dir()]
+
+
+async def check_worker(report: Report, settings: Settings) -> None:
+    from bot.worker_client import WorkerClient
+
+    print(f"...   worker     starting the GPU worker with {settings.model} (the first start may download it)",
+          file=report.out or sys.stdout, flush=True)
+    worker = WorkerClient.from_settings(settings, restart_delays_s=(3600.0,))
+    await worker.start()
+    try:
+        ready = await _ready_or_fatal(worker)
+        if ready is None:
+            fatal = worker.last_fatal or {"error": "it exited before loading the model; see the log lines above"}
+            report.fail("worker", f"the GPU worker could not start: {fatal['error']}")
+            return
+        report.ok("worker", f"base model loaded on {ready['device']} ({ready['dtype']}), pid {ready['pid']}")
+        end = await worker.run(0, "selftest", {"seconds": GPU_CHECK_S}, timeout_s=GPU_CHECK_S + 60)
+        if end["event"] == "done":
+            result = end["result"]
+            report.ok("worker", f"{result['seconds']:.1f} s of {result['size']}x{result['size']} matmuls on "
+                                f"{result['device']}: {result['tflops']:.1f} TFLOP/s")
+        else:
+            report.fail("worker", f"the GPU self-test failed: {end.get('error')} {end.get('detail', '')}".strip())
+    finally:
+        await worker.stop()
+
+
+async def _ready_or_fatal(worker) -> dict | None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WORKER_START_TIMEOUT_S
+    while loop.time() < deadline:
+        try:
+            return await worker.wait_ready(timeout=0.5)
+        except TimeoutError:
+            if worker.last_fatal is not None or worker.exits > 0:
+                return None
+    return None

@@ -1,0 +1,99 @@
+"""The worker protocol's wire format, the worker's stdout guard, and how failures become member messages."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bot.worker_client import describe_exit, format_limit
+from trainer import protocol
+from trainer.errors import UserError
+from trainer.worker import INTERNAL_ERROR, OUT_OF_MEMORY, describe_failure, is_out_of_memory
+
+
+def test_every_message_round_trips_through_one_line():
+    messages = [
+        protocol.run(12, "train", {"concept_id": 3, "token": "sid", "photos_dir": "/data/concepts/3/photos"}),
+        protocol.cancel(12),
+        protocol.shutdown(),
+        protocol.ready("cuda (NVIDIA H100 80GB HBM3)", "bfloat16", "stable-diffusion-v1-5/stable-diffusion-v1-5", 4),
+        protocol.progress(12, 5, 400, eta_s=31.2, loss=0.12, preview="/data/previews/12.webp"),
+        protocol.paused(12, 100, 400),
+        protocol.done(12, {"images": ["/data/images/12/000.png"], "seed": 7, "parameters": "ä\nline two"}),
+        protocol.cancelled(12),
+        protocol.failed(12, "The GPU ran out of memory", "Traceback ..."),
+        protocol.fatal("the base model could not be loaded"),
+    ]
+    for message in messages:
+        line = protocol.encode(message)
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        assert protocol.decode(line) == message
+
+
+def test_non_finite_numbers_are_sent_as_null():
+    line = protocol.encode(protocol.progress(1, 2, 3, eta_s=float("inf"), loss=float("nan")))
+    event = protocol.decode(line)
+    assert event["eta_s"] is None and event["loss"] is None
+
+
+@pytest.mark.parametrize("line, complaint", [
+    (b"Loading pipeline components...\n", "not JSON"),
+    (b"[1, 2]\n", "not a JSON object"),
+    (b'{"job_id": 1}\n', "neither 'op' nor 'event'"),
+    (b'{"event": "exploded", "job_id": 1}\n', "unknown event 'exploded'"),
+    (b'{"event": "progress", "job_id": 1, "step": 2}\n', "lacks total"),
+    (b'{"op": "run", "job_id": 1, "kind": "mine bitcoin", "params": {}}\n', "unknown job kind"),
+])
+def test_bad_lines_are_refused_with_a_reason(line, complaint):
+    with pytest.raises(protocol.ProtocolError, match=complaint):
+        protocol.decode(line)
+
+
+def test_run_refuses_unknown_kinds():
+    with pytest.raises(protocol.ProtocolError, match="allowed: train, imagine, selftest"):
+        protocol.run(1, "upscale", {})
+
+
+def test_failures_become_messages_a_member_understands():
+    assert describe_failure(UserError("Unknown concept token 'squidarth'."), "imagine") == (
+        "Unknown concept token 'squidarth'.", "")
+
+    import torch
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert is_out_of_memory(oom)
+    message, detail = describe_failure(oom, "train")
+    assert message == OUT_OF_MEMORY and "Tried to allocate" in detail
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory"))
+
+    try:
+        {}["lora"]
+    except KeyError as bug:
+        message, detail = describe_failure(bug, "train")
+    assert message == INTERNAL_ERROR
+    assert "Traceback" in detail and "KeyError: 'lora'" in detail
+
+
+def test_exit_descriptions_and_limits_read_well():
+    assert describe_exit(-9) == "the worker was killed by SIGKILL"
+    assert describe_exit(-11) == "the worker was killed by SIGSEGV"
+    assert describe_exit(1) == "the worker exited with code 1"
+    assert format_limit(300) == "5 minutes"
+    assert format_limit(45) == "45 seconds"
+
+
+def test_stray_prints_in_the_worker_cannot_corrupt_the_event_stream():
+    code = (
+        "import os\n"
+        "from trainer.worker import claim_stdout, EventWriter\n"
+        "from trainer import protocol\n"
+        "events = claim_stdout()\n"
+        "print('a library print')\n"
+        "os.write(1, b'a C library write\\n')\n"
+        "EventWriter(events).send(protocol.cancelled(3))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == protocol.encode(protocol.cancelled(3))
+    assert b"a library print" in done.stderr and b"a C library write" in done.stderr
