@@ -1,0 +1,416 @@
+"""`python -m trainer bench`: ours against the plain diffusers way, measured in the same command, with the ratio.
+
+On a GPU it builds a random-weight model of the exact SD 1.5 architecture (trainer/sd15.py; speed depends on the
+architecture, not the weights), five 512² photos and eight members' LoRAs, then measures:
+  train       one concept, 400 instance + 400 prior samples, text-encoder LoRA; reference = train_dreambooth_lora.py's
+              way (trainer/bench_reference.py), ours = the worker's job runner with the model resident
+  imagine     512², 30 steps, CFG 7, one image, a LoRA active; reference = fp16 StableDiffusionPipeline + LoRA
+  throughput  8 requests from 8 members with 8 different LoRAs, images/s
+  switch      moving from one member's LoRA to another's
+  profile     where the time goes on the resident pipeline (component timings, GPU-busy fractions)
+Peak VRAM is recorded for whatever runs. `--tiny` runs the same code paths on the CPU with the tiny model in seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SECTIONS = ("train", "imagine", "throughput", "switch", "profile")
+FULL = dict(steps=400, class_images=50, class_steps=50, imagine_steps=30, switch_steps=4, repeats=5, requests=8,
+            lora_rank=16, ours_steps=None)
+TINY = dict(steps=2, class_images=2, class_steps=2, imagine_steps=2, switch_steps=1, repeats=1, requests=2,
+            lora_rank=4, ours_steps=2)
+PHOTOS = 5
+CFG_SCALE = 7.0
+
+
+@dataclass
+class BenchConfig:
+    tiny: bool
+    device: str
+    sections: tuple[str, ...]
+    steps: int  # reference optimisation steps at batch 1 = instance samples seen = prior samples seen
+    class_images: int
+    class_steps: int
+    imagine_steps: int
+    switch_steps: int
+    repeats: int
+    requests: int
+    lora_rank: int
+    ours_steps: int | None  # passed as the train job's `steps`; None = the engine's default recipe
+    ref_precision: str
+    seed: int = 0
+    resolution: int = 512
+    model: str = ""
+    work_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny random model on the CPU with small counts: checks the code paths in seconds (CI)")
+    parser.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N or cpu")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run (default all): {', '.join(SECTIONS)}")
+    parser.add_argument("--json", type=Path, help="also write the full results as JSON to this file")
+    for name, help_text in (
+        ("steps", "reference training steps at batch 1 = instance and prior samples seen"),
+        ("class-images", "class images the reference generates for prior preservation"),
+        ("class-steps", "denoising steps per reference class image (the pipeline default is 50)"),
+        ("imagine-steps", "denoising steps per /imagine image"),
+        ("switch-steps", "denoising steps of the small requests that time a LoRA switch in our service"),
+        ("repeats", "timed repetitions per latency figure (the median is reported)"),
+        ("requests", "requests (members, each with their own LoRA) in the throughput test"),
+        ("lora-rank", "rank of the synthetic members' LoRAs"),
+        ("ours-steps", "`steps` of our train job (default: the engine's own recipe; --tiny: 3)"),
+    ):
+        parser.add_argument(f"--{name}", type=int, default=None, help=help_text + " (defaults: see --help of bench)")
+    parser.add_argument("--ref-precision", default="auto", choices=("auto", "bf16", "fp16", "no"),
+                        help="reference training mixed precision (auto: bf16 where supported, else fp16; no on CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", default=None, help="where temporary files go (default: the system temp dir)")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    from trainer.models import pick_device
+
+    sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"bench: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    device = "cpu" if args.tiny and args.device == "auto" else pick_device(args.device)
+    if not args.tiny and not device.startswith("cuda"):
+        raise SystemExit("bench: the SD 1.5-size benchmark needs a CUDA GPU (it would take hours on a CPU); "
+                         "use --tiny to check the code paths on a CPU")
+    sizes = dict(TINY if args.tiny else FULL)
+    for key in sizes:
+        value = getattr(args, key)
+        if value is not None:
+            sizes[key] = value
+    precision = args.ref_precision
+    if precision == "auto":
+        import torch
+
+        precision = "no" if not device.startswith("cuda") else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    return BenchConfig(tiny=args.tiny, device=device, sections=sections, ref_precision=precision, seed=args.seed,
+                       resolution=64 if args.tiny else 512, work_dir=args.work_dir,
+                       model="tiny random SD (64 px)" if args.tiny else "random-weight SD 1.5 architecture (512 px)",
+                       **sizes)
+
+
+@dataclass
+class Fixtures:
+    model_dir: Path
+    photos_dir: Path
+    loras: list[Path]
+    root: Path
+
+
+def prepare_fixtures(cfg: BenchConfig, root: Path) -> Fixtures:
+    """Save the base model, write the photos and the members' LoRAs (untimed set-up)."""
+    import torch
+
+    from trainer.bench_fixtures import write_photos, write_random_loras
+
+    if cfg.tiny:
+        from trainer.tiny import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline(cfg.seed)
+    else:
+        from trainer.sd15 import build_sd15_pipeline
+
+        pipe = build_sd15_pipeline(cfg.device, cfg.seed)
+    model_dir = root / "model"
+    pipe.save_pretrained(str(model_dir), safe_serialization=True)
+    loras = write_random_loras(pipe, root / "loras", max(cfg.requests, 2), cfg.lora_rank, cfg.seed)
+    photos_dir = root / "photos"
+    write_photos(photos_dir, PHOTOS, cfg.resolution, cfg.seed)
+    del pipe
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return Fixtures(model_dir, photos_dir, loras, root)
+
+
+class Bench:
+    def __init__(self, cfg: BenchConfig, fx: Fixtures):
+        self.cfg, self.fx = cfg, fx
+        self.results: dict = {}
+        self.errors: dict[str, str] = {}
+
+    def attempt(self, where: str, fn, *args, **kwargs):
+        """Run one measurement; a failure is recorded (and printed) without losing the others."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - every failure ends up in the report and the exit status
+            detail = "".join(traceback.format_exception(exc))
+            print(f"bench: {where} failed:\n{detail}", file=sys.stderr, flush=True)
+            self.errors[where] = f"{type(exc).__name__}: {exc}"
+            return None
+
+    def wants(self, *sections: str) -> bool:
+        return any(s in self.cfg.sections for s in sections)
+
+    # --- reference -----------------------------------------------------------------------------------------
+    def reference_training(self) -> dict:
+        from trainer.bench_reference import ReferenceTrainConfig, reference_train
+        from trainer.bench_timing import peak_memory, reset_peak_memory
+
+        cfg = self.cfg
+        reset_peak_memory(cfg.device)
+        phases = reference_train(ReferenceTrainConfig(
+            model_dir=self.fx.model_dir, photos_dir=self.fx.photos_dir, work_dir=self.fx.root / "reference-train",
+            device=cfg.device, mixed_precision=cfg.ref_precision, resolution=cfg.resolution,
+            max_train_steps=cfg.steps, num_class_images=cfg.class_images, class_inference_steps=cfg.class_steps,
+            seed=cfg.seed))
+        phases["peak_memory"] = peak_memory(cfg.device)
+        return phases
+
+    def reference_serving(self) -> dict:
+        from trainer.bench_reference import ReferenceImagine, reference_cached_switch
+        from trainer.bench_timing import median, peak_memory, repeat, reset_peak_memory, timed
+
+        cfg, loras = self.cfg, self.fx.loras
+        out: dict = {}
+        reset_peak_memory(cfg.device)
+        ref = ReferenceImagine(self.fx.model_dir, cfg.device)
+        try:
+            ref.use_lora(loras[0])
+
+            def one(seed=cfg.seed, steps=cfg.imagine_steps):
+                return ref.imagine("a portrait photo of sks man", steps=steps, cfg=CFG_SCALE, size=cfg.resolution,
+                                   seed=seed)
+
+            if self.wants("imagine"):
+                runs = repeat(cfg.device, one, warmup=2, repeats=cfg.repeats)
+                out["imagine_s"], out["imagine_runs_s"] = median(runs), runs
+            if self.wants("throughput"):
+                one()  # warm
+                rounds = []
+                for _ in range(2):
+                    seconds = 0.0
+                    for i in range(cfg.requests):
+                        seconds += ref.use_lora(loras[i % len(loras)])
+                        seconds += timed(cfg.device, one, cfg.seed + i)[0]
+                    rounds.append(seconds)
+                out["throughput_round_s"] = rounds
+                out["throughput_ips"] = cfg.requests / min(rounds)
+            if self.wants("switch"):
+                switches = [ref.use_lora(loras[i % 2]) for i in range(1, 2 * cfg.repeats + 1)]
+                out["switch_unload_load_ms"] = median(switches) * 1e3
+                cached = reference_cached_switch(ref, loras[:2], 2 * cfg.repeats)
+                out["switch_set_adapters_ms"] = median(cached) * 1e3
+            out["peak_memory"] = peak_memory(cfg.device)
+        finally:
+            ref.close()
+        return out
+
+    # --- ours ------------------------------------------------------------------------------------------------
+    def ours(self) -> dict:
+        from trainer.bench_ours import OursWorker, engine_missing, imagine_params, train_params
+        from trainer.bench_timing import median, peak_memory, reset_peak_memory
+
+        cfg, loras = self.cfg, self.fx.loras
+        out: dict = {"missing": {}}
+        need = {"imagine": self.wants("imagine", "throughput", "switch"), "train": self.wants("train")}
+        for kind, wanted in need.items():
+            reason = engine_missing(kind) if wanted else None
+            if reason:
+                out["missing"][kind] = reason
+                need[kind] = False
+        if not any(need.values()):
+            return out
+        data_dir = self.fx.root / "ours-data"
+        reset_peak_memory(cfg.device)
+        worker = OursWorker(self.fx.model_dir, cfg.device, data_dir)
+        self.ours_pipe = worker.pipe
+        images_dir = data_dir / "images"
+
+        def imagine(concepts, seed=cfg.seed, steps=cfg.imagine_steps):
+            params = imagine_params(concepts, images_dir, steps=steps, cfg=CFG_SCALE, size=cfg.resolution, seed=seed)
+            return worker.run("imagine", params)
+
+        member = [(i + 1, f"membr{i}", path) for i, path in enumerate(loras)]
+        if need["imagine"]:
+            if self.wants("imagine"):
+                out["imagine_first_s"] = imagine([member[0]])[1]
+                imagine([member[0]])
+                runs = [imagine([member[0]], cfg.seed + i)[1] for i in range(cfg.repeats)]
+                out["imagine_s"], out["imagine_runs_s"] = median(runs), runs
+            if self.wants("throughput"):
+                out.update(self.attempt("ours throughput", self._ours_throughput, worker, imagine, member) or {})
+            if self.wants("switch"):
+                a, b = member[0], member[1]
+                imagine([a], steps=cfg.switch_steps)
+                imagine([b], steps=cfg.switch_steps)
+                rounds = max(4, 2 * cfg.repeats)
+                same = [imagine([a], cfg.seed + i, cfg.switch_steps)[1] for i in range(rounds)]
+                alternating = [imagine([(a, b)[i % 2]], cfg.seed + i, cfg.switch_steps)[1] for i in range(rounds)]
+                out["switch_same_request_s"], out["switch_alternating_request_s"] = median(same), median(alternating)
+                out["switch_ms"] = max(0.0, median(alternating) - median(same)) * 1e3
+        if need["train"]:
+            for label, concept_id in (("train_cold", 101), ("train_warm", 102)):
+                token = f"benchme{concept_id}"
+                params = train_params(concept_id, token, self.fx.photos_dir, data_dir / "concepts" / str(concept_id),
+                                      steps=cfg.ours_steps, seed=cfg.seed)
+                result, seconds, slices = worker.run("train", params)
+                if not Path(result["lora"]).is_file():
+                    raise RuntimeError(f"the train job reported {result['lora']} but no such file exists")
+                out[label] = {"seconds": seconds, "slices": slices, "steps": result.get("steps"),
+                              "engine_seconds": result.get("seconds")}
+            if need["imagine"]:
+                trained = (102, "benchme102", Path(result["lora"]))
+                out["imagine_after_training_s"] = imagine([trained])[1]
+        out["peak_memory"] = peak_memory(cfg.device)
+        return out
+
+    def _ours_throughput(self, worker, imagine, member) -> dict:
+        cfg = self.cfg
+        from trainer.generation import GenerationService
+
+        batch_api = getattr(GenerationService, "imagine_batch", None)
+        rounds = []
+        for _ in range(2):  # the first round loads each LoRA once (cold cache), the second finds them cached
+            if batch_api is None:
+                rounds.append(sum(imagine([member[i % len(member)]], cfg.seed + i)[1] for i in range(cfg.requests)))
+            else:
+                rounds.append(self._ours_batch_round(worker, member))
+        return {"throughput_round_s": rounds, "throughput_ips": cfg.requests / rounds[-1],
+                "throughput_mode": "sequential requests through the worker" if batch_api is None
+                else "GenerationService.imagine_batch"}
+
+    def _ours_batch_round(self, worker, member) -> float:
+        from trainer.bench_ours import imagine_params
+        from trainer.bench_timing import timed
+        from trainer.generation import ImagineRequest
+
+        cfg = self.cfg
+        service = worker.worker._generation
+        requests = [ImagineRequest.from_params(imagine_params(
+            [member[i % len(member)]], self.fx.root / "ours-data" / "images", steps=cfg.imagine_steps,
+            cfg=CFG_SCALE, size=cfg.resolution, seed=cfg.seed + i)) for i in range(cfg.requests)]
+        return timed(cfg.device, service.imagine_batch, requests)[0]
+
+    # --- profile -----------------------------------------------------------------------------------------------
+    def profile(self) -> dict:
+        from trainer.bench_profile import profile_generation, profile_train_step
+
+        cfg = self.cfg
+        pipe = getattr(self, "ours_pipe", None)
+        if pipe is None:
+            from trainer.models import load_pipeline
+
+            pipe = load_pipeline(str(self.fx.model_dir), cfg.device)
+        out = {"dtype": str(pipe.unet.dtype)}
+        out["generation"] = self.attempt("profile generation", profile_generation, pipe, cfg.device, self.fx.loras[0],
+                                         steps=cfg.imagine_steps, size=cfg.resolution, cfg=CFG_SCALE,
+                                         repeats=cfg.repeats)
+        out["train_step"] = self.attempt("profile train step", profile_train_step, pipe, cfg.device, rank=4,
+                                         size=cfg.resolution, batches=(1,) if cfg.tiny else (1, 8),
+                                         repeats=cfg.repeats)
+        return out
+
+    def run(self) -> None:
+        r = self.results
+        if self.wants("train"):
+            r["reference_train"] = self.attempt("reference train", self.reference_training)
+        if self.wants("imagine", "throughput", "switch"):
+            r["reference_serving"] = self.attempt("reference imagine", self.reference_serving)
+        if self.wants("train", "imagine", "throughput", "switch"):
+            r["ours"] = self.attempt("ours", self.ours)
+        if self.wants("profile"):
+            r["profile"] = self.attempt("profile", self.profile)
+
+
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def summarise(bench: Bench) -> dict:
+    """The comparison metrics (reference vs ours) from the raw results."""
+    r = bench.results
+    ref_train, serving, ours = r.get("reference_train") or {}, r.get("reference_serving") or {}, r.get("ours") or {}
+    missing = ours.get("missing", {}) if ours else {}
+    metrics: dict = {}
+    if "reference_train" in r:
+        note = (f"ours warm prior cache {_fmt(_get(ours, 'train_warm', 'seconds'))} s, "
+                f"{_get(ours, 'train_cold', 'steps')} steps; reference: class images "
+                f"{_fmt(ref_train.get('class_images_s'))} s + load {_fmt(ref_train.get('load_s'))} s + loop "
+                f"{_fmt(ref_train.get('loop_s'))} s ({_fmt(ref_train.get('step_s'))} s/step) + save "
+                f"{_fmt(ref_train.get('save_s'))} s")
+        metrics["train_s"] = {"reference": ref_train.get("total_s"), "ours": _get(ours, "train_cold", "seconds"),
+                              "note": missing.get("train", note)}
+    if "reference_serving" in r:
+        for metric, key in (("imagine_s", "imagine_s"), ("throughput_ips", "throughput_ips")):
+            if bench.wants(metric.split("_")[0]):
+                metrics[metric] = {"reference": serving.get(key), "ours": ours.get(key),
+                                   "note": missing.get("imagine", "")}
+        if bench.wants("throughput") and "throughput_mode" in ours:
+            metrics["throughput_ips"]["note"] = ours["throughput_mode"]
+        if bench.wants("switch"):
+            metrics["switch_ms"] = {
+                "reference": serving.get("switch_unload_load_ms"), "ours": ours.get("switch_ms"),
+                "note": missing.get("imagine", f"reference = unload + load_lora_weights; with both kept loaded, "
+                                               f"set_adapters takes {_fmt(serving.get('switch_set_adapters_ms'))} ms; "
+                                               "ours = extra latency of a request whose LoRA differs from the last")}
+    ref_peaks = [_get(x, "peak_memory", "reserved_gb") for x in (ref_train, serving)]
+    if any(p is not None for p in ref_peaks):
+        metrics["peak_vram_gb"] = {
+            "reference": sum(p for p in ref_peaks if p is not None), "ours": _get(ours, "peak_memory", "reserved_gb"),
+            "note": "torch allocator reserved peak (CUDA context not included); reference = training process + "
+                    "fp16 serving process side by side"}
+    return metrics
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    from trainer.bench_report import comparison_rows, environment
+
+    env = environment(cfg.device)
+    with tempfile.TemporaryDirectory(prefix="boothbot-bench-", dir=cfg.work_dir) as tmp:
+        fx = prepare_fixtures(cfg, Path(tmp))
+        bench = Bench(cfg, fx)
+        bench.run()
+        metrics = summarise(bench)
+    return {"environment": env, "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+            "metrics": metrics, "rows": comparison_rows(metrics), "results": bench.results, "errors": bench.errors}
+
+
+def _quiet_libraries() -> None:
+    # Progress bars and transformers' per-load "LOAD REPORT" tables (base weights absent from a LoRA file, by design)
+    # would bury the table; real warnings and errors still show.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.bench_report import format_table, write_json
+
+    cfg = config_from_args(args)
+    _quiet_libraries()
+    report = run_bench(cfg)
+    print(format_table(report), flush=True)
+    if args.json:
+        write_json(report, args.json)
+        print(f"results written to {args.json}")
+    return 1 if report["errors"] else 0
