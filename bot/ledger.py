@@ -67,11 +67,15 @@ class Job:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
-        values = {f.name: row[f.name] for f in fields(cls)}
+        values = dict(zip(row.keys(), row))
+        values = {name: values[name] for name in _JOB_FIELDS}
         values["params"] = json.loads(values["params"] or "{}")
         values["result"] = None if values["result"] is None else json.loads(values["result"])
         values["cancel_requested"] = bool(values["cancel_requested"])
         return cls(**values)
+
+
+_JOB_FIELDS = tuple(f.name for f in fields(Job))
 
 
 class Ledger:
@@ -157,12 +161,9 @@ class Ledger:
         async with self.store.immediate() as db:
             if await scheduler.is_paused(db):
                 return None
-            queued = await self._jobs_with_status(QUEUED, kinds)
-            if not queued:
-                return None
             now = self.clock()
-            used = await scheduler.usage_by_owner(db, now, self.window_s)
-            return await self._start(db, scheduler.next_job(queued, used).id, now)
+            job_id = await scheduler.next_job_id(db, kinds, now, self.window_s)
+            return None if job_id is None else await self._start(db, job_id, now)
 
     async def claim(self, job_id: int) -> Job | None:
         """Claim one specific queued job (the next slice of a training); None if it is not queued or paused."""

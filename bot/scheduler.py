@@ -9,6 +9,7 @@ These functions read through a Store (or a Store inside `immediate()`); the Ledg
 """
 from __future__ import annotations
 
+import heapq
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -132,22 +133,33 @@ async def set_paused(db: Store, paused: bool, now: float) -> bool:
 
 # --- fairness ------------------------------------------------------------------------------------------------------
 
+# GPU-seconds per owner in the window: finished or sliced jobs' recorded seconds, plus running time so far.
+_USAGE_SQL = (
+    "SELECT owner_id, SUM(gpu_seconds + CASE WHEN status = 'running' AND claimed_at IS NOT NULL"
+    "                                       THEN MAX(0, :now - claimed_at) ELSE 0 END) AS used"
+    " FROM jobs WHERE status = 'running' OR finished_at >= :since OR claimed_at >= :since"
+    " GROUP BY owner_id")
+
+
 async def usage_by_owner(db: Store, now: float, window_s: float) -> dict[int, float]:
-    """GPU-seconds per owner in the window: finished or sliced jobs' recorded seconds, plus running time so far."""
-    rows = await db.fetchall(
-        "SELECT owner_id, SUM(gpu_seconds + CASE WHEN status = 'running' AND claimed_at IS NOT NULL"
-        "                                       THEN MAX(0, :now - claimed_at) ELSE 0 END) AS used"
-        " FROM jobs WHERE status = 'running' OR finished_at >= :since OR claimed_at >= :since"
-        " GROUP BY owner_id", {"now": now, "since": now - window_s})
+    rows = await db.fetchall(_USAGE_SQL, {"now": now, "since": now - window_s})
     return {row["owner_id"]: row["used"] or 0.0 for row in rows}
 
 
+async def next_job_id(db: Store, kinds: Sequence[str], now: float, window_s: float) -> int | None:
+    """The queued job to run next: `fair_key` order, computed inside SQLite (no rows cross to Python)."""
+    kind_params = {f"kind{i}": kind for i, kind in enumerate(kinds)}
+    return await db.fetchval(
+        f"WITH usage AS ({_USAGE_SQL})"
+        " SELECT j.id FROM jobs j LEFT JOIN usage u ON u.owner_id = j.owner_id"
+        f" WHERE j.status = 'queued' AND j.kind IN ({', '.join(':' + k for k in kind_params)})"
+        " ORDER BY COALESCE(u.used, 0), j.priority DESC, j.created_at, j.id LIMIT 1",
+        {"now": now, "since": now - window_s, **kind_params})
+
+
 def fair_key(job: Job, used: dict[int, float]) -> tuple:
+    """The scheduling order; `next_job_id` is the same order in SQL."""
     return (used.get(job.owner_id, 0.0), -job.priority, job.created_at, job.id)
-
-
-def next_job(queued: Sequence[Job], used: dict[int, float]) -> Job | None:
-    return min(queued, key=lambda job: fair_key(job, used), default=None)
 
 
 def fair_order(queued: Iterable[Job], used: dict[int, float], estimates: dict[str, float], now: float) -> list[Job]:
@@ -158,14 +170,17 @@ def fair_order(queued: Iterable[Job], used: dict[int, float], estimates: dict[st
     for jobs in by_owner.values():
         jobs.sort(key=lambda job: (-job.priority, job.created_at, job.id), reverse=True)  # pop() takes the first
     used = dict(used)
+    # Only the owner just served changes its key, so a heap of each owner's next job stays valid.
+    heads = [(fair_key(jobs[-1], used), owner) for owner, jobs in by_owner.items()]
+    heapq.heapify(heads)
     order: list[Job] = []
-    while by_owner:
-        owner = min(by_owner, key=lambda o: fair_key(by_owner[o][-1], used))
+    while heads:
+        _, owner = heapq.heappop(heads)
         job = by_owner[owner].pop()
-        if not by_owner[owner]:
-            del by_owner[owner]
         order.append(job)
         used[owner] = used.get(owner, 0.0) + remaining_s(job, estimates, now)
+        if by_owner[owner]:
+            heapq.heappush(heads, (fair_key(by_owner[owner][-1], used), owner))
     return order
 
 
