@@ -117,6 +117,13 @@ class BoothBot(commands.Bot):
             synced = await self.tree.sync()
             log.info("synced %d commands globally (can take up to an hour to show everywhere)", len(synced))
 
+    async def close(self) -> None:
+        # Without a Discord connection nothing can be announced: finished jobs wait, undelivered, for the next start.
+        set_notifier = getattr(self.services, "set_notifier", None)
+        if set_notifier is not None and self.notifier is not None:
+            set_notifier(None)
+        await super().close()
+
     async def on_ready(self) -> None:
         log.info("connected to Discord as %s (%s) in %d server(s)", self.user, self.user.id if self.user else "?",
                  len(self.guilds))

@@ -23,7 +23,7 @@ def duration(seconds: float | None) -> str:
     seconds = int(math.ceil(seconds))
     if seconds < 60:
         return f"{seconds} s"
-    minutes = int(round(seconds / 60))
+    minutes = int(seconds / 60 + 0.5)
     if minutes < 60:
         return f"{minutes} min"
     return f"{minutes // 60} h {minutes % 60} min"

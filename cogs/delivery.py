@@ -11,6 +11,7 @@ import asyncio
 import logging
 from pathlib import Path
 
+import aiohttp
 import discord
 from discord.ext import commands
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 MAX_FILES_PER_MESSAGE = 10
 PREVIEW_NAME = "preview.webp"
+READY_TIMEOUT_S = 120.0
 
 
 def _read(path: str | Path) -> bytes | None:
@@ -121,7 +123,9 @@ class DiscordNotifier:
     async def job_finished(self, job) -> None:
         """Announce a finished job once: mark it delivered, then post the outcome and retire the status message."""
         self.throttle.forget(job.id)
-        await self.bot.wait_until_ready()  # before marking: a job is never marked delivered by a bot that can't post
+        # Before marking it delivered: a bot that is not connected leaves the job for the next start's backlog.
+        if not await self._connected():
+            return
         async with self._lock(job.id):
             job = await self.services.ledger.get(job.id) or job
             if not job.is_terminal or not await self.services.ledger.mark_delivered(job.id):
@@ -134,6 +138,16 @@ class DiscordNotifier:
                 self._message_ids.pop(job.id, None)
                 self._previews.pop(job.id, None)
         self._locks.pop(job.id, None)
+
+    async def _connected(self, timeout: float = READY_TIMEOUT_S) -> bool:
+        if self.bot.is_closed():
+            return False
+        try:
+            await asyncio.wait_for(self.bot.wait_until_ready(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("not connected to Discord; finished jobs are announced at the next start")
+            return False
+        return not self.bot.is_closed()
 
     # ----- outcome -----------------------------------------------------------------------------------------------
     async def _post_outcome(self, job) -> None:
@@ -221,7 +235,7 @@ def _bytes_io(data: bytes):
 async def _quietly(coro) -> None:
     try:
         await coro
-    except discord.HTTPException as e:
+    except (discord.HTTPException, aiohttp.ClientError, OSError) as e:
         log.info("status message update skipped: %s", e)
 
 

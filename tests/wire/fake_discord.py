@@ -79,6 +79,12 @@ class SentInteraction:
     followups: list[dict] = field(default_factory=list)        # follow-up messages, as last edited
 
     @property
+    def ephemeral(self) -> bool:
+        """Whether everything the member was told with text was ephemeral (flag 64)."""
+        told = [m for m in self.replies if message_text(m)]
+        return bool(told) and all((m.get("flags") or 0) & 64 for m in told)
+
+    @property
     def replies(self) -> list[dict]:
         """Every message body the member saw for this interaction: callback data, original, follow-ups."""
         out = [c.get("data") or {} for c in self.callbacks if c.get("type") in (4, 7)]
@@ -220,14 +226,27 @@ class FakeDiscord:
 
     async def command(self, member: FakeMember, name: str, options: list[dict] | None = None, *,
                       subcommand: list[str] = (), attachments: list[dict] = (), in_dm: bool = False) -> SentInteraction:
-        """Dispatch a slash command. `subcommand` is the path below `name`, e.g. ["admin", "pause"]."""
-        opts = list(options or [])
+        """Dispatch a slash command. `subcommand` is the path below `name`, e.g. ["admin", "pause"].
+        An option whose value is a FakeMember becomes a user option with its resolved user and member."""
+        resolved: dict = {}
+        opts = []
+        for option in options or []:
+            value = option.get("value")
+            if isinstance(value, FakeMember):
+                resolved.setdefault("users", {})[str(value.id)] = value.user_payload()
+                resolved_member = value.member_payload()
+                resolved_member.pop("user")
+                resolved.setdefault("members", {})[str(value.id)] = resolved_member
+                option = {**option, "type": 6, "value": str(value.id)}
+            opts.append(option)
         for depth in reversed(range(len(subcommand))):
             kind = 1 if depth == len(subcommand) - 1 else 2  # the last is the subcommand, the others groups
             opts = [{"type": kind, "name": subcommand[depth], "options": opts}]
         data: dict = {"id": str(snowflake()), "name": name, "type": 1, "options": opts}
         if attachments:
-            data["resolved"] = {"attachments": {a["id"]: a for a in attachments}}
+            resolved["attachments"] = {a["id"]: a for a in attachments}
+        if resolved:
+            data["resolved"] = resolved
         payload = self._base_interaction(2, member, data, in_dm=in_dm)
         await self.dispatch("INTERACTION_CREATE", payload)
         return self.interactions[payload["token"]]

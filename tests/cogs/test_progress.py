@@ -1,0 +1,52 @@
+"""The progress-edit throttle and the text helpers the cogs render with."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from cogs._progress import EditThrottle
+from cogs._render import duration, progress_bar
+
+INTERVAL = 0.3
+
+
+async def test_edits_are_throttled_and_the_latest_one_is_sent_after_the_interval():
+    throttle = EditThrottle(INTERVAL)
+    sent: list[tuple[int, float]] = []
+
+    def edit(value):
+        async def run():
+            sent.append((value, time.monotonic()))
+        return run
+
+    for value in range(10):
+        await throttle.submit("job-1", edit(value))
+    await asyncio.sleep(INTERVAL * 2)
+    assert [value for value, _ in sent] == [0, 9]
+    assert sent[1][1] - sent[0][1] >= INTERVAL * 0.95
+
+
+async def test_keys_are_independent_and_forget_drops_a_pending_edit():
+    throttle = EditThrottle(INTERVAL)
+    sent: list[str] = []
+
+    def edit(value):
+        async def run():
+            sent.append(value)
+        return run
+
+    await throttle.submit("a", edit("a1"))
+    await throttle.submit("b", edit("b1"))
+    await throttle.submit("a", edit("a2"))  # pending: inside a's interval
+    throttle.forget("a")                    # the job finished; its final message replaces progress
+    await asyncio.sleep(INTERVAL * 2)
+    assert sent == ["a1", "b1"]
+
+
+def test_progress_bar_and_durations():
+    assert progress_bar(0, 10, 10) == "▱" * 10 + " 0%"
+    assert progress_bar(5, 10, 10) == "▰" * 5 + "▱" * 5 + " 50%"
+    assert progress_bar(12, 10, 10) == "▰" * 10 + " 100%"
+    assert progress_bar(0, 0, 4).endswith(" 0%")
+    assert duration(None) == "?" and duration(12.2) == "13 s" and duration(150) == "3 min"
+    assert duration(2 * 3600 + 600) == "2 h 10 min"
