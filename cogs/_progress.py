@@ -7,11 +7,13 @@ stays behind the job by more than the interval), and `flush`/`forget` let the fi
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 Edit = Callable[[], Awaitable[None]]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,7 +46,10 @@ class EditThrottle:
         await asyncio.sleep(wait)
         edit, slot.pending = slot.pending, None
         if edit is not None and self._slots.get(key) is slot:
-            await self._run(slot, edit)
+            try:
+                await self._run(slot, edit)
+            except Exception:  # noqa: BLE001 - nobody awaits this task; a failed cosmetic edit is only logged
+                log.exception("a delayed message edit for %s failed", key)
 
     async def _run(self, slot: _Slot, edit: Edit) -> None:
         async with slot.lock:
@@ -57,6 +62,3 @@ class EditThrottle:
         if slot is not None and slot.timer is not None and not slot.timer.done():
             slot.timer.cancel()
 
-    def edits_in_flight(self, key: object) -> asyncio.Lock | None:
-        slot = self._slots.get(key)
-        return slot.lock if slot else None

@@ -8,6 +8,7 @@ once even across a restart.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from pathlib import Path
 
@@ -25,6 +26,7 @@ DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 MAX_FILES_PER_MESSAGE = 10
 PREVIEW_NAME = "preview.webp"
 READY_TIMEOUT_S = 120.0
+REFRESH_FIRST_N = 10  # waiting jobs whose message shows a live place in the queue
 
 
 def _read(path: str | Path) -> bytes | None:
@@ -120,6 +122,27 @@ class DiscordNotifier:
         except discord.HTTPException as e:
             log.warning("job %s: progress edit failed: %s", job.id, e)
 
+    async def refresh_queue(self) -> None:
+        """The queue moved (a job ended): update the place and ETA shown on the first waiting jobs' messages."""
+        try:
+            entries = [e for e in await self.services.ledger.queue_view() if e.position is not None]
+            paused = await self.services.admin.is_paused()
+        except Exception:  # noqa: BLE001 - cosmetic; never let it stop a delivery
+            log.exception("could not read the queue to refresh its messages")
+            return
+        for entry in entries[:REFRESH_FIRST_N]:
+            if self._message_id(entry.job) is None or entry.job.channel_id is None:
+                continue
+            embed = _render.queued_embed(entry.job, entry.position, entry.eta_s, paused=paused)
+            await self.throttle.submit(entry.job.id, functools.partial(self._edit_queued, entry.job, embed))
+
+    async def _edit_queued(self, job, embed: discord.Embed) -> None:
+        async with self._lock(job.id):
+            current = await self.services.ledger.get(job.id)
+            if current is None or current.status != "queued" or (message_id := self._message_id(current)) is None:
+                return
+            await _quietly(self._channel(current).get_partial_message(message_id).edit(embed=embed))
+
     async def job_finished(self, job) -> None:
         """Announce a finished job once: mark it delivered, then post the outcome and retire the status message."""
         self.throttle.forget(job.id)
@@ -138,6 +161,7 @@ class DiscordNotifier:
                 self._message_ids.pop(job.id, None)
                 self._previews.pop(job.id, None)
         self._locks.pop(job.id, None)
+        await self.refresh_queue()
 
     async def _connected(self, timeout: float = READY_TIMEOUT_S) -> bool:
         if self.bot.is_closed():

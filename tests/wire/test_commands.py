@@ -94,3 +94,33 @@ async def test_unknown_concept_gets_a_next_step(booth):
                                            [{"name": "concept", "type": 3, "value": "nobody"}], subcommand=["info"])
     text = await booth.answer(interaction)
     assert "/concepts list" in text and interaction.ephemeral
+
+
+async def test_cancel_own_job_but_not_someone_elses(booth):
+    fake = booth.fake
+    admin, owner, other = fake.member("cancel-admin", manage_guild=True), fake.member("canceller"), fake.member("nosy")
+    await booth.answer(await fake.command(admin, "queue", subcommand=["admin", "pause"]))
+    try:
+        queued = await fake.command(owner, "imagine", [{"name": "prompt", "type": 3, "value": "a red dog"}])
+        await booth.answer(queued)
+        job = await booth.latest_job(owner)
+        status = await fake.wait_for(lambda: fake.channel_messages(f"job {job.id} is"), what="the status message")
+        assert "paused by an admin" in str(status)
+
+        mine = await fake.command(owner, "queue", subcommand=["show"])
+        assert f"**{job.id}**" in await booth.answer(mine) and "paused" in mine.text()
+
+        refused = await fake.command(other, "queue", [{"name": "job", "type": 4, "value": job.id}],
+                                     subcommand=["cancel"])
+        assert "not yours" in await booth.answer(refused) and refused.ephemeral
+        assert (await booth.job(job.id)).status == "queued"
+
+        cancel = await fake.command(owner, "queue", [{"name": "job", "type": 4, "value": job.id}],
+                                    subcommand=["cancel"])
+        assert "cancelled" in await booth.answer(cancel)
+        cancelled = await booth.wait_job(job.id, ("cancelled",))
+        await fake.wait_for(lambda: "was cancelled" in (fake.messages[cancelled.message_id].get("content") or ""),
+                            what="the status message to say cancelled")
+        assert (await booth.job(job.id)).delivered_at is not None
+    finally:
+        await booth.answer(await fake.command(admin, "queue", subcommand=["admin", "resume"]))
