@@ -54,6 +54,9 @@ def member_message(error: Exception) -> str | None:
         return "Only server admins (Manage Server) can do that."
     if isinstance(error, app_commands.TransformerError):
         return f"`{error.value}` is not a valid value there. Please pick one of the offered choices."
+    if isinstance(error, (app_commands.CommandNotFound, app_commands.CommandSignatureMismatch)):
+        return ("That command changed since your Discord app loaded it. Reload Discord (Ctrl+R, or restart the app) "
+                "and try again.")
     if isinstance(error, app_commands.CommandOnCooldown):
         return f"Slow down a little: try again in {error.retry_after:.0f} s."
     if isinstance(error, app_commands.CheckFailure) and str(error):

@@ -53,30 +53,53 @@ async def test_admin_commands_permission_matrix(booth, who, allowed):
         assert all(row["by"] != member.id for row in audit)
 
 
-async def test_limits_and_bans_are_set_by_admins_and_refuse_members(booth):
+async def test_queue_limit_refuses_the_job_past_it_with_what_to_do(booth):
     fake = booth.fake
     admin, member = fake.member("limitadmin", manage_guild=True), fake.member("limited")
-    set_limit = await fake.command(admin, "queue", [{"name": "name", "type": 3, "value": "max_queued_jobs"},
-                                                    {"name": "value", "type": 4, "value": 0}],
-                                   subcommand=["admin", "limits"])
-    assert "0 waiting job(s) per member" in await booth.answer(set_limit)
-    refused = await fake.command(member, "imagine", [{"name": "prompt", "type": 3, "value": "a red dog"}])
-    assert "does not accept new jobs" in await booth.answer(refused) and refused.ephemeral
-    reset = await fake.command(admin, "queue", [{"name": "name", "type": 3, "value": "max_queued_jobs"},
-                                                {"name": "reset", "type": 5, "value": True}],
-                               subcommand=["admin", "limits"])
-    assert "3 waiting job(s) per member" in await booth.answer(reset)
 
+    async def limits(*options):
+        return await booth.answer(await fake.command(admin, "queue", list(options), subcommand=["admin", "limits"]))
+
+    assert "1 waiting job(s) per member" in await limits({"name": "name", "type": 3, "value": "max_queued_jobs"},
+                                                         {"name": "value", "type": 4, "value": 1})
+    await booth.answer(await fake.command(admin, "queue", subcommand=["admin", "pause"]))
+    try:
+        first = await fake.command(member, "imagine", [{"name": "prompt", "type": 3, "value": "a red dog"}])
+        assert "Queued as job" in await booth.answer(first)
+        second = await fake.command(member, "imagine", [{"name": "prompt", "type": 3, "value": "a blue dog"}])
+        text = await booth.answer(second)
+        assert second.ephemeral and "already have 1 job waiting" in text and "/queue" in text
+        cleared = await fake.command(admin, "queue", [{"name": "member", "value": member}],
+                                     subcommand=["admin", "clear"])
+        assert "Cancelled 1 waiting job" in await booth.answer(cleared)
+    finally:
+        await booth.answer(await fake.command(admin, "queue", subcommand=["admin", "resume"]))
+        assert "3 waiting job(s) per member" in await limits({"name": "name", "type": 3, "value": "max_queued_jobs"},
+                                                             {"name": "reset", "type": 5, "value": True})
+    assert [j.status for j in await booth.services.ledger.list_jobs(owner_id=member.id)] == ["cancelled"]
+
+
+async def test_bans_are_set_by_admins_and_refuse_members(booth):
+    fake = booth.fake
+    admin, member = fake.member("banadmin", admin_role=True), fake.member("banned")
     ban = await fake.command(admin, "queue", [{"name": "member", "value": member},
                                               {"name": "reason", "type": 3, "value": "spam"}],
                              subcommand=["admin", "ban"])
     assert "can no longer queue" in await booth.answer(ban)
     banned = await fake.command(member, "imagine", [{"name": "prompt", "type": 3, "value": "a red dog"}])
-    assert "blocked you" in await booth.answer(banned) and "spam" in banned.text()
+    assert "blocked you" in await booth.answer(banned) and "spam" in banned.text() and banned.ephemeral
+    not_admin = await fake.command(member, "queue", [{"name": "member", "value": member}],
+                                   subcommand=["admin", "unban"])
+    assert "Only server admins" in await booth.answer(not_admin)
     unban = await fake.command(admin, "queue", [{"name": "member", "value": member}], subcommand=["admin", "unban"])
     assert "can use the bot again" in await booth.answer(unban)
-    actions = [row["action"] for row in await booth.services.admin.audit(fake.guild_id)]
-    assert {"set_limit", "ban", "unban"} <= set(actions)
+    actions = [(row["action"], row["by"]) for row in await booth.services.admin.audit(fake.guild_id)]
+    assert ("ban", admin.id) in actions and ("unban", admin.id) in actions
+
+
+async def test_a_stale_command_gets_a_reload_hint(booth):
+    interaction = await booth.fake.command(booth.fake.member("stale"), "oldcommand")
+    assert "Reload Discord" in await booth.answer(interaction) and interaction.ephemeral
 
 
 async def test_concepts_list_and_autocomplete_when_empty(booth):
