@@ -1,0 +1,179 @@
+"""Image files: A1111-compatible `parameters` text, PNG writing, small copies under an upload limit, grids, hashes.
+
+The `parameters` text follows AUTOMATIC1111's layout so its PNG Info tab reads our images:
+    <prompt>
+    Negative prompt: <negative>
+    Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: ..., Model: ..., ...
+Values holding a comma, colon or newline are JSON-quoted, as A1111 does.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+_UNICODE_PREFIX = b"UNICODE\x00"  # EXIF UserComment charset marker; A1111 reads it with piexif
+
+
+def _quote(value) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def format_parameters(prompt: str, negative: str, fields: dict) -> str:
+    """The A1111 `parameters` text. `fields` is ordered; None values are left out."""
+    line = ", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value is not None)
+    negative_line = f"\nNegative prompt: {negative}" if negative else ""
+    return f"{prompt}{negative_line}\n{line}"
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """Read `parameters` text back the way A1111's PNG Info does: {"Prompt", "Negative prompt", field: value...}."""
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    result = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _PARAM.findall(last):
+        if len(value) > 1 and value[0] == '"' and value[-1] == '"':
+            value = json.loads(value)
+        result[key] = value
+    return result
+
+
+def lora_hashes_field(pairs: list[tuple[str, str]]) -> str | None:
+    """A1111's `Lora hashes` value: "name: hash, name: hash" (quoted by format_parameters)."""
+    return ", ".join(f"{name}: {digest}" for name, digest in pairs) or None
+
+
+def _atomic_write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def save_png(image: Image.Image, path: Path, parameters: str) -> Path:
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return _atomic_write(path, buffer.getvalue())
+
+
+def read_png_parameters(path: Path) -> str | None:
+    with Image.open(path) as image:
+        return image.info.get("parameters")
+
+
+def _exif_with(parameters: str) -> Image.Exif:
+    exif = Image.Exif()
+    exif[_EXIF_IFD] = {_USER_COMMENT: _UNICODE_PREFIX + parameters.encode("utf-16-be")}
+    return exif
+
+
+def read_exif_parameters(path: Path) -> str | None:
+    """The parameters in a WebP/JPEG's EXIF UserComment (where A1111 puts them for those formats)."""
+    with Image.open(path) as image:
+        raw = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    if isinstance(raw, bytes) and raw.startswith(_UNICODE_PREFIX):
+        return raw[len(_UNICODE_PREFIX):].decode("utf-16-be")
+    return None
+
+
+def small_copy(image: Image.Image, limit: int, path: Path, parameters: str | None = None,
+               qualities=(90, 80, 70, 60, 50, 40), min_side: int = 32) -> Path | None:
+    """Write a WebP of `image` no bigger than `limit` bytes: lower the quality first, then the size.
+
+    Returns the path, or None when even a `min_side` thumbnail at the lowest quality doesn't fit.
+    """
+    exif = _exif_with(parameters) if parameters else None
+    # Keep the parameters if at all possible; drop them only when nothing fits with them.
+    for with_exif in ((exif, None) if exif is not None else (None,)):
+        extra = {"exif": with_exif} if with_exif is not None else {}
+        current = image.convert("RGB")
+        while True:
+            for quality in qualities:
+                buffer = io.BytesIO()
+                current.save(buffer, format="WEBP", quality=quality, method=4, **extra)
+                if buffer.tell() <= limit:
+                    return _atomic_write(path, buffer.getvalue())
+            width, height = current.size
+            if min(width, height) * 3 // 4 < min_side:
+                break
+            current = current.resize((width * 3 // 4, height * 3 // 4), Image.Resampling.LANCZOS)
+    return None
+
+
+def grid_shape(count: int) -> tuple[int, int]:
+    """Rows and columns for a grid of `count` images: one row up to 3, then as square as possible."""
+    if count <= 3:
+        return 1, count
+    cols = int(count ** 0.5 + 0.999)
+    return (count + cols - 1) // cols, cols
+
+
+def make_grid(images: list[Image.Image]) -> Image.Image:
+    rows, cols = grid_shape(len(images))
+    width, height = images[0].size
+    grid = Image.new("RGB", (cols * width, rows * height), "black")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * width, (i // cols) * height))
+    return grid
+
+
+def _sha256(path: Path, skip: int = 0) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(skip)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def lora_hash(path: Path) -> str:
+    """A1111's short LoRA hash for a .safetensors file: sha256 of the tensor data after the header, first 12 hex."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return _sha256(path)[:12]
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+    return _sha256(path, skip=8 + header_len)[:12]
+
+
+def model_hash(ref: str | Path) -> str | None:
+    """A short model hash (10 hex) for the `Model hash` field.
+
+    A single checkpoint file: sha256 of the file, as A1111 writes it. A diffusers directory (or hub snapshot): sha256
+    of its UNet weights file; a Hugging Face cache blob is named by its sha256 already, so nothing is read then.
+    None when there is no local file to hash.
+    """
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        candidates = [path / "unet" / name for name in (
+            "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+            "diffusion_pytorch_model.bin")]
+        path = next((c for c in candidates if c.exists()), None)
+        if path is None:
+            return None
+    elif not path.is_file():
+        return None
+    resolved = path.resolve()
+    if resolved.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", resolved.name):
+        return resolved.name[:10]
+    return _sha256(resolved)[:10]
