@@ -17,6 +17,7 @@ import gc
 import os
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -139,10 +140,11 @@ def prepare_fixtures(cfg: BenchConfig, root: Path) -> Fixtures:
 
 
 class Bench:
-    def __init__(self, cfg: BenchConfig, fx: Fixtures):
+    def __init__(self, cfg: BenchConfig, fx: Fixtures, on_section=None):
         self.cfg, self.fx = cfg, fx
         self.results: dict = {}
         self.errors: dict[str, str] = {}
+        self.on_section = on_section or (lambda bench: None)
 
     def attempt(self, where: str, fn, *args, **kwargs):
         """Run one measurement; a failure is recorded (and printed) without losing the others."""
@@ -213,7 +215,7 @@ class Bench:
 
     # --- ours ------------------------------------------------------------------------------------------------
     def ours(self) -> dict:
-        from trainer.bench_ours import OursWorker, engine_missing, imagine_params, train_params
+        from trainer.bench_ours import OursWorker, engine_missing, imagine_params, train_params, train_steps_for
         from trainer.bench_timing import median, peak_memory, reset_peak_memory
 
         cfg, loras = self.cfg, self.fx.loras
@@ -255,17 +257,20 @@ class Bench:
                 out["switch_same_request_s"], out["switch_alternating_request_s"] = median(same), median(alternating)
                 out["switch_ms"] = max(0.0, median(alternating) - median(same)) * 1e3
         if need["train"]:
+            steps = cfg.ours_steps or train_steps_for(cfg.steps)
             for label, concept_id in (("train_cold", 101), ("train_warm", 102)):
                 token = f"benchme{concept_id}"
                 params = train_params(concept_id, token, self.fx.photos_dir, data_dir / "concepts" / str(concept_id),
-                                      steps=cfg.ours_steps, seed=cfg.seed)
+                                      steps=steps, seed=cfg.seed, class_images=cfg.class_images)
                 result, seconds, slices = worker.run("train", params)
-                if not Path(result["lora"]).is_file():
-                    raise RuntimeError(f"the train job reported {result['lora']} but no such file exists")
-                out[label] = {"seconds": seconds, "slices": slices, "steps": result.get("steps"),
-                              "engine_seconds": result.get("seconds")}
+                lora = Path(result["lora"])
+                if not lora.is_file():
+                    raise RuntimeError(f"the train job reported {lora} but no such file exists")
+                out[label] = {"seconds": seconds, "lora_saved_s": lora.stat().st_mtime - worker.started_at,
+                              "slices": slices, "steps": result.get("steps"), "engine_seconds": result.get("seconds"),
+                              "samples": len(result.get("samples") or [])}
             if need["imagine"]:
-                trained = (102, "benchme102", Path(result["lora"]))
+                trained = (102, "benchme102", lora)
                 out["imagine_after_training_s"] = imagine([trained])[1]
         out["peak_memory"] = peak_memory(cfg.device)
         return out
@@ -274,7 +279,8 @@ class Bench:
         cfg = self.cfg
         from trainer.generation import GenerationService
 
-        batch_api = getattr(GenerationService, "imagine_batch", None)
+        batch_api = getattr(GenerationService, "imagine_many", None)
+        imagine([member[0]])  # the service exists and is warm, as in a running worker
         rounds = []
         for _ in range(2):  # the first round loads each LoRA once (cold cache), the second finds them cached
             if batch_api is None:
@@ -283,7 +289,7 @@ class Bench:
                 rounds.append(self._ours_batch_round(worker, member))
         return {"throughput_round_s": rounds, "throughput_ips": cfg.requests / rounds[-1],
                 "throughput_mode": "sequential requests through the worker" if batch_api is None
-                else "GenerationService.imagine_batch"}
+                else "GenerationService.imagine_many (the worker protocol has no batch request yet)"}
 
     def _ours_batch_round(self, worker, member) -> float:
         from trainer.bench_ours import imagine_params
@@ -291,11 +297,13 @@ class Bench:
         from trainer.generation import ImagineRequest
 
         cfg = self.cfg
-        service = worker.worker._generation
+        service = worker.worker._generation  # the worker's own resident service
+        if service is None:
+            raise RuntimeError("the worker has not created its GenerationService (run an imagine job first)")
         requests = [ImagineRequest.from_params(imagine_params(
             [member[i % len(member)]], self.fx.root / "ours-data" / "images", steps=cfg.imagine_steps,
             cfg=CFG_SCALE, size=cfg.resolution, seed=cfg.seed + i)) for i in range(cfg.requests)]
-        return timed(cfg.device, service.imagine_batch, requests)[0]
+        return timed(cfg.device, service.imagine_many, requests)[0]
 
     # --- profile -----------------------------------------------------------------------------------------------
     def profile(self) -> dict:
@@ -317,15 +325,16 @@ class Bench:
         return out
 
     def run(self) -> None:
-        r = self.results
-        if self.wants("train"):
-            r["reference_train"] = self.attempt("reference train", self.reference_training)
-        if self.wants("imagine", "throughput", "switch"):
-            r["reference_serving"] = self.attempt("reference imagine", self.reference_serving)
-        if self.wants("train", "imagine", "throughput", "switch"):
-            r["ours"] = self.attempt("ours", self.ours)
-        if self.wants("profile"):
-            r["profile"] = self.attempt("profile", self.profile)
+        plan = [("reference_train", "reference train", self.reference_training, ("train",)),
+                ("reference_serving", "reference imagine", self.reference_serving, ("imagine", "throughput", "switch")),
+                ("ours", "ours", self.ours, ("train", "imagine", "throughput", "switch")),
+                ("profile", "profile", self.profile, ("profile",))]
+        for key, where, fn, sections in plan:
+            if self.wants(*sections):
+                started = time.perf_counter()
+                self.results[key] = self.attempt(where, fn)
+                print(f"bench: {where} finished in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+                self.on_section(self)  # partial results survive a run cut short
 
 
 def _get(d, *keys):
@@ -376,17 +385,27 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def run_bench(cfg: BenchConfig) -> dict:
-    from trainer.bench_report import comparison_rows, environment
+def build_report(env: dict, cfg: BenchConfig, bench: Bench) -> dict:
+    from trainer.bench_report import comparison_rows
 
-    env = environment(cfg.device)
-    with tempfile.TemporaryDirectory(prefix="boothbot-bench-", dir=cfg.work_dir) as tmp:
-        fx = prepare_fixtures(cfg, Path(tmp))
-        bench = Bench(cfg, fx)
-        bench.run()
-        metrics = summarise(bench)
+    metrics = summarise(bench)
     return {"environment": env, "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
             "metrics": metrics, "rows": comparison_rows(metrics), "results": bench.results, "errors": bench.errors}
+
+
+def run_bench(cfg: BenchConfig, json_path: Path | None = None) -> dict:
+    from trainer.bench_report import environment, write_json
+
+    env = environment(cfg.device)
+    on_section = (lambda bench: write_json(build_report(env, cfg, bench), json_path)) if json_path else None
+    with tempfile.TemporaryDirectory(prefix="boothbot-bench-", dir=cfg.work_dir) as tmp:
+        started = time.perf_counter()
+        fx = prepare_fixtures(cfg, Path(tmp))
+        print(f"bench: model, photos and LoRAs ready in {time.perf_counter() - started:.1f} s", file=sys.stderr,
+              flush=True)
+        bench = Bench(cfg, fx, on_section)
+        bench.run()
+        return build_report(env, cfg, bench)
 
 
 def _quiet_libraries() -> None:
@@ -408,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     _quiet_libraries()
-    report = run_bench(cfg)
+    report = run_bench(cfg, args.json)
     print(format_table(report), flush=True)
     if args.json:
         write_json(report, args.json)

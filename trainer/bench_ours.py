@@ -61,9 +61,10 @@ class OursWorker:
         self._job_ids = itertools.count(1)
 
     def run(self, kind: str, params: dict) -> tuple[dict, float, int]:
-        """Run one job to its end; return (result, wall seconds, slices it took)."""
+        """Run one job to its end; return (result, wall seconds, slices it took). `self.started_at` = its start."""
         job_id = next(self._job_ids)
         sync(self.device)
+        self.started_at = time.time()
         start = time.perf_counter()
         slices = 0
         while True:
@@ -81,10 +82,22 @@ class OursWorker:
 
 
 def train_params(concept_id: int, token: str, photos_dir: Path, out_dir: Path, *, steps: int | None,
-                 seed: int) -> dict:
+                 seed: int, class_images: int) -> dict:
+    """The worker's `train` params, plus `class_images` so that both sides make the same number of priors."""
     return {"concept_id": concept_id, "token": token, "class_name": CLASS_NAME, "style": False,
             "photos_dir": str(photos_dir), "out_dir": str(out_dir), "steps": steps, "seed": seed, "slice_s": None,
-            "train_text_encoder": True}
+            "train_text_encoder": True, "class_images": class_images}
+
+
+def train_steps_for(samples: int) -> int:
+    """Steps of our engine's default batch size that show it `samples` instance (and as many prior) samples."""
+    import dataclasses
+    import math
+
+    from trainer.training import TrainSpec
+
+    batch = next(f.default for f in dataclasses.fields(TrainSpec) if f.name == "batch_size")
+    return math.ceil(samples / batch)
 
 
 def imagine_params(concepts: list[tuple[int, str, Path]], out_dir: Path, *, steps: int, cfg: float, size: int,

@@ -63,6 +63,7 @@ def profile_generation(pipe, device: str, lora_path, *, steps: int, size: int, c
             out["set_adapters_ms"] = _ms(device, lambda: pipe.set_adapters(["bench_probe"], [0.8]), repeats)
         finally:
             pipe.delete_adapters("bench_probe")  # only ours: the generation service may keep its own adapters
+            _deactivate_all(pipe)
     return out
 
 
@@ -116,4 +117,15 @@ def profile_train_step(pipe, device: str, *, rank: int, size: int, batches=(1, 8
         pipe.text_encoder.delete_adapter("bench_probe")
         pipe.unet.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
+        _deactivate_all(pipe)
     return out
+
+
+def _deactivate_all(pipe) -> None:
+    """peft makes a remaining adapter active when the active one is deleted; leave none active, as we found it."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in (pipe.unet, pipe.text_encoder):
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.set_adapter([])
