@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 MAX_ZIP_MB = 200
 VARIATION_STRENGTH = DEFAULT_STRENGTH
+# Recipe fields of trainer.training.TrainSpec added to every training's params; empty means the trainer's defaults.
+# A seam for an operator setting later; the wire tests use it to keep tiny-model trainings to seconds.
+TRAIN_RECIPE: dict = {}
 
 
 def _intake():
@@ -58,8 +61,8 @@ async def submit_training(services, *, guild_id: int, member_id: int, channel_id
     try:
         photos_dir = services.concepts.concept_dir(concept.id) / "photos"
         await asyncio.to_thread(report.save, photos_dir, token=token, class_name=class_name)
-        params = {"concept_id": concept.id, "token": concept.token, "class_name": class_name, "style": bool(style),
-                  "steps": steps, "seed": secrets.randbelow(2**31)}
+        params = {**TRAIN_RECIPE, "concept_id": concept.id, "token": concept.token, "class_name": class_name,
+                  "style": bool(style), "steps": steps, "seed": secrets.randbelow(2**31)}
         job = await services.ledger.submit("train", member_id, guild_id, channel_id, params, role_ids=role_ids)
         await services.concepts.attach_job(concept.id, job.id, photo_count=len(report.accepted))
     except BaseException:

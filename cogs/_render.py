@@ -14,6 +14,7 @@ COLOR_DONE = discord.Colour.green()
 COLOR_FAILED = discord.Colour.red()
 COLOR_INFO = discord.Colour.teal()
 BAR_WIDTH = 16
+CONCEPT_STATES = {"ready": "ready", "training": "training…", "failed": "training failed"}
 
 
 def duration(seconds: float | None) -> str:
@@ -65,7 +66,8 @@ def running_embed(job, event: dict, *, preview_name: str | None = None) -> disco
     embed.description = "\n".join(lines)
     if preview_name:
         embed.set_image(url=f"attachment://{preview_name}")
-    embed.set_footer(text=f"job {job.id} · {'sample preview' if job.kind == 'train' else 'preview'} updates as it runs")
+    what = "sample preview" if job.kind == "train" else "preview"
+    embed.set_footer(text=f"job {job.id} · {what} updates as it runs")
     return embed
 
 
@@ -116,9 +118,10 @@ def intake_embed(report_text: str, *, token: str, accepted: int, ok: bool) -> di
 
 def concept_line(concept, member_id: int) -> str:
     owner = "yours" if concept.owner_id == member_id else f"shared by <@{concept.owner_id}>"
-    state = {"ready": "ready", "training": "training…", "failed": "training failed"}.get(concept.status, concept.status)
+    state = CONCEPT_STATES.get(concept.status, concept.status)
     shared = ", shared" if concept.shared and concept.owner_id == member_id else ""
-    return f"`{concept.token}` — {concept.class_name}{' (style)' if concept.style else ''} · {state} · {owner}{shared}"
+    kind = " (style)" if concept.style else ""
+    return f"`{concept.token}` — {concept.class_name}{kind} · {state} · {owner}{shared}"
 
 
 def concept_embed(concept, member_id: int) -> discord.Embed:

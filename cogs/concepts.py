@@ -57,7 +57,8 @@ class Concepts(commands.GroupCog, group_name="concepts", group_description="Your
     async def list_(self, interaction: discord.Interaction) -> None:
         concepts = await self.service.visible(interaction.guild_id, interaction.user.id)
         if not concepts:
-            text = "You have no concepts yet. Train one with `/train token:<word> class:<man|woman|dog|…>` and photos."
+            text = ("You have no concepts yet. Train one with `/train token:<word> class:<man|woman|dog|…>` "
+                    "and photos.")
         else:
             text = "\n".join(_render.concept_line(c, interaction.user.id) for c in concepts[:40])
             if len(concepts) > 40:
@@ -95,7 +96,8 @@ class Concepts(commands.GroupCog, group_name="concepts", group_description="Your
         found = await self._find(interaction, concept)
         admin = _is_admin(interaction)
         if found.owner_id != interaction.user.id and not admin:
-            raise PermissionDenied(f"`{found.token}` belongs to someone else; only its owner or an admin can delete it.")
+            raise PermissionDenied(f"`{found.token}` belongs to someone else; only its owner or an admin can "
+                                   "delete it.")
         view = ConfirmView(interaction.user.id, confirm_label=f"Delete {found.token}")
         await interaction.response.send_message(
             f"Delete `{found.token}` for good? Its LoRA, samples and photos are removed and the token becomes free.",

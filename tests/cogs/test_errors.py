@@ -1,4 +1,5 @@
-"""How errors reach members: mistakes get their own text, bugs get a logged traceback and an apology with a reference."""
+"""How errors reach members: mistakes get their own text; bugs get a logged traceback and an apology with a
+reference."""
 from __future__ import annotations
 
 import logging

@@ -98,6 +98,9 @@ def test_lora_on_changes_the_image_and_leaves_nothing_active(service, loras, tmp
     with_lora = service.imagine(request(tmp_path, "lora", concepts=[concept(loras, "sid")]),  # -> "a photo of sid man"
                                 on_progress=lambda info: seen_during.append(active_adapters(service.pipe)))
     plain_again = service.imagine(request(tmp_path, "plain2", prompt="a photo of sid man"))
+    service.pipe.disable_lora()  # e.g. left behind by someone else: a concept request must still get its LoRA
+    with_lora_again = service.imagine(request(tmp_path, "lora2", concepts=[concept(loras, "sid")]))
+    assert np.array_equal(pixels(with_lora.images[0]), pixels(with_lora_again.images[0]))
     assert not np.array_equal(pixels(plain.images[0]), pixels(with_lora.images[0]))
     assert np.array_equal(pixels(plain.images[0]), pixels(plain_again.images[0]))  # no leak once LoRAs are loaded
     name = service.adapters.get(loras["sid"], "sid").name

@@ -83,7 +83,8 @@ class Booth:
     # ----- driving and reading -----------------------------------------------------------------------------------
     async def answer(self, interaction: SentInteraction, timeout: float = ANSWER_TIMEOUT_S) -> str:
         """What the member was told (waits until there is text)."""
-        return await self.fake.wait_for(lambda: interaction.text(), timeout, f"an answer to {interaction.payload['data']}")
+        what = f"an answer to {interaction.payload['data']}"
+        return await self.fake.wait_for(lambda: interaction.text(), timeout, what)
 
     async def job(self, job_id: int):
         return await self.services.ledger.get(job_id)

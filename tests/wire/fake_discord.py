@@ -126,6 +126,7 @@ class FakeDiscord:
         self.interactions: dict[str, SentInteraction] = {}  # token -> interaction
         self.commands: dict[str, list[dict]] = {}          # "global" | guild id -> last PUT body
         self.cdn: dict[str, tuple[bytes, str]] = {}        # path -> (bytes, content type)
+        self.cdn_downloads: list[str] = []                 # paths the bot fetched from the CDN
         self.expired_tokens: set[str] = set()
         self._rate_limits: list[tuple[str, re.Pattern, float]] = []
         self.rate_limited: list[Recorded] = []
@@ -336,6 +337,7 @@ class FakeDiscord:
     # ----- CDN ---------------------------------------------------------------------------------------------------
     async def _cdn(self, request: web.Request) -> web.Response:
         found = self.cdn.get(request.path)
+        self.cdn_downloads.append(request.path)
         if found is None:
             return web.Response(status=404, text="Not Found")
         data, content_type = found
@@ -380,7 +382,8 @@ class FakeDiscord:
             return json_response(self.bot_user)
         if path == "/oauth2/applications/@me":
             return json_response({"id": str(self.app_id), "name": "boothbot", "description": "", "icon": None,
-                                  "bot_public": True, "bot_require_code_grant": False, "owner": self.owner.user_payload(),
+                                  "bot_public": True, "bot_require_code_grant": False,
+                                  "owner": self.owner.user_payload(),
                                   "verify_key": "0" * 64, "flags": 0, "summary": "", "team": None,
                                   "interactions_endpoint_url": None})
         if path in ("/gateway", "/gateway/bot"):
@@ -419,12 +422,15 @@ class FakeDiscord:
             interaction.original = message
             response["interaction"]["response_message_id"] = message["id"]
             response["resource"] = {"type": body["type"], "message": message}
-        elif body["type"] == 7:  # update the message the component was on
+        elif body["type"] in (6, 7):  # (deferred) update of the message the component was on: it becomes @original
             message = dict(interaction.payload.get("message") or {})
             message.update({k: v for k, v in data.items() if k in ("content", "embeds", "components")})
             if int(message.get("id", 0)) in self.messages:
                 self.messages[int(message["id"])] = message
-            response["resource"] = {"type": 7, "message": self._make_message(message, [])}
+            interaction.original = message
+            response["interaction"]["response_message_id"] = message.get("id")
+            if body["type"] == 7:
+                response["resource"] = {"type": 7, "message": self._make_message(message, [], keep=message)}
         return json_response(response)
 
     def _webhook(self, method: str, parts: list[str], body: Any, files: list, request: web.Request) -> web.Response:
