@@ -204,13 +204,14 @@ class FakeDiscord:
                 if mid not in self.deleted_messages and containing in message_text(m)]
 
     # ----- interactions ------------------------------------------------------------------------------------------
-    def _base_interaction(self, type_: int, member: FakeMember, data: dict, *, in_dm: bool = False) -> dict:
+    def _base_interaction(self, type_: int, member: FakeMember, data: dict, *, in_dm: bool = False,
+                          upload_limit: int = 10 * 1024 * 1024) -> dict:
         interaction_id = snowflake()
         token = f"itoken-{interaction_id}"
         payload = {
             "id": str(interaction_id), "application_id": str(self.app_id), "type": type_, "data": data,
             "token": token, "version": 1, "locale": "en-US", "entitlements": [],
-            "app_permissions": str(MEMBER_PERMISSIONS | (1 << 14)), "attachment_size_limit": 10 * 1024 * 1024,
+            "app_permissions": str(MEMBER_PERMISSIONS | (1 << 14)), "attachment_size_limit": upload_limit,
             "authorizing_integration_owners": {"0": str(self.guild_id)},
         }
         if in_dm:
@@ -226,7 +227,8 @@ class FakeDiscord:
         return payload
 
     async def command(self, member: FakeMember, name: str, options: list[dict] | None = None, *,
-                      subcommand: list[str] = (), attachments: list[dict] = (), in_dm: bool = False) -> SentInteraction:
+                      subcommand: list[str] = (), attachments: list[dict] = (), in_dm: bool = False,
+                      upload_limit: int = 10 * 1024 * 1024) -> SentInteraction:
         """Dispatch a slash command. `subcommand` is the path below `name`, e.g. ["admin", "pause"].
         An option whose value is a FakeMember becomes a user option with its resolved user and member."""
         resolved: dict = {}
@@ -248,7 +250,7 @@ class FakeDiscord:
             resolved["attachments"] = {a["id"]: a for a in attachments}
         if resolved:
             data["resolved"] = resolved
-        payload = self._base_interaction(2, member, data, in_dm=in_dm)
+        payload = self._base_interaction(2, member, data, in_dm=in_dm, upload_limit=upload_limit)
         await self.dispatch("INTERACTION_CREATE", payload)
         return self.interactions[payload["token"]]
 

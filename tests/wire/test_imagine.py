@@ -27,8 +27,10 @@ def button_ids(message: dict) -> list[str]:
     return [c["custom_id"] for row in message.get("components") or [] for c in row.get("components") or []]
 
 
-async def run_imagine(booth, member, prompt: str, **options) -> tuple[object, dict]:
-    interaction = await booth.fake.command(member, "imagine", imagine_options(prompt, **options))
+async def run_imagine(booth, member, prompt: str, *, upload_limit: int = 10 * 1024 * 1024,
+                      **options) -> tuple[object, dict]:
+    interaction = await booth.fake.command(member, "imagine", imagine_options(prompt, **options),
+                                           upload_limit=upload_limit)
     text = await booth.answer(interaction)
     match = re.search(r"job (\d+)", text)
     assert match and interaction.ephemeral, text
@@ -52,6 +54,8 @@ async def test_imagine_happy_path_posts_images_and_buttons_to_the_channel(booth)
     assert job.message_id is not None and job.message_id in fake.deleted_messages
     posts = [r for r in fake.requests if r.method == "POST" and r.path == f"/channels/{fake.channel_id}/messages"]
     assert any("in the queue" in str(r.json) for r in posts)
+    edits = [r for r in fake.requests if r.method == "PATCH" and r.path.endswith(f"/messages/{job.message_id}")]
+    assert any(name == "preview.webp" for r in edits for name, _ in r.files), "no live preview was shown"
     assert (await booth.job(job.id)).delivered_at is not None
 
 
@@ -84,6 +88,17 @@ async def test_rate_limited_result_post_is_retried_and_delivered_once(booth):
     job, _ = await run_imagine(booth, member, "a green dog", steps=STEPS)
     assert fake.rate_limited, "the fake never answered 429"
     assert len(result_messages(fake, job.id)) == 1
+
+
+async def test_images_over_the_upload_limit_are_sent_as_their_small_copies(booth):
+    limit = 4000  # bytes: a 64 px noisy PNG is larger, its small copy fits
+    job, result = await run_imagine(booth, booth.fake.member("small-uploads"), "a red dog", steps=2,
+                                    upload_limit=limit)
+    files = booth.fake.file_bytes(result)
+    assert len(files) == 1
+    (name, data), = files.items()
+    assert len(data) <= limit and not name.endswith(".png"), (name, len(data))
+    assert job.params["upload_limit"] == limit
 
 
 async def test_bad_options_and_unknown_concepts_get_a_next_step(booth):
