@@ -190,7 +190,7 @@ class DiscordNotifier:
                 content=_render.failed_text(job), embed=None, attachments=[]))
             return
         else:
-            await channel.send(_render.failed_text(job)[:2000])
+            await channel.send(_render.failed_text(job)[:2000], allowed_mentions=_only_owner(job))
         if status_id is not None:
             await _quietly(channel.get_partial_message(status_id).delete())
 
@@ -200,7 +200,7 @@ class DiscordNotifier:
         text = _render.train_done_text(job, result)
         if notes:
             text += "\n" + "\n".join(notes)
-        await self._send_in_batches(channel, text, files)
+        await self._send_in_batches(channel, job, text, files)
 
     async def _post_imagine(self, channel, job) -> None:
         result = job.result or {}
@@ -209,7 +209,8 @@ class DiscordNotifier:
         text = _render.imagine_done_text(job, result)
         if notes:
             text += "\n" + "\n".join(notes)
-        await self._send_in_batches(channel, text, files, view=result_view(job.id, len(images)) if images else None)
+        await self._send_in_batches(channel, job, text, files,
+                                    view=result_view(job.id, len(images)) if images else None)
 
     def _pick_files(self, job, paths: list[str], small: dict[str, str]) -> tuple[list[discord.File], list[str]]:
         """One file per image: the original when it fits the upload limit, else its smaller copy, else a note."""
@@ -227,14 +228,19 @@ class DiscordNotifier:
             files.append(discord.File(chosen, filename=f"{job.kind}-{job.id}-{index + 1}{Path(chosen).suffix}"))
         return files, notes
 
-    async def _send_in_batches(self, channel, text: str, files: list[discord.File], *, view=None) -> None:
+    async def _send_in_batches(self, channel, job, text: str, files: list[discord.File], *, view=None) -> None:
         batches = list(_render.chunks(files, MAX_FILES_PER_MESSAGE)) or [[]]
         for number, batch in enumerate(batches):
             first, last = number == 0, number == len(batches) - 1
-            kwargs = {"files": list(batch)}
+            kwargs = {"files": list(batch), "allowed_mentions": _only_owner(job)}
             if last and view is not None:
                 kwargs["view"] = view
             await channel.send(text[:2000] if first else None, **kwargs)
+
+
+def _only_owner(job) -> discord.AllowedMentions:
+    """Ping the job's owner and nobody else (a prompt may contain other mentions)."""
+    return discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(job.owner_id)])
 
 
 def _mtime(path: str) -> float | None:

@@ -27,7 +27,7 @@ async def test_restart_delivers_a_finished_undelivered_job_once(booth):
 
     # A fresh process: services, worker and Discord client. The backlog is announced, in the channel.
     await booth.start()
-    await fake.wait_for(lambda: result_messages(fake, job.id), what="the backlog delivery")
+    delivered = await fake.wait_for(lambda: result_messages(fake, job.id), what="the backlog delivery")
     assert (await booth.job(job.id)).delivered_at is not None
     assert finished.message_id in fake.deleted_messages  # the old status message was retired
 
@@ -37,6 +37,10 @@ async def test_restart_delivers_a_finished_undelivered_job_once(booth):
     assert await booth.services.dispatcher.deliver_backlog() == 0
     await asyncio.sleep(1.0)
     assert len(result_messages(fake, job.id)) == 1
+
+    # Its buttons work in this new client too: their custom_id carries the job id.
+    params = await fake.click(member, delivered[0], f"bb:params:{job.id}")
+    assert "Steps: 2" in await booth.answer(params)
 
 
 async def test_the_restarted_bot_runs_new_jobs(booth):
