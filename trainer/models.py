@@ -97,4 +97,7 @@ def load_pipeline(ref: str, device: str = "auto", dtype: str = "auto", local_fil
 
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.set_progress_bar_config(disable=True)
+    # Inference weights: nothing trainable (from_pretrained leaves requires_grad on). Training marks its own LoRA.
+    for component in (pipe.unet, pipe.vae, pipe.text_encoder):
+        component.requires_grad_(False)
     return pipe.to(device)

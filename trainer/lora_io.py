@@ -1,0 +1,114 @@
+"""Write a trained LoRA twice: diffusers/peft format (`pipe.load_lora_weights`) and kohya format (A1111, ComfyUI).
+
+Both files carry the training metadata (token, class, base model, steps, rank, lr, photo count, seconds) in the
+safetensors header. diffusers does the packing and the key conversions; this module only adds the metadata, the
+atomic write and the one SD 1.x naming detail diffusers leaves to the caller (see `_kohya_sd1_text_encoder_prefix`).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+LORA_FILE = "lora.safetensors"
+KOHYA_FILE = "lora_kohya.safetensors"
+METADATA_PREFIX = "boothbot."
+
+
+def training_metadata(**fields) -> dict[str, str]:
+    """`boothbot.<name>` -> str(value) for the safetensors header (which holds strings only)."""
+    return {METADATA_PREFIX + key: str(value) for key, value in fields.items() if value is not None}
+
+
+def _kohya_metadata(meta: dict[str, str]) -> dict[str, str]:
+    # The `ss_*` names are the ones kohya's sd-scripts write and A1111 / Civitai display.
+    get = lambda key: meta.get(METADATA_PREFIX + key)  # noqa: E731
+    pairs = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": get("rank"),
+        "ss_network_alpha": get("rank"),
+        "ss_learning_rate": get("learning_rate"),
+        "ss_max_train_steps": get("steps"),
+        "ss_num_train_images": get("photo_count"),
+        "ss_sd_model_name": get("base_model"),
+        "ss_output_name": get("token"),
+    }
+    return {key: value for key, value in pairs.items() if value is not None}
+
+
+def save_file_atomic(tensors: dict, path: Path, metadata: dict[str, str]) -> Path:
+    """safetensors.torch.save_file to a temporary name in the same directory, then rename over `path`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_lora_files(out_dir: Path, *, unet_state: dict, text_encoder_state: dict | None, unet_config: dict,
+                     text_encoder_config: dict | None, metadata: dict[str, str]) -> tuple[Path, Path]:
+    """Write out_dir/lora.safetensors and out_dir/lora_kohya.safetensors from peft state dicts (CPU tensors).
+
+    `unet_state` / `text_encoder_state` are what `peft.get_peft_model_state_dict(model, adapter_name=...)` returns;
+    the configs are the adapters' `LoraConfig.to_dict()` (diffusers stores them so loading restores rank and alpha).
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from safetensors import safe_open
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if text_encoder_state:
+        text_encoder_state = _canonical_clip_keys(text_encoder_state)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".lora-") as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=convert_state_dict_to_diffusers(unet_state),
+            text_encoder_lora_layers=convert_state_dict_to_diffusers(text_encoder_state) if text_encoder_state else None,
+            weight_name=LORA_FILE,
+            unet_lora_adapter_metadata=unet_config,
+            text_encoder_lora_adapter_metadata=text_encoder_config if text_encoder_state else None,
+        )
+        with safe_open(str(Path(tmp) / LORA_FILE), framework="pt") as f:
+            header = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    lora_path = save_file_atomic(tensors, out_dir / LORA_FILE, {**header, **metadata})
+
+    peft_state = {f"unet.{key}": value for key, value in unet_state.items()}
+    peft_state.update({f"text_encoder.{key}": value for key, value in (text_encoder_state or {}).items()})
+    kohya = convert_state_dict_to_kohya(peft_state)
+    kohya = _kohya_sd1_text_encoder_prefix(kohya)
+    # fp16 is what A1111/ComfyUI LoRAs are usually shipped in: half the size, no visible difference.
+    kohya = {key: (value.half() if value.is_floating_point() else value) for key, value in kohya.items()}
+    kohya_path = save_file_atomic(kohya, out_dir / KOHYA_FILE, {**metadata, **_kohya_metadata(metadata)})
+    return lora_path, kohya_path
+
+
+def _canonical_clip_keys(state: dict) -> dict:
+    # transformers 5 dropped CLIPTextModel's `text_model.` level from module names; LoRA files everywhere else (older
+    # transformers, A1111's `lora_te_text_model_...`) have it. diffusers loads both, so write the portable one.
+    return {(key if key.startswith("text_model.") else f"text_model.{key}"): value for key, value in state.items()}
+
+
+def _kohya_sd1_text_encoder_prefix(state: dict) -> dict:
+    # diffusers names text-encoder keys `lora_te1_` (the SDXL convention, where there are two encoders). An SD 1.x
+    # model has one, and kohya's sd-scripts and A1111 (`lora_te_text_model_encoder_layers_N_...`) call it `lora_te_`.
+    if any(key.startswith("lora_te2_") for key in state):
+        return state
+    return {("lora_te_" + key[len("lora_te1_"):] if key.startswith("lora_te1_") else key): value
+            for key, value in state.items()}
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The safetensors header metadata of a LoRA file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})

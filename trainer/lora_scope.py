@@ -1,0 +1,161 @@
+"""Borrow the shared, resident pipeline for training and give it back exactly as it was found.
+
+Generation keeps its own LoRAs loaded in the same pipeline (peft adapters with their own names and scales), so
+training must not unload them, must not leave its adapter behind, and must not leave anything trainable. On entry
+we record, per component (UNet, text encoder): whether peft layers exist at all, which adapters are active and
+whether they are enabled, which parameters require grad, train/eval mode and gradient checkpointing. On exit, however
+we leave (done, paused, cancelled or an exception), we delete our adapter, or remove the peft layers entirely when the
+component had none before, and put every recorded flag back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_MISSING = object()
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _tuner_layers(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@dataclass
+class _ComponentState:
+    had_peft: bool
+    peft_flag: object  # the instance's own `_hf_peft_config_loaded`, or _MISSING when it only had the class default
+    active: list[str] = field(default_factory=list)
+    disabled: bool = False
+    trainable: set[str] = field(default_factory=set)
+    training: bool = False
+    gradient_checkpointing: bool = False
+
+    @classmethod
+    def record(cls, model) -> "_ComponentState":
+        layers = _tuner_layers(model)
+        state = cls(
+            had_peft=bool(layers) or bool(getattr(model, "peft_config", None)),
+            peft_flag=model.__dict__.get("_hf_peft_config_loaded", _MISSING),
+            trainable={name for name, p in model.named_parameters() if p.requires_grad},
+            training=model.training,
+            gradient_checkpointing=_gradient_checkpointing_on(model),
+        )
+        if layers:
+            state.active = list(layers[0].active_adapters)
+            state.disabled = bool(layers[0].disable_adapters)
+        return state
+
+
+class LoraTrainingScope:
+    """`with LoraTrainingScope(pipe, adapter_name) as scope:` — the pipeline is restored on exit.
+
+    Inside: `scope.base_model_only()` switches any adapters the pipeline already had off (class images and cached
+    embeddings must come from the base model); `scope.add_adapters(rank, train_text_encoder)` adds ours, makes it the
+    only active one and returns its trainable parameters.
+    """
+
+    def __init__(self, pipe, adapter_name: str):
+        self.pipe = pipe
+        self.adapter_name = adapter_name
+        self.components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
+        self.states: dict[str, _ComponentState] = {}
+        self.added: set[str] = set()
+
+    def __enter__(self) -> "LoraTrainingScope":
+        self.states = {name: _ComponentState.record(model) for name, model in self.components.items()}
+        for model in self.components.values():
+            model.requires_grad_(False)
+        return self
+
+    def base_model_only(self) -> None:
+        for model in self.components.values():
+            for layer in _tuner_layers(model):
+                layer.enable_adapters(False)
+
+    def add_adapters(self, rank: int, train_text_encoder: bool, seed: int) -> list:
+        """Add our LoRA (lora_alpha = rank, gaussian init seeded by `seed`) and return its parameters (fp32)."""
+        import torch
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        targets = {"unet": UNET_TARGETS}
+        if train_text_encoder:
+            targets["text_encoder"] = TEXT_ENCODER_TARGETS
+        # The gaussian init draws from the global generator: fork it so the worker's own RNG stream is untouched.
+        devices = [self.pipe.unet.device] if self.pipe.unet.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for name, target_modules in targets.items():
+                model = self.components[name]
+                config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=list(target_modules))
+                model.add_adapter(config, adapter_name=self.adapter_name)
+                self.added.add(name)
+                for layer in _tuner_layers(model):
+                    layer.set_adapter([self.adapter_name])
+                    layer.enable_adapters(True)
+        trained = [self.components[name] for name in sorted(self.added)]
+        # Only our adapter's weights train; set_adapter above already marked exactly those, re-assert it anyway.
+        for model in trained:
+            for pname, param in model.named_parameters():
+                param.requires_grad_(f".{self.adapter_name}." in pname)
+        cast_training_params(trained, dtype=torch.float32)
+        return [p for model in trained for p in model.parameters() if p.requires_grad]
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Trade compute for memory on small GPUs; switched back off on exit if it was off."""
+        for name in self.added:
+            _set_gradient_checkpointing(self.components[name], True)
+
+    def adapter_config(self, component: str) -> dict | None:
+        if component not in self.added:
+            return None
+        return self.components[component].peft_config[self.adapter_name].to_dict()
+
+    def __exit__(self, *exc) -> None:
+        for name, model in self.components.items():
+            self._restore(model, self.states[name], name in self.added)
+
+    def _restore(self, model, state: _ComponentState, added: bool) -> None:
+        from diffusers.utils import recurse_remove_peft_layers
+
+        if state.had_peft:
+            for layer in _tuner_layers(model):
+                layer.set_adapter(state.active)  # before deleting ours, so peft has no active adapter to replace
+                layer.enable_adapters(not state.disabled)
+        if added and state.had_peft:
+            for layer in _tuner_layers(model):
+                layer.delete_adapter(self.adapter_name)
+            getattr(model, "peft_config", {}).pop(self.adapter_name, None)
+        elif added:
+            recurse_remove_peft_layers(model)
+            if hasattr(model, "peft_config"):
+                del model.peft_config
+        if state.peft_flag is _MISSING:
+            model.__dict__.pop("_hf_peft_config_loaded", None)
+        else:
+            model._hf_peft_config_loaded = state.peft_flag
+        for pname, param in model.named_parameters():
+            param.requires_grad_(pname in state.trainable)
+        if _gradient_checkpointing_on(model) != state.gradient_checkpointing:
+            _set_gradient_checkpointing(model, state.gradient_checkpointing)
+        model.train(state.training)
+
+
+def _gradient_checkpointing_on(model) -> bool:
+    # transformers 5 renamed the flag (the old name warns); diffusers models keep `is_gradient_checkpointing`.
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name) or name in vars(model):
+            return bool(getattr(model, name))
+    return False
+
+
+def _set_gradient_checkpointing(model, enabled: bool) -> None:
+    # diffusers models and transformers models name these switches differently.
+    if hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing() if enabled else model.disable_gradient_checkpointing()
+    else:
+        model.gradient_checkpointing_enable() if enabled else model.gradient_checkpointing_disable()

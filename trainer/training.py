@@ -1,0 +1,570 @@
+"""DreamBooth LoRA training of one concept on the shared, resident pipeline, in resumable slices.
+
+`train_concept(pipe, spec, cache_dir=...)` is what the GPU worker, the CLI and the tests call. One call runs one
+slice: it prepares (class images, cached latents and text embeddings), trains until the job is finished, the slice's
+time is up (→ "paused", with a checkpoint under out_dir/checkpoint/) or `should_stop()` turns true (→ "cancelled"),
+and always leaves the pipeline as it found it (see trainer/lora_scope.py). Calling it again with the same spec
+resumes from the checkpoint; the result is identical to an uninterrupted run (same hardware, same seed).
+
+The recipe and where each default comes from: docs/TRAINING.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer import checkpoint
+from trainer.errors import UserError
+
+PERSON_CLASSES = {"man", "woman", "person", "boy", "girl", "child", "baby"}
+PROGRESS_EVERY_S = 1.0
+INPUTS_FILE = "inputs.safetensors"
+FINISHED_KEY = "finished"
+
+
+def instance_prompt(token: str, class_name: str, style: bool) -> str:
+    """`a photo of {token} {class}`, or `{token} style` for a style (the same rule as trainer.intake's)."""
+    # Private twin of trainer.intake.instance_prompt: training must not need the intake module to be importable.
+    return f"{token} style" if style else f"a photo of {token} {class_name}"
+
+
+def class_prompt(class_name: str) -> str:
+    return f"a photo of {class_name}"
+
+
+def default_steps(photo_count: int, class_name: str) -> int:
+    """100 steps per photo (diffusers' LoRA example: 500 steps for 5 photos), at least 800 for people (faces need
+    800–1200: Hugging Face's DreamBooth study), else at least 500; at most 1500 (beyond that LoRAs overfit)."""
+    low = 800 if class_name in PERSON_CLASSES else 500
+    return max(low, min(1500, 100 * photo_count))
+
+
+@dataclass
+class TrainSpec:
+    """What to train. The first ten fields are the worker's `train` params; the rest is the recipe (docs/TRAINING.md)."""
+
+    concept_id: str
+    token: str
+    class_name: str
+    photos_dir: Path
+    out_dir: Path
+    style: bool = False
+    steps: int | None = None  # None: default_steps(photo count, class)
+    seed: int = 0
+    slice_s: float | None = None  # None or 0: no time limit
+    train_text_encoder: bool = True
+    rank: int = 16
+    learning_rate: float = 1e-4
+    text_encoder_learning_rate: float = 5e-5
+    batch_size: int = 1
+    resolution: int | None = None  # None: the model's own (512 for SD 1.5)
+    prior_preservation: bool | None = None  # None: on, except for styles
+    class_images: int = 100
+    prior_loss_weight: float = 1.0
+    snr_gamma: float | None = 5.0
+    flip: bool = False
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    sample_count: int = 4
+    preview_every: int = 0  # steps between preview images; 0: none
+    preview_path: Path | None = None  # default out_dir/preview.webp
+    base_model: str | None = None  # the name recorded in the LoRA's metadata; default: the pipeline's name_or_path
+
+    def __post_init__(self):
+        self.concept_id = str(self.concept_id)
+        self.photos_dir = Path(self.photos_dir)
+        self.out_dir = Path(self.out_dir)
+        if self.preview_path is not None:
+            self.preview_path = Path(self.preview_path)
+
+    @classmethod
+    def from_params(cls, params: dict) -> "TrainSpec":
+        """The worker's `train` params (docs/ARCHITECTURE.md); recipe fields may be given too; other keys ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [n for n in ("concept_id", "token", "class_name", "photos_dir", "out_dir") if params.get(n) is None]
+        if missing:
+            raise ValueError(f"train params lack {', '.join(missing)}")
+        values = {key: value for key, value in params.items() if key in names and value is not None}
+        return cls(**values)
+
+    @property
+    def uses_prior(self) -> bool:
+        return (not self.style) if self.prior_preservation is None else self.prior_preservation
+
+    @property
+    def adapter_name(self) -> str:
+        return "boothbot_train_" + re.sub(r"[^A-Za-z0-9_]", "_", self.concept_id)
+
+    def validate(self) -> None:
+        checks = [
+            (bool(self.token.strip()) and not any(c.isspace() for c in self.token), "the token must be one word"),
+            (self.steps is None or 1 <= self.steps <= 20_000, "steps must be between 1 and 20000"),
+            (1 <= self.rank <= 256, "rank must be between 1 and 256"),
+            (0 < self.learning_rate <= 1e-2, "the learning rate must be above 0 and at most 0.01"),
+            (0 < self.text_encoder_learning_rate <= 1e-2, "the text encoder learning rate must be above 0 and at most 0.01"),
+            (1 <= self.batch_size <= 64, "the batch size must be between 1 and 64"),
+            (1 <= self.class_images <= 2000 or not self.uses_prior, "class images must be between 1 and 2000"),
+            (self.prior_loss_weight >= 0, "the prior loss weight cannot be negative"),
+            (self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma must be positive"),
+            (0 <= self.sample_count <= 16, "sample count must be between 0 and 16"),
+            (self.preview_every >= 0, "preview_every cannot be negative"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"Training settings: {message}.")
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """What on_progress receives. `stage` is "class_images" (step stays at 0), "training" or "samples"."""
+
+    step: int
+    total: int
+    eta_s: float | None
+    loss: float | None
+    preview: str | None = None
+    stage: str = "training"
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    status: str  # "done" | "paused" | "cancelled"
+    step: int
+    total: int
+    result: dict | None = None
+
+
+@dataclass
+class _Job:
+    """Everything derived from the spec and the pipeline before training starts."""
+
+    spec: TrainSpec
+    photos: list
+    resolution: int
+    total: int
+    prompts: list[str]  # unique prompts: instance prompt(s), then the class prompt when prior preservation is on
+    photo_prompt: list[int]  # index into prompts, per photo
+    class_set: object | None  # priors.ClassImageSet
+    base_model: str
+    fingerprint: str
+
+    @property
+    def instance_prompt(self) -> str:
+        return instance_prompt(self.spec.token, self.spec.class_name, self.spec.style)
+
+
+def _native_resolution(pipe) -> int:
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def _prepare_job(pipe, spec: TrainSpec, cache_dir: Path) -> _Job:
+    from trainer.priors import ClassImageSet, model_fingerprint
+    from trainer.train_data import find_photos, photos_digest
+
+    photos = find_photos(spec.photos_dir)
+    resolution = spec.resolution or _native_resolution(pipe)
+    multiple = int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if resolution % multiple or not multiple <= resolution <= 2048:
+        raise UserError(f"Training settings: the resolution must be a multiple of {multiple} up to 2048.")
+    total = spec.steps or default_steps(len(photos), spec.class_name)
+    base = instance_prompt(spec.token, spec.class_name, spec.style)
+    per_photo = [f"{base}, {p.caption}" if p.caption else base for p in photos]
+    prompts = list(dict.fromkeys(per_photo))
+    photo_prompt = [prompts.index(p) for p in per_photo]
+    model_fp = model_fingerprint(pipe)
+    class_set = None
+    if spec.uses_prior:
+        prompts.append(class_prompt(spec.class_name))
+        class_set = ClassImageSet.for_model(cache_dir, model_fp, prompts[-1], resolution, spec.class_images)
+    training_fields = {k: v for k, v in dataclasses.asdict(spec).items()
+                       if k not in ("photos_dir", "out_dir", "slice_s", "sample_count", "preview_every",
+                                    "preview_path", "base_model")}
+    fingerprint = hashlib.sha256(json.dumps(
+        [training_fields, photos_digest(photos), model_fp, resolution, total, prompts,
+         str(class_set.directory.name) if class_set else None], sort_keys=True, default=str).encode()).hexdigest()
+    base_model = spec.base_model or getattr(pipe, "name_or_path", None) or "unknown"
+    return _Job(spec, photos, resolution, total, prompts, photo_prompt, class_set, str(base_model), fingerprint)
+
+
+def train_concept(pipe, spec: TrainSpec, *, cache_dir: Path, on_progress=None, should_stop=None,
+                  slice_s: float | None = None) -> TrainOutcome:
+    """Run one slice of `spec`'s training on `pipe`; see the module docstring. Raises UserError for bad inputs."""
+    started = time.monotonic()
+    slice_s = spec.slice_s if slice_s is None else slice_s
+    deadline = started + slice_s if slice_s and slice_s > 0 else None
+    on_progress = on_progress or (lambda info: None)
+    should_stop = should_stop or (lambda: False)
+    spec.validate()
+    job = _prepare_job(pipe, spec, Path(cache_dir))
+    state = checkpoint.load_state(spec.out_dir, job.fingerprint)
+    if state and state.get(FINISHED_KEY) and _outputs_exist(state["result"]):
+        return TrainOutcome("done", job.total, job.total, state["result"])
+    if state and state.get(FINISHED_KEY):
+        state = None
+    if should_stop():
+        checkpoint.remove(spec.out_dir)
+        return TrainOutcome("cancelled", _step_of(state), job.total)
+    return _Slice(pipe, job, state, started, deadline, on_progress, should_stop).run()
+
+
+def _step_of(state: dict | None) -> int:
+    return int(state["step"]) if state else 0
+
+
+def _outputs_exist(result: dict) -> bool:
+    return all(Path(p).is_file() for p in [result["lora"], result["lora_kohya"], *result["samples"]])
+
+
+class _Slice:
+    def __init__(self, pipe, job: _Job, state, started, deadline, on_progress, should_stop):
+        import torch
+
+        self.pipe, self.job, self.spec, self.state = pipe, job, job.spec, state
+        self.started, self.deadline = started, deadline
+        self.on_progress, self.should_stop = on_progress, should_stop
+        self.device = pipe.unet.device
+        self.dtype = pipe.unet.dtype
+        self.step = _step_of(state)
+        self.elapsed_before = float(state["elapsed_s"]) if state else 0.0
+        self.noise_generator = torch.Generator(device=self.device)
+
+    # ---------------------------------------------------------------- orchestration
+    def run(self) -> TrainOutcome:
+        from trainer.lora_scope import LoraTrainingScope
+
+        caller_rng = checkpoint.capture_global_rng()
+        try:
+            if self.state and "rng" in self.state:
+                checkpoint.restore_global_rng(self.state["rng"])
+            else:
+                checkpoint.seed_global_rng(self.spec.seed)
+            with LoraTrainingScope(self.pipe, self.spec.adapter_name) as scope:
+                return self._run_in_scope(scope)
+        finally:
+            checkpoint.restore_global_rng(caller_rng)
+
+    def _run_in_scope(self, scope) -> TrainOutcome:
+        scope.base_model_only()
+        class_latents = None
+        if self.job.class_set is not None:
+            status = self._ensure_class_images()
+            if status != "complete":
+                return self._stop(status, trainer=None)
+            class_latents = self.job.class_set.latents()
+        inputs = self._inputs()
+        params = scope.add_adapters(self.spec.rank, self.spec.train_text_encoder, seed=self.spec.seed)
+        if self.spec.gradient_checkpointing:
+            scope.enable_gradient_checkpointing()
+        trainer = _StepRunner(self.pipe, self.job, inputs, class_latents, self.noise_generator)
+        if self.state and "lora" in self.state:
+            trainer.load_state(self.state)
+        else:
+            self.noise_generator.manual_seed(self.spec.seed + 1)
+        status = self._train(trainer)
+        if status != "done":
+            return self._stop(status, trainer)
+        return self._finish(scope, trainer)
+
+    def _ensure_class_images(self) -> str:
+        class_set = self.job.class_set
+        if not class_set.complete:
+            self._report(stage="class_images", detail=f"making class images 0/{class_set.count}")
+        batch = 4 if self.device.type == "cuda" else 2
+        return class_set.ensure(
+            self.pipe, batch_size=batch, deadline=self.deadline, should_stop=self.should_stop,
+            on_image=lambda done, count: self._report(stage="class_images", detail=f"making class images {done}/{count}"))
+
+    def _inputs(self) -> dict:
+        """Latents of the photos (and mirrors), prompt token ids and, unless the text encoder trains, embeddings.
+
+        Computed on the first slice and kept in out_dir/checkpoint/inputs.safetensors for the others, so each job
+        runs the VAE and the text encoder over its inputs once.
+        """
+        from safetensors.torch import load_file
+
+        from trainer.lora_io import save_file_atomic
+        from trainer.train_data import encode_latents, load_pixels
+
+        path = checkpoint.checkpoint_dir(self.spec.out_dir) / INPUTS_FILE
+        if path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                same_job = (f.metadata() or {}).get("fingerprint") == self.job.fingerprint
+            if same_job:
+                return load_file(str(path))
+        import torch
+
+        pixels = load_pixels([p.path for p in self.job.photos], self.job.resolution)
+        mean, std = encode_latents(self.pipe.vae, pixels)
+        tokenizer = self.pipe.tokenizer
+        ids = tokenizer(self.job.prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        inputs = {"mean": mean, "std": std, "prompt_ids": ids,
+                  "photo_prompt": torch.tensor(self.job.photo_prompt, dtype=torch.long)}
+        if not self.spec.train_text_encoder:
+            with torch.no_grad():
+                inputs["embeds"] = self.pipe.text_encoder(ids.to(self.device))[0].float().cpu()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file_atomic(inputs, path, {"fingerprint": self.job.fingerprint})
+        return inputs
+
+    # ---------------------------------------------------------------- the loop
+    def _train(self, trainer: "_StepRunner") -> str:
+        total = self.job.total
+        first_step, loop_start = self.step, time.monotonic()
+        last_report = loop_start
+        preview = None
+        while self.step < total:
+            if self.should_stop():
+                return "cancelled"
+            if self.deadline is not None and self.step > first_step and time.monotonic() >= self.deadline:
+                return "paused"
+            trainer.step(self.step)
+            self.step += 1
+            every = self.spec.preview_every
+            if every and self.step % every == 0 and self.step < total:
+                preview = self._preview()
+            now = time.monotonic()
+            if self.step == total or self.step == first_step + 1 or preview or now - last_report >= PROGRESS_EVERY_S:
+                loss = trainer.take_mean_loss()  # the only host sync in the loop
+                now = time.monotonic()
+                rate = (now - loop_start) / (self.step - first_step)
+                self._report(loss=loss, eta_s=rate * (total - self.step), preview=preview)
+                last_report, preview = now, None
+        return "done"
+
+    def _preview(self) -> str:
+        from trainer.train_images import generate, save_image_atomic
+
+        path = self.spec.preview_path or self.spec.out_dir / "preview.webp"
+        image = generate(self.pipe, self.job.instance_prompt, [self.spec.seed], self.job.resolution, steps=20)[0]
+        return str(save_image_atomic(image, path, quality=85).resolve())
+
+    def _report(self, *, loss=None, eta_s=None, preview=None, stage="training", detail="") -> None:
+        self.on_progress(TrainProgress(self.step, self.job.total, eta_s, loss, preview, stage, detail))
+
+    # ---------------------------------------------------------------- endings
+    def _elapsed(self) -> float:
+        return self.elapsed_before + (time.monotonic() - self.started)
+
+    def _stop(self, status: str, trainer) -> TrainOutcome:
+        if status == "cancelled":
+            checkpoint.remove(self.spec.out_dir)
+            return TrainOutcome("cancelled", self.step, self.job.total)
+        state = {"fingerprint": self.job.fingerprint, "step": self.step, "elapsed_s": self._elapsed(),
+                 "rng": checkpoint.capture_global_rng()}
+        if trainer is not None:
+            state.update(trainer.state_dict())
+        checkpoint.save_state(self.spec.out_dir, state)
+        return TrainOutcome("paused", self.step, self.job.total)
+
+    def _finish(self, scope, trainer: "_StepRunner") -> TrainOutcome:
+        from peft.utils import get_peft_model_state_dict
+
+        from trainer.lora_io import training_metadata, write_lora_files
+
+        spec, job = self.spec, self.job
+        seconds = round(self._elapsed(), 1)
+        unet_state = {k: v.detach().float().cpu() for k, v in
+                      get_peft_model_state_dict(self.pipe.unet, adapter_name=spec.adapter_name).items()}
+        te_state = None
+        if spec.train_text_encoder:
+            te_state = {k: v.detach().float().cpu() for k, v in
+                        get_peft_model_state_dict(self.pipe.text_encoder, adapter_name=spec.adapter_name).items()}
+        metadata = training_metadata(
+            token=spec.token, class_name=spec.class_name, style=spec.style, instance_prompt=job.instance_prompt,
+            base_model=job.base_model, steps=job.total, rank=spec.rank, learning_rate=spec.learning_rate,
+            text_encoder_learning_rate=spec.text_encoder_learning_rate if spec.train_text_encoder else None,
+            train_text_encoder=spec.train_text_encoder, batch_size=spec.batch_size, resolution=job.resolution,
+            prior_preservation=spec.uses_prior, class_images=spec.class_images if spec.uses_prior else None,
+            photo_count=len(job.photos), seed=spec.seed, seconds=seconds)
+        lora, kohya = write_lora_files(spec.out_dir, unet_state=unet_state, text_encoder_state=te_state,
+                                       unet_config=scope.adapter_config("unet"),
+                                       text_encoder_config=scope.adapter_config("text_encoder"), metadata=metadata)
+        samples = self._samples()
+        result = {"lora": str(lora.resolve()), "lora_kohya": str(kohya.resolve()), "samples": samples,
+                  "steps": job.total, "seconds": round(self._elapsed(), 1)}
+        checkpoint.remove(spec.out_dir)
+        checkpoint.save_state(spec.out_dir, {"fingerprint": job.fingerprint, FINISHED_KEY: True, "step": job.total,
+                                             "elapsed_s": result["seconds"], "result": result})
+        return TrainOutcome("done", job.total, job.total, result)
+
+    def _samples(self) -> list[str]:
+        from trainer.train_images import generate, save_image_atomic
+
+        count = self.spec.sample_count
+        if not count:
+            return []
+        self._report(stage="samples", detail=f"making {count} sample images")
+        seeds = [self.spec.seed + i for i in range(count)]
+        images = generate(self.pipe, self.job.instance_prompt, seeds, self.job.resolution)
+        directory = self.spec.out_dir / "samples"
+        return [str(save_image_atomic(image, directory / f"{i:03d}.png").resolve()) for i, image in enumerate(images)]
+
+
+class _StepRunner:
+    """The optimisation step on cached inputs. Everything a step draws at random is fixed up front by the seed
+    (which photos, mirrored or not, timesteps) or comes from `noise_generator`, whose state the checkpoint keeps."""
+
+    def __init__(self, pipe, job: _Job, inputs: dict, class_latents, noise_generator):
+        import torch
+        from diffusers import DDPMScheduler
+
+        spec = job.spec
+        self.spec, self.job = spec, job
+        self.unet, self.text_encoder = pipe.unet, pipe.text_encoder
+        self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
+        self.generator = noise_generator
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        self.prediction = self.noise_scheduler.config.prediction_type
+        to = dict(device=self.device)
+        self.mean, self.std = inputs["mean"].to(**to), inputs["std"].to(**to)
+        self.prompt_ids = inputs["prompt_ids"].to(**to)
+        self.photo_prompt = inputs["photo_prompt"].to(**to)
+        self.embeds = inputs["embeds"].to(self.device, self.dtype) if "embeds" in inputs else None
+        self.prior = class_latents is not None
+        if self.prior:
+            self.class_mean, self.class_std = class_latents[0].to(**to), class_latents[1].to(**to)
+        self.plan = {k: v.to(**to) for k, v in self._plan().items()}
+
+        self.unet_params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.te_params = [p for p in self.text_encoder.parameters() if p.requires_grad] if spec.train_text_encoder else []
+        groups = [{"params": self.unet_params, "lr": spec.learning_rate}]
+        if self.te_params:
+            groups.append({"params": self.te_params, "lr": spec.text_encoder_learning_rate})
+        self.params = self.unet_params + self.te_params
+        cuda = self.device.type == "cuda"
+        # diffusers' train_dreambooth_lora.py AdamW settings; fused kernels on CUDA (one launch for all params).
+        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
+                                           fused=True if cuda else None)
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and cuda else None
+        self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
+                         if self.dtype in (torch.float16, torch.bfloat16) else nullcontext())
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_count = 0
+        self.unet.train()
+        if spec.train_text_encoder:
+            self.text_encoder.train()
+
+    def _plan(self) -> dict:
+        """Per step: photo indices, mirror flags, class-image indices and timesteps, from the seed alone."""
+        import torch
+
+        spec, total, batch = self.spec, self.job.total, self.spec.batch_size
+        g = torch.Generator().manual_seed(spec.seed)
+
+        def shuffled_epochs(n: int):  # every photo once per epoch, in a fresh order each epoch
+            needed = total * batch
+            order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(needed / n))])
+            return order[:needed].view(total, batch)
+
+        def flips():
+            if not spec.flip:
+                return torch.zeros(total, batch, dtype=torch.long)
+            return torch.randint(0, 2, (total, batch), generator=g)
+
+        plan = {"photo": shuffled_epochs(self.mean.shape[1]), "photo_flip": flips()}
+        if self.prior:
+            plan["class"] = shuffled_epochs(self.class_mean.shape[1])
+            plan["class_flip"] = flips()
+        width = batch * (2 if self.prior else 1)
+        plan["timesteps"] = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (total, width),
+                                          generator=g)
+        return plan
+
+    def step(self, index: int) -> None:
+        import torch
+        import torch.nn.functional as F
+        from diffusers.training_utils import compute_snr
+
+        plan, batch = self.plan, self.spec.batch_size
+        photo, photo_flip = plan["photo"][index], plan["photo_flip"][index]
+        mean, std = self.mean[photo_flip, photo], self.std[photo_flip, photo]
+        prompt = self.photo_prompt[photo]
+        if self.prior:
+            cls, cls_flip = plan["class"][index], plan["class_flip"][index]
+            mean = torch.cat([mean, self.class_mean[cls_flip, cls]])
+            std = torch.cat([std, self.class_std[cls_flip, cls]])
+            prompt = torch.cat([prompt, torch.full_like(prompt, len(self.job.prompts) - 1)])
+        timesteps = plan["timesteps"][index]
+        latents = mean + std * torch.randn(mean.shape, generator=self.generator, device=self.device)
+        noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise if self.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+
+        with self.autocast:
+            if self.embeds is not None:
+                embeds = self.embeds[prompt]
+            else:
+                embeds = self.text_encoder(self.prompt_ids[prompt])[0]
+            pred = self.unet(noisy.to(self.dtype), timesteps, embeds.to(self.dtype)).sample
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.spec.snr_gamma:
+            # Min-SNR weighting (Hang et al. 2023), as diffusers' training scripts apply it.
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            weight = torch.clamp(snr, max=self.spec.snr_gamma)
+            per_sample = per_sample * (weight / snr if self.prediction == "epsilon" else weight / (snr + 1))
+        loss = per_sample[:batch].mean()
+        if self.prior:
+            loss = loss + self.spec.prior_loss_weight * per_sample[batch:].mean()
+
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.spec.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss_sum += loss.detach()
+        self.loss_count += 1
+
+    def take_mean_loss(self) -> float | None:
+        if not self.loss_count:
+            return None
+        value = (self.loss_sum / self.loss_count).item()
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        return value
+
+    def _named_trainables(self) -> dict:
+        named = {f"unet.{n}": p for n, p in self.unet.named_parameters() if p.requires_grad}
+        if self.te_params:
+            named.update({f"text_encoder.{n}": p for n, p in self.text_encoder.named_parameters() if p.requires_grad})
+        return named
+
+    def state_dict(self) -> dict:
+        state = {"lora": {n: p.detach().cpu().clone() for n, p in self._named_trainables().items()},
+                 "optimizer": self.optimizer.state_dict(),
+                 "noise_rng": self.generator.get_state()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state(self, state: dict) -> None:
+        import torch
+
+        named = self._named_trainables()
+        if set(named) != set(state["lora"]):
+            raise RuntimeError("the checkpoint's LoRA layout does not match this training")
+        with torch.no_grad():
+            for name, param in named.items():
+                param.copy_(state["lora"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["noise_rng"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
