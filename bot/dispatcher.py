@@ -225,6 +225,7 @@ class Dispatcher:
         """The job's stored params plus what the bot decides at run time: paths under the data directory and the
         concepts this member may use right now."""
         data_dir = Path(self.settings.data_dir).resolve()
+        preview = str(data_dir / "previews" / f"{job.id}.webp")
         if job.kind == "train":
             concept = await self.concepts.get(job.params["concept_id"])
             if concept is None or concept.status == "deleted":
@@ -234,14 +235,15 @@ class Dispatcher:
                     "class_name": concept.class_name, "style": bool(concept.style),
                     "photos_dir": str(concept_dir / "photos"), "out_dir": str(concept_dir),
                     "cache_dir": str(data_dir / "cache" / "priors"), "slice_s": self.settings.train_slice_s,
-                    "seed": job.params.get("seed", job.id)}
+                    "seed": job.params.get("seed", job.id), "preview_path": preview}
         if job.kind == "imagine":
             usable = await self.concepts.usable(job.guild_id, job.owner_id)
             forbidden = await self.concepts.forbidden_tokens(job.guild_id, job.owner_id)
             concepts = [{"concept_id": c.id, "token": c.token, "class_name": c.class_name,
                          "lora_path": c.lora_path, "weight": 1.0} for c in usable if c.lora_path]
             return {"safety": self.settings.safety, **job.params, "concepts": concepts,
-                    "forbidden_tokens": forbidden, "out_dir": str(data_dir / "images" / str(job.id))}
+                    "forbidden_tokens": forbidden, "out_dir": str(data_dir / "images" / str(job.id)),
+                    "job_id": job.id, "preview_path": preview}
         raise ValueError(f"job {job.id} has unknown kind {job.kind!r}")
 
     # --- endings ------------------------------------------------------------------------------------------------

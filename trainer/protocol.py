@@ -55,9 +55,15 @@ def ready(device: str, dtype: str, model: str | None, pid: int) -> dict:
 
 
 def progress(job_id: int, step: int, total: int, eta_s: float | None = None, loss: float | None = None,
-             preview: str | None = None) -> dict:
-    return {"event": "progress", "job_id": job_id, "step": step, "total": total, "eta_s": eta_s, "loss": loss,
-            "preview": preview}
+             preview: str | None = None, stage: str | None = None, detail: str | None = None) -> dict:
+    """`stage`/`detail` are optional words for the member (e.g. "class_images", "making comparison images 20/100")."""
+    event = {"event": "progress", "job_id": job_id, "step": step, "total": total, "eta_s": eta_s, "loss": loss,
+             "preview": preview}
+    if stage:
+        event["stage"] = stage
+    if detail:
+        event["detail"] = detail
+    return event
 
 
 def paused(job_id: int, step: int, total: int) -> dict:

@@ -58,17 +58,37 @@ class EventWriter:
 
 
 class JobControl:
-    """What the stdin reader thread tells the job loop: jobs to run, cancels, and whether the bot has gone away."""
+    """What the stdin reader thread tells the job loop: jobs to run, cancels, and whether the bot has gone away.
+
+    A cancel applies to a job that is running or waiting here; one for any other job is stale and ignored (job ids
+    repeat: a training runs as several `run`s of the same id).
+    """
 
     def __init__(self):
         self.jobs: queue.Queue[dict | None] = queue.Queue()
+        self._active: dict[int, int] = {}  # job id -> runs received and not yet ended
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
         self.closing = threading.Event()
 
+    def submit(self, message: dict) -> None:
+        with self._lock:
+            self._active[message["job_id"]] = self._active.get(message["job_id"], 0) + 1
+        self.jobs.put(message)
+
+    def ended(self, job_id: int) -> None:
+        with self._lock:
+            left = self._active.get(job_id, 1) - 1
+            if left > 0:
+                self._active[job_id] = left
+            else:
+                self._active.pop(job_id, None)
+                self._cancelled.discard(job_id)
+
     def cancel(self, job_id: int) -> None:
         with self._lock:
-            self._cancelled.add(job_id)
+            if job_id in self._active:
+                self._cancelled.add(job_id)
 
     def is_cancelled(self, job_id: int) -> bool:
         with self._lock:
@@ -94,7 +114,7 @@ def read_requests(stream, control: JobControl) -> None:
             continue
         op = message.get("op")
         if op == "run":
-            control.jobs.put(message)
+            control.submit(message)
         elif op == "cancel":
             control.cancel(message["job_id"])
         elif op == "shutdown":
@@ -111,19 +131,22 @@ class ProgressReporter:
         self._writer = writer
         self._job_id = job_id
         self._last = 0.0
+        self._stage = None
 
     def __call__(self, info) -> None:
         step, total = int(_field(info, "step", 0)), int(_field(info, "total", 0))
+        stage = _field(info, "stage")
         now = time.monotonic()
-        if step not in (1, total) and now - self._last < PROGRESS_INTERVAL_S:
+        if step not in (1, total) and stage == self._stage and now - self._last < PROGRESS_INTERVAL_S:
             return
-        self._last = now
+        self._last, self._stage = now, stage
         eta, loss, preview = _field(info, "eta_s"), _field(info, "loss"), _field(info, "preview")
         self._writer.send(protocol.progress(
             self._job_id, step, total,
             eta_s=None if eta is None else round(float(eta), 2),
             loss=None if loss is None else float(loss),
             preview=None if preview is None else str(preview),
+            stage=_field(info, "stage"), detail=_field(info, "detail"),
         ))
 
 
@@ -151,7 +174,10 @@ class Worker:
             message = self.control.jobs.get()
             if message is None or self.control.closing.is_set():
                 return  # shutdown, or the bot went away: jobs still queued here have nobody to report to
-            self.run_job(message["job_id"], message["kind"], message["params"])
+            try:
+                self.run_job(message["job_id"], message["kind"], message["params"])
+            finally:
+                self.control.ended(message["job_id"])
 
     def run_job(self, job_id: int, kind: str, params: dict) -> None:
         if self.control.is_cancelled(job_id):

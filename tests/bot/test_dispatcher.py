@@ -1,0 +1,247 @@
+"""The dispatcher with real parts: SQLite ledger and services in tmp_path, the real worker process on the tiny model.
+
+One worker (model resident) serves the whole module, as it serves the bot; each test has its own database.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from PIL import Image
+
+from bot.concepts import ConceptService
+from bot.dispatcher import CONCEPT_GONE, Dispatcher
+from bot.gallery import Gallery
+from bot.ledger import Ledger
+from bot.settings import Settings
+from bot.store import Store
+from bot.worker_client import CRASHED, WorkerClient, worker_command
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+GUILD = 111111111111111111
+ALICE, BOB, CAROL = 1001, 1002, 1003
+READY_TIMEOUT_S = 120
+FAST_IMAGINE = {"prompt": "a photo of a dog", "steps": 2, "count": 1, "width": 64, "height": 64, "seed": 5}
+FAST_TRAIN = {"prior_preservation": False, "sample_count": 0, "train_text_encoder": False, "resolution": 64}
+
+
+class RecordingNotifier:
+    """What the Discord delivery cog does, minus Discord: announce once (mark_delivered), remember what was shown."""
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+        self.progress: list[tuple[int, dict]] = []
+        self.finished: list = []
+        self.changed = asyncio.Event()
+
+    async def job_progress(self, job, event):
+        self.progress.append((job.id, event))
+        self.changed.set()
+
+    async def job_finished(self, job):
+        if await self.ledger.mark_delivered(job.id):
+            self.finished.append(job)
+        self.changed.set()
+
+    def finished_ids(self) -> list[int]:
+        return [job.id for job in self.finished]
+
+    async def wait_for(self, predicate, timeout: float = 120):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            self.changed.clear()
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "timed out waiting"
+            try:
+                await asyncio.wait_for(self.changed.wait(), min(remaining, 0.5))
+            except TimeoutError:
+                pass
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def worker(tiny_model_dir, tmp_path_factory):
+    client = WorkerClient(worker_command(model=str(tiny_model_dir), data_dir=tmp_path_factory.mktemp("wd"),
+                                         device="cpu", dtype="fp32", threads=1),
+                          cancel_grace_s=10, restart_delays_s=(0.1,))
+    await client.start()
+    await client.wait_ready(READY_TIMEOUT_S)
+    yield client
+    await client.stop()
+
+
+class Bot:
+    """The bot's services on one database, with the shared worker."""
+
+    def __init__(self, settings: Settings, store: Store, worker: WorkerClient):
+        self.settings = settings
+        self.store = store
+        self.ledger = Ledger(store, settings=settings)
+        self.concepts = ConceptService(store, settings.data_dir)
+        self.gallery = Gallery(store)
+        self.notifier = RecordingNotifier(self.ledger)
+        self.dispatcher = Dispatcher(settings, self.ledger, self.concepts, self.gallery, worker,
+                                     notifier=self.notifier, poll_s=0.2)
+
+    async def imagine(self, owner: int, **params):
+        return await self.ledger.submit("imagine", owner, GUILD, 5, {**FAST_IMAGINE, **params})
+
+    async def train(self, owner: int, token: str, *, photos: int = 3, **params):
+        concept = await self.concepts.create(GUILD, owner, token, "man")
+        photos_dir = self.concepts.concept_dir(concept.id) / "photos"
+        photos_dir.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(concept.id)
+        for i in range(photos):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(photos_dir / f"{i:03d}.png")
+        job = await self.ledger.submit("train", owner, GUILD, 5, {"concept_id": concept.id, **FAST_TRAIN, **params})
+        await self.concepts.attach_job(concept.id, job.id, photos)
+        return concept, job
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def bot(tmp_path, worker):
+    # Slices of 0.01 s end after every training step, so a 3-step training runs in 3 slices on any machine.
+    settings = replace(Settings(), data_dir=tmp_path / "data", train_slice_s=0.01, max_queued_jobs=10,
+                       trainings_per_day=10)
+    store = await Store.open(settings.db_path)
+    bot = Bot(settings, store, worker)
+    yield bot
+    await bot.dispatcher.stop(grace_s=30)
+    await store.close()
+
+
+async def test_imagine_job_runs_end_to_end(bot):
+    job = await bot.imagine(ALICE)
+    assert (await bot.dispatcher.run_next()).id == job.id
+    done = await bot.ledger.get(job.id)
+    assert done.status == "succeeded", done.error
+    assert done.gpu_seconds > 0 and done.progress_step == done.progress_total == 2
+    images = done.result["images"]
+    assert len(images) == 1 and Path(images[0]).is_file()
+    assert Path(images[0]).parent == (bot.settings.data_dir / "images" / str(job.id)).resolve()
+    assert [i.path for i in await bot.gallery.for_job(job.id)] == images
+    assert bot.notifier.finished_ids() == [job.id]
+    assert any(job_id == job.id and e["step"] == 2 for job_id, e in bot.notifier.progress)
+    assert await bot.dispatcher.run_next() is None  # nothing left
+
+
+async def test_member_mistake_fails_the_job_with_the_engine_message(bot):
+    job = await bot.imagine(ALICE, prompt="a photo of zorblax", steps=500)
+    await bot.dispatcher.run_next()
+    failed = await bot.ledger.get(job.id)
+    assert failed.status == "failed"
+    assert "Steps" in failed.error and "500" in failed.error  # the option, the value and what is allowed
+    assert bot.notifier.finished_ids() == [job.id]
+
+
+async def test_training_runs_in_slices_with_imagine_jobs_in_between(bot):
+    concept, train = await bot.train(ALICE, "sid", steps=3)
+    imagine = await bot.imagine(BOB)  # queued after the training, runs between its slices
+    assert (await bot.dispatcher.run_next()).id == train.id  # older, same usage: the training goes first
+    trained = await bot.ledger.get(train.id)
+    imagined = await bot.ledger.get(imagine.id)
+    assert trained.status == "succeeded", trained.error
+    assert imagined.status == "succeeded", imagined.error
+    assert trained.started_at < imagined.started_at < imagined.finished_at < trained.finished_at
+    assert trained.result["steps"] == 3 and trained.gpu_seconds > 0
+    ready = await bot.concepts.get(concept.id)
+    assert ready.status == "ready" and Path(ready.lora_path).is_file()
+    assert Path(ready.lora_path).parent == bot.concepts.concept_dir(concept.id).resolve()
+    assert bot.notifier.finished_ids() == [imagine.id, train.id]
+    # The new concept is usable at once: its owner's next /imagine gets its LoRA.
+    use = await bot.imagine(ALICE, prompt="a photo of sid man")
+    params = await bot.dispatcher.worker_params(await bot.ledger.get(use.id))
+    assert params["concepts"] == [{"concept_id": concept.id, "token": "sid", "class_name": "man",
+                                   "lora_path": ready.lora_path, "weight": 1.0}]
+    await bot.dispatcher.run_next()
+    assert (await bot.ledger.get(use.id)).status == "succeeded"
+
+
+async def test_others_private_concepts_are_named_as_forbidden(bot):
+    concept, train = await bot.train(ALICE, "sid", steps=2)
+    await bot.dispatcher.run_next()
+    assert (await bot.concepts.get(concept.id)).status == "ready"
+    job = await bot.imagine(BOB, prompt="a photo of sid man")
+    params = await bot.dispatcher.worker_params(await bot.ledger.get(job.id))
+    assert params["concepts"] == [] and params["forbidden_tokens"] == ["sid"]
+    await bot.dispatcher.run_next()
+    refused = await bot.ledger.get(job.id)
+    assert refused.status == "failed" and "sid" in refused.error
+
+
+async def test_cancel_of_a_running_training_stops_it_at_a_step_boundary(bot):
+    concept, train = await bot.train(ALICE, "sid", steps=5000)
+    runner = asyncio.create_task(bot.dispatcher.run_next())
+    await bot.notifier.wait_for(lambda: any(j == train.id and e["step"] >= 1 for j, e in bot.notifier.progress))
+    assert await bot.ledger.cancel(train.id, ALICE) == "requested"
+    asked = time.monotonic()
+    await asyncio.wait_for(runner, 60)
+    cancelled = await bot.ledger.get(train.id)
+    assert cancelled.status == "cancelled"
+    assert time.monotonic() - asked < 30
+    assert (await bot.concepts.get(concept.id)).status == "failed"
+    assert bot.notifier.finished_ids() == [train.id]
+
+
+async def test_imagine_past_its_time_limit_is_stopped(bot):
+    bot.dispatcher.settings = replace(bot.settings, imagine_timeout_s=1)
+    job = await bot.imagine(ALICE, steps=100, count=4, width=128, height=128)
+    started = time.monotonic()
+    await bot.dispatcher.run_next()
+    stopped = await bot.ledger.get(job.id)
+    assert stopped.status == "failed"
+    assert stopped.error == "Your job ran longer than the limit of 1 second and was stopped."
+    assert time.monotonic() - started < 30
+    assert bot.notifier.finished_ids() == [job.id]
+
+
+async def test_worker_death_mid_training_fails_it_and_the_queue_goes_on(bot, worker):
+    concept, train = await bot.train(ALICE, "sid", steps=5000)
+    after = await bot.imagine(BOB)
+    await bot.dispatcher.start()
+    await bot.notifier.wait_for(lambda: any(j == train.id and e["step"] >= 1 for j, e in bot.notifier.progress))
+    os.kill(worker.pid, signal.SIGKILL)
+    await bot.notifier.wait_for(lambda: after.id in bot.notifier.finished_ids(), READY_TIMEOUT_S)
+    crashed = await bot.ledger.get(train.id)
+    assert crashed.status == "failed" and crashed.error == CRASHED
+    assert (await bot.concepts.get(concept.id)).status == "failed"
+    assert (await bot.ledger.get(after.id)).status == "succeeded"
+    assert bot.notifier.finished_ids()[0] == train.id
+
+
+async def test_a_training_whose_concept_was_deleted_fails_without_the_gpu(bot):
+    concept, train = await bot.train(ALICE, "sid", steps=2)
+    await bot.store.execute("UPDATE concepts SET status = 'deleted' WHERE id = ?", (concept.id,))
+    await bot.dispatcher.run_next()
+    failed = await bot.ledger.get(train.id)
+    assert failed.status == "failed" and failed.error == CONCEPT_GONE and failed.gpu_seconds == 0
+
+
+async def test_start_recovers_a_running_training_and_announces_the_backlog_once(bot):
+    # A previous bot process claimed a training and finished (but never announced) an /imagine, then died.
+    concept, train = await bot.train(ALICE, "sid", steps=3)
+    unannounced = await bot.imagine(CAROL)
+    assert (await bot.ledger.claim(unannounced.id)).status == "running"
+    await bot.ledger.fail(unannounced.id, "The GPU ran out of memory while running your job.", 1.0)
+    assert (await bot.ledger.claim(train.id)).status == "running"
+    bot.dispatcher.notifier = None
+    await bot.dispatcher.start()
+    recovered = await bot.ledger.get(train.id)
+    assert recovered.attempts == 1  # running -> queued by recover_at_start, then run again
+    await asyncio.sleep(0.3)
+    assert bot.notifier.finished == []  # no notifier attached yet: nothing is announced, nothing is lost
+    bot.dispatcher.set_notifier(bot.notifier)
+    await bot.notifier.wait_for(lambda: len(bot.notifier.finished) == 2)
+    assert sorted(bot.notifier.finished_ids()) == sorted([unannounced.id, train.id])
+    assert (await bot.ledger.get(train.id)).status == "succeeded"
+    assert (await bot.concepts.get(concept.id)).status == "ready"
+    bot.dispatcher.set_notifier(bot.notifier)  # attaching again announces nothing twice
+    await asyncio.sleep(0.3)
+    assert len(bot.notifier.finished) == 2
