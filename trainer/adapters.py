@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers.loaders.lora_base import set_adapters_for_text_encoder
+from diffusers.utils.peft_utils import set_adapter_layers
 
 from trainer.errors import UserError
 from trainer.pnginfo import lora_hash
@@ -118,7 +119,8 @@ def _lora_models(pipe):
 def activate(pipe, names: list[str], weights: list[float]) -> None:
     """Make exactly `names` the active adapters (with those weights) on every LoRA-capable model; [] = none."""
     if names:
-        pipe.enable_lora()  # undo a disable_lora() someone may have left behind
+        for _, model in _lora_models(pipe):
+            set_adapter_layers(model, enabled=True)  # undo a disable_lora() someone may have left behind
         pipe.set_adapters(list(names), adapter_weights=list(weights))
         _freeze(pipe, set(names))
         return

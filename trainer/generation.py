@@ -132,6 +132,13 @@ class GenerationService:
             "Lora hashes": lora_hashes_field([(u.concept.token, a.short_hash) for u, a in zip(parsed.uses, loaded)]),
             "Job id": request.job_id,
         }
+        saved, saved_seeds, texts, grid, small = self._save(request, parsed, fields, images, seeds, flagged, notices)
+        log.info("imagine job=%s: %d image(s) %dx%d, %d steps, %s, %d LoRA(s), %.1fs", request.job_id, len(images),
+                 width, height, request.steps, request.scheduler, len(loaded), time.monotonic() - started)
+        return ImagineResult(saved, grid, small, seed, saved_seeds, texts[0], blocked, notices)
+
+    def _save(self, request, parsed, fields, images, seeds, flagged, notices):
+        """Write NNN.png (+ NNN.small.webp when over the upload limit) per unflagged image, and grid.png for several."""
         out_dir = request.out_dir.resolve()
         saved, saved_seeds, texts, small = [], [], [], {}
         for i, (image, image_seed) in enumerate(zip(images, seeds)):
@@ -150,9 +157,7 @@ class GenerationService:
             grid_path = save_png(grid_image, out_dir / "grid.png", first_text)
             grid = str(grid_path)
             self._small_copy(grid_image, grid_path, first_text, request.upload_limit, small, notices)
-        log.info("imagine job=%s: %d image(s) %dx%d, %d steps, %s, %d LoRA(s), %.1fs", request.job_id, len(images),
-                 width, height, request.steps, request.scheduler, len(loaded), time.monotonic() - started)
-        return ImagineResult(saved, grid, small, seed, saved_seeds, texts[0], blocked, notices)
+        return saved, saved_seeds, texts, grid, small
 
     def _run(self, request, init_image, width, height, seeds, embeddings, on_progress, should_stop):
         components = {**self.pipe.components, "scheduler": make_scheduler(request.scheduler, self.pipe.scheduler.config),

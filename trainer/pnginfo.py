@@ -29,8 +29,8 @@ def _quote(value) -> str:
 
 
 def format_parameters(prompt: str, negative: str, fields: dict) -> str:
-    """The A1111 `parameters` text. `fields` is ordered; None values are left out."""
-    line = ", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value is not None)
+    """The A1111 `parameters` text. `fields` is ordered; None and empty values are left out."""
+    line = ", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value not in (None, ""))
     negative_line = f"\nNegative prompt: {negative}" if negative else ""
     return f"{prompt}{negative_line}\n{line}"
 
