@@ -127,7 +127,7 @@ async def check_database(report: Report, settings: Settings) -> None:
         applied = await store.applied_migrations()
         mode = await store.fetchval("PRAGMA journal_mode")
         counts = dict(await store.fetchall("SELECT status, COUNT(*) FROM jobs GROUP BY status"))
-        latest = f"{applied[-1][0]:04d}_{applied[-1][1]}" if applied else "none"
+        latest = applied[-1][1] if applied else "none"
         jobs = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no jobs yet"
         report.ok("database", f"{settings.db_path.resolve()}: {len(applied)} migration(s), latest {latest}; "
                               f"journal {mode}; {jobs}")
@@ -225,8 +225,10 @@ async def check_worker(report: Report, settings: Settings) -> None:
         end = await worker.run(0, "selftest", {"seconds": GPU_CHECK_S}, timeout_s=GPU_CHECK_S + 60)
         if end["event"] == "done":
             result = end["result"]
+            speed = (f"{result['tflops']:.1f} TFLOP/s" if result["tflops"] >= 1 else
+                     f"{result['tflops'] * 1000:.0f} GFLOP/s")
             report.ok("worker", f"{result['seconds']:.1f} s of {result['size']}x{result['size']} matmuls on "
-                                f"{result['device']}: {result['tflops']:.1f} TFLOP/s")
+                                f"{result['device']}: {speed}")
         else:
             report.fail("worker", f"the GPU self-test failed: {end.get('error')} {end.get('detail', '')}".strip())
     finally:

@@ -59,6 +59,7 @@ class Dispatcher:
         self.notifier = notifier
         self.poll_s = poll_s
         self.current_job_id: int | None = None
+        self._busy = False  # from a claim until its job (every slice) has been recorded
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task | None = None
@@ -93,12 +94,15 @@ class Dispatcher:
         self._wake.set()
         grace_s = self.settings.train_slice_s + 15.0 if grace_s is None else grace_s
         if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), grace_s)
-            except TimeoutError:
-                log.warning("job %s did not end within %.0f s of shutdown; it resumes or is reported at the next "
-                            "start", self.current_job_id, grace_s)
-                self._task.cancel()
+            if not self._busy:
+                self._task.cancel()  # waiting for the worker or for work: nothing to finish
+            else:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._task), grace_s)
+                except TimeoutError:
+                    log.warning("job %s did not end within %.0f s of shutdown; it resumes or is reported at the next "
+                                "start", self.current_job_id, grace_s)
+                    self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
@@ -128,10 +132,14 @@ class Dispatcher:
     async def run_next(self) -> Job | None:
         """Claim the next job in fair order and run it to its end (a training through all its slices, with /imagine
         jobs in between). Returns the job as claimed, or None when nothing is queued (or the queue is paused)."""
-        job = await self.ledger.claim_next()
-        if job is not None:
-            await self._run_claimed(job)
-        return job
+        self._busy = True
+        try:
+            job = await self.ledger.claim_next()
+            if job is not None:
+                await self._run_claimed(job)
+            return job
+        finally:
+            self._busy = False
 
     async def _run_claimed(self, job: Job) -> None:
         while True:

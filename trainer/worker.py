@@ -70,6 +70,7 @@ class JobControl:
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
         self.closing = threading.Event()
+        self.loading = True  # until the model is resident: nothing to finish or save, so closing exits at once
 
     def submit(self, message: dict) -> None:
         with self._lock:
@@ -100,6 +101,8 @@ class JobControl:
     def close(self) -> None:
         self.closing.set()
         self.jobs.put(None)
+        if self.loading:
+            os._exit(0)  # the main thread is inside a model load that cannot be interrupted
 
 
 def read_requests(stream, control: JobControl) -> None:
@@ -348,6 +351,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_model and not args.model:
         writer.send(protocol.fatal("the worker needs --model (or --no-model for self-tests only)"))
         return 2
+    threading.Thread(target=read_requests, args=(sys.stdin.buffer, control), name="worker-stdin", daemon=True).start()
     try:
         import torch
 
@@ -370,7 +374,7 @@ def run(args: argparse.Namespace) -> int:
         what = "the GPU worker could not start" if args.no_model else f"the base model {args.model} could not be loaded"
         writer.send(protocol.fatal(f"{what}: {exc}", "".join(traceback.format_exception(exc))))
         return 3
-    threading.Thread(target=read_requests, args=(sys.stdin.buffer, control), name="worker-stdin", daemon=True).start()
+    control.loading = False
     writer.send(protocol.ready(describe_device(device), str(dtype).removeprefix("torch."),
                                None if args.no_model else args.model, os.getpid()))
     worker = Worker(writer, control, pipe=pipe, device=device, model=None if args.no_model else args.model,
