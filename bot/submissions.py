@@ -6,6 +6,7 @@ Everything a member can get wrong raises a UserError subclass whose text says wh
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 from collections.abc import Iterable, Sequence
@@ -44,6 +45,7 @@ async def submit_training(services, *, guild_id: int, member_id: int, channel_id
     await services.ledger.check_submit("train", member_id, guild_id, role_ids=role_ids)
     token = intake.check_token(token)
     class_name = intake.normalise_class(class_name)
+    style = bool(style) or intake.class_kind(class_name) == "style"
     existing = await services.concepts.by_token(guild_id, token)
     if existing is not None and not (existing.owner_id == member_id and existing.status == "failed"):
         if existing.owner_id == member_id:
@@ -53,14 +55,16 @@ async def submit_training(services, *, guild_id: int, member_id: int, channel_id
 
     limits = intake.IntakeLimits(min_photos=settings.min_photos, max_photos=settings.max_photos,
                                  max_photo_bytes=settings.max_photo_mb * 1024 * 1024)
-    report = await asyncio.to_thread(intake.intake_photos, list(files), limits=limits, style=style)
+    report = await asyncio.to_thread(intake.intake_photos, list(files), limits=limits, class_name=class_name,
+                                     style=style)
     if not report.ok:
         raise UserError(report.summary())
+    report.warnings.extend(intake.token_warnings(token, _vocabulary(settings.model)))
 
     concept = await services.concepts.create(guild_id, member_id, token, class_name, style)
     try:
         photos_dir = services.concepts.concept_dir(concept.id) / "photos"
-        await asyncio.to_thread(report.save, photos_dir, token=token, class_name=class_name)
+        await asyncio.to_thread(report.save, photos_dir)
         params = {**TRAIN_RECIPE, "concept_id": concept.id, "token": concept.token, "class_name": class_name,
                   "style": bool(style), "steps": steps, "seed": secrets.randbelow(2**31)}
         job = await services.ledger.submit("train", member_id, guild_id, channel_id, params, role_ids=role_ids)
@@ -70,6 +74,18 @@ async def submit_training(services, *, guild_id: int, member_id: int, channel_id
         raise
     services.job_submitted()
     return job, report
+
+
+@functools.lru_cache(maxsize=4)
+def _vocabulary(model: str) -> frozenset[str] | None:
+    """The base model's tokenizer words (to warn about tokens it already knows), when the model is a local folder."""
+    from trainer.naming import load_vocab
+    try:
+        vocab = load_vocab(model) if Path(model).is_dir() else None
+    except (OSError, ValueError):
+        log.warning("could not read the tokenizer vocabulary of %s", model, exc_info=True)
+        return None
+    return None if vocab is None else frozenset(vocab)
 
 
 async def submit_imagine(services, *, guild_id: int, member_id: int, channel_id: int | None,

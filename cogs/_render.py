@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import discord
 
@@ -154,19 +153,18 @@ def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start:start + size]
 
 
-def contact_sheet(paths: Sequence[Path], *, cell: int = 96, columns: int = 6) -> bytes | None:
-    """A small JPEG grid of thumbnails (the accepted photos), or None when there are none."""
+def contact_sheet(images: Sequence, *, cell: int = 96, columns: int = 6) -> bytes | None:
+    """A small JPEG grid of thumbnails of PIL images (the accepted, cropped photos), or None when there are none."""
     from PIL import Image
 
-    paths = list(paths)
-    if not paths:
+    images = list(images)
+    if not images:
         return None
-    rows = math.ceil(len(paths) / columns)
-    sheet = Image.new("RGB", (cell * min(columns, len(paths)), cell * rows), "white")
-    for index, path in enumerate(paths):
-        with Image.open(path) as image:
-            thumb = image.convert("RGB")
-            thumb.thumbnail((cell, cell))
+    rows = math.ceil(len(images) / columns)
+    sheet = Image.new("RGB", (cell * min(columns, len(images)), cell * rows), "white")
+    for index, image in enumerate(images):
+        thumb = image.convert("RGB")
+        thumb.thumbnail((cell, cell))
         x, y = (index % columns) * cell, (index // columns) * cell
         sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
     out = io.BytesIO()

@@ -1,6 +1,7 @@
 """/train: teach the model a member's subject from their photos (attachments or one .zip)."""
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 
@@ -50,8 +51,8 @@ class Train(commands.Cog):
         style="Train an art style instead of a subject",
         **{f"photo{i}": f"Photo {i} of your subject" for i in range(1, PHOTO_OPTIONS + 1)},
     )
-    async def train(self, interaction: discord.Interaction, token: app_commands.Range[str, 2, 32],
-                    class_name: app_commands.Range[str, 1, 40],
+    async def train(self, interaction: discord.Interaction, token: app_commands.Range[str, 3, 24],
+                    class_name: app_commands.Range[str, 1, 24],
                     photo1: discord.Attachment | None = None, photo2: discord.Attachment | None = None,
                     photo3: discord.Attachment | None = None, photo4: discord.Attachment | None = None,
                     photo5: discord.Attachment | None = None, photo6: discord.Attachment | None = None,
@@ -87,13 +88,12 @@ class Train(commands.Cog):
 
 
 async def _contact_sheet(report) -> bytes | None:
-    import asyncio
-    paths = [p for p in (getattr(a, "path", None) for a in report.accepted) if p]
-    if not paths:
+    images = [photo.image for photo in report.accepted]
+    if not images:
         return None
     try:
-        return await asyncio.to_thread(_render.contact_sheet, paths[:30])
-    except OSError:
+        return await asyncio.to_thread(_render.contact_sheet, images[:30])
+    except (OSError, ValueError):
         log.warning("could not build the contact sheet", exc_info=True)
         return None
 
