@@ -62,6 +62,8 @@ def running_embed(job, event: dict, *, preview_name: str | None = None) -> disco
     lines = [progress_bar(step, total), f"step {step}/{total}"]
     if event.get("eta_s") is not None:
         lines[-1] += f" · about {duration(event['eta_s'])} left"
+    if event.get("detail"):  # what the engine is doing besides steps, e.g. "making class images 20/100"
+        lines.append(str(event["detail"])[:200])
     embed.description = "\n".join(lines)
     if preview_name:
         embed.set_image(url=f"attachment://{preview_name}")
@@ -131,6 +133,10 @@ def concept_embed(concept, member_id: int) -> discord.Embed:
     if concept.status == "ready":
         subject = f"{concept.token} {concept.class_name}" if not concept.style else f"{concept.token} style"
         embed.add_field(name="Use it", value=f"`/imagine prompt: a photo of {subject}`", inline=False)
+    elif concept.status == "failed":
+        why = getattr(concept, "error", None) or "the training did not finish"
+        embed.add_field(name="Training failed", inline=False,
+                        value=f"{why[:900]}\nRun /train with the same token to try again.")
     return embed
 
 

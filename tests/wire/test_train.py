@@ -195,3 +195,30 @@ async def test_token_taken_by_someone_else_is_refused(booth, trained):
     text = await booth.answer(interaction)
     assert interaction.ephemeral and "already taken" in text
     assert re.search(r"pick another", text)
+
+
+async def test_photos_in_a_zip_and_a_cancelled_training_shows_as_failed(booth):
+    import io
+    import zipfile
+
+    fake = booth.fake
+    admin, member = fake.member("zip-admin", manage_guild=True), fake.member("zipper")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i in range(4):
+            archive.writestr(f"holiday/{i}.png", photo_bytes(200 + i))
+    zipped = booth.attach(("photos.zip", buffer.getvalue(), "application/zip"))
+    await booth.answer(await fake.command(admin, "queue", subcommand=["admin", "pause"]))
+    try:
+        interaction = await train(booth, member, "zipdog", zipped, steps=2)
+        assert "4 photos accepted" in await booth.answer(interaction)
+        job = await booth.latest_job(member)
+        cancel = await fake.command(member, "queue", [{"name": "job", "type": 4, "value": job.id}],
+                                    subcommand=["cancel"])
+        assert "cancelled" in await booth.answer(cancel)
+    finally:
+        await booth.answer(await fake.command(admin, "queue", subcommand=["admin", "resume"]))
+    concept = await booth.services.concepts.by_token(fake.guild_id, "zipdog")
+    assert concept.status == "failed"
+    listing = await fake.command(member, "concepts", subcommand=["list"])
+    assert "training failed" in await booth.answer(listing)
