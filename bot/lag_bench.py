@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="for --workload imagine: a diffusers directory or random-sd15 (default: tiny random)")
     parser.add_argument("--seconds", type=float, default=15.0, help="how long the worker is kept busy")
     parser.add_argument("--idle-seconds", type=float, default=3.0, help="baseline with the worker idle")
-    parser.add_argument("--size", type=int, default=None, help="selftest matrix size (default 4096 on CUDA, 512 CPU)")
+    parser.add_argument("--size", type=int, default=None, help="selftest matrix size (default 8192 on CUDA, 512 CPU)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in the worker")
@@ -129,10 +129,8 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict:
             params = {"seconds": args.seconds, "step_s": 0.1}
             if args.size:
                 params["size"] = args.size
-            elif ready["device"].startswith("cuda"):
-                params["size"] = 4096
-            else:
-                params["size"] = 512
+            elif not ready["device"].startswith("cuda"):
+                params["size"] = 512  # on a GPU the worker's default (8192) applies
             ends.append(await worker.run(job.id, "selftest", params, on_progress=record))
         else:
             while time.perf_counter() - started < args.seconds:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bot.check import run_check
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -22,9 +24,35 @@ def check_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
     return env
 
 
+def start_check(env: dict[str, str], *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bot", "check", "--env-file", "/nonexistent", *args],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def check_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bot", "check", "--env-file", "/nonexistent", *args],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return finish(start_check(env, *args))
+
+
+@pytest.fixture(scope="module")
+def model_checks(tmp_path_factory, tiny_model_dir) -> dict[str, subprocess.CompletedProcess]:
+    """`python -m bot check` on each kind of BOOTHBOT_MODEL, run side by side (each spends seconds importing torch)."""
+    tmp = tmp_path_factory.mktemp("checks")
+    cases = {
+        "local": {"BOOTHBOT_MODEL": str(tiny_model_dir)},
+        "hub": {"BOOTHBOT_MODEL": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+        "hub-offline": {"BOOTHBOT_MODEL": "someone/some-model", "HF_HUB_OFFLINE": "1"},
+        "missing": {"BOOTHBOT_MODEL": str(tmp / "models" / "sd15.safetensors")},
+    }
+    running = {}
+    for name, overrides in cases.items():
+        (tmp / name).mkdir()
+        running[name] = start_check(check_env(tmp / name, **overrides))
+    return {name: finish(proc) for name, proc in running.items()} | {"tmp": tmp}
 
 
 def line(output: str, topic: str) -> str:
@@ -33,8 +61,8 @@ def line(output: str, topic: str) -> str:
     return found[-1]
 
 
-def test_local_model_directory_is_ready(tmp_path, tiny_model_dir):
-    done = check_cli(check_env(tmp_path, BOOTHBOT_MODEL=str(tiny_model_dir)))
+def test_local_model_directory_is_ready(model_checks, tiny_model_dir):
+    done = model_checks["local"]
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert line(out, "model").startswith("ok") and f"local diffusers directory {tiny_model_dir}" in out
@@ -43,29 +71,29 @@ def test_local_model_directory_is_ready(tmp_path, tiny_model_dir):
     assert line(out, "data").startswith("ok") and "is writable" in out
     db_line = line(out, "database")
     assert db_line.startswith("ok") and "journal wal" in db_line and "0001_initial" in db_line
-    assert (tmp_path / "data" / "boothbot.sqlite3").is_file()
+    assert (model_checks["tmp"] / "local" / "data" / "boothbot.sqlite3").is_file()
     assert line(out, "gpu").startswith("warn") and "no CUDA GPU" in out  # this CI machine has none
     assert out.rstrip().endswith("ready to run: python -m bot (1 warning(s) above)")
 
 
-def test_hub_id_not_downloaded_yet_is_a_warning_that_says_so(tmp_path):
-    done = check_cli(check_env(tmp_path, BOOTHBOT_MODEL="stable-diffusion-v1-5/stable-diffusion-v1-5"))
+def test_hub_id_not_downloaded_yet_is_a_warning_that_says_so(model_checks):
+    done = model_checks["hub"]
     assert done.returncode == 0, done.stdout + done.stderr
     model = line(done.stdout, "model")
     assert model.startswith("warn")
     assert "not downloaded yet: the first start downloads it" in model
 
 
-def test_hub_id_not_downloaded_while_offline_is_a_problem(tmp_path):
-    done = check_cli(check_env(tmp_path, BOOTHBOT_MODEL="someone/some-model", HF_HUB_OFFLINE="1"))
+def test_hub_id_not_downloaded_while_offline_is_a_problem(model_checks):
+    done = model_checks["hub-offline"]
     assert done.returncode == 1
     model = line(done.stdout, "model")
     assert model.startswith("FAIL") and "HF_HUB_OFFLINE" in model and "someone/some-model" in model
 
 
-def test_missing_model_path_is_a_problem(tmp_path):
-    missing = tmp_path / "models" / "sd15.safetensors"
-    done = check_cli(check_env(tmp_path, BOOTHBOT_MODEL=str(missing)))
+def test_missing_model_path_is_a_problem(model_checks):
+    done = model_checks["missing"]
+    missing = model_checks["tmp"] / "models" / "sd15.safetensors"
     assert done.returncode == 1
     model = line(done.stdout, "model")
     assert model.startswith("FAIL") and str(missing) in model and "does not exist" in model

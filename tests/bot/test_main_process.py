@@ -23,7 +23,7 @@ from bot.store import Store
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GUILD = 111111111111111111
 ALICE, CAROL = 1001, 1003
-TRAIN_STEPS = 12
+TRAIN_STEPS = 8
 
 
 def bot_env(data_dir: Path, model_dir: Path) -> dict[str, str]:
@@ -171,3 +171,29 @@ def test_sigkill_mid_training_then_restart_resumes_and_announces_each_job_once(t
     delivered = re.findall(r"delivered job (\d+) ", text1 + text2)
     assert sorted(map(int, delivered)) == sorted([imagine_id, train_id])
     assert "Traceback" not in text1 + text2
+
+
+def test_the_token_never_reaches_the_log():
+    import io
+    import logging
+
+    from bot.logs import setup_logging
+
+    token = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GabcDE.secret-part-of-the-token"
+    stream = io.StringIO()
+    level = logging.getLogger().level
+    handler = setup_logging("DEBUG", secrets=[token, None], stream=stream)
+    try:
+        log = logging.getLogger("boothbot.test")
+        log.info("connecting with %s", token)
+        try:
+            raise RuntimeError(f"Discord said no to {token}")
+        except RuntimeError:
+            log.exception("login failed")
+        text = stream.getvalue()
+        assert token not in text and "secret-part" not in text
+        assert text.count("[hidden]") == 2 and "login failed" in text and "RuntimeError" in text
+    finally:
+        logging.getLogger().removeHandler(handler)
+        logging.getLogger().setLevel(level)
+        logging.captureWarnings(False)
