@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -76,6 +77,10 @@ async def submit_training(services, *, guild_id: int, member_id: int, channel_id
     return job, report
 
 
+def _mentions(prompt: str, token: str) -> bool:
+    return re.search(rf"(?<![\w]){re.escape(token)}(?![\w])", prompt, re.IGNORECASE) is not None
+
+
 @functools.lru_cache(maxsize=4)
 def _vocabulary(model: str) -> frozenset[str] | None:
     """The base model's tokenizer words (to warn about tokens it already knows), when the model is a local folder."""
@@ -98,6 +103,12 @@ async def submit_imagine(services, *, guild_id: int, member_id: int, channel_id:
     await services.ledger.check_submit("imagine", member_id, guild_id, role_ids=role_ids)
     usable = await services.concepts.usable(guild_id, member_id)
     forbidden = await services.concepts.forbidden_tokens(guild_id, member_id)
+    for concept in await services.concepts.owned(guild_id, member_id):
+        if concept.status != "ready" and _mentions(prompt, concept.token):
+            raise UserError(f"{concept.token} is still training; you'll be pinged when it's ready." if
+                            concept.status == "training" else
+                            f"The training of {concept.token} failed, so it can't be used yet. "
+                            f"Run /train with the token {concept.token} again to retry.")
     params = {"prompt": prompt, "negative": negative or "", "seed": seed, "steps": steps, "cfg": cfg,
               "width": width, "height": height, "count": count, "upload_limit": upload_limit}
     if init_image is not None:

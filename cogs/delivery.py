@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 import logging
 from pathlib import Path
 
@@ -26,6 +27,7 @@ DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 MAX_FILES_PER_MESSAGE = 10
 PREVIEW_NAME = "preview.webp"
 READY_TIMEOUT_S = 120.0
+GONE = -1  # message id of a status message someone deleted: leave it alone
 REFRESH_FIRST_N = 10  # waiting jobs whose message shows a live place in the queue
 
 
@@ -64,7 +66,8 @@ class DiscordNotifier:
         return limit
 
     def _message_id(self, job) -> int | None:
-        return self._message_ids.get(job.id) or job.message_id
+        known = self._message_ids.get(job.id) or job.message_id
+        return None if known == GONE else known
 
     async def _status_embed(self, job) -> discord.Embed:
         ledger = self.services.ledger
@@ -79,7 +82,7 @@ class DiscordNotifier:
         if channel is None:
             return
         async with self._lock(job.id):
-            if self._message_id(job) is not None:
+            if self._message_id(job) is not None or self._message_ids.get(job.id) == GONE:
                 return
             job = await self.services.ledger.get(job.id) or job
             if job.is_terminal:
@@ -97,17 +100,9 @@ class DiscordNotifier:
         try:
             async with self._lock(job.id):
                 current = await self.services.ledger.get(job.id)
-                if current is None or current.is_terminal:
+                if current is None or current.is_terminal or self._message_ids.get(job.id) == GONE:
                     return
-                files, preview_name = [], None
-                preview = event.get("preview")
-                if preview:
-                    mtime = _mtime(preview)
-                    if mtime is not None:
-                        preview_name = PREVIEW_NAME
-                        if self._previews.get(job.id) != mtime and (data := _read(preview)) is not None:
-                            self._previews[job.id] = mtime
-                            files = [discord.File(_bytes_io(data), PREVIEW_NAME)]
+                preview_name, files = self._preview(job.id, event.get("preview"))
                 embed = _render.running_embed(current, event, preview_name=preview_name)
                 message_id = self._message_id(current)
                 channel = self._channel(current)
@@ -119,8 +114,21 @@ class DiscordNotifier:
                     await channel.get_partial_message(message_id).edit(embed=embed, attachments=files)
                 else:
                     await channel.get_partial_message(message_id).edit(embed=embed)
+        except discord.NotFound:
+            log.info("job %s: its status message is gone (deleted in Discord?); no more progress edits", job.id)
+            self._message_ids[job.id] = GONE
         except discord.HTTPException as e:
             log.warning("job %s: progress edit failed: %s", job.id, e)
+
+    def _preview(self, job_id: int, path: str | None) -> tuple[str | None, list[discord.File]]:
+        """The preview's attachment name (None: no preview yet) and the file to upload when it changed."""
+        mtime = _mtime(path) if path else None
+        if mtime is None:
+            return None, []
+        if self._previews.get(job_id) == mtime or (data := _read(path)) is None:
+            return PREVIEW_NAME, []  # unchanged: the message keeps the one it has
+        self._previews[job_id] = mtime
+        return PREVIEW_NAME, [discord.File(io.BytesIO(data), PREVIEW_NAME)]
 
     async def refresh_queue(self) -> None:
         """The queue moved (a job ended): update the place and ETA shown on the first waiting jobs' messages."""
@@ -255,11 +263,6 @@ def _size(path: str) -> int | None:
         return Path(path).stat().st_size
     except OSError:
         return None
-
-
-def _bytes_io(data: bytes):
-    import io
-    return io.BytesIO(data)
 
 
 async def _quietly(coro) -> None:

@@ -213,6 +213,8 @@ async def test_photos_in_a_zip_and_a_cancelled_training_shows_as_failed(booth):
         interaction = await train(booth, member, "zipdog", zipped, steps=2)
         assert "4 photos accepted" in await booth.answer(interaction)
         job = await booth.latest_job(member)
+        too_soon = await fake.command(member, "imagine", imagine_options("a photo of zipdog", steps=2))
+        assert "zipdog is still training" in await booth.answer(too_soon) and too_soon.ephemeral
         cancel = await fake.command(member, "queue", [{"name": "job", "type": 4, "value": job.id}],
                                     subcommand=["cancel"])
         assert "cancelled" in await booth.answer(cancel)
