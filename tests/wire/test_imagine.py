@@ -5,39 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
+from wire_support import STEPS, button_ids, imagine_options, result_messages, run_imagine
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-STEPS = 2
-
-
-def imagine_options(prompt: str, **extra) -> list[dict]:
-    types = {"negative": 3, "seed": 4, "steps": 4, "cfg": 10, "size": 3, "count": 4}
-    return [{"name": "prompt", "type": 3, "value": prompt}] + [
-        {"name": name, "type": types[name], "value": value} for name, value in extra.items()]
-
-
-def result_messages(fake, job_id: int) -> list[dict]:
-    """Channel messages carrying the result buttons of this job."""
-    return [m for m in fake.channel_messages()
-            if any(c.get("custom_id") == f"bb:reroll:{job_id}" for row in m.get("components") or []
-                   for c in row.get("components") or [])]
-
-
-def button_ids(message: dict) -> list[str]:
-    return [c["custom_id"] for row in message.get("components") or [] for c in row.get("components") or []]
-
-
-async def run_imagine(booth, member, prompt: str, *, upload_limit: int = 10 * 1024 * 1024,
-                      **options) -> tuple[object, dict]:
-    interaction = await booth.fake.command(member, "imagine", imagine_options(prompt, **options),
-                                           upload_limit=upload_limit)
-    text = await booth.answer(interaction)
-    match = re.search(r"job (\d+)", text)
-    assert match and interaction.ephemeral, text
-    job = await booth.wait_job(int(match.group(1)))
-    assert job.status == "succeeded", job.error
-    results = await booth.fake.wait_for(lambda: result_messages(booth.fake, job.id), what=f"job {job.id}'s result")
-    return job, results[0]
 
 
 async def test_imagine_happy_path_posts_images_and_buttons_to_the_channel(booth):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_imagine import imagine_options, result_messages, run_imagine
+from wire_support import imagine_options, result_messages, run_imagine
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -7,8 +7,7 @@ import re
 
 import pytest
 import pytest_asyncio
-from conftest import photo_bytes
-from test_imagine import imagine_options, result_messages, run_imagine
+from wire_support import imagine_options, photo_bytes, run_imagine
 
 import bot.submissions
 
