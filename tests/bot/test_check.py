@@ -43,7 +43,7 @@ def model_checks(tmp_path_factory, tiny_model_dir) -> dict[str, subprocess.Compl
     """`python -m bot check` on each kind of BOOTHBOT_MODEL, run side by side (each spends seconds importing torch)."""
     tmp = tmp_path_factory.mktemp("checks")
     cases = {
-        "local": {"BOOTHBOT_MODEL": str(tiny_model_dir)},
+        "local": {"BOOTHBOT_MODEL": str(tiny_model_dir), "OMP_NUM_THREADS": "1"},  # with --gpu, below
         "hub": {"BOOTHBOT_MODEL": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
         "hub-offline": {"BOOTHBOT_MODEL": "someone/some-model", "HF_HUB_OFFLINE": "1"},
         "missing": {"BOOTHBOT_MODEL": str(tmp / "models" / "sd15.safetensors")},
@@ -51,7 +51,7 @@ def model_checks(tmp_path_factory, tiny_model_dir) -> dict[str, subprocess.Compl
     running = {}
     for name, overrides in cases.items():
         (tmp / name).mkdir()
-        running[name] = start_check(check_env(tmp / name, **overrides))
+        running[name] = start_check(check_env(tmp / name, **overrides), *(["--gpu"] if name == "local" else []))
     return {name: finish(proc) for name, proc in running.items()} | {"tmp": tmp}
 
 
@@ -74,6 +74,13 @@ def test_local_model_directory_is_ready(model_checks, tiny_model_dir):
     assert (model_checks["tmp"] / "local" / "data" / "boothbot.sqlite3").is_file()
     assert line(out, "gpu").startswith("warn") and "no CUDA GPU" in out  # this CI machine has none
     assert out.rstrip().endswith("ready to run: python -m bot (1 warning(s) above)")
+
+
+def test_gpu_check_starts_the_worker_and_runs_torch_work(model_checks):
+    workers = [l for l in model_checks["local"].stdout.splitlines() if l.split()[1:2] == ["worker"]]
+    assert workers[0].startswith("...") and "starting the GPU worker" in workers[0]
+    assert workers[1].startswith("ok") and "base model loaded on cpu (float32)" in workers[1]
+    assert workers[2].startswith("ok") and "matmuls on cpu" in workers[2] and "FLOP/s" in workers[2]
 
 
 def test_hub_id_not_downloaded_yet_is_a_warning_that_says_so(model_checks):
@@ -142,10 +149,3 @@ def test_missing_token_and_unwritable_data_dir_are_problems(tmp_path, monkeypatc
     assert line(text, "token").startswith("FAIL") and "discord.com/developers/applications" in text
     assert line(text, "data").startswith("FAIL") and "BOOTHBOT_DATA_DIR" in text
 
-
-def test_gpu_check_starts_the_worker_and_runs_torch_work(tmp_path, tiny_model_dir):
-    done = check_cli(check_env(tmp_path, BOOTHBOT_MODEL=str(tiny_model_dir), OMP_NUM_THREADS="1"), "--gpu")
-    assert done.returncode == 0, done.stdout + done.stderr
-    workers = [l for l in done.stdout.splitlines() if l.split()[1:2] == ["worker"]]
-    assert workers[1].startswith("ok") and "base model loaded on cpu (float32)" in workers[1]
-    assert workers[2].startswith("ok") and "matmuls on cpu" in workers[2] and "FLOP/s" in workers[2]
