@@ -71,7 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("lora-rank", "rank of the synthetic members' LoRAs"),
         ("ours-steps", "`steps` of our train job (default: the engine's own recipe; --tiny: 3)"),
     ):
-        parser.add_argument(f"--{name}", type=int, default=None, help=help_text + " (defaults: see --help of bench)")
+        key = name.replace("-", "_")
+        parser.add_argument(f"--{name}", type=int, default=None,
+                            help=f"{help_text} (default {FULL[key]}; --tiny: {TINY[key]})")
     parser.add_argument("--ref-precision", default="auto", choices=("auto", "bf16", "fp16", "no"),
                         help="reference training mixed precision (auto: bf16 where supported, else fp16; no on CPU)")
     parser.add_argument("--threads", type=int, default=None,
