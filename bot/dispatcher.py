@@ -23,6 +23,8 @@ log = logging.getLogger("boothbot.dispatcher")
 
 CONCEPT_GONE = "The concept for this training was deleted before it ran."
 RECORDING_FAILED = "Your job finished, but the bot could not save its result. Please try again."
+PREPARE_FAILED = ("The bot could not prepare your job (an internal error). Please try again; if it keeps happening, "
+                  "tell a server admin.")
 CANCEL_POLL_S = 0.5
 PROGRESS_WRITE_INTERVAL_S = 1.0
 
@@ -181,7 +183,7 @@ class Dispatcher:
             except Exception as e:  # noqa: BLE001 - bad stored params or a vanished concept end the job, not the loop
                 if not isinstance(e, UserError):
                     log.exception("could not prepare job %s", job.id)
-                return _failed(job.id, str(e) if isinstance(e, UserError) else RECORDING_FAILED), 0.0
+                return _failed(job.id, str(e) if isinstance(e, UserError) else PREPARE_FAILED), 0.0
             timeout_s = self._time_left(job)
             if timeout_s <= 0:
                 limit = format_limit(self.settings.train_timeout_s)
