@@ -59,11 +59,10 @@ class DiscordNotifier:
         return self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
 
     def upload_limit(self, job) -> int:
+        """Bytes per file: what the member's interaction said (/imagine keeps it), never above the server's."""
         limit = int((job.params or {}).get("upload_limit") or DEFAULT_UPLOAD_LIMIT)
         guild = self.bot.get_guild(job.guild_id)
-        if guild is not None:
-            limit = min(limit, guild.filesize_limit) if limit else guild.filesize_limit
-        return limit
+        return min(limit, guild.filesize_limit) if guild is not None else limit
 
     def _message_id(self, job) -> int | None:
         known = self._message_ids.get(job.id) or job.message_id
@@ -72,8 +71,7 @@ class DiscordNotifier:
     async def _status_embed(self, job) -> discord.Embed:
         ledger = self.services.ledger
         position, eta = await ledger.position(job.id), await ledger.eta_s(job.id)
-        paused = await self.services.admin.is_paused() if getattr(self.services, "admin", None) else False
-        return _render.queued_embed(job, position, eta, paused=paused)
+        return _render.queued_embed(job, position, eta, paused=await self.services.admin.is_paused())
 
     # ----- Notifier ----------------------------------------------------------------------------------------------
     async def announce(self, job) -> None:
@@ -142,7 +140,9 @@ class DiscordNotifier:
             if self._message_id(entry.job) is None or entry.job.channel_id is None:
                 continue
             embed = _render.queued_embed(entry.job, entry.position, entry.eta_s, paused=paused)
-            await self.throttle.submit(entry.job.id, functools.partial(self._edit_queued, entry.job, embed))
+            # Its own throttle key: the first progress edit (queued → running) is never held back by this one.
+            await self.throttle.submit(("queued", entry.job.id),
+                                       functools.partial(self._edit_queued, entry.job, embed))
 
     async def _edit_queued(self, job, embed: discord.Embed) -> None:
         async with self._lock(job.id):
@@ -154,6 +154,7 @@ class DiscordNotifier:
     async def job_finished(self, job) -> None:
         """Announce a finished job once: mark it delivered, then post the outcome and retire the status message."""
         self.throttle.forget(job.id)
+        self.throttle.forget(("queued", job.id))
         # Before marking it delivered: a bot that is not connected leaves the job for the next start's backlog.
         if not await self._connected():
             return

@@ -73,6 +73,7 @@ async def test_train_happy_path(booth, trained):
     # The channel got a status message (queue place, then progress), throttled to one edit per ~2 s.
     edits = [r for r in fake.requests if r.method == "PATCH" and r.path.endswith(f"/messages/{job.message_id}")]
     assert edits and any("step" in str(r.json) for r in edits)
+    assert any(name == "preview.webp" for r in edits for name, _ in r.files), "no sample preview was shown"
     gaps = [b.at - a.at for a, b in zip(edits, edits[1:])]
     assert all(gap >= 1.9 for gap in gaps), gaps
     # The result: samples and how to use the concept, posted with the bot token after the interaction expired.

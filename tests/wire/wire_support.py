@@ -13,6 +13,7 @@ from fake_discord import FakeDiscord, FakeMember, SentInteraction
 from bot.app import start_services
 from bot.client import BoothBot
 from bot.settings import Settings
+from bot.worker_client import WorkerClient, worker_command
 
 ANSWER_TIMEOUT_S = 30.0
 JOB_TIMEOUT_S = 120.0
@@ -42,7 +43,11 @@ class Booth:
     _task: asyncio.Task | None = None
 
     async def start(self, *, with_discord: bool = True) -> None:
-        self.services = await start_services(self.settings)
+        # One torch thread: the worker shares 2 CI cores with this process, and torch's spinning thread pool slows
+        # down many times over when the cores are oversubscribed.
+        worker = WorkerClient(worker_command(model=self.settings.model, data_dir=self.settings.data_dir,
+                                             device=self.settings.device, dtype=self.settings.dtype, threads=1))
+        self.services = await start_services(self.settings, worker=worker)
         if with_discord:
             await self.connect()
 
