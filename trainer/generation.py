@@ -8,8 +8,12 @@ or the img2img class for variations), so nothing is copied and no request leaves
 Determinism: image i of a request uses seed + i through its own CPU `torch.Generator`, so the same seed and params
 give the same pixels (on the same device, dtype and library versions). Re-roll = the same params with a new seed.
 
-`imagine_many(requests)` is the batch-shaped entry point; for now it runs the requests one after another (batching
-several members' requests with different LoRAs in one forward pass is a later performance step).
+Speed (docs/BENCHMARKS.md): concept LoRAs live in ONE fixed-rank peft adapter per model whose weights are
+overwritten in place (trainer/lora_slots.py), so switching is a few copies; on CUDA the UNet forward replays from
+CUDA graphs (trainer/fast_unet.py). `imagine_many(requests)` batches compatible requests (same size, steps, cfg,
+sampler, prompt length; text-to-image) into one denoising loop of up to `max_batch_images` images, each member's
+LoRA applied only to their own rows of the batch (a per-row mask on the slot's ranks); the text encoder runs once
+per request with that request's LoRAs. Images are written by a small thread pool while the GPU goes on.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,9 +31,10 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image, UnidentifiedImageError
 
 from trainer import safety
-from trainer.adapters import AdapterCache, activate
 from trainer.errors import Cancelled, UserError
+from trainer.fast_unet import UNetGraphs
 from trainer.imagine_request import SEED_MAX, ImagineRequest
+from trainer.lora_slots import LoraSlots
 from trainer.pnginfo import format_parameters, lora_hashes_field, make_grid, save_png, small_copy
 from trainer.previews import save_preview
 from trainer.prompt_embeds import encode_prompts
@@ -67,12 +74,43 @@ def preview_interval(total: int) -> int:
     return max(1, min(5, total // 3))
 
 
+@dataclass
+class _Prepared:
+    """One request, checked, with its size, seeds, LoRAs and text embeddings: ready to join a denoising batch."""
+    request: ImagineRequest
+    started: float
+    width: int
+    height: int
+    seed: int
+    seeds: list[int]
+    init_image: Image.Image | None
+    loras: tuple            # ((CachedLora, weight), ...) in the order of parsed.uses
+    notices: list[str]
+    embeddings: object = None
+
+    def batch_key(self) -> tuple | None:
+        """Requests with equal keys can share one denoising loop; None = runs alone (img2img)."""
+        if self.init_image is not None:
+            return None
+        r = self.request
+        return (self.width, self.height, r.steps, r.cfg, r.scheduler, tuple(self.embeddings.prompt.shape))
+
+
 class GenerationService:
-    def __init__(self, pipe, *, model_name: str, model_hash: str | None = None, adapter_capacity: int = 8):
+    def __init__(self, pipe, *, model_name: str, model_hash: str | None = None, adapter_capacity: int = 8,
+                 max_batch_images: int = 8, use_cuda_graphs: bool = True, channels_last: bool = True):
         self.pipe = pipe
         self.model_name = model_name
         self.model_hash = model_hash
-        self.adapters = AdapterCache(pipe, adapter_capacity)
+        self.adapters = LoraSlots(pipe, capacity=adapter_capacity)
+        self.max_batch_images = max_batch_images
+        self.preview_min_interval_s = 1.0  # a preview is written at most this often (a fast job needs none)
+        self.graphs = None
+        if use_cuda_graphs and UNetGraphs.usable(pipe.unet):
+            if channels_last:  # faster convolutions (docs/BENCHMARKS.md: 12.0 -> 10.3 ms per CFG step in a graph)
+                pipe.unet.to(memory_format=torch.channels_last)
+            self.graphs = UNetGraphs(pipe.unet, state_key=lambda: (self.adapters.unet_active(), self.adapters.version))
+        self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="imagine-png")
 
     @property
     def native_side(self) -> int:
@@ -82,16 +120,43 @@ class GenerationService:
     def size_range(self) -> tuple[int, int]:
         return max(64, self.native_side // 2), self.native_side * 2
 
-    def imagine_many(self, requests: Sequence[ImagineRequest], *, on_progress=None, should_stop=None) -> list[ImagineResult]:
-        return [self.imagine(r, on_progress=on_progress, should_stop=should_stop) for r in requests]
-
     def imagine(self, request: ImagineRequest, *, on_progress: Callable | None = None,
                 should_stop: Callable[[], bool] | None = None) -> ImagineResult:
-        started = time.monotonic()
+        return self.imagine_many([request], on_progress=on_progress, should_stop=should_stop)[0]
+
+    def imagine_many(self, requests: Sequence[ImagineRequest], *, on_progress: Callable | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> list[ImagineResult]:
+        """Serve several requests (e.g. several members', each with their own LoRAs); results in request order.
+
+        Compatible requests share denoising loops; a UserError in any request (checked before the GPU starts)
+        fails the whole call, naming the problem. Each request's images are exactly what it would get alone, up to
+        float rounding of the larger batch.
+        """
         if should_stop and should_stop():
             raise Cancelled()
+        prepared = [self._prepare(r) for r in requests]
+        for item in prepared:
+            self._encode(item)
+        saving = [None] * len(prepared)
+        for batch in self._batches(prepared):
+            images = self._denoise([prepared[i] for i in batch], on_progress, should_stop)
+            for index, item_images in zip(batch, images):
+                saving[index] = self._writer.submit(self._finish, prepared[index], item_images)
+        return [future.result() for future in saving]
+
+    def switch(self, lora_path: str | Path, label: str, weight: float = 1.0) -> None:
+        """What every request does around its work to use one member's LoRA: cache lookup, text-encoder slot on and
+        off, UNet slot filled, on and off (the bench times this as the LoRA switch)."""
+        group = ((self.adapters.get(lora_path, label), float(weight)),)
+        with self.adapters.active(text_group=group):
+            pass
+        with self.adapters.active(unet_groups=[group], unet_rows=[0, 0]):
+            pass
+
+    # --- preparing ---------------------------------------------------------------------------------------------
+    def _prepare(self, request: ImagineRequest) -> _Prepared:
+        started = time.monotonic()
         parsed = request.parsed
-        notices = list(parsed.notices)
         if request.safety:
             safety.check_prompt(parsed.text, request.blocked_words)
         init_image = self._load_init_image(request)
@@ -104,38 +169,118 @@ class GenerationService:
                 init_image = init_image.resize((width, height), Image.Resampling.LANCZOS)
         seed = request.seed if request.seed is not None else secrets.randbelow(SEED_MAX + 1)
         seeds = [(seed + i) % (SEED_MAX + 1) for i in range(request.count)]
+        loras = tuple((self.adapters.get(use.concept.lora_path, use.concept.token), float(use.weight))
+                      for use in parsed.uses)
+        return _Prepared(request, started, width, height, seed, seeds, init_image, loras, list(parsed.notices))
 
-        loaded = []
-        for use in parsed.uses:
-            loaded.append(self.adapters.get(use.concept.lora_path, use.concept.token, keep={a.name for a in loaded}))
-        activate(self.pipe, [a.name for a in loaded], [use.weight for use in parsed.uses])
-        try:
-            embeddings = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, parsed.text, request.negative)
-            if embeddings.truncated_to:
-                notices.append(f"Your prompt is {embeddings.tokens} tokens long; only the first "
-                               f"{embeddings.truncated_to} were used.")
-            images = self._run(request, init_image, width, height, seeds, embeddings, on_progress, should_stop)
-        finally:
-            activate(self.pipe, [], [])
+    def _encode(self, item: _Prepared) -> None:
+        with self.adapters.active(text_group=item.loras):
+            item.embeddings = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, item.request.parsed.text,
+                                             item.request.negative)
+        if item.embeddings.truncated_to:
+            item.notices.append(f"Your prompt is {item.embeddings.tokens} tokens long; only the first "
+                                f"{item.embeddings.truncated_to} were used.")
 
+    def _batches(self, prepared: list[_Prepared]) -> list[list[int]]:
+        """Indexes of requests per denoising loop: equal keys, at most max_batch_images images, LoRAs that fit."""
+        batches: list[list[int]] = []
+        open_by_key: dict[tuple, list[int]] = {}
+        for index, item in enumerate(prepared):
+            key = item.batch_key()
+            batch = open_by_key.get(key) if key is not None else None
+            if batch is not None:
+                images = sum(len(prepared[i].seeds) for i in batch) + len(item.seeds)
+                if images <= self.max_batch_images and self.adapters.fits([prepared[i].loras for i in batch + [index]]):
+                    batch.append(index)
+                    continue
+            batch = [index]
+            batches.append(batch)
+            if key is not None:
+                open_by_key[key] = batch
+        return batches
+
+    # --- denoising -----------------------------------------------------------------------------------------------
+    def _denoise(self, items: list[_Prepared], on_progress, should_stop) -> list[list[Image.Image]]:
+        rows = [g for g, item in enumerate(items) for _ in item.seeds]
+        groups = [item.loras for item in items]
+        # Classifier-free guidance runs the negative rows first, then the positive ones, each in request order.
+        with self.adapters.active(unet_groups=groups, unet_rows=rows + rows):
+            images = self._run(items, on_progress, should_stop)
+        out, start = [], 0
+        for item in items:
+            out.append(images[start:start + len(item.seeds)])
+            start += len(item.seeds)
+        return out
+
+    def _run(self, items: list[_Prepared], on_progress, should_stop) -> list[Image.Image]:
+        first = items[0]
+        request = first.request
+        components = {**self.pipe.components, "scheduler": make_scheduler(request.scheduler, self.pipe.scheduler.config),
+                      "safety_checker": None, "requires_safety_checker": False}
+        if first.init_image is None:
+            view = StableDiffusionPipeline(**components)
+            call = dict(width=first.width, height=first.height)
+        else:
+            view = StableDiffusionImg2ImgPipeline(**components)
+            call = dict(image=[first.init_image] * len(first.seeds), strength=request.strength)
+        view.set_progress_bar_config(disable=True)
+        preview_path = request.preview_path or request.out_dir / "preview.webp"
+        started = time.monotonic()
+        last_preview = [started]
+        latest_preview: list[str | None] = [None]
+
+        def on_step_end(pipeline, index, timestep, tensors):
+            step, total = index + 1, pipeline.num_timesteps
+            if should_stop and should_stop():
+                raise Cancelled()
+            now = time.monotonic()
+            if (step < total and step % preview_interval(total) == 0
+                    and now - last_preview[0] >= self.preview_min_interval_s):
+                latents = tensors["latents"][:len(first.seeds)]
+                latest_preview[0] = str(save_preview(latents, preview_path, scale=pipeline.vae_scale_factor // 2 or 1))
+                last_preview[0] = now
+            if on_progress:
+                elapsed = now - started
+                on_progress(GenerationProgress(step, total, elapsed / step * (total - step), latest_preview[0]))
+            return tensors
+
+        repeat = [len(item.seeds) for item in items]
+        prompt = torch.cat([item.embeddings.prompt.expand(n, -1, -1) for item, n in zip(items, repeat)])
+        negative = torch.cat([item.embeddings.negative.expand(n, -1, -1) for item, n in zip(items, repeat)])
+        generators = [torch.Generator("cpu").manual_seed(s) for item in items for s in item.seeds]
+        graphs = self.graphs.installed() if self.graphs is not None and first.init_image is None else nullcontext()
+        with graphs:
+            output = view(
+                prompt_embeds=prompt, negative_prompt_embeds=negative,
+                num_inference_steps=request.steps, guidance_scale=request.cfg, num_images_per_prompt=1,
+                generator=generators, output_type="pil",
+                callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"], **call,
+            )
+        return list(output.images)
+
+    # --- after the GPU -------------------------------------------------------------------------------------------
+    def _finish(self, item: _Prepared, images: list[Image.Image]) -> ImagineResult:
+        request, parsed, notices = item.request, item.request.parsed, item.notices
         flagged = safety.flag_images(self.pipe, images) if request.safety else [False] * len(images)
         blocked = [i for i, f in enumerate(flagged) if f]
         if blocked:
             which = ", ".join(str(i + 1) for i in blocked)
             notices.append(f"The safety filter hid image {which}." if len(blocked) == 1 else
                            f"The safety filter hid images {which}.")
-
         fields = {
             "Steps": request.steps, "Sampler": sampler_label(request.scheduler), "CFG scale": f"{request.cfg:g}",
-            "Seed": None, "Size": f"{width}x{height}", "Model hash": self.model_hash, "Model": self.model_name,
-            "Denoising strength": f"{request.strength:g}" if init_image is not None else None,
-            "Lora hashes": lora_hashes_field([(u.concept.token, a.short_hash) for u, a in zip(parsed.uses, loaded)]),
+            "Seed": None, "Size": f"{item.width}x{item.height}", "Model hash": self.model_hash, "Model": self.model_name,
+            "Denoising strength": f"{request.strength:g}" if item.init_image is not None else None,
+            "Lora hashes": lora_hashes_field([(u.concept.token, lora.short_hash)
+                                              for u, (lora, _) in zip(parsed.uses, item.loras)]),
             "Job id": request.job_id,
         }
-        saved, saved_seeds, texts, grid, small = self._save(request, parsed, fields, images, seeds, flagged, notices)
-        log.info("imagine job=%s: %d image(s) %dx%d, %d steps, %s, %d LoRA(s), %.1fs", request.job_id, len(images),
-                 width, height, request.steps, request.scheduler, len(loaded), time.monotonic() - started)
-        return ImagineResult(saved, grid, small, seed, saved_seeds, texts[0], blocked, notices)
+        saved, saved_seeds, texts, grid, small = self._save(request, parsed, fields, images, item.seeds, flagged,
+                                                            notices)
+        log.info("imagine job=%s: %d image(s) %dx%d, %d steps, %s, %d LoRA(s), %.2fs", request.job_id, len(images),
+                 item.width, item.height, request.steps, request.scheduler, len(item.loras),
+                 time.monotonic() - item.started)
+        return ImagineResult(saved, grid, small, item.seed, saved_seeds, texts[0], blocked, notices)
 
     def _save(self, request, parsed, fields, images, seeds, flagged, notices):
         """Write NNN.png (+ NNN.small.webp when over the upload limit) per unflagged image, and grid.png for several."""
@@ -158,40 +303,6 @@ class GenerationService:
             grid = str(grid_path)
             self._small_copy(grid_image, grid_path, first_text, request.upload_limit, small, notices)
         return saved, saved_seeds, texts, grid, small
-
-    def _run(self, request, init_image, width, height, seeds, embeddings, on_progress, should_stop):
-        components = {**self.pipe.components, "scheduler": make_scheduler(request.scheduler, self.pipe.scheduler.config),
-                      "safety_checker": None, "requires_safety_checker": False}
-        if init_image is None:
-            view = StableDiffusionPipeline(**components)
-            call = dict(width=width, height=height)
-        else:
-            view = StableDiffusionImg2ImgPipeline(**components)
-            call = dict(image=init_image, strength=request.strength)
-        view.set_progress_bar_config(disable=True)
-        preview_path = request.preview_path or request.out_dir / "preview.webp"
-        started = time.monotonic()
-        latest_preview: list[str | None] = [None]
-
-        def on_step_end(pipeline, index, timestep, tensors):
-            step, total = index + 1, pipeline.num_timesteps
-            if should_stop and should_stop():
-                raise Cancelled()
-            if step < total and step % preview_interval(total) == 0:
-                latest_preview[0] = str(save_preview(tensors["latents"], preview_path, scale=pipeline.vae_scale_factor // 2 or 1))
-            if on_progress:
-                elapsed = time.monotonic() - started
-                on_progress(GenerationProgress(step, total, elapsed / step * (total - step), latest_preview[0]))
-            return tensors
-
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        output = view(
-            prompt_embeds=embeddings.prompt, negative_prompt_embeds=embeddings.negative,
-            num_inference_steps=request.steps, guidance_scale=request.cfg, num_images_per_prompt=len(seeds),
-            generator=generators, output_type="pil",
-            callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"], **call,
-        )
-        return list(output.images)
 
     def _load_init_image(self, request: ImagineRequest) -> Image.Image | None:
         if request.init_image is None:
@@ -222,3 +333,4 @@ class GenerationService:
             notices.append(f"{png_path.name} is too big to upload here, even shrunk.")
         else:
             small[str(png_path)] = str(copy)
+
