@@ -45,9 +45,18 @@ def check_token(token: str) -> str:
     return cleaned
 
 
-def token_warnings(token: str, vocab: Collection[str] | None) -> list[str]:
-    """Warn when the model already knows the token as a word: a real name mixes the concept up with everyone else's."""
+def token_warnings(token: str, vocab: Collection[str] | object | None) -> list[str]:
+    """Warn when the model already knows the token as a word: a real name mixes the concept up with everyone else's.
+
+    `vocab` is the tokenizer's vocabulary (a set or mapping of entries such as "sid</w>", see `load_vocab`) or a
+    tokenizer object with `get_vocab()` (a CLIPTokenizer); a word is known when it is one whole-word entry.
+    """
     warnings = []
+    if vocab is not None and not isinstance(vocab, Collection):
+        get_vocab = getattr(vocab, "get_vocab", None)
+        if not callable(get_vocab):
+            raise TypeError(f"expected a vocabulary or a tokenizer with get_vocab(), not {type(vocab).__name__}")
+        vocab = get_vocab()
     if vocab is not None and f"{token}</w>" in vocab:
         warnings.append(f"The model already knows “{token}” as a word, so your concept may get mixed up with it. "
                         "A made-up word (like squidarth) works better.")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import stat
 import struct
 import zipfile
 import zlib
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from photos import make_photo_set, photo, photo_pixels
+from photos import face_photo, make_photo_set, photo, photo_pixels, zip_of
 from trainer.errors import UserError
 from trainer.intake import IntakeLimits, crop_box_around, intake_photos
 from trainer.tiny import write_tiny_tokenizer
@@ -30,6 +29,8 @@ def png_claiming(width: int, height: int) -> bytes:
 
 def animated(fmt: str) -> bytes:
     frames = [Image.fromarray(photo_pixels(seed)) for seed in (1, 2, 3)]
+    if fmt == "GIF":  # palette frames up front: PIL's own GIF quantising of noisy frames takes seconds
+        frames = [frame.convert("P") for frame in frames]
     out = io.BytesIO()
     frames[0].save(out, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
     return out.getvalue()
@@ -69,22 +70,19 @@ def transparent(mode: str) -> bytes:
     return out.getvalue()
 
 
-def zip_of(entries: list[tuple[str, bytes]], links: tuple[str, ...] = ()) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in entries:
-            info = zipfile.ZipInfo(name)
-            if name in links:
-                info.external_attr = (stat.S_IFLNK | 0o777) << 16
-            archive.writestr(info, data, zipfile.ZIP_DEFLATED)
-    return out.getvalue()
-
-
 def lying_zip(real_size: int, claimed: int) -> bytes:
     """A zip whose entry unpacks to real_size bytes but whose headers claim `claimed`."""
     data = zip_of([("bomb.png", b"\0" * real_size)])
     real, fake = struct.pack("<I", real_size), struct.pack("<I", claimed)
     return data.replace(real, fake)
+
+
+def mpo() -> bytes:
+    """A phone-style JPEG with a second picture inside (PIL calls it MPO): a photo, not an animation."""
+    out = io.BytesIO()
+    first, second = (Image.fromarray(photo_pixels(seed)) for seed in (51, 52))
+    first.save(out, "MPO", save_all=True, append_images=[second])
+    return out.getvalue()
 
 
 SMALL_LIMITS = IntakeLimits(max_photo_bytes=2 * 1024 * 1024, max_unpacked_bytes=8 * 1024 * 1024, max_zip_entries=40)
@@ -112,6 +110,10 @@ CORPUS = [
     ("grey.png", photo(11, mode="L"), None),
     ("moving.webp", animated("WEBP"), None),
     ("named-wrong.png", photo(12, fmt="JPEG"), None),
+    ("holiday.jpg", zip_of(make_photo_set(1, first_seed=60)), "zip file under another name"),
+    ("big-header.png", png_claiming(8000, 6000), "8000×6000 pixels; the most is 40 megapixels"),
+    ("moving.png", animated("PNG"), None),
+    ("phone.jpg", mpo(), None),
 ]
 
 
@@ -161,8 +163,8 @@ def test_exact_and_near_duplicates_are_dropped_with_a_note():
     report = intake_photos(GOOD + [("a.png", original), ("a-copy.png", original), ("a-small.jpg", near.getvalue())],
                            class_name="toy")
     rejected = dict(report.rejected)
-    assert "same photo as a.png" in rejected["a-copy.png"]
-    assert "copy of a.png" in rejected["a-small.jpg"]
+    assert "same photo as `a.png`" in rejected["a-copy.png"]
+    assert "copy of `a.png`" in rejected["a-small.jpg"]
     assert len(report.accepted) == 4
 
 
@@ -247,7 +249,7 @@ def test_person_photos_without_a_face_are_centre_cropped_with_a_warning():
     plain = [(f"plain{i}.png", smooth(i)) for i in range(3)]
     report = intake_photos(plain, class_name="man")
     assert all("no face found" in " ".join(p.warnings) for p in report.accepted) and len(report.accepted) == 3
-    assert "plain0.png, plain1.png, plain2.png: no face found" in report.summary()
+    assert "`plain0.png`, `plain1.png`, `plain2.png`: no face found" in report.summary()
     objects = intake_photos(plain, class_name="toy")
     assert not any("face" in w for p in objects.accepted for w in p.warnings)
 
@@ -307,3 +309,150 @@ def test_bad_class_is_explained(raw):
 def test_instance_prompts():
     assert instance_prompt("squidarth", "man") == "a photo of squidarth man"
     assert instance_prompt("inkwash", "style") == "inkwash style"
+
+
+def test_animated_photos_use_the_first_frame_and_say_so_but_phone_jpegs_are_not_animated():
+    report = intake_photos(GOOD + [("moving.webp", animated("WEBP")), ("phone.jpg", mpo())], class_name="toy")
+    warnings = {p.source: p.warnings for p in report.accepted}
+    assert warnings["moving.webp"] == ["is animated; only its first frame is used"]
+    assert warnings["phone.jpg"] == []
+    used = np.asarray(next(p.image for p in report.accepted if p.source == "moving.webp"), float)
+    # Lossy WebP and noise keep it from matching exactly; it is far closer to frame 1 than to frames 2 and 3.
+    error = [np.abs(used - np.asarray(Image.fromarray(photo_pixels(seed)).resize((512, 512)), float)).mean()
+             for seed in (1, 2, 3)]
+    assert error[0] * 2 < min(error[1:]), error
+
+
+def test_flat_sixteen_bit_grey_stays_mid_grey():
+    out = io.BytesIO()
+    Image.fromarray(np.full((300, 300), 32768, np.uint16)).save(out, "PNG")
+    report = intake_photos([("grey16.png", out.getvalue())], limits=IntakeLimits(min_photos=1), class_name="toy")
+    assert abs(np.asarray(report.accepted[0].image).mean() - 128) < 2
+
+
+def patched_central_directory(data: bytes, offset: int, fmt: str, value: int) -> bytes:
+    """Overwrite one field of the (single) central-directory record: what zipfile believes about the entry."""
+    at = data.rindex(b"PK\x01\x02")
+    return data[:at + offset] + struct.pack(fmt, value) + data[at + offset + struct.calcsize(fmt):]
+
+
+def test_password_protected_entry_is_refused():
+    locked = patched_central_directory(zip_of([("secret.png", photo(70))]), 8, "<H", 0x1)  # general flag: encrypted
+    report = intake_photos([("locked.zip", locked)], class_name="toy")
+    assert dict(report.rejected) == {"locked.zip/secret.png": "is password-protected; zip the photos without a "
+                                                               "password"}
+
+
+def test_zip_claiming_a_gigabyte_is_refused_from_its_headers():
+    claims = patched_central_directory(zip_of([("big.png", photo(71))]), 24, "<I", 1024 ** 3)  # uncompressed size
+    report = intake_photos([("claims.zip", claims)], class_name="toy")
+    assert dict(report.rejected) == {"claims.zip": "unpacks to 1024.0 MB; the most is 400.0 MB"}
+
+
+def test_entry_count_is_read_from_the_end_record_before_unpacking():
+    many = zip_of([(f"{i}.png", b"") for i in range(500)])
+    report = intake_photos([("many.zip", many)], class_name="toy")
+    assert dict(report.rejected) == {"many.zip": "holds 500 files; the most is 200"}
+
+
+def test_loose_caption_files_pair_up_and_orphans_are_noted(tmp_path):
+    files = make_photo_set(3) + [("photo1.txt", b"  ink  wash\nlandscape "), ("other.txt", b"no photo")]
+    report = intake_photos(files, tmp_path, style=True)
+    captions = {p.source: p.caption for p in report.accepted}
+    assert captions == {"photo0.png": None, "photo1.png": "ink wash landscape", "photo2.png": None}
+    assert (tmp_path / "001.txt").read_text() == "ink wash landscape" and not (tmp_path / "000.txt").exists()
+    assert report.notes == ["`other.txt` was read as a caption but no photo has the same name, so it was not used."]
+    assert "ℹ `other.txt` was read as a caption" in report.summary()
+
+
+def test_a_folder_is_read_and_an_unreadable_path_is_reported(tmp_path):
+    for name, data in make_photo_set(3):
+        (tmp_path / name).write_bytes(data)
+    report = intake_photos([tmp_path, tmp_path / "missing.png"], class_name="toy")
+    assert len(report.accepted) == 3 and dict(report.rejected) == {"missing.png": "could not be read"}
+
+
+def test_person_crop_centres_on_the_face():
+    # A 640×400 photo with a face near the left edge: a centre crop (x 120..520) would cut through it.
+    report = intake_photos(GOOD + [("left.png", face_photo((640, 400), ((100, 200, 70),)))], class_name="woman")
+    prepared = next(p for p in report.accepted if p.source == "left.png")
+    x, y, w, h = prepared.face
+    assert abs(x + w / 2 - 100) < 15 and abs(y + h / 2 - 200) < 15
+    assert not any("face" in warning for warning in prepared.warnings)
+    # The crop is the 400×400 square at the left edge, so the cheek at (65, 214) lands at (83, 274) of 512.
+    assert np.abs(np.asarray(prepared.image)[274, 83].astype(int) - (225, 185, 155)).max() < 30
+    centre_crop = intake_photos([("left.png", face_photo((640, 400), ((100, 200, 70),)))],
+                                limits=IntakeLimits(min_photos=1), class_name="toy").accepted[0]
+    assert centre_crop.face is None  # objects are centre-cropped
+
+
+def test_several_faces_are_warned_about_and_the_largest_is_used():
+    group = face_photo((640, 400), ((150, 200, 60), (470, 200, 90)))
+    report = intake_photos([("group.png", group)], limits=IntakeLimits(min_photos=1), class_name="person")
+    prepared = report.accepted[0]
+    assert "2 faces found; the largest was used; photos of just one person work best" in prepared.warnings
+    assert abs(prepared.face[0] + prepared.face[2] / 2 - 470) < 15
+
+
+def test_animal_photos_do_not_centre_on_a_human_face():
+    # An owner's face beside the dog must not pull the crop: dogs are centre-cropped.
+    report = intake_photos([("walk.png", face_photo((640, 400), ((80, 200, 70),)))],
+                           limits=IntakeLimits(min_photos=1), class_name="dog")
+    assert report.accepted[0].face is None and not any("face" in w for w in report.accepted[0].warnings)
+
+
+def test_without_a_face_detector_photos_are_centre_cropped_and_the_member_is_told(monkeypatch):
+    import cv2
+
+    from trainer import intake_faces
+
+    # What OpenCV 5 looks like: no CascadeClassifier in cv2.
+    monkeypatch.delattr(cv2, "CascadeClassifier")
+    intake_faces._cascade.cache_clear()
+    try:
+        report = intake_photos([("me.png", face_photo())], limits=IntakeLimits(min_photos=1), class_name="man")
+    finally:
+        intake_faces._cascade.cache_clear()
+    assert report.ok and report.accepted[0].face is None
+    assert not any("face" in w for w in report.accepted[0].warnings)  # no "no face found": nobody looked
+    assert any("Faces could not be looked for" in note for note in report.notes)
+
+
+def test_intake_threads_running_at_once_get_the_same_answers():
+    from concurrent.futures import ThreadPoolExecutor
+
+    sets = [[(f"face{i}.png", face_photo((640, 400), ((120 + 40 * i, 200, 70),)))] for i in range(6)]
+    limits = IntakeLimits(min_photos=1)
+    alone = [intake_photos(files, limits=limits, class_name="man").accepted[0].face for files in sets]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda files: intake_photos(files, limits=limits, class_name="man").accepted[0].face,
+                                 sets))
+    assert together == alone and all(alone)
+
+
+def test_summary_fits_in_a_discord_message_and_keeps_the_verdict():
+    bad = [(f"tiny_{i}_photo.png", photo(80 + i, (100 + i, 100))) for i in range(60)]
+    report = intake_photos(bad, class_name="man")
+    text = report.summary()
+    assert len(text) <= 2000
+    assert text.startswith("0 photos accepted, 60 left out.")
+    assert "more lines" in text and text.endswith("on the shorter side).")
+    assert "`tiny_0_photo.png`" in text  # names are shown as typed, not as Discord markdown
+
+
+def test_report_as_dict():
+    report = intake_photos(GOOD + [("zero.jpg", b"")], class_name="toy")
+    data = report.to_dict()
+    assert data["ok"] is True and [a["source"] for a in data["accepted"]] == ["photo0.png", "photo1.png", "photo2.png"]
+    assert data["rejected"] == [{"source": "zero.jpg", "reason": "is an empty file"}]
+    assert set(data) == {"ok", "accepted", "rejected", "warnings", "notes"}
+
+
+def test_token_warning_takes_a_real_clip_tokenizer(tmp_path):
+    from transformers import CLIPTokenizer
+
+    write_tiny_tokenizer(tmp_path)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
+    assert any("already knows “dog”" in w for w in token_warnings("dog", tokenizer))
+    assert any("already knows “sid”" in w for w in token_warnings("sid", tokenizer))
+    assert token_warnings("squidarth", tokenizer) == []
