@@ -51,7 +51,9 @@ class PreparedPhoto:
     image: Image.Image  # RGB, resolution × resolution
     caption: str | None = None
     warnings: list[str] = field(default_factory=list)
-    face: tuple[int, int, int, int] | None = None  # the face the crop was centred on, in the upright photo's pixels
+    # The face the crop was centred on (x, y, w, h), in the pixels of the decoded upright photo; big JPEGs are
+    # decoded at 1/2, 1/4 or 1/8 scale, so this is not always the original's resolution.
+    face: tuple[int, int, int, int] | None = None
 
 
 @dataclass
