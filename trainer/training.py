@@ -14,9 +14,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,9 +73,10 @@ class TrainSpec:
     flip: bool = False
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    deterministic: bool = True  # torch's deterministic kernels while training (bit-identical reruns on one GPU)
     sample_count: int = 4
-    preview_every: int = 0  # steps between preview images; 0: none
-    preview_path: Path | None = None  # default out_dir/preview.webp
+    preview_every: int | None = None  # steps between previews; None: a fifth of the steps when preview_path is set
+    preview_path: Path | None = None  # where previews go (WebP); None and preview_every unset: no previews
     base_model: str | None = None  # the name recorded in the LoRA's metadata; default: the pipeline's name_or_path
 
     def __post_init__(self):
@@ -98,6 +100,15 @@ class TrainSpec:
     def uses_prior(self) -> bool:
         return (not self.style) if self.prior_preservation is None else self.prior_preservation
 
+    def preview_interval(self, total: int) -> int:
+        if self.preview_every is not None:
+            return self.preview_every
+        return math.ceil(total / 5) if self.preview_path is not None else 0
+
+    @property
+    def preview_file(self) -> Path:
+        return self.preview_path or self.out_dir / "preview.webp"
+
     @property
     def adapter_name(self) -> str:
         return "boothbot_train_" + re.sub(r"[^A-Za-z0-9_]", "_", self.concept_id)
@@ -114,7 +125,7 @@ class TrainSpec:
             (self.prior_loss_weight >= 0, "the prior loss weight cannot be negative"),
             (self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma must be positive"),
             (0 <= self.sample_count <= 16, "sample count must be between 0 and 16"),
-            (self.preview_every >= 0, "preview_every cannot be negative"),
+            (self.preview_every is None or self.preview_every >= 0, "preview_every cannot be negative"),
         ]
         for ok, message in checks:
             if not ok:
@@ -235,6 +246,8 @@ class _Slice:
         self.step = _step_of(state)
         self.elapsed_before = float(state["elapsed_s"]) if state else 0.0
         self.noise_generator = torch.Generator(device=self.device)
+        earlier = job.spec.preview_interval(job.total) and job.spec.preview_file.is_file()
+        self.preview: str | None = str(job.spec.preview_file.resolve()) if earlier else None  # an earlier slice's
 
     # ---------------------------------------------------------------- orchestration
     def run(self) -> TrainOutcome:
@@ -246,7 +259,8 @@ class _Slice:
                 checkpoint.restore_global_rng(self.state["rng"])
             else:
                 checkpoint.seed_global_rng(self.spec.seed)
-            with LoraTrainingScope(self.pipe, self.spec.adapter_name) as scope:
+            with _deterministic_kernels(self.spec.deterministic), \
+                    LoraTrainingScope(self.pipe, self.spec.adapter_name) as scope:
                 return self._run_in_scope(scope)
         finally:
             checkpoint.restore_global_rng(caller_rng)
@@ -322,7 +336,8 @@ class _Slice:
         total = self.job.total
         first_step, loop_start = self.step, time.monotonic()
         last_report = loop_start
-        preview = None
+        every = self.spec.preview_interval(total)
+        new_preview = False
         while self.step < total:
             if self.should_stop():
                 return "cancelled"
@@ -330,27 +345,29 @@ class _Slice:
                 return "paused"
             trainer.step(self.step)
             self.step += 1
-            every = self.spec.preview_every
             if every and self.step % every == 0 and self.step < total:
-                preview = self._preview()
+                self.preview = self._preview()
+                new_preview = True
             now = time.monotonic()
-            if self.step == total or self.step == first_step + 1 or preview or now - last_report >= PROGRESS_EVERY_S:
+            if self.step in (first_step + 1, total) or new_preview or now - last_report >= PROGRESS_EVERY_S:
                 loss = trainer.take_mean_loss()  # the only host sync in the loop
                 now = time.monotonic()
                 rate = (now - loop_start) / (self.step - first_step)
-                self._report(loss=loss, eta_s=rate * (total - self.step), preview=preview)
-                last_report, preview = now, None
+                self._report(loss=loss, eta_s=rate * (total - self.step))
+                last_report, new_preview = now, False
         return "done"
 
     def _preview(self) -> str:
         from trainer.train_images import generate, save_image_atomic
 
-        path = self.spec.preview_path or self.spec.out_dir / "preview.webp"
+        path = self.spec.preview_file
         image = generate(self.pipe, self.job.instance_prompt, [self.spec.seed], self.job.resolution, steps=20)[0]
         return str(save_image_atomic(image, path, quality=85).resolve())
 
-    def _report(self, *, loss=None, eta_s=None, preview=None, stage="training", detail="") -> None:
-        self.on_progress(TrainProgress(self.step, self.job.total, eta_s, loss, preview, stage, detail))
+    def _report(self, *, loss=None, eta_s=None, stage="training", detail="") -> None:
+        # `preview` is the latest preview of this slice in every event after it, so a throttled receiver that drops
+        # the event right after a preview still gets it with the next one.
+        self.on_progress(TrainProgress(self.step, self.job.total, eta_s, loss, self.preview, stage, detail))
 
     # ---------------------------------------------------------------- endings
     def _elapsed(self) -> float:
@@ -409,6 +426,33 @@ class _Slice:
         images = generate(self.pipe, self.job.instance_prompt, seeds, self.job.resolution)
         directory = self.spec.out_dir / "samples"
         return [str(save_image_atomic(image, directory / f"{i:03d}.png").resolve()) for i, image in enumerate(images)]
+
+
+@contextmanager
+def _deterministic_kernels(enabled: bool):
+    """torch.use_deterministic_algorithms + cuDNN's deterministic mode for the duration of a slice, then the
+    caller's settings again (the worker's generation may prefer the fastest kernels).
+
+    Not warn_only: in that mode torch keeps cuDNN attention's non-deterministic backward (measured on an H200: two
+    identical runs then differ by 5e-5). Every op of an SD 1.x LoRA step has a deterministic kernel (checked with
+    the full SD 1.5 architecture, UNet + text encoder, batch 1 and 4), so nothing raises."""
+    import torch
+
+    if not enabled:
+        yield
+        return
+    # cuBLAS is reproducible on one stream; torch still refuses (here: warns) unless this is set. It only matters
+    # for handles created afterwards, which is why the worker may set it at start too.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
 class _StepRunner:

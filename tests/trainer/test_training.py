@@ -219,3 +219,20 @@ def test_spec_from_worker_params_and_defaults(tmp_path):
         TrainSpec.from_params({k: v for k, v in params.items() if k != "token"})
     assert default_steps(3, "man") == 800 and default_steps(10, "man") == 1000 and default_steps(30, "man") == 1500
     assert default_steps(3, "dog") == 500
+
+
+def test_previews_are_written_and_reported_while_training(tiny_pipeline, photos, tmp_path):
+    preview = tmp_path / "previews" / "41.webp"
+    events = []
+    spec = make_spec(photos, tmp_path / "out", steps=4, sample_count=0, preview_path=preview)
+    assert spec.preview_interval(4) == 1  # a fifth of the steps, rounded up
+    train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache", on_progress=events.append)
+    with Image.open(preview) as image:
+        assert image.format == "WEBP" and image.size == (32, 32)
+    training = [e for e in events if e.stage == "training"]
+    assert training[0].preview == str(preview.resolve())  # made after step 1, reported with it
+    assert all(e.preview == str(preview.resolve()) for e in training)
+    quiet = []
+    train_concept(tiny_pipeline, make_spec(photos, tmp_path / "quiet", steps=2, sample_count=0),
+                  cache_dir=tmp_path / "cache", on_progress=quiet.append)
+    assert all(e.preview is None for e in quiet)
