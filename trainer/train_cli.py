@@ -74,58 +74,30 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _intake(args, photos_dir: Path):
-    """Run trainer.intake and print its report; (prepared photos dir, token, class) or (None, …) if none usable."""
-    try:
-        import trainer.intake as intake
-    except ModuleNotFoundError as error:
-        if error.name != "trainer.intake":
-            raise
-        # NOTE: trainer.intake is written in parallel; until it lands the CLI trains on a folder of images as is.
-        source = Path(args.photos)
-        if not source.is_dir():
-            print("error: photo intake (trainer/intake.py) is not available yet, so only a folder of prepared "
-                  "photos can be used", file=sys.stderr)
-            return None, args.token, args.class_name
-        print("note: photo intake is not available yet; training on the images in the folder as they are")
-        return source, args.token, args.class_name
-    return _run_intake(intake, args, photos_dir)
+    """Check the token and class, run the photo intake and print its report.
 
+    Returns (prepared photos dir, token, class), with None for the directory when nothing usable is left.
+    """
+    from trainer.intake import IntakeLimits, check_token, intake_photos, normalise_class
 
-def _run_intake(intake, args, photos_dir: Path):
-    token_report = intake.check_token(args.token)
-    class_name = intake.normalise_class(args.class_name)
-    report = intake.intake_photos(_photo_sources(Path(args.photos)), photos_dir, class_name=class_name)
-    for line in _report_lines(token_report):
-        print(line)
-    print(report.summary() if hasattr(report, "summary") else report)
-    if not getattr(report, "accepted", None):
-        print("error: no usable photos are left, nothing to train on", file=sys.stderr)
-        return None, args.token, class_name
-    return photos_dir, args.token, class_name
-
-
-def _photo_sources(source: Path) -> list[Path]:
-    if source.is_dir():
-        return sorted(p for p in source.iterdir() if p.is_file())
-    return [source]
-
-
-def _report_lines(token_report) -> list[str]:
-    if not token_report:
-        return []
-    warnings = getattr(token_report, "warnings", None)
-    if warnings is None:
-        return [str(token_report)]
-    return [f"warning: {w}" for w in warnings]
+    token, class_name = check_token(args.token), normalise_class(args.class_name)
+    limits = IntakeLimits(resolution=max(512, args.resolution or 512))
+    report = intake_photos([Path(args.photos)], photos_dir, limits=limits, class_name=class_name, style=args.style)
+    print(report.summary())
+    if not report.ok:
+        print("error: not enough usable photos, nothing was trained", file=sys.stderr)
+        return None, token, class_name
+    return photos_dir, token, class_name
 
 
 def _train(args, photos_dir: Path, token: str, class_name: str, out_dir: Path):
+    from trainer.intake import token_warnings
     from trainer.models import load_pipeline
     from trainer.training import TrainSpec, train_concept
 
     spec = TrainSpec(
         concept_id="cli", token=token, class_name=class_name, photos_dir=photos_dir, out_dir=out_dir,
-        style=args.style or class_name == "style", steps=args.steps, seed=args.seed, rank=args.rank,
+        style=args.style, steps=args.steps, seed=args.seed, rank=args.rank,
         learning_rate=args.lr, batch_size=args.batch_size, resolution=args.resolution,
         class_images=args.class_images, prior_preservation=False if args.no_prior else None,
         train_text_encoder=args.train_text_encoder, base_model=args.model,
@@ -134,6 +106,8 @@ def _train(args, photos_dir: Path, token: str, class_name: str, out_dir: Path):
     print(f"loading {args.model} …", flush=True)
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     print(f"on {pipe.device} in {pipe.unet.dtype}", flush=True)
+    for warning in token_warnings(token, pipe.tokenizer):
+        print(f"warning: {warning}")
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path(os.environ.get("BOOTHBOT_DATA_DIR", "data")) / "cache"
     bar = ProgressBar(sys.stderr)
     while True:

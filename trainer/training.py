@@ -23,17 +23,12 @@ from pathlib import Path
 
 from trainer import checkpoint
 from trainer.errors import UserError
+from trainer.naming import class_kind
+from trainer.naming import instance_prompt as naming_instance_prompt
 
-PERSON_CLASSES = {"man", "woman", "person", "boy", "girl", "child", "baby"}
 PROGRESS_EVERY_S = 1.0
 INPUTS_FILE = "inputs.safetensors"
 FINISHED_KEY = "finished"
-
-
-def instance_prompt(token: str, class_name: str, style: bool) -> str:
-    """`a photo of {token} {class}`, or `{token} style` for a style (the same rule as trainer.intake's)."""
-    # Private twin of trainer.intake.instance_prompt: training must not need the intake module to be importable.
-    return f"{token} style" if style else f"a photo of {token} {class_name}"
 
 
 def class_prompt(class_name: str) -> str:
@@ -43,7 +38,7 @@ def class_prompt(class_name: str) -> str:
 def default_steps(photo_count: int, class_name: str) -> int:
     """100 steps per photo (diffusers' LoRA example: 500 steps for 5 photos), at least 800 for people (faces need
     800–1200: Hugging Face's DreamBooth study), else at least 500; at most 1500 (beyond that LoRAs overfit)."""
-    low = 800 if class_name in PERSON_CLASSES else 500
+    low = 800 if class_kind(class_name) == "person" else 500
     return max(low, min(1500, 100 * photo_count))
 
 
@@ -97,8 +92,16 @@ class TrainSpec:
         return cls(**values)
 
     @property
+    def is_style(self) -> bool:
+        return self.style or class_kind(self.class_name) == "style"
+
+    @property
+    def instance_prompt(self) -> str:
+        return naming_instance_prompt(self.token, self.class_name, "style" if self.is_style else None)
+
+    @property
     def uses_prior(self) -> bool:
-        return (not self.style) if self.prior_preservation is None else self.prior_preservation
+        return (not self.is_style) if self.prior_preservation is None else self.prior_preservation
 
     def preview_interval(self, total: int) -> int:
         if self.preview_every is not None:
@@ -169,7 +172,7 @@ class _Job:
 
     @property
     def instance_prompt(self) -> str:
-        return instance_prompt(self.spec.token, self.spec.class_name, self.spec.style)
+        return self.spec.instance_prompt
 
 
 def _native_resolution(pipe) -> int:
@@ -186,7 +189,7 @@ def _prepare_job(pipe, spec: TrainSpec, cache_dir: Path) -> _Job:
     if resolution % multiple or not multiple <= resolution <= 2048:
         raise UserError(f"Training settings: the resolution must be a multiple of {multiple} up to 2048.")
     total = spec.steps or default_steps(len(photos), spec.class_name)
-    base = instance_prompt(spec.token, spec.class_name, spec.style)
+    base = spec.instance_prompt
     per_photo = [f"{base}, {p.caption}" if p.caption else base for p in photos]
     prompts = list(dict.fromkeys(per_photo))
     photo_prompt = [prompts.index(p) for p in per_photo]
@@ -398,7 +401,7 @@ class _Slice:
             te_state = {k: v.detach().float().cpu() for k, v in
                         get_peft_model_state_dict(self.pipe.text_encoder, adapter_name=spec.adapter_name).items()}
         metadata = training_metadata(
-            token=spec.token, class_name=spec.class_name, style=spec.style, instance_prompt=job.instance_prompt,
+            token=spec.token, class_name=spec.class_name, style=spec.is_style, instance_prompt=job.instance_prompt,
             base_model=job.base_model, steps=job.total, rank=spec.rank, learning_rate=spec.learning_rate,
             text_encoder_learning_rate=spec.text_encoder_learning_rate if spec.train_text_encoder else None,
             train_text_encoder=spec.train_text_encoder, batch_size=spec.batch_size, resolution=job.resolution,

@@ -1,0 +1,62 @@
+"""`python -m trainer train` on the tiny model: intake report first, a progress bar, the outputs; non-zero exit when
+nothing usable is left."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from trainer.__main__ import main
+from trainer.train_cli import ProgressBar, format_seconds
+from trainer.training import TrainProgress
+
+
+def _photos(directory, count=3, size=320):
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(directory / f"p{i}.png")
+    return directory
+
+
+def _args(photos, out, tiny_model_dir, cache):
+    return ["train", "--photos", str(photos), "--token", "squidarth", "--class", "man", "--out", str(out),
+            "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32", "--steps", "2", "--rank", "4",
+            "--resolution", "32", "--no-prior", "--cache-dir", str(cache)]
+
+
+def test_cli_trains_and_prints_where_the_files_are(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(_args(_photos(tmp_path / "photos"), out, tiny_model_dir, tmp_path / "cache"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert (out / "lora.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()
+    assert len(list((out / "samples").glob("*.png"))) == 4
+    assert str(out / "lora_kohya.safetensors") in captured.out
+    assert "2/2" in captured.err  # the progress bar's last state
+
+
+def test_cli_exits_non_zero_when_no_photo_is_usable(tiny_model_dir, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.png").write_text("not a picture at all")
+    code = main(_args(photos, tmp_path / "out", tiny_model_dir, tmp_path / "cache"))
+    captured = capsys.readouterr()
+    assert code != 0
+    assert "photo" in (captured.out + captured.err).lower()
+    assert not (tmp_path / "out" / "lora.safetensors").exists()
+
+
+def test_progress_bar_line():
+    class Stream:
+        text = ""
+
+        def write(self, s):
+            self.text += s
+
+        def flush(self):
+            pass
+
+    stream = Stream()
+    ProgressBar(stream, width=10)(TrainProgress(step=5, total=10, eta_s=75, loss=0.1234))
+    assert stream.text.strip() == "[#####-----] 5/10  loss 0.1234  ETA 1m15s"
+    assert format_seconds(3700) == "1h01m" and format_seconds(9) == "9s"
