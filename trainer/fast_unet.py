@@ -29,8 +29,10 @@ class _Entry:
 
 
 class UNetGraphs:
-    def __init__(self, unet, *, state_key=lambda: None, max_graphs: int = 4, warmup: int = 2):
+    def __init__(self, unet, *, state_key=lambda: None, max_graphs: int = 4, warmup: int = 2, compile: bool = False):
         self.unet = unet
+        # Optional: inductor's fused kernels inside the graphs (compiles once per shape on the first warm-up: slow).
+        self._compiled = torch.compile(self._plain, dynamic=False) if compile else None
         self.state_key = state_key  # anything else that changes the captured kernels (LoRA slot on, its version)
         self.max_graphs = max_graphs
         self.warmup = warmup
@@ -61,6 +63,9 @@ class UNetGraphs:
     def clear(self) -> None:
         self._graphs.clear()
         self._pool = None
+
+    def _plain(self, sample, timestep, hidden):
+        return type(self.unet).forward(self.unet, sample, timestep, hidden, return_dict=False)[0]
 
     def _eager(self, *args, **kwargs):
         return type(self.unet).forward(self.unet, *args, **kwargs)
@@ -114,12 +119,14 @@ class UNetGraphs:
         static_hidden = hidden.detach().clone()
 
         def run():
-            return self._eager(static_sample, static_t, static_hidden, return_dict=False)[0]
+            if self._compiled is not None:
+                return self._compiled(static_sample, static_t, static_hidden)
+            return self._plain(static_sample, static_t, static_hidden)
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
+            for _ in range(self.warmup + (1 if self._compiled is not None else 0)):
                 run()
         torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:

@@ -18,6 +18,7 @@ per request with that request's LoRAs. Images are written by a small thread pool
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -109,7 +110,9 @@ class GenerationService:
         if use_cuda_graphs and UNetGraphs.usable(pipe.unet):
             if channels_last:  # faster convolutions (docs/BENCHMARKS.md: 12.0 -> 10.3 ms per CFG step in a graph)
                 pipe.unet.to(memory_format=torch.channels_last)
-            self.graphs = UNetGraphs(pipe.unet, state_key=lambda: (self.adapters.unet_active(), self.adapters.version))
+            compile_unet = os.environ.get("BOOTHBOT_COMPILE_UNET", "") == "1"  # experiment knob, off by default
+            self.graphs = UNetGraphs(pipe.unet, state_key=lambda: (self.adapters.unet_active(), self.adapters.version),
+                                     compile=compile_unet)
         self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="imagine-png")
 
     @property

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 from PIL import Image
@@ -62,7 +63,7 @@ def lora_hashes_field(pairs: list[tuple[str, str]]) -> str | None:
 
 def _atomic_write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # images are written by threads
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
