@@ -82,21 +82,24 @@ class OursWorker:
 
 
 def train_params(concept_id: int, token: str, photos_dir: Path, out_dir: Path, *, steps: int | None,
-                 seed: int, class_images: int) -> dict:
+                 seed: int, class_images: int, batch_size: int | None = None) -> dict:
     """The worker's `train` params, plus `class_images` so that both sides make the same number of priors."""
-    return {"concept_id": concept_id, "token": token, "class_name": CLASS_NAME, "style": False,
-            "photos_dir": str(photos_dir), "out_dir": str(out_dir), "steps": steps, "seed": seed, "slice_s": None,
-            "train_text_encoder": True, "class_images": class_images}
+    params = {"concept_id": concept_id, "token": token, "class_name": CLASS_NAME, "style": False,
+              "photos_dir": str(photos_dir), "out_dir": str(out_dir), "steps": steps, "seed": seed, "slice_s": None,
+              "train_text_encoder": True, "class_images": class_images}
+    if batch_size is not None:
+        params["batch_size"] = batch_size
+    return params
 
 
-def train_steps_for(samples: int) -> int:
-    """Steps of our engine's default batch size that show it `samples` instance (and as many prior) samples."""
+def train_steps_for(samples: int, batch: int | None = None) -> int:
+    """Steps at `batch` (default: our engine's batch size) that show it `samples` instance (and as many prior) samples."""
     import dataclasses
     import math
 
     from trainer.training import TrainSpec
 
-    batch = next(f.default for f in dataclasses.fields(TrainSpec) if f.name == "batch_size")
+    batch = batch or next(f.default for f in dataclasses.fields(TrainSpec) if f.name == "batch_size")
     return math.ceil(samples / batch)
 
 
