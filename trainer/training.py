@@ -277,7 +277,7 @@ class _Slice:
                 return self._stop(status, trainer=None)
             class_latents = self.job.class_set.latents()
         inputs = self._inputs()
-        params = scope.add_adapters(self.spec.rank, self.spec.train_text_encoder, seed=self.spec.seed)
+        scope.add_adapters(self.spec.rank, self.spec.train_text_encoder, seed=self.spec.seed)
         if self.spec.gradient_checkpointing:
             scope.enable_gradient_checkpointing()
         trainer = _StepRunner(self.pipe, self.job, inputs, class_latents, self.noise_generator)
