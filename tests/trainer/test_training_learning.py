@@ -6,7 +6,7 @@ What is measured, and why (numbers: docs/TRAINING.md, "Does it learn?"):
 - Without CFG (guidance 1.0): CFG extrapolates from the unconditional prediction, which training moves too; at 7.5
   the token's generations overshoot far past the photos.
 - No prior preservation: its class images are the random model's noise, and on this model the UNet then simply
-  stops listening to the prompt (token and class prompt end up identical to three decimals).
+  stops listening to the prompt (token and class prompt end up within 0.01 of each other).
 - Two prompts without the token: the empty prompt, which the random text encoder tells apart from the instance
   prompt, stays far from the photos; "a photo of man", which it hardly tells apart, follows the token most of the
   way (over four training seeds the token was always 4–6 % closer, never more), so that margin is small.
