@@ -31,13 +31,16 @@ ProgressCallback = Callable[[dict], Awaitable[None]]
 
 
 def worker_command(*, model: str | None, data_dir: Path | str, device: str = "auto", dtype: str = "auto",
-                   threads: int | None = None, python: str = sys.executable) -> list[str]:
+                   threads: int | None = None, compile_unet: bool = False,
+                   python: str = sys.executable) -> list[str]:
     """The argv that starts the worker; `model=None` starts one without a base model (selftest jobs only)."""
     argv = [python, "-m", "trainer", "worker", "--data-dir", str(Path(data_dir).resolve()),
             "--device", device, "--dtype", dtype]
     argv += ["--no-model"] if model is None else ["--model", model]
     if threads:
         argv += ["--threads", str(threads)]
+    if compile_unet:
+        argv += ["--compile-unet"]
     return argv
 
 
@@ -83,7 +86,7 @@ class WorkerClient:
     @classmethod
     def from_settings(cls, settings, **kwargs) -> "WorkerClient":
         return cls(worker_command(model=settings.model, data_dir=settings.data_dir, device=settings.device,
-                                  dtype=settings.dtype), **kwargs)
+                                  dtype=settings.dtype, compile_unet=settings.compile_unet), **kwargs)
 
     @property
     def pid(self) -> int | None:

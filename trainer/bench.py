@@ -48,6 +48,7 @@ class BenchConfig:
     ours_batch: int | None  # passed as the train job's `batch_size` (a recipe change); None = the engine's default
     ref_precision: str
     seed: int = 0
+    compile_unet: bool = False  # the worker's --compile-unet (BOOTHBOT_COMPILE_UNET)
     resolution: int = 512
     model: str = ""
     work_dir: str | None = None
@@ -82,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice; --tiny: 1, because OpenMP threads "
                              "spinning on a shared, busy CPU made tiny runs over ten times slower)")
+    parser.add_argument("--compile-unet", action="store_true",
+                        help="ours with the worker's --compile-unet (BOOTHBOT_COMPILE_UNET=1): torch.compile inside the "
+                             "CUDA graphs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", default=None, help="where temporary files go (default: the system temp dir)")
 
@@ -108,6 +112,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
         precision = "no" if not device.startswith("cuda") else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     return BenchConfig(tiny=args.tiny, device=device, sections=sections, ref_precision=precision, seed=args.seed,
+                       compile_unet=args.compile_unet,
                        resolution=64 if args.tiny else 512, work_dir=args.work_dir,
                        model="tiny random SD (64 px)" if args.tiny else "random-weight SD 1.5 architecture (512 px)",
                        **sizes)
@@ -238,7 +243,7 @@ class Bench:
             return out
         data_dir = self.fx.root / "ours-data"
         reset_peak_memory(cfg.device)
-        worker = OursWorker(self.fx.model_dir, cfg.device, data_dir)
+        worker = OursWorker(self.fx.model_dir, cfg.device, data_dir, compile_unet=cfg.compile_unet)
         images_dir = data_dir / "images"
 
         def imagine(concepts, seed=cfg.seed, steps=cfg.imagine_steps):

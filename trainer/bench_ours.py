@@ -49,7 +49,7 @@ class _EventSink:
 
 
 class OursWorker:
-    def __init__(self, model_dir: Path, device: str, data_dir: Path, dtype: str = "auto"):
+    def __init__(self, model_dir: Path, device: str, data_dir: Path, dtype: str = "auto", compile_unet: bool = False):
         from trainer.models import load_pipeline
         from trainer.worker import EventWriter, JobControl, Worker
 
@@ -57,7 +57,7 @@ class OursWorker:
         self.sink = _EventSink()
         self.pipe = load_pipeline(str(model_dir), device, dtype)
         self.worker = Worker(EventWriter(self.sink), JobControl(), pipe=self.pipe, device=device,
-                             model=str(model_dir), data_dir=data_dir)
+                             model=str(model_dir), data_dir=data_dir, compile_unet=compile_unet)
         self._job_ids = itertools.count(1)
 
     def run(self, kind: str, params: dict) -> tuple[dict, float, int]:

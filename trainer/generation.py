@@ -18,7 +18,6 @@ per request with that request's LoRAs. Images are written by a small thread pool
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -99,7 +98,8 @@ class _Prepared:
 
 class GenerationService:
     def __init__(self, pipe, *, model_name: str, model_hash: str | None = None, adapter_capacity: int = 8,
-                 max_batch_images: int = 8, use_cuda_graphs: bool = True, channels_last: bool = True):
+                 max_batch_images: int = 8, use_cuda_graphs: bool = True, channels_last: bool = True,
+                 compile_unet: bool = False):
         self.pipe = pipe
         self.model_name = model_name
         self.model_hash = model_hash
@@ -110,7 +110,6 @@ class GenerationService:
         if use_cuda_graphs and UNetGraphs.usable(pipe.unet):
             if channels_last:  # faster convolutions (docs/BENCHMARKS.md: 12.0 -> 10.3 ms per CFG step in a graph)
                 pipe.unet.to(memory_format=torch.channels_last)
-            compile_unet = os.environ.get("BOOTHBOT_COMPILE_UNET", "") == "1"  # experiment knob, off by default
             self.graphs = UNetGraphs(pipe.unet, state_key=lambda: (self.adapters.unet_active(), self.adapters.version),
                                      compile=compile_unet)
         self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="imagine-png")

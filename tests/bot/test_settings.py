@@ -132,3 +132,13 @@ def test_missing_env_file_is_fine(tmp_path):
 def test_process_environment_is_the_default(monkeypatch, tmp_path):
     monkeypatch.setenv("BOOTHBOT_MAX_QUEUED_JOBS", "9")
     assert load_settings(env_file=tmp_path / "none").max_queued_jobs == 9
+
+
+def test_compile_unet_setting_reaches_the_worker_command_line(tmp_path):
+    from bot.worker_client import WorkerClient
+
+    on = load_settings({"BOOTHBOT_COMPILE_UNET": "true", "BOOTHBOT_DATA_DIR": str(tmp_path)}, env_file=None)
+    off = load_settings({"BOOTHBOT_DATA_DIR": str(tmp_path)}, env_file=None)
+    assert on.compile_unet and not off.compile_unet
+    assert "--compile-unet" in WorkerClient.from_settings(on).argv
+    assert "--compile-unet" not in WorkerClient.from_settings(off).argv
