@@ -92,8 +92,8 @@ class LoraTrainingScope:
                 model = self.components[name]
                 config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                     target_modules=list(target_modules))
+                self.added.add(name)  # first: a failure half-way through add_adapter is still cleaned up
                 model.add_adapter(config, adapter_name=self.adapter_name)
-                self.added.add(name)
                 for layer in _tuner_layers(model):
                     layer.set_adapter([self.adapter_name])
                     layer.enable_adapters(True)
