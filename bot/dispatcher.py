@@ -244,7 +244,7 @@ class Dispatcher:
             return {**job.params, "concept_id": concept.id, "token": concept.token,
                     "class_name": concept.class_name, "style": bool(concept.style),
                     "photos_dir": str(concept_dir / "photos"), "out_dir": str(concept_dir),
-                    "cache_dir": str(data_dir / "cache" / "priors"), "slice_s": self.settings.train_slice_s,
+                    "cache_dir": str(data_dir / "cache"), "slice_s": self.settings.train_slice_s,
                     "seed": job.params.get("seed", job.id), "preview_path": preview}
         if job.kind == "imagine":
             usable = await self.concepts.usable(job.guild_id, job.owner_id)

@@ -219,7 +219,7 @@ class Worker:
             raise UserError(NO_MODEL)
         training = _engine("trainer.training", "train", "training")
         spec = training.TrainSpec.from_params(params)
-        cache_dir = Path(params.get("cache_dir") or self.data_dir / "cache" / "priors")
+        cache_dir = Path(params.get("cache_dir") or self.data_dir / "cache")
         outcome = training.train_concept(self.pipe, spec, cache_dir=cache_dir, on_progress=on_progress,
                                          should_stop=should_stop, slice_s=params.get("slice_s"))
         if outcome.status == "done":

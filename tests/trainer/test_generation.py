@@ -215,7 +215,9 @@ def test_cancel_at_a_step_boundary(service, loras, tmp_path):
     assert active_adapters(service.pipe)["unet"] == []
 
 
-def test_progress_and_preview(service, tmp_path):
+def test_progress_and_preview(service, tmp_path, monkeypatch):
+    # Previews are written at most once a second, so a tiny 4-step job would usually get none: lift the throttle.
+    monkeypatch.setattr(service, "preview_min_interval_s", 0.0)
     events = []
     service.imagine(request(tmp_path, steps=4, count=2, preview_path=str(tmp_path / "previews" / "7.webp")),
                     on_progress=events.append)
