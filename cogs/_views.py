@@ -132,3 +132,21 @@ class ConfirmView(discord.ui.View):
 
     async def on_error(self, interaction: discord.Interaction, error: Exception, item) -> None:
         await answer_error(interaction, error)
+
+
+async def ask_to_confirm(interaction: discord.Interaction, question: str, *, confirm_label: str,
+                         working: str) -> discord.Interaction | None:
+    """Ask the member (ephemerally) with Confirm / Keep buttons. On Confirm the message shows `working` and the
+    button's interaction is returned, to edit with the outcome; on Keep or no answer it says nothing was deleted
+    and None is returned."""
+    view = ConfirmView(interaction.user.id, confirm_label=confirm_label)
+    await interaction.response.send_message(question, view=view, ephemeral=True)
+    if await view.wait() or not view.confirmed:
+        answer = "Nothing was deleted." if view.confirmed is False else "No answer, so nothing was deleted."
+        if view.interaction is not None:
+            await view.interaction.response.edit_message(content=answer, view=None)
+        else:
+            await interaction.edit_original_response(content=answer, view=None)
+        return None
+    await view.interaction.response.edit_message(content=working, view=None)
+    return view.interaction

@@ -10,7 +10,7 @@ from discord.ext import commands
 from bot.client import is_admin
 from bot.errors import NotFound, PermissionDenied, UserError
 from cogs import _render
-from cogs._views import ConfirmView
+from cogs._views import ask_to_confirm
 
 MAX_CHOICES = 25
 
@@ -98,20 +98,14 @@ class Concepts(commands.GroupCog, group_name="concepts", group_description="Your
         if found.owner_id != interaction.user.id and not admin:
             raise PermissionDenied(f"`{found.token}` belongs to someone else; only its owner or an admin can "
                                    "delete it.")
-        view = ConfirmView(interaction.user.id, confirm_label=f"Delete {found.token}")
-        await interaction.response.send_message(
+        confirmed = await ask_to_confirm(
+            interaction,
             f"Delete `{found.token}` for good? Its LoRA, samples and photos are removed and the token becomes free.",
-            view=view, ephemeral=True)
-        if await view.wait() or not view.confirmed:
-            answer = "Nothing was deleted." if view.confirmed is False else "No answer, so nothing was deleted."
-            if view.interaction is not None:
-                await view.interaction.response.edit_message(content=answer, view=None)
-            else:
-                await interaction.edit_original_response(content=answer, view=None)
+            confirm_label=f"Delete {found.token}", working=f"Deleting `{found.token}`…")
+        if confirmed is None:
             return
-        await view.interaction.response.edit_message(content=f"Deleting `{found.token}`…", view=None)
         deleted = await self.service.delete(found.id, interaction.user.id, is_admin=admin)
-        await view.interaction.edit_original_response(content=f"`{deleted.token}` is deleted.")
+        await confirmed.edit_original_response(content=f"`{deleted.token}` is deleted.")
         if deleted.job_id is not None:
             job = await self.bot.services.ledger.get(deleted.job_id)
             if job is not None and job.status == "cancelled":

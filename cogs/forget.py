@@ -8,7 +8,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.members import forget_member
-from cogs._views import ConfirmView
+from cogs._views import ask_to_confirm
 
 log = logging.getLogger(__name__)
 
@@ -31,25 +31,20 @@ class Forget(commands.Cog):
     @app_commands.command(name="forget", description="Delete everything the bot keeps about you on this server")
     @app_commands.guild_only()
     async def forget(self, interaction: discord.Interaction) -> None:
-        view = ConfirmView(interaction.user.id, confirm_label="Delete everything")
-        await interaction.response.send_message(
+        confirmed = await ask_to_confirm(
+            interaction,
             "This deletes your trained concepts, your photos, the images you made and your job history on this "
-            "server. Waiting jobs are cancelled. It cannot be undone.", view=view, ephemeral=True)
-        if await view.wait() or not view.confirmed:
-            answer = "Nothing was deleted." if view.confirmed is False else "No answer, so nothing was deleted."
-            if view.interaction is not None:
-                await view.interaction.response.edit_message(content=answer, view=None)
-            else:
-                await interaction.edit_original_response(content=answer, view=None)
+            "server. Waiting jobs are cancelled. It cannot be undone.",
+            confirm_label="Delete everything", working="Deleting…")
+        if confirmed is None:
             return
-        await view.interaction.response.edit_message(content="Deleting…", view=None)
         services = self.bot.services
         # The status messages of waiting jobs would go stale once their rows are gone; note them first.
         active = await services.ledger.list_jobs(guild_id=interaction.guild_id, owner_id=interaction.user.id,
                                                  statuses=("queued", "running"), limit=100)
         counts = await forget_member(services.store, services.settings.data_dir, interaction.guild_id,
                                      interaction.user.id)
-        await view.interaction.edit_original_response(content=_summary(counts))
+        await confirmed.edit_original_response(content=_summary(counts))
         for job in active:
             if job.channel_id and job.message_id:
                 channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
