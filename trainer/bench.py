@@ -295,22 +295,9 @@ class Bench:
         imagine([b], steps=cfg.switch_steps)
         rounds = max(4, 2 * cfg.repeats)
         service = worker.worker._generation
-        if hasattr(service, "switch"):  # the LoRA-slot service: its own per-request switch
-            out["switch_ms"] = median([timed(cfg.device, service.switch, (a, b)[i % 2][2], (a, b)[i % 2][1])[0]
-                                       for i in range(rounds)]) * 1e3
-            out["switch_method"] = "LoRA cache lookup + text-encoder and UNet slots filled, on, off (per request)"
-        try:
-            from trainer.adapters import activate
-        except ImportError:
-            activate = None
-        if "switch_ms" not in out and activate is not None and hasattr(service, "adapters"):
-            def switch(concept):
-                entry = service.adapters.get(concept[2], concept[1])
-                activate(service.pipe, [entry.name], [1.0])
-                activate(service.pipe, [], [])
-
-            out["switch_ms"] = median([timed(cfg.device, switch, (a, b)[i % 2])[0] for i in range(rounds)]) * 1e3
-            out["switch_method"] = "adapter cache lookup + activate + deactivate, as each request does"
+        out["switch_ms"] = median([timed(cfg.device, service.switch, (a, b)[i % 2][2], (a, b)[i % 2][1])[0]
+                                   for i in range(rounds)]) * 1e3
+        out["switch_method"] = "LoRA cache lookup + text-encoder and UNet slots filled, on, off (per request)"
         same = [imagine([a], cfg.seed + i, cfg.switch_steps)[1] for i in range(rounds)]
         alternating = [imagine([(a, b)[i % 2]], cfg.seed + i, cfg.switch_steps)[1] for i in range(rounds)]
         out["switch_same_request_s"], out["switch_alternating_request_s"] = median(same), median(alternating)

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO_ROOT
-from trainer.adapters import active_adapters
 from trainer.errors import Cancelled, UserError
 from trainer.generation import GenerationService, ImagineRequest
 from trainer.lora_slots import SLOT_NAME
@@ -20,6 +19,20 @@ from trainer.prompt_embeds import encode_prompts
 
 STEPS = 3
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def active_adapters(pipe) -> dict[str, list[str]]:
+    """The adapters active on each LoRA-capable model, as its peft layers see them."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    result = {}
+    for component in ("unet", "text_encoder"):
+        model = getattr(pipe, component)
+        if not getattr(model, "peft_config", None):
+            continue
+        layer = next(m for m in model.modules() if isinstance(m, BaseTunerLayer))
+        result[component] = [] if layer.disable_adapters else list(layer.active_adapters)
+    return result
 
 
 def make_lora(path: Path, seed: int, *, text_encoder: bool = False, metadata: dict | None = None) -> Path:
