@@ -115,7 +115,8 @@ class Concepts(commands.GroupCog, group_name="concepts", group_description="Your
     @app_commands.describe(concept="The concept's token")
     async def export(self, interaction: discord.Interaction, concept: str) -> None:
         found = await self._find(interaction, concept)
-        if found.owner_id != interaction.user.id and not _is_admin(interaction):
+        # Not admins either: the file is the member's likeness, and admins may not use private concepts in the bot.
+        if found.owner_id != interaction.user.id:
             raise PermissionDenied(f"Only the owner of `{found.token}` can export it.")
         if found.status != "ready":
             raise UserError(f"`{found.token}` is {found.status}; it can be exported once training has finished.")

@@ -68,10 +68,15 @@ class Train(commands.Cog):
         if not attachments:
             raise UserError("Attach your photos: use the photo1…photo10 options, or one .zip with up to "
                             f"{services.settings.max_photos} photos in the zip option.")
+        if any(a.filename.lower().endswith(".zip") for a in attachments if a is not zip):
+            raise UserError("Put a .zip in the `zip` option; photo1…photo10 take single photos.")
+        role_ids = [r.id for r in getattr(interaction.user, "roles", ())]
+        # Bans and limits first, so a member who may not train costs no downloads or unpacking.
+        await services.ledger.check_submit("train", interaction.user.id, interaction.guild_id, role_ids=role_ids)
         files = await download(attachments, max_photo_mb=services.settings.max_photo_mb)
         job, report = await submit_training(
             services, guild_id=interaction.guild_id, member_id=interaction.user.id,
-            channel_id=interaction.channel_id, role_ids=[r.id for r in getattr(interaction.user, "roles", ())],
+            channel_id=interaction.channel_id, role_ids=role_ids,
             token=token, class_name=class_name, style=style, files=files, steps=steps)
         interaction.extras["job_id"] = job.id
         await self.bot.notifier.announce(job)

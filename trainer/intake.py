@@ -122,15 +122,17 @@ def intake_photos(files, out_dir: str | os.PathLike | None = None, *, limits: In
 
     texts: dict[str, tuple[str, bytes]] = {}
     candidates: list[tuple[str, bytes]] = []
+    unpack_budget = limits.max_unpacked_bytes  # for the whole request: several small zip bombs add up
     for name, data in _read_sources(files, limits, report):
         if looks_like_zip(data):
             if PurePosixPath(name).suffix.lower() != ".zip":
                 report.rejected.append((name, "is not a photo (it is a zip file under another name)"))
                 continue
             unpacked = unpack_zip(name, data, max_entries=limits.max_zip_entries,
-                                  max_file_bytes=limits.max_photo_bytes, max_total_bytes=limits.max_unpacked_bytes)
+                                  max_file_bytes=limits.max_photo_bytes, max_total_bytes=max(0, unpack_budget))
             report.rejected += unpacked.rejected
             entries = unpacked.files
+            unpack_budget -= sum(len(content) for _, content in entries)
         else:
             entries = [(name, data)]
         for entry_name, content in entries:

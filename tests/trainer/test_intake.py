@@ -203,6 +203,14 @@ def test_zip_bomb_is_refused_from_its_headers():
     assert "unpacks to" in dict(report.rejected)["bomb.zip"]
 
 
+def test_several_zips_share_one_unpacking_budget():
+    # Each zip alone fits the 8 MB budget (4 × 1.9 MB); three of them together must not unpack 22 MB into memory.
+    small_bomb = zip_of([(f"{i}.png", b"\0" * (1900 * 1024)) for i in range(4)])
+    report = intake_photos([(f"bomb{i}.zip", small_bomb) for i in range(3)], limits=SMALL_LIMITS, class_name="toy")
+    rejected = dict(report.rejected)
+    assert "bomb0.zip" not in rejected and "unpacks to" in rejected["bomb2.zip"]
+
+
 def test_zip_that_lies_about_its_size_is_cut_off():
     report = intake_photos([("liar.zip", lying_zip(6 * 1024 * 1024, 1000))], limits=SMALL_LIMITS, class_name="toy")
     assert not report.accepted

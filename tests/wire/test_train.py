@@ -123,9 +123,8 @@ async def test_concepts_permission_matrix(booth, trained):
     export, _ = await concepts(owner, "export")
     files = [a for m in export.replies for a in m.get("attachments") or []]
     assert export.ephemeral and [f["filename"] for f in files] == [f"{TOKEN}.safetensors"]
-    admin_export, _ = await concepts(admin, "export")
-    admin_files = [a["filename"] for m in admin_export.replies for a in m.get("attachments") or []]
-    assert admin_files == [f"{TOKEN}.safetensors"]
+    admin_export, text = await concepts(admin, "export")
+    assert "Only the owner" in text and not [a for m in admin_export.replies for a in m.get("attachments") or []]
 
     _, text = await concepts(owner, "share")
     assert "now shared" in text
@@ -224,3 +223,22 @@ async def test_photos_in_a_zip_and_a_cancelled_training_shows_as_failed(booth):
     assert concept.status == "failed"
     listing = await fake.command(member, "concepts", subcommand=["list"])
     assert "training failed" in await booth.answer(listing)
+
+
+async def test_banned_member_costs_no_downloads(booth):
+    fake = booth.fake
+    member = fake.member("banned-trainer")
+    await booth.services.admin.ban(0, fake.guild_id, member.id, "test")
+    attachments = booth.attach(*[(f"banned{i}.png", photo_bytes(300 + i), "image/png") for i in range(3)])
+    text = await booth.answer(await train(booth, member, "banpix", attachments, steps=2))
+    assert "blocked you from using the bot" in text
+    assert not any("/banned" in path for path in fake.cdn_downloads)
+
+
+async def test_zip_in_a_photo_slot_is_refused(booth):
+    member = booth.fake.member("zip-slot")
+    attachment = booth.attach(("photos.zip", b"PK\x03\x04" + b"\0" * 100, "application/zip"))[0]
+    options = train_options("zippix", "dog", [])
+    options.append({"name": "photo1", "type": 11, "value": attachment["id"]})
+    text = await booth.answer(await booth.fake.command(member, "train", options, attachments=[attachment]))
+    assert "zip" in text and "option" in text
