@@ -34,6 +34,15 @@ async def _imagine_job(interaction: discord.Interaction, job_id: int):
     return job
 
 
+async def _queue_again(interaction: discord.Interaction, job_id: int, *, variation_of: int | None) -> None:
+    """Re-roll (new seed) or vary one image of an earlier /imagine result, as the member who clicked."""
+    from cogs.imagine import queue_again  # cogs.imagine imports this module
+
+    job = await _imagine_job(interaction, job_id)
+    interaction.extras["job_id"] = job.id
+    await queue_again(interaction, job, variation_of=variation_of)
+
+
 class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"bb:reroll:(?P<job_id>\d+)"):
     def __init__(self, job_id: int) -> None:
         super().__init__(discord.ui.Button(label="Re-roll", emoji="🎲", style=discord.ButtonStyle.primary,
@@ -45,12 +54,7 @@ class RerollButton(discord.ui.DynamicItem[discord.ui.Button], template=r"bb:rero
         return cls(int(match["job_id"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        async def run():
-            from cogs.imagine import queue_again
-            job = await _imagine_job(interaction, self.job_id)
-            interaction.extras["job_id"] = job.id
-            await queue_again(interaction, job, variation_of=None)
-        await _guarded(interaction, run)
+        await _guarded(interaction, lambda: _queue_again(interaction, self.job_id, variation_of=None))
 
 
 class VaryButton(discord.ui.DynamicItem[discord.ui.Button], template=r"bb:vary:(?P<job_id>\d+):(?P<index>\d+)"):
@@ -64,12 +68,7 @@ class VaryButton(discord.ui.DynamicItem[discord.ui.Button], template=r"bb:vary:(
         return cls(int(match["job_id"]), int(match["index"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        async def run():
-            from cogs.imagine import queue_again
-            job = await _imagine_job(interaction, self.job_id)
-            interaction.extras["job_id"] = job.id
-            await queue_again(interaction, job, variation_of=self.index)
-        await _guarded(interaction, run)
+        await _guarded(interaction, lambda: _queue_again(interaction, self.job_id, variation_of=self.index))
 
 
 class ParamsButton(discord.ui.DynamicItem[discord.ui.Button], template=r"bb:params:(?P<job_id>\d+)"):
