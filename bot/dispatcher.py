@@ -138,10 +138,26 @@ class Dispatcher:
         try:
             job = await self.ledger.claim_next()
             if job is not None:
-                await self._run_claimed(job)
+                try:
+                    await self._run_claimed(job)
+                except Exception:
+                    await self._fail_after_bot_error(job)
+                    raise
             return job
         finally:
             self._busy = False
+
+    async def _fail_after_bot_error(self, job: Job) -> None:
+        """The bot itself broke while running or recording `job` (say, a database error): end it as failed and
+        tell the member, rather than leave it `running` until the next restart."""
+        log.exception("job %s: the bot failed while running or recording it", job.id)
+        message = (f"Something went wrong on the bot's side with job {job.id}; please try again. "
+                   "If it keeps happening, tell a server admin.")
+        try:
+            if await self.ledger.fail(job.id, message):
+                await self._announce(job.id)
+        except Exception:  # the database is still failing: the next start recovers the job
+            log.exception("job %s: could not record the failure either", job.id)
 
     async def _run_claimed(self, job: Job) -> None:
         while True:

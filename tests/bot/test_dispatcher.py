@@ -245,3 +245,20 @@ async def test_start_recovers_a_running_training_and_announces_the_backlog_once(
     bot.dispatcher.set_notifier(bot.notifier)  # attaching again announces nothing twice
     await asyncio.sleep(0.3)
     assert len(bot.notifier.finished) == 2
+
+
+async def test_a_bot_error_while_recording_fails_the_job_instead_of_leaving_it_running(bot, monkeypatch):
+    job = await bot.imagine(ALICE)
+    real_succeed = bot.ledger.succeed
+
+    async def broken_once(*args, **kwargs):
+        monkeypatch.setattr(bot.ledger, "succeed", real_succeed)
+        raise RuntimeError("disk I/O error")  # what sqlite says when the disk goes away
+
+    monkeypatch.setattr(bot.ledger, "succeed", broken_once)
+    with pytest.raises(RuntimeError, match="disk I/O error"):
+        await bot.dispatcher.run_next()
+    failed = await bot.ledger.get(job.id)
+    assert failed.status == "failed" and f"job {job.id}" in failed.error
+    assert bot.notifier.finished_ids() == [job.id]
+    assert (await bot.dispatcher.run_next()) is None  # and the queue goes on
