@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.prompts import ConceptSpec, ParsedPrompt, check_negative_prompt, parse_prompt
+from trainer.prompts import ConceptSpec, ParsedPrompt, check_negative_prompt, number_in_range, parse_prompt
 
 SCHEDULERS = ("dpmpp_2m_karras", "euler_a", "ddim")
 SEED_MAX = 2**32 - 1
@@ -42,13 +42,7 @@ def _float_option(params: dict, key: str, label: str, lo: float, hi: float, defa
     raw = params.get(key)
     if raw is None or raw == "":
         return default
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise UserError(f"{label} must be a number from {lo:g} to {hi:g} (got {raw!r}).") from None
-    if not lo <= value <= hi:
-        raise UserError(f"{label} must be from {lo:g} to {hi:g} (got {value:g}).")
-    return value
+    return number_in_range(raw, label, lo, hi)
 
 
 def check_side(value: int | None, label: str, lo: int, hi: int) -> int | None:

@@ -65,15 +65,19 @@ class ParsedPrompt:
         return f"{self.text} {tags}".strip() if tags else self.text
 
 
-def check_weight(raw, name: str) -> float:
-    lo, hi = WEIGHT_RANGE
+def number_in_range(raw, label: str, lo: float, hi: float) -> float:
+    """`raw` as a float in [lo, hi], or a UserError that names `label`, the range and what was given."""
     try:
-        weight = float(raw)
+        value = float(raw)
     except (TypeError, ValueError):
-        raise UserError(f"The weight for {name} must be a number from {lo:g} to {hi:g} (got {raw!r}).") from None
-    if not lo <= weight <= hi:
-        raise UserError(f"The weight for {name} must be from {lo:g} to {hi:g} (got {weight:g}).")
-    return weight
+        raise UserError(f"{label} must be a number from {lo:g} to {hi:g} (got {raw!r}).") from None
+    if not lo <= value <= hi:
+        raise UserError(f"{label} must be from {lo:g} to {hi:g} (got {value:g}).")
+    return value
+
+
+def check_weight(raw, name: str) -> float:
+    return number_in_range(raw, f"The weight for {name}", *WEIGHT_RANGE)
 
 
 def _token_pattern(token: str) -> re.Pattern:
