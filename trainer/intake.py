@@ -84,7 +84,7 @@ class IntakeReport:
                          f"{self.limits.min_side} px on the shorter side).")
         return _fit(lines, SUMMARY_CHARS)
 
-    def save(self, directory: str | os.PathLike, **_ignored) -> list[Path]:
+    def save(self, directory: str | os.PathLike) -> list[Path]:
         """Write the accepted photos as NNN.png (+ NNN.txt captions), each to a temp name then renamed."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
