@@ -70,6 +70,20 @@ def _strip_comments(sql: str) -> str:
     return "\n".join(line.split("--", 1)[0] for line in sql.splitlines())
 
 
+async def _switch_to_wal(conn, timeout_s: float) -> None:
+    """Turning a new file to WAL needs it to itself, and SQLite answers "locked" at once instead of waiting on
+    busy_timeout when another connection opens it at the same moment: retry until the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 class Store:
     """One connection to the bot's database. Create with `await Store.open(path)`; `await close()` when done."""
 
@@ -88,7 +102,7 @@ class Store:
         store = cls(conn, path)
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            await conn.execute("PRAGMA journal_mode = WAL")
+            await _switch_to_wal(conn, busy_timeout_s)
             await conn.execute("PRAGMA foreign_keys = ON")
             await conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL: a crash loses no committed data
             await store._migrate(find_migrations(migrations_dir))
@@ -99,6 +113,7 @@ class Store:
 
     async def close(self) -> None:
         await self._conn.close()
+
 
     async def __aenter__(self) -> Store:
         return self
