@@ -146,6 +146,14 @@ class GenerationService:
                 saving[index] = self._writer.submit(self._finish, prepared[index], item_images)
         return [future.result() for future in saving]
 
+    def release_memory(self) -> None:
+        """Give the GPU memory generation keeps between requests back (the CUDA graphs' pools, the allocator's cache)
+        before a training job needs it; graphs are captured again by the next request (about a second per shape)."""
+        if self.graphs is not None:
+            self.graphs.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def switch(self, lora_path: str | Path, label: str, weight: float = 1.0) -> None:
         """What every request does around its work to use one member's LoRA: cache lookup, text-encoder slot on and
         off, UNet slot filled, on and off (the bench times this as the LoRA switch)."""
