@@ -1,6 +1,6 @@
 """The worker protocol: plain dicts, one JSON object per line. Pure Python, so the bot process may import it.
 
-Bot -> worker requests: run, cancel, shutdown. Worker -> bot events: ready, progress, paused, done, cancelled,
+Bot -> worker requests: run, run_many (several /imagine jobs served by one batched call), cancel, shutdown. Worker -> bot events: ready, progress, paused, done, cancelled,
 failed, and fatal (the worker cannot start, e.g. the base model does not load; it exits after sending it).
 Files travel as absolute paths under the data directory. See docs/ARCHITECTURE.md for the params of each kind.
 """
@@ -10,7 +10,9 @@ import json
 from typing import Any
 
 KINDS = ("train", "imagine", "selftest")
-REQUESTS = ("run", "cancel", "shutdown")
+REQUESTS = ("run", "run_many", "cancel", "shutdown")
+# Kinds a `run_many` may hold: jobs that can share one denoising loop. The worker answers one end event per job.
+BATCH_KINDS = ("imagine",)
 EVENTS = ("ready", "progress", "paused", "done", "cancelled", "failed", "fatal")
 # Events after which the worker has finished with a job (for now: `paused` hands control back until the next run).
 TERMINAL_EVENTS = ("done", "cancelled", "failed")
@@ -18,6 +20,7 @@ JOB_END_EVENTS = TERMINAL_EVENTS + ("paused",)
 
 _REQUIRED = {
     ("op", "run"): ("job_id", "kind", "params"),
+    ("op", "run_many"): ("jobs",),
     ("op", "cancel"): ("job_id",),
     ("op", "shutdown"): (),
     ("event", "ready"): ("device", "dtype", "model", "pid"),
@@ -39,6 +42,41 @@ def run(job_id: int, kind: str, params: dict) -> dict:
     if kind not in KINDS:
         raise ProtocolError(f"unknown job kind {kind!r}; allowed: {', '.join(KINDS)}")
     return {"op": "run", "job_id": job_id, "kind": kind, "params": params}
+
+
+def run_many(jobs: list[dict]) -> dict:
+    """Several jobs in one request: `jobs` = [{"job_id", "kind", "params"}, ...], kinds from BATCH_KINDS only."""
+    message = {"op": "run_many", "jobs": [{"job_id": j["job_id"], "kind": j["kind"], "params": j["params"]}
+                                          for j in jobs]}
+    check_run_many(message)
+    return message
+
+
+def check_run_many(message: dict) -> None:
+    jobs = message.get("jobs")
+    if not isinstance(jobs, list) or not jobs:
+        raise ProtocolError("run_many needs a non-empty list of jobs")
+    seen = set()
+    for job in jobs:
+        if not isinstance(job, dict):
+            raise ProtocolError(f"a run_many job is not an object: {job!r:.200}")
+        missing = [k for k in ("job_id", "kind", "params") if k not in job]
+        if missing:
+            raise ProtocolError(f"a run_many job lacks {', '.join(missing)}")
+        if job["kind"] not in BATCH_KINDS:
+            raise ProtocolError(f"job kind {job['kind']!r} cannot run in a batch; allowed: {', '.join(BATCH_KINDS)}")
+        if not isinstance(job["params"], dict):
+            raise ProtocolError(f"the params of run_many job {job['job_id']!r} are not an object")
+        if job["job_id"] in seen:
+            raise ProtocolError(f"job {job['job_id']!r} appears twice in one run_many")
+        seen.add(job["job_id"])
+
+
+def job_ids(message: dict) -> list[int]:
+    """The job ids a `run` or `run_many` request carries."""
+    if message.get("op") == "run_many":
+        return [job["job_id"] for job in message["jobs"]]
+    return [message["job_id"]]
 
 
 def cancel(job_id: int) -> dict:
@@ -115,6 +153,8 @@ def decode(line: bytes | str) -> dict:
         raise ProtocolError(f"{key[0]} {key[1]!r} lacks {', '.join(missing)}")
     if key == ("op", "run") and message["kind"] not in KINDS:
         raise ProtocolError(f"unknown job kind {message['kind']!r}; allowed: {', '.join(KINDS)}")
+    if key == ("op", "run_many"):
+        check_run_many(message)
     return message
 
 

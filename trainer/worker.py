@@ -1,6 +1,7 @@
 """`python -m trainer worker`: the GPU worker process the bot talks to over JSON lines (trainer/protocol.py).
 
-It loads the base model once and keeps it resident, then runs jobs one at a time on the main thread. A reader thread
+It loads the base model once and keeps it resident, then runs requests one at a time on the main thread: a `run`
+(one job) or a `run_many` (several /imagine jobs served by one batched GenerationService.imagine_many call). A reader thread
 takes requests from stdin, so a `cancel` reaches a running job at its next step boundary. Events go to the original
 stdout; sys.stdout (and file descriptor 1) point at stderr so prints from libraries cannot corrupt the stream.
 When stdin closes (the bot went away) the running job stops at its next step and the worker exits.
@@ -8,6 +9,7 @@ When stdin closes (the bot went away) the running job stops at its next step and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import queue
@@ -63,8 +65,8 @@ class EventWriter:
 class JobControl:
     """What the stdin reader thread tells the job loop: jobs to run, cancels, and whether the bot has gone away.
 
-    A cancel applies to a job that is running or waiting here; one for any other job is stale and ignored (job ids
-    repeat: a training runs as several `run`s of the same id).
+    A cancel applies to a job that is running or waiting here, alone or inside a `run_many`; one for any other job
+    is stale and ignored (job ids repeat: a training runs as several `run`s of the same id).
     """
 
     def __init__(self):
@@ -77,7 +79,8 @@ class JobControl:
 
     def submit(self, message: dict) -> None:
         with self._lock:
-            self._active[message["job_id"]] = self._active.get(message["job_id"], 0) + 1
+            for job_id in protocol.job_ids(message):
+                self._active[job_id] = self._active.get(job_id, 0) + 1
         self.jobs.put(message)
 
     def ended(self, job_id: int) -> None:
@@ -119,7 +122,7 @@ def read_requests(stream, control: JobControl) -> None:
             print(f"worker: ignoring a bad request: {e}", file=sys.stderr, flush=True)
             continue
         op = message.get("op")
-        if op == "run":
+        if op in ("run", "run_many"):
             control.submit(message)
         elif op == "cancel":
             control.cancel(message["job_id"])
@@ -156,6 +159,27 @@ class ProgressReporter:
         ))
 
 
+class BatchProgress:
+    """Progress of a shared denoising loop, sent to every job in it. A preview shows one request's image, so it goes
+    only to the job it belongs to: another member's picture (made with their private LoRA) is not shown to others."""
+
+    def __init__(self, writer: EventWriter, own_previews: dict[int, Path]):
+        self._reporters = {job_id: ProgressReporter(writer, job_id) for job_id in own_previews}
+        self._own_previews = own_previews
+
+    def __call__(self, info) -> None:
+        preview = _field(info, "preview")
+        without_preview = None
+        for job_id, reporter in self._reporters.items():
+            if preview is None or Path(preview) == self._own_previews[job_id]:
+                reporter(info)
+            else:
+                if without_preview is None:
+                    without_preview = {name: _field(info, name)
+                                       for name in ("step", "total", "eta_s", "loss", "stage", "detail")}
+                reporter(without_preview)
+
+
 def _field(info, name, default=None):
     if isinstance(info, dict):
         return info.get(name, default)
@@ -163,7 +187,8 @@ def _field(info, name, default=None):
 
 
 class Worker:
-    """The resident model and the engines; `run_job` turns one `run` request into exactly one end event."""
+    """The resident model and the engines. `run_job` turns one `run` request into exactly one end event; `run_many`
+    sends exactly one end event for every job of a `run_many` request."""
 
     def __init__(self, writer: EventWriter, control: JobControl, *, pipe, device: str, model: str | None,
                  data_dir: Path, compile_unet: bool = False):
@@ -182,14 +207,21 @@ class Worker:
             if message is None or self.control.closing.is_set():
                 return  # shutdown, or the bot went away: jobs still queued here have nobody to report to
             try:
-                self.run_job(message["job_id"], message["kind"], message["params"])
+                if message["op"] == "run_many":
+                    self.run_many(message["jobs"])
+                else:
+                    self.run_job(message["job_id"], message["kind"], message["params"])
             finally:
-                self.control.ended(message["job_id"])
+                for job_id in protocol.job_ids(message):
+                    self.control.ended(job_id)
 
     def run_job(self, job_id: int, kind: str, params: dict) -> None:
+        self.writer.send(self._run_one(job_id, kind, params))
+
+    def _run_one(self, job_id: int, kind: str, params: dict) -> dict:
+        """Run one job; returns its end event."""
         if self.control.is_cancelled(job_id):
-            self.writer.send(protocol.cancelled(job_id))
-            return
+            return protocol.cancelled(job_id)
         should_stop = self.control.should_stop(job_id)
         on_progress = ProgressReporter(self.writer, job_id)
         try:
@@ -206,19 +238,94 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - every failure must become a `failed` event, then we go on
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
-            error, detail = describe_failure(exc, kind)
-            event = protocol.failed(job_id, error, detail)
-            if detail:
-                print(f"worker: job {job_id} ({kind}) failed:\n{detail}", file=sys.stderr, flush=True)
-            if is_out_of_memory(exc):
-                release_memory()
-        self.writer.send(event)
+            event = self._failed([job_id], kind, exc)[0]
+        return event
+
+    def _failed(self, job_ids: list[int], kind: str, exc: BaseException) -> list[dict]:
+        """`failed` events for jobs that one exception ended (logged once, memory released after an OOM)."""
+        error, detail = describe_failure(exc, kind)
+        if detail:
+            which = ", ".join(str(j) for j in job_ids)
+            print(f"worker: job {which} ({kind}) failed:\n{detail}", file=sys.stderr, flush=True)
+        if is_out_of_memory(exc):
+            release_memory()
+        return [protocol.failed(job_id, error, detail) for job_id in job_ids]
+
+    def run_many(self, jobs: list[dict]) -> None:
+        """Serve several /imagine jobs with one `imagine_many` call; send exactly one end event per job.
+
+        The batch stops early only when every job in it is cancelled; a job cancelled while it ran gets `cancelled`
+        and its images are deleted. A member's mistake (UserError) in one request fails the whole engine call, so
+        then each request runs alone and only the faulty one fails. Any other failure (OOM, a crash) fails them all.
+        """
+        ended: set[int] = set()
+
+        def end(event: dict) -> None:
+            self.writer.send(event)
+            ended.add(event["job_id"])
+
+        requests, params = {}, {}
+        for job in jobs:
+            job_id = job["job_id"]
+            if self.control.is_cancelled(job_id):
+                end(protocol.cancelled(job_id))
+                continue
+            try:
+                requests[job_id] = self._imagine_request(job["params"])
+                params[job_id] = job["params"]
+            except BaseException as exc:  # noqa: BLE001 - a bad request fails its own job only
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                end(self._failed([job_id], "imagine", exc)[0])
+        try:
+            if requests:
+                self._imagine_batch(requests, params, end)
+        finally:
+            for job in jobs:  # a safety net: never leave the bot waiting for a job that has no end event
+                if job["job_id"] not in ended:
+                    end(protocol.failed(job["job_id"], INTERNAL_ERROR, "run_many ended without an event for it"))
+
+    def _imagine_batch(self, requests: dict, params: dict, end: Callable[[dict], None]) -> None:
+        ids = list(requests)
+        print(f"worker: run_many: {len(ids)} imagine job(s) in one batch: {', '.join(map(str, ids))}",
+              file=sys.stderr, flush=True)
+        own_previews = {job_id: Path(r.preview_path or r.out_dir / "preview.webp") for job_id, r in requests.items()}
+
+        def should_stop() -> bool:
+            return self.control.closing.is_set() or all(self.control.is_cancelled(job_id) for job_id in ids)
+
+        try:
+            results = self._generation.imagine_many([requests[job_id] for job_id in ids],
+                                                    on_progress=BatchProgress(self.writer, own_previews),
+                                                    should_stop=should_stop)
+        except Cancelled:
+            for job_id in ids:
+                end(protocol.cancelled(job_id))
+        except UserError:
+            # The service checks every request before the GPU starts and names only the first problem: run each
+            # request alone so that only the member who made the mistake gets it.
+            for job_id in ids:
+                end(self._run_one(job_id, "imagine", params[job_id]))
+        except BaseException as exc:  # noqa: BLE001 - every failure must become `failed` events, then we go on
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            for event in self._failed(ids, "imagine", exc):
+                end(event)
+        else:
+            for job_id, result in zip(ids, results):
+                if self.control.is_cancelled(job_id):
+                    _delete_outputs(result.to_dict())
+                    end(protocol.cancelled(job_id))
+                else:
+                    end(protocol.done(job_id, result.to_dict()))
 
     def _train(self, job_id, params, on_progress, should_stop) -> dict:
         if self.pipe is None:
             raise UserError(NO_MODEL)
         training = _engine("trainer.training", "train", "training")
         spec = training.TrainSpec.from_params(params)
+        if self._generation is not None:
+            self._generation.release_memory()  # the CUDA graphs' pools: lets the training fit a 12 GB card
         cache_dir = Path(params.get("cache_dir") or self.data_dir / "cache")
         outcome = training.train_concept(self.pipe, spec, cache_dir=cache_dir, on_progress=on_progress,
                                          should_stop=should_stop, slice_s=params.get("slice_s"))
@@ -231,15 +338,28 @@ class Worker:
         raise RuntimeError(f"train_concept returned an unknown status {outcome.status!r}")
 
     def _imagine(self, params, on_progress, should_stop) -> dict:
+        request = self._imagine_request(params)
+        result = self._generation.imagine(request, on_progress=on_progress, should_stop=should_stop)
+        return result.to_dict()
+
+    def _imagine_request(self, params: dict):
+        """The checked request; creates the resident GenerationService on first use."""
         if self.pipe is None:
             raise UserError(NO_MODEL)
         generation = _engine("trainer.generation", "imagine", "image generation")
         if self._generation is None:
             self._generation = generation.GenerationService(self.pipe, model_name=self.model or "",
                                                             compile_unet=self.compile_unet)
-        request = generation.ImagineRequest.from_params(params)
-        result = self._generation.imagine(request, on_progress=on_progress, should_stop=should_stop)
-        return result.to_dict()
+        return generation.ImagineRequest.from_params(params)
+
+
+def _delete_outputs(result: dict) -> None:
+    """Remove the files of an /imagine result nobody will receive (its job was cancelled while the batch ran)."""
+    paths = [*result.get("images", []), result.get("grid"), *(result.get("small") or {}).values()]
+    for path in paths:
+        if path:
+            with contextlib.suppress(OSError):
+                Path(path).unlink()
 
 
 class EngineMissing(UserError):

@@ -1,6 +1,7 @@
 """The worker protocol's wire format, the worker's stdout guard, and how failures become member messages."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -53,6 +54,31 @@ def test_bad_lines_are_refused_with_a_reason(line, complaint):
 def test_run_refuses_unknown_kinds():
     with pytest.raises(protocol.ProtocolError, match="allowed: train, imagine, selftest"):
         protocol.run(1, "upscale", {})
+
+
+def test_run_many_round_trips_and_names_its_job_ids():
+    message = protocol.run_many([{"job_id": 12, "kind": "imagine", "params": {"prompt": "a dog"}},
+                                 {"job_id": 13, "kind": "imagine", "params": {}}])
+    assert protocol.decode(protocol.encode(message)) == message
+    assert protocol.job_ids(message) == [12, 13] and protocol.job_ids(protocol.run(7, "train", {})) == [7]
+
+
+@pytest.mark.parametrize("jobs, complaint", [
+    ([], "non-empty list"),
+    ("12", "non-empty list"),
+    ([{"job_id": 1, "kind": "imagine"}], "lacks params"),
+    ([{"job_id": 1, "kind": "train", "params": {}}], "'train' cannot run in a batch; allowed: imagine"),
+    ([{"job_id": 1, "kind": "imagine", "params": []}], "params of run_many job 1 are not an object"),
+    ([{"job_id": 1, "kind": "imagine", "params": {}}, {"job_id": 1, "kind": "imagine", "params": {}}],
+     "job 1 appears twice"),
+    ([7], "not an object"),
+])
+def test_run_many_is_checked_on_both_sides(jobs, complaint):
+    with pytest.raises(protocol.ProtocolError, match=complaint):
+        protocol.decode(json.dumps({"op": "run_many", "jobs": jobs}))
+    if isinstance(jobs, list) and all(isinstance(j, dict) and {"job_id", "kind", "params"} <= set(j) for j in jobs):
+        with pytest.raises(protocol.ProtocolError, match=complaint):
+            protocol.run_many(jobs)
 
 
 def test_failures_become_messages_a_member_understands():
