@@ -1,6 +1,9 @@
 """The dispatcher: claim the next job from the ledger, run it on the GPU worker, record what happens, announce it.
 
-One job at a time. A training runs in slices (Settings.train_slice_s): after each slice it goes back to the queue
+One job at a time, except /imagine: a claimed /imagine job takes along more queued ones that can share its denoising
+loop (same size, steps, cfg and sampler, no variation image, at most MAX_BATCH_IMAGES images in all), claimed in the
+scheduler's fair order, and the worker serves them with one `run_many`; each is recorded and announced on its own,
+and the batch's GPU time is split among them by image count. A training runs in slices (Settings.train_slice_s): after each slice it goes back to the queue
 (`ledger.requeue`), queued /imagine jobs get the GPU for a while, then the same training is claimed again. Cancel
 requests recorded in the ledger are passed to the worker; time limits come from Settings. Every job that ends is
 handed to the notifier, which announces it once (`ledger.mark_delivered`); jobs that ended while no notifier was
@@ -18,6 +21,7 @@ from typing import Protocol
 from bot.ledger import Job, Ledger
 from bot.worker_client import SHUTTING_DOWN, TIMED_OUT, WorkerClient, format_limit
 from trainer.errors import UserError
+from trainer.imagine_request import DEFAULT_CFG, DEFAULT_COUNT, DEFAULT_STEPS, SCHEDULERS
 
 log = logging.getLogger("boothbot.dispatcher")
 
@@ -27,6 +31,32 @@ PREPARE_FAILED = ("The bot could not prepare your job (an internal error). Pleas
                   "tell a server admin.")
 CANCEL_POLL_S = 0.5
 PROGRESS_WRITE_INTERVAL_S = 1.0
+MAX_BATCH_IMAGES = 8  # as GenerationService.max_batch_images: more would not share one denoising loop
+
+
+def imagine_batch_key(params: dict) -> tuple | None:
+    """/imagine jobs with equal keys can share one denoising loop; None = this one runs alone (a variation, or
+    options the worker will reject anyway). Missing options mean the engine's defaults; a missing width or height
+    means the model's own size, so it only matches another missing one."""
+    if params.get("init_image"):
+        return None
+    try:
+        return (_side(params.get("width")), _side(params.get("height")),
+                int(params.get("steps") or DEFAULT_STEPS), float(params.get("cfg") or DEFAULT_CFG),
+                str(params.get("scheduler") or SCHEDULERS[0]).strip().lower())
+    except (TypeError, ValueError):
+        return None
+
+
+def image_count(params: dict) -> int:
+    try:
+        return max(1, int(params.get("count") or DEFAULT_COUNT))
+    except (TypeError, ValueError):
+        return DEFAULT_COUNT
+
+
+def _side(value) -> int | None:
+    return None if value in (None, "") else int(value)
 
 
 class Notifier(Protocol):
@@ -60,7 +90,8 @@ class Dispatcher:
         self.worker = worker
         self.notifier = notifier
         self.poll_s = poll_s
-        self.current_job_id: int | None = None
+        self.current_job_id: int | None = None  # the job on the GPU (the first of a batch)
+        self.batches_run = 0  # run_many requests sent (logs, tests)
         self._busy = False  # from a claim until its job (every slice) has been recorded
         self._wake = asyncio.Event()
         self._stopping = False
@@ -160,6 +191,11 @@ class Dispatcher:
             log.exception("job %s: could not record the failure either", job.id)
 
     async def _run_claimed(self, job: Job) -> None:
+        if job.kind == "imagine":
+            companions = await self._claim_companions(job)
+            if companions:
+                await self._run_imagine_batch([job, *companions])
+                return
         while True:
             end, seconds = await self._run_once(job)
             if end is None:
@@ -189,6 +225,84 @@ class Dispatcher:
             if job is None:
                 return
             await self._run_claimed(job)
+
+    # --- /imagine batches ----------------------------------------------------------------------------------------
+
+    async def _claim_companions(self, first: Job) -> list[Job]:
+        """Queued /imagine jobs that can share `first`'s denoising loop, claimed in fair order."""
+        key = imagine_batch_key(first.params)
+        if key is None:
+            return []
+
+        def fits(job: Job, taken: list[Job]) -> bool:
+            images = sum(image_count(j.params) for j in (first, *taken, job))
+            return imagine_batch_key(job.params) == key and images <= MAX_BATCH_IMAGES
+
+        return await self.ledger.claim_matching(fits, MAX_BATCH_IMAGES - 1, kinds=("imagine",))
+
+    async def _run_imagine_batch(self, jobs: list[Job]) -> None:
+        """Run claimed /imagine jobs as one `run_many`; record and announce each as the single path does."""
+        try:
+            outcomes = await self._run_batch_once(jobs)
+            for job in jobs:
+                if job.id not in outcomes:
+                    continue  # shutting down mid-batch: it stays running; the next start recovers it
+                end, seconds = outcomes[job.id]
+                await self._record_end(job, end, seconds)
+                await self._announce(job.id)
+        except Exception:
+            for job in jobs:  # each still running fails with a message (the ledger ignores finished ones)
+                await self._fail_after_bot_error(job)
+            raise
+
+    async def _run_batch_once(self, jobs: list[Job]) -> dict[int, tuple[dict, float]]:
+        """Send the jobs to the worker as one batch: {job_id: (end event, its GPU seconds)}, the batch's time split
+        by image count. A job whose params cannot be prepared fails without the GPU (0 s)."""
+        self.current_job_id = jobs[0].id
+        outcomes: dict[int, tuple[dict, float]] = {}
+        try:
+            requests, served = [], {}
+            for job in jobs:
+                try:
+                    requests.append({"job_id": job.id, "kind": "imagine", "params": await self.worker_params(job)})
+                    served[job.id] = job
+                except Exception as e:  # noqa: BLE001 - bad stored params end the job, not the batch
+                    if not isinstance(e, UserError):
+                        log.exception("could not prepare job %s", job.id)
+                    outcomes[job.id] = (_failed(job.id, str(e) if isinstance(e, UserError) else PREPARE_FAILED), 0.0)
+            if not served:
+                return outcomes
+            images = {job_id: image_count(job.params) for job_id, job in served.items()}
+            log.info("running /imagine jobs %s as one batch (%d images)", ", ".join(map(str, served)),
+                     sum(images.values()))
+            watcher = asyncio.create_task(self._pass_on_cancels(list(served)), name=f"cancel-watch-{jobs[0].id}")
+            started = time.monotonic()
+            self.batches_run += 1
+            try:
+                ends = await self.worker.run_many(
+                    requests, timeout_s=sum(self._time_left(job) for job in served.values()),
+                    on_progress=lambda event: self._progress(served[event["job_id"]], event))
+            finally:
+                watcher.cancel()
+            seconds = time.monotonic() - started
+            for job_id, end in ends.items():
+                if not (self._stopping and end.get("error") == SHUTTING_DOWN):
+                    outcomes[job_id] = (end, seconds * images[job_id] / sum(images.values()))
+            return outcomes
+        finally:
+            self.current_job_id = None
+            for job in jobs:
+                self._last_progress_write.pop(job.id, None)
+
+    async def _pass_on_cancels(self, job_ids: list[int]) -> None:
+        waiting = list(job_ids)
+        while waiting:
+            await asyncio.sleep(CANCEL_POLL_S)
+            for job_id in list(waiting):
+                if await self.ledger.cancel_requested(job_id):
+                    log.info("cancelling job %s at its next step", job_id)
+                    await self.worker.cancel(job_id)
+                    waiting.remove(job_id)
 
     async def _run_once(self, job: Job) -> tuple[dict | None, float]:
         """Send the job (or its next slice) to the worker; returns (end event, GPU seconds of this run)."""

@@ -172,6 +172,29 @@ class Ledger:
                 return None
             return await self._start(db, job_id, self.clock())
 
+    async def claim_matching(self, accept: Callable[[Job, list[Job]], bool], limit: int,
+                             kinds: Sequence[str] = ("imagine",)) -> list[Job]:
+        """Claim up to `limit` queued jobs of `kinds`, taken in the scheduler's fair order, that `accept(job, taken)`
+        lets join the ones taken so far (e.g. /imagine jobs that can share one batch). One transaction, so two
+        claimers never take the same job. [] when the queue is paused."""
+        kinds = tuple(kinds)
+        async with self.store.immediate() as db:
+            if limit < 1 or await scheduler.is_paused(db):
+                return []
+            now = self.clock()
+            queued = await self._jobs_with_status(QUEUED, kinds)
+            used = await scheduler.usage_by_owner(db, now, self.window_s)
+            estimates = await scheduler.estimated_durations(db)
+            taken: list[Job] = []
+            for job in scheduler.fair_order(queued, used, estimates, now):
+                if len(taken) >= limit:
+                    break
+                if accept(job, taken):
+                    started = await self._start(db, job.id, now)
+                    if started is not None:
+                        taken.append(started)
+            return taken
+
     async def _start(self, db: Store, job_id: int, now: float) -> Job | None:
         changed = await db.execute(
             "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, ?), claimed_at = ?"

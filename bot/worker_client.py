@@ -1,7 +1,8 @@
 """WorkerClient: spawns `python -m trainer worker`, talks the JSON-lines protocol, and restarts the worker when it dies.
 
-Everything here is asyncio streams, so the event loop never waits on the GPU. One job runs at a time; `run` returns
-its end event (done, paused, cancelled or failed). A worker that dies mid-job (segfault, CUDA OOM kill, SIGKILL)
+Everything here is asyncio streams, so the event loop never waits on the GPU. One request runs at a time: `run`
+returns its job's end event (done, paused, cancelled or failed); `run_many` sends several /imagine jobs as one batch
+and returns every job's end event. A worker that dies mid-job (segfault, CUDA OOM kill, SIGKILL)
 turns into a `failed` event with a message a member understands, and a fresh worker is started with backoff.
 A job past its time limit is asked to cancel and, if it does not stop within a grace period, the worker is killed.
 """
@@ -77,7 +78,7 @@ class WorkerClient:
         self._proc: asyncio.subprocess.Process | None = None
         self._ready = asyncio.Event()
         self._job_lock = asyncio.Lock()
-        self._inbox: tuple[int, asyncio.Queue] | None = None
+        self._inbox: tuple[frozenset[int], asyncio.Queue] | None = None  # the running request's job ids
         self._supervisor: asyncio.Task | None = None
         self._stopping = False
         self._stop_requested = asyncio.Event()
@@ -111,27 +112,48 @@ class WorkerClient:
     async def run(self, job_id: int, kind: str, params: dict, *, on_progress: ProgressCallback | None = None,
                   timeout_s: float | None = None) -> dict:
         """Run one job (or one slice of a training) and return its end event. Never raises for job failures."""
+        ends = await self._exchange(protocol.run(job_id, kind, params), on_progress, timeout_s)
+        return ends[job_id]
+
+    async def run_many(self, jobs: Sequence[dict], *, on_progress: ProgressCallback | None = None,
+                       timeout_s: float | None = None) -> dict[int, dict]:
+        """Run several /imagine jobs (`[{"job_id", "kind", "params"}, ...]`) as one batch; returns {job_id: end event}.
+
+        `on_progress` gets every job's progress events (each names its job_id). `timeout_s` is for the whole batch:
+        past it, every unfinished job is cancelled and fails with the time-limit message. A worker that dies fails
+        every job of the batch that has not ended. Never raises for job failures.
+        """
+        return await self._exchange(protocol.run_many(list(jobs)), on_progress, timeout_s)
+
+    async def _exchange(self, message: dict, on_progress: ProgressCallback | None,
+                        timeout_s: float | None) -> dict[int, dict]:
+        """Send a `run` or `run_many` and collect one end event per job (progress goes to `on_progress`)."""
+        job_ids = protocol.job_ids(message)
         async with self._job_lock:
             await self._ready.wait()
             loop = asyncio.get_running_loop()
             deadline = None if timeout_s is None else loop.time() + timeout_s
             inbox: asyncio.Queue = asyncio.Queue()
-            self._inbox = (job_id, inbox)
+            self._inbox = (frozenset(job_ids), inbox)
+            ends: dict[int, dict] = {}
             try:
-                await self._send(protocol.run(job_id, kind, params))
-                while True:
+                await self._send(message)
+                while len(ends) < len(job_ids):
                     remaining = None if deadline is None else max(0.0, deadline - loop.time())
                     try:
                         event = await asyncio.wait_for(inbox.get(), remaining)
                     except TimeoutError:
-                        return await self._stop_overdue(job_id, inbox, timeout_s)
-                    if event["event"] != "progress":
-                        return event
-                    if on_progress is not None:
+                        pending = [job_id for job_id in job_ids if job_id not in ends]
+                        ends.update(await self._stop_overdue(pending, inbox, timeout_s))
+                        break
+                    if event["event"] in protocol.JOB_END_EVENTS:
+                        ends.setdefault(event["job_id"], event)  # after a crash report, a late event changes nothing
+                    elif event["event"] == "progress" and on_progress is not None:
                         try:
                             await on_progress(event)
                         except Exception:  # a broken progress display must not stop the job
-                            log.exception("progress callback failed for job %s", job_id)
+                            log.exception("progress callback failed for job %s", event["job_id"])
+                return ends
             finally:
                 self._inbox = None
 
@@ -180,25 +202,31 @@ class WorkerClient:
         except (BrokenPipeError, ConnectionResetError):
             pass  # same: the worker died; the supervisor notices the EOF
 
-    async def _stop_overdue(self, job_id: int, inbox: asyncio.Queue, timeout_s: float) -> dict:
-        log.warning("job %s passed its time limit of %.0f s; cancelling it", job_id, timeout_s)
-        await self.cancel(job_id)
+    async def _stop_overdue(self, job_ids: list[int], inbox: asyncio.Queue, timeout_s: float) -> dict[int, dict]:
+        """Cancel jobs past their time limit, kill the worker if they do not stop in time; each fails as timed out."""
+        which = ", ".join(map(str, job_ids))
+        log.warning("job %s passed its time limit of %.0f s; cancelling it", which, timeout_s)
+        for job_id in job_ids:
+            await self.cancel(job_id)
         loop = asyncio.get_running_loop()
         grace_end = loop.time() + self.cancel_grace_s
         killed = False
-        while True:
+        ends: dict[int, dict] = {}
+        while len(ends) < len(job_ids):
             remaining = grace_end - loop.time()
             try:
                 event = await asyncio.wait_for(inbox.get(), None if killed else max(0.0, remaining))
             except TimeoutError:
                 log.error("job %s did not stop within %.0f s of its cancel; killing the GPU worker",
-                          job_id, self.cancel_grace_s)
+                          which, self.cancel_grace_s)
                 killed = True
                 await self.kill()
                 continue
-            if event["event"] in protocol.JOB_END_EVENTS:
+            if event["event"] in protocol.JOB_END_EVENTS and event["job_id"] in job_ids:
                 detail = f"stopped after its time limit of {timeout_s:.0f} s" + (" (worker killed)" if killed else "")
-                return protocol.failed(job_id, TIMED_OUT.format(limit=format_limit(timeout_s)), detail)
+                ends.setdefault(event["job_id"], protocol.failed(
+                    event["job_id"], TIMED_OUT.format(limit=format_limit(timeout_s)), detail))
+        return ends
 
     async def _supervise(self) -> None:
         failures = 0
@@ -275,18 +303,20 @@ class WorkerClient:
         elif kind == "fatal":
             self.last_fatal = event
             log.error("the GPU worker cannot start: %s\n%s", event["error"], event.get("detail", ""))
-        elif self._inbox is not None and event.get("job_id") == self._inbox[0]:
+        elif self._inbox is not None and event.get("job_id") in self._inbox[0]:
             self._inbox[1].put_nowait(event)
         else:
             log.debug("ignoring a late event for a job that is no longer running: %s", event)
 
     def _fail_running_job(self, returncode: int | None) -> None:
+        """The worker died: every job of the running request that has not ended fails (ended ones keep their end)."""
         if self._inbox is None:
             return
-        job_id, inbox = self._inbox
+        job_ids, inbox = self._inbox
         tail = "\n".join(self._stderr_tail)
         reason = SHUTTING_DOWN if self._stopping else CRASHED
-        inbox.put_nowait(protocol.failed(job_id, reason, f"{describe_exit(returncode)}; last output:\n{tail}"))
+        for job_id in sorted(job_ids):
+            inbox.put_nowait(protocol.failed(job_id, reason, f"{describe_exit(returncode)}; last output:\n{tail}"))
 
     async def _drain_stderr(self, proc: asyncio.subprocess.Process) -> None:
         # Must keep reading: a full stderr pipe would block the worker mid-job.
