@@ -5,6 +5,7 @@ One worker (model resident) serves the whole module, as it serves the bot; each 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -262,3 +263,64 @@ async def test_a_bot_error_while_recording_fails_the_job_instead_of_leaving_it_r
     assert failed.status == "failed" and f"job {job.id}" in failed.error
     assert bot.notifier.finished_ids() == [job.id]
     assert (await bot.dispatcher.run_next()) is None  # and the queue goes on
+
+
+async def test_queued_imagine_jobs_of_three_members_run_as_one_batch(bot, caplog):
+    caplog.set_level(logging.INFO, logger="boothbot.worker")
+    alice = await bot.imagine(ALICE)
+    bob = await bot.imagine(BOB, count=2, prompt="a photo of a man", seed=9)
+    carol = await bot.imagine(CAROL, width=None, height=None, steps=1)  # another size and steps: not in this batch
+    dave = await bot.imagine(CAROL + 1, cfg=7.0, scheduler="dpmpp_2m_karras")  # the defaults, spelled out
+    assert (await bot.dispatcher.run_next()).id == alice.id
+
+    assert bot.dispatcher.batches_run == 1
+    deadline = time.monotonic() + 10  # the worker's own account of the request, from its log
+    while not any("3 imagine job(s) in one batch" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the worker did not log the batch"
+        await asyncio.sleep(0.05)
+    batch = [await bot.ledger.get(job.id) for job in (alice, bob, dave)]
+    for job, count in zip(batch, (1, 2, 1)):
+        assert job.status == "succeeded", job.error
+        assert len(job.result["images"]) == count and all(Path(p).is_file() for p in job.result["images"])
+        assert {Path(p).parent for p in job.result["images"]} == {(bot.settings.data_dir / "images" /
+                                                                   str(job.id)).resolve()}
+        assert [i.path for i in await bot.gallery.for_job(job.id)] == job.result["images"]
+        assert any(job_id == job.id and e["step"] == 2 for job_id, e in bot.notifier.progress)
+        assert job.progress_step == job.progress_total == 2
+    # One loop's GPU time, split by the images each member got.
+    per_image = [job.gpu_seconds / count for job, count in zip(batch, (1, 2, 1))]
+    assert per_image[0] > 0 and per_image == pytest.approx([per_image[0]] * 3, rel=1e-9)
+    assert (await bot.ledger.get(carol.id)).status == "queued"
+    assert sorted(bot.notifier.finished_ids()) == sorted([alice.id, bob.id, dave.id])  # each announced once
+
+    assert (await bot.dispatcher.run_next()).id == carol.id  # alone: a batch of one keeps using `run`
+    assert bot.dispatcher.batches_run == 1 and (await bot.ledger.get(carol.id)).status == "succeeded"
+    assert len(bot.notifier.finished_ids()) == len(set(bot.notifier.finished_ids())) == 4
+
+
+async def test_a_member_cancelling_inside_a_batch_stops_only_their_job(bot, monkeypatch):
+    monkeypatch.setattr("bot.dispatcher.CANCEL_POLL_S", 0.05)
+    jobs = [await bot.imagine(owner, steps=8) for owner in (ALICE, BOB, CAROL)]
+    runner = asyncio.create_task(bot.dispatcher.run_next())
+    await bot.notifier.wait_for(lambda: any(j == jobs[1].id for j, _ in bot.notifier.progress))
+    assert await bot.ledger.cancel(jobs[1].id, BOB) == "requested"
+    await asyncio.wait_for(runner, 60)
+
+    assert bot.dispatcher.batches_run == 1
+    ended = [await bot.ledger.get(job.id) for job in jobs]
+    assert [job.status for job in ended] == ["succeeded", "cancelled", "succeeded"]
+    assert await bot.gallery.for_job(jobs[1].id) == []
+    assert sorted(bot.notifier.finished_ids()) == sorted(job.id for job in jobs)
+
+
+async def test_worker_death_mid_batch_fails_every_job_of_it(bot, worker):
+    jobs = [await bot.imagine(owner, steps=50) for owner in (ALICE, BOB, CAROL)]
+    runner = asyncio.create_task(bot.dispatcher.run_next())
+    await bot.notifier.wait_for(lambda: bool(bot.notifier.progress))
+    os.kill(worker.pid, signal.SIGKILL)
+    await asyncio.wait_for(runner, 60)
+    for job in jobs:
+        crashed = await bot.ledger.get(job.id)
+        assert (crashed.status, crashed.error) == ("failed", CRASHED)
+    assert sorted(bot.notifier.finished_ids()) == sorted(job.id for job in jobs)
+    await worker.wait_ready(READY_TIMEOUT_S)  # the next test finds a worker again

@@ -74,6 +74,15 @@ async def test_member_mistakes_come_back_as_their_message_and_the_worker_goes_on
     assert worker.pid == pid
 
 
+async def test_run_many_answers_every_job_of_the_batch(worker):
+    progress = Progress()
+    jobs = [{"job_id": 20 + i, "kind": "imagine", "params": {"prompt": "a photo of a dog"}} for i in range(3)]
+    ends = await worker.run_many(jobs, on_progress=progress, timeout_s=30)
+    assert sorted(ends) == [20, 21, 22]
+    assert all(end["event"] == "failed" and end["error"] == NO_MODEL for end in ends.values())
+    assert (await worker.run(23, "selftest", {"seconds": 0.1}))["event"] == "done"  # the stream is in step
+
+
 async def test_cancel_stops_a_running_job_at_the_next_step(worker):
     progress = Progress()
     run = asyncio.create_task(worker.run(5, "selftest", {"seconds": 60, "step_s": 0.2}, on_progress=progress))
