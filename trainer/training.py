@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import re
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from trainer import checkpoint
 from trainer.errors import UserError
 from trainer.naming import class_kind
 from trainer.naming import instance_prompt as naming_instance_prompt
+from trainer.train_step import StepRunner
+
+log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 1.0
 INPUTS_FILE = "inputs.safetensors"
@@ -69,6 +73,7 @@ class TrainSpec:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     deterministic: bool = True  # torch's deterministic kernels while training (bit-identical reruns on one GPU)
+    cuda_graphs: bool = True  # replay the step from a CUDA graph on CUDA (same math, far fewer launches)
     sample_count: int = 4
     preview_every: int | None = None  # steps between previews; None: a fifth of the steps when preview_path is set
     preview_path: Path | None = None  # where previews go (WebP); None and preview_every unset: no previews
@@ -200,7 +205,7 @@ def _prepare_job(pipe, spec: TrainSpec, cache_dir: Path) -> _Job:
         class_set = ClassImageSet.for_model(cache_dir, model_fp, prompts[-1], resolution, spec.class_images)
     training_fields = {k: v for k, v in dataclasses.asdict(spec).items()
                        if k not in ("photos_dir", "out_dir", "slice_s", "sample_count", "preview_every",
-                                    "preview_path", "base_model")}
+                                    "preview_path", "base_model", "cuda_graphs")}
     fingerprint = hashlib.sha256(json.dumps(
         [training_fields, photos_digest(photos), model_fp, resolution, total, prompts,
          str(class_set.directory.name) if class_set else None], sort_keys=True, default=str).encode()).hexdigest()
@@ -243,6 +248,7 @@ class _Slice:
 
         self.pipe, self.job, self.spec, self.state = pipe, job, job.spec, state
         self.started, self.deadline = started, deadline
+        self.timings: dict[str, float] = {}  # seconds per phase of this slice (logged, and in the result)
         self.on_progress, self.should_stop = on_progress, should_stop
         self.device = pipe.unet.device
         self.dtype = pipe.unet.dtype
@@ -272,23 +278,31 @@ class _Slice:
         scope.base_model_only()
         class_latents = None
         if self.job.class_set is not None:
-            status = self._ensure_class_images()
-            if status != "complete":
-                return self._stop(status, trainer=None)
-            class_latents = self.job.class_set.latents()
-        inputs = self._inputs()
-        scope.add_adapters(self.spec.rank, self.spec.train_text_encoder, seed=self.spec.seed)
-        if self.spec.gradient_checkpointing:
-            scope.enable_gradient_checkpointing()
-        trainer = _StepRunner(self.pipe, self.job, inputs, class_latents, self.noise_generator)
-        if self.state and "lora" in self.state:
-            trainer.load_state(self.state)
-        else:
-            self.noise_generator.manual_seed(self.spec.seed + 1)
-        status = self._train(trainer)
-        if status != "done":
-            return self._stop(status, trainer)
-        return self._finish(scope, trainer)
+            with self._phase("class_images"):
+                status = self._ensure_class_images()
+                if status != "complete":
+                    return self._stop(status, trainer=None)
+                class_latents = self.job.class_set.latents()
+        with self._phase("inputs"):
+            inputs = self._inputs()
+        with self._phase("adapters"):
+            scope.add_adapters(self.spec.rank, self.spec.train_text_encoder, seed=self.spec.seed)
+            if self.spec.gradient_checkpointing:
+                scope.enable_gradient_checkpointing()
+            trainer = StepRunner(self.pipe, self.job, inputs, class_latents, self.noise_generator,
+                                 cuda_graphs=self.spec.cuda_graphs)
+        try:
+            if self.state and "lora" in self.state:
+                trainer.load_state(self.state)
+            else:
+                self.noise_generator.manual_seed(self.spec.seed + 1)
+            with self._phase("steps", sync=True):
+                status = self._train(trainer)
+            if status != "done":
+                return self._stop(status, trainer)
+            return self._finish(scope, trainer)
+        finally:
+            trainer.close()
 
     def _ensure_class_images(self) -> str:
         class_set = self.job.class_set
@@ -335,7 +349,7 @@ class _Slice:
         return inputs
 
     # ---------------------------------------------------------------- the loop
-    def _train(self, trainer: "_StepRunner") -> str:
+    def _train(self, trainer: "StepRunner") -> str:
         total = self.job.total
         first_step, loop_start = self.step, time.monotonic()
         last_report = loop_start
@@ -367,6 +381,18 @@ class _Slice:
         image = generate(self.pipe, self.job.instance_prompt, [self.spec.seed], self.job.resolution, steps=20)[0]
         return str(save_image_atomic(image, path, quality=85).resolve())
 
+    @contextmanager
+    def _phase(self, name: str, *, sync: bool = False):
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            if sync and self.device.type == "cuda":
+                import torch
+
+                torch.cuda.synchronize(self.device)  # the queued GPU work belongs to this phase
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.monotonic() - began, 3)
+
     def _report(self, *, loss=None, eta_s=None, stage="training", detail="") -> None:
         # `preview` is the latest preview of this slice in every event after it, so a throttled receiver that drops
         # the event right after a preview still gets it with the next one.
@@ -387,12 +413,13 @@ class _Slice:
         checkpoint.save_state(self.spec.out_dir, state)
         return TrainOutcome("paused", self.step, self.job.total)
 
-    def _finish(self, scope, trainer: "_StepRunner") -> TrainOutcome:
+    def _finish(self, scope, trainer: "StepRunner") -> TrainOutcome:
         from peft.utils import get_peft_model_state_dict
 
         from trainer.lora_io import training_metadata, write_lora_files
 
         spec, job = self.spec, self.job
+        saving = time.monotonic()
         seconds = round(self._elapsed(), 1)
         unet_state = {k: v.detach().float().cpu() for k, v in
                       get_peft_model_state_dict(self.pipe.unet, adapter_name=spec.adapter_name).items()}
@@ -410,9 +437,14 @@ class _Slice:
         lora, kohya = write_lora_files(spec.out_dir, unet_state=unet_state, text_encoder_state=te_state,
                                        unet_config=scope.adapter_config("unet"),
                                        text_encoder_config=scope.adapter_config("text_encoder"), metadata=metadata)
-        samples = self._samples()
+        self.timings["save"] = round(time.monotonic() - saving, 3)
+        with self._phase("samples"):
+            samples = self._samples()
         result = {"lora": str(lora.resolve()), "lora_kohya": str(kohya.resolve()), "samples": samples,
-                  "steps": job.total, "seconds": round(self._elapsed(), 1)}
+                  "steps": job.total, "seconds": round(self._elapsed(), 1), "timings": dict(self.timings),
+                  "graph_steps": trainer.graph_replays}
+        log.info("training %s done: %d steps in %.1f s (this slice: %s; %d steps replayed from a CUDA graph)",
+                 spec.concept_id, job.total, result["seconds"], self.timings, trainer.graph_replays)
         checkpoint.remove(spec.out_dir)
         checkpoint.save_state(spec.out_dir, {"fingerprint": job.fingerprint, FINISHED_KEY: True, "step": job.total,
                                              "elapsed_s": result["seconds"], "result": result})
@@ -456,162 +488,3 @@ def _deterministic_kernels(enabled: bool):
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
-
-
-class _StepRunner:
-    """The optimisation step on cached inputs. Everything a step draws at random is fixed up front by the seed
-    (which photos, mirrored or not, timesteps) or comes from `noise_generator`, whose state the checkpoint keeps."""
-
-    def __init__(self, pipe, job: _Job, inputs: dict, class_latents, noise_generator):
-        import torch
-        from diffusers import DDPMScheduler
-
-        spec = job.spec
-        self.spec, self.job = spec, job
-        self.unet, self.text_encoder = pipe.unet, pipe.text_encoder
-        self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
-        self.generator = noise_generator
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
-        self.prediction = self.noise_scheduler.config.prediction_type
-        to = dict(device=self.device)
-        self.mean, self.std = inputs["mean"].to(**to), inputs["std"].to(**to)
-        self.prompt_ids = inputs["prompt_ids"].to(**to)
-        self.photo_prompt = inputs["photo_prompt"].to(**to)
-        self.embeds = inputs["embeds"].to(self.device, self.dtype) if "embeds" in inputs else None
-        self.prior = class_latents is not None
-        if self.prior:
-            self.class_mean, self.class_std = class_latents[0].to(**to), class_latents[1].to(**to)
-        self.plan = {k: v.to(**to) for k, v in self._plan().items()}
-
-        self.unet_params = [p for p in self.unet.parameters() if p.requires_grad]
-        self.te_params = [p for p in self.text_encoder.parameters() if p.requires_grad] if spec.train_text_encoder else []
-        groups = [{"params": self.unet_params, "lr": spec.learning_rate}]
-        if self.te_params:
-            groups.append({"params": self.te_params, "lr": spec.text_encoder_learning_rate})
-        self.params = self.unet_params + self.te_params
-        cuda = self.device.type == "cuda"
-        # diffusers' train_dreambooth_lora.py AdamW settings; fused kernels on CUDA (one launch for all params).
-        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
-                                           fused=True if cuda else None)
-        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and cuda else None
-        self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
-                         if self.dtype in (torch.float16, torch.bfloat16) else nullcontext())
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.loss_count = 0
-        self.unet.train()
-        if spec.train_text_encoder:
-            self.text_encoder.train()
-
-    def _plan(self) -> dict:
-        """Per step: photo indices, mirror flags, class-image indices and timesteps, from the seed alone."""
-        import torch
-
-        spec, total, batch = self.spec, self.job.total, self.spec.batch_size
-        g = torch.Generator().manual_seed(spec.seed)
-
-        def shuffled_epochs(n: int):  # every photo once per epoch, in a fresh order each epoch
-            needed = total * batch
-            order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(needed / n))])
-            return order[:needed].view(total, batch)
-
-        def flips():
-            if not spec.flip:
-                return torch.zeros(total, batch, dtype=torch.long)
-            return torch.randint(0, 2, (total, batch), generator=g)
-
-        plan = {"photo": shuffled_epochs(self.mean.shape[1]), "photo_flip": flips()}
-        if self.prior:
-            plan["class"] = shuffled_epochs(self.class_mean.shape[1])
-            plan["class_flip"] = flips()
-        width = batch * (2 if self.prior else 1)
-        plan["timesteps"] = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (total, width),
-                                          generator=g)
-        return plan
-
-    def step(self, index: int) -> None:
-        import torch
-        import torch.nn.functional as F
-        from diffusers.training_utils import compute_snr
-
-        plan, batch = self.plan, self.spec.batch_size
-        photo, photo_flip = plan["photo"][index], plan["photo_flip"][index]
-        mean, std = self.mean[photo_flip, photo], self.std[photo_flip, photo]
-        prompt = self.photo_prompt[photo]
-        if self.prior:
-            cls, cls_flip = plan["class"][index], plan["class_flip"][index]
-            mean = torch.cat([mean, self.class_mean[cls_flip, cls]])
-            std = torch.cat([std, self.class_std[cls_flip, cls]])
-            prompt = torch.cat([prompt, torch.full_like(prompt, len(self.job.prompts) - 1)])
-        timesteps = plan["timesteps"][index]
-        latents = mean + std * torch.randn(mean.shape, generator=self.generator, device=self.device)
-        noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = noise if self.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
-
-        with self.autocast:
-            if self.embeds is not None:
-                embeds = self.embeds[prompt]
-            else:
-                embeds = self.text_encoder(self.prompt_ids[prompt])[0]
-            pred = self.unet(noisy.to(self.dtype), timesteps, embeds.to(self.dtype)).sample
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if self.spec.snr_gamma:
-            # Min-SNR weighting (Hang et al. 2023), as diffusers' training scripts apply it.
-            snr = compute_snr(self.noise_scheduler, timesteps)
-            weight = torch.clamp(snr, max=self.spec.snr_gamma)
-            per_sample = per_sample * (weight / snr if self.prediction == "epsilon" else weight / (snr + 1))
-        loss = per_sample[:batch].mean()
-        if self.prior:
-            loss = loss + self.spec.prior_loss_weight * per_sample[batch:].mean()
-
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.spec.max_grad_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.loss_sum += loss.detach()
-        self.loss_count += 1
-
-    def take_mean_loss(self) -> float | None:
-        if not self.loss_count:
-            return None
-        value = (self.loss_sum / self.loss_count).item()
-        self.loss_sum.zero_()
-        self.loss_count = 0
-        return value
-
-    def _named_trainables(self) -> dict:
-        named = {f"unet.{n}": p for n, p in self.unet.named_parameters() if p.requires_grad}
-        if self.te_params:
-            named.update({f"text_encoder.{n}": p for n, p in self.text_encoder.named_parameters() if p.requires_grad})
-        return named
-
-    def state_dict(self) -> dict:
-        state = {"lora": {n: p.detach().cpu().clone() for n, p in self._named_trainables().items()},
-                 "optimizer": self.optimizer.state_dict(),
-                 "noise_rng": self.generator.get_state()}
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        return state
-
-    def load_state(self, state: dict) -> None:
-        import torch
-
-        named = self._named_trainables()
-        if set(named) != set(state["lora"]):
-            raise RuntimeError("the checkpoint's LoRA layout does not match this training")
-        with torch.no_grad():
-            for name, param in named.items():
-                param.copy_(state["lora"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["noise_rng"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])

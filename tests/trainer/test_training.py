@@ -33,8 +33,11 @@ def test_end_to_end_outputs_load_in_diffusers_and_kohya_format(tiny_pipeline, ti
 
     assert (outcome.status, outcome.step, outcome.total) == ("done", 3, 3)
     result = outcome.result
-    assert set(result) == {"lora", "lora_kohya", "samples", "steps", "seconds"}
+    assert set(result) == {"lora", "lora_kohya", "samples", "steps", "seconds", "timings", "graph_steps"}
     assert result["steps"] == 3 and result["seconds"] > 0
+    assert set(result["timings"]) == {"class_images", "inputs", "adapters", "steps", "save", "samples"}
+    assert all(seconds >= 0 for seconds in result["timings"].values())
+    assert result["graph_steps"] == 0  # CUDA graphs only on a GPU
     steps = [e.step for e in events if e.stage == "training"]  # throttled to about one a second
     assert steps[0] == 1 and steps[-1] == 3 and steps == sorted(set(steps))
     assert all(e.loss is not None and e.loss > 0 for e in events if e.stage == "training")
