@@ -3,11 +3,11 @@
 One job at a time, except /imagine: a claimed /imagine job takes along more queued ones that can share its denoising
 loop (same size, steps, cfg and sampler, no variation image, at most MAX_BATCH_IMAGES images in all), claimed in the
 scheduler's fair order, and the worker serves them with one `run_many`; each is recorded and announced on its own,
-and the batch's GPU time is split among them by image count. A training runs in slices (Settings.train_slice_s): after each slice it goes back to the queue
-(`ledger.requeue`), queued /imagine jobs get the GPU for a while, then the same training is claimed again. Cancel
-requests recorded in the ledger are passed to the worker; time limits come from Settings. Every job that ends is
-handed to the notifier, which announces it once (`ledger.mark_delivered`); jobs that ended while no notifier was
-attached (or before a restart) are announced when one is.
+and the batch's GPU time is split among them by image count. A training runs in slices (Settings.train_slice_s):
+after each slice it goes back to the queue (`ledger.requeue`), queued /imagine jobs get the GPU for a while, then the
+same training is claimed again. Cancel requests recorded in the ledger are passed to the worker; time limits come
+from Settings. Every job that ends is handed to the notifier, which announces it once (`ledger.mark_delivered`);
+jobs that ended while no notifier was attached (or before a restart) are announced when one is.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Our engines, driven exactly as the GPU worker drives them: `trainer.worker.Worker.run_job` in-process.
+"""Our engines, driven exactly as the GPU worker drives them: `trainer.worker.Worker.run_job` (one `run`) and
+`Worker.run_many` (a batch of /imagine jobs, as the dispatcher sends queued ones) in-process.
 
 The base model is loaded once with `load_pipeline` (the worker's own loader, bf16 + SDPA on a GPU) and stays
 resident; every job goes through the worker's job runner, progress reporter and event writer. A training job that
@@ -79,6 +80,26 @@ class OursWorker:
         if event["event"] != "done":
             raise EngineFailed(f"{kind} job ended {event['event']}: {event.get('error')}\n{event.get('detail', '')}")
         return event["result"], seconds, slices
+
+
+    def run_many(self, kind: str, params_list: list[dict]) -> tuple[list[dict], float]:
+        """Run several jobs as one `run_many` request; return (their results in order, wall seconds)."""
+        job_ids = [next(self._job_ids) for _ in params_list]
+        message = protocol.run_many([{"job_id": j, "kind": kind, "params": p} for j, p in zip(job_ids, params_list)])
+        sync(self.device)
+        start = time.perf_counter()
+        self.worker.run_many(message["jobs"])
+        sync(self.device)
+        seconds = time.perf_counter() - start
+        ends = {e["job_id"]: e for e in self.sink.events
+                if e.get("job_id") in job_ids and e["event"] in protocol.TERMINAL_EVENTS}
+        for job_id in job_ids:
+            event = ends.get(job_id)
+            if event is None or event["event"] != "done":
+                what = "no end event" if event is None else f"{event['event']}: {event.get('error')}"
+                raise EngineFailed(f"{kind} job {job_id} of a run_many ended with {what}\n"
+                                   f"{(event or {}).get('detail', '')}")
+        return [ends[job_id]["result"] for job_id in job_ids], seconds
 
 
 def train_params(concept_id: int, token: str, photos_dir: Path, out_dir: Path, *, steps: int | None,

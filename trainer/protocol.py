@@ -1,7 +1,8 @@
 """The worker protocol: plain dicts, one JSON object per line. Pure Python, so the bot process may import it.
 
-Bot -> worker requests: run, run_many (several /imagine jobs served by one batched call), cancel, shutdown. Worker -> bot events: ready, progress, paused, done, cancelled,
-failed, and fatal (the worker cannot start, e.g. the base model does not load; it exits after sending it).
+Bot -> worker requests: run, run_many (several /imagine jobs served by one batched call), cancel, shutdown.
+Worker -> bot events: ready, progress, paused, done, cancelled, failed, and fatal (the worker cannot start, e.g. the
+base model does not load; it exits after sending it).
 Files travel as absolute paths under the data directory. See docs/ARCHITECTURE.md for the params of each kind.
 """
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """`python -m trainer worker`: the GPU worker process the bot talks to over JSON lines (trainer/protocol.py).
 
 It loads the base model once and keeps it resident, then runs requests one at a time on the main thread: a `run`
-(one job) or a `run_many` (several /imagine jobs served by one batched GenerationService.imagine_many call). A reader thread
-takes requests from stdin, so a `cancel` reaches a running job at its next step boundary. Events go to the original
-stdout; sys.stdout (and file descriptor 1) point at stderr so prints from libraries cannot corrupt the stream.
+(one job) or a `run_many` (several /imagine jobs served by one batched GenerationService.imagine_many call).
+A reader thread takes requests from stdin, so a `cancel` reaches a running job at its next step boundary. Events go to
+the original stdout; sys.stdout (and file descriptor 1) point at stderr so prints from libraries cannot corrupt the
+stream.
 When stdin closes (the bot went away) the running job stops at its next step and the worker exits.
 """
 from __future__ import annotations
