@@ -1,8 +1,10 @@
 """`python -m trainer.generation_check`: on a GPU, check the fast generation paths against the plain ones.
 
-- CUDA-graph UNet vs the same UNet eager (same LoRA slot contents): max pixel difference.
+- CUDA-graph UNet vs the same UNet eager (one request, its LoRA folded into the weights): max pixel difference.
+- the LoRA folded into the weights vs the same LoRA through the slot (both in graphs): max pixel difference, timings,
+  and the base weights bit-identical after both.
 - imagine_many with 4 different LoRAs in one batch vs each request alone: max pixel difference.
-- timings of one request with a LoRA (graphs on / off) and of the mixed batch.
+- timings of one request with a LoRA (graphs on / off) and of the mixed batch; the LoRA switch.
 On the tiny model (seconds); `python -m trainer bench` times the SD 1.5 architecture.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ def _pixels(path) -> np.ndarray:
 
 
 def main(argv=None) -> dict:
+    import trainer.generation as generation
     from trainer.bench_fixtures import write_random_loras
     from trainer.generation import GenerationService, ImagineRequest
     from trainer.models import load_pipeline
@@ -66,6 +69,28 @@ def main(argv=None) -> dict:
     service.graphs = graphs
     out["one_image_graph_s"], out["one_image_eager_s"] = sorted(runs)[1], min(eager_runs)
     out["graph_vs_eager_max_pixel_diff"] = int(np.abs(_pixels(fast.images[0]) - _pixels(eager.images[0])).max())
+
+    def base_weights():  # by name without peft's ".base_layer" (the slot wraps more layers)
+        return {n.replace(".base_layer", ""): p.detach().clone() for n, p in pipe.unet.named_parameters()
+                if ".lora_" not in n}
+
+    weights_before = base_weights()
+    folded_runs, slot_runs = service.adapters.runs["unet folded"], service.adapters.runs["unet slot"]
+    same_loras = generation.same_loras
+    generation.same_loras = lambda groups: False  # every loop through the slot, as a mixed batch goes
+    try:
+        timed(lambda: service.imagine(req(0, "slotwarm", 1)))
+        slot_times = [timed(lambda: service.imagine(req(0, f"s{i}", 1)))[0] for i in range(3)]
+        slot = service.imagine(req(0, "slot", 1))
+    finally:
+        generation.same_loras = same_loras
+    out["one_image_slot_graph_s"] = sorted(slot_times)[1]
+    out["folded_vs_slot_max_pixel_diff"] = int(np.abs(_pixels(fast.images[0]) - _pixels(slot.images[0])).max())
+    out["paths_ran"] = {"unet folded": service.adapters.runs["unet folded"] - folded_runs,
+                        "unet slot": service.adapters.runs["unet slot"] - slot_runs}
+    weights_after = base_weights()
+    out["base_weights_bit_identical"] = weights_after.keys() == weights_before.keys() and all(
+        torch.equal(weights_after[n], weights_before[n]) for n in weights_before)
     alone = [service.imagine(req(i, f"alone{i}", 10 + i)) for i in range(4)]
     batch = [req(i % 4, f"mixed{i}", 10 + i % 4) for i in range(8)]
     timed(lambda: service.imagine_many(batch))
