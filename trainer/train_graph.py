@@ -73,4 +73,9 @@ class GraphedStep:
 
     def close(self) -> None:
         """Free the graph and its memory pool (the step's activations) now rather than at garbage collection."""
+        had_graph = self.graph is not None
         self.graph = self._side = None
+        if had_graph:
+            import torch
+
+            torch.cuda.empty_cache()  # a freed graph pool is only usable by others once handed back to the driver
