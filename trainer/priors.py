@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.train_images import GUIDANCE_SCALE, SAMPLER_STEPS, generate, save_image_atomic
+from trainer.train_images import GUIDANCE_SCALE, SAMPLER_STEPS, generate, save_image_atomic, unet_graphs
 
 PRIORS_DIR = "priors"
 INFO_FILE = "info.json"
@@ -68,6 +68,16 @@ class ClassImageSet:
         if self.complete:
             return "complete"
         self.directory.mkdir(parents=True, exist_ok=True)
+        with unet_graphs(pipe) as graphs:  # every batch has the same shape: captured once
+            status = self._generate_missing(pipe, batch_size, deadline, should_stop, on_image, graphs)
+        if status != "complete":
+            return status
+        self._write_latents(pipe)
+        self._write_json(INFO_FILE, {"prompt": self.prompt, "resolution": self.resolution, "count": self.count,
+                                     "recipe": RECIPE, "created": time.time()})
+        return "complete"
+
+    def _generate_missing(self, pipe, batch_size, deadline, should_stop, on_image, graphs) -> str:
         generated_any = False
         for start in range(0, self.count, batch_size):
             group = [i for i in range(start, min(start + batch_size, self.count)) if not self.image_path(i).is_file()]
@@ -77,15 +87,12 @@ class ClassImageSet:
                 return "cancelled"
             if generated_any and deadline is not None and time.monotonic() >= deadline:
                 return "paused"
-            images = generate(pipe, self.prompt, [PRIOR_SEED + i for i in group], self.resolution)
+            images = generate(pipe, self.prompt, [PRIOR_SEED + i for i in group], self.resolution, graphs=graphs)
             for i, image in zip(group, images):
                 save_image_atomic(image, self.image_path(i))
             generated_any = True
             if on_image:
                 on_image(self.count - len(self.missing()), self.count)
-        self._write_latents(pipe)
-        self._write_json(INFO_FILE, {"prompt": self.prompt, "resolution": self.resolution, "count": self.count,
-                                     "recipe": RECIPE, "created": time.time()})
         return "complete"
 
     def latents(self):
