@@ -318,7 +318,7 @@ class Dispatcher:
             if timeout_s <= 0:
                 limit = format_limit(self.settings.train_timeout_s)
                 return _failed(job.id, TIMED_OUT.format(limit=limit)), 0.0
-            watcher = asyncio.create_task(self._pass_on_cancel(job.id), name=f"cancel-watch-{job.id}")
+            watcher = asyncio.create_task(self._pass_on_cancels([job.id]), name=f"cancel-watch-{job.id}")
             started = time.monotonic()
             try:
                 end = await self.worker.run(job.id, job.kind, params, timeout_s=timeout_s,
@@ -337,14 +337,6 @@ class Dispatcher:
         if job.kind == "train":
             return self.settings.train_timeout_s - (job.gpu_seconds or 0.0)  # earlier slices count too
         return float(self.settings.imagine_timeout_s)
-
-    async def _pass_on_cancel(self, job_id: int) -> None:
-        while True:
-            await asyncio.sleep(CANCEL_POLL_S)
-            if await self.ledger.cancel_requested(job_id):
-                log.info("cancelling job %s at its next step", job_id)
-                await self.worker.cancel(job_id)
-                return
 
     async def _progress(self, job: Job, event: dict) -> None:
         now = time.monotonic()
