@@ -276,7 +276,8 @@ class Bench:
                     raise RuntimeError(f"the train job reported {lora} but no such file exists")
                 out[label] = {"seconds": seconds, "lora_saved_s": lora.stat().st_mtime - worker.started_at,
                               "slices": slices, "steps": result.get("steps"), "engine_seconds": result.get("seconds"),
-                              "samples": len(result.get("samples") or [])}
+                              "samples": len(result.get("samples") or []),
+                              "timings": result.get("timings"), "graph_steps": result.get("graph_steps")}
             if need["imagine"]:
                 trained = (concept_id, f"benchme{concept_id}", lora)
                 out["imagine_after_training_s"] = imagine([trained])[1]
@@ -382,6 +383,11 @@ def summarise(bench: Bench) -> dict:
                 f"reference = class images {_fmt(ref_class)} s + load {_fmt(ref_train.get('load_s'))} s + loop "
                 f"{_fmt(ref_train.get('loop_s'))} s ({_fmt(ref_train.get('step_s'))} s/step) + save "
                 f"{_fmt(ref_train.get('save_s'))} s")
+        phases = _get(ours, "train_warm", "timings") or _get(ours, "train_cold", "timings")
+        if phases:
+            note += (f"; ours {'warm' if _get(ours, 'train_warm', 'timings') else 'cold'} phases: "
+                     + ", ".join(f"{k} {_fmt(v)} s" for k, v in phases.items())
+                     + f" ({_get(ours, 'train_cold', 'graph_steps')} steps replayed from a CUDA graph)")
         if bench.cfg.ours_batch:
             note += (f"; RECIPE CHANGE: ours at batch {bench.cfg.ours_batch} (same samples seen in fewer steps, "
                      "same learning rate), not the documented batch-1 recipe")
