@@ -1,8 +1,4 @@
-"""LoRAs folded into the base weights (one LoRA group for every row) vs the slot path, on the tiny pipeline, CPU.
-
-The training tests (test_training*.py) run later on the same session pipeline, after these and test_generation.py:
-their "pipeline left as found" and learning expectations are the check that training after generation sees the
-model's own weights; here every path is checked to leave the base weights bit-identical."""
+"""LoRAs folded into the base weights (one LoRA group for every row) vs the slot path, on the tiny pipeline, CPU."""
 from __future__ import annotations
 
 import numpy as np
@@ -161,3 +157,24 @@ def test_vae_decodes_one_image_at_a_time_and_keeps_its_setting(service, tmp_path
     finally:
         vae.disable_slicing()
         hook.remove()
+
+
+def test_training_right_after_generation_sees_the_base_weights(service, loras, tmp_path):
+    from tests.trainer.training_helpers import make_spec, pipeline_state, write_solid_photos
+    from trainer.training import train_concept
+
+    pipe = service.pipe
+    saved = base_weights(pipe)
+    service.imagine(request(tmp_path, "gen", concepts=[concept(loras, "sid")]))
+    state = pipeline_state(pipe)
+    at_first_step = []
+
+    def on_progress(info):
+        if not at_first_step:
+            at_first_step.append(base_weights(pipe))
+
+    spec = make_spec(write_solid_photos(tmp_path / "photos", 2), tmp_path / "out", steps=1)
+    assert train_concept(pipe, spec, cache_dir=tmp_path / "cache", on_progress=on_progress).status == "done"
+    assert all(torch.equal(at_first_step[0][k], saved[k]) for k in saved)
+    assert_same_weights(pipe, saved)
+    assert pipeline_state(pipe) == state
