@@ -70,11 +70,41 @@ def _atomic_write(path: Path, data: bytes) -> Path:
 
 
 def save_png(image: Image.Image, path: Path, parameters: str) -> Path:
-    info = PngInfo()
-    info.add_text("parameters", parameters)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return _atomic_write(path, buffer.getvalue())
+    return _atomic_write(path, encode_png(image, parameters))
+
+
+def encode_png(image: Image.Image, parameters: str) -> bytes:
+    """PNG bytes with the `parameters` text chunk. RGB goes through OpenCV's encoder (zlib level 1, RLE strategy):
+    on the H200 host PIL's default took 41 ms for a 512² image, on the critical path of every /imagine; OpenCV's
+    is ~3.5× faster and the files are a little smaller. The text chunk is then added as PIL's PngInfo would write it."""
+    if image.mode != "RGB":
+        info = PngInfo()
+        info.add_text("parameters", parameters)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", pnginfo=info)
+        return buffer.getvalue()
+    import cv2
+    import numpy as np
+
+    ok, encoded = cv2.imencode(".png", np.asarray(image)[:, :, ::-1],
+                               [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
+    if not ok:
+        raise RuntimeError("OpenCV could not encode the image as PNG")
+    data = encoded.tobytes()
+    after_header = 8 + 8 + 13 + 4  # signature, then IHDR: length + type, 13 bytes of data, CRC
+    return data[:after_header] + _text_chunk("parameters", parameters) + data[after_header:]
+
+
+def _text_chunk(keyword: str, text: str) -> bytes:
+    """tEXt when the text is Latin-1 (as PNG requires there), else uncompressed UTF-8 iTXt: PIL's own choice."""
+    import struct
+    import zlib
+
+    try:
+        kind, body = b"tEXt", keyword.encode("latin-1") + b"\0" + text.encode("latin-1")
+    except UnicodeEncodeError:
+        kind, body = b"iTXt", keyword.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def read_png_parameters(path: Path) -> str | None:

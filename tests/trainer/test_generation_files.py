@@ -53,6 +53,20 @@ def test_png_chunk_and_small_copy_carry_the_text(tmp_path):
     assert small_copy(image, 10, tmp_path / "never.webp") is None
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+@pytest.mark.parametrize("text", ["a photo of sid man\nSteps: 30, Seed: 1", "ein Foto: Größe\nSeed: 2",
+                                  "a 🐱 in Tōkyō 東京\nNegative prompt: blur\nSeed: 3"])
+def test_png_keeps_pixels_and_any_text_exactly(tmp_path, mode, text):
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (37, 53, 4), dtype=np.uint8), "RGBA").convert(mode)
+    png = save_png(image, tmp_path / "x.png", text)
+    assert read_png_parameters(png) == text
+    with Image.open(png) as back:
+        back.load()
+        assert back.format == "PNG" and back.mode == mode
+        assert np.array_equal(np.asarray(back), np.asarray(image))
+
+
 @pytest.mark.parametrize("count, shape", [(1, (1, 1)), (2, (1, 2)), (3, (1, 3)), (4, (2, 2))])
 def test_grid_shapes(count, shape):
     assert grid_shape(count) == shape
