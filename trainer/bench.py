@@ -298,7 +298,8 @@ class Bench:
         service = worker.worker._generation
         out["switch_ms"] = median([timed(cfg.device, service.switch, (a, b)[i % 2][2], (a, b)[i % 2][1])[0]
                                    for i in range(rounds)]) * 1e3
-        out["switch_method"] = "LoRA cache lookup + text-encoder and UNet slots filled, on, off (per request)"
+        out["switch_method"] = ("LoRA cache lookup + the LoRA folded into the text encoder, then the UNet, and restored "
+                                "(what every single-LoRA request does around its loop)")
         same = [imagine([a], cfg.seed + i, cfg.switch_steps)[1] for i in range(rounds)]
         alternating = [imagine([(a, b)[i % 2]], cfg.seed + i, cfg.switch_steps)[1] for i in range(rounds)]
         out["switch_same_request_s"], out["switch_alternating_request_s"] = median(same), median(alternating)
