@@ -63,11 +63,21 @@ class LoraTrainingScope:
         self.components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
         self.states: dict[str, _ComponentState] = {}
         self.added: set[str] = set()
+        self.unet_was_channels_last = False
 
     def __enter__(self) -> "LoraTrainingScope":
+        import torch
+
         self.states = {name: _ComponentState.record(model) for name, model in self.components.items()}
         for model in self.components.values():
             model.requires_grad_(False)
+        # Generation keeps the UNet channels_last (faster inference); a training step is ~8 % slower that way
+        # (H200, batch 8, CUDA graph: 11.9 vs 11.0 s for 50 steps), so it trains in the default layout.
+        weight = self.pipe.unet.conv_in.weight
+        self.unet_was_channels_last = (weight.dim() == 4 and not weight.is_contiguous()
+                                       and weight.is_contiguous(memory_format=torch.channels_last))
+        if self.unet_was_channels_last:
+            self.pipe.unet.to(memory_format=torch.contiguous_format)
         return self
 
     def base_model_only(self) -> None:
@@ -116,8 +126,12 @@ class LoraTrainingScope:
         return self.components[component].peft_config[self.adapter_name].to_dict()
 
     def __exit__(self, *exc) -> None:
+        import torch
+
         for name, model in self.components.items():
             self._restore(model, self.states[name], name in self.added)
+        if self.unet_was_channels_last:
+            self.pipe.unet.to(memory_format=torch.channels_last)
 
     def _restore(self, model, state: _ComponentState, added: bool) -> None:
         from diffusers.utils import recurse_remove_peft_layers

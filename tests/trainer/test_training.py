@@ -83,6 +83,31 @@ def test_end_to_end_outputs_load_in_diffusers_and_kohya_format(tiny_pipeline, ti
     assert np.abs(np.asarray(again, np.int16) - np.asarray(sample, np.int16)).max() <= 1
 
 
+def test_channels_last_unet_trains_in_the_default_layout_and_is_given_back(tiny_pipeline, photos, tmp_path):
+    pipe = tiny_pipeline
+    pipe.unet.to(memory_format=torch.channels_last)  # as the generation service leaves it on a GPU
+    try:
+        before = pipeline_state(pipe)
+        assert any(before["unet_channels_last"])
+        seen = []
+        original = pipe.unet.forward
+
+        def forward(*args, **kwargs):
+            seen.append(pipe.unet.conv_in.weight.is_contiguous())
+            return original(*args, **kwargs)
+
+        pipe.unet.forward = forward
+        try:
+            spec = make_spec(photos, tmp_path / "out", steps=2, prior_preservation=False, sample_count=0)
+            assert train_concept(pipe, spec, cache_dir=tmp_path / "cache").status == "done"
+        finally:
+            del pipe.unet.forward
+        assert seen and all(seen)
+        assert pipeline_state(pipe) == before
+    finally:
+        pipe.unet.to(memory_format=torch.contiguous_format)
+
+
 def test_pipeline_is_left_as_found_after_paused_cancelled_done_and_error(tiny_pipeline, photos, tmp_path):
     pipe = tiny_pipeline
     before_state, before_latents = pipeline_state(pipe), generate_latents(pipe)

@@ -37,6 +37,7 @@ def make_spec(photos_dir: Path, out_dir: Path, concept_id="c1", **overrides) -> 
 
 def pipeline_state(pipe) -> dict:
     """Everything training promises to leave as it found it."""
+    import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     state = {}
@@ -51,6 +52,8 @@ def pipeline_state(pipe) -> dict:
             "disabled": [layer.disable_adapters for layer in layers],
         }
     state["scheduler"] = type(pipe.scheduler).__name__
+    state["unet_channels_last"] = [p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                                   for p in pipe.unet.parameters() if p.dim() == 4]
     return state
 
 
