@@ -224,7 +224,11 @@ class Dispatcher:
             job = await self.ledger.claim_next(kinds=("imagine",))
             if job is None:
                 return
-            await self._run_claimed(job)
+            try:
+                await self._run_claimed(job)
+            except Exception:  # the bot broke on this /imagine job: it fails, the training it interrupted goes on
+                await self._fail_after_bot_error(job)
+                return
 
     # --- /imagine batches ----------------------------------------------------------------------------------------
 

@@ -265,6 +265,24 @@ async def test_a_bot_error_while_recording_fails_the_job_instead_of_leaving_it_r
     assert (await bot.dispatcher.run_next()) is None  # and the queue goes on
 
 
+async def test_a_bot_error_on_an_imagine_between_slices_fails_only_that_imagine(bot, monkeypatch):
+    concept, train = await bot.train(ALICE, "sid", steps=3)
+    imagine = await bot.imagine(BOB)  # runs between the training's slices
+    real_succeed = bot.ledger.succeed
+
+    async def broken_for_imagine(job_id, *args, **kwargs):
+        if job_id == imagine.id:
+            raise RuntimeError("disk I/O error")
+        return await real_succeed(job_id, *args, **kwargs)
+
+    monkeypatch.setattr(bot.ledger, "succeed", broken_for_imagine)
+    assert (await bot.dispatcher.run_next()).id == train.id
+    failed, trained = await bot.ledger.get(imagine.id), await bot.ledger.get(train.id)
+    assert failed.status == "failed" and f"job {imagine.id}" in failed.error
+    assert trained.status == "succeeded", trained.error
+    assert sorted(bot.notifier.finished_ids()) == sorted([imagine.id, train.id])
+
+
 async def test_queued_imagine_jobs_of_three_members_run_as_one_batch(bot, caplog):
     caplog.set_level(logging.INFO, logger="boothbot.worker")
     alice = await bot.imagine(ALICE)
