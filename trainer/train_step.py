@@ -8,7 +8,12 @@ graph (trainer/train_graph.py): the replay computes exactly what the eager step 
 from __future__ import annotations
 
 import math
+from collections import deque
 from contextlib import nullcontext
+
+# A replayed step is one launch, so the host could queue hundreds of steps (seconds of GPU work) ahead of the GPU;
+# cancels, slice deadlines and progress are judged on the host, so it waits once this many steps are in flight.
+MAX_STEPS_IN_FLIGHT = 2
 
 
 class StepRunner:
@@ -59,6 +64,7 @@ class StepRunner:
         self._index = torch.zeros(1, dtype=torch.long, device=self.device)
         self._latent_noise = torch.empty(shape, dtype=self.mean.dtype, device=self.device)
         self._noise = torch.empty(shape, dtype=self.mean.dtype, device=self.device)
+        self._in_flight: deque = deque()
         self.graph = None
         if use_graph:
             from trainer.train_graph import GraphedStep
@@ -105,6 +111,12 @@ class StepRunner:
         else:
             self._compute(True)
         self.loss_count += 1
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+            self._in_flight.append(done)
+            if len(self._in_flight) > MAX_STEPS_IN_FLIGHT:
+                self._in_flight.popleft().synchronize()
 
     def _compute(self, zero_grad: bool) -> None:
         """The step itself, on the static inputs; no host sync (it may run inside a CUDA graph)."""

@@ -1,6 +1,6 @@
 """`python -m trainer.training_check`: on a GPU, check the CUDA-graph training step against the eager one.
 
-Tiny model, a few steps at batch 2 with prior preservation and the text-encoder LoRA, deterministic kernels:
+Tiny model, 120 steps at batch 2 with prior preservation and the text-encoder LoRA, deterministic kernels:
 - the LoRA trained with the step replayed from a CUDA graph vs the eager step (max difference of every tensor);
 - the same graph training cut into slices and resumed vs uninterrupted (the checkpoint path with graphs);
 - how many steps were replayed, and the seconds per phase of each run.
@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     from trainer.training import TrainSpec, train_concept
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="traincheck-"))
@@ -58,14 +58,16 @@ def main(argv=None) -> dict:
 
     eager, _ = train("eager", graphs=False)
     graph, _ = train("graph", graphs=True)
-    sliced, slices = train("sliced", graphs=True, slice_s=0.2)  # several steps per slice: some replayed
+    # Slices as long as about 5 eager steps: each slice has its 3 eager warm-up steps, a capture and replays.
+    eager_step_s = eager["timings"]["steps"] / args.steps
+    sliced, slices = train("sliced", graphs=True, slice_s=5 * eager_step_s)
     out = {
         "device": __import__("torch").cuda.get_device_name(),
         "graph_steps": graph["graph_steps"], "steps": graph["steps"],
         "graph_vs_eager_max_abs_diff": _max_difference(_tensors(graph["lora"]), _tensors(eager["lora"])),
         "sliced_graph_vs_uninterrupted_max_abs_diff": _max_difference(_tensors(sliced["lora"]),
                                                                       _tensors(graph["lora"])),
-        "sliced_runs": slices,
+        "sliced_runs": slices, "sliced_last_slice_graph_steps": sliced["graph_steps"],
         "timings_eager": eager["timings"], "timings_graph": graph["timings"],
     }
     print(json.dumps(out, indent=2))
