@@ -3,7 +3,7 @@
 Everything a step draws at random is fixed up front by the seed (which photos, mirrored or not, timesteps) or comes
 from `noise_generator`, whose state the checkpoint keeps. The step reads its step number and its two noise draws from
 static device buffers that `step()` fills first, so the same code runs eagerly and, on CUDA, replayed from a CUDA
-graph (trainer/train_graph.py): the replay computes exactly what the eager step computes.
+graph (trainer/train_graph.py): the replay does the eager step's math (up to rounding on the GPU: docs/TRAINING.md).
 """
 from __future__ import annotations
 
