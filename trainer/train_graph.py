@@ -2,10 +2,10 @@
 
 At the recipe's batch sizes a LoRA step is bound by Python and kernel launches, not by the GPU (docs/BENCHMARKS.md:
 the GPU is busy 12 % of a batch-1 step, 69 % at batch 8). Captured once per training slice after a few eager
-warm-up steps, the step is then one launch. This follows PyTorch's "whole network capture" recipe: warm-up on a side stream,
-gradients set to None before the capture (the graph's backward then writes them into its own static buffers),
-a capturable optimiser, no host syncs inside. Everything random is drawn outside the graph into static buffers by
-the caller, so a replayed step does the eager step's math (its rounding differs slightly on the GPU:
+warm-up steps, the step is then one launch. This follows PyTorch's "whole network capture" recipe: warm-up on a
+side stream, gradients set to None before the capture (the graph's backward then writes them into its own static
+buffers), a capturable optimiser, no host syncs inside. Everything random is drawn outside the graph into static
+buffers by the caller, so a replayed step does the eager step's math (its rounding differs slightly on the GPU:
 docs/TRAINING.md).
 
 Anything that cannot be captured (a library op that syncs with the host, for example) makes the capture fail; the
