@@ -218,12 +218,15 @@ def remaining_s(job: Job, estimates: dict[str, float], now: float) -> float:
 
 def plan(running: Sequence[Job], queued: Sequence[Job], used: dict[int, float], estimates: dict[str, float],
          now: float) -> list[QueueEntry]:
-    """Running jobs first, then the queue in fair order, each with its position and ETA (one GPU: sequential)."""
+    """Running jobs first, then the queue in fair order, each with its position and ETA (one GPU: sequential).
+
+    Jobs running at the same time are one batch on the GPU (the dispatcher runs several /imagine jobs in one
+    denoising loop): the queue waits for the longest of them, not for their sum."""
     entries: list[QueueEntry] = []
     ahead = 0.0
     for job in sorted(running, key=lambda j: (j.claimed_at or 0.0, j.id)):
         remaining = remaining_s(job, estimates, now)
-        ahead += remaining
+        ahead = max(ahead, remaining)
         entries.append(QueueEntry(job, None, remaining))
     for position, job in enumerate(fair_order(queued, used, estimates, now), start=1):
         ahead += remaining_s(job, estimates, now)

@@ -226,6 +226,18 @@ async def test_position_and_eta_from_defaults_then_measurements(ledger, clock):
     assert await ledger.eta_s(running.id) is None and await ledger.position(running.id) is None
 
 
+async def test_eta_behind_a_running_batch_waits_for_its_longest_job_not_the_sum(ledger, clock):
+    batch = [await ledger.submit("imagine", member, GUILD, CHANNEL, {}) for member in (ALICE, BOB, CAROL)]
+    waiting = await ledger.submit("imagine", ALICE, GUILD, CHANNEL, {})
+    claimed = await ledger.claim_matching(lambda job, taken: job.id != waiting.id, 3)
+    assert sorted(j.id for j in claimed) == sorted(j.id for j in batch)
+    await ledger.record_progress(batch[0].id, 5, 30, eta_s=4.0)
+    await ledger.record_progress(batch[1].id, 5, 30, eta_s=9.0)
+    await ledger.record_progress(batch[2].id, 5, 30, eta_s=4.0)
+    assert await ledger.position(waiting.id) == 1
+    assert await ledger.eta_s(waiting.id) == pytest.approx(9.0 + DEFAULT_DURATION_S["imagine"])
+
+
 async def test_position_simulates_fairness_for_many_members(ledger, clock):
     alice = [await ledger.submit("imagine", ALICE, GUILD, CHANNEL, {}) for _ in range(6)]
     bob = [await ledger.submit("imagine", BOB, GUILD, CHANNEL, {}) for _ in range(2)]
