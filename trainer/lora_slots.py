@@ -388,19 +388,15 @@ class LoraSlots:
             zero.append(layer.lora_B[SLOT_NAME].weight[:, :stale])
         if zero:
             torch._foreach_zero_(zero)
-        dst, src, scaled, factors = [], [], [], []
+        dst, src = [], []
         for lora, weight, offset in writes:
             for name, (a, b) in lora.layers[component].items():
                 layer = layers[name]
                 r = a.shape[0]
                 dst.append(layer.lora_A[SLOT_NAME].weight[offset:offset + r])
                 src.append(a)
-                b_dst = layer.lora_B[SLOT_NAME].weight[:, offset:offset + r]
-                dst.append(b_dst)
+                dst.append(layer.lora_B[SLOT_NAME].weight[:, offset:offset + r])
                 src.append(b)
-                if weight != 1.0:
-                    scaled.append(b_dst)
-            factors.append(weight)
         if dst:
             torch._foreach_copy_(dst, src)
         for lora, weight, offset in writes:
@@ -426,12 +422,13 @@ class LoraSlots:
         buffer.copy_(host, non_blocking=False)
         return buffer
 
-    def needs(self, loras) -> tuple[dict[str, set[str]], int]:
+    def needs(self, loras) -> dict[str, set[str]]:
+        """The layers, per component, that these LoRAs touch."""
         names = {c: set() for c in COMPONENTS}
         for lora in loras:
             for component, layers in lora.layers.items():
                 names.setdefault(component, set()).update(layers)
-        return names, sum(lora.rank for lora in loras)
+        return names
 
     @contextmanager
     def active(self, *, unet_groups: list[tuple], unet_rows: list[int]):
@@ -440,8 +437,7 @@ class LoraSlots:
         weights to hold the slot stays off. On exit no adapter is active."""
         distinct = {id(l): l for group in unet_groups for l, _ in group if "unet" in l.layers}
         if distinct:
-            needs, _ = self.needs(distinct.values())
-            self._ensure_slot({"unet": needs["unet"]}, self._rank_used(unet_groups))
+            self._ensure_slot({"unet": self.needs(distinct.values())["unet"]}, self._rank_used(unet_groups))
         try:
             self.deactivate()  # also any foreign adapter (the training engine's) someone left active
             if distinct and "unet" in self._layers:
