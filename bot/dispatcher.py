@@ -267,13 +267,12 @@ class Dispatcher:
         try:
             requests, served = [], {}
             for job in jobs:
-                try:
-                    requests.append({"job_id": job.id, "kind": "imagine", "params": await self.worker_params(job)})
-                    served[job.id] = job
-                except Exception as e:  # noqa: BLE001 - bad stored params end the job, not the batch
-                    if not isinstance(e, UserError):
-                        log.exception("could not prepare job %s", job.id)
-                    outcomes[job.id] = (_failed(job.id, str(e) if isinstance(e, UserError) else PREPARE_FAILED), 0.0)
+                params, failure = await self._params_or_failure(job)
+                if failure is not None:  # bad stored params end the job, not the batch
+                    outcomes[job.id] = (failure, 0.0)
+                    continue
+                requests.append({"job_id": job.id, "kind": "imagine", "params": params})
+                served[job.id] = job
             if not served:
                 return outcomes
             images = {job_id: image_count(job.params) for job_id, job in served.items()}
@@ -312,12 +311,9 @@ class Dispatcher:
         """Send the job (or its next slice) to the worker; returns (end event, GPU seconds of this run)."""
         self.current_job_id = job.id
         try:
-            try:
-                params = await self.worker_params(job)
-            except Exception as e:  # noqa: BLE001 - bad stored params or a vanished concept end the job, not the loop
-                if not isinstance(e, UserError):
-                    log.exception("could not prepare job %s", job.id)
-                return _failed(job.id, str(e) if isinstance(e, UserError) else PREPARE_FAILED), 0.0
+            params, failure = await self._params_or_failure(job)
+            if failure is not None:
+                return failure, 0.0
             timeout_s = self._time_left(job)
             if timeout_s <= 0:
                 limit = format_limit(self.settings.train_timeout_s)
@@ -336,6 +332,16 @@ class Dispatcher:
         finally:
             self.current_job_id = None
             self._last_progress_write.pop(job.id, None)
+
+    async def _params_or_failure(self, job: Job) -> tuple[dict | None, dict | None]:
+        """(the job's worker params, None), or (None, its `failed` end event) when it cannot be prepared: bad stored
+        params or a vanished concept end the job, not the dispatcher."""
+        try:
+            return await self.worker_params(job), None
+        except Exception as e:  # noqa: BLE001
+            if not isinstance(e, UserError):
+                log.exception("could not prepare job %s", job.id)
+            return None, _failed(job.id, str(e) if isinstance(e, UserError) else PREPARE_FAILED)
 
     def _time_left(self, job: Job) -> float:
         if job.kind == "train":
