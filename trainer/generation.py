@@ -370,4 +370,3 @@ class GenerationService:
             notices.append(f"{png_path.name} is too big to upload here, even shrunk.")
         else:
             small[str(png_path)] = str(copy)
-

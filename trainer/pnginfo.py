@@ -13,7 +13,9 @@ import io
 import json
 import os
 import re
+import struct
 import threading
+import zlib
 from pathlib import Path
 
 from PIL import Image
@@ -97,9 +99,6 @@ def encode_png(image: Image.Image, parameters: str) -> bytes:
 
 def _text_chunk(keyword: str, text: str) -> bytes:
     """tEXt when the text is Latin-1 (as PNG requires there), else uncompressed UTF-8 iTXt: PIL's own choice."""
-    import struct
-    import zlib
-
     try:
         kind, body = b"tEXt", keyword.encode("latin-1") + b"\0" + text.encode("latin-1")
     except UnicodeEncodeError:

@@ -414,12 +414,28 @@ class _Slice:
         return TrainOutcome("paused", self.step, self.job.total)
 
     def _finish(self, scope, trainer: "StepRunner") -> TrainOutcome:
+        spec, job = self.spec, self.job
+        with self._phase("save"):
+            lora, kohya = self._save_lora(scope)
+        with self._phase("samples"):
+            samples = self._samples()
+        result = {"lora": str(lora.resolve()), "lora_kohya": str(kohya.resolve()), "samples": samples,
+                  "steps": job.total, "seconds": round(self._elapsed(), 1), "timings": dict(self.timings),
+                  "graph_steps": trainer.graph_replays}
+        log.info("training %s done: %d steps in %.1f s (this slice: %s; %d steps replayed from a CUDA graph)",
+                 spec.concept_id, job.total, result["seconds"], self.timings, trainer.graph_replays)
+        checkpoint.remove(spec.out_dir)
+        checkpoint.save_state(spec.out_dir, {"fingerprint": job.fingerprint, FINISHED_KEY: True, "step": job.total,
+                                             "elapsed_s": result["seconds"], "result": result})
+        return TrainOutcome("done", job.total, job.total, result)
+
+    def _save_lora(self, scope):
+        """Write both LoRA files (diffusers and kohya format) with the training's metadata; returns their paths."""
         from peft.utils import get_peft_model_state_dict
 
         from trainer.lora_io import training_metadata, write_lora_files
 
         spec, job = self.spec, self.job
-        saving = time.monotonic()
         seconds = round(self._elapsed(), 1)
         unet_state = {k: v.detach().float().cpu() for k, v in
                       get_peft_model_state_dict(self.pipe.unet, adapter_name=spec.adapter_name).items()}
@@ -434,21 +450,9 @@ class _Slice:
             train_text_encoder=spec.train_text_encoder, batch_size=spec.batch_size, resolution=job.resolution,
             prior_preservation=spec.uses_prior, class_images=spec.class_images if spec.uses_prior else None,
             photo_count=len(job.photos), seed=spec.seed, seconds=seconds)
-        lora, kohya = write_lora_files(spec.out_dir, unet_state=unet_state, text_encoder_state=te_state,
-                                       unet_config=scope.adapter_config("unet"),
-                                       text_encoder_config=scope.adapter_config("text_encoder"), metadata=metadata)
-        self.timings["save"] = round(time.monotonic() - saving, 3)
-        with self._phase("samples"):
-            samples = self._samples()
-        result = {"lora": str(lora.resolve()), "lora_kohya": str(kohya.resolve()), "samples": samples,
-                  "steps": job.total, "seconds": round(self._elapsed(), 1), "timings": dict(self.timings),
-                  "graph_steps": trainer.graph_replays}
-        log.info("training %s done: %d steps in %.1f s (this slice: %s; %d steps replayed from a CUDA graph)",
-                 spec.concept_id, job.total, result["seconds"], self.timings, trainer.graph_replays)
-        checkpoint.remove(spec.out_dir)
-        checkpoint.save_state(spec.out_dir, {"fingerprint": job.fingerprint, FINISHED_KEY: True, "step": job.total,
-                                             "elapsed_s": result["seconds"], "result": result})
-        return TrainOutcome("done", job.total, job.total, result)
+        return write_lora_files(spec.out_dir, unet_state=unet_state, text_encoder_state=te_state,
+                                unet_config=scope.adapter_config("unet"),
+                                text_encoder_config=scope.adapter_config("text_encoder"), metadata=metadata)
 
     def _samples(self) -> list[str]:
         from trainer.train_images import generate, save_image_atomic
