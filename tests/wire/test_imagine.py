@@ -20,8 +20,10 @@ async def test_imagine_happy_path_posts_images_and_buttons_to_the_channel(booth)
     assert len(files) == 2 and all(data[:8] == b"\x89PNG\r\n\x1a\n" for data in files.values())
     assert button_ids(result) == [f"bb:reroll:{job.id}", f"bb:params:{job.id}", f"bb:vary:{job.id}:0",
                                   f"bb:vary:{job.id}:1"]
-    # The status message (queue place, then progress) was posted with the bot token and retired once done.
-    assert job.message_id is not None and job.message_id in fake.deleted_messages
+    # The status message (queue place, then progress) was posted with the bot token and retired once done (the delete
+    # follows the result post, so it may still be on its way).
+    assert job.message_id is not None
+    await fake.wait_for(lambda: job.message_id in fake.deleted_messages, what=f"job {job.id}'s status message deleted")
     status = [r for r in fake.requests if r.path.startswith(f"/channels/{fake.channel_id}/messages")
               and f"job {job.id}" in str(r.json)]
     assert any("in the queue" in str(r.json) for r in status), "no queue place was shown"

@@ -29,7 +29,8 @@ async def test_restart_delivers_a_finished_undelivered_job_once(booth):
     await booth.start()
     delivered = await fake.wait_for(lambda: result_messages(fake, job.id), what="the backlog delivery")
     assert (await booth.job(job.id)).delivered_at is not None
-    assert finished.message_id in fake.deleted_messages  # the old status message was retired
+    # The old status message is retired right after the result is posted.
+    await fake.wait_for(lambda: finished.message_id in fake.deleted_messages, what="the old status message deleted")
 
     # Reconnecting runs the same backlog delivery again: nothing is announced twice.
     await booth.disconnect()

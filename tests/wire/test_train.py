@@ -82,7 +82,8 @@ async def test_train_happy_path(booth, trained):
     assert f"/imagine prompt: a photo of {TOKEN} dog" in final["content"]
     samples = fake.file_bytes(final)
     assert len(samples) == 1 and all(data[:4] == b"\x89PNG" for data in samples.values())
-    assert job.message_id in fake.deleted_messages
+    # The delete of the status message follows the result post: it may still be on its way.
+    await fake.wait_for(lambda: job.message_id in fake.deleted_messages, what="the status message deleted")
     concept = trained["concept"]
     assert concept.status == "ready" and concept.photo_count == 3 and concept.job_id == job.id
 
