@@ -54,12 +54,13 @@ def run_check(*, env_file: str | os.PathLike | None = ".env", gpu: bool = False,
         check_data_dir(report, settings.data_dir)
         asyncio.run(check_database(report, settings))
         check_torch(report, settings.device)
+        check_packages(report)
         check_model(report, settings.model)
         if gpu and not report.failed:
             asyncio.run(check_worker(report, settings))
     failures = sum(status == "FAIL" for status, _, _ in report.lines)
     warnings = sum(status == "warn" for status, _, _ in report.lines)
-    summary = (f"{failures} problem(s) to fix before the bot can run" if failures else
+    summary = (f"not ready: {failures} problem(s) to fix before the bot can run" if failures else
                "ready to run: python -m bot" + (f" ({warnings} warning(s) above)" if warnings else ""))
     print(summary, file=out or sys.stdout, flush=True)
     return 1 if failures else 0
@@ -167,6 +168,19 @@ def check_torch(report: Report, device: str) -> None:
                            "GPU may cause out-of-memory failures")
     else:
         report.ok("gpu", text)
+
+
+def check_packages(report: Report) -> None:
+    """A one-step LoRA training and load on a tiny CPU model: do the installed packages work together?"""
+    from trainer.compat import check_stack
+
+    stack = check_stack()
+    if stack.ok:
+        report.ok("packages", f"{stack.describe_versions()}: a tiny LoRA trains and loads ({stack.seconds:.1f} s)")
+    else:
+        report.fail("packages", stack.problem)
+    for item in stack.out_of_range:
+        report.warn("packages", f"{item} is outside the versions boothbot was tested with")
 
 
 def check_model(report: Report, ref: str) -> None:

@@ -124,3 +124,25 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     pipe = build_tiny_pipeline(seed)
     pipe.save_pretrained(str(directory), safe_serialization=True)
     return directory
+
+
+def write_sample_photos(directory: str | Path, count: int = 5, size: int = 256, seed: int = 0) -> Path:
+    """Made-up "photos" to try training without real ones: random sharp-edged shapes, different enough from each
+    other that intake's duplicate and blur checks accept them."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(12):
+            x, y = rng.randrange(size), rng.randrange(size)
+            w, h = rng.randrange(size // 8, size // 2), rng.randrange(size // 8, size // 2)
+            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+            shape((x - w, y - h, x + w, y + h), fill=tuple(rng.randrange(256) for _ in range(3)))
+        image.save(directory / f"photo{i + 1}.png")
+    return directory

@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from trainer import protocol
 from trainer.errors import Cancelled, UserError
@@ -32,6 +32,7 @@ NO_MODEL = "The GPU worker was started without a base model (--no-model), so it 
 ENGINE_MISSING = "This bot cannot run {kind} jobs yet: its {what} engine is not installed. Please tell a server admin."
 PROGRESS_INTERVAL_S = 0.25  # at most ~4 progress events a second per job (plus the first and the last step)
 SELFTEST_MAX_S = 3600.0
+STACK_STAMP = "stack-check.json"  # under the cache directory: the package versions whose probe passed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -469,6 +470,14 @@ def describe_device(device: str) -> str:
     return device
 
 
+def exit_fatal(writer: EventWriter, error: str, detail: str, code: int) -> NoReturn:
+    """Tell the bot why the worker cannot start, then exit at once: a normal interpreter shutdown would abort on the
+    stdin reader thread, which is blocked in a read holding the stream's lock."""
+    writer.send(protocol.fatal(error, detail))
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run(args: argparse.Namespace) -> int:
     events = claim_stdout()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -490,17 +499,21 @@ def run(args: argparse.Namespace) -> int:
         dtype = pick_dtype(device, args.dtype)
         pipe = None
         if not args.no_model:
+            from trainer.compat import check_stack
             from trainer.models import resolve_model
 
             resolve_model(args.model)  # a wrong path fails here at once, before seconds of importing diffusers
             from diffusers.utils import logging as diffusers_logging
 
             diffusers_logging.disable_progress_bar()  # one line per loaded component would flood the bot's log
+            # Before the base model (maybe a download of gigabytes): can this set of packages train a LoRA at all?
+            stack = check_stack(stamp=Path(args.data_dir) / "cache" / STACK_STAMP)
+            if not stack.ok:
+                exit_fatal(writer, f"the installed packages cannot train LoRAs: {stack.problem}", stack.detail, 4)
             pipe = load_pipeline(args.model, device, args.dtype)
     except Exception as exc:  # noqa: BLE001 - whatever stops the start is reported to the bot, then we exit
         what = "the GPU worker could not start" if args.no_model else f"the base model {args.model} could not be loaded"
-        writer.send(protocol.fatal(f"{what}: {exc}", "".join(traceback.format_exception(exc))))
-        return 3
+        exit_fatal(writer, f"{what}: {exc}", "".join(traceback.format_exception(exc)), 3)
     control.loading = False
     writer.send(protocol.ready(describe_device(device), str(dtype).removeprefix("torch."),
                                None if args.no_model else args.model, os.getpid()))

@@ -104,7 +104,7 @@ def test_missing_model_path_is_a_problem(model_checks):
     assert done.returncode == 1
     model = line(done.stdout, "model")
     assert model.startswith("FAIL") and str(missing) in model and "does not exist" in model
-    assert "problem(s) to fix" in done.stdout
+    assert "not ready: " in done.stdout and "problem(s) to fix" in done.stdout
 
 
 def test_directory_that_is_not_a_model_and_one_missing_a_component(tmp_path, tiny_model_dir):
