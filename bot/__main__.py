@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 async def serve(settings, *, discord: bool) -> int:
     from bot.app import start_services
-    from bot.dispatcher import LogNotifier
+    from bot.dispatch.dispatcher import LogNotifier
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -8,14 +8,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from bot.admin import AdminService
-from bot.concepts import ConceptService
-from bot.dispatcher import Dispatcher, Notifier
-from bot.gallery import Gallery
-from bot.ledger import Ledger
+from bot.services.admin import AdminService
+from bot.services.concepts import ConceptService
+from bot.dispatch.dispatcher import Dispatcher, Notifier
+from bot.services.gallery import Gallery
+from bot.jobs.ledger import Ledger
 from bot.settings import Settings
-from bot.store import Store
-from bot.worker_client import WorkerClient
+from bot.store.database import Store
+from bot.dispatch.worker_client import WorkerClient
 
 log = logging.getLogger("boothbot")
 

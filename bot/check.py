@@ -117,7 +117,7 @@ def check_data_dir(report: Report, data_dir: Path) -> None:
 
 
 async def check_database(report: Report, settings: Settings) -> None:
-    from bot.store import Store
+    from bot.store.database import Store
 
     try:
         store = await Store.open(settings.db_path)
@@ -184,7 +184,7 @@ def check_packages(report: Report) -> None:
 
 
 def check_model(report: Report, ref: str) -> None:
-    from trainer.models import ModelNotFound, resolve_model
+    from trainer.models.loading import ModelNotFound, resolve_model
 
     try:
         source = resolve_model(ref)
@@ -223,7 +223,7 @@ def _missing_components(directory: Path) -> list[str]:
 
 
 async def check_worker(report: Report, settings: Settings) -> None:
-    from bot.worker_client import WorkerClient
+    from bot.dispatch.worker_client import WorkerClient
 
     print(f"...   worker     starting the GPU worker with {settings.model} (the first start may download it)",
           file=report.out or sys.stdout, flush=True)

@@ -11,7 +11,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from trainer.errors import UserError
+from trainer.contract.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Errors bot/ services raise for members; str() is the message the cog shows (ephemeral)."""
-from trainer.errors import UserError
+from trainer.contract.errors import UserError
 
 
 class LimitError(UserError):

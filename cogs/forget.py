@@ -7,7 +7,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.members import forget_member
+from bot.services.members import forget_member
 from cogs._views import ask_to_confirm
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.errors import NotFound
-from bot.submissions import VARIATION_STRENGTH, submit_imagine
+from bot.services.submissions import VARIATION_STRENGTH, submit_imagine
 from cogs._views import DYNAMIC_ITEMS
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.errors import UserError
-from bot.submissions import MAX_ZIP_MB, submit_training
+from bot.services.submissions import MAX_ZIP_MB, submit_training
 from cogs import _render
 
 log = logging.getLogger(__name__)

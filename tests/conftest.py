@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random SD pipeline on disk, loadable with StableDiffusionPipeline.from_pretrained."""
-    from trainer.tiny import make_tiny_model
+    from trainer.models.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
@@ -23,6 +23,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_model_dir):
     """The tiny pipeline loaded on CPU in fp32 (shared: tests must leave no adapters active)."""
-    from trainer.models import load_pipeline
+    from trainer.models.loading import load_pipeline
 
     return load_pipeline(str(tiny_model_dir), device="cpu", dtype="fp32")

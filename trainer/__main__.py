@@ -10,11 +10,10 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "make-tiny-model": ("trainer.tiny_cli", "write a tiny random Stable Diffusion pipeline (tests, offline smoke runs)"),
-    "train": ("trainer.train_cli", "train a DreamBooth LoRA from photos"),
-    "imagine": ("trainer.imagine_cli", "generate images, optionally with LoRAs"),
+    "make-tiny-model": ("trainer.cli.tiny", "write a tiny random Stable Diffusion pipeline (tests, offline smoke runs)"),
+    "train": ("trainer.cli.train", "train a DreamBooth LoRA from photos"),
+    "imagine": ("trainer.cli.imagine", "generate images, optionally with LoRAs"),
     "worker": ("trainer.worker", "the GPU worker process the bot talks to (JSON lines on stdin/stdout)"),
-    "bench": ("trainer.bench", "benchmark ours against the plain diffusers way on the SD 1.5 architecture"),
 }
 
 

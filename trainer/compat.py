@@ -133,11 +133,11 @@ def train_and_load_tiny_lora() -> None:
     import numpy as np
     from PIL import Image
 
-    from trainer.generation import GenerationService
-    from trainer.imagine_request import ImagineRequest
-    from trainer.prompts import ConceptSpec
-    from trainer.tiny import build_tiny_pipeline
-    from trainer.training import TrainSpec, train_concept
+    from trainer.generation.service import GenerationService
+    from trainer.contract.imagine_request import ImagineRequest
+    from trainer.contract.prompts import ConceptSpec
+    from trainer.models.tiny import build_tiny_pipeline
+    from trainer.training.engine import TrainSpec, train_concept
 
     with tempfile.TemporaryDirectory(prefix="boothbot-compat-") as tmp:
         root = Path(tmp)

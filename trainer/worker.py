@@ -1,4 +1,4 @@
-"""`python -m trainer worker`: the GPU worker process the bot talks to over JSON lines (trainer/protocol.py).
+"""`python -m trainer worker`: the GPU worker process the bot talks to over JSON lines (trainer/contract/protocol.py).
 
 It loads the base model once and keeps it resident, then runs requests one at a time on the main thread: a `run`
 (one job) or a `run_many` (several /imagine jobs served by one batched GenerationService.imagine_many call).
@@ -21,8 +21,8 @@ import traceback
 from pathlib import Path
 from typing import Callable, NoReturn
 
-from trainer import protocol
-from trainer.errors import Cancelled, UserError
+from trainer.contract import protocol
+from trainer.contract.errors import Cancelled, UserError
 
 OUT_OF_MEMORY = ("The GPU ran out of memory while running your job. Try fewer or smaller images, or try again when "
                  "the server is less busy.")
@@ -324,7 +324,7 @@ class Worker:
     def _train(self, job_id, params, on_progress, should_stop) -> dict:
         if self.pipe is None:
             raise UserError(NO_MODEL)
-        training = _engine("trainer.training", "train", "training")
+        training = _engine("trainer.training.engine", "train", "training")
         spec = training.TrainSpec.from_params(params)
         if self._generation is not None:
             self._generation.release_memory()  # the CUDA graphs' pools: lets the training fit a 12 GB card
@@ -348,7 +348,7 @@ class Worker:
         """The checked request; creates the resident GenerationService on first use."""
         if self.pipe is None:
             raise UserError(NO_MODEL)
-        generation = _engine("trainer.generation", "imagine", "image generation")
+        generation = _engine("trainer.generation.service", "imagine", "image generation")
         if self._generation is None:
             self._generation = generation.GenerationService(self.pipe, model_name=self.model or "",
                                                             compile_unet=self.compile_unet)
@@ -491,7 +491,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import torch
 
-        from trainer.models import load_pipeline, pick_device, pick_dtype
+        from trainer.models.loading import load_pipeline, pick_device, pick_dtype
 
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -500,7 +500,7 @@ def run(args: argparse.Namespace) -> int:
         pipe = None
         if not args.no_model:
             from trainer.compat import check_stack
-            from trainer.models import resolve_model
+            from trainer.models.loading import resolve_model
 
             resolve_model(args.model)  # a wrong path fails here at once, before seconds of importing diffusers
             from diffusers.utils import logging as diffusers_logging

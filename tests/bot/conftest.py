@@ -5,12 +5,12 @@ from dataclasses import replace
 
 import pytest
 
-from bot.admin import AdminService
-from bot.concepts import ConceptService
-from bot.gallery import Gallery
-from bot.ledger import Ledger
+from bot.services.admin import AdminService
+from bot.services.concepts import ConceptService
+from bot.services.gallery import Gallery
+from bot.jobs.ledger import Ledger
 from bot.settings import Settings
-from bot.store import Store
+from bot.store.database import Store
 
 
 

@@ -17,13 +17,13 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
-from bot.concepts import ConceptService
-from bot.dispatcher import CONCEPT_GONE, Dispatcher
-from bot.gallery import Gallery
-from bot.ledger import Ledger
+from bot.services.concepts import ConceptService
+from bot.dispatch.dispatcher import CONCEPT_GONE, Dispatcher
+from bot.services.gallery import Gallery
+from bot.jobs.ledger import Ledger
 from bot.settings import Settings
-from bot.store import Store
-from bot.worker_client import CRASHED, WorkerClient, worker_command
+from bot.store.database import Store
+from bot.dispatch.worker_client import CRASHED, WorkerClient, worker_command
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -317,7 +317,7 @@ async def test_queued_imagine_jobs_of_three_members_run_as_one_batch(bot, caplog
 
 
 async def test_a_member_cancelling_inside_a_batch_stops_only_their_job(bot, monkeypatch):
-    monkeypatch.setattr("bot.dispatcher.CANCEL_POLL_S", 0.05)
+    monkeypatch.setattr("bot.dispatch.dispatcher.CANCEL_POLL_S", 0.05)
     jobs = [await bot.imagine(owner, steps=8) for owner in (ALICE, BOB, CAROL)]
     runner = asyncio.create_task(bot.dispatcher.run_next())
     await bot.notifier.wait_for(lambda: any(j == jobs[1].id for j, _ in bot.notifier.progress))

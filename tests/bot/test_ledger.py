@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 
 from bot.errors import NotFound, PermissionDenied
-from bot.ledger import IMAGINE_INTERRUPTED, MAX_RECOVERIES, TERMINAL, Ledger
-from bot.store import Store
+from bot.jobs.ledger import IMAGINE_INTERRUPTED, MAX_RECOVERIES, TERMINAL, Ledger
+from bot.store.database import Store
 
 GUILD, CHANNEL = 111111111111111111, 333333333333333333
 ALICE, BOB = 1001, 1002

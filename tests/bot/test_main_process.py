@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bot.concepts import ConceptService
-from bot.ledger import Ledger
+from bot.services.concepts import ConceptService
+from bot.jobs.ledger import Ledger
 from bot.settings import load_settings
-from bot.store import Store
+from bot.store.database import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GUILD = 111111111111111111

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.members import forget_member
+from bot.services.members import forget_member
 
 GUILD, OTHER_GUILD, CHANNEL = 111111111111111111, 222222222222222222, 333333333333333333
 ALICE, BOB, ADMIN = 1001, 1002, 9009

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from bot.errors import BannedError, LimitError
-from bot.scheduler import DEFAULT_DURATION_S, format_duration
+from bot.jobs.scheduler import DEFAULT_DURATION_S, format_duration
 
 GUILD, OTHER_GUILD, CHANNEL = 111111111111111111, 222222222222222222, 333333333333333333
 ALICE, BOB, CAROL, ADMIN = 1001, 1002, 1003, 9009

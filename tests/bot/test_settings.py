@@ -135,7 +135,7 @@ def test_process_environment_is_the_default(monkeypatch, tmp_path):
 
 
 def test_compile_unet_setting_reaches_the_worker_command_line(tmp_path):
-    from bot.worker_client import WorkerClient
+    from bot.dispatch.worker_client import WorkerClient
 
     on = load_settings({"BOOTHBOT_COMPILE_UNET": "true", "BOOTHBOT_DATA_DIR": str(tmp_path)}, env_file=None)
     off = load_settings({"BOOTHBOT_DATA_DIR": str(tmp_path)}, env_file=None)

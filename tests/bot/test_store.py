@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from bot.store import MIGRATIONS_DIR, MigrationError, Store, find_migrations, split_statements
+from bot.store.database import MIGRATIONS_DIR, MigrationError, Store, find_migrations, split_statements
 
 
 async def test_open_sets_wal_foreign_keys_and_records_migrations(tmp_path):
@@ -128,8 +128,8 @@ async def test_foreign_keys_are_enforced(store):
 
 CHILD = r"""
 import asyncio, sys
-from bot.ledger import Ledger
-from bot.store import Store
+from bot.jobs.ledger import Ledger
+from bot.store.database import Store
 
 async def main(path):
     store = await Store.open(path)
@@ -146,7 +146,7 @@ asyncio.run(main(sys.argv[1]))
 
 
 async def test_a_process_killed_inside_a_transaction_leaves_the_last_committed_state(tmp_path):
-    from bot.ledger import Ledger
+    from bot.jobs.ledger import Ledger
 
     path = tmp_path / "killed.sqlite3"
     child = await asyncio.create_subprocess_exec(

@@ -14,8 +14,8 @@ import time
 import pytest
 import pytest_asyncio
 
-from bot.worker_client import CRASHED, WorkerClient, worker_command
-from trainer import protocol
+from bot.dispatch.worker_client import CRASHED, WorkerClient, worker_command
+from trainer.contract import protocol
 from trainer.worker import NO_MODEL
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

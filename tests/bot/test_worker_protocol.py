@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from bot.worker_client import describe_exit, format_limit
-from trainer import protocol
-from trainer.errors import UserError
+from bot.dispatch.worker_client import describe_exit, format_limit
+from trainer.contract import protocol
+from trainer.contract.errors import UserError
 from trainer.worker import INTERNAL_ERROR, OUT_OF_MEMORY, describe_failure, is_out_of_memory
 
 
@@ -113,7 +113,7 @@ def test_stray_prints_in_the_worker_cannot_corrupt_the_event_stream():
     code = (
         "import os\n"
         "from trainer.worker import claim_stdout, EventWriter\n"
-        "from trainer import protocol\n"
+        "from trainer.contract import protocol\n"
         "events = claim_stdout()\n"
         "print('a library print')\n"
         "os.write(1, b'a C library write\\n')\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import protocol
+from trainer.contract import protocol
 from trainer.compat import CONSTRAINTS, check_stack, explain, installed_versions, out_of_tested_range
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

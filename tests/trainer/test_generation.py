@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO_ROOT
-from trainer.errors import Cancelled, UserError
-from trainer.generation import GenerationService, ImagineRequest
-from trainer.pnginfo import lora_hash, parse_parameters, read_exif_parameters, read_png_parameters
-from trainer.prompt_embeds import encode_prompts
+from trainer.contract.errors import Cancelled, UserError
+from trainer.generation.service import GenerationService, ImagineRequest
+from trainer.generation.pnginfo import lora_hash, parse_parameters, read_exif_parameters, read_png_parameters
+from trainer.generation.prompt_embeds import encode_prompts
 
 STEPS = 3
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -41,7 +41,7 @@ def make_lora(path: Path, seed: int, *, text_encoder: bool = False, metadata: di
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    from trainer.tiny import build_tiny_pipeline
+    from trainer.models.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
     torch.manual_seed(seed)
@@ -124,7 +124,7 @@ def test_lora_on_changes_the_image_and_leaves_nothing_active(service, loras, tmp
 
 
 def test_switching_a_b_a_equals_a_fresh_a(tiny_pipeline, tiny_model_dir, loras, tmp_path):
-    from trainer.models import load_pipeline
+    from trainer.models.loading import load_pipeline
 
     small = GenerationService(tiny_pipeline, model_name="tiny", adapter_capacity=1)  # forces evict + reload
     try:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.imagine_request import SCHEDULERS
-from trainer.pnginfo import (format_parameters, grid_shape, lora_hash, make_grid, model_hash, parse_parameters,
+from trainer.contract.imagine_request import SCHEDULERS
+from trainer.generation.pnginfo import (format_parameters, grid_shape, lora_hash, make_grid, model_hash, parse_parameters,
                              read_exif_parameters, read_png_parameters, save_png, small_copy)
-from trainer.previews import latents_to_images, save_preview
-from trainer.schedulers import SCHEDULERS as BUILT_SCHEDULERS
+from trainer.generation.previews import latents_to_images, save_preview
+from trainer.generation.schedulers import SCHEDULERS as BUILT_SCHEDULERS
 
 
 def test_parses_text_written_by_a1111():

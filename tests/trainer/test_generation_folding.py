@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-import trainer.generation as generation
+import trainer.generation.service as generation
 from tests.trainer.test_generation import concept, make_lora, pixels
 from tests.trainer.test_generation import request as full_request
-from trainer.errors import Cancelled
-from trainer.generation import GenerationService
-from trainer.prompt_embeds import encode_prompts
+from trainer.contract.errors import Cancelled
+from trainer.generation.service import GenerationService
+from trainer.generation.prompt_embeds import encode_prompts
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_vae_decodes_one_image_at_a_time_and_keeps_its_setting(service, tmp_path
 
 def test_training_right_after_generation_sees_the_base_weights(service, loras, tmp_path):
     from tests.trainer.training_helpers import make_spec, pipeline_state, write_solid_photos
-    from trainer.training import train_concept
+    from trainer.training.engine import train_concept
 
     pipe = service.pipe
     saved = base_weights(pipe)

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from photos import face_photo, make_photo_set, photo, photo_pixels, zip_of
-from trainer.errors import UserError
-from trainer.intake import IntakeLimits, crop_box_around, intake_photos
-from trainer.tiny import write_tiny_tokenizer
-from trainer.naming import check_token, class_kind, instance_prompt, load_vocab, normalise_class, token_warnings
+from trainer.contract.errors import UserError
+from trainer.intake.photos import IntakeLimits, crop_box_around, intake_photos
+from trainer.models.tiny import write_tiny_tokenizer
+from trainer.contract.naming import check_token, class_kind, instance_prompt, load_vocab, normalise_class, token_warnings
 
 GOOD = make_photo_set(3, first_seed=100)
 
@@ -412,7 +412,7 @@ def test_animal_photos_do_not_centre_on_a_human_face():
 def test_without_a_face_detector_photos_are_centre_cropped_and_the_member_is_told(monkeypatch):
     import cv2
 
-    from trainer import intake_faces
+    from trainer.intake.photos import faces as intake_faces
 
     # What OpenCV 5 looks like: no CascadeClassifier in cv2.
     monkeypatch.delattr(cv2, "CascadeClassifier")

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from tests.conftest import REPO_ROOT
-from trainer.errors import UserError
-from trainer.imagine_request import ImagineRequest
-from trainer.prompts import ConceptSpec, check_negative_prompt, find_blocked_words, parse_prompt
+from trainer.contract.errors import UserError
+from trainer.contract.imagine_request import ImagineRequest
+from trainer.contract.prompts import ConceptSpec, check_negative_prompt, find_blocked_words, parse_prompt
 
 SQUID = ConceptSpec(1, "squidarth", "man", "/data/concepts/1/lora.safetensors")
 REX = ConceptSpec(2, "rexdog", "dog", "/data/concepts/2/lora.safetensors", weight=0.7)
@@ -134,6 +134,6 @@ def test_request_rejects_tokens_at_submit_time():
 
 
 def test_modules_the_bot_imports_stay_torch_free():
-    code = ("import sys, trainer.prompts, trainer.imagine_request; "
+    code = ("import sys, trainer.contract.prompts, trainer.contract.imagine_request; "
             "bad = [m for m in ('torch', 'diffusers', 'PIL') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)

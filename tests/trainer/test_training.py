@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from tests.trainer.training_helpers import (
     generate_latents, make_spec, pipeline_state, write_noise_photos, write_solid_photos,
 )
-from trainer import checkpoint
-from trainer.errors import UserError
-from trainer.lora_io import read_metadata
-from trainer.training import TrainSpec, default_steps, train_concept
+from trainer.training import checkpoint
+from trainer.contract.errors import UserError
+from trainer.training.lora_files import read_metadata
+from trainer.training.engine import TrainSpec, default_steps, train_concept
 
 KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
@@ -72,8 +72,8 @@ def test_end_to_end_outputs_load_in_diffusers_and_kohya_format(tiny_pipeline, ti
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in modules
 
     # diffusers loads it, and the loaded LoRA reproduces the sample made with the trained adapter, pixel for pixel.
-    from trainer.models import load_pipeline
-    from trainer.train_images import generate
+    from trainer.models.loading import load_pipeline
+    from trainer.training.images import generate
 
     fresh = load_pipeline(str(tiny_model_dir), device="cpu", dtype="fp32")
     fresh.load_lora_weights(result["lora"], adapter_name="trained")
@@ -142,7 +142,7 @@ def test_pipeline_is_left_as_found_after_paused_cancelled_done_and_error(tiny_pi
 
 def test_other_adapters_survive_training_with_their_active_state(tiny_pipeline, tiny_model_dir, photos, tmp_path):
     """Generation keeps its LoRAs loaded in the shared pipeline: training must neither drop nor use them."""
-    from trainer.models import load_pipeline
+    from trainer.models.loading import load_pipeline
 
     first = train_concept(tiny_pipeline, make_spec(photos, tmp_path / "first", steps=2, sample_count=0),
                           cache_dir=tmp_path / "cache").result

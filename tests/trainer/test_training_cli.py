@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image
 
 from trainer.__main__ import main
-from trainer.train_cli import ProgressBar, format_seconds
-from trainer.training import TrainProgress
+from trainer.cli.train import ProgressBar, format_seconds
+from trainer.training.engine import TrainProgress
 
 
 def _photos(directory, count=3, size=320):

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from tests.trainer.training_helpers import make_spec, write_solid_photos
-from trainer.models import load_pipeline
-from trainer.train_data import encode_latents, load_pixels
-from trainer.training import train_concept
+from trainer.models.loading import load_pipeline
+from trainer.training.data import encode_latents, load_pixels
+from trainer.training.engine import train_concept
 
 RESOLUTION = 32
 PROMPTS = {"token": "a photo of squidarth man", "class": "a photo of man", "empty": ""}

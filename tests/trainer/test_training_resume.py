@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.trainer.training_helpers import make_spec, write_noise_photos
-from trainer import checkpoint
-from trainer.models import load_pipeline
-from trainer.training import TrainSpec, train_concept
+from trainer.training import checkpoint
+from trainer.models.loading import load_pipeline
+from trainer.training.engine import TrainSpec, train_concept
 
 STEPS = 5
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from trainer import protocol
-from trainer.models import load_pipeline
+from trainer.contract import protocol
+from trainer.models.loading import load_pipeline
 from trainer.worker import EventWriter, JobControl, Worker
 
-STEPS = 3  # previews at steps 1 and 2 (trainer.generation.preview_interval)
+STEPS = 3  # previews at steps 1 and 2 (trainer.generation.service.preview_interval)
 
 
 class Events:

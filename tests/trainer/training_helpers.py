@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from trainer.training import TrainSpec
+from trainer.training.engine import TrainSpec
 
 # 32 px (16×16 latents on the tiny model) keeps a CPU step around 0.1 s; everything else is the real recipe.
 FAST = dict(resolution=32, class_images=2, sample_count=1, rank=4)

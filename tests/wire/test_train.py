@@ -9,7 +9,7 @@ import pytest
 import pytest_asyncio
 from wire_support import imagine_options, photo_bytes, run_imagine
 
-import bot.submissions
+import bot.services.submissions
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 # Keeps the tiny model's training to seconds: no class images, one sample, the tiny model's own 64 px.
@@ -39,7 +39,7 @@ async def train(booth, member, token: str, attachments: list[dict], **extra):
 @pytest.fixture(scope="module", autouse=True)
 def fast_recipe():
     patch = pytest.MonkeyPatch()
-    patch.setattr(bot.submissions, "TRAIN_RECIPE", FAST_RECIPE)
+    patch.setattr(bot.services.submissions, "TRAIN_RECIPE", FAST_RECIPE)
     yield
     patch.undo()
 

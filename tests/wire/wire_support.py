@@ -13,7 +13,7 @@ from fake_discord import FakeDiscord, FakeMember, SentInteraction
 from bot.app import start_services
 from bot.client import BoothBot
 from bot.settings import Settings
-from bot.worker_client import WorkerClient, worker_command
+from bot.dispatch.worker_client import WorkerClient, worker_command
 
 ANSWER_TIMEOUT_S = 30.0
 JOB_TIMEOUT_S = 120.0

@@ -1,0 +1,17 @@
+"""`python -m bench`: ours against the plain diffusers way on the SD 1.5 architecture (options: --help)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench.run import add_arguments, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return int(run(parser.parse_args(argv)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

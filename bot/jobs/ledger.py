@@ -1,0 +1,349 @@
+"""The job ledger: every job's status, guarded transitions, atomic claims, restart recovery, deliver-once.
+
+Statuses: queued → running → succeeded | failed | cancelled, and interrupted (restart). A terminal job never changes
+(the UPDATEs below only match the statuses they may leave, and a trigger in the schema refuses the rest);
+running → queued only through `requeue` (a training slice ended) or `recover_at_start`.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+
+from bot.jobs import scheduler
+from bot.errors import NotFound, PermissionDenied
+from bot.jobs.scheduler import QueueEntry
+from bot.settings import Settings
+from bot.store.database import Store
+
+KINDS = ("train", "imagine")
+QUEUED, RUNNING = "queued", "running"
+SUCCEEDED, FAILED, CANCELLED, INTERRUPTED = "succeeded", "failed", "cancelled", "interrupted"
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, INTERRUPTED})
+_TERMINAL_SQL = "('succeeded', 'failed', 'cancelled', 'interrupted')"
+
+# A training that was running when the bot died resumes from its checkpoint, but not forever: one that takes the
+# bot down every time stops after this many restarts.
+MAX_RECOVERIES = 3
+IMAGINE_INTERRUPTED = "The bot restarted while this was running; please run /imagine again."
+TRAIN_INTERRUPTED = ("The bot restarted during this training {n} times, so it was stopped; "
+                     "please try /train again later, or ask an admin if it keeps happening.")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: str
+    owner_id: int
+    guild_id: int
+    channel_id: int | None
+    message_id: int | None
+    params: dict
+    status: str
+    priority: int
+    attempts: int
+    error: str | None
+    result: dict | None
+    progress_step: int | None
+    progress_total: int | None
+    gpu_seconds: float
+    cancel_requested: bool
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    delivered_at: float | None
+    # beyond the documented shape
+    claimed_at: float | None = None       # latest claim (started_at is the first)
+    progress_eta_s: float | None = None
+    progress_at: float | None = None
+    preview: str | None = None
+    cancelled_by: int | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        values = dict(zip(row.keys(), row))
+        values = {name: values[name] for name in _JOB_FIELDS}
+        values["params"] = json.loads(values["params"] or "{}")
+        values["result"] = None if values["result"] is None else json.loads(values["result"])
+        values["cancel_requested"] = bool(values["cancel_requested"])
+        return cls(**values)
+
+
+_JOB_FIELDS = tuple(f.name for f in fields(Job))
+
+
+class Ledger:
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time, *, settings: Settings | None = None):
+        self.store = store
+        self.clock = clock
+        self.settings = settings or Settings()
+
+    @property
+    def window_s(self) -> float:
+        return self.settings.fair_window_hours * 3600.0
+
+    # --- reading ----------------------------------------------------------------------------------------------------
+
+    async def get(self, job_id: int) -> Job | None:
+        row = await self.store.fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return None if row is None else Job.from_row(row)
+
+    async def _require(self, job_id: int) -> Job:
+        job = await self.get(job_id)
+        if job is None:
+            raise NotFound(f"There is no job #{job_id}.")
+        return job
+
+    async def list_jobs(self, guild_id: int | None = None, owner_id: int | None = None,
+                        statuses: Iterable[str] | None = None, limit: int = 50) -> list[Job]:
+        """Newest first."""
+        where, params = ["1"], []
+        if guild_id is not None:
+            where.append("guild_id = ?")
+            params.append(guild_id)
+        if owner_id is not None:
+            where.append("owner_id = ?")
+            params.append(owner_id)
+        if statuses is not None:
+            statuses = list(statuses)
+            where.append(f"status IN ({','.join('?' * len(statuses))})")
+            params.extend(statuses)
+        rows = await self.store.fetchall(
+            f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?", (*params, limit))
+        return [Job.from_row(row) for row in rows]
+
+    async def _jobs_with_status(self, status: str, kinds: Sequence[str] = KINDS) -> list[Job]:
+        rows = await self.store.fetchall(
+            f"SELECT * FROM jobs WHERE status = ? AND kind IN ({','.join('?' * len(kinds))})", (status, *kinds))
+        return [Job.from_row(row) for row in rows]
+
+    # --- submit -----------------------------------------------------------------------------------------------------
+
+    async def check_submit(self, kind: str, owner_id: int, guild_id: int, *, role_ids: Iterable[int] = ()) -> None:
+        """Raise BannedError / LimitError now, before the member uploads photos; `submit` checks again."""
+        await scheduler.check_submit(self.store, kind=kind, owner_id=owner_id, guild_id=guild_id, role_ids=role_ids,
+                                     defaults=scheduler.default_limits(self.settings), now=self.clock())
+
+    async def submit(self, kind: str, owner_id: int, guild_id: int, channel_id: int | None, params: dict, *,
+                     priority: int = 0, interaction_message_id: int | None = None,
+                     role_ids: Iterable[int] = ()) -> Job:
+        """Queue a job. Raises BannedError / LimitError (scheduler rules; `role_ids` pick the member's limits)."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown job kind {kind!r}; expected one of {KINDS}")
+        params_json = json.dumps(params)
+        async with self.store.immediate() as db:
+            now = self.clock()
+            await scheduler.check_submit(db, kind=kind, owner_id=owner_id, guild_id=guild_id, role_ids=role_ids,
+                                         defaults=scheduler.default_limits(self.settings), now=now)
+            await touch_member(db, guild_id, owner_id, now)
+            job_id = await db.insert(
+                "INSERT INTO jobs (kind, owner_id, guild_id, channel_id, message_id, params, priority, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (kind, owner_id, guild_id, channel_id, interaction_message_id, params_json, priority, now))
+            return Job.from_row(await db.fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,)))
+
+    async def set_message(self, job_id: int, channel_id: int | None, message_id: int | None) -> None:
+        """Where the job's status message lives (posted after submit, once the job id is known)."""
+        await self.store.execute("UPDATE jobs SET channel_id = ?, message_id = ? WHERE id = ?",
+                                 (channel_id, message_id, job_id))
+
+    # --- claim ------------------------------------------------------------------------------------------------------
+
+    async def claim_next(self, kinds: Sequence[str] = KINDS) -> Job | None:
+        """Take the next job in fair order and mark it running; None when the queue is empty or paused."""
+        kinds = tuple(kinds)
+        async with self.store.immediate() as db:
+            if await scheduler.is_paused(db):
+                return None
+            now = self.clock()
+            job_id = await scheduler.next_job_id(db, kinds, now, self.window_s)
+            return None if job_id is None else await self._start(db, job_id, now)
+
+    async def claim(self, job_id: int) -> Job | None:
+        """Claim one specific queued job (the next slice of a training); None if it is not queued or paused."""
+        async with self.store.immediate() as db:
+            if await scheduler.is_paused(db):
+                return None
+            return await self._start(db, job_id, self.clock())
+
+    async def claim_matching(self, accept: Callable[[Job, list[Job]], bool], limit: int,
+                             kinds: Sequence[str] = ("imagine",)) -> list[Job]:
+        """Claim up to `limit` queued jobs of `kinds`, taken in the scheduler's fair order, that `accept(job, taken)`
+        lets join the ones taken so far (e.g. /imagine jobs that can share one batch). One transaction, so two
+        claimers never take the same job. [] when the queue is paused."""
+        kinds = tuple(kinds)
+        async with self.store.immediate() as db:
+            if limit < 1 or await scheduler.is_paused(db):
+                return []
+            now = self.clock()
+            queued = await self._jobs_with_status(QUEUED, kinds)
+            used = await scheduler.usage_by_owner(db, now, self.window_s)
+            estimates = await scheduler.estimated_durations(db)
+            taken: list[Job] = []
+            for job in scheduler.fair_order(queued, used, estimates, now):
+                if len(taken) >= limit:
+                    break
+                if accept(job, taken):
+                    started = await self._start(db, job.id, now)
+                    if started is not None:
+                        taken.append(started)
+            return taken
+
+    async def _start(self, db: Store, job_id: int, now: float) -> Job | None:
+        changed = await db.execute(
+            "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, ?), claimed_at = ?"
+            " WHERE id = ? AND status = 'queued'", (now, now, job_id))
+        return await self.get(job_id) if changed else None
+
+    # --- while running ----------------------------------------------------------------------------------------------
+
+    async def record_progress(self, job_id: int, step: int, total: int, eta_s: float | None = None,
+                              preview: str | None = None) -> bool:
+        return await self.store.execute(
+            "UPDATE jobs SET progress_step = ?, progress_total = ?, progress_eta_s = ?, progress_at = ?,"
+            " preview = COALESCE(?, preview) WHERE id = ? AND status = 'running'",
+            (step, total, eta_s, self.clock(), preview, job_id)) == 1
+
+    async def add_gpu_seconds(self, job_id: int, seconds: float) -> bool:
+        return await self.store.execute(
+            "UPDATE jobs SET gpu_seconds = gpu_seconds + ? WHERE id = ? AND status = 'running'",
+            (seconds, job_id)) == 1
+
+    async def cancel_requested(self, job_id: int) -> bool:
+        return bool(await self.store.fetchval("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)))
+
+    # --- endings (gpu_seconds: this run's seconds, added to what earlier slices recorded) ----------------------------
+
+    async def succeed(self, job_id: int, result: dict, gpu_seconds: float) -> bool:
+        return await self._finish(job_id, SUCCEEDED, gpu_seconds, result=json.dumps(result))
+
+    async def fail(self, job_id: int, error: str, gpu_seconds: float = 0.0) -> bool:
+        return await self._finish(job_id, FAILED, gpu_seconds, error=error)
+
+    async def confirm_cancelled(self, job_id: int, gpu_seconds: float = 0.0) -> bool:
+        """The worker stopped a running job after a cancel request (its `cancelled` event)."""
+        return await self._finish(job_id, CANCELLED, gpu_seconds)
+
+    async def _finish(self, job_id: int, status: str, gpu_seconds: float, *, result: str | None = None,
+                      error: str | None = None) -> bool:
+        return await self.store.execute(
+            "UPDATE jobs SET status = ?, result = ?, error = ?, gpu_seconds = gpu_seconds + ?, finished_at = ?"
+            " WHERE id = ? AND status = 'running'",
+            (status, result, error, gpu_seconds, self.clock(), job_id)) == 1
+
+    async def requeue(self, job_id: int, gpu_seconds: float = 0.0) -> bool:
+        """A training slice ended (worker `paused`): running → queued, keeping progress, so others get a turn.
+
+        If a cancel was requested meanwhile the job becomes cancelled instead and this returns False.
+        """
+        async with self.store.immediate() as db:
+            now = self.clock()
+            if await db.execute(
+                    "UPDATE jobs SET status = 'cancelled', gpu_seconds = gpu_seconds + ?, finished_at = ?"
+                    " WHERE id = ? AND status = 'running' AND cancel_requested = 1", (gpu_seconds, now, job_id)):
+                return False
+            return await db.execute(
+                "UPDATE jobs SET status = 'queued', gpu_seconds = gpu_seconds + ?, progress_eta_s = NULL"
+                " WHERE id = ? AND status = 'running'", (gpu_seconds, job_id)) == 1
+
+    async def cancel(self, job_id: int, by_user_id: int, *, force: bool = False) -> str:
+        """"cancelled" (it was queued), "requested" (running: it stops at the next step boundary),
+        "already requested" (running, someone asked first) or "already finished".
+
+        Only the owner may cancel unless `force` (admins); otherwise PermissionDenied. NotFound for no such job.
+        """
+        async with self.store.immediate() as db:
+            job = await self._require(job_id)
+            if not force and job.owner_id != by_user_id:
+                raise PermissionDenied(f"Job #{job_id} is not yours, so you cannot cancel it.")
+            return await cancel_job(db, job_id, by_user_id, self.clock())
+
+    # --- restart and delivery ---------------------------------------------------------------------------------------
+
+    async def recover_at_start(self) -> list[Job]:
+        """Call once at start, before the dispatcher runs: jobs left running by a dead bot go back to the queue
+        (training resumes from its checkpoint) or end as interrupted. Returns them in their new state."""
+        async with self.store.immediate() as db:
+            now = self.clock()
+            recovered = []
+            for job in await self._jobs_with_status(RUNNING):
+                if job.cancel_requested:
+                    await db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ?",
+                                     (now, job.id))
+                elif job.kind == "train" and job.attempts < MAX_RECOVERIES:
+                    await db.execute("UPDATE jobs SET status = 'queued', attempts = attempts + 1,"
+                                     " progress_eta_s = NULL WHERE id = ?", (job.id,))
+                else:
+                    message = (IMAGINE_INTERRUPTED if job.kind == "imagine"
+                               else TRAIN_INTERRUPTED.format(n=job.attempts + 1))
+                    await db.execute("UPDATE jobs SET status = 'interrupted', error = ?, finished_at = ?,"
+                                     " attempts = attempts + 1 WHERE id = ?", (message, now, job.id))
+                recovered.append(await self.get(job.id))
+            return recovered
+
+    async def undelivered(self) -> list[Job]:
+        """Finished jobs whose outcome was never announced, oldest first."""
+        rows = await self.store.fetchall(
+            f"SELECT * FROM jobs WHERE delivered_at IS NULL AND status IN {_TERMINAL_SQL} ORDER BY finished_at, id")
+        return [Job.from_row(row) for row in rows]
+
+    async def mark_delivered(self, job_id: int) -> bool:
+        """True exactly once per finished job: the caller that gets True announces it."""
+        return await self.store.execute(
+            f"UPDATE jobs SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL AND status IN {_TERMINAL_SQL}",
+            (self.clock(), job_id)) == 1
+
+    # --- queue position and ETA -------------------------------------------------------------------------------------
+
+    async def queue_view(self, guild_id: int | None = None) -> list[QueueEntry]:
+        """Running jobs, then queued jobs in the order they should run, with 1-based positions and ETAs (seconds
+        from now). Positions count the whole bot's queue (one GPU serves every server); `guild_id` filters."""
+        async with self.store.immediate() as db:  # one consistent snapshot
+            now = self.clock()
+            running = await self._jobs_with_status(RUNNING)
+            queued = await self._jobs_with_status(QUEUED)
+            used = await scheduler.usage_by_owner(db, now, self.window_s)
+            estimates = await scheduler.estimated_durations(db)
+        entries = scheduler.plan(running, queued, used, estimates, now)
+        return [e for e in entries if guild_id is None or e.job.guild_id == guild_id]
+
+    async def _entry(self, job_id: int) -> QueueEntry | None:
+        return next((e for e in await self.queue_view() if e.job.id == job_id), None)
+
+    async def position(self, job_id: int) -> int | None:
+        """1-based place in the fair order; None unless queued."""
+        entry = await self._entry(job_id)
+        return None if entry is None else entry.position
+
+    async def eta_s(self, job_id: int) -> float | None:
+        """Seconds until the job should be finished; None once it is."""
+        entry = await self._entry(job_id)
+        return None if entry is None else entry.eta_s
+
+
+async def cancel_job(db: Store, job_id: int, by_user_id: int, now: float) -> str:
+    """The cancel transition (no permission check; run it inside `immediate()`). Also used by the admin, concept
+    and member services."""
+    if await db.execute("UPDATE jobs SET status = 'cancelled', cancelled_by = ?, finished_at = ?"
+                        " WHERE id = ? AND status = 'queued'", (by_user_id, now, job_id)):
+        return "cancelled"
+    if await db.execute("UPDATE jobs SET cancel_requested = 1, cancelled_by = ?"
+                        " WHERE id = ? AND status = 'running' AND cancel_requested = 0", (by_user_id, job_id)):
+        return "requested"
+    status = await db.fetchval("SELECT status FROM jobs WHERE id = ?", (job_id,))
+    if status is None:
+        raise NotFound(f"There is no job #{job_id}.")
+    return "already requested" if status == RUNNING else "already finished"
+
+
+async def touch_member(db: Store, guild_id: int, member_id: int, now: float) -> None:
+    await db.execute(
+        "INSERT INTO members (guild_id, member_id, first_seen, last_seen) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (guild_id, member_id) DO UPDATE SET last_seen = excluded.last_seen",
+        (guild_id, member_id, now, now))

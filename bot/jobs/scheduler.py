@@ -1,0 +1,234 @@
+"""Fair scheduling rules: who runs next, who may submit, where a job stands in the queue and when it should end.
+
+The order: the owner with the fewest GPU-seconds in the sliding window (Settings.fair_window_hours) goes first,
+then the higher priority (an admin bump), then the older job. Positions and ETAs come from simulating that rule
+forward: each job taken from the queue adds its estimated duration to its owner's usage, exactly as running it
+would, so a member with one job is placed behind at most one job of a member with twenty.
+
+These functions read through a Store (or a Store inside `immediate()`); the Ledger owns the writes.
+"""
+from __future__ import annotations
+
+import heapq
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bot.errors import BannedError, LimitError
+
+if TYPE_CHECKING:
+    from bot.jobs.ledger import Job
+    from bot.settings import Settings
+    from bot.store.database import Store
+
+LIMIT_NAMES = ("max_queued_jobs", "trainings_per_day")
+DAY_S = 24 * 3600.0
+# Used until enough jobs of a kind have finished to measure: a LoRA training on a consumer GPU, one /imagine batch.
+DEFAULT_DURATION_S = {"train": 900.0, "imagine": 20.0}
+RECENT_JOBS_FOR_ESTIMATE = 20
+PAUSED_KEY = "paused"
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    job: Job
+    position: int | None  # 1-based among queued jobs; None while running
+    eta_s: float          # seconds from now until the job should be finished
+
+
+# --- limits and bans at submit -------------------------------------------------------------------------------------
+
+def default_limits(settings: Settings) -> dict[str, int]:
+    return {"max_queued_jobs": settings.max_queued_jobs, "trainings_per_day": settings.trainings_per_day}
+
+
+async def limits_for(db: Store, guild_id: int, role_ids: Iterable[int], defaults: dict[str, int]) -> dict[str, int]:
+    """A member's limits: the most generous value among their roles that have one, else the server's value,
+    else the bot's default (Settings)."""
+    role_ids = [int(r) for r in role_ids if int(r) != 0]
+    rows = await db.fetchall("SELECT role_id, name, value FROM limits WHERE guild_id = ?", (guild_id,))
+    limits = dict(defaults)
+    server = {row["name"]: row["value"] for row in rows if row["role_id"] == 0}
+    limits.update(server)
+    for name in LIMIT_NAMES:
+        by_role = [row["value"] for row in rows if row["name"] == name and row["role_id"] in role_ids]
+        if by_role:
+            limits[name] = max(by_role)
+    return limits
+
+
+async def ban_reason(db: Store, guild_id: int, member_id: int) -> str | None:
+    """The ban's reason ('' when none was given), or None when the member is not banned."""
+    return await db.fetchval("SELECT reason FROM bans WHERE guild_id = ? AND member_id = ?", (guild_id, member_id))
+
+
+async def check_submit(db: Store, *, kind: str, owner_id: int, guild_id: int, role_ids: Iterable[int],
+                       defaults: dict[str, int], now: float) -> None:
+    """Raise BannedError or LimitError (messages for the member) if this member may not queue this job now."""
+    reason = await ban_reason(db, guild_id, owner_id)
+    if reason is not None:
+        raise BannedError("An admin of this server has blocked you from using the bot"
+                          + (f" (reason: {reason})." if reason else "."))
+    limits = await limits_for(db, guild_id, role_ids, defaults)
+
+    max_jobs = limits["max_queued_jobs"]
+    active = await db.fetchval(
+        "SELECT COUNT(*) FROM jobs WHERE guild_id = ? AND owner_id = ? AND status IN ('queued', 'running')",
+        (guild_id, owner_id))
+    if max_jobs == 0:
+        raise LimitError("This server does not accept new jobs from you right now; ask an admin.")
+    if active >= max_jobs:
+        raise LimitError(f"You already have {_count(active, 'job')} waiting or running, the most this server "
+                         "allows; wait for one to finish or cancel one with /queue.")
+
+    if kind == "train":
+        per_day = limits["trainings_per_day"]
+        if per_day == 0:
+            raise LimitError("Training is turned off for you on this server; ask an admin.")
+        # Trainings that used the GPU or still will; one that failed (not the member's doing) or was cancelled
+        # before it started is not counted.
+        started = await db.fetchall(
+            "SELECT created_at FROM jobs WHERE guild_id = ? AND owner_id = ? AND kind = 'train' AND created_at > ?"
+            " AND (status IN ('queued', 'running', 'succeeded') OR (status = 'cancelled' AND started_at IS NOT NULL))"
+            " ORDER BY created_at", (guild_id, owner_id, now - DAY_S))
+        if len(started) >= per_day:
+            free_in = started[len(started) - per_day]["created_at"] + DAY_S - now
+            raise LimitError(f"You have already started {_count(len(started), 'training')} in the last 24 hours, "
+                             f"the most this server allows; you can train again in {format_duration(free_in)}.")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def format_duration(seconds: float) -> str:
+    """'about 3 h 20 min', 'about 5 min', 'less than a minute' — for messages to members."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return "less than a minute"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"about {minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"about {hours} h" + (f" {minutes} min" if minutes else "")
+
+
+# --- pause ---------------------------------------------------------------------------------------------------------
+
+async def is_paused(db: Store) -> bool:
+    return await db.fetchval("SELECT value FROM settings_kv WHERE key = ?", (PAUSED_KEY,)) == "1"
+
+
+async def set_paused(db: Store, paused: bool, now: float) -> bool:
+    """Set the global pause flag; returns whether it changed."""
+    before = await is_paused(db)
+    await db.execute(
+        "INSERT INTO settings_kv (key, value, updated_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        (PAUSED_KEY, "1" if paused else "0", now))
+    return before != paused
+
+
+# --- fairness ------------------------------------------------------------------------------------------------------
+
+# GPU-seconds per owner in the window: finished or sliced jobs' recorded seconds, plus running time so far.
+_USAGE_SQL = (
+    "SELECT owner_id, SUM(gpu_seconds + CASE WHEN status = 'running' AND claimed_at IS NOT NULL"
+    "                                       THEN MAX(0, :now - claimed_at) ELSE 0 END) AS used"
+    " FROM jobs WHERE status = 'running' OR finished_at >= :since OR claimed_at >= :since"
+    " GROUP BY owner_id")
+
+
+async def usage_by_owner(db: Store, now: float, window_s: float) -> dict[int, float]:
+    rows = await db.fetchall(_USAGE_SQL, {"now": now, "since": now - window_s})
+    return {row["owner_id"]: row["used"] or 0.0 for row in rows}
+
+
+async def next_job_id(db: Store, kinds: Sequence[str], now: float, window_s: float) -> int | None:
+    """The queued job to run next: `fair_key` order, computed inside SQLite (no rows cross to Python)."""
+    kind_params = {f"kind{i}": kind for i, kind in enumerate(kinds)}
+    return await db.fetchval(
+        f"WITH usage AS ({_USAGE_SQL})"
+        " SELECT j.id FROM jobs j LEFT JOIN usage u ON u.owner_id = j.owner_id"
+        f" WHERE j.status = 'queued' AND j.kind IN ({', '.join(':' + k for k in kind_params)})"
+        " ORDER BY COALESCE(u.used, 0), j.priority DESC, j.created_at, j.id LIMIT 1",
+        {"now": now, "since": now - window_s, **kind_params})
+
+
+def fair_key(job: Job, used: dict[int, float]) -> tuple:
+    """The scheduling order; `next_job_id` is the same order in SQL."""
+    return (used.get(job.owner_id, 0.0), -job.priority, job.created_at, job.id)
+
+
+def fair_order(queued: Iterable[Job], used: dict[int, float], estimates: dict[str, float], now: float) -> list[Job]:
+    """The order the queue would run in, charging each job's estimated duration to its owner as it is taken."""
+    by_owner: dict[int, list[Job]] = defaultdict(list)
+    for job in queued:
+        by_owner[job.owner_id].append(job)
+    for jobs in by_owner.values():
+        jobs.sort(key=lambda job: (-job.priority, job.created_at, job.id), reverse=True)  # pop() takes the first
+    used = dict(used)
+    # Only the owner just served changes its key, so a heap of each owner's next job stays valid.
+    heads = [(fair_key(jobs[-1], used), owner) for owner, jobs in by_owner.items()]
+    heapq.heapify(heads)
+    order: list[Job] = []
+    while heads:
+        _, owner = heapq.heappop(heads)
+        job = by_owner[owner].pop()
+        order.append(job)
+        used[owner] = used.get(owner, 0.0) + remaining_s(job, estimates, now)
+        if by_owner[owner]:
+            heapq.heappush(heads, (fair_key(by_owner[owner][-1], used), owner))
+    return order
+
+
+# --- durations and ETA ---------------------------------------------------------------------------------------------
+
+async def estimated_durations(db: Store) -> dict[str, float]:
+    """Median GPU-seconds of the most recent successful jobs of each kind (defaults until there are some)."""
+    estimates = dict(DEFAULT_DURATION_S)
+    for kind in DEFAULT_DURATION_S:
+        rows = await db.fetchall(
+            "SELECT CASE WHEN gpu_seconds > 0 THEN gpu_seconds ELSE finished_at - started_at END AS seconds"
+            " FROM jobs WHERE status = 'succeeded' AND kind = ? ORDER BY finished_at DESC LIMIT ?",
+            (kind, RECENT_JOBS_FOR_ESTIMATE))
+        measured = [row["seconds"] for row in rows if row["seconds"] is not None and row["seconds"] > 0]
+        if measured:
+            estimates[kind] = float(statistics.median(measured))
+    return estimates
+
+
+def remaining_s(job: Job, estimates: dict[str, float], now: float) -> float:
+    """Seconds of GPU time this job still needs, best guess."""
+    estimate = estimates.get(job.kind, DEFAULT_DURATION_S.get(job.kind, 60.0))
+    if job.status == "running":
+        if job.progress_eta_s is not None and job.progress_at is not None:
+            return max(0.0, job.progress_eta_s - (now - job.progress_at))
+        done = job.gpu_seconds + (now - job.claimed_at if job.claimed_at else 0.0)
+        return max(0.0, estimate - done)
+    if job.progress_step and job.progress_total and job.gpu_seconds > 0:
+        # a training between slices: its own pace so far
+        return job.gpu_seconds * max(0, job.progress_total - job.progress_step) / job.progress_step
+    if job.gpu_seconds > 0:
+        return max(estimate - job.gpu_seconds, 0.1 * estimate)
+    return estimate
+
+
+def plan(running: Sequence[Job], queued: Sequence[Job], used: dict[int, float], estimates: dict[str, float],
+         now: float) -> list[QueueEntry]:
+    """Running jobs first, then the queue in fair order, each with its position and ETA (one GPU: sequential).
+
+    Jobs running at the same time are one batch on the GPU (the dispatcher runs several /imagine jobs in one
+    denoising loop): the queue waits for the longest of them, not for their sum."""
+    entries: list[QueueEntry] = []
+    ahead = 0.0
+    for job in sorted(running, key=lambda j: (j.claimed_at or 0.0, j.id)):
+        remaining = remaining_s(job, estimates, now)
+        ahead = max(ahead, remaining)
+        entries.append(QueueEntry(job, None, remaining))
+    for position, job in enumerate(fair_order(queued, used, estimates, now), start=1):
+        ahead += remaining_s(job, estimates, now)
+        entries.append(QueueEntry(job, position, ahead))
+    return entries

@@ -1,0 +1,124 @@
+"""Turning a member's request into a queued job: every check, in the order that spares the member wasted uploads.
+
+The cogs call these so they stay thin: parse the interaction, call `submit_training` / `submit_imagine`, render.
+Everything a member can get wrong raises a UserError subclass whose text says what to do next.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import secrets
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from bot.errors import UserError
+from trainer.contract.imagine_request import DEFAULT_STRENGTH, ImagineRequest
+
+log = logging.getLogger(__name__)
+
+MAX_ZIP_MB = 200
+VARIATION_STRENGTH = DEFAULT_STRENGTH
+# Recipe fields of trainer.training.engine.TrainSpec added to every training's params; empty means the trainer's defaults.
+# A seam for an operator setting later; the wire tests use it to keep tiny-model trainings to seconds.
+TRAIN_RECIPE: dict = {}
+
+
+def _intake():
+    # trainer.intake.photos is torch-free (PIL, cv2); imported lazily so the bot starts even before it is first needed.
+    from trainer.intake import photos as intake
+    return intake
+
+
+async def submit_training(services, *, guild_id: int, member_id: int, channel_id: int | None,
+                          role_ids: Iterable[int], token: str, class_name: str, style: bool,
+                          files: Sequence[tuple[str, bytes]], steps: int | None = None):
+    """Check, take in the photos, create the concept and queue its training. Returns (Job, IntakeReport).
+
+    Order: ban and limits (cheap, before any photo work) → token and class spelling → token free on this server →
+    photo intake (in a thread: decoding and face detection take a while) → concept + photos on disk → ledger.
+    If queueing fails after the concept was created, the concept is removed again.
+    """
+    intake = _intake()
+    settings = services.settings
+    role_ids = list(role_ids)
+    await services.ledger.check_submit("train", member_id, guild_id, role_ids=role_ids)
+    token = intake.check_token(token)
+    class_name = intake.normalise_class(class_name)
+    style = bool(style) or intake.class_kind(class_name) == "style"
+    existing = await services.concepts.by_token(guild_id, token)
+    if existing is not None and not (existing.owner_id == member_id and existing.status == "failed"):
+        if existing.owner_id == member_id:
+            raise UserError(f"You already have a concept called {existing.token}. Use it, or delete it with "
+                            f"`/concepts delete {existing.token}` to train it again.")
+        raise UserError(f"The token {existing.token} is already taken on this server; pick another made-up word.")
+
+    limits = intake.IntakeLimits(min_photos=settings.min_photos, max_photos=settings.max_photos,
+                                 max_photo_bytes=settings.max_photo_mb * 1024 * 1024)
+    report = await asyncio.to_thread(intake.intake_photos, list(files), limits=limits, class_name=class_name,
+                                     style=style)
+    if not report.ok:
+        raise UserError(report.summary())
+    report.warnings.extend(intake.token_warnings(token, _vocabulary(settings.model)))
+
+    concept = await services.concepts.create(guild_id, member_id, token, class_name, style)
+    try:
+        photos_dir = services.concepts.concept_dir(concept.id) / "photos"
+        await asyncio.to_thread(report.save, photos_dir)
+        params = {**TRAIN_RECIPE, "concept_id": concept.id, "token": concept.token, "class_name": class_name,
+                  "style": bool(style), "steps": steps, "seed": secrets.randbelow(2**31)}
+        job = await services.ledger.submit("train", member_id, guild_id, channel_id, params, role_ids=role_ids)
+        await services.concepts.attach_job(concept.id, job.id, photo_count=len(report.accepted))
+    except BaseException:
+        await services.concepts.delete(concept.id, member_id)
+        raise
+    services.job_submitted()
+    return job, report
+
+
+def _mentions(prompt: str, token: str) -> bool:
+    return re.search(rf"(?<![\w]){re.escape(token)}(?![\w])", prompt, re.IGNORECASE) is not None
+
+
+@functools.lru_cache(maxsize=4)
+def _vocabulary(model: str) -> frozenset[str] | None:
+    """The base model's tokenizer words (to warn about tokens it already knows), when the model is a local folder."""
+    from trainer.contract.naming import load_vocab
+    try:
+        vocab = load_vocab(model) if Path(model).is_dir() else None
+    except (OSError, ValueError):
+        log.warning("could not read the tokenizer vocabulary of %s", model, exc_info=True)
+        return None
+    return None if vocab is None else frozenset(vocab)
+
+
+async def submit_imagine(services, *, guild_id: int, member_id: int, channel_id: int | None,
+                         role_ids: Iterable[int], prompt: str, negative: str = "", seed: int | None = None,
+                         steps: int | None = None, cfg: float | None = None, width: int | None = None,
+                         height: int | None = None, count: int = 1, upload_limit: int | None = None,
+                         init_image: str | None = None, strength: float | None = None):
+    """Check the prompt against the concepts this member may use (now, not when it runs), then queue it."""
+    role_ids = list(role_ids)
+    await services.ledger.check_submit("imagine", member_id, guild_id, role_ids=role_ids)
+    usable = await services.concepts.usable(guild_id, member_id)
+    forbidden = await services.concepts.forbidden_tokens(guild_id, member_id)
+    for concept in await services.concepts.owned(guild_id, member_id):
+        if concept.status != "ready" and _mentions(prompt, concept.token):
+            raise UserError(f"{concept.token} is still training; you'll be pinged when it's ready." if
+                            concept.status == "training" else
+                            f"The training of {concept.token} failed, so it can't be used yet. "
+                            f"Run /train with the token {concept.token} again to retry.")
+    params = {"prompt": prompt, "negative": negative or "", "seed": seed, "steps": steps, "cfg": cfg,
+              "width": width, "height": height, "count": count, "upload_limit": upload_limit}
+    if init_image is not None:
+        params.update(init_image=str(init_image), strength=strength if strength is not None else VARIATION_STRENGTH)
+    params = {k: v for k, v in params.items() if v is not None}
+    # The same checks the worker will run (options, tokens, <lora:> tags); the paths are filled in at run time.
+    ImagineRequest.from_params({
+        **params, "out_dir": str(Path(services.settings.data_dir) / "images" / "check"),
+        "concepts": [{"concept_id": c.id, "token": c.token, "class_name": c.class_name} for c in usable],
+        "forbidden_tokens": forbidden})
+    job = await services.ledger.submit("imagine", member_id, guild_id, channel_id, params, role_ids=role_ids)
+    services.job_submitted()
+    return job

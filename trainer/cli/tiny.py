@@ -1,0 +1,21 @@
+"""`python -m trainer make-tiny-model DIR [--photos DIR]`."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", help="where to write the pipeline (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    parser.add_argument("--photos", metavar="DIR",
+                        help="also write 5 made-up photos there, to try `train` without photos of your own")
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.models.tiny import make_tiny_model, write_sample_photos
+
+    path = make_tiny_model(args.directory, seed=args.seed)
+    print(f"tiny Stable Diffusion pipeline written to {path}")
+    if args.photos:
+        print(f"5 made-up photos written to {write_sample_photos(args.photos)}")
+    return 0

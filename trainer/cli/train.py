@@ -1,0 +1,152 @@
+"""`python -m trainer train --photos DIR|ZIP --token squidarth --class man --out DIR`: one training, in the terminal.
+
+It runs the photo intake first and prints its report (accepted, rejected with reasons, warnings); when nothing usable
+is left it stops there with a non-zero exit. Then it loads the base model, trains (a text progress bar on stderr)
+and prints where the LoRA files and sample images are. Prepared photos go to OUT/photos, the LoRA to OUT/, class
+images to the shared cache (default: $BOOTHBOT_DATA_DIR/cache, else ./data/cache) so later trainings reuse them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the bot's default (bot/settings.py)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from trainer.training.engine import TrainSpec
+
+    defaults = TrainSpec("cli", "x", "x", Path("."), Path("."))
+    parser.add_argument("--photos", required=True, help="a folder of photos or a .zip of them")
+    parser.add_argument("--token", required=True, help="the new word for the subject, e.g. squidarth")
+    parser.add_argument("--class", dest="class_name", required=True, help="what it is: man, woman, dog, style, …")
+    parser.add_argument("--out", required=True, help="output folder (created): lora.safetensors, samples/, …")
+    parser.add_argument("--model", default=os.environ.get("BOOTHBOT_MODEL", DEFAULT_MODEL),
+                        help="base model: hub id, diffusers folder or .safetensors file (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: from the photo count)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=defaults.learning_rate,
+                        help="UNet learning rate (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
+    parser.add_argument("--resolution", type=int, default=None, help="default: the model's own (512 for SD 1.5)")
+    parser.add_argument("--class-images", type=int, default=defaults.class_images,
+                        help="prior-preservation images of the class (default: %(default)s)")
+    parser.add_argument("--no-prior", action="store_true", help="train without prior preservation")
+    parser.add_argument("--text-encoder", dest="train_text_encoder", action=argparse.BooleanOptionalAction,
+                        default=True, help="also train a text-encoder LoRA (default: on)")
+    parser.add_argument("--style", action="store_true", help="the photos show a style, not a subject")
+    parser.add_argument("--device", default=os.environ.get("BOOTHBOT_DEVICE", "auto"), help="auto, cuda, cpu, …")
+    parser.add_argument("--dtype", default=os.environ.get("BOOTHBOT_DTYPE", "auto"), choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--cache-dir", default=None, help="shared cache for class images")
+    parser.add_argument("--slice-s", type=float, default=None, help=argparse.SUPPRESS)  # exercise slicing by hand
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.contract.errors import UserError
+
+    out_dir = Path(args.out)
+    try:
+        photos_dir, token, class_name = _intake(args, out_dir / "photos")
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if photos_dir is None:
+        return 1
+    try:
+        outcome = _train(args, photos_dir, token, class_name, out_dir)
+    except UserError as error:
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 1
+    if outcome.status != "done":
+        print(f"\ntraining {outcome.status} at step {outcome.step}/{outcome.total}", file=sys.stderr)
+        return 1
+    result = outcome.result
+    print(f"\ndone in {result['seconds']:.0f} s ({result['steps']} steps)")
+    print(f"LoRA (diffusers):      {result['lora']}")
+    print(f"LoRA (A1111/ComfyUI):  {result['lora_kohya']}")
+    for sample in result["samples"]:
+        print(f"sample:                {sample}")
+    return 0
+
+
+def _intake(args, photos_dir: Path):
+    """Check the token and class, run the photo intake and print its report.
+
+    Returns (prepared photos dir, token, class), with None for the directory when nothing usable is left.
+    """
+    from trainer.intake.photos import IntakeLimits, check_token, intake_photos, normalise_class
+
+    token, class_name = check_token(args.token), normalise_class(args.class_name)
+    limits = IntakeLimits(resolution=max(512, args.resolution or 512))
+    report = intake_photos([Path(args.photos)], photos_dir, limits=limits, class_name=class_name, style=args.style)
+    print(report.summary())
+    if not report.ok:
+        print("error: not enough usable photos, nothing was trained", file=sys.stderr)
+        return None, token, class_name
+    return photos_dir, token, class_name
+
+
+def _train(args, photos_dir: Path, token: str, class_name: str, out_dir: Path):
+    from trainer.intake.photos import token_warnings
+    from trainer.models.loading import load_pipeline
+    from trainer.training.engine import TrainSpec, train_concept
+
+    spec = TrainSpec(
+        concept_id="cli", token=token, class_name=class_name, photos_dir=photos_dir, out_dir=out_dir,
+        style=args.style, steps=args.steps, seed=args.seed, rank=args.rank,
+        learning_rate=args.lr, batch_size=args.batch_size, resolution=args.resolution,
+        class_images=args.class_images, prior_preservation=False if args.no_prior else None,
+        train_text_encoder=args.train_text_encoder, base_model=args.model,
+    )
+    spec.validate()
+    print(f"loading {args.model} …", flush=True)
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    print(f"on {pipe.device} in {pipe.unet.dtype}", flush=True)
+    for warning in token_warnings(token, pipe.tokenizer):
+        print(f"warning: {warning}")
+    cache_dir = Path(args.cache_dir) if args.cache_dir else Path(os.environ.get("BOOTHBOT_DATA_DIR", "data")) / "cache"
+    bar = ProgressBar(sys.stderr)
+    while True:
+        outcome = train_concept(pipe, spec, cache_dir=cache_dir, on_progress=bar, slice_s=args.slice_s)
+        if outcome.status != "paused":
+            return outcome
+
+
+class ProgressBar:
+    """One line, redrawn in place: `[#####-----] 120/800  loss 0.1234  ETA 1m20s`."""
+
+    def __init__(self, stream, width: int = 30):
+        self.stream, self.width = stream, width
+        self._last = 0.0
+
+    def __call__(self, info) -> None:
+        now = time.monotonic()
+        if info.stage == "training" and info.step not in (1, info.total) and now - self._last < 0.2:
+            return
+        self._last = now
+        if info.stage != "training":
+            line = info.detail or info.stage
+        else:
+            filled = int(self.width * info.step / max(info.total, 1))
+            line = f"[{'#' * filled}{'-' * (self.width - filled)}] {info.step}/{info.total}"
+            if info.loss is not None:
+                line += f"  loss {info.loss:.4f}"
+            if info.eta_s is not None:
+                line += f"  ETA {format_seconds(info.eta_s)}"
+        self.stream.write("\r" + line.ljust(72))
+        self.stream.flush()
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"

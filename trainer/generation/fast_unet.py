@@ -1,0 +1,143 @@
+"""UNet forward replayed from CUDA graphs at fixed shapes (CUDA only; elsewhere the UNet runs as it is).
+
+At batch 1-2 a denoising step is bound by Python and kernel launches, not by the GPU (docs/BENCHMARKS.md: the GPU
+is busy ~30 % of an eager step, and every peft LoRA layer adds Python). A graph captured once per
+(batch, latent size, prompt length, LoRA slot on/off) replays the whole forward with one launch. Inputs are copied
+into the graph's static buffers, the output is cloned out. Captured lazily, the `max_graphs` most recent kept.
+
+What a graph bakes in: tensor addresses and the kernels chosen at capture. The LoRA slot (trainer/generation/lora_slots.py)
+keeps both fixed (weights and masks change in place), so switching LoRAs keeps graphs valid; when the slot is
+rebuilt (`slots.version`), or anything else about the UNet's parameters moves, the graphs are dropped.
+
+`installed()` points the UNet instance's `forward` at the graph runner for the duration of a request and restores it
+on exit; calls the graphs can't serve (gradients on, extra conditioning, CPU tensors) run eagerly. Whether the
+parameters moved is checked once per request, on entry (walking SD 1.5's 686 parameters costs milliseconds: too
+much for every step). LoRAs folded into the weights in place (trainer/generation/lora_slots.py) move nothing.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from contextlib import contextmanager
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class _Entry:
+    def __init__(self, graph, sample, timestep, hidden, output):
+        self.graph, self.sample, self.timestep, self.hidden, self.output = graph, sample, timestep, hidden, output
+
+
+class UNetGraphs:
+    def __init__(self, unet, *, state_key=lambda: None, max_graphs: int = 4, warmup: int = 2, compile: bool = False):
+        self.unet = unet
+        # Optional: inductor's fused kernels inside the graphs (compiles once per shape on the first warm-up: slow).
+        self._compiled = torch.compile(self._plain, dynamic=False) if compile else None
+        self.state_key = state_key  # anything else that changes the captured kernels (LoRA slot on, its version)
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self.captures = 0
+        self.replays = 0
+        self._graphs: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._pool = None
+        self._params_key = None
+
+    @staticmethod
+    def usable(unet) -> bool:
+        return unet.device.type == "cuda"
+
+    @contextmanager
+    def installed(self):
+        self._check_params()
+        unet = self.unet
+        had_own = "forward" in vars(unet)
+        previous = vars(unet).get("forward")
+        unet.forward = self._forward
+        try:
+            yield self
+        finally:
+            if had_own:
+                unet.forward = previous
+            else:
+                del unet.forward
+
+    def clear(self) -> None:
+        self._graphs.clear()
+        self._pool = None
+
+    def _plain(self, sample, timestep, hidden):
+        return type(self.unet).forward(self.unet, sample, timestep, hidden, return_dict=False)[0]
+
+    def _eager(self, *args, **kwargs):
+        return type(self.unet).forward(self.unet, *args, **kwargs)
+
+    def _forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None,
+                 added_cond_kwargs=None, return_dict: bool = True, **kwargs):
+        plain = (timestep_cond is None and not cross_attention_kwargs and not added_cond_kwargs and not kwargs
+                 and not torch.is_grad_enabled() and sample.is_cuda and torch.is_tensor(timestep)
+                 and timestep.numel() == 1 and not torch.cuda.is_current_stream_capturing())
+        if not plain:
+            return self._eager(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                               cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
+                               return_dict=return_dict, **kwargs)
+        key = (tuple(sample.shape), sample.dtype, tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype,
+               timestep.dtype, self.state_key())
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(key, sample, timestep, encoder_hidden_states)
+        else:
+            self._graphs.move_to_end(key)
+        entry.sample.copy_(sample)
+        entry.timestep.copy_(timestep.reshape(()))
+        entry.hidden.copy_(encoder_hidden_states)
+        entry.graph.replay()
+        self.replays += 1
+        out = entry.output.clone()
+        if not return_dict:
+            return (out,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=out)
+
+    def _check_params(self) -> None:
+        """Drop every graph when the UNet's parameters were replaced (moved, re-cast, layers added/removed)."""
+        key = tuple((p.data_ptr(), p.dtype) for p in self.unet.parameters())
+        key = hash(key)
+        if key != self._params_key:
+            if self._graphs:
+                log.info("UNet parameters changed: dropping %d CUDA graph(s)", len(self._graphs))
+            self.clear()
+            self._params_key = key
+
+    def _capture(self, key, sample, timestep, hidden) -> _Entry:
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+        memory_format = torch.channels_last if self.unet.conv_in.weight.is_contiguous(
+            memory_format=torch.channels_last) and sample.dim() == 4 else torch.contiguous_format
+        static_sample = torch.empty_like(sample, memory_format=memory_format).copy_(sample)
+        static_t = timestep.detach().reshape(()).clone()
+        static_hidden = hidden.detach().clone()
+
+        def run():
+            if self._compiled is not None:
+                return self._compiled(static_sample, static_t, static_hidden)
+            return self._plain(static_sample, static_t, static_hidden)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup + (1 if self._compiled is not None else 0)):
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = run()
+        entry = _Entry(graph, static_sample, static_t, static_hidden, output)
+        self._graphs[key] = entry
+        self.captures += 1
+        log.info("captured a UNet CUDA graph for %s", key[:3])
+        return entry

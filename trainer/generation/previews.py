@@ -1,0 +1,47 @@
+"""Cheap progress previews: SD 1.x latents → RGB with a fixed linear map (no VAE decode), saved as a small WebP.
+
+The 4×3 factors are the widely used linear approximation of the SD 1.x VAE decoder (A1111's "Approx cheap"); on a
+latent 1/8 of the image size they give a blurry but recognisable picture in well under a millisecond.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from trainer.generation.pnginfo import make_grid
+
+SD1_LATENT_RGB_FACTORS = (
+    (0.298, 0.207, 0.208),
+    (0.187, 0.286, 0.173),
+    (-0.158, 0.189, 0.264),
+    (-0.184, -0.271, -0.473),
+)
+
+
+def latents_to_images(latents: torch.Tensor, scale: int = 4) -> list[Image.Image]:
+    """(N, 4, h, w) latents → N RGB images of (w*scale, h*scale)."""
+    factors = torch.tensor(SD1_LATENT_RGB_FACTORS, dtype=torch.float32)
+    rgb = torch.einsum("nchw,cr->nrhw", latents.detach().float().cpu(), factors)
+    pixels = ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    images = [Image.fromarray(p) for p in pixels]
+    if scale != 1:
+        images = [im.resize((im.width * scale, im.height * scale), Image.Resampling.BILINEAR) for im in images]
+    return images
+
+
+def save_preview(latents: torch.Tensor, path: Path, scale: int = 4) -> Path:
+    """Write the preview of a batch (a grid when several) as WebP, atomically."""
+    images = latents_to_images(latents, scale)
+    image = images[0] if len(images) == 1 else make_grid(images)
+    buffer = io.BytesIO()
+    image.save(buffer, format="WEBP", quality=70)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+    return path

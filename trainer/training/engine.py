@@ -1,0 +1,494 @@
+"""DreamBooth LoRA training of one concept on the shared, resident pipeline, in resumable slices.
+
+`train_concept(pipe, spec, cache_dir=...)` is what the GPU worker, the CLI and the tests call. One call runs one
+slice: it prepares (class images, cached latents and text embeddings), trains until the job is finished, the slice's
+time is up (→ "paused", with a checkpoint under out_dir/checkpoint/) or `should_stop()` turns true (→ "cancelled"),
+and always leaves the pipeline as it found it (see trainer/training/lora_scope.py). Calling it again with the same spec
+resumes from the checkpoint; the result is identical to an uninterrupted run (same hardware, same seed).
+
+The recipe and where each default comes from: docs/TRAINING.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.training import checkpoint
+from trainer.contract.errors import UserError
+from trainer.contract.naming import class_kind
+from trainer.contract.naming import instance_prompt as naming_instance_prompt
+from trainer.training.step import StepRunner
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 1.0
+INPUTS_FILE = "inputs.safetensors"
+FINISHED_KEY = "finished"
+
+
+def class_prompt(class_name: str) -> str:
+    return f"a photo of {class_name}"
+
+
+def default_steps(photo_count: int, class_name: str) -> int:
+    """100 steps per photo (diffusers' LoRA example: 500 steps for 5 photos), at least 800 for people (faces need
+    800–1200: Hugging Face's DreamBooth study), else at least 500; at most 1500 (beyond that LoRAs overfit)."""
+    low = 800 if class_kind(class_name) == "person" else 500
+    return max(low, min(1500, 100 * photo_count))
+
+
+@dataclass
+class TrainSpec:
+    """What to train. The first ten fields are the worker's `train` params; the rest is the recipe (docs/TRAINING.md)."""
+
+    concept_id: str
+    token: str
+    class_name: str
+    photos_dir: Path
+    out_dir: Path
+    style: bool = False
+    steps: int | None = None  # None: default_steps(photo count, class)
+    seed: int = 0
+    slice_s: float | None = None  # None or 0: no time limit
+    train_text_encoder: bool = True
+    rank: int = 16
+    learning_rate: float = 1e-4
+    text_encoder_learning_rate: float = 5e-5
+    batch_size: int = 1
+    resolution: int | None = None  # None: the model's own (512 for SD 1.5)
+    prior_preservation: bool | None = None  # None: on, except for styles
+    class_images: int = 100
+    prior_loss_weight: float = 1.0
+    snr_gamma: float | None = 5.0
+    flip: bool = False
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    deterministic: bool = True  # torch's deterministic kernels while training (bit-identical reruns on one GPU)
+    cuda_graphs: bool = True  # replay the step from a CUDA graph on CUDA (same math, far fewer launches)
+    sample_count: int = 4
+    preview_every: int | None = None  # steps between previews; None: a fifth of the steps when preview_path is set
+    preview_path: Path | None = None  # where previews go (WebP); None and preview_every unset: no previews
+    base_model: str | None = None  # the name recorded in the LoRA's metadata; default: the pipeline's name_or_path
+
+    def __post_init__(self):
+        self.concept_id = str(self.concept_id)
+        self.photos_dir = Path(self.photos_dir)
+        self.out_dir = Path(self.out_dir)
+        if self.preview_path is not None:
+            self.preview_path = Path(self.preview_path)
+
+    @classmethod
+    def from_params(cls, params: dict) -> "TrainSpec":
+        """The worker's `train` params (docs/ARCHITECTURE.md); recipe fields may be given too; other keys ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [n for n in ("concept_id", "token", "class_name", "photos_dir", "out_dir") if params.get(n) is None]
+        if missing:
+            raise ValueError(f"train params lack {', '.join(missing)}")
+        values = {key: value for key, value in params.items() if key in names and value is not None}
+        return cls(**values)
+
+    @property
+    def is_style(self) -> bool:
+        return self.style or class_kind(self.class_name) == "style"
+
+    @property
+    def instance_prompt(self) -> str:
+        return naming_instance_prompt(self.token, self.class_name, "style" if self.is_style else None)
+
+    @property
+    def uses_prior(self) -> bool:
+        return (not self.is_style) if self.prior_preservation is None else self.prior_preservation
+
+    def preview_interval(self, total: int) -> int:
+        if self.preview_every is not None:
+            return self.preview_every
+        return math.ceil(total / 5) if self.preview_path is not None else 0
+
+    @property
+    def preview_file(self) -> Path:
+        return self.preview_path or self.out_dir / "preview.webp"
+
+    @property
+    def adapter_name(self) -> str:
+        return "boothbot_train_" + re.sub(r"[^A-Za-z0-9_]", "_", self.concept_id)
+
+    def validate(self) -> None:
+        checks = [
+            (bool(self.token.strip()) and not any(c.isspace() for c in self.token), "the token must be one word"),
+            (self.steps is None or 1 <= self.steps <= 20_000, "steps must be between 1 and 20000"),
+            (1 <= self.rank <= 256, "rank must be between 1 and 256"),
+            (0 < self.learning_rate <= 1e-2, "the learning rate must be above 0 and at most 0.01"),
+            (0 < self.text_encoder_learning_rate <= 1e-2, "the text encoder learning rate must be above 0 and at most 0.01"),
+            (1 <= self.batch_size <= 64, "the batch size must be between 1 and 64"),
+            (1 <= self.class_images <= 2000 or not self.uses_prior, "class images must be between 1 and 2000"),
+            (self.prior_loss_weight >= 0, "the prior loss weight cannot be negative"),
+            (self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma must be positive"),
+            (0 <= self.sample_count <= 16, "sample count must be between 0 and 16"),
+            (self.preview_every is None or self.preview_every >= 0, "preview_every cannot be negative"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"Training settings: {message}.")
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """What on_progress receives. `stage` is "class_images" (step stays at 0), "training" or "samples"."""
+
+    step: int
+    total: int
+    eta_s: float | None
+    loss: float | None
+    preview: str | None = None
+    stage: str = "training"
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    status: str  # "done" | "paused" | "cancelled"
+    step: int
+    total: int
+    result: dict | None = None
+
+
+@dataclass
+class _Job:
+    """Everything derived from the spec and the pipeline before training starts."""
+
+    spec: TrainSpec
+    photos: list
+    resolution: int
+    total: int
+    prompts: list[str]  # unique prompts: instance prompt(s), then the class prompt when prior preservation is on
+    photo_prompt: list[int]  # index into prompts, per photo
+    class_set: object | None  # priors.ClassImageSet
+    base_model: str
+    fingerprint: str
+
+    @property
+    def instance_prompt(self) -> str:
+        return self.spec.instance_prompt
+
+
+def _native_resolution(pipe) -> int:
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def _prepare_job(pipe, spec: TrainSpec, cache_dir: Path) -> _Job:
+    from trainer.training.priors import ClassImageSet, model_fingerprint
+    from trainer.training.data import find_photos, photos_digest
+
+    photos = find_photos(spec.photos_dir)
+    resolution = spec.resolution or _native_resolution(pipe)
+    multiple = int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if resolution % multiple or not multiple <= resolution <= 2048:
+        raise UserError(f"Training settings: the resolution must be a multiple of {multiple} up to 2048.")
+    total = spec.steps or default_steps(len(photos), spec.class_name)
+    base = spec.instance_prompt
+    per_photo = [f"{base}, {p.caption}" if p.caption else base for p in photos]
+    prompts = list(dict.fromkeys(per_photo))
+    photo_prompt = [prompts.index(p) for p in per_photo]
+    model_fp = model_fingerprint(pipe)
+    class_set = None
+    if spec.uses_prior:
+        prompts.append(class_prompt(spec.class_name))
+        class_set = ClassImageSet.for_model(cache_dir, model_fp, prompts[-1], resolution, spec.class_images)
+    training_fields = {k: v for k, v in dataclasses.asdict(spec).items()
+                       if k not in ("photos_dir", "out_dir", "slice_s", "sample_count", "preview_every",
+                                    "preview_path", "base_model", "cuda_graphs")}
+    fingerprint = hashlib.sha256(json.dumps(
+        [training_fields, photos_digest(photos), model_fp, resolution, total, prompts,
+         str(class_set.directory.name) if class_set else None], sort_keys=True, default=str).encode()).hexdigest()
+    base_model = spec.base_model or getattr(pipe, "name_or_path", None) or "unknown"
+    return _Job(spec, photos, resolution, total, prompts, photo_prompt, class_set, str(base_model), fingerprint)
+
+
+def train_concept(pipe, spec: TrainSpec, *, cache_dir: Path, on_progress=None, should_stop=None,
+                  slice_s: float | None = None) -> TrainOutcome:
+    """Run one slice of `spec`'s training on `pipe`; see the module docstring. Raises UserError for bad inputs."""
+    started = time.monotonic()
+    slice_s = spec.slice_s if slice_s is None else slice_s
+    deadline = started + slice_s if slice_s and slice_s > 0 else None
+    on_progress = on_progress or (lambda info: None)
+    should_stop = should_stop or (lambda: False)
+    spec.validate()
+    job = _prepare_job(pipe, spec, Path(cache_dir))
+    state = checkpoint.load_state(spec.out_dir, job.fingerprint)
+    if state and state.get(FINISHED_KEY) and _outputs_exist(state["result"]):
+        return TrainOutcome("done", job.total, job.total, state["result"])
+    if state and state.get(FINISHED_KEY):
+        state = None
+    if should_stop():
+        checkpoint.remove(spec.out_dir)
+        return TrainOutcome("cancelled", _step_of(state), job.total)
+    return _Slice(pipe, job, state, started, deadline, on_progress, should_stop).run()
+
+
+def _step_of(state: dict | None) -> int:
+    return int(state["step"]) if state else 0
+
+
+def _outputs_exist(result: dict) -> bool:
+    return all(Path(p).is_file() for p in [result["lora"], result["lora_kohya"], *result["samples"]])
+
+
+class _Slice:
+    def __init__(self, pipe, job: _Job, state, started, deadline, on_progress, should_stop):
+        import torch
+
+        self.pipe, self.job, self.spec, self.state = pipe, job, job.spec, state
+        self.started, self.deadline = started, deadline
+        self.timings: dict[str, float] = {}  # seconds per phase of this slice (logged, and in the result)
+        self.on_progress, self.should_stop = on_progress, should_stop
+        self.device = pipe.unet.device
+        self.dtype = pipe.unet.dtype
+        self.step = _step_of(state)
+        self.elapsed_before = float(state["elapsed_s"]) if state else 0.0
+        self.noise_generator = torch.Generator(device=self.device)
+        earlier = job.spec.preview_interval(job.total) and job.spec.preview_file.is_file()
+        self.preview: str | None = str(job.spec.preview_file.resolve()) if earlier else None  # an earlier slice's
+
+    # ---------------------------------------------------------------- orchestration
+    def run(self) -> TrainOutcome:
+        from trainer.training.lora_scope import LoraTrainingScope
+
+        caller_rng = checkpoint.capture_global_rng()
+        try:
+            if self.state and "rng" in self.state:
+                checkpoint.restore_global_rng(self.state["rng"])
+            else:
+                checkpoint.seed_global_rng(self.spec.seed)
+            with _deterministic_kernels(self.spec.deterministic), \
+                    LoraTrainingScope(self.pipe, self.spec.adapter_name) as scope:
+                return self._run_in_scope(scope)
+        finally:
+            checkpoint.restore_global_rng(caller_rng)
+
+    def _run_in_scope(self, scope) -> TrainOutcome:
+        scope.base_model_only()
+        class_latents = None
+        if self.job.class_set is not None:
+            with self._phase("class_images"):
+                status = self._ensure_class_images()
+                if status != "complete":
+                    return self._stop(status, trainer=None)
+                class_latents = self.job.class_set.latents()
+        with self._phase("inputs"):
+            inputs = self._inputs()
+        with self._phase("adapters"):
+            scope.add_adapters(self.spec.rank, self.spec.train_text_encoder, seed=self.spec.seed)
+            if self.spec.gradient_checkpointing:
+                scope.enable_gradient_checkpointing()
+            trainer = StepRunner(self.pipe, self.job, inputs, class_latents, self.noise_generator,
+                                 cuda_graphs=self.spec.cuda_graphs)
+        try:
+            if self.state and "lora" in self.state:
+                trainer.load_state(self.state)
+            else:
+                self.noise_generator.manual_seed(self.spec.seed + 1)
+            with self._phase("steps", sync=True):
+                status = self._train(trainer)
+            if status != "done":
+                return self._stop(status, trainer)
+            return self._finish(scope, trainer)
+        finally:
+            trainer.close()
+
+    def _ensure_class_images(self) -> str:
+        class_set = self.job.class_set
+        if not class_set.complete:
+            self._report(stage="class_images", detail=f"making class images 0/{class_set.count}")
+        batch = 8 if self.device.type == "cuda" else 2  # 8 images = 16 UNet rows with guidance: the GPU stays busy
+        return class_set.ensure(
+            self.pipe, batch_size=batch, deadline=self.deadline, should_stop=self.should_stop,
+            on_image=lambda done, count: self._report(stage="class_images", detail=f"making class images {done}/{count}"))
+
+    def _inputs(self) -> dict:
+        """Latents of the photos (and mirrors), prompt token ids and, unless the text encoder trains, embeddings.
+
+        Computed on the first slice and kept in out_dir/checkpoint/inputs.safetensors for the others, so each job
+        runs the VAE and the text encoder over its inputs once.
+        """
+        from safetensors.torch import load_file
+
+        from trainer.training.lora_files import save_file_atomic
+        from trainer.training.data import encode_latents, load_pixels
+
+        path = checkpoint.checkpoint_dir(self.spec.out_dir) / INPUTS_FILE
+        if path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                same_job = (f.metadata() or {}).get("fingerprint") == self.job.fingerprint
+            if same_job:
+                return load_file(str(path))
+        import torch
+
+        pixels = load_pixels([p.path for p in self.job.photos], self.job.resolution)
+        mean, std = encode_latents(self.pipe.vae, pixels)
+        tokenizer = self.pipe.tokenizer
+        ids = tokenizer(self.job.prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        inputs = {"mean": mean, "std": std, "prompt_ids": ids,
+                  "photo_prompt": torch.tensor(self.job.photo_prompt, dtype=torch.long)}
+        if not self.spec.train_text_encoder:
+            with torch.no_grad():
+                inputs["embeds"] = self.pipe.text_encoder(ids.to(self.device))[0].float().cpu()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file_atomic(inputs, path, {"fingerprint": self.job.fingerprint})
+        return inputs
+
+    # ---------------------------------------------------------------- the loop
+    def _train(self, trainer: "StepRunner") -> str:
+        total = self.job.total
+        first_step, loop_start = self.step, time.monotonic()
+        last_report = loop_start
+        every = self.spec.preview_interval(total)
+        new_preview = False
+        while self.step < total:
+            if self.should_stop():
+                return "cancelled"
+            if self.deadline is not None and self.step > first_step and time.monotonic() >= self.deadline:
+                return "paused"
+            trainer.step(self.step)
+            self.step += 1
+            if every and self.step % every == 0 and self.step < total:
+                self.preview = self._preview()
+                new_preview = True
+            now = time.monotonic()
+            if self.step in (first_step + 1, total) or new_preview or now - last_report >= PROGRESS_EVERY_S:
+                loss = trainer.take_mean_loss()  # the only host sync in the loop
+                now = time.monotonic()
+                rate = (now - loop_start) / (self.step - first_step)
+                self._report(loss=loss, eta_s=rate * (total - self.step))
+                last_report, new_preview = now, False
+        return "done"
+
+    def _preview(self) -> str:
+        from trainer.training.images import generate, save_image_atomic
+
+        path = self.spec.preview_file
+        image = generate(self.pipe, self.job.instance_prompt, [self.spec.seed], self.job.resolution, steps=20)[0]
+        return str(save_image_atomic(image, path, quality=85).resolve())
+
+    @contextmanager
+    def _phase(self, name: str, *, sync: bool = False):
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            if sync and self.device.type == "cuda":
+                import torch
+
+                torch.cuda.synchronize(self.device)  # the queued GPU work belongs to this phase
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.monotonic() - began, 3)
+
+    def _report(self, *, loss=None, eta_s=None, stage="training", detail="") -> None:
+        # `preview` is the latest preview of this slice in every event after it, so a throttled receiver that drops
+        # the event right after a preview still gets it with the next one.
+        self.on_progress(TrainProgress(self.step, self.job.total, eta_s, loss, self.preview, stage, detail))
+
+    # ---------------------------------------------------------------- endings
+    def _elapsed(self) -> float:
+        return self.elapsed_before + (time.monotonic() - self.started)
+
+    def _stop(self, status: str, trainer) -> TrainOutcome:
+        if status == "cancelled":
+            checkpoint.remove(self.spec.out_dir)
+            return TrainOutcome("cancelled", self.step, self.job.total)
+        state = {"fingerprint": self.job.fingerprint, "step": self.step, "elapsed_s": self._elapsed(),
+                 "rng": checkpoint.capture_global_rng()}
+        if trainer is not None:
+            state.update(trainer.state_dict())
+        checkpoint.save_state(self.spec.out_dir, state)
+        return TrainOutcome("paused", self.step, self.job.total)
+
+    def _finish(self, scope, trainer: "StepRunner") -> TrainOutcome:
+        spec, job = self.spec, self.job
+        with self._phase("save"):
+            lora, kohya = self._save_lora(scope)
+        with self._phase("samples"):
+            samples = self._samples()
+        result = {"lora": str(lora.resolve()), "lora_kohya": str(kohya.resolve()), "samples": samples,
+                  "steps": job.total, "seconds": round(self._elapsed(), 1), "timings": dict(self.timings),
+                  "graph_steps": trainer.graph_replays}
+        log.info("training %s done: %d steps in %.1f s (this slice: %s; %d steps replayed from a CUDA graph)",
+                 spec.concept_id, job.total, result["seconds"], self.timings, trainer.graph_replays)
+        checkpoint.remove(spec.out_dir)
+        checkpoint.save_state(spec.out_dir, {"fingerprint": job.fingerprint, FINISHED_KEY: True, "step": job.total,
+                                             "elapsed_s": result["seconds"], "result": result})
+        return TrainOutcome("done", job.total, job.total, result)
+
+    def _save_lora(self, scope):
+        """Write both LoRA files (diffusers and kohya format) with the training's metadata; returns their paths."""
+        from peft.utils import get_peft_model_state_dict
+
+        from trainer.training.lora_files import training_metadata, write_lora_files
+
+        spec, job = self.spec, self.job
+        seconds = round(self._elapsed(), 1)
+        unet_state = {k: v.detach().float().cpu() for k, v in
+                      get_peft_model_state_dict(self.pipe.unet, adapter_name=spec.adapter_name).items()}
+        te_state = None
+        if spec.train_text_encoder:
+            te_state = {k: v.detach().float().cpu() for k, v in
+                        get_peft_model_state_dict(self.pipe.text_encoder, adapter_name=spec.adapter_name).items()}
+        metadata = training_metadata(
+            token=spec.token, class_name=spec.class_name, style=spec.is_style, instance_prompt=job.instance_prompt,
+            base_model=job.base_model, steps=job.total, rank=spec.rank, learning_rate=spec.learning_rate,
+            text_encoder_learning_rate=spec.text_encoder_learning_rate if spec.train_text_encoder else None,
+            train_text_encoder=spec.train_text_encoder, batch_size=spec.batch_size, resolution=job.resolution,
+            prior_preservation=spec.uses_prior, class_images=spec.class_images if spec.uses_prior else None,
+            photo_count=len(job.photos), seed=spec.seed, seconds=seconds)
+        return write_lora_files(spec.out_dir, unet_state=unet_state, text_encoder_state=te_state,
+                                unet_config=scope.adapter_config("unet"),
+                                text_encoder_config=scope.adapter_config("text_encoder"), metadata=metadata)
+
+    def _samples(self) -> list[str]:
+        from trainer.training.images import generate, save_image_atomic
+
+        count = self.spec.sample_count
+        if not count:
+            return []
+        self._report(stage="samples", detail=f"making {count} sample images")
+        seeds = [self.spec.seed + i for i in range(count)]
+        images = generate(self.pipe, self.job.instance_prompt, seeds, self.job.resolution)
+        directory = self.spec.out_dir / "samples"
+        return [str(save_image_atomic(image, directory / f"{i:03d}.png").resolve()) for i, image in enumerate(images)]
+
+
+@contextmanager
+def _deterministic_kernels(enabled: bool):
+    """torch.use_deterministic_algorithms + cuDNN's deterministic mode for the duration of a slice, then the
+    caller's settings again (the worker's generation may prefer the fastest kernels).
+
+    Not warn_only: in that mode torch keeps cuDNN attention's non-deterministic backward (measured on an H200: two
+    identical runs then differ by 5e-5). Every op of an SD 1.x LoRA step has a deterministic kernel (checked with
+    the full SD 1.5 architecture, UNet + text encoder, batch 1 and 4), so nothing raises."""
+    import torch
+
+    if not enabled:
+        yield
+        return
+    # cuBLAS is reproducible on one stream; torch still refuses (here: warns) unless this is set. It only matters
+    # for handles created afterwards, which is why the worker may set it at start too.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]

@@ -1,0 +1,221 @@
+"""One DreamBooth LoRA optimisation step on cached inputs (trainer/training/engine.py runs it in a loop).
+
+Everything a step draws at random is fixed up front by the seed (which photos, mirrored or not, timesteps) or comes
+from `noise_generator`, whose state the checkpoint keeps. The step reads its step number and its two noise draws from
+static device buffers that `step()` fills first, so the same code runs eagerly and, on CUDA, replayed from a CUDA
+graph (trainer/training/graph.py): the replay does the eager step's math (up to rounding on the GPU: docs/TRAINING.md).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from contextlib import nullcontext
+
+# A replayed step is one launch, so the host could queue hundreds of steps (seconds of GPU work) ahead of the GPU;
+# cancels, slice deadlines and progress are judged on the host, so it waits once this many steps are in flight.
+MAX_STEPS_IN_FLIGHT = 2
+
+
+class StepRunner:
+    def __init__(self, pipe, job, inputs: dict, class_latents, noise_generator, *, cuda_graphs: bool = True):
+        import torch
+        from diffusers import DDPMScheduler
+
+        spec = job.spec
+        self.spec, self.job = spec, job
+        self.unet, self.text_encoder = pipe.unet, pipe.text_encoder
+        self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
+        self.generator = noise_generator
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        self.prediction = self.noise_scheduler.config.prediction_type
+        to = dict(device=self.device)
+        self.mean, self.std = inputs["mean"].to(**to), inputs["std"].to(**to)
+        self.prompt_ids = inputs["prompt_ids"].to(**to)
+        self.photo_prompt = inputs["photo_prompt"].to(**to)
+        self.embeds = inputs["embeds"].to(self.device, self.dtype) if "embeds" in inputs else None
+        self.prior = class_latents is not None
+        if self.prior:
+            self.class_mean, self.class_std = class_latents[0].to(**to), class_latents[1].to(**to)
+        self.plan = {k: v.to(**to) for k, v in self._plan().items()}
+
+        self.unet_params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.te_params = [p for p in self.text_encoder.parameters() if p.requires_grad] if spec.train_text_encoder else []
+        groups = [{"params": self.unet_params, "lr": spec.learning_rate}]
+        if self.te_params:
+            groups.append({"params": self.te_params, "lr": spec.text_encoder_learning_rate})
+        self.params = self.unet_params + self.te_params
+        cuda = self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and cuda else None
+        # The grad scaler syncs with the host (inf checks) and checkpointed layers re-draw RNG state in backward:
+        # neither can live in a CUDA graph.
+        use_graph = cuda_graphs and cuda and self.scaler is None and not spec.gradient_checkpointing
+        # diffusers' train_dreambooth_lora.py AdamW settings; fused kernels on CUDA (one launch for all params);
+        # a graph needs the step count on the device (capturable).
+        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
+                                           fused=True if cuda else None, capturable=use_graph)
+        # Autocast's cast cache must be off inside a CUDA graph; each weight is cast once per step anyway.
+        self.autocast = (torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
+                         if self.dtype in (torch.float16, torch.bfloat16) else nullcontext())
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_count = 0
+        width = spec.batch_size * (2 if self.prior else 1)
+        shape = (width, *self.mean.shape[2:])
+        self._index = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._latent_noise = torch.empty(shape, dtype=self.mean.dtype, device=self.device)
+        self._noise = torch.empty(shape, dtype=self.mean.dtype, device=self.device)
+        self._in_flight: deque = deque()
+        self.graph = None
+        if use_graph:
+            from trainer.training.graph import GraphedStep
+
+            self.graph = GraphedStep(self._compute, lambda: self.optimizer.zero_grad(set_to_none=True))
+        self.unet.train()
+        if spec.train_text_encoder:
+            self.text_encoder.train()
+
+    def _plan(self) -> dict:
+        """Per step: photo indices, mirror flags, class-image indices and timesteps, from the seed alone."""
+        import torch
+
+        spec, total, batch = self.spec, self.job.total, self.spec.batch_size
+        g = torch.Generator().manual_seed(spec.seed)
+
+        def shuffled_epochs(n: int):  # every photo once per epoch, in a fresh order each epoch
+            needed = total * batch
+            order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(needed / n))])
+            return order[:needed].view(total, batch)
+
+        def flips():
+            if not spec.flip:
+                return torch.zeros(total, batch, dtype=torch.long)
+            return torch.randint(0, 2, (total, batch), generator=g)
+
+        plan = {"photo": shuffled_epochs(self.mean.shape[1]), "photo_flip": flips()}
+        if self.prior:
+            plan["class"] = shuffled_epochs(self.class_mean.shape[1])
+            plan["class_flip"] = flips()
+        width = batch * (2 if self.prior else 1)
+        plan["timesteps"] = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (total, width),
+                                          generator=g)
+        return plan
+
+    def step(self, index: int) -> None:
+        import torch
+
+        self._index.fill_(index)
+        torch.randn(self._latent_noise.shape, generator=self.generator, device=self.device, out=self._latent_noise)
+        torch.randn(self._noise.shape, generator=self.generator, device=self.device, out=self._noise)
+        if self.graph is not None:
+            self.graph()
+        else:
+            self._compute(True)
+        self.loss_count += 1
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+            self._in_flight.append(done)
+            if len(self._in_flight) > MAX_STEPS_IN_FLIGHT:
+                self._in_flight.popleft().synchronize()
+
+    def _compute(self, zero_grad: bool) -> None:
+        """The step itself, on the static inputs; no host sync (it may run inside a CUDA graph)."""
+        import torch
+        import torch.nn.functional as F
+        from diffusers.training_utils import compute_snr
+
+        plan, batch = self.plan, self.spec.batch_size
+
+        def now(name):
+            return plan[name].index_select(0, self._index)[0]
+
+        photo, photo_flip = now("photo"), now("photo_flip")
+        mean, std = self.mean[photo_flip, photo], self.std[photo_flip, photo]
+        prompt = self.photo_prompt[photo]
+        if self.prior:
+            cls, cls_flip = now("class"), now("class_flip")
+            mean = torch.cat([mean, self.class_mean[cls_flip, cls]])
+            std = torch.cat([std, self.class_std[cls_flip, cls]])
+            prompt = torch.cat([prompt, torch.full_like(prompt, len(self.job.prompts) - 1)])
+        timesteps = now("timesteps")
+        latents = mean + std * self._latent_noise
+        noise = self._noise
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise if self.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+
+        with self.autocast:
+            if self.embeds is not None:
+                embeds = self.embeds[prompt]
+            else:
+                embeds = self.text_encoder(self.prompt_ids[prompt])[0]
+            pred = self.unet(noisy.to(self.dtype), timesteps, embeds.to(self.dtype)).sample
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.spec.snr_gamma:
+            # Min-SNR weighting (Hang et al. 2023), as diffusers' training scripts apply it.
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            weight = torch.clamp(snr, max=self.spec.snr_gamma)
+            per_sample = per_sample * (weight / snr if self.prediction == "epsilon" else weight / (snr + 1))
+        loss = per_sample[:batch].mean()
+        if self.prior:
+            loss = loss + self.spec.prior_loss_weight * per_sample[batch:].mean()
+
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.spec.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if zero_grad:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.loss_sum += loss.detach()
+
+    @property
+    def graph_replays(self) -> int:
+        return self.graph.replays if self.graph is not None else 0
+
+    def take_mean_loss(self) -> float | None:
+        if not self.loss_count:
+            return None
+        value = (self.loss_sum / self.loss_count).item()
+        self.loss_sum.zero_()
+        self.loss_count = 0
+        return value
+
+    def _named_trainables(self) -> dict:
+        named = {f"unet.{n}": p for n, p in self.unet.named_parameters() if p.requires_grad}
+        if self.te_params:
+            named.update({f"text_encoder.{n}": p for n, p in self.text_encoder.named_parameters() if p.requires_grad})
+        return named
+
+    def state_dict(self) -> dict:
+        state = {"lora": {n: p.detach().cpu().clone() for n, p in self._named_trainables().items()},
+                 "optimizer": self.optimizer.state_dict(),
+                 "noise_rng": self.generator.get_state()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state(self, state: dict) -> None:
+        """Before the first step only (a captured graph would keep pointing at the replaced optimiser state)."""
+        import torch
+
+        named = self._named_trainables()
+        if set(named) != set(state["lora"]):
+            raise RuntimeError("the checkpoint's LoRA layout does not match this training")
+        with torch.no_grad():
+            for name, param in named.items():
+                param.copy_(state["lora"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["noise_rng"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def close(self) -> None:
+        """Free the captured graph (its pool holds the step's activations) as soon as the training ends."""
+        if self.graph is not None:
+            self.graph.close()
