@@ -39,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "print what was found, and exit non-zero if something would stop the bot.")
     check.add_argument("--gpu", action="store_true",
                        help="also start the GPU worker: loads the base model and runs a few seconds of GPU work")
+    debug_help = {run: "log at debug level, with the traceback behind a setup problem",
+                  check: "print the traceback behind each FAIL line"}
     for p in (run, check):
         p.add_argument("--env-file", default=".env", help="settings file read under the environment (default .env)")
-        p.add_argument("--debug", action="store_true",
-                       help="log at debug level and show the traceback behind a setup problem "
-                            "(as BOOTHBOT_LOG_LEVEL=debug does)")
+        p.add_argument("--debug", action="store_true", help=debug_help[p] + " (as BOOTHBOT_LOG_LEVEL=debug does)")
     return parser
 
 
