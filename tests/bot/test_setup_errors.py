@@ -284,3 +284,29 @@ def test_debug_log_level_shows_the_traceback_in_check(outcomes):
     done = outcomes["debug-log-level"]
     assert done.returncode == 1
     assert "Traceback (most recent call last)" in done.stdout and "file is not a database" in done.stdout
+
+
+def test_discord_reconnect_tracebacks_become_one_line_unless_debugging():
+    import io
+    import logging
+
+    from bot.logs import setup_logging
+
+    root_level = logging.getLogger().level
+    for level, with_traceback in (("INFO", False), ("DEBUG", True)):
+        stream = io.StringIO()
+        handler = setup_logging(level, stream=stream)
+        try:
+            try:
+                raise ConnectionRefusedError(111, "Connect call failed")
+            except OSError:
+                logging.getLogger("discord.client").exception("Attempting a reconnect in %.2fs", 1.52)
+        finally:
+            logging.getLogger().removeHandler(handler)
+            logging.getLogger().setLevel(root_level)
+            logging.captureWarnings(False)
+        text = stream.getvalue()
+        assert ("Traceback" in text) is with_traceback, text
+        if not with_traceback:
+            assert text.strip().endswith("WARNING discord.client: no connection to Discord (ConnectionRefusedError: "
+                                         "[Errno 111] Connect call failed); trying again in 1.5 s")
