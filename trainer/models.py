@@ -122,6 +122,13 @@ def _hub_failure(error: OSError) -> str | None:
     return str(innermost)
 
 
+def _no_such_repository(error: BaseException) -> bool:
+    """The hub answered, and said it has no such model (a typo, or a private or gated one without a login)."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    return isinstance(error.__cause__, RepositoryNotFoundError)
+
+
 def _hub_snapshot_cached(repo_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
@@ -179,6 +186,10 @@ def load_pipeline(ref: str, device: str = "auto", dtype: str = "auto", local_fil
         reason = _hub_failure(error)
         if reason is None:
             raise
+        if _no_such_repository(error):
+            raise SetupError(f"the Hugging Face hub at {constants.ENDPOINT} has no model {source.ref} (or it is "
+                             "private or gated): check the spelling of BOOTHBOT_MODEL (or --model); a private or gated "
+                             "model needs `hf auth login` first") from error
         raise SetupError(hub_unreachable_message(source, offline=constants.HF_HUB_OFFLINE, reason=reason)) from error
     from diffusers.models.attention_processor import AttnProcessor2_0
 

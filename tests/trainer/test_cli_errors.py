@@ -1,7 +1,7 @@
 """`python -m trainer train|imagine` on a setup problem (the model, the network, the data directory): exit 2 and one
 plain `error: ...` line that says what to do, never a traceback; `--debug` or BOOTHBOT_LOG_LEVEL=debug adds it.
 
-All cases run at once as real processes (most fail before torch is imported; the unreachable hub one does import it).
+All cases run at once as real processes (most fail before torch is imported; the two that reach a hub do import it).
 """
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,33 @@ def train(model: str | Path, *extra: str) -> list[str]:
             "--model", str(model), "--device", "cpu", *extra]
 
 
-def cases(root: Path, tiny_model_dir: Path, closed_port: int) -> dict[str, tuple[list[str], dict, bool]]:
+class NoSuchRepository(BaseHTTPRequestHandler):
+    """A Hugging Face hub that has no repository at all (what a typo in a hub id meets)."""
+
+    def do_HEAD(self):
+        self.send_response(404)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def empty_hub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NoSuchRepository)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def cases(root: Path, tiny_model_dir: Path, closed_port: int,
+          empty_hub: str) -> dict[str, tuple[list[str], dict, bool]]:
     """name -> (arguments, environment changes, whether it must run where chmod applies even as root)."""
     not_a_model = root / "not-a-model"
     not_a_model.mkdir()
@@ -50,6 +78,8 @@ def cases(root: Path, tiny_model_dir: Path, closed_port: int) -> dict[str, tuple
         "imagine-unreadable-checkpoint": (imagine(unreadable), {}, True),
         "imagine-hub-offline": (imagine("someone/some-model"), {}, False),
         "imagine-hub-unreachable": (imagine("someone/some-model"), unreachable_hub, False),
+        "imagine-hub-no-such-model": (imagine("someone/typo-model"), {"HF_HUB_OFFLINE": None, "HF_ENDPOINT": empty_hub},
+                                      False),
         "train-missing-model": (train(root / "models" / "sd15.safetensors"), {}, False),
         "train-data-dir-is-a-file": (train(tiny_model_dir), {"BOOTHBOT_DATA_DIR": str(data_file)}, False),
         "train-read-only-data-dir": (train(tiny_model_dir), {"BOOTHBOT_DATA_DIR": str(read_only)}, True),
@@ -59,11 +89,11 @@ def cases(root: Path, tiny_model_dir: Path, closed_port: int) -> dict[str, tuple
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory, tiny_model_dir, closed_port, obey_permissions):
+def outcomes(tmp_path_factory, tiny_model_dir, closed_port, obey_permissions, empty_hub):
     root = tmp_path_factory.mktemp("cli-errors")
     running = {}
     try:
-        for name, (args, changes, needs_permissions) in cases(root, tiny_model_dir, closed_port).items():
+        for name, (args, changes, needs_permissions) in cases(root, tiny_model_dir, closed_port, empty_hub).items():
             if needs_permissions and obey_permissions is None:
                 continue
             home = tmp_path_factory.mktemp(name)
@@ -144,6 +174,11 @@ def test_hub_model_not_downloaded_and_the_hub_refuses_the_connection(outcomes, c
     plain_error(outcomes, "imagine-hub-unreachable", "the base model someone/some-model is not in the local",
                 f"the hub at http://127.0.0.1:{closed_port} cannot be reached", "Connection refused",
                 "check this machine's internet connection")
+
+
+def test_hub_model_that_does_not_exist(outcomes):
+    plain_error(outcomes, "imagine-hub-no-such-model", "the Hugging Face hub at http://127.0.0.1:",
+                "has no model someone/typo-model (or it is private or gated): check the spelling")
 
 
 def test_data_directory_that_is_a_file(outcomes):
