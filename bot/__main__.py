@@ -5,6 +5,8 @@
   python -m bot check [--gpu]    check settings, data directory, database, torch/GPU and the base model; no Discord
 
 Settings come from the environment and .env; see .env.example for every key.
+A setup problem (base model, data directory, database, network, Discord token) stops the bot with one plain line
+and exit status 2; --debug (or BOOTHBOT_LOG_LEVEL=debug) adds its traceback.
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import logging
 import signal
 import sys
 
+from bot.errors import SetupError
 from bot.settings import SettingsError, load_settings, setting_names
+from trainer.contract.errors import print_setup_error
 
 log = logging.getLogger("boothbot")
 COMMANDS = ("run", "check")
@@ -35,8 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "print what was found, and exit non-zero if something would stop the bot.")
     check.add_argument("--gpu", action="store_true",
                        help="also start the GPU worker: loads the base model and runs a few seconds of GPU work")
+    debug_help = {run: "log at debug level, with the traceback behind a setup problem",
+                  check: "print the traceback behind each FAIL line"}
     for p in (run, check):
         p.add_argument("--env-file", default=".env", help="settings file read under the environment (default .env)")
+        p.add_argument("--debug", action="store_true", help=debug_help[p] + " (as BOOTHBOT_LOG_LEVEL=debug does)")
     return parser
 
 
@@ -51,19 +58,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         from bot.check import run_check
 
-        return run_check(env_file=args.env_file, gpu=args.gpu)
+        return run_check(env_file=args.env_file, gpu=args.gpu, debug=args.debug)
     try:
         settings = load_settings(env_file=args.env_file)
         if not args.no_discord:
             settings.require_token()
     except SettingsError as e:
-        print(f"boothbot cannot start: {e}", file=sys.stderr)
+        print_setup_error(e, prefix="boothbot cannot start: ", debug=args.debug)
         return 2
     from bot.logs import setup_logging
 
-    setup_logging(settings.log_level, secrets=[settings.discord_token])
+    setup_logging("DEBUG" if args.debug else settings.log_level, secrets=[settings.discord_token])
     try:
         return asyncio.run(serve(settings, discord=not args.no_discord))
+    except SetupError as error:
+        log.debug("the traceback behind the error below:", exc_info=error)  # through the log: the token stays hidden
+        print(f"boothbot cannot start: {error}", file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt:
         return 130
 
@@ -71,26 +82,48 @@ def main(argv: list[str] | None = None) -> int:
 async def serve(settings, *, discord: bool) -> int:
     from bot.app import start_services
     from bot.dispatch.dispatcher import LogNotifier
+    from trainer.models.loading import require_model
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info("starting: data directory %s, base model %s", settings.data_dir.resolve(), settings.model)
+    require_model(settings.model)  # a wrong BOOTHBOT_MODEL stops the start here, not later in the GPU worker
     services = await start_services(settings)
+    worker_start = asyncio.create_task(_stop_unless_worker_starts(services.worker, stop), name="worker-start")
     try:
-        if not discord:
+        if discord:
+            code = await _run_discord_until(stop, settings, services)
+        else:
             services.set_notifier(LogNotifier(services.ledger))
             log.info("running without Discord; stop with Ctrl-C")
             await stop.wait()
-            return 0
-        return await _run_discord_until(stop, settings, services)
+            code = 0
+        if worker_start.done() and worker_start.result() is not None:
+            raise worker_start.result()
+        return code
     finally:
+        worker_start.cancel()
         log.info("shutting down")
         await services.stop()
 
 
+async def _stop_unless_worker_starts(worker, stop: asyncio.Event) -> SetupError | None:
+    """Stop the bot when the first GPU worker cannot load the base model: no job could ever run.
+
+    Later workers (restarts after a crash) that fail keep being retried, with the error in the log.
+    """
+    if await worker.wait_first_start() is not None:
+        return None
+    stop.set()
+    if worker.last_fatal is not None:
+        return SetupError(worker.last_fatal["error"])
+    return SetupError("the GPU worker exited before loading the base model; its last output is in the log above")
+
+
 async def _run_discord_until(stop: asyncio.Event, settings, services) -> int:
+    import aiohttp
     import discord
 
     from bot.client import run_discord
@@ -105,15 +138,18 @@ async def _run_discord_until(stop: asyncio.Event, settings, services) -> int:
         await client_task
     except asyncio.CancelledError:
         return 0
-    except discord.LoginFailure:
-        log.error("Discord refused DISCORD_TOKEN. Reset the token in the developer portal "
-                  "(https://discord.com/developers/applications -> your app -> Bot -> Reset Token) and put the new "
-                  "one in .env")
-        return 2
-    except discord.PrivilegedIntentsRequired:
-        log.error("Discord refused a privileged intent this bot asked for; enable it under Bot -> Privileged "
-                  "Gateway Intents in the developer portal")
-        return 2
+    except discord.LoginFailure as e:
+        raise SetupError("Discord refused DISCORD_TOKEN (401 Unauthorized): reset the token in the developer portal "
+                         "(https://discord.com/developers/applications -> your app -> Bot -> Reset Token) and put "
+                         "the new one in .env as DISCORD_TOKEN=...") from e
+    except discord.PrivilegedIntentsRequired as e:
+        raise SetupError("Discord refused a privileged intent this bot asked for; enable it under Bot -> "
+                         "Privileged Gateway Intents in the developer portal") from e
+    except aiohttp.ClientConnectorError as e:
+        refused = isinstance(getattr(e, "os_error", None), ConnectionRefusedError)
+        reason = "connection refused" if refused else e.strerror or str(e)
+        raise SetupError(f"cannot reach Discord at {e.host}:{e.port} ({reason}): check this machine's internet "
+                         "connection, firewall or proxy, then start the bot again") from e
     return 0
 
 

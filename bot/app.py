@@ -16,6 +16,7 @@ from bot.jobs.ledger import Ledger
 from bot.settings import Settings
 from bot.store.database import Store
 from bot.dispatch.worker_client import WorkerClient
+from trainer.contract.errors import require_writable_dir
 
 log = logging.getLogger("boothbot")
 
@@ -57,7 +58,9 @@ async def start_services(settings: Settings, *, worker: WorkerClient | None = No
 
     Returns at once: the worker loads the base model in the background and the dispatcher waits for it.
     `worker` replaces the default one built from the settings (benchmarks and tests pick its command line).
+    A data directory or database the bot cannot use raises SetupError.
     """
+    require_writable_dir(settings.data_dir, "BOOTHBOT_DATA_DIR")
     store = await Store.open(settings.db_path)
     try:
         applied = await store.applied_migrations()

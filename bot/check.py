@@ -6,15 +6,16 @@ Exit status 0 when nothing would stop the bot (warnings allowed), 1 otherwise.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import sys
-import tempfile
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bot.errors import SetupError
 from bot.settings import DEFAULT_MODEL, Settings, SettingsError, load_settings
+from trainer.contract.errors import require_writable_dir
 
 GB = 1024 ** 3
 MIN_FREE_DISK_GB = 2.0  # below this the base model download or a training's files will not fit
@@ -28,6 +29,7 @@ WORKER_START_TIMEOUT_S = 900.0  # first start may download the base model
 class Report:
     lines: list[tuple[str, str, str]] = field(default_factory=list)
     out: object = None
+    debug: bool = False  # print the traceback behind a FAIL line too
 
     def _add(self, status: str, topic: str, text: str) -> None:
         self.lines.append((status, topic, text))
@@ -39,20 +41,26 @@ class Report:
     def warn(self, topic: str, text: str) -> None:
         self._add("warn", topic, text)
 
-    def fail(self, topic: str, text: str) -> None:
+    def fail(self, topic: str, text: str, error: BaseException | str | None = None) -> None:
+        """`error`: the exception, or a traceback's text, behind the finding; printed under it with --debug."""
         self._add("FAIL", topic, text)
+        if self.debug and error:
+            detail = error if isinstance(error, str) else "".join(traceback.format_exception(error))
+            print(detail.rstrip(), file=self.out or sys.stdout, flush=True)
 
     @property
     def failed(self) -> bool:
         return any(status == "FAIL" for status, _, _ in self.lines)
 
 
-def run_check(*, env_file: str | os.PathLike | None = ".env", gpu: bool = False, out=None) -> int:
-    report = Report(out=out)
+def run_check(*, env_file: str | os.PathLike | None = ".env", gpu: bool = False, out=None,
+              debug: bool = False) -> int:
+    report = Report(out=out, debug=debug)
     settings = check_settings(report, env_file)
     if settings is not None:
-        check_data_dir(report, settings.data_dir)
-        asyncio.run(check_database(report, settings))
+        report.debug = debug or settings.log_level == "DEBUG"
+        if check_data_dir(report, settings.data_dir):
+            asyncio.run(check_database(report, settings))
         check_torch(report, settings.device)
         check_packages(report)
         check_model(report, settings.model)
@@ -71,7 +79,7 @@ def check_settings(report: Report, env_file) -> Settings | None:
     try:
         settings = load_settings(env_file=env_file)
     except SettingsError as e:
-        report.fail("settings", str(e))
+        report.fail("settings", str(e), e)
         return None
     report.ok("settings", f"read from the {source}: model {settings.model}, device {settings.device}, "
                           f"dtype {settings.dtype}, data {settings.data_dir}")
@@ -93,19 +101,13 @@ def check_settings(report: Report, env_file) -> Settings | None:
     return settings
 
 
-def check_data_dir(report: Report, data_dir: Path) -> None:
-    path = data_dir.expanduser().resolve()
+def check_data_dir(report: Report, data_dir: Path) -> bool:
+    """Whether the bot can write in its data directory (then the free space is reported too)."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".check-", delete=False) as f:
-            f.write(b"boothbot")
-        probe = Path(f.name)
-        probe.rename(probe.with_suffix(".renamed"))
-        probe.with_suffix(".renamed").unlink()
-    except OSError as e:
-        report.fail("data", f"cannot write in {path} ({e.strerror or e}); set BOOTHBOT_DATA_DIR to a writable "
-                            "directory")
-        return
+        path = require_writable_dir(data_dir, "BOOTHBOT_DATA_DIR")
+    except SetupError as e:
+        report.fail("data", str(e), e)
+        return False
     free_gb = shutil.disk_usage(path).free / GB
     text = f"{path} is writable; {free_gb:.1f} GB free"
     if free_gb < MIN_FREE_DISK_GB:
@@ -114,6 +116,7 @@ def check_data_dir(report: Report, data_dir: Path) -> None:
         report.warn("data", f"{text}: low; the base model alone takes about 4-5 GB")
     else:
         report.ok("data", text)
+    return True
 
 
 async def check_database(report: Report, settings: Settings) -> None:
@@ -121,8 +124,11 @@ async def check_database(report: Report, settings: Settings) -> None:
 
     try:
         store = await Store.open(settings.db_path)
+    except SetupError as e:
+        report.fail("database", str(e), e)
+        return
     except Exception as e:  # noqa: BLE001 - whatever it is, the operator needs to see it
-        report.fail("database", f"{settings.db_path}: {e}")
+        report.fail("database", f"{settings.db_path}: {e}", e)
         return
     try:
         applied = await store.applied_migrations()
@@ -133,7 +139,7 @@ async def check_database(report: Report, settings: Settings) -> None:
         report.ok("database", f"{settings.db_path.resolve()}: {len(applied)} migration(s), latest {latest}; "
                               f"journal {mode}; {jobs}")
     except Exception as e:  # noqa: BLE001
-        report.fail("database", f"{settings.db_path}: {e}")
+        report.fail("database", f"{settings.db_path}: {e}", e)
     finally:
         await store.close()
 
@@ -178,48 +184,27 @@ def check_packages(report: Report) -> None:
     if stack.ok:
         report.ok("packages", f"{stack.describe_versions()}: a tiny LoRA trains and loads ({stack.seconds:.1f} s)")
     else:
-        report.fail("packages", stack.problem)
+        report.fail("packages", stack.problem, stack.detail)
     for item in stack.out_of_range:
         report.warn("packages", f"{item} is outside the versions boothbot was tested with")
 
 
 def check_model(report: Report, ref: str) -> None:
-    from trainer.models.loading import ModelNotFound, resolve_model
+    from trainer.models.loading import require_model
 
     try:
-        source = resolve_model(ref)
-    except ModelNotFound as e:
-        report.fail("model", f"BOOTHBOT_MODEL: {e}")
+        source = require_model(ref)
+    except SetupError as e:
+        report.fail("model", f"BOOTHBOT_MODEL: {e}", e)
         return
     except Exception as e:  # noqa: BLE001 - e.g. an unreadable Hugging Face cache
-        report.fail("model", f"BOOTHBOT_MODEL={ref}: could not look it up ({e})")
+        report.fail("model", f"BOOTHBOT_MODEL={ref}: could not look it up ({e})", e)
         return
-    if source.kind == "directory":
-        missing = _missing_components(Path(source.location))
-        if missing:
-            report.fail("model", f"{source.detail}: model_index.json lists {', '.join(missing)} but the folder(s) "
-                                 "are missing; save the model again with pipe.save_pretrained")
-            return
     if source.kind == "hub" and not source.cached:
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
-            report.fail("model", f"{source.detail}, but HF_HUB_OFFLINE is set so it cannot be downloaded; "
-                                 "download it on a connected machine or point BOOTHBOT_MODEL at a local copy")
-        else:
-            note = "" if ref == DEFAULT_MODEL else " (check the spelling: it is only looked up when downloading)"
-            report.warn("model", source.detail + note)
+        note = "" if ref == DEFAULT_MODEL else " (check the spelling: it is only looked up when downloading)"
+        report.warn("model", source.detail + note)
         return
     report.ok("model", source.detail)
-
-
-def _missing_components(directory: Path) -> list[str]:
-    try:
-        index = json.loads((directory / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return ["(model_index.json is unreadable)"]
-    return [name for name, value in index.items()
-            if isinstance(value, list) and value and value[0] is not None and not (directory / name).is_dir()]
 
 
 async def check_worker(report: Report, settings: Settings) -> None:
@@ -230,10 +215,13 @@ async def check_worker(report: Report, settings: Settings) -> None:
     worker = WorkerClient.from_settings(settings, restart_delays_s=(3600.0,))
     await worker.start()
     try:
-        ready = await _ready_or_fatal(worker)
+        try:
+            ready = await asyncio.wait_for(worker.wait_first_start(), WORKER_START_TIMEOUT_S)
+        except TimeoutError:
+            ready = None
         if ready is None:
             fatal = worker.last_fatal or {"error": "it exited before loading the model; see the log lines above"}
-            report.fail("worker", f"the GPU worker could not start: {fatal['error']}")
+            report.fail("worker", f"the GPU worker could not start: {fatal['error']}", fatal.get("detail"))
             return
         report.ok("worker", f"base model loaded on {ready['device']} ({ready['dtype']}), pid {ready['pid']}")
         end = await worker.run(0, "selftest", {"seconds": GPU_CHECK_S}, timeout_s=GPU_CHECK_S + 60)
@@ -247,15 +235,3 @@ async def check_worker(report: Report, settings: Settings) -> None:
             report.fail("worker", f"the GPU self-test failed: {end.get('error')} {end.get('detail', '')}".strip())
     finally:
         await worker.stop()
-
-
-async def _ready_or_fatal(worker) -> dict | None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WORKER_START_TIMEOUT_S
-    while loop.time() < deadline:
-        try:
-            return await worker.wait_ready(timeout=0.5)
-        except TimeoutError:
-            if worker.last_fatal is not None or worker.exits > 0:
-                return None
-    return None

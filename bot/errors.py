@@ -1,5 +1,8 @@
-"""Errors bot/ services raise for members; str() is the message the cog shows (ephemeral)."""
-from trainer.contract.errors import UserError
+"""Errors bot/ services raise for members; str() is the message the cog shows (ephemeral).
+
+SetupError is the operator's: a problem with this machine's setup that stops the bot (see trainer/contract/errors.py).
+"""
+from trainer.contract.errors import SetupError, UserError
 
 
 class LimitError(UserError):
@@ -18,4 +21,4 @@ class NotFound(UserError):
     """No such job, concept or image (or the member may not see it)."""
 
 
-__all__ = ["UserError", "LimitError", "BannedError", "PermissionDenied", "NotFound"]
+__all__ = ["SetupError", "UserError", "LimitError", "BannedError", "PermissionDenied", "NotFound"]

@@ -11,6 +11,25 @@ REDACTED = "[hidden]"
 QUIET_AT_DEBUG = ("aiosqlite", "asyncio", "PIL", "urllib3", "filelock")
 
 
+class PlainReconnects(logging.Filter):
+    """discord.py logs every reconnect attempt with logger.exception, a full traceback each time the network or
+    Discord is down. Below DEBUG that becomes one warning line; at DEBUG the record stays as it was."""
+
+    MESSAGE = "Attempting a reconnect in %.2fs"  # discord/client.py, Client.connect
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == self.MESSAGE and record.exc_info and not logging.getLogger().isEnabledFor(logging.DEBUG):
+            error = record.exc_info[1]
+            record.msg = "no connection to Discord (%s); trying again in %.1f s"
+            record.args = (f"{type(error).__name__}: {error}", *record.args)
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+PLAIN_RECONNECTS = PlainReconnects()
+
+
 class RedactingFormatter(logging.Formatter):
     """Formats as usual, then replaces every secret in the finished text (message, arguments and tracebacks)."""
 
@@ -38,5 +57,6 @@ def setup_logging(level: str = "INFO", *, secrets: Iterable[str | None] = (), st
     root.setLevel(level.upper())
     for name in QUIET_AT_DEBUG:
         logging.getLogger(name).setLevel(max(logging.INFO, root.level))
+    logging.getLogger("discord.client").addFilter(PLAIN_RECONNECTS)  # adding it again is a no-op
     logging.captureWarnings(True)
     return handler

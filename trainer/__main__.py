@@ -2,12 +2,17 @@
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; they are imported
 only when chosen, so `--help` stays fast and one broken engine does not take the others down.
+A SetupError (missing model, no network, unwritable folder) ends the command with its message and exit status 2;
+its traceback is shown only with --debug or BOOTHBOT_LOG_LEVEL=debug.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from trainer.contract.errors import SetupError, print_setup_error
 
 SUBCOMMANDS = {
     "make-tiny-model": ("trainer.cli.tiny", "write a tiny random Stable Diffusion pipeline (tests, offline smoke runs)"),
@@ -27,12 +32,19 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:
             module = importlib.import_module(module_name)
             module.add_arguments(sub_parser)
+            sub_parser.add_argument("--debug", action="store_true",
+                                    help="show the traceback of a setup problem too (as BOOTHBOT_LOG_LEVEL=debug does)")
             sub_parser.set_defaults(handler=module.run)
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except SetupError as error:
+        debug = args.debug or os.environ.get("BOOTHBOT_LOG_LEVEL", "").strip().lower() == "debug"
+        print_setup_error(error, prefix="error: ", debug=debug)
+        return 2
 
 
 if __name__ == "__main__":

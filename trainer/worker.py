@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 from trainer.contract import protocol
-from trainer.contract.errors import Cancelled, UserError
+from trainer.contract.errors import Cancelled, SetupError, UserError
 
 OUT_OF_MEMORY = ("The GPU ran out of memory while running your job. Try fewer or smaller images, or try again when "
                  "the server is less busy.")
@@ -442,6 +442,15 @@ def describe_failure(exc: BaseException, kind: str) -> tuple[str, str]:
     return INTERNAL_ERROR, detail
 
 
+def describe_start_failure(exc: Exception, args: argparse.Namespace) -> str:
+    """The `fatal` event's error: a SetupError says what to do by itself; anything else is a bug, whose traceback
+    the bot logs at debug level."""
+    if isinstance(exc, SetupError):
+        return str(exc)
+    what = "the GPU worker could not start" if args.no_model else f"the base model {args.model} could not be loaded"
+    return f"{what}: {exc!r} (run with --debug or BOOTHBOT_LOG_LEVEL=debug to see the traceback)"
+
+
 def release_memory() -> None:
     import gc
 
@@ -500,9 +509,9 @@ def run(args: argparse.Namespace) -> int:
         pipe = None
         if not args.no_model:
             from trainer.compat import check_stack
-            from trainer.models.loading import resolve_model
+            from trainer.models.loading import require_model
 
-            resolve_model(args.model)  # a wrong path fails here at once, before seconds of importing diffusers
+            require_model(args.model)  # a wrong path fails here at once, before seconds of importing diffusers
             from diffusers.utils import logging as diffusers_logging
 
             diffusers_logging.disable_progress_bar()  # one line per loaded component would flood the bot's log
@@ -512,8 +521,7 @@ def run(args: argparse.Namespace) -> int:
                 exit_fatal(writer, f"the installed packages cannot train LoRAs: {stack.problem}", stack.detail, 4)
             pipe = load_pipeline(args.model, device, args.dtype)
     except Exception as exc:  # noqa: BLE001 - whatever stops the start is reported to the bot, then we exit
-        what = "the GPU worker could not start" if args.no_model else f"the base model {args.model} could not be loaded"
-        exit_fatal(writer, f"{what}: {exc}", "".join(traceback.format_exception(exc)), 3)
+        exit_fatal(writer, describe_start_failure(exc, args), "".join(traceback.format_exception(exc)), 3)
     control.loading = False
     writer.send(protocol.ready(describe_device(device), str(dtype).removeprefix("torch."),
                                None if args.no_model else args.model, os.getpid()))

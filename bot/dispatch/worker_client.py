@@ -75,6 +75,7 @@ class WorkerClient:
         self.last_fatal: dict | None = None  # the last `fatal` event (the worker could not start)
         self.starts = 0  # how many worker processes were launched
         self.exits = 0  # how many of them have exited
+        self._first_start_over = asyncio.Event()  # the first worker is ready, or ended without ever being ready
         self._proc: asyncio.subprocess.Process | None = None
         self._ready = asyncio.Event()
         self._job_lock = asyncio.Lock()
@@ -107,6 +108,11 @@ class WorkerClient:
     async def wait_ready(self, timeout: float | None = None) -> dict:
         await asyncio.wait_for(self._ready.wait(), timeout)
         assert self.ready_info is not None
+        return self.ready_info
+
+    async def wait_first_start(self) -> dict | None:
+        """The first worker's `ready` event, or None when it ended without loading the model (see `last_fatal`)."""
+        await self._first_start_over.wait()
         return self.ready_info
 
     async def run(self, job_id: int, kind: str, params: dict, *, on_progress: ProgressCallback | None = None,
@@ -239,6 +245,7 @@ class WorkerClient:
                 log.error("could not start the GPU worker (%s): %s", " ".join(self.argv[:4]), e)
                 returncode = None
             self.exits += 1
+            self._first_start_over.set()
             if self._stopping:
                 break
             lived = loop.time() - started
@@ -300,9 +307,12 @@ class WorkerClient:
             log.info("GPU worker ready: device %s, dtype %s, model %s, pid %s",
                      event["device"], event["dtype"], event["model"], event["pid"])
             self._ready.set()
+            self._first_start_over.set()
         elif kind == "fatal":
             self.last_fatal = event
-            log.error("the GPU worker cannot start: %s\n%s", event["error"], event.get("detail", ""))
+            log.error("the GPU worker cannot start: %s", event["error"])
+            if event.get("detail"):
+                log.debug("the GPU worker's traceback:\n%s", event["detail"])
         elif self._inbox is not None and event.get("job_id") in self._inbox[0]:
             self._inbox[1].put_nowait(event)
         else:

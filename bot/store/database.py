@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import re
 import sqlite3
 import time
@@ -20,7 +21,12 @@ from typing import Any
 
 import aiosqlite
 
+from bot.errors import SetupError
+
+log = logging.getLogger("boothbot.store")
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+LOCK_WAIT_S = 10.0  # how long opening waits for another process's lock: writes hold it for milliseconds
+FIRST_TRY_S = 1.0  # of which this long before the wait is worth a log line
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 # The Store whose transaction the current task is inside; its statements then skip the lock they already hold.
@@ -70,6 +76,31 @@ def _strip_comments(sql: str) -> str:
     return "\n".join(line.split("--", 1)[0] for line in sql.splitlines())
 
 
+def _is_locked(error: sqlite3.Error) -> bool:
+    code = getattr(error, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
+    return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in str(error)
+
+
+def _unusable(path: Path, error: sqlite3.Error, waited_s: float) -> SetupError | None:
+    """The SetupError for a database file this process cannot use at all, or None for any other error."""
+    path = path.resolve()
+    code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+    if _is_locked(error):
+        return SetupError(f"the database {path} is in use by another process (still locked after {waited_s:.0f} s): "
+                          "stop the other program using it (another boothbot with the same BOOTHBOT_DATA_DIR, or a "
+                          "database tool with an open transaction), or set BOOTHBOT_DATA_DIR to another directory")
+    if code == sqlite3.SQLITE_NOTADB:
+        return SetupError(f"{path} is not a SQLite database ({error}): move that file away, or set "
+                          "BOOTHBOT_DATA_DIR to another directory")
+    if code == sqlite3.SQLITE_CORRUPT:
+        return SetupError(f"the database {path} is damaged ({error}): restore it from a backup, or move it away to "
+                          "start with an empty database (its jobs and concepts are then forgotten)")
+    if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM):
+        return SetupError(f"cannot open the database {path} for writing ({error}): make it and its directory "
+                          "writable for this user, or set BOOTHBOT_DATA_DIR to another directory")
+    return None
+
+
 async def _switch_to_wal(conn, timeout_s: float) -> None:
     """Turning a new file to WAL needs it to itself, and SQLite answers "locked" at once instead of waiting on
     busy_timeout when another connection opens it at the same moment: retry until the timeout."""
@@ -79,7 +110,7 @@ async def _switch_to_wal(conn, timeout_s: float) -> None:
             await conn.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as error:
-            if "locked" not in str(error) or time.monotonic() > deadline:
+            if not _is_locked(error) or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)
 
@@ -93,23 +124,48 @@ class Store:
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: str | Path, *, busy_timeout_s: float = 30.0,
+    async def open(cls, path: str | Path, *, busy_timeout_s: float = 30.0, lock_wait_s: float = LOCK_WAIT_S,
                    migrations_dir: Path = MIGRATIONS_DIR) -> Store:
+        """Open (creating it if needed) and migrate the database. A file that stays locked by another process for
+        `lock_wait_s`, is damaged, is not a database or cannot be written raises SetupError saying what to do."""
         path = Path(path)
+        migrations = find_migrations(migrations_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return await cls._open(path, migrations, busy_timeout_s, lock_wait_s)
+        except sqlite3.Error as error:
+            unusable = _unusable(path, error, lock_wait_s)
+            if unusable is None:
+                raise
+            raise unusable from error
+
+    @classmethod
+    async def _open(cls, path: Path, migrations: list[Migration], busy_timeout_s: float, lock_wait_s: float) -> Store:
         conn = await aiosqlite.connect(str(path), isolation_level=None)
         conn.row_factory = sqlite3.Row
         store = cls(conn, path)
         try:
+            first_try_s = min(FIRST_TRY_S, lock_wait_s)
+            try:
+                await store._prepare(migrations, wait_s=first_try_s)
+            except sqlite3.OperationalError as error:
+                if not _is_locked(error):
+                    raise
+                log.warning("the database %s is locked by another process; waiting up to %.0f s for it",
+                            path.resolve(), lock_wait_s)
+                await store._prepare(migrations, wait_s=lock_wait_s - first_try_s)
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            await _switch_to_wal(conn, busy_timeout_s)
-            await conn.execute("PRAGMA foreign_keys = ON")
-            await conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL: a crash loses no committed data
-            await store._migrate(find_migrations(migrations_dir))
         except BaseException:
             await conn.close()
             raise
         return store
+
+    async def _prepare(self, migrations: list[Migration], *, wait_s: float) -> None:
+        await self._conn.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
+        await _switch_to_wal(self._conn, wait_s)
+        await self._conn.execute("PRAGMA foreign_keys = ON")
+        await self._conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL: a crash loses no committed data
+        await self._migrate(migrations)
 
     async def close(self) -> None:
         await self._conn.close()

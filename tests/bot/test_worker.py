@@ -6,6 +6,7 @@ not wait on model loading or the engines; tests/bot/test_main_process.py runs re
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -142,20 +143,24 @@ async def test_worker_killed_mid_job_fails_the_job_restarts_and_the_next_job_run
     assert end["event"] == "done"
 
 
-async def test_worker_that_cannot_load_its_model_reports_why(tmp_path):
+async def test_worker_that_cannot_load_its_model_reports_why(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="boothbot.worker")
     missing = tmp_path / "no-such-model"
     client = WorkerClient(worker_command(model=str(missing), data_dir=tmp_path), restart_delays_s=(3600,))
     await client.start()
     try:
-        for _ in range(300):
-            if client.last_fatal is not None and client.exits:
-                break
-            await asyncio.sleep(0.1)
+        assert await asyncio.wait_for(client.wait_first_start(), 30) is None
         assert client.last_fatal is not None
         assert str(missing) in client.last_fatal["error"] and "does not exist" in client.last_fatal["error"]
         assert not client.is_ready
     finally:
         await client.stop()
+    # The plain error at ERROR, its traceback only at DEBUG; the worker exits by itself with its own code.
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [f"the GPU worker cannot start: {client.last_fatal['error']}"]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any("Traceback" in m and "ModelNotFound" in m for m in debug)
+    assert "the worker exited with code 3" in caplog.text
 
 
 async def test_worker_exits_when_the_bot_goes_away(tmp_path):

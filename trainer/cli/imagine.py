@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.contract.errors import UserError
+from trainer.contract.errors import UserError, require_writable_dir
 from trainer.contract.imagine_request import (CFG_RANGE, COUNT_RANGE, DEFAULT_CFG, DEFAULT_COUNT, DEFAULT_STEPS,
                                      DEFAULT_STRENGTH, SCHEDULERS, STEPS_RANGE, ImagineRequest)
 
@@ -108,14 +108,17 @@ def model_label(ref: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainer.models.loading import load_pipeline, require_model
+
     try:
         request = ImagineRequest.from_params(build_params(args))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    require_model(args.model)  # a wrong --model fails now, not after seconds of importing torch
+    require_writable_dir(args.out, "--out")
 
     from trainer.generation.service import GenerationService
-    from trainer.models.loading import load_pipeline
     from trainer.generation.pnginfo import model_hash
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)

@@ -46,9 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.contract.errors import UserError
+    from trainer.contract.errors import UserError, require_writable_dir
+    from trainer.models.loading import require_model
 
-    out_dir = Path(args.out)
+    require_model(args.model)  # a wrong --model fails now, not after the photo intake
+    out_dir = require_writable_dir(args.out, "--out")
+    cache_dir, setting = _cache_dir(args)
+    if not args.no_prior:
+        cache_dir = require_writable_dir(cache_dir, setting)
     try:
         photos_dir, token, class_name = _intake(args, out_dir / "photos")
     except UserError as error:
@@ -57,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if photos_dir is None:
         return 1
     try:
-        outcome = _train(args, photos_dir, token, class_name, out_dir)
+        outcome = _train(args, photos_dir, token, class_name, out_dir, cache_dir)
     except UserError as error:
         print(f"\nerror: {error}", file=sys.stderr)
         return 1
@@ -90,7 +95,7 @@ def _intake(args, photos_dir: Path):
     return photos_dir, token, class_name
 
 
-def _train(args, photos_dir: Path, token: str, class_name: str, out_dir: Path):
+def _train(args, photos_dir: Path, token: str, class_name: str, out_dir: Path, cache_dir: Path):
     from trainer.intake.photos import token_warnings
     from trainer.models.loading import load_pipeline
     from trainer.training.engine import TrainSpec, train_concept
@@ -108,12 +113,18 @@ def _train(args, photos_dir: Path, token: str, class_name: str, out_dir: Path):
     print(f"on {pipe.device} in {pipe.unet.dtype}", flush=True)
     for warning in token_warnings(token, pipe.tokenizer):
         print(f"warning: {warning}")
-    cache_dir = Path(args.cache_dir) if args.cache_dir else Path(os.environ.get("BOOTHBOT_DATA_DIR", "data")) / "cache"
     bar = ProgressBar(sys.stderr)
     while True:
         outcome = train_concept(pipe, spec, cache_dir=cache_dir, on_progress=bar, slice_s=args.slice_s)
         if outcome.status != "paused":
             return outcome
+
+
+def _cache_dir(args) -> tuple[Path, str]:
+    """The class-image cache and the setting that chose it (for messages)."""
+    if args.cache_dir:
+        return Path(args.cache_dir), "--cache-dir"
+    return Path(os.environ.get("BOOTHBOT_DATA_DIR", "data")) / "cache", "BOOTHBOT_DATA_DIR"
 
 
 class ProgressBar:
