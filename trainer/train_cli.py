@@ -59,13 +59,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         outcome = _train(args, photos_dir, token, class_name, out_dir)
     except UserError as error:
-        print(f"\nerror: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 1
     if outcome.status != "done":
-        print(f"\ntraining {outcome.status} at step {outcome.step}/{outcome.total}", file=sys.stderr)
+        print(f"training {outcome.status} at step {outcome.step}/{outcome.total}", file=sys.stderr)
         return 1
     result = outcome.result
-    print(f"\ndone in {result['seconds']:.0f} s ({result['steps']} steps)")
+    print(f"done in {result['seconds']:.0f} s ({result['steps']} steps)")
     print(f"LoRA (diffusers):      {result['lora']}")
     print(f"LoRA (A1111/ComfyUI):  {result['lora_kohya']}")
     for sample in result["samples"]:
@@ -110,35 +110,62 @@ def _train(args, photos_dir: Path, token: str, class_name: str, out_dir: Path):
         print(f"warning: {warning}")
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path(os.environ.get("BOOTHBOT_DATA_DIR", "data")) / "cache"
     bar = ProgressBar(sys.stderr)
-    while True:
-        outcome = train_concept(pipe, spec, cache_dir=cache_dir, on_progress=bar, slice_s=args.slice_s)
-        if outcome.status != "paused":
-            return outcome
+    try:
+        while True:
+            outcome = train_concept(pipe, spec, cache_dir=cache_dir, on_progress=bar, slice_s=args.slice_s)
+            if outcome.status != "paused":
+                return outcome
+    finally:
+        bar.finish()
 
 
 class ProgressBar:
-    """One line, redrawn in place: `[#####-----] 120/800  loss 0.1234  ETA 1m20s`."""
+    """One line per stage, redrawn in place: `[#####-----] 120/800  loss 0.1234  ETA 1m20s`.
+
+    Takes training and generation progress alike. A new stage (class images, training, samples) starts a new line,
+    so each stage's last state stays on screen; a stage without a bar of its own ("samples") shows its detail.
+    """
+
+    LABELS = {None: "", "training": "", "class_images": "class images "}
 
     def __init__(self, stream, width: int = 30):
         self.stream, self.width = stream, width
-        self._last = 0.0
+        self._last, self._stage, self._drawn = 0.0, None, False
 
     def __call__(self, info) -> None:
-        now = time.monotonic()
-        if info.stage == "training" and info.step not in (1, info.total) and now - self._last < 0.2:
+        stage, now = getattr(info, "stage", None), time.monotonic()
+        if self._drawn and stage == self._stage and info.step not in (1, info.total) and now - self._last < 0.2:
             return
-        self._last = now
-        if info.stage != "training":
-            line = info.detail or info.stage
-        else:
-            filled = int(self.width * info.step / max(info.total, 1))
-            line = f"[{'#' * filled}{'-' * (self.width - filled)}] {info.step}/{info.total}"
-            if info.loss is not None:
-                line += f"  loss {info.loss:.4f}"
-            if info.eta_s is not None:
-                line += f"  ETA {format_seconds(info.eta_s)}"
+        if self._drawn and stage != self._stage:
+            self.stream.write("\n")
+        self._last, self._stage = now, stage
+        self._draw(self._line(info))
+
+    def _line(self, info) -> str:
+        stage = getattr(info, "stage", None)
+        if stage not in self.LABELS:
+            return info.detail or stage
+        filled = int(self.width * info.step / max(info.total, 1))
+        line = f"{self.LABELS[stage]}[{'#' * filled}{'-' * (self.width - filled)}] {info.step}/{info.total}"
+        if info.loss is not None:
+            line += f"  loss {info.loss:.4f}"
+        if info.eta_s is not None:
+            line += f"  ETA {format_seconds(info.eta_s)}"
+        return line
+
+    def finish(self, summary: str | None = None) -> None:
+        """End the line, replacing the bar with `summary` when given."""
+        if summary is not None:
+            self._draw(summary)
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+        self._drawn = False
+
+    def _draw(self, line: str) -> None:
         self.stream.write("\r" + line.ljust(72))
         self.stream.flush()
+        self._drawn = True
 
 
 def format_seconds(seconds: float) -> str:

@@ -142,7 +142,8 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class TrainProgress:
-    """What on_progress receives. `stage` is "class_images" (step stays at 0), "training" or "samples"."""
+    """What on_progress receives. `stage` is "class_images", "training" or "samples". step, total and eta_s count the
+    stage's own work: class images made (of the set) for "class_images", steps otherwise."""
 
     step: int
     total: int
@@ -306,12 +307,20 @@ class _Slice:
 
     def _ensure_class_images(self) -> str:
         class_set = self.job.class_set
-        if not class_set.complete:
-            self._report(stage="class_images", detail=f"making class images 0/{class_set.count}")
+        if class_set.complete:
+            return "complete"
+        began, done_before = time.monotonic(), class_set.count - len(class_set.missing())  # earlier slices' images
+
+        def report(done: int, count: int) -> None:
+            made = done - done_before
+            eta_s = (time.monotonic() - began) / made * (count - done) if made else None
+            self.on_progress(TrainProgress(done, count, eta_s, None, self.preview, "class_images",
+                                           f"making class images {done}/{count}"))
+
+        report(done_before, class_set.count)
         batch = 8 if self.device.type == "cuda" else 2  # 8 images = 16 UNet rows with guidance: the GPU stays busy
-        return class_set.ensure(
-            self.pipe, batch_size=batch, deadline=self.deadline, should_stop=self.should_stop,
-            on_image=lambda done, count: self._report(stage="class_images", detail=f"making class images {done}/{count}"))
+        return class_set.ensure(self.pipe, batch_size=batch, deadline=self.deadline, should_stop=self.should_stop,
+                                on_image=report)
 
     def _inputs(self) -> dict:
         """Latents of the photos (and mirrors), prompt token ids and, unless the text encoder trains, embeddings.

@@ -188,6 +188,20 @@ def test_class_images_are_generated_once_and_reused(tiny_pipeline, photos, tmp_p
     assert len(list((cache / "priors").iterdir())) == 2
 
 
+def test_class_image_progress_counts_images_with_an_eta_across_slices(tiny_pipeline, photos, tmp_path):
+    spec = make_spec(photos, tmp_path / "out", steps=1, sample_count=0, class_images=3)
+    events = []
+    # On CPU class images come two at a time: the first slice makes two, then its deadline has passed.
+    paused = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache", slice_s=1e-9, on_progress=events.append)
+    assert (paused.status, paused.step) == ("paused", 0)
+    done = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache", on_progress=events.append)
+    assert done.status == "done"
+    made = [(e.step, e.total, e.eta_s is not None, e.detail) for e in events if e.stage == "class_images"]
+    assert made == [(0, 3, False, "making class images 0/3"), (2, 3, True, "making class images 2/3"),
+                    (2, 3, False, "making class images 2/3"), (3, 3, True, "making class images 3/3")]
+    assert all(e.eta_s >= 0 for e in events if e.stage == "class_images" and e.eta_s is not None)
+
+
 def test_cancel_stops_at_a_step_boundary_and_leaves_no_lora(tiny_pipeline, photos, tmp_path):
     polls = []
 

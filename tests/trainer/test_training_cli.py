@@ -59,4 +59,14 @@ def test_progress_bar_line():
     stream = Stream()
     ProgressBar(stream, width=10)(TrainProgress(step=5, total=10, eta_s=75, loss=0.1234))
     assert stream.text.strip() == "[#####-----] 5/10  loss 0.1234  ETA 1m15s"
+
+    stream = Stream()
+    bar = ProgressBar(stream, width=10)
+    bar(TrainProgress(step=2, total=4, eta_s=3, loss=None, stage="class_images", detail="making class images 2/4"))
+    bar(TrainProgress(step=1, total=10, eta_s=9, loss=0.5))
+    bar(TrainProgress(step=10, total=10, eta_s=None, loss=None, stage="samples", detail="making 4 sample images"))
+    bar.finish()
+    lines = [line.split("\r")[-1].strip() for line in stream.text.split("\n")]
+    assert lines == ["class images [#####-----] 2/4  ETA 3s", "[#---------] 1/10  loss 0.5000  ETA 9s",
+                     "making 4 sample images", ""]
     assert format_seconds(3700) == "1h01m" and format_seconds(9) == "9s"
