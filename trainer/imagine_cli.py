@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from trainer.errors import UserError
@@ -117,18 +118,20 @@ def run(args: argparse.Namespace) -> int:
     from trainer.generation import GenerationService
     from trainer.models import load_pipeline
     from trainer.pnginfo import model_hash
+    from trainer.train_cli import ProgressBar
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     service = GenerationService(pipe, model_name=model_label(args.model), model_hash=model_hash(args.model))
-
-    def progress(info) -> None:
-        print(f"step {info.step}/{info.total}", file=sys.stderr, flush=True)
-
+    bar = ProgressBar(sys.stderr)
+    started = time.monotonic()
     try:
-        result = service.imagine(request, on_progress=progress)
+        result = service.imagine(request, on_progress=bar)
     except UserError as e:
+        bar.finish()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    count = len(result.images)
+    bar.finish(f"{count} image{'' if count == 1 else 's'} in {time.monotonic() - started:.1f} s")
     for path in result.images:
         print(path)
     if result.grid:
