@@ -1,7 +1,8 @@
 """`python -m trainer ...`: the engine without Discord, for operators, benchmarks and tests.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; they are imported
-only when chosen, so `--help` stays fast and one broken engine does not take the others down.
+only when chosen, so `--help` stays fast and one broken engine does not take the others down. Every subcommand takes
+`--debug` (trainer/quiet.py: the libraries' own warnings and progress bars show).
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:
             module = importlib.import_module(module_name)
             module.add_arguments(sub_parser)
+            sub_parser.add_argument("--debug", action="store_true",
+                                    help="show the libraries' own warnings and progress bars (also BOOTHBOT_LOG_LEVEL=debug)")
             sub_parser.set_defaults(handler=module.run)
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

@@ -109,6 +109,9 @@ def model_label(ref: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainer.quiet import quiet_libraries
+
+    quiet_libraries(args.debug)
     try:
         request = ImagineRequest.from_params(build_params(args))
     except UserError as e:

@@ -10,8 +10,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainer.quiet import quiet_libraries
     from trainer.tiny import make_tiny_model
 
+    quiet_libraries(args.debug)
     path = make_tiny_model(args.directory, seed=args.seed)
     print(f"tiny Stable Diffusion pipeline written to {path}")
     return 0

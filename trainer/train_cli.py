@@ -47,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from trainer.errors import UserError
+    from trainer.quiet import quiet_libraries
 
+    quiet_libraries(args.debug)
     out_dir = Path(args.out)
     try:
         photos_dir, token, class_name = _intake(args, out_dir / "photos")

@@ -471,8 +471,7 @@ def describe_device(device: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     events = claim_stdout()
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a download's bars would be lines in the bot's log
     writer = EventWriter(events)
     control = JobControl()
     if not args.no_model and not args.model:
@@ -493,9 +492,9 @@ def run(args: argparse.Namespace) -> int:
             from trainer.models import resolve_model
 
             resolve_model(args.model)  # a wrong path fails here at once, before seconds of importing diffusers
-            from diffusers.utils import logging as diffusers_logging
+            from trainer.quiet import quiet_libraries
 
-            diffusers_logging.disable_progress_bar()  # one line per loaded component would flood the bot's log
+            quiet_libraries(args.debug)  # bars and notices would be lines in the bot's log
             pipe = load_pipeline(args.model, device, args.dtype)
     except Exception as exc:  # noqa: BLE001 - whatever stops the start is reported to the bot, then we exit
         what = "the GPU worker could not start" if args.no_model else f"the base model {args.model} could not be loaded"

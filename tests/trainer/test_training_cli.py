@@ -2,9 +2,15 @@
 nothing usable is left."""
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 from PIL import Image
 
+from tests.conftest import REPO_ROOT
 from trainer.__main__ import main
 from trainer.train_cli import ProgressBar, format_seconds
 from trainer.training import TrainProgress
@@ -22,6 +28,31 @@ def _args(photos, out, tiny_model_dir, cache):
     return ["train", "--photos", str(photos), "--token", "squidarth", "--class", "man", "--out", str(out),
             "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32", "--steps", "2", "--rank", "4",
             "--resolution", "32", "--no-prior", "--cache-dir", str(cache)]
+
+
+@pytest.fixture(scope="module")
+def cli_training(tiny_model_dir, tmp_path_factory):
+    """`python -m trainer train` run once as a person runs it, class images included: (out dir, completed process)."""
+    tmp_path = tmp_path_factory.mktemp("train-cli")
+    out = tmp_path / "out"
+    args = [a for a in _args(_photos(tmp_path / "photos"), out, tiny_model_dir, tmp_path / "cache") if a != "--no-prior"]
+    done = subprocess.run([sys.executable, "-m", "trainer", *args, "--class-images", "3"], cwd=REPO_ROOT,
+                          capture_output=True, timeout=600)  # bytes: text mode would turn the bar's \r into \n
+    done.stdout, done.stderr = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+def test_cli_stderr_shows_one_bar_per_stage_and_no_library_noise(cli_training):
+    stderr = cli_training[1].stderr
+    lines = stderr.split("\n")
+    assert len(lines) == 4 and lines[-1] == "", stderr  # class images, training, samples
+    stages = [r"class images \[[#-]{30}\] \d/3(  ETA \d+s)?", r"\[[#-]{30}\] \d/2  loss \d\.\d{4}  ETA \d+s",
+              r"making 4 sample images"]
+    for line, pattern in zip(lines, stages):
+        draws = [draw.strip() for draw in line.split("\r")[1:]]
+        assert draws and all(re.fullmatch(pattern, draw) for draw in draws), line
+    assert lines[0].rstrip().endswith("3/3  ETA 0s") and "ETA" in lines[0]
 
 
 def test_cli_trains_and_prints_where_the_files_are(tiny_model_dir, tmp_path, capsys):
