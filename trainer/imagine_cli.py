@@ -103,11 +103,6 @@ def build_params(args: argparse.Namespace) -> dict:
     }
 
 
-def model_label(ref: str) -> str:
-    path = Path(ref).expanduser()
-    return path.stem if path.is_file() else path.name if path.is_dir() else ref
-
-
 def run(args: argparse.Namespace) -> int:
     from trainer.quiet import quiet_libraries
 
@@ -120,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
     from trainer.generation import GenerationService
     from trainer.models import load_pipeline
-    from trainer.pnginfo import model_hash
+    from trainer.pnginfo import model_hash, model_label
     from trainer.train_cli import ProgressBar
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)

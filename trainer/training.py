@@ -427,7 +427,7 @@ class _Slice:
         with self._phase("save"):
             lora, kohya = self._save_lora(scope)
         with self._phase("samples"):
-            samples = self._samples()
+            samples = self._samples(lora)
         result = {"lora": str(lora.resolve()), "lora_kohya": str(kohya.resolve()), "samples": samples,
                   "steps": job.total, "seconds": round(self._elapsed(), 1), "timings": dict(self.timings),
                   "graph_steps": trainer.graph_replays}
@@ -463,17 +463,32 @@ class _Slice:
                                 unet_config=scope.adapter_config("unet"),
                                 text_encoder_config=scope.adapter_config("text_encoder"), metadata=metadata)
 
-    def _samples(self) -> list[str]:
-        from trainer.train_images import generate, save_image_atomic
+    def _samples(self, lora: Path) -> list[str]:
+        """samples/NNN.png, each with the A1111 `parameters` chunk an /imagine image of the same prompt would carry."""
+        from trainer.pnginfo import format_parameters, save_png
+        from trainer.train_images import generate
 
         count = self.spec.sample_count
         if not count:
             return []
-        self._report(stage="samples", detail=f"making {count} sample images")
+        self._report(stage="samples", detail=f"making {count} sample image{'' if count == 1 else 's'}")
         seeds = [self.spec.seed + i for i in range(count)]
         images = generate(self.pipe, self.job.instance_prompt, seeds, self.job.resolution)
+        prompt, fields = f"{self.job.instance_prompt} <lora:{self.spec.token}:1>", self._sample_fields(lora)
         directory = self.spec.out_dir / "samples"
-        return [str(save_image_atomic(image, directory / f"{i:03d}.png").resolve()) for i, image in enumerate(images)]
+        return [str(save_png(image, directory / f"{i:03d}.png",
+                             format_parameters(prompt, "", {**fields, "Seed": seed})).resolve())
+                for i, (image, seed) in enumerate(zip(images, seeds))]
+
+    def _sample_fields(self, lora: Path) -> dict:
+        """The A1111 fields of the samples (seed aside), in the order /imagine writes them (generation.py)."""
+        from trainer.pnginfo import lora_hash, lora_hashes_field, model_label
+        from trainer.train_images import GUIDANCE_SCALE, SAMPLER_LABEL, SAMPLER_STEPS
+
+        size = self.job.resolution
+        return {"Steps": SAMPLER_STEPS, "Sampler": SAMPLER_LABEL, "CFG scale": f"{GUIDANCE_SCALE:g}", "Seed": None,
+                "Size": f"{size}x{size}", "Model": model_label(self.job.base_model),
+                "Lora hashes": lora_hashes_field([(self.spec.token, lora_hash(lora))])}
 
 
 @contextmanager

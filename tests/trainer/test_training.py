@@ -16,6 +16,7 @@ from tests.trainer.training_helpers import (
 from trainer import checkpoint
 from trainer.errors import UserError
 from trainer.lora_io import read_metadata
+from trainer.pnginfo import lora_hash, parse_parameters, read_png_parameters
 from trainer.training import TrainSpec, default_steps, train_concept
 
 KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -42,6 +43,12 @@ def test_end_to_end_outputs_load_in_diffusers_and_kohya_format(tiny_pipeline, ti
     assert steps[0] == 1 and steps[-1] == 3 and steps == sorted(set(steps))
     assert all(e.loss is not None and e.loss > 0 for e in events if e.stage == "training")
     assert events[-1].stage == "samples"
+
+    # The sample carries the A1111 parameters an /imagine image of its prompt would.
+    info = parse_parameters(read_png_parameters(result["samples"][0]))
+    assert info == {"Prompt": "a photo of squidarth man <lora:squidarth:1>", "Negative prompt": "", "Steps": "25",
+                    "Sampler": "DPM++ 2M", "CFG scale": "7.5", "Seed": "7", "Size": "32x32",
+                    "Model": tiny_model_dir.name, "Lora hashes": f"squidarth: {lora_hash(result['lora'])}"}
 
     # Metadata in both headers.
     for path in (result["lora"], result["lora_kohya"]):

@@ -12,6 +12,7 @@ from PIL import Image
 
 from tests.conftest import REPO_ROOT
 from trainer.__main__ import main
+from trainer.pnginfo import parse_parameters, read_png_parameters
 from trainer.train_cli import ProgressBar, format_seconds
 from trainer.training import TrainProgress
 
@@ -53,6 +54,15 @@ def test_cli_stderr_shows_one_bar_per_stage_and_no_library_noise(cli_training):
         draws = [draw.strip() for draw in line.split("\r")[1:]]
         assert draws and all(re.fullmatch(pattern, draw) for draw in draws), line
     assert lines[0].rstrip().endswith("3/3  ETA 0s") and "ETA" in lines[0]
+
+
+def test_cli_samples_carry_the_a1111_parameters(cli_training, tiny_model_dir):
+    samples = sorted((cli_training[0] / "samples").glob("*.png"))
+    infos = [parse_parameters(read_png_parameters(path)) for path in samples]
+    assert [info["Seed"] for info in infos] == ["0", "1", "2", "3"]
+    assert all(info["Prompt"] == "a photo of squidarth man <lora:squidarth:1>" and info["Size"] == "32x32"
+               and info["Model"] == tiny_model_dir.name and info["Lora hashes"].startswith("squidarth: ")
+               for info in infos)
 
 
 def test_cli_trains_and_prints_where_the_files_are(tiny_model_dir, tmp_path, capsys):
