@@ -2,7 +2,8 @@
 
 It runs the photo intake first and prints its report (accepted, rejected with reasons, warnings); when nothing usable
 is left it stops there with a non-zero exit. Then it loads the base model, trains (a text progress bar on stderr)
-and prints where the LoRA files and sample images are. Prepared photos go to OUT/photos, the LoRA to OUT/, class
+and prints how long training took (loading the model aside; the seconds in the LoRA's metadata) and where the LoRA
+files and sample images are. Prepared photos go to OUT/photos, the LoRA to OUT/, class
 images to the shared cache (default: $BOOTHBOT_DATA_DIR/cache, else ./data/cache) so later trainings reuse them.
 """
 from __future__ import annotations
@@ -67,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"training {outcome.status} at step {outcome.step}/{outcome.total}", file=sys.stderr)
         return 1
     result = outcome.result
-    print(f"done in {result['seconds']:.0f} s ({result['steps']} steps)")
+    took = f"trained in {result['seconds']:.1f} s ({result['steps']} steps)"  # the seconds in the LoRA's metadata
+    if result["samples"]:
+        took += f", then {len(result['samples'])} samples in {result['timings']['samples']:.1f} s"
+    print(took)
     print(f"LoRA (diffusers):      {result['lora']}")
     print(f"LoRA (A1111/ComfyUI):  {result['lora_kohya']}")
     for sample in result["samples"]:

@@ -424,12 +424,15 @@ class _Slice:
 
     def _finish(self, scope, trainer: "StepRunner") -> TrainOutcome:
         spec, job = self.spec, self.job
+        # The training's time, every slice until its LoRA is written, measured once for the LoRA's metadata, the result
+        # and the CLI's "trained in"; the samples come after (their time is in timings).
+        seconds = round(self._elapsed(), 1)
         with self._phase("save"):
-            lora, kohya = self._save_lora(scope)
+            lora, kohya = self._save_lora(scope, seconds)
         with self._phase("samples"):
             samples = self._samples(lora)
         result = {"lora": str(lora.resolve()), "lora_kohya": str(kohya.resolve()), "samples": samples,
-                  "steps": job.total, "seconds": round(self._elapsed(), 1), "timings": dict(self.timings),
+                  "steps": job.total, "seconds": seconds, "timings": dict(self.timings),
                   "graph_steps": trainer.graph_replays}
         log.info("training %s done: %d steps in %.1f s (this slice: %s; %d steps replayed from a CUDA graph)",
                  spec.concept_id, job.total, result["seconds"], self.timings, trainer.graph_replays)
@@ -438,14 +441,13 @@ class _Slice:
                                              "elapsed_s": result["seconds"], "result": result})
         return TrainOutcome("done", job.total, job.total, result)
 
-    def _save_lora(self, scope):
+    def _save_lora(self, scope, seconds: float):
         """Write both LoRA files (diffusers and kohya format) with the training's metadata; returns their paths."""
         from peft.utils import get_peft_model_state_dict
 
         from trainer.lora_io import training_metadata, write_lora_files
 
         spec, job = self.spec, self.job
-        seconds = round(self._elapsed(), 1)
         unet_state = {k: v.detach().float().cpu() for k, v in
                       get_peft_model_state_dict(self.pipe.unet, adapter_name=spec.adapter_name).items()}
         te_state = None

@@ -12,6 +12,7 @@ from PIL import Image
 
 from tests.conftest import REPO_ROOT
 from trainer.__main__ import main
+from trainer.lora_io import read_metadata
 from trainer.pnginfo import parse_parameters, read_png_parameters
 from trainer.train_cli import ProgressBar, format_seconds
 from trainer.training import TrainProgress
@@ -63,6 +64,13 @@ def test_cli_samples_carry_the_a1111_parameters(cli_training, tiny_model_dir):
     assert all(info["Prompt"] == "a photo of squidarth man <lora:squidarth:1>" and info["Size"] == "32x32"
                and info["Model"] == tiny_model_dir.name and info["Lora hashes"].startswith("squidarth: ")
                for info in infos)
+
+
+def test_cli_seconds_are_the_lora_metadata_seconds(cli_training):
+    out, done = cli_training
+    printed = re.search(r"^trained in (\d+\.\d) s \(2 steps\), then 4 samples in \d+\.\d s$", done.stdout, re.M)
+    assert printed, done.stdout
+    assert printed.group(1) == read_metadata(out / "lora.safetensors")["boothbot.seconds"]
 
 
 def test_cli_trains_and_prints_where_the_files_are(tiny_model_dir, tmp_path, capsys):
