@@ -4,7 +4,8 @@
 slice: it prepares (class images, cached latents and text embeddings), trains until the job is finished, the slice's
 time is up (→ "paused", with a checkpoint under out_dir/checkpoint/) or `should_stop()` turns true (→ "cancelled"),
 and always leaves the pipeline as it found it (see trainer/lora_scope.py). Calling it again with the same spec
-resumes from the checkpoint; the result is identical to an uninterrupted run (same hardware, same seed).
+resumes from the checkpoint; the result is identical to an uninterrupted run (same hardware, same seed). A finished
+training removes its checkpoint and records its result in out_dir/training.json, which answers a repeated call.
 
 The recipe and where each default comes from: docs/TRAINING.md.
 """
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 1.0
 INPUTS_FILE = "inputs.safetensors"
-FINISHED_KEY = "finished"
+FINISHED_FILE = "training.json"  # {"fingerprint", "result"} of the training that finished in this out_dir
+FINISHED_KEY = "finished"  # where older versions marked a finished training: in its checkpoint's state
 
 
 def class_prompt(class_name: str) -> str:
@@ -224,11 +226,13 @@ def train_concept(pipe, spec: TrainSpec, *, cache_dir: Path, on_progress=None, s
     should_stop = should_stop or (lambda: False)
     spec.validate()
     job = _prepare_job(pipe, spec, Path(cache_dir))
+    finished = _finished_result(spec.out_dir, job.fingerprint)
+    if finished is not None:
+        checkpoint.remove(spec.out_dir)  # left behind only if the process died right after the record was written
+        return TrainOutcome("done", job.total, job.total, finished)
     state = checkpoint.load_state(spec.out_dir, job.fingerprint)
-    if state and state.get(FINISHED_KEY) and _outputs_exist(state["result"]):
-        return TrainOutcome("done", job.total, job.total, state["result"])
     if state and state.get(FINISHED_KEY):
-        state = None
+        state = None  # it holds no weights to resume from: train again
     if should_stop():
         checkpoint.remove(spec.out_dir)
         return TrainOutcome("cancelled", _step_of(state), job.total)
@@ -241,6 +245,24 @@ def _step_of(state: dict | None) -> int:
 
 def _outputs_exist(result: dict) -> bool:
     return all(Path(p).is_file() for p in [result["lora"], result["lora_kohya"], *result["samples"]])
+
+
+def _finished_result(out_dir: Path, fingerprint: str) -> dict | None:
+    """The result of this same training when it already finished in out_dir and its files are all still there."""
+    try:
+        record = json.loads((out_dir / FINISHED_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if record.get("fingerprint") != fingerprint or not _outputs_exist(record["result"]):
+        return None
+    return record["result"]
+
+
+def _write_finished(out_dir: Path, fingerprint: str, result: dict) -> None:
+    path = out_dir / FINISHED_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "result": result}, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 class _Slice:
@@ -436,9 +458,8 @@ class _Slice:
                   "graph_steps": trainer.graph_replays}
         log.info("training %s done: %d steps in %.1f s (this slice: %s; %d steps replayed from a CUDA graph)",
                  spec.concept_id, job.total, result["seconds"], self.timings, trainer.graph_replays)
-        checkpoint.remove(spec.out_dir)
-        checkpoint.save_state(spec.out_dir, {"fingerprint": job.fingerprint, FINISHED_KEY: True, "step": job.total,
-                                             "elapsed_s": result["seconds"], "result": result})
+        _write_finished(spec.out_dir, job.fingerprint, result)
+        checkpoint.remove(spec.out_dir)  # only resuming needed it
         return TrainOutcome("done", job.total, job.total, result)
 
     def _save_lora(self, scope, seconds: float):

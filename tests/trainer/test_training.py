@@ -2,7 +2,9 @@
 cache, cancellation, user errors. Resume is in test_training_resume.py, learning in test_training_learning.py."""
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,8 +203,9 @@ def test_class_image_progress_counts_images_with_an_eta_across_slices(tiny_pipel
     # On CPU class images come two at a time: the first slice makes two, then its deadline has passed.
     paused = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache", slice_s=1e-9, on_progress=events.append)
     assert (paused.status, paused.step) == ("paused", 0)
+    assert (checkpoint.checkpoint_dir(spec.out_dir) / checkpoint.STATE_FILE).is_file()  # the next slice goes on
     done = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache", on_progress=events.append)
-    assert done.status == "done"
+    assert done.status == "done" and not checkpoint.checkpoint_dir(spec.out_dir).exists()
     made = [(e.step, e.total, e.eta_s is not None, e.detail) for e in events if e.stage == "class_images"]
     assert made == [(0, 3, False, "making class images 0/3"), (2, 3, True, "making class images 2/3"),
                     (2, 3, False, "making class images 2/3"), (3, 3, True, "making class images 3/3")]
@@ -230,9 +233,14 @@ def test_cancel_stops_at_a_step_boundary_and_leaves_no_lora(tiny_pipeline, photo
 def test_a_finished_training_is_not_run_twice(tiny_pipeline, photos, tmp_path):
     spec = make_spec(photos, tmp_path / "out", steps=2, sample_count=0)
     first = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache")
+    assert not checkpoint.checkpoint_dir(spec.out_dir).exists()  # the result is recorded beside the LoRA instead
+    assert json.loads((spec.out_dir / "training.json").read_text())["result"] == first.result
     events = []
     second = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache", on_progress=events.append)
     assert second == first and events == []
+    Path(first.result["lora_kohya"]).unlink()  # a file is gone: trained again, not answered from the record
+    third = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache", on_progress=events.append)
+    assert third.status == "done" and events and Path(first.result["lora_kohya"]).is_file()
 
 
 def test_photos_without_usable_images_are_a_user_error(tiny_pipeline, tmp_path):

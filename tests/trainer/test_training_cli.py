@@ -73,6 +73,11 @@ def test_cli_seconds_are_the_lora_metadata_seconds(cli_training):
     assert printed.group(1) == read_metadata(out / "lora.safetensors")["boothbot.seconds"]
 
 
+def test_cli_training_leaves_its_result_and_no_checkpoint(cli_training):
+    out = cli_training[0]
+    assert not (out / "checkpoint").exists() and (out / "training.json").is_file()
+
+
 def test_cli_trains_and_prints_where_the_files_are(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(_args(_photos(tmp_path / "photos"), out, tiny_model_dir, tmp_path / "cache"))
