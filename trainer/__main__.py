@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:
             module = importlib.import_module(module_name)
             module.add_arguments(sub_parser)
-            sub_parser.add_argument("--debug", action="store_true",
-                                    help="show the libraries' own warnings and progress bars (also BOOTHBOT_LOG_LEVEL=debug)")
+            sub_parser.add_argument("--debug", action="store_true", help="show the libraries' own warnings and "
+                                    "progress bars (also BOOTHBOT_LOG_LEVEL=debug)")
             sub_parser.set_defaults(handler=module.run)
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

@@ -1,10 +1,10 @@
 """`python -m trainer train --photos DIR|ZIP --token squidarth --class man --out DIR`: one training, in the terminal.
 
 It runs the photo intake first and prints its report (accepted, rejected with reasons, warnings); when nothing usable
-is left it stops there with a non-zero exit. Then it loads the base model, trains (a text progress bar on stderr)
-and prints how long training took (loading the model aside; the seconds in the LoRA's metadata) and where the LoRA
-files and sample images are. Prepared photos go to OUT/photos, the LoRA to OUT/, class
-images to the shared cache (default: $BOOTHBOT_DATA_DIR/cache, else ./data/cache) so later trainings reuse them.
+is left it stops there with a non-zero exit. Then it loads the base model, trains (a progress bar per stage on stderr)
+and prints how long training took (the seconds in the LoRA's metadata; loading the model is not counted) and where
+the LoRA files and sample images are. Prepared photos go to OUT/photos, the LoRA to OUT/, class images to the shared
+cache (default: $BOOTHBOT_DATA_DIR/cache, else ./data/cache) so later trainings reuse them.
 """
 from __future__ import annotations
 

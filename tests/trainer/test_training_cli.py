@@ -37,7 +37,8 @@ def cli_training(tiny_model_dir, tmp_path_factory):
     """`python -m trainer train` run once as a person runs it, class images included: (out dir, completed process)."""
     tmp_path = tmp_path_factory.mktemp("train-cli")
     out = tmp_path / "out"
-    args = [a for a in _args(_photos(tmp_path / "photos"), out, tiny_model_dir, tmp_path / "cache") if a != "--no-prior"]
+    args = _args(_photos(tmp_path / "photos"), out, tiny_model_dir, tmp_path / "cache")
+    args.remove("--no-prior")
     done = subprocess.run([sys.executable, "-m", "trainer", *args, "--class-images", "3"], cwd=REPO_ROOT,
                           capture_output=True, timeout=600)  # bytes: text mode would turn the bar's \r into \n
     done.stdout, done.stderr = done.stdout.decode(), done.stderr.decode()
