@@ -7,13 +7,19 @@ import sys
 
 from tests.conftest import REPO_ROOT
 
-# Loads the tiny pipeline the old way (torch_dtype), which makes diffusers warn and draw its loading bar.
+# Loads the tiny pipeline the old way (torch_dtype), which makes diffusers warn and draw its loading bar, then keeps
+# two adapters in the UNet and deletes the active one, as the worker does, which makes peft warn twice.
 LOAD_THE_OLD_WAY = """
 import sys, torch
 from trainer.quiet import quiet_libraries
 quiet_libraries()
 from diffusers import StableDiffusionPipeline
-StableDiffusionPipeline.from_pretrained(sys.argv[1], torch_dtype=torch.float32, safety_checker=None)
+from peft import LoraConfig
+pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], torch_dtype=torch.float32, safety_checker=None)
+for name in ("slot", "concept"):
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name=name)
+pipe.unet.set_adapters(["concept"])
+pipe.unet.delete_adapters("concept")
 """
 
 
@@ -28,6 +34,7 @@ def test_library_noise_is_off_and_shows_when_debugging(tiny_model_dir):
     assert _load(tiny_model_dir, BOOTHBOT_LOG_LEVEL="info") == ""
     debug = _load(tiny_model_dir, BOOTHBOT_LOG_LEVEL="debug")
     assert "`torch_dtype` is deprecated" in debug and "Loading pipeline components" in debug
+    assert "Already found a `peft_config`" in debug and "Adapter concept was active which is now deleted" in debug
 
 
 def test_every_subcommand_takes_debug(tmp_path):
