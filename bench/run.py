@@ -443,25 +443,21 @@ def run_bench(cfg: BenchConfig, json_path: Path | None = None) -> dict:
         return build_report(env, cfg, bench)
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(debug: bool) -> None:
     # Progress bars and transformers' per-load "LOAD REPORT" tables (base weights absent from a LoRA file, by design)
     # would bury the table; real warnings and errors still show.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import diffusers
-    import transformers
+    from trainer.quiet import quiet_libraries
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.disable_progress_bar()
+    quiet_libraries(debug)
 
 
 def run(args: argparse.Namespace) -> int:
     from bench.report import format_table, write_json
 
     cfg = config_from_args(args)
-    _quiet_libraries()
+    _quiet_libraries(args.debug)
     threads = args.threads or (1 if cfg.tiny else None)
     if threads:
         import torch

@@ -59,7 +59,9 @@ def queued_embed(job, position: int | None, eta_s: float | None, *, paused: bool
 def running_embed(job, event: dict, *, preview_name: str | None = None) -> discord.Embed:
     step, total = int(event.get("step") or 0), int(event.get("total") or 0)
     embed = discord.Embed(title=job_title(job), colour=COLOR_RUNNING)
-    lines = [progress_bar(step, total), f"step {step}/{total}"]
+    lines = [progress_bar(step, total)]
+    if event.get("stage") != "class_images":  # those count images, and their detail says so
+        lines.append(f"step {step}/{total}")
     if event.get("eta_s") is not None:
         lines[-1] += f" · about {duration(event['eta_s'])} left"
     if event.get("detail"):  # what the engine is doing besides steps, e.g. "making class images 20/100"

@@ -1,49 +1,55 @@
-"""`python -m trainer ...`: the engine without Discord, for operators, benchmarks and tests.
+"""`python -m trainer ...`: the engine without Discord, for operators and tests.
 
-Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; they are imported
-only when chosen, so `--help` stays fast and one broken engine does not take the others down.
-A SetupError (missing model, no network, unwritable folder) ends the command with its message and exit status 2;
-its traceback is shown only with --debug or BOOTHBOT_LOG_LEVEL=debug.
+Each subcommand is a module with `add_arguments(parser)` and `run(args) -> int`; those modules import torch only
+inside `run`, so `--help` stays fast. Every subcommand takes `--debug`: the libraries' own warnings and progress bars
+show (trainer/quiet.py), and a SetupError (missing model, no network, unwritable folder), which otherwise ends the
+command with its one-line message and exit status 2, shows its traceback too. BOOTHBOT_LOG_LEVEL=debug does the same.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
+from trainer import worker
+from trainer.cli import imagine, tiny, train
 from trainer.contract.errors import SetupError, print_setup_error
 
 SUBCOMMANDS = {
-    "make-tiny-model": ("trainer.cli.tiny", "write a tiny random Stable Diffusion pipeline (tests, offline smoke runs)"),
-    "train": ("trainer.cli.train", "train a DreamBooth LoRA from photos"),
-    "imagine": ("trainer.cli.imagine", "generate images, optionally with LoRAs"),
-    "worker": ("trainer.worker", "the GPU worker process the bot talks to (JSON lines on stdin/stdout)"),
+    "make-tiny-model": (tiny, "write a tiny random Stable Diffusion pipeline (tests, offline smoke runs)"),
+    "train": (train, "train a DreamBooth LoRA from photos"),
+    "imagine": (imagine, "generate images, optionally with LoRAs"),
+    "worker": (worker, "the GPU worker process the bot talks to (JSON lines on stdin/stdout)"),
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def debug_requested(args: argparse.Namespace) -> bool:
+    return args.debug or os.environ.get("BOOTHBOT_LOG_LEVEL", "").strip().lower() == "debug"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    chosen = next((a for a in argv if not a.startswith("-")), None)
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
+    for name, (module, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        if name == chosen:
-            module = importlib.import_module(module_name)
-            module.add_arguments(sub_parser)
-            sub_parser.add_argument("--debug", action="store_true",
-                                    help="show the traceback of a setup problem too (as BOOTHBOT_LOG_LEVEL=debug does)")
-            sub_parser.set_defaults(handler=module.run)
-    args = parser.parse_args(argv)
+        module.add_arguments(sub_parser)
+        sub_parser.add_argument("--debug", action="store_true",
+                                help="show the libraries' own warnings and progress bars, and the traceback of a "
+                                     "setup problem (also BOOTHBOT_LOG_LEVEL=debug)")
+        sub_parser.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
     try:
         return int(args.handler(args) or 0)
     except SetupError as error:
-        debug = args.debug or os.environ.get("BOOTHBOT_LOG_LEVEL", "").strip().lower() == "debug"
-        print_setup_error(error, prefix="error: ", debug=debug)
+        print_setup_error(error, prefix="error: ", debug=debug_requested(args))
         return 2
 
 

@@ -489,8 +489,7 @@ def exit_fatal(writer: EventWriter, error: str, detail: str, code: int) -> NoRet
 
 def run(args: argparse.Namespace) -> int:
     events = claim_stdout()
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a download's bars would be lines in the bot's log
     writer = EventWriter(events)
     control = JobControl()
     if not args.no_model and not args.model:
@@ -510,11 +509,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_model:
             from trainer.compat import check_stack
             from trainer.models.loading import require_model
+            from trainer.quiet import quiet_libraries
 
             require_model(args.model)  # a wrong path fails here at once, before seconds of importing diffusers
-            from diffusers.utils import logging as diffusers_logging
-
-            diffusers_logging.disable_progress_bar()  # one line per loaded component would flood the bot's log
+            quiet_libraries(args.debug)  # bars and notices would be lines in the bot's log
             # Before the base model (maybe a download of gigabytes): can this set of packages train a LoRA at all?
             stack = check_stack(stamp=Path(args.data_dir) / "cache" / STACK_STAMP)
             if not stack.ok:

@@ -351,7 +351,10 @@ class Dispatcher:
     async def _progress(self, job: Job, event: dict) -> None:
         now = time.monotonic()
         last = self._last_progress_write.get(job.id, 0.0)
-        if now - last >= PROGRESS_WRITE_INTERVAL_S or event["step"] == event["total"]:
+        # Class-image events count images, not the job's steps, and their ETA is for the images only: the queue keeps
+        # its own estimate for the job until training reports.
+        counts_steps = event.get("stage") != "class_images"
+        if counts_steps and (now - last >= PROGRESS_WRITE_INTERVAL_S or event["step"] == event["total"]):
             self._last_progress_write[job.id] = now
             await self.ledger.record_progress(job.id, event["step"], event["total"], event.get("eta_s"),
                                               event.get("preview"))

@@ -142,3 +142,12 @@ def test_compile_unet_setting_reaches_the_worker_command_line(tmp_path):
     assert on.compile_unet and not off.compile_unet
     assert "--compile-unet" in WorkerClient.from_settings(on).argv
     assert "--compile-unet" not in WorkerClient.from_settings(off).argv
+
+
+def test_debug_log_level_reaches_the_worker_command_line(tmp_path):
+    from bot.dispatch.worker_client import WorkerClient
+
+    debug = load_settings({"BOOTHBOT_LOG_LEVEL": "debug", "BOOTHBOT_DATA_DIR": str(tmp_path)}, env_file=None)
+    info = load_settings({"BOOTHBOT_DATA_DIR": str(tmp_path)}, env_file=None)
+    assert "--debug" in WorkerClient.from_settings(debug).argv  # the libraries' own warnings reach the log then
+    assert "--debug" not in WorkerClient.from_settings(info).argv

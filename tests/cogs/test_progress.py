@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 from cogs._progress import EditThrottle
-from cogs._render import duration, progress_bar
+from cogs._render import duration, progress_bar, running_embed
 
 INTERVAL = 0.3
 
@@ -50,3 +51,12 @@ def test_progress_bar_and_durations():
     assert progress_bar(0, 0, 4).endswith(" 0%")
     assert duration(None) == "?" and duration(12.2) == "13 s" and duration(150) == "3 min"
     assert duration(2 * 3600 + 600) == "2 h 10 min"
+
+
+def test_running_embed_counts_steps_or_class_images():
+    job = SimpleNamespace(id=7, kind="train", owner_id=1, params={"token": "sks", "class_name": "man"})
+    training = running_embed(job, {"step": 40, "total": 800, "eta_s": 90, "stage": "training"}).description
+    assert training.splitlines() == [progress_bar(40, 800), "step 40/800 · about 2 min left"]
+    class_images = running_embed(job, {"step": 20, "total": 100, "eta_s": 30, "stage": "class_images",
+                                       "detail": "making class images 20/100"}).description
+    assert class_images.splitlines() == [progress_bar(20, 100) + " · about 30 s left", "making class images 20/100"]

@@ -1,6 +1,7 @@
 """GenerationService on the tiny random pipeline: real diffusers + peft, 64 px, few steps, CPU."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -311,13 +312,22 @@ def test_imagine_many_loops_over_requests(service, tmp_path):
     assert results[0].to_dict().keys() == {"images", "grid", "small", "seed", "seeds", "parameters", "blocked", "notices"}
 
 
-def test_cli_end_to_end(tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def cli_run(tiny_model_dir, tmp_path_factory):
+    """`python -m trainer imagine` run once: (command, out dir, completed process)."""
+    tmp_path = tmp_path_factory.mktemp("imagine-cli")
     lora = make_lora(tmp_path / "my_concept.safetensors", 3, metadata={"boothbot.token": "sid", "boothbot.class": "man"})
     out = tmp_path / "cli"
     command = [sys.executable, "-m", "trainer", "imagine", "portrait of sid", "--model", str(tiny_model_dir),
-               "--lora", f"{lora}:0.7", "--steps", "2", "--size", "64x64", "--count", "2", "--seed", "5",
+               "--lora", f"{lora}:0.7", "--steps", "6", "--size", "64x64", "--count", "2", "--seed", "5",
                "--device", "cpu", "--dtype", "fp32", "--out", str(out)]
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, timeout=300)  # bytes: keeps the \r
+    done.stdout, done.stderr = done.stdout.decode(), done.stderr.decode()
+    return command, out, done
+
+
+def test_cli_end_to_end(cli_run, tiny_model_dir):
+    command, out, done = cli_run
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     assert lines[-1] == "seed: 5"
@@ -329,6 +339,17 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path):
     bad = subprocess.run(command[:5] + ["--steps", "500", "--out", str(out)], cwd=REPO_ROOT, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "from 1 to 100" in bad.stderr
+
+
+def test_cli_draws_one_bar_in_place_and_ends_with_a_summary_line(cli_run):
+    done = cli_run[2]
+    assert done.returncode == 0, done.stderr[-3000:]
+    bar = done.stderr[done.stderr.index("\r["):]
+    assert bar.count("\n") == 1 and bar.endswith("\n")  # one line, redrawn with carriage returns
+    draws = [part.strip() for part in bar.rstrip("\n").split("\r")[1:]]
+    assert len(draws) >= 3 and draws[0].split()[1] == "1/6" and draws[-2].split()[1] == "6/6"
+    assert all(re.fullmatch(r"\[[#-]{30}\] \d/6  ETA \d+s", d) for d in draws[:-1]), draws
+    assert re.fullmatch(r"2 images in \d+\.\d s", draws[-1]), draws[-1]
 
 
 def test_mixed_lora_batch_matches_each_request_alone(service, loras, tmp_path):

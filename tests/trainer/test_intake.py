@@ -412,7 +412,7 @@ def test_animal_photos_do_not_centre_on_a_human_face():
 def test_without_a_face_detector_photos_are_centre_cropped_and_the_member_is_told(monkeypatch):
     import cv2
 
-    from trainer.intake.photos import faces as intake_faces
+    from trainer.intake import faces as intake_faces
 
     # What OpenCV 5 looks like: no CascadeClassifier in cv2.
     monkeypatch.delattr(cv2, "CascadeClassifier")

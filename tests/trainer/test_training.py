@@ -2,7 +2,9 @@
 cache, cancellation, user errors. Resume is in test_training_resume.py, learning in test_training_learning.py."""
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from tests.trainer.training_helpers import (
 from trainer.training import checkpoint
 from trainer.contract.errors import UserError
 from trainer.training.lora_files import read_metadata
+from trainer.generation.pnginfo import lora_hash, parse_parameters, read_png_parameters
 from trainer.training.engine import TrainSpec, default_steps, train_concept
 
 KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -43,6 +46,12 @@ def test_end_to_end_outputs_load_in_diffusers_and_kohya_format(tiny_pipeline, ti
     assert all(e.loss is not None and e.loss > 0 for e in events if e.stage == "training")
     assert events[-1].stage == "samples"
 
+    # The sample carries the A1111 parameters an /imagine image of its prompt would.
+    info = parse_parameters(read_png_parameters(result["samples"][0]))
+    assert info == {"Prompt": "a photo of squidarth man <lora:squidarth:1>", "Negative prompt": "", "Steps": "25",
+                    "Sampler": "DPM++ 2M", "CFG scale": "7.5", "Seed": "7", "Size": "32x32",
+                    "Model": tiny_model_dir.name, "Lora hashes": f"squidarth: {lora_hash(result['lora'])}"}
+
     # Metadata in both headers.
     for path in (result["lora"], result["lora_kohya"]):
         meta = read_metadata(path)
@@ -50,7 +59,7 @@ def test_end_to_end_outputs_load_in_diffusers_and_kohya_format(tiny_pipeline, ti
         assert meta["boothbot.base_model"] == str(tiny_model_dir)
         assert meta["boothbot.steps"] == "3" and meta["boothbot.rank"] == "4"
         assert float(meta["boothbot.learning_rate"]) == spec.learning_rate
-        assert meta["boothbot.photo_count"] == "3" and float(meta["boothbot.seconds"]) > 0
+        assert meta["boothbot.photo_count"] == "3" and float(meta["boothbot.seconds"]) == result["seconds"]
     assert read_metadata(result["lora_kohya"])["ss_network_dim"] == "4"
 
     # diffusers format: UNet and text-encoder LoRA, CLIP keys in their portable `text_model.` form.
@@ -188,6 +197,21 @@ def test_class_images_are_generated_once_and_reused(tiny_pipeline, photos, tmp_p
     assert len(list((cache / "priors").iterdir())) == 2
 
 
+def test_class_image_progress_counts_images_with_an_eta_across_slices(tiny_pipeline, photos, tmp_path):
+    spec = make_spec(photos, tmp_path / "out", steps=1, sample_count=0, class_images=3)
+    events = []
+    # On CPU class images come two at a time: the first slice makes two, then its deadline has passed.
+    paused = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache", slice_s=1e-9, on_progress=events.append)
+    assert (paused.status, paused.step) == ("paused", 0)
+    assert (checkpoint.checkpoint_dir(spec.out_dir) / checkpoint.STATE_FILE).is_file()  # the next slice goes on
+    done = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache", on_progress=events.append)
+    assert done.status == "done" and not checkpoint.checkpoint_dir(spec.out_dir).exists()
+    made = [(e.step, e.total, e.eta_s is not None, e.detail) for e in events if e.stage == "class_images"]
+    assert made == [(0, 3, False, "making class images 0/3"), (2, 3, True, "making class images 2/3"),
+                    (2, 3, False, "making class images 2/3"), (3, 3, True, "making class images 3/3")]
+    assert all(e.eta_s >= 0 for e in events if e.stage == "class_images" and e.eta_s is not None)
+
+
 def test_cancel_stops_at_a_step_boundary_and_leaves_no_lora(tiny_pipeline, photos, tmp_path):
     polls = []
 
@@ -201,7 +225,7 @@ def test_cancel_stops_at_a_step_boundary_and_leaves_no_lora(tiny_pipeline, photo
                             on_progress=events.append)
     assert outcome.status == "cancelled" and outcome.result is None
     assert 0 < outcome.step < 50
-    assert max(e.step for e in events) == outcome.step
+    assert max(e.step for e in events if e.stage == "training") == outcome.step
     assert not (tmp_path / "out" / "lora.safetensors").exists()
     assert not checkpoint.checkpoint_dir(spec.out_dir).exists()
 
@@ -209,9 +233,14 @@ def test_cancel_stops_at_a_step_boundary_and_leaves_no_lora(tiny_pipeline, photo
 def test_a_finished_training_is_not_run_twice(tiny_pipeline, photos, tmp_path):
     spec = make_spec(photos, tmp_path / "out", steps=2, sample_count=0)
     first = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache")
+    assert not checkpoint.checkpoint_dir(spec.out_dir).exists()  # the result is recorded beside the LoRA instead
+    assert json.loads((spec.out_dir / "training.json").read_text())["result"] == first.result
     events = []
     second = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache", on_progress=events.append)
     assert second == first and events == []
+    Path(first.result["lora_kohya"]).unlink()  # a file is gone: trained again, not answered from the record
+    third = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache", on_progress=events.append)
+    assert third.status == "done" and events and Path(first.result["lora_kohya"]).is_file()
 
 
 def test_photos_without_usable_images_are_a_user_error(tiny_pipeline, tmp_path):

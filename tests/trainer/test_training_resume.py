@@ -44,6 +44,7 @@ def test_sliced_training_resumes_from_checkpoints_and_equals_an_uninterrupted_ru
         if outcome.status == "done":
             break
     assert [o.status for o in outcomes] == ["paused"] * (STEPS - 1) + ["done"]
+    assert not checkpoint.checkpoint_dir(tmp_path / "sliced").exists()  # removed once the training finished
     assert [o.step for o in outcomes] == list(range(1, STEPS + 1))  # the step counter continues across slices
     assert [s for s in steps_seen if s] == list(range(1, STEPS + 1)) + [STEPS]  # last: the samples stage
 

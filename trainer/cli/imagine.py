@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from trainer.contract.errors import UserError, require_writable_dir
@@ -102,14 +103,11 @@ def build_params(args: argparse.Namespace) -> dict:
     }
 
 
-def model_label(ref: str) -> str:
-    path = Path(ref).expanduser()
-    return path.stem if path.is_file() else path.name if path.is_dir() else ref
-
-
 def run(args: argparse.Namespace) -> int:
     from trainer.models.loading import load_pipeline, require_model
+    from trainer.quiet import quiet_libraries
 
+    quiet_libraries(args.debug)
     try:
         request = ImagineRequest.from_params(build_params(args))
     except UserError as e:
@@ -119,19 +117,21 @@ def run(args: argparse.Namespace) -> int:
     require_writable_dir(args.out, "--out")
 
     from trainer.generation.service import GenerationService
-    from trainer.generation.pnginfo import model_hash
+    from trainer.generation.pnginfo import model_hash, model_label
+    from trainer.cli.train import ProgressBar
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     service = GenerationService(pipe, model_name=model_label(args.model), model_hash=model_hash(args.model))
-
-    def progress(info) -> None:
-        print(f"step {info.step}/{info.total}", file=sys.stderr, flush=True)
-
+    bar = ProgressBar(sys.stderr)
+    started = time.monotonic()
     try:
-        result = service.imagine(request, on_progress=progress)
+        result = service.imagine(request, on_progress=bar)
     except UserError as e:
+        bar.finish()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    count = len(result.images)
+    bar.finish(f"{count} image{'' if count == 1 else 's'} in {time.monotonic() - started:.1f} s")
     for path in result.images:
         print(path)
     if result.grid:

@@ -12,8 +12,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainer.quiet import quiet_libraries
     from trainer.models.tiny import make_tiny_model, write_sample_photos
 
+    quiet_libraries(args.debug)
     path = make_tiny_model(args.directory, seed=args.seed)
     print(f"tiny Stable Diffusion pipeline written to {path}")
     if args.photos:

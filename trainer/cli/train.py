@@ -1,9 +1,10 @@
 """`python -m trainer train --photos DIR|ZIP --token squidarth --class man --out DIR`: one training, in the terminal.
 
 It runs the photo intake first and prints its report (accepted, rejected with reasons, warnings); when nothing usable
-is left it stops there with a non-zero exit. Then it loads the base model, trains (a text progress bar on stderr)
-and prints where the LoRA files and sample images are. Prepared photos go to OUT/photos, the LoRA to OUT/, class
-images to the shared cache (default: $BOOTHBOT_DATA_DIR/cache, else ./data/cache) so later trainings reuse them.
+is left it stops there with a non-zero exit. Then it loads the base model, trains (a progress bar per stage on stderr)
+and prints how long training took (the seconds in the LoRA's metadata; loading the model is not counted) and where
+the LoRA files and sample images are. Prepared photos go to OUT/photos, the LoRA to OUT/, class images to the shared
+cache (default: $BOOTHBOT_DATA_DIR/cache, else ./data/cache) so later trainings reuse them.
 """
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from trainer.contract.errors import UserError, require_writable_dir
     from trainer.models.loading import require_model
+    from trainer.quiet import quiet_libraries
 
+    quiet_libraries(args.debug)
     require_model(args.model)  # a wrong --model fails now, not after the photo intake
     out_dir = require_writable_dir(args.out, "--out")
     cache_dir, setting = _cache_dir(args)
@@ -64,13 +67,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         outcome = _train(args, photos_dir, token, class_name, out_dir, cache_dir)
     except UserError as error:
-        print(f"\nerror: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 1
     if outcome.status != "done":
-        print(f"\ntraining {outcome.status} at step {outcome.step}/{outcome.total}", file=sys.stderr)
+        print(f"training {outcome.status} at step {outcome.step}/{outcome.total}", file=sys.stderr)
         return 1
     result = outcome.result
-    print(f"\ndone in {result['seconds']:.0f} s ({result['steps']} steps)")
+    took = f"trained in {result['seconds']:.1f} s ({result['steps']} steps)"  # the seconds in the LoRA's metadata
+    if result["samples"]:
+        took += f", then {len(result['samples'])} samples in {result['timings']['samples']:.1f} s"
+    print(took)
     print(f"LoRA (diffusers):      {result['lora']}")
     print(f"LoRA (A1111/ComfyUI):  {result['lora_kohya']}")
     for sample in result["samples"]:
@@ -114,10 +120,13 @@ def _train(args, photos_dir: Path, token: str, class_name: str, out_dir: Path, c
     for warning in token_warnings(token, pipe.tokenizer):
         print(f"warning: {warning}")
     bar = ProgressBar(sys.stderr)
-    while True:
-        outcome = train_concept(pipe, spec, cache_dir=cache_dir, on_progress=bar, slice_s=args.slice_s)
-        if outcome.status != "paused":
-            return outcome
+    try:
+        while True:
+            outcome = train_concept(pipe, spec, cache_dir=cache_dir, on_progress=bar, slice_s=args.slice_s)
+            if outcome.status != "paused":
+                return outcome
+    finally:
+        bar.finish()
 
 
 def _cache_dir(args) -> tuple[Path, str]:
@@ -128,28 +137,52 @@ def _cache_dir(args) -> tuple[Path, str]:
 
 
 class ProgressBar:
-    """One line, redrawn in place: `[#####-----] 120/800  loss 0.1234  ETA 1m20s`."""
+    """One line per stage, redrawn in place: `[#####-----] 120/800  loss 0.1234  ETA 1m20s`.
+
+    Takes training and generation progress alike. A new stage (class images, training, samples) starts a new line,
+    so each stage's last state stays on screen; a stage without a bar of its own ("samples") shows its detail.
+    """
+
+    LABELS = {None: "", "training": "", "class_images": "class images "}
 
     def __init__(self, stream, width: int = 30):
         self.stream, self.width = stream, width
-        self._last = 0.0
+        self._last, self._stage, self._drawn = 0.0, None, False
 
     def __call__(self, info) -> None:
-        now = time.monotonic()
-        if info.stage == "training" and info.step not in (1, info.total) and now - self._last < 0.2:
+        stage, now = getattr(info, "stage", None), time.monotonic()
+        if self._drawn and stage == self._stage and info.step not in (1, info.total) and now - self._last < 0.2:
             return
-        self._last = now
-        if info.stage != "training":
-            line = info.detail or info.stage
-        else:
-            filled = int(self.width * info.step / max(info.total, 1))
-            line = f"[{'#' * filled}{'-' * (self.width - filled)}] {info.step}/{info.total}"
-            if info.loss is not None:
-                line += f"  loss {info.loss:.4f}"
-            if info.eta_s is not None:
-                line += f"  ETA {format_seconds(info.eta_s)}"
+        if self._drawn and stage != self._stage:
+            self.stream.write("\n")
+        self._last, self._stage = now, stage
+        self._draw(self._line(info))
+
+    def _line(self, info) -> str:
+        stage = getattr(info, "stage", None)
+        if stage not in self.LABELS:
+            return info.detail or stage
+        filled = int(self.width * info.step / max(info.total, 1))
+        line = f"{self.LABELS[stage]}[{'#' * filled}{'-' * (self.width - filled)}] {info.step}/{info.total}"
+        if info.loss is not None:
+            line += f"  loss {info.loss:.4f}"
+        if info.eta_s is not None:
+            line += f"  ETA {format_seconds(info.eta_s)}"
+        return line
+
+    def finish(self, summary: str | None = None) -> None:
+        """End the line, replacing the bar with `summary` when given."""
+        if summary is not None:
+            self._draw(summary)
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+        self._drawn = False
+
+    def _draw(self, line: str) -> None:
         self.stream.write("\r" + line.ljust(72))
         self.stream.flush()
+        self._drawn = True
 
 
 def format_seconds(seconds: float) -> str:

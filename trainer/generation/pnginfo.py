@@ -186,6 +186,12 @@ def lora_hash(path: Path) -> str:
     return _sha256(path, skip=8 + header_len)[:12]
 
 
+def model_label(ref: str) -> str:
+    """The `Model` field: a checkpoint file's stem, a diffusers directory's name, else the hub id."""
+    path = Path(ref).expanduser()
+    return path.stem if path.is_file() else path.name if path.is_dir() else ref
+
+
 def model_hash(ref: str | Path) -> str | None:
     """A short model hash (10 hex) for the `Model hash` field.
 

@@ -4,7 +4,8 @@
 slice: it prepares (class images, cached latents and text embeddings), trains until the job is finished, the slice's
 time is up (→ "paused", with a checkpoint under out_dir/checkpoint/) or `should_stop()` turns true (→ "cancelled"),
 and always leaves the pipeline as it found it (see trainer/training/lora_scope.py). Calling it again with the same spec
-resumes from the checkpoint; the result is identical to an uninterrupted run (same hardware, same seed).
+resumes from the checkpoint; the result is identical to an uninterrupted run (same hardware, same seed). A finished
+training removes its checkpoint and records its result in out_dir/training.json, which answers a repeated call.
 
 The recipe and where each default comes from: docs/TRAINING.md.
 """
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 1.0
 INPUTS_FILE = "inputs.safetensors"
-FINISHED_KEY = "finished"
+FINISHED_FILE = "training.json"  # {"fingerprint", "result"} of the training that finished in this out_dir
+FINISHED_KEY = "finished"  # where older versions marked a finished training: in its checkpoint's state
 
 
 def class_prompt(class_name: str) -> str:
@@ -142,7 +144,8 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class TrainProgress:
-    """What on_progress receives. `stage` is "class_images" (step stays at 0), "training" or "samples"."""
+    """What on_progress receives. `stage` is "class_images", "training" or "samples". step, total and eta_s count the
+    stage's own work: class images made (of the set) for "class_images", steps otherwise."""
 
     step: int
     total: int
@@ -223,11 +226,13 @@ def train_concept(pipe, spec: TrainSpec, *, cache_dir: Path, on_progress=None, s
     should_stop = should_stop or (lambda: False)
     spec.validate()
     job = _prepare_job(pipe, spec, Path(cache_dir))
+    finished = _finished_result(spec.out_dir, job.fingerprint)
+    if finished is not None:
+        checkpoint.remove(spec.out_dir)  # left behind only if the process died right after the record was written
+        return TrainOutcome("done", job.total, job.total, finished)
     state = checkpoint.load_state(spec.out_dir, job.fingerprint)
-    if state and state.get(FINISHED_KEY) and _outputs_exist(state["result"]):
-        return TrainOutcome("done", job.total, job.total, state["result"])
     if state and state.get(FINISHED_KEY):
-        state = None
+        state = None  # it holds no weights to resume from: train again
     if should_stop():
         checkpoint.remove(spec.out_dir)
         return TrainOutcome("cancelled", _step_of(state), job.total)
@@ -240,6 +245,24 @@ def _step_of(state: dict | None) -> int:
 
 def _outputs_exist(result: dict) -> bool:
     return all(Path(p).is_file() for p in [result["lora"], result["lora_kohya"], *result["samples"]])
+
+
+def _finished_result(out_dir: Path, fingerprint: str) -> dict | None:
+    """The result of this same training when it already finished in out_dir and its files are all still there."""
+    try:
+        record = json.loads((out_dir / FINISHED_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if record.get("fingerprint") != fingerprint or not _outputs_exist(record["result"]):
+        return None
+    return record["result"]
+
+
+def _write_finished(out_dir: Path, fingerprint: str, result: dict) -> None:
+    path = out_dir / FINISHED_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "result": result}, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 class _Slice:
@@ -306,12 +329,20 @@ class _Slice:
 
     def _ensure_class_images(self) -> str:
         class_set = self.job.class_set
-        if not class_set.complete:
-            self._report(stage="class_images", detail=f"making class images 0/{class_set.count}")
+        if class_set.complete:
+            return "complete"
+        began, done_before = time.monotonic(), class_set.count - len(class_set.missing())  # earlier slices' images
+
+        def report(done: int, count: int) -> None:
+            made = done - done_before
+            eta_s = (time.monotonic() - began) / made * (count - done) if made else None
+            self.on_progress(TrainProgress(done, count, eta_s, None, self.preview, "class_images",
+                                           f"making class images {done}/{count}"))
+
+        report(done_before, class_set.count)
         batch = 8 if self.device.type == "cuda" else 2  # 8 images = 16 UNet rows with guidance: the GPU stays busy
-        return class_set.ensure(
-            self.pipe, batch_size=batch, deadline=self.deadline, should_stop=self.should_stop,
-            on_image=lambda done, count: self._report(stage="class_images", detail=f"making class images {done}/{count}"))
+        return class_set.ensure(self.pipe, batch_size=batch, deadline=self.deadline, should_stop=self.should_stop,
+                                on_image=report)
 
     def _inputs(self) -> dict:
         """Latents of the photos (and mirrors), prompt token ids and, unless the text encoder trains, embeddings.
@@ -415,28 +446,29 @@ class _Slice:
 
     def _finish(self, scope, trainer: "StepRunner") -> TrainOutcome:
         spec, job = self.spec, self.job
+        # The training's time, every slice until its LoRA is written, measured once for the LoRA's metadata, the result
+        # and the CLI's "trained in"; the samples come after (their time is in timings).
+        seconds = round(self._elapsed(), 1)
         with self._phase("save"):
-            lora, kohya = self._save_lora(scope)
+            lora, kohya = self._save_lora(scope, seconds)
         with self._phase("samples"):
-            samples = self._samples()
+            samples = self._samples(lora)
         result = {"lora": str(lora.resolve()), "lora_kohya": str(kohya.resolve()), "samples": samples,
-                  "steps": job.total, "seconds": round(self._elapsed(), 1), "timings": dict(self.timings),
+                  "steps": job.total, "seconds": seconds, "timings": dict(self.timings),
                   "graph_steps": trainer.graph_replays}
         log.info("training %s done: %d steps in %.1f s (this slice: %s; %d steps replayed from a CUDA graph)",
                  spec.concept_id, job.total, result["seconds"], self.timings, trainer.graph_replays)
-        checkpoint.remove(spec.out_dir)
-        checkpoint.save_state(spec.out_dir, {"fingerprint": job.fingerprint, FINISHED_KEY: True, "step": job.total,
-                                             "elapsed_s": result["seconds"], "result": result})
+        _write_finished(spec.out_dir, job.fingerprint, result)
+        checkpoint.remove(spec.out_dir)  # only resuming needed it
         return TrainOutcome("done", job.total, job.total, result)
 
-    def _save_lora(self, scope):
+    def _save_lora(self, scope, seconds: float):
         """Write both LoRA files (diffusers and kohya format) with the training's metadata; returns their paths."""
         from peft.utils import get_peft_model_state_dict
 
         from trainer.training.lora_files import training_metadata, write_lora_files
 
         spec, job = self.spec, self.job
-        seconds = round(self._elapsed(), 1)
         unet_state = {k: v.detach().float().cpu() for k, v in
                       get_peft_model_state_dict(self.pipe.unet, adapter_name=spec.adapter_name).items()}
         te_state = None
@@ -454,17 +486,32 @@ class _Slice:
                                 unet_config=scope.adapter_config("unet"),
                                 text_encoder_config=scope.adapter_config("text_encoder"), metadata=metadata)
 
-    def _samples(self) -> list[str]:
-        from trainer.training.images import generate, save_image_atomic
+    def _samples(self, lora: Path) -> list[str]:
+        """samples/NNN.png, each with the A1111 `parameters` chunk an /imagine image of the same prompt would carry."""
+        from trainer.generation.pnginfo import format_parameters, save_png
+        from trainer.training.images import generate
 
         count = self.spec.sample_count
         if not count:
             return []
-        self._report(stage="samples", detail=f"making {count} sample images")
+        self._report(stage="samples", detail=f"making {count} sample image{'' if count == 1 else 's'}")
         seeds = [self.spec.seed + i for i in range(count)]
         images = generate(self.pipe, self.job.instance_prompt, seeds, self.job.resolution)
+        prompt, fields = f"{self.job.instance_prompt} <lora:{self.spec.token}:1>", self._sample_fields(lora)
         directory = self.spec.out_dir / "samples"
-        return [str(save_image_atomic(image, directory / f"{i:03d}.png").resolve()) for i, image in enumerate(images)]
+        return [str(save_png(image, directory / f"{i:03d}.png",
+                             format_parameters(prompt, "", {**fields, "Seed": seed})).resolve())
+                for i, (image, seed) in enumerate(zip(images, seeds))]
+
+    def _sample_fields(self, lora: Path) -> dict:
+        """The A1111 fields of the samples (seed aside), in the order /imagine writes them (generation.py)."""
+        from trainer.generation.pnginfo import lora_hash, lora_hashes_field, model_label
+        from trainer.training.images import GUIDANCE_SCALE, SAMPLER_LABEL, SAMPLER_STEPS
+
+        size = self.job.resolution
+        return {"Steps": SAMPLER_STEPS, "Sampler": SAMPLER_LABEL, "CFG scale": f"{GUIDANCE_SCALE:g}", "Seed": None,
+                "Size": f"{size}x{size}", "Model": model_label(self.job.base_model),
+                "Lora hashes": lora_hashes_field([(self.spec.token, lora_hash(lora))])}
 
 
 @contextmanager

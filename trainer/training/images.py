@@ -14,6 +14,7 @@ from pathlib import Path
 
 SAMPLER_STEPS = 25
 GUIDANCE_SCALE = 7.5
+SAMPLER_LABEL = "DPM++ 2M"  # A1111's name for what dpm_solver() below makes of SD's scheduler config
 
 
 @contextmanager
