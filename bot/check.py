@@ -179,7 +179,9 @@ def check_torch(report: Report, device: str) -> None:
 def check_packages(report: Report) -> None:
     """A one-step LoRA training and load on a tiny CPU model: do the installed packages work together?"""
     from trainer.compat import check_stack
+    from trainer.quiet import quiet_libraries
 
+    quiet_libraries(report.debug)
     stack = check_stack()
     if stack.ok:
         report.ok("packages", f"{stack.describe_versions()}: a tiny LoRA trains and loads ({stack.seconds:.1f} s)")
