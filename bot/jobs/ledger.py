@@ -210,11 +210,6 @@ class Ledger:
             " preview = COALESCE(?, preview) WHERE id = ? AND status = 'running'",
             (step, total, eta_s, self.clock(), preview, job_id)) == 1
 
-    async def add_gpu_seconds(self, job_id: int, seconds: float) -> bool:
-        return await self.store.execute(
-            "UPDATE jobs SET gpu_seconds = gpu_seconds + ? WHERE id = ? AND status = 'running'",
-            (seconds, job_id)) == 1
-
     async def cancel_requested(self, job_id: int) -> bool:
         return bool(await self.store.fetchval("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)))
 
