@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 
 from bot.errors import NotFound, PermissionDenied
-from bot.jobs.ledger import IMAGINE_INTERRUPTED, MAX_RECOVERIES, TERMINAL, Ledger
+from bot.jobs.kinds import IMAGINE_INTERRUPTED
+from bot.jobs.ledger import MAX_RECOVERIES, TERMINAL, Ledger
 from bot.store.database import Store
 
 GUILD, CHANNEL = 111111111111111111, 333333333333333333
