@@ -373,5 +373,6 @@ async def test_a_kind_registered_in_one_place_runs_through_the_dispatcher_and_th
     too_long = await bot.ledger.submit(JobKind.SELFTEST, ALICE, GUILD, 5, {"seconds": 60, "step_s": 0.1})
     await bot.dispatcher.run_next()
     stopped = await bot.ledger.get(too_long.id)
-    assert (stopped.status, stopped.error) == ("failed", "Your job ran longer than the limit of 1 second and was stopped.")
+    assert stopped.status == "failed"
+    assert stopped.error == "Your job ran longer than the limit of 1 second and was stopped."
     assert kept == [(job.id, 3, 16)]
