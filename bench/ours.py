@@ -7,7 +7,6 @@ pauses after a slice is sent `run` again, as the bot's dispatcher does.
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import time
 from pathlib import Path
@@ -15,21 +14,12 @@ from pathlib import Path
 from trainer.contract import protocol
 from bench.timing import sync
 
-ENGINES = {"train": "trainer.training.engine", "imagine": "trainer.generation.service"}
 CLASS_NAME = "man"
 UPLOAD_LIMIT = 10 * 1024 * 1024
 
 
 class EngineFailed(RuntimeError):
     """A job ended in `failed`; the message carries the worker's error and traceback."""
-
-
-def engine_missing(kind: str) -> str | None:
-    """Why our `kind` engine can't be benchmarked yet, or None when its module exists."""
-    module = ENGINES[kind]
-    if importlib.util.find_spec(module) is None:
-        return f"{module} does not exist yet"
-    return None
 
 
 class _EventSink:

@@ -228,17 +228,12 @@ class Bench:
 
     # --- ours ------------------------------------------------------------------------------------------------
     def ours(self) -> dict:
-        from bench.ours import OursWorker, engine_missing, imagine_params, train_params, train_steps_for
+        from bench.ours import OursWorker, imagine_params, train_params, train_steps_for
         from bench.timing import median, peak_memory, reset_peak_memory
 
         cfg, loras = self.cfg, self.fx.loras
-        out: dict = {"missing": {}}
+        out: dict = {}
         need = {"imagine": self.wants("imagine", "throughput", "switch"), "train": self.wants("train")}
-        for kind, wanted in need.items():
-            reason = engine_missing(kind) if wanted else None
-            if reason:
-                out["missing"][kind] = reason
-                need[kind] = False
         if not any(need.values()):
             return out
         data_dir = self.fx.root / "ours-data"
@@ -295,7 +290,7 @@ class Bench:
         imagine([a], steps=cfg.switch_steps)
         imagine([b], steps=cfg.switch_steps)
         rounds = max(4, 2 * cfg.repeats)
-        service = worker.worker._generation
+        service = worker.worker.generation
         out["switch_ms"] = median([timed(cfg.device, service.switch, (a, b)[i % 2][2], (a, b)[i % 2][1])[0]
                                    for i in range(rounds)]) * 1e3
         out["switch_method"] = ("LoRA cache lookup + the LoRA folded into the text encoder, then the UNet, and restored "
@@ -373,7 +368,6 @@ def summarise(bench: Bench) -> dict:
     """The comparison metrics (reference vs ours) from the raw results."""
     r = bench.results
     ref_train, serving, ours = r.get("reference_train") or {}, r.get("reference_serving") or {}, r.get("ours") or {}
-    missing = ours.get("missing", {}) if ours else {}
     metrics: dict = {}
     if "reference_train" in r:
         ref_total, ref_class = ref_train.get("total_s"), ref_train.get("class_images_s")
@@ -393,20 +387,20 @@ def summarise(bench: Bench) -> dict:
             note += (f"; RECIPE CHANGE: ours at batch {bench.cfg.ours_batch} (same samples seen in fewer steps, "
                      "same learning rate), not the documented batch-1 recipe")
         metrics["train_s"] = {"reference": ref_total, "ours": _get(ours, "train_cold", "lora_saved_s"),
-                              "note": missing.get("train", note)}
+                              "note": note}
     if "reference_serving" in r:
         for metric, key in (("imagine_s", "imagine_s"), ("throughput_ips", "throughput_ips")):
             if bench.wants(metric.split("_")[0]):
                 metrics[metric] = {"reference": serving.get(key), "ours": ours.get(key),
-                                   "note": missing.get("imagine", "")}
+                                   "note": ""}
         if bench.wants("throughput") and "throughput_mode" in ours:
             metrics["throughput_ips"]["note"] = ours["throughput_mode"]
         if bench.wants("switch"):
             metrics["switch_ms"] = {
                 "reference": serving.get("switch_unload_load_ms"), "ours": ours.get("switch_ms"),
-                "note": missing.get("imagine", f"reference = unload + load_lora_weights; with both kept loaded, "
-                                               f"set_adapters takes {_fmt(serving.get('switch_set_adapters_ms'))} ms; "
-                                               f"ours = {ours.get('switch_method', 'extra latency of a request whose LoRA differs from the last')}")}
+                "note": (f"reference = unload + load_lora_weights; with both kept loaded, "
+                         f"set_adapters takes {_fmt(serving.get('switch_set_adapters_ms'))} ms; "
+                         f"ours = {ours.get('switch_method', 'extra latency of a request whose LoRA differs from the last')}")}
     ref_peaks = [_get(x, "peak_memory", "reserved_gb") for x in (ref_train, serving)]
     if bench.wants("train") and any(p is not None for p in ref_peaks):  # the goal is about training + serving
         metrics["peak_vram_gb"] = {

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 async def serve(settings, *, discord: bool) -> int:
     from bot.app import start_services
-    from bot.dispatch.dispatcher import LogNotifier
+    from bot.dispatch.announcer import LogNotifier
     from trainer.models.loading import require_model
 
     loop = asyncio.get_running_loop()

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from bot.services.admin import AdminService
 from bot.services.concepts import ConceptService
-from bot.dispatch.dispatcher import Dispatcher, Notifier
+from bot.dispatch.announcer import Notifier
+from bot.dispatch.dispatcher import Dispatcher
 from bot.services.gallery import Gallery
 from bot.jobs.ledger import Ledger
 from bot.settings import Settings

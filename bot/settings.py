@@ -41,6 +41,7 @@ class Settings:
     imagine_timeout_s: int = 300
     fair_window_hours: float = 24.0
     train_slice_s: float = 10.0
+    imagine_between_slices_s: float = 10.0
     safety: bool = False
     compile_unet: bool = False
     log_level: str = "INFO"
@@ -155,6 +156,7 @@ _KEYS: dict[str, tuple[str, object]] = {
     "BOOTHBOT_IMAGINE_TIMEOUT_S": ("imagine_timeout_s", _int(5, 3600)),
     "BOOTHBOT_FAIR_WINDOW_HOURS": ("fair_window_hours", _float(0.1, 24 * 30)),
     "BOOTHBOT_TRAIN_SLICE_S": ("train_slice_s", _float(0.5, 3600)),
+    "BOOTHBOT_IMAGINE_BETWEEN_SLICES_S": ("imagine_between_slices_s", _float(0.5, 3600)),
     "BOOTHBOT_SAFETY": ("safety", _bool),
     "BOOTHBOT_COMPILE_UNET": ("compile_unet", _bool),
     "BOOTHBOT_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import discord
+
+from bot.jobs.kinds import JobKind
 
 COLOR_QUEUED = discord.Colour.light_grey()
 COLOR_RUNNING = discord.Colour.blurple()
@@ -36,12 +39,35 @@ def progress_bar(step: int, total: int, width: int = BAR_WIDTH) -> str:
     return "▰" * filled + "▱" * (width - filled) + f" {int(100 * step / total)}%"
 
 
-def job_title(job) -> str:
-    params = job.params or {}
-    if job.kind == "train":
-        return f"Training `{params.get('token', '?')}` ({params.get('class_name', '?')})"
+@dataclass(frozen=True)
+class KindLook:
+    """How jobs of one kind read in Discord."""
+    title: Callable[[dict], str]  # from the job's params
+    noun: str  # "your {noun} job 12 failed"
+    preview: str  # what its progress image shows
+
+
+def _train_title(params: dict) -> str:
+    return f"Training `{params.get('token', '?')}` ({params.get('class_name', '?')})"
+
+
+def _imagine_title(params: dict) -> str:
     prompt = str(params.get("prompt", ""))
     return f"Imagining “{prompt[:80]}{'…' if len(prompt) > 80 else ''}”"
+
+
+KIND_LOOKS = {
+    JobKind.TRAIN: KindLook(_train_title, noun="training", preview="sample preview"),
+    JobKind.IMAGINE: KindLook(_imagine_title, noun="image", preview="preview"),
+}
+
+
+def kind_look(job) -> KindLook:
+    return KIND_LOOKS.get(job.kind) or KindLook(lambda params: f"A {job.kind} job", noun=job.kind, preview="preview")
+
+
+def job_title(job) -> str:
+    return kind_look(job).title(job.params or {})
 
 
 def queued_embed(job, position: int | None, eta_s: float | None, *, paused: bool = False) -> discord.Embed:
@@ -69,13 +95,13 @@ def running_embed(job, event: dict, *, preview_name: str | None = None) -> disco
     embed.description = "\n".join(lines)
     if preview_name:
         embed.set_image(url=f"attachment://{preview_name}")
-    what = "sample preview" if job.kind == "train" else "preview"
+    what = kind_look(job).preview
     embed.set_footer(text=f"job {job.id} · {what} updates as it runs")
     return embed
 
 
 def failed_text(job) -> str:
-    what = "training" if job.kind == "train" else "image"
+    what = kind_look(job).noun
     if job.status == "cancelled":
         return f"<@{job.owner_id}> your {what} job {job.id} was cancelled."
     if job.status == "interrupted":

@@ -10,6 +10,7 @@ import discord
 
 from bot.client import answer_error
 from bot.errors import NotFound
+from bot.jobs.kinds import JobKind
 
 log = logging.getLogger(__name__)
 MAX_VARIATION_BUTTONS = 4
@@ -28,7 +29,7 @@ async def _guarded(interaction: discord.Interaction, handler: Callable[[], Await
 
 async def _imagine_job(interaction: discord.Interaction, job_id: int):
     job = await _services(interaction).ledger.get(job_id)
-    if job is None or job.kind != "imagine" or job.guild_id != interaction.guild_id or job.result is None:
+    if job is None or job.kind != JobKind.IMAGINE or job.guild_id != interaction.guild_id or job.result is None:
         raise NotFound("Those images are no longer available (they may have been deleted with /forget). "
                        "Use /imagine to make new ones.")
     return job

@@ -17,6 +17,7 @@ import aiohttp
 import discord
 from discord.ext import commands
 
+from bot.jobs.kinds import JobKind
 from cogs import _render
 from cogs._progress import EditThrottle
 from cogs._views import result_view
@@ -189,10 +190,8 @@ class DiscordNotifier:
             log.warning("job %s finished but has no channel to announce in", job.id)
             return
         status_id = self._message_id(job)
-        if job.status == "succeeded" and job.kind == "train":
-            await self._post_train(channel, job)
-        elif job.status == "succeeded":
-            await self._post_imagine(channel, job)
+        if job.status == "succeeded":
+            await self._result_poster(job)(channel, job)
         elif job.status == "cancelled" and status_id is not None:
             # No need to ping anyone: the member (or an admin) asked for it. The status message says so.
             await _quietly(channel.get_partial_message(status_id).edit(
@@ -202,6 +201,10 @@ class DiscordNotifier:
             await channel.send(_render.failed_text(job)[:2000], allowed_mentions=_only_owner(job))
         if status_id is not None:
             await _quietly(channel.get_partial_message(status_id).delete())
+
+    def _result_poster(self, job):
+        """How the kind's result is posted; a kind without its own is posted as images, as /imagine's are."""
+        return {JobKind.TRAIN: self._post_train, JobKind.IMAGINE: self._post_imagine}.get(job.kind, self._post_imagine)
 
     async def _post_train(self, channel, job) -> None:
         result = job.result or {}

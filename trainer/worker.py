@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 from trainer.contract import protocol
+from trainer.contract.protocol import JobKind
 from trainer.contract.errors import Cancelled, SetupError, UserError
 
 OUT_OF_MEMORY = ("The GPU ran out of memory while running your job. Try fewer or smaller images, or try again when "
@@ -29,7 +30,6 @@ OUT_OF_MEMORY = ("The GPU ran out of memory while running your job. Try fewer or
 INTERNAL_ERROR = ("Something went wrong on the GPU while running your job. The server admins can find the details "
                   "in the bot's log.")
 NO_MODEL = "The GPU worker was started without a base model (--no-model), so it can only run self-tests."
-ENGINE_MISSING = "This bot cannot run {kind} jobs yet: its {what} engine is not installed. Please tell a server admin."
 PROGRESS_INTERVAL_S = 0.25  # at most ~4 progress events a second per job (plus the first and the last step)
 SELFTEST_MAX_S = 3600.0
 STACK_STAMP = "stack-check.json"  # under the cache directory: the package versions whose probe passed
@@ -189,8 +189,8 @@ def _field(info, name, default=None):
 
 
 class Worker:
-    """The resident model and the engines. `run_job` turns one `run` request into exactly one end event; `run_many`
-    sends exactly one end event for every job of a `run_many` request."""
+    """The resident model and the engines. `run_job` turns one `run` request into exactly one end event, through its
+    kind's handler (HANDLERS below); `run_many` sends exactly one end event for every job of a `run_many` request."""
 
     def __init__(self, writer: EventWriter, control: JobControl, *, pipe, device: str, model: str | None,
                  data_dir: Path, compile_unet: bool = False):
@@ -201,7 +201,7 @@ class Worker:
         self.model = model
         self.data_dir = data_dir
         self.compile_unet = compile_unet
-        self._generation = None
+        self.generation = None  # the resident GenerationService, made at the first /imagine
 
     def serve(self) -> None:
         while True:
@@ -224,17 +224,12 @@ class Worker:
         """Run one job; returns its end event."""
         if self.control.is_cancelled(job_id):
             return protocol.cancelled(job_id)
-        should_stop = self.control.should_stop(job_id)
-        on_progress = ProgressReporter(self.writer, job_id)
+        handler = HANDLERS.get(kind)
+        if handler is None:
+            return protocol.failed(job_id, f"Unknown job kind {kind!r}.")
         try:
-            if kind == "selftest":
-                event = protocol.done(job_id, selftest(params, self.device, on_progress, should_stop))
-            elif kind == "train":
-                event = self._train(job_id, params, on_progress, should_stop)
-            elif kind == "imagine":
-                event = protocol.done(job_id, self._imagine(params, on_progress, should_stop))
-            else:
-                event = protocol.failed(job_id, f"Unknown job kind {kind!r}.")
+            on_progress = ProgressReporter(self.writer, job_id)
+            event = handler(self, job_id, params, on_progress, self.control.should_stop(job_id))
         except Cancelled:
             event = protocol.cancelled(job_id)
         except BaseException as exc:  # noqa: BLE001 - every failure must become a `failed` event, then we go on
@@ -273,12 +268,12 @@ class Worker:
                 end(protocol.cancelled(job_id))
                 continue
             try:
-                requests[job_id] = self._imagine_request(job["params"])
+                requests[job_id] = self.imagine_request(job["params"])
                 params[job_id] = job["params"]
             except BaseException as exc:  # noqa: BLE001 - a bad request fails its own job only
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
-                end(self._failed([job_id], "imagine", exc)[0])
+                end(self._failed([job_id], JobKind.IMAGINE, exc)[0])
         try:
             if requests:
                 self._imagine_batch(requests, params, end)
@@ -297,7 +292,7 @@ class Worker:
             return self.control.closing.is_set() or all(self.control.is_cancelled(job_id) for job_id in ids)
 
         try:
-            results = self._generation.imagine_many([requests[job_id] for job_id in ids],
+            results = self.generation.imagine_many([requests[job_id] for job_id in ids],
                                                     on_progress=BatchProgress(self.writer, own_previews),
                                                     should_stop=should_stop)
         except Cancelled:
@@ -307,11 +302,11 @@ class Worker:
             # The service checks every request before the GPU starts and names only the first problem: run each
             # request alone so that only the member who made the mistake gets it.
             for job_id in ids:
-                end(self._run_one(job_id, "imagine", params[job_id]))
+                end(self._run_one(job_id, JobKind.IMAGINE, params[job_id]))
         except BaseException as exc:  # noqa: BLE001 - every failure must become `failed` events, then we go on
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
-            for event in self._failed(ids, "imagine", exc):
+            for event in self._failed(ids, JobKind.IMAGINE, exc):
                 end(event)
         else:
             for job_id, result in zip(ids, results):
@@ -321,38 +316,57 @@ class Worker:
                 else:
                     end(protocol.done(job_id, result.to_dict()))
 
-    def _train(self, job_id, params, on_progress, should_stop) -> dict:
+    def imagine_request(self, params: dict):
+        """The checked /imagine request; creates the resident GenerationService on first use."""
+        from trainer.generation.service import GenerationService, ImagineRequest
+
         if self.pipe is None:
             raise UserError(NO_MODEL)
-        training = _engine("trainer.training.engine", "train", "training")
-        spec = training.TrainSpec.from_params(params)
-        if self._generation is not None:
-            self._generation.release_memory()  # the CUDA graphs' pools: lets the training fit a 12 GB card
-        cache_dir = Path(params.get("cache_dir") or self.data_dir / "cache")
-        outcome = training.train_concept(self.pipe, spec, cache_dir=cache_dir, on_progress=on_progress,
-                                         should_stop=should_stop, slice_s=params.get("slice_s"))
-        if outcome.status == "done":
-            return protocol.done(job_id, outcome.result)
-        if outcome.status == "paused":
-            return protocol.paused(job_id, outcome.step, outcome.total)
-        if outcome.status == "cancelled":
-            return protocol.cancelled(job_id)
-        raise RuntimeError(f"train_concept returned an unknown status {outcome.status!r}")
+        if self.generation is None:
+            self.generation = GenerationService(self.pipe, model_name=self.model or "", compile_unet=self.compile_unet)
+        return ImagineRequest.from_params(params)
 
-    def _imagine(self, params, on_progress, should_stop) -> dict:
-        request = self._imagine_request(params)
-        result = self._generation.imagine(request, on_progress=on_progress, should_stop=should_stop)
-        return result.to_dict()
 
-    def _imagine_request(self, params: dict):
-        """The checked request; creates the resident GenerationService on first use."""
-        if self.pipe is None:
-            raise UserError(NO_MODEL)
-        generation = _engine("trainer.generation.service", "imagine", "image generation")
-        if self._generation is None:
-            self._generation = generation.GenerationService(self.pipe, model_name=self.model or "",
-                                                            compile_unet=self.compile_unet)
-        return generation.ImagineRequest.from_params(params)
+# --- the job kinds the worker runs: each turns one `run` into its end event ---------------------------------------
+# A handler gets (worker, job_id, params, on_progress, should_stop); it raises Cancelled when should_stop() turned
+# True, UserError for a member's mistake, anything else for a failure. The engines are imported inside the handlers,
+# so a worker started for self-tests never imports them.
+
+def run_train(worker: Worker, job_id: int, params: dict, on_progress, should_stop) -> dict:
+    from trainer.training.engine import TrainSpec, train_concept
+
+    if worker.pipe is None:
+        raise UserError(NO_MODEL)
+    spec = TrainSpec.from_params(params)
+    if worker.generation is not None:
+        worker.generation.release_memory()  # the CUDA graphs' pools: lets the training fit a 12 GB card
+    cache_dir = Path(params.get("cache_dir") or worker.data_dir / "cache")
+    outcome = train_concept(worker.pipe, spec, cache_dir=cache_dir, on_progress=on_progress,
+                            should_stop=should_stop, slice_s=params.get("slice_s"))
+    if outcome.status == "done":
+        return protocol.done(job_id, outcome.result)
+    if outcome.status == "paused":
+        return protocol.paused(job_id, outcome.step, outcome.total)
+    if outcome.status == "cancelled":
+        return protocol.cancelled(job_id)
+    raise RuntimeError(f"train_concept returned an unknown status {outcome.status!r}")
+
+
+def run_imagine(worker: Worker, job_id: int, params: dict, on_progress, should_stop) -> dict:
+    request = worker.imagine_request(params)
+    result = worker.generation.imagine(request, on_progress=on_progress, should_stop=should_stop)
+    return protocol.done(job_id, result.to_dict())
+
+
+def run_selftest(worker: Worker, job_id: int, params: dict, on_progress, should_stop) -> dict:
+    return protocol.done(job_id, selftest(params, worker.device, on_progress, should_stop))
+
+
+HANDLERS: dict[str, Callable[..., dict]] = {
+    JobKind.TRAIN: run_train,
+    JobKind.IMAGINE: run_imagine,
+    JobKind.SELFTEST: run_selftest,
+}
 
 
 def _delete_outputs(result: dict) -> None:
@@ -362,21 +376,6 @@ def _delete_outputs(result: dict) -> None:
         if path:
             with contextlib.suppress(OSError):
                 Path(path).unlink()
-
-
-class EngineMissing(UserError):
-    pass
-
-
-def _engine(module_name: str, kind: str, what: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise  # the engine exists but something it imports is missing: a real bug, report it with a traceback
-        raise EngineMissing(ENGINE_MISSING.format(kind=kind, what=what)) from None
 
 
 def selftest(params: dict, device: str, on_progress, should_stop) -> dict:

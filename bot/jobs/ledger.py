@@ -13,23 +13,21 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 
 from bot.jobs import scheduler
+from bot.jobs.kinds import all_kinds, kind_of
 from bot.errors import NotFound, PermissionDenied
 from bot.jobs.scheduler import QueueEntry
 from bot.settings import Settings
 from bot.store.database import Store
+from trainer.contract.protocol import JobKind
 
-KINDS = ("train", "imagine")
 QUEUED, RUNNING = "queued", "running"
 SUCCEEDED, FAILED, CANCELLED, INTERRUPTED = "succeeded", "failed", "cancelled", "interrupted"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, INTERRUPTED})
 _TERMINAL_SQL = "('succeeded', 'failed', 'cancelled', 'interrupted')"
 
-# A training that was running when the bot died resumes from its checkpoint, but not forever: one that takes the
-# bot down every time stops after this many restarts.
+# A resumable job (a training) that was running when the bot died goes on from its checkpoint, but not forever: one
+# that takes the bot down every time stops after this many restarts.
 MAX_RECOVERIES = 3
-IMAGINE_INTERRUPTED = "The bot restarted while this was running; please run /imagine again."
-TRAIN_INTERRUPTED = ("The bot restarted during this training {n} times, so it was stopped; "
-                     "please try /train again later, or ask an admin if it keeps happening.")
 
 
 @dataclass(frozen=True)
@@ -118,7 +116,8 @@ class Ledger:
             f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?", (*params, limit))
         return [Job.from_row(row) for row in rows]
 
-    async def _jobs_with_status(self, status: str, kinds: Sequence[str] = KINDS) -> list[Job]:
+    async def _jobs_with_status(self, status: str, kinds: Sequence[str] | None = None) -> list[Job]:
+        kinds = all_kinds() if kinds is None else tuple(kinds)
         rows = await self.store.fetchall(
             f"SELECT * FROM jobs WHERE status = ? AND kind IN ({','.join('?' * len(kinds))})", (status, *kinds))
         return [Job.from_row(row) for row in rows]
@@ -134,8 +133,7 @@ class Ledger:
                      priority: int = 0, interaction_message_id: int | None = None,
                      role_ids: Iterable[int] = ()) -> Job:
         """Queue a job. Raises BannedError / LimitError (scheduler rules; `role_ids` pick the member's limits)."""
-        if kind not in KINDS:
-            raise ValueError(f"unknown job kind {kind!r}; expected one of {KINDS}")
+        kind_of(kind)  # ValueError for a kind the bot does not know
         params_json = json.dumps(params)
         async with self.store.immediate() as db:
             now = self.clock()
@@ -155,9 +153,10 @@ class Ledger:
 
     # --- claim ------------------------------------------------------------------------------------------------------
 
-    async def claim_next(self, kinds: Sequence[str] = KINDS) -> Job | None:
-        """Take the next job in fair order and mark it running; None when the queue is empty or paused."""
-        kinds = tuple(kinds)
+    async def claim_next(self, kinds: Sequence[str] | None = None) -> Job | None:
+        """Take the next job (of `kinds`, default every kind) in fair order and mark it running; None when the queue
+        is empty or paused."""
+        kinds = all_kinds() if kinds is None else tuple(kinds)
         async with self.store.immediate() as db:
             if await scheduler.is_paused(db):
                 return None
@@ -173,11 +172,10 @@ class Ledger:
             return await self._start(db, job_id, self.clock())
 
     async def claim_matching(self, accept: Callable[[Job, list[Job]], bool], limit: int,
-                             kinds: Sequence[str] = ("imagine",)) -> list[Job]:
+                             kinds: Sequence[str] = (JobKind.IMAGINE,)) -> list[Job]:
         """Claim up to `limit` queued jobs of `kinds`, taken in the scheduler's fair order, that `accept(job, taken)`
         lets join the ones taken so far (e.g. /imagine jobs that can share one batch). One transaction, so two
         claimers never take the same job. [] when the queue is paused."""
-        kinds = tuple(kinds)
         async with self.store.immediate() as db:
             if limit < 1 or await scheduler.is_paused(db):
                 return []
@@ -209,11 +207,6 @@ class Ledger:
             "UPDATE jobs SET progress_step = ?, progress_total = ?, progress_eta_s = ?, progress_at = ?,"
             " preview = COALESCE(?, preview) WHERE id = ? AND status = 'running'",
             (step, total, eta_s, self.clock(), preview, job_id)) == 1
-
-    async def add_gpu_seconds(self, job_id: int, seconds: float) -> bool:
-        return await self.store.execute(
-            "UPDATE jobs SET gpu_seconds = gpu_seconds + ? WHERE id = ? AND status = 'running'",
-            (seconds, job_id)) == 1
 
     async def cancel_requested(self, job_id: int) -> bool:
         return bool(await self.store.fetchval("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)))
@@ -268,7 +261,8 @@ class Ledger:
 
     async def recover_at_start(self) -> list[Job]:
         """Call once at start, before the dispatcher runs: jobs left running by a dead bot go back to the queue
-        (training resumes from its checkpoint) or end as interrupted. Returns them in their new state."""
+        (resumable kinds: a training goes on from its checkpoint) or end as interrupted. Returns them in their new
+        state."""
         async with self.store.immediate() as db:
             now = self.clock()
             recovered = []
@@ -276,12 +270,11 @@ class Ledger:
                 if job.cancel_requested:
                     await db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ?",
                                      (now, job.id))
-                elif job.kind == "train" and job.attempts < MAX_RECOVERIES:
+                elif kind_of(job.kind).resumable and job.attempts < MAX_RECOVERIES:
                     await db.execute("UPDATE jobs SET status = 'queued', attempts = attempts + 1,"
                                      " progress_eta_s = NULL WHERE id = ?", (job.id,))
                 else:
-                    message = (IMAGINE_INTERRUPTED if job.kind == "imagine"
-                               else TRAIN_INTERRUPTED.format(n=job.attempts + 1))
+                    message = kind_of(job.kind).interrupted(job)
                     await db.execute("UPDATE jobs SET status = 'interrupted', error = ?, finished_at = ?,"
                                      " attempts = attempts + 1 WHERE id = ?", (message, now, job.id))
                 recovered.append(await self.get(job.id))

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bot.errors import BannedError, LimitError
+from bot.jobs.kinds import KINDS, UNMEASURED_DURATION_S
+from trainer.contract.protocol import JobKind
 
 if TYPE_CHECKING:
     from bot.jobs.ledger import Job
@@ -25,8 +27,6 @@ if TYPE_CHECKING:
 
 LIMIT_NAMES = ("max_queued_jobs", "trainings_per_day")
 DAY_S = 24 * 3600.0
-# Used until enough jobs of a kind have finished to measure: a LoRA training on a consumer GPU, one /imagine batch.
-DEFAULT_DURATION_S = {"train": 900.0, "imagine": 20.0}
 RECENT_JOBS_FOR_ESTIMATE = 20
 PAUSED_KEY = "paused"
 
@@ -83,7 +83,7 @@ async def check_submit(db: Store, *, kind: str, owner_id: int, guild_id: int, ro
         raise LimitError(f"You already have {_count(active, 'job')} waiting or running, the most this server "
                          "allows; wait for one to finish or cancel one with /queue.")
 
-    if kind == "train":
+    if kind == JobKind.TRAIN:
         per_day = limits["trainings_per_day"]
         if per_day == 0:
             raise LimitError("Training is turned off for you on this server; ask an admin.")
@@ -186,10 +186,16 @@ def fair_order(queued: Iterable[Job], used: dict[int, float], estimates: dict[st
 
 # --- durations and ETA ---------------------------------------------------------------------------------------------
 
+def default_duration_s(kind: str) -> float:
+    """Used until enough jobs of the kind have finished to measure (bot/jobs/kinds.py)."""
+    spec = KINDS.get(kind)
+    return UNMEASURED_DURATION_S if spec is None else spec.default_duration_s
+
+
 async def estimated_durations(db: Store) -> dict[str, float]:
     """Median GPU-seconds of the most recent successful jobs of each kind (defaults until there are some)."""
-    estimates = dict(DEFAULT_DURATION_S)
-    for kind in DEFAULT_DURATION_S:
+    estimates = {kind: default_duration_s(kind) for kind in KINDS}
+    for kind in KINDS:
         rows = await db.fetchall(
             "SELECT CASE WHEN gpu_seconds > 0 THEN gpu_seconds ELSE finished_at - started_at END AS seconds"
             " FROM jobs WHERE status = 'succeeded' AND kind = ? ORDER BY finished_at DESC LIMIT ?",
@@ -202,7 +208,7 @@ async def estimated_durations(db: Store) -> dict[str, float]:
 
 def remaining_s(job: Job, estimates: dict[str, float], now: float) -> float:
     """Seconds of GPU time this job still needs, best guess."""
-    estimate = estimates.get(job.kind, DEFAULT_DURATION_S.get(job.kind, 60.0))
+    estimate = estimates.get(job.kind, default_duration_s(job.kind))
     if job.status == "running":
         if job.progress_eta_s is not None and job.progress_at is not None:
             return max(0.0, job.progress_eta_s - (now - job.progress_at))

@@ -18,12 +18,15 @@ import pytest_asyncio
 from PIL import Image
 
 from bot.services.concepts import ConceptService
-from bot.dispatch.dispatcher import CONCEPT_GONE, Dispatcher
+from bot.dispatch.dispatcher import Dispatcher
 from bot.services.gallery import Gallery
+from bot.jobs import kinds
+from bot.jobs.kinds import CONCEPT_GONE
 from bot.jobs.ledger import Ledger
 from bot.settings import Settings
 from bot.store.database import Store
 from bot.dispatch.worker_client import CRASHED, WorkerClient, worker_command
+from trainer.contract.protocol import JobKind
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -317,7 +320,7 @@ async def test_queued_imagine_jobs_of_three_members_run_as_one_batch(bot, caplog
 
 
 async def test_a_member_cancelling_inside_a_batch_stops_only_their_job(bot, monkeypatch):
-    monkeypatch.setattr("bot.dispatch.dispatcher.CANCEL_POLL_S", 0.05)
+    monkeypatch.setattr("bot.dispatch.cancels.CANCEL_POLL_S", 0.05)
     jobs = [await bot.imagine(owner, steps=8) for owner in (ALICE, BOB, CAROL)]
     runner = asyncio.create_task(bot.dispatcher.run_next())
     await bot.notifier.wait_for(lambda: any(j == jobs[1].id for j, _ in bot.notifier.progress))
@@ -342,3 +345,34 @@ async def test_worker_death_mid_batch_fails_every_job_of_it(bot, worker):
         assert (crashed.status, crashed.error) == ("failed", CRASHED)
     assert sorted(bot.notifier.finished_ids()) == sorted(job.id for job in jobs)
     await worker.wait_ready(READY_TIMEOUT_S)  # the next test finds a worker again
+
+
+async def test_a_kind_registered_in_one_place_runs_through_the_dispatcher_and_the_worker(bot, monkeypatch):
+    # The bot has never queued the worker's `selftest` kind: one registry entry (for this test only) is all it takes
+    # for the ledger, the dispatcher and the worker to run it, with the entry's params, time limit and result keeper.
+    kept = []
+
+    async def params(job, context):
+        return {**job.params, "size": 16}
+
+    async def keep(job, result, context):
+        kept.append((job.id, result["steps"], result["size"]))
+
+    monkeypatch.setitem(kinds.KINDS, JobKind.SELFTEST, kinds.KindSpec(
+        JobKind.SELFTEST, worker_params=params, keep_result=keep, timeout_s=lambda settings: 1.0,
+        interrupted=lambda job: "The bot restarted; please run the self-test again."))
+    # The schema lists the kinds it stores (CHECK in 0001_initial.sql); a real new kind widens it in a migration.
+    await bot.store.execute("PRAGMA ignore_check_constraints = ON")
+    job = await bot.ledger.submit(JobKind.SELFTEST, ALICE, GUILD, 5, {"seconds": 0.3, "step_s": 0.1})
+    assert (await bot.dispatcher.run_next()).id == job.id
+    done = await bot.ledger.get(job.id)
+    assert done.status == "succeeded", done.error
+    assert kept == [(job.id, 3, 16)] and done.progress_step == done.progress_total == 3
+    assert bot.notifier.finished_ids() == [job.id]
+
+    too_long = await bot.ledger.submit(JobKind.SELFTEST, ALICE, GUILD, 5, {"seconds": 60, "step_s": 0.1})
+    await bot.dispatcher.run_next()
+    stopped = await bot.ledger.get(too_long.id)
+    assert stopped.status == "failed"
+    assert stopped.error == "Your job ran longer than the limit of 1 second and was stopped."
+    assert kept == [(job.id, 3, 16)]

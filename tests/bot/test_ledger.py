@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 
 from bot.errors import NotFound, PermissionDenied
-from bot.jobs.ledger import IMAGINE_INTERRUPTED, MAX_RECOVERIES, TERMINAL, Ledger
+from bot.jobs.kinds import IMAGINE_INTERRUPTED
+from bot.jobs.ledger import MAX_RECOVERIES, TERMINAL, Ledger
 from bot.store.database import Store
 
 GUILD, CHANNEL = 111111111111111111, 333333333333333333
@@ -55,7 +56,6 @@ async def test_claim_succeed_and_terminal_is_final(ledger, store, clock):
     assert not await ledger.confirm_cancelled(job.id)
     assert not await ledger.requeue(job.id)
     assert not await ledger.record_progress(job.id, 4, 10)
-    assert not await ledger.add_gpu_seconds(job.id, 1.0)
     assert await ledger.claim(job.id) is None
     assert await ledger.cancel(job.id, ALICE) == "already finished"
     assert await ledger.get(job.id) == done
@@ -82,8 +82,7 @@ async def test_training_slices_requeue_and_add_up(ledger):
     assert (between.status, between.gpu_seconds, between.progress_step, between.attempts) == ("queued", 10.0, 100, 0)
     again = await ledger.claim(job.id)
     assert again.status == "running" and again.started_at == first.started_at
-    assert await ledger.add_gpu_seconds(job.id, 4.0)
-    assert await ledger.succeed(job.id, {"lora": "x"}, gpu_seconds=6.0)
+    assert await ledger.succeed(job.id, {"lora": "x"}, gpu_seconds=10.0)
     assert (await ledger.get(job.id)).gpu_seconds == 20.0
 
 

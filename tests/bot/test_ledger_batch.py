@@ -6,8 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from bot.dispatch.dispatcher import MAX_BATCH_IMAGES, image_count, imagine_batch_key
+from bot.jobs.kinds import image_count, imagine_batch_key
 from bot.jobs.ledger import Ledger
+from trainer.contract.batching import MAX_BATCH_IMAGES
 
 GUILD, CHANNEL = 111111111111111111, 333333333333333333
 ALICE, BOB, CAROL = 1001, 1002, 1003

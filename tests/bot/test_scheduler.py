@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from bot.errors import BannedError, LimitError
-from bot.jobs.scheduler import DEFAULT_DURATION_S, format_duration
+from bot.jobs.scheduler import default_duration_s, format_duration
 
 GUILD, OTHER_GUILD, CHANNEL = 111111111111111111, 222222222222222222, 333333333333333333
 ALICE, BOB, CAROL, ADMIN = 1001, 1002, 1003, 9009
@@ -197,8 +197,8 @@ async def test_position_and_eta_from_defaults_then_measurements(ledger, clock):
     train = await ledger.submit("train", ALICE, GUILD, CHANNEL, {})
     img = await ledger.submit("imagine", BOB, GUILD, CHANNEL, {})
     assert await ledger.position(train.id) == 1 and await ledger.position(img.id) == 2
-    assert await ledger.eta_s(train.id) == DEFAULT_DURATION_S["train"]
-    assert await ledger.eta_s(img.id) == DEFAULT_DURATION_S["train"] + DEFAULT_DURATION_S["imagine"]
+    assert await ledger.eta_s(train.id) == default_duration_s("train")
+    assert await ledger.eta_s(img.id) == default_duration_s("train") + default_duration_s("imagine")
 
     # measured: imagine jobs took 4, 6 and 100 s (median 6); a training took 120 s
     for seconds in (4.0, 6.0, 100.0):
@@ -235,7 +235,7 @@ async def test_eta_behind_a_running_batch_waits_for_its_longest_job_not_the_sum(
     await ledger.record_progress(batch[1].id, 5, 30, eta_s=9.0)
     await ledger.record_progress(batch[2].id, 5, 30, eta_s=4.0)
     assert await ledger.position(waiting.id) == 1
-    assert await ledger.eta_s(waiting.id) == pytest.approx(9.0 + DEFAULT_DURATION_S["imagine"])
+    assert await ledger.eta_s(waiting.id) == pytest.approx(9.0 + default_duration_s("imagine"))
 
 
 async def test_position_simulates_fairness_for_many_members(ledger, clock):
@@ -248,7 +248,7 @@ async def test_position_simulates_fairness_for_many_members(ledger, clock):
     assert [e.position for e in view] == list(range(1, 10))
     assert await ledger.position(carol.id) == 3
     # and the real run follows the simulated order
-    ran = [(await run_next(ledger, clock, DEFAULT_DURATION_S["imagine"])).id for _ in range(9)]
+    ran = [(await run_next(ledger, clock, default_duration_s("imagine"))).id for _ in range(9)]
     assert ran == [e.job.id for e in view]
     assert {j.id for j in alice + bob} < set(ran)
 

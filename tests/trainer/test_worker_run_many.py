@@ -50,8 +50,8 @@ def resident_worker(tiny_model_dir, tmp_path_factory):
     pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype="fp32")
     worker = Worker(EventWriter(Events()), JobControl(), pipe=pipe, device="cpu", model=str(tiny_model_dir),
                     data_dir=tmp_path_factory.mktemp("worker-data"))
-    worker._imagine_request({"prompt": "", "out_dir": "unused"})  # the resident GenerationService exists
-    worker._generation.preview_min_interval_s = 0.0  # a preview at every preview step, however fast the run
+    worker.imagine_request({"prompt": "", "out_dir": "unused"})  # the resident GenerationService exists
+    worker.generation.preview_min_interval_s = 0.0  # a preview at every preview step, however fast the run
     return worker
 
 

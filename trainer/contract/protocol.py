@@ -8,12 +8,22 @@ Files travel as absolute paths under the data directory. See docs/ARCHITECTURE.m
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from typing import Any
 
-KINDS = ("train", "imagine", "selftest")
+
+class JobKind(StrEnum):
+    """The job kinds both processes know. Each has an entry in the bot's registry (bot/jobs/kinds.py) and a handler
+    in the worker (trainer/worker.py HANDLERS); `selftest` runs on the worker only (GPU checks, benchmarks, tests)."""
+    TRAIN = "train"
+    IMAGINE = "imagine"
+    SELFTEST = "selftest"
+
+
+KINDS = tuple(JobKind)
 REQUESTS = ("run", "run_many", "cancel", "shutdown")
 # Kinds a `run_many` may hold: jobs that can share one denoising loop. The worker answers one end event per job.
-BATCH_KINDS = ("imagine",)
+BATCH_KINDS = (JobKind.IMAGINE,)
 EVENTS = ("ready", "progress", "paused", "done", "cancelled", "failed", "fatal")
 # Events after which the worker has finished with a job (for now: `paused` hands control back until the next run).
 TERMINAL_EVENTS = ("done", "cancelled", "failed")

@@ -33,6 +33,7 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image, UnidentifiedImageError
 
+from trainer.contract import batching
 from trainer.generation import safety
 from trainer.contract.errors import Cancelled, UserError
 from trainer.generation.fast_unet import UNetGraphs
@@ -111,17 +112,18 @@ class _Prepared:
     embeddings: object = None
 
     def batch_key(self) -> tuple | None:
-        """Requests with equal keys can share one denoising loop; None = runs alone (img2img)."""
-        if self.init_image is not None:
-            return None
+        """Requests with equal keys can share one denoising loop; None = runs alone (img2img). Beyond the rule the bot
+        batches by (trainer/contract/batching.py), their prompts must encode to the same length."""
         r = self.request
-        return (self.width, self.height, r.steps, r.cfg, r.scheduler, tuple(self.embeddings.prompt.shape))
+        options = {"width": self.width, "height": self.height, "steps": r.steps, "cfg": r.cfg, "scheduler": r.scheduler}
+        key = batching.batch_key(options, variation=self.init_image is not None)
+        return None if key is None else (*key, tuple(self.embeddings.prompt.shape))
 
 
 class GenerationService:
     def __init__(self, pipe, *, model_name: str, model_hash: str | None = None, adapter_capacity: int = 8,
-                 max_batch_images: int = 8, use_cuda_graphs: bool = True, channels_last: bool = True,
-                 compile_unet: bool = False):
+                 max_batch_images: int = batching.MAX_BATCH_IMAGES, use_cuda_graphs: bool = True,
+                 channels_last: bool = True, compile_unet: bool = False):
         self.pipe = pipe
         self.model_name = model_name
         self.model_hash = model_hash
