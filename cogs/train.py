@@ -7,11 +7,12 @@ import logging
 
 import discord
 from discord import app_commands
-from discord.ext import commands
 
+from bot.client import BoothBot
 from bot.errors import UserError
 from bot.services.submissions import MAX_ZIP_MB, submit_training
 from cogs import _render
+from cogs._base import BoothCog
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,7 @@ async def download(attachments: list[discord.Attachment], *, max_photo_mb: int) 
     return files
 
 
-class Train(commands.Cog):
-    def __init__(self, bot: commands.Bot) -> None:
-        self.bot = bot
-
+class Train(BoothCog):
     @app_commands.command(name="train", description="Teach the bot your subject from 3–30 photos (or one .zip).")
     @app_commands.guild_only()
     @app_commands.rename(class_name="class")
@@ -62,7 +60,7 @@ class Train(commands.Cog):
                     steps: app_commands.Range[int, MIN_STEPS, MAX_STEPS] | None = None,
                     style: bool = False) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        services = self.bot.services
+        services = self.services
         attachments = [a for a in (photo1, photo2, photo3, photo4, photo5, photo6, photo7, photo8, photo9, photo10,
                                    zip) if a is not None]
         if not attachments:
@@ -77,9 +75,8 @@ class Train(commands.Cog):
         job, report = await submit_training(
             services, guild_id=interaction.guild_id, member_id=interaction.user.id,
             channel_id=interaction.channel_id, role_ids=role_ids,
-            token=token, class_name=class_name, style=style, files=files, steps=steps)
+            token=token, class_name=class_name, style=style, files=files, options={"steps": steps})
         interaction.extras["job_id"] = job.id
-        await self.bot.notifier.announce(job)
         embed = _render.intake_embed(report.summary(), token=job.params.get("token", token),
                                      accepted=len(report.accepted), ok=True)
         embed.description = (embed.description or "") + (
@@ -103,5 +100,5 @@ async def _contact_sheet(report) -> bytes | None:
         return None
 
 
-async def setup(bot: commands.Bot) -> None:
+async def setup(bot: BoothBot) -> None:
     await bot.add_cog(Train(bot))

@@ -13,7 +13,7 @@ import regex
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from bot.client import EXTENSIONS, BoothBot
+from bot.client import BoothBot, cog_extensions
 from bot.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -43,12 +43,12 @@ def validator(openapi: dict, schema_name: str) -> jsonschema.protocols.Validator
 async def _synced_payloads() -> list[dict]:
     services = types.SimpleNamespace(set_notifier=lambda notifier: None, settings=Settings())
     bot = BoothBot(Settings(), services)
-    for name in EXTENSIONS:
+    for name in cog_extensions():  # what setup_hook loads
         await bot.load_extension(name)
     try:
         return [command.to_dict(bot.tree) for command in bot.tree.get_commands()]
     finally:
-        for name in EXTENSIONS:
+        for name in cog_extensions():
             await bot.unload_extension(name)
 
 
@@ -76,6 +76,13 @@ def total_chars(command: dict) -> int:
 
 async def test_every_expected_command_is_there(payloads):
     assert {p["name"] for p in payloads} == EXPECTED
+
+
+def test_the_cogs_loaded_are_the_modules_in_cogs():
+    present = {path.stem for path in (REPO_ROOT / "cogs").glob("*.py") if not path.stem.startswith("_")}
+    assert set(cog_extensions()) == {f"cogs.{name}" for name in present}
+    assert {"cogs.train", "cogs.delivery", "cogs.help"} <= set(cog_extensions())
+    assert not any(name.startswith("cogs._") for name in cog_extensions())  # _views, _render, _progress: helpers
 
 
 @pytest.mark.parametrize("schema_name", ["ApplicationCommandCreateRequest", "ApplicationCommandUpdateRequest"])
