@@ -8,20 +8,11 @@ from bot.client import BoothBot
 from cogs._base import BoothCog
 from cogs._imagine_jobs import queue_imagine
 from cogs._views import DYNAMIC_ITEMS
+from trainer.contract.imagine_request import (CFG_RANGE, COUNT_RANGE, DEFAULT_COUNT, MEMBER_PROMPT_CHARS, SEED_MAX,
+                                              SIZES, STEPS_RANGE)
 
-# Sizes for SD 1.x (512 px native); the engine rounds to what the model supports.
-SIZES = {
-    "square": (512, 512),
-    "portrait": (512, 768),
-    "landscape": (768, 512),
-}
-SIZE_CHOICES = [
-    app_commands.Choice(name="square 512×512", value="square"),
-    app_commands.Choice(name="portrait 512×768", value="portrait"),
-    app_commands.Choice(name="landscape 768×512", value="landscape"),
-]
-MAX_PROMPT_CHARS = 1000
-MAX_COUNT = 4
+SIZE_CHOICES = [app_commands.Choice(name=f"{name} {width}×{height}", value=name)
+                for name, (width, height) in SIZES.items()]
 
 
 class Imagine(BoothCog):
@@ -45,13 +36,13 @@ class Imagine(BoothCog):
     )
     @app_commands.choices(size=SIZE_CHOICES)
     async def imagine(self, interaction: discord.Interaction,
-                      prompt: app_commands.Range[str, 1, MAX_PROMPT_CHARS],
-                      negative: app_commands.Range[str, 0, MAX_PROMPT_CHARS] | None = None,
-                      seed: app_commands.Range[int, 0, 2**32 - 1] | None = None,
-                      steps: app_commands.Range[int, 1, 100] | None = None,
-                      cfg: app_commands.Range[float, 1.0, 20.0] | None = None,
+                      prompt: app_commands.Range[str, 1, MEMBER_PROMPT_CHARS],
+                      negative: app_commands.Range[str, 0, MEMBER_PROMPT_CHARS] | None = None,
+                      seed: app_commands.Range[int, 0, SEED_MAX] | None = None,
+                      steps: app_commands.Range[int, *STEPS_RANGE] | None = None,
+                      cfg: app_commands.Range[float, *CFG_RANGE] | None = None,
                       size: app_commands.Choice[str] | None = None,
-                      count: app_commands.Range[int, 1, MAX_COUNT] = 1) -> None:
+                      count: app_commands.Range[int, *COUNT_RANGE] = DEFAULT_COUNT) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         width, height = SIZES[size.value] if size is not None else (None, None)
         job = await queue_imagine(interaction, prompt=prompt, negative=negative or "", seed=seed, steps=steps, cfg=cfg,

@@ -13,11 +13,13 @@ from bot.errors import UserError
 from bot.services.submissions import MAX_ZIP_MB, submit_training
 from cogs import _render
 from cogs._base import BoothCog
+from trainer.contract.naming import CLASS_MAX_LENGTH, TOKEN_LENGTH
+from trainer.contract.train_spec import MEMBER_OPTIONS
 
 log = logging.getLogger(__name__)
 
 PHOTO_OPTIONS = 10
-MIN_STEPS, MAX_STEPS = 1, 3000
+STEPS = MEMBER_OPTIONS["steps"].members_range
 
 
 async def download(attachments: list[discord.Attachment], *, max_photo_mb: int) -> list[tuple[str, bytes]]:
@@ -49,15 +51,15 @@ class Train(BoothCog):
         style="Train an art style instead of a subject",
         **{f"photo{i}": f"Photo {i} of your subject" for i in range(1, PHOTO_OPTIONS + 1)},
     )
-    async def train(self, interaction: discord.Interaction, token: app_commands.Range[str, 3, 24],
-                    class_name: app_commands.Range[str, 1, 24],
+    async def train(self, interaction: discord.Interaction, token: app_commands.Range[str, *TOKEN_LENGTH],
+                    class_name: app_commands.Range[str, 1, CLASS_MAX_LENGTH],
                     photo1: discord.Attachment | None = None, photo2: discord.Attachment | None = None,
                     photo3: discord.Attachment | None = None, photo4: discord.Attachment | None = None,
                     photo5: discord.Attachment | None = None, photo6: discord.Attachment | None = None,
                     photo7: discord.Attachment | None = None, photo8: discord.Attachment | None = None,
                     photo9: discord.Attachment | None = None, photo10: discord.Attachment | None = None,
                     zip: discord.Attachment | None = None,
-                    steps: app_commands.Range[int, MIN_STEPS, MAX_STEPS] | None = None,
+                    steps: app_commands.Range[int, STEPS.low, STEPS.high] | None = None,
                     style: bool = False) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         services = self.services

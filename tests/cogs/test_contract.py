@@ -15,6 +15,10 @@ from referencing.jsonschema import DRAFT202012
 
 from bot.client import BoothBot, cog_extensions
 from bot.settings import Settings
+from trainer.contract import imagine_request
+from trainer.contract.naming import CLASS_MAX_LENGTH, TOKEN_LENGTH
+from trainer.contract.prompts import MAX_PROMPT_CHARS
+from trainer.contract.train_spec import MEMBER_OPTIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OPENAPI = REPO_ROOT / "tests" / "vendor" / "discord" / "openapi.json"  # see the README beside it
@@ -130,6 +134,26 @@ async def test_imagine_ranges_are_enforced_by_discord_too(payloads):
     assert options["seed"]["min_value"] == 0
     assert [c["value"] for c in options["size"]["choices"]] == ["square", "portrait", "landscape"]
     assert options["prompt"]["required"] and options["prompt"]["max_length"] <= 6000
+
+
+async def test_option_ranges_are_the_engine_contracts(payloads):
+    imagine = {o["name"]: o for o in next(p for p in payloads if p["name"] == "imagine")["options"]}
+    assert (imagine["steps"]["min_value"], imagine["steps"]["max_value"]) == imagine_request.STEPS_RANGE
+    assert (imagine["cfg"]["min_value"], imagine["cfg"]["max_value"]) == imagine_request.CFG_RANGE
+    assert (imagine["count"]["min_value"], imagine["count"]["max_value"]) == imagine_request.COUNT_RANGE
+    assert imagine["seed"]["max_value"] == imagine_request.SEED_MAX
+    assert imagine["prompt"]["max_length"] == imagine["negative"]["max_length"] == imagine_request.MEMBER_PROMPT_CHARS
+    assert imagine_request.MEMBER_PROMPT_CHARS <= MAX_PROMPT_CHARS
+    assert {c["value"]: c["name"] for c in imagine["size"]["choices"]} == {
+        name: f"{name} {w}×{h}" for name, (w, h) in imagine_request.SIZES.items()}
+    train = {o["name"]: o for o in next(p for p in payloads if p["name"] == "train")["options"]}
+    steps = MEMBER_OPTIONS["steps"]
+    assert (train["steps"]["min_value"], train["steps"]["max_value"]) == (steps.members_range.low,
+                                                                          steps.members_range.high) == (1, 3000)
+    assert steps.members_range.high <= steps.range.high  # members pick within what the engine accepts
+    assert (train["token"]["min_length"], train["token"]["max_length"]) == TOKEN_LENGTH
+    assert train["class"]["max_length"] == CLASS_MAX_LENGTH
+    assert {name for name in MEMBER_OPTIONS} <= set(train)  # every option members may set is a /train option
 
 
 async def test_concept_options_autocomplete(payloads):
