@@ -19,7 +19,7 @@ from trainer.contract.train_spec import MEMBER_OPTIONS
 log = logging.getLogger(__name__)
 
 PHOTO_OPTIONS = 10
-STEPS = MEMBER_OPTIONS["steps"].members_range
+STEPS = MEMBER_OPTIONS["steps"].for_members
 
 
 async def download(attachments: list[discord.Attachment], *, max_photo_mb: int) -> list[tuple[str, bytes]]:

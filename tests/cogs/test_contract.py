@@ -187,9 +187,9 @@ async def test_option_ranges_are_the_engine_contracts(payloads):
         name: f"{name} {w}×{h}" for name, (w, h) in imagine_request.SIZES.items()}
     train = {o["name"]: o for o in next(p for p in payloads if p["name"] == "train")["options"]}
     steps = MEMBER_OPTIONS["steps"]
-    assert (train["steps"]["min_value"], train["steps"]["max_value"]) == (steps.members_range.low,
-                                                                          steps.members_range.high) == (1, 3000)
-    assert steps.members_range.high <= steps.range.high  # members pick within what the engine accepts
+    assert (train["steps"]["min_value"], train["steps"]["max_value"]) == (steps.for_members.low,
+                                                                          steps.for_members.high) == (1, 3000)
+    assert steps.for_members.high <= steps.range.high  # members pick within what the engine accepts
     assert (train["token"]["min_length"], train["token"]["max_length"]) == TOKEN_LENGTH
     assert train["class"]["max_length"] == CLASS_MAX_LENGTH
     assert {name for name in MEMBER_OPTIONS} <= set(train)  # every option members may set is a /train option

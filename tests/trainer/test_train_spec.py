@@ -67,7 +67,7 @@ def test_validation_follows_the_declared_ranges():
 
 def test_members_pick_steps_and_style_within_their_narrower_range():
     assert set(MEMBER_OPTIONS) == {"style", "steps"}
-    assert (MEMBER_OPTIONS["steps"].members_range.low, MEMBER_OPTIONS["steps"].members_range.high) == (1, 3000)
+    assert (MEMBER_OPTIONS["steps"].for_members.low, MEMBER_OPTIONS["steps"].for_members.high) == (1, 3000)
     assert checked_params({"steps": 3000, "style": None}, by_member=True) == {"steps": 3000}
     with pytest.raises(UserError, match="steps must be between 1 and 3000"):
         checked_params({"steps": 3001}, by_member=True)

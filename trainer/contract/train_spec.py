@@ -64,7 +64,8 @@ class Option:
     lora: bool = False
 
     @property
-    def members_range(self) -> Range | None:
+    def for_members(self) -> Range | None:
+        """The values a member may pick (for a field members may set)."""
         return self.member_range or self.range
 
 
@@ -213,7 +214,7 @@ def checked_params(values: Mapping[str, object], *, by_member: bool = False) -> 
             raise ValueError(f"{name!r} is not a training option{' members may set' if by_member else ''}")
         if value is None:
             continue
-        allowed = rules.members_range if by_member else rules.range
+        allowed = rules.for_members if by_member else rules.range
         if allowed is not None and value not in allowed:
             raise UserError(f"Training settings: {rules.label or name} {allowed.rule()}.")
         params[name] = value
