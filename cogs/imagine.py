@@ -45,8 +45,8 @@ class Imagine(BoothCog):
                       count: app_commands.Range[int, *COUNT_RANGE] = DEFAULT_COUNT) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         width, height = SIZES[size.value] if size is not None else (None, None)
-        job = await queue_imagine(interaction, prompt=prompt, negative=negative or "", seed=seed, steps=steps, cfg=cfg,
-                           width=width, height=height, count=count)
+        job = await queue_imagine(interaction, prompt=prompt, negative=negative or "", seed=seed, steps=steps,
+                                  cfg=cfg, width=width, height=height, count=count)
         await interaction.followup.send(f"Queued as job {job.id}; your images will show up in this channel.",
                                         ephemeral=True)
 

@@ -37,7 +37,8 @@ async def submit_training(services: Services, *, guild_id: int, member_id: int, 
 
     `options`: the TrainSpec fields the member chose (those members may set, e.g. steps), None for the default.
     Order: ban and limits (cheap, before any photo work) → options, token and class spelling → token free on this
-    server → photo intake (in a thread: decoding and face detection take a while) → concept + photos on disk → ledger.
+    server → photo intake (in a thread: decoding and face detection take a while) → concept + photos on disk →
+    ledger.
     If queueing fails after the concept was created, the concept is removed again.
     """
     settings = services.settings

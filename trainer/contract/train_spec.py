@@ -90,7 +90,8 @@ class TrainSpec:
                                range=Range(1, 20_000), members=True,
                                member_range=Range(1, 3000))  # a member's training must not hold the shared GPU long
     seed: int = option(0, fingerprint=True, lora=True, cli="--seed", help="random seed (default: %(default)s)")
-    slice_s: float | None = option(None, fingerprint=False, cli="--slice-s")  # None or 0: no time limit
+    # None or 0: no time limit. The CLI flag has no help: it is hidden, for trying slices by hand.
+    slice_s: float | None = option(None, fingerprint=False, cli="--slice-s")
     train_text_encoder: bool = option(True, fingerprint=True, lora=True, cli="--text-encoder",
                                       help="also train a text-encoder LoRA (default: on)")
     rank: int = option(16, fingerprint=True, lora=True, cli="--rank", help="LoRA rank (default: %(default)s)",
