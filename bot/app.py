@@ -1,25 +1,33 @@
 """Wiring: Settings -> Store (migrations) -> services -> GPU worker -> dispatcher, in one `Services` container.
 
-`python -m bot` calls `start_services(settings)` and hands the result to the Discord client, whose cogs find every
-service on it; the delivery cog attaches its notifier with `services.set_notifier(...)`.
+`python -m bot` calls `start_services(settings)` and hands the result to the Discord client (`BoothBot.services`),
+where every cog finds it; the delivery cog attaches its notifier with `services.set_notifier(...)`.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from bot.services.admin import AdminService
 from bot.services.concepts import ConceptService
 from bot.dispatch.announcer import Notifier
 from bot.dispatch.dispatcher import Dispatcher
 from bot.services.gallery import Gallery
-from bot.jobs.ledger import Ledger
+from bot.jobs.ledger import Job, Ledger
 from bot.settings import Settings
 from bot.store.database import Store
 from bot.dispatch.worker_client import WorkerClient
 from trainer.contract.errors import require_writable_dir
 
 log = logging.getLogger("boothbot")
+
+
+@runtime_checkable
+class QueuedJobNotifier(Protocol):
+    """A notifier that also shows new jobs (the Discord delivery cog posts each one's status message)."""
+
+    async def job_queued(self, job: Job) -> None: ...
 
 
 @dataclass
@@ -32,14 +40,25 @@ class Services:
     admin: AdminService
     worker: WorkerClient
     dispatcher: Dispatcher
+    notifier: Notifier | None = None
 
     def set_notifier(self, notifier: Notifier | None) -> None:
         """Attach the announcer of progress and finished jobs; jobs that finished without one are announced now."""
+        self.notifier = notifier
         self.dispatcher.set_notifier(notifier)
 
-    def job_submitted(self) -> None:
-        """Tell the dispatcher a job was queued, so it starts at once instead of at its next poll."""
+    async def job_submitted(self, job: Job) -> None:
+        """A job was queued: the dispatcher looks at the queue now rather than at its next poll, and the notifier
+        shows the job (so a new command that queues jobs has nothing to announce itself)."""
         self.dispatcher.wake()
+        if isinstance(self.notifier, QueuedJobNotifier):
+            await self.notifier.job_queued(job)
+
+    async def job_cancelled(self, job_id: int) -> None:
+        """Announce a job cancelled before it ran; the dispatcher announces the jobs it ran, cancelled ones too."""
+        job = await self.ledger.get(job_id)
+        if job is not None and job.status == "cancelled" and self.notifier is not None:
+            await self.notifier.job_finished(job)
 
     async def stop(self) -> None:
         """Let the running job or slice end (a short grace), stop the worker, close the database."""

@@ -1,29 +1,25 @@
-"""The discord.py client: loads the cogs as extensions by name, syncs the slash commands, answers errors.
+"""The discord.py client: loads every cog module as an extension, syncs the slash commands, answers errors.
 
-bot/ never imports cogs/: the cogs are loaded by name and find the services on the client (`bot.services`).
+bot/ never imports cogs/: the cog modules are found by name (`cog_extensions`) and find the services on the client
+(`BoothBot.services`).
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
-from collections.abc import Sequence
+import pkgutil
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.app import Services
+from bot.settings import Settings
 from trainer.contract.errors import UserError
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = (
-    "cogs.delivery",   # first: the other cogs hand new jobs to its notifier
-    "cogs.train",
-    "cogs.imagine",
-    "cogs.queue",
-    "cogs.concepts",
-    "cogs.forget",
-    "cogs.help",
-)
+COGS_PACKAGE = "cogs"
 DM_REFUSAL = "boothbot works inside a server, not in direct messages. Please use the commands in a server channel."
 
 
@@ -87,10 +83,21 @@ class BoothTree(app_commands.CommandTree):
         await answer_error(interaction, error)
 
 
-class BoothBot(commands.Bot):
-    """The bot: `services` is the bot/app.py Services container the cogs use."""
+def cog_extensions(package: str = COGS_PACKAGE) -> tuple[str, ...]:
+    """Every module of the cogs package, by name, except private helpers (`_views`, `_render`, …)."""
+    # find_spec locates the package without importing it, so bot/ still imports nothing from cogs/.
+    locations = importlib.util.find_spec(package).submodule_search_locations
+    return tuple(sorted(f"{package}.{module.name}" for module in pkgutil.iter_modules(locations)
+                        if not module.name.startswith("_")))
 
-    def __init__(self, settings, services, *, extensions: Sequence[str] = EXTENSIONS, **options) -> None:
+
+class BoothBot(commands.Bot):
+    """The bot: `services` is the bot/app.py Services container the cogs use (cogs/_base.py reaches it)."""
+
+    settings: Settings
+    services: Services
+
+    def __init__(self, settings: Settings, services: Services, **options) -> None:
         intents = discord.Intents.default()
         intents.message_content = False
         intents.presences = False
@@ -100,11 +107,9 @@ class BoothBot(commands.Bot):
                          help_command=None, **options)
         self.settings = settings
         self.services = services
-        self.extension_names = tuple(extensions)
-        self.notifier = None  # set by the cogs.delivery extension
 
     async def setup_hook(self) -> None:
-        for name in self.extension_names:
+        for name in cog_extensions():
             await self.load_extension(name)
         await self.sync_commands()
 
@@ -119,13 +124,6 @@ class BoothBot(commands.Bot):
         else:
             synced = await self.tree.sync()
             log.info("synced %d commands globally (can take up to an hour to show everywhere)", len(synced))
-
-    async def close(self) -> None:
-        # Without a Discord connection nothing can be announced: finished jobs wait, undelivered, for the next start.
-        set_notifier = getattr(self.services, "set_notifier", None)
-        if set_notifier is not None and self.notifier is not None:
-            set_notifier(None)
-        await super().close()
 
     async def on_ready(self) -> None:
         log.info("connected to Discord as %s (%s) in %d server(s)", self.user, self.user.id if self.user else "?",
@@ -144,7 +142,7 @@ def is_admin(interaction: discord.Interaction, admin_role: str | None) -> bool:
     return False
 
 
-async def run_discord(settings, services) -> None:
+async def run_discord(settings: Settings, services: Services) -> None:
     """Connect to Discord and serve until the process is stopped (what `python -m bot` runs)."""
     async with BoothBot(settings, services) as bot:
         await bot.start(settings.require_token())

@@ -11,13 +11,11 @@ import discord
 from bot.client import answer_error
 from bot.errors import NotFound
 from bot.jobs.kinds import JobKind
+from cogs._base import services_of
+from cogs._imagine_jobs import queue_again
 
 log = logging.getLogger(__name__)
 MAX_VARIATION_BUTTONS = 4
-
-
-def _services(interaction: discord.Interaction):
-    return interaction.client.services  # type: ignore[attr-defined]
 
 
 async def _guarded(interaction: discord.Interaction, handler: Callable[[], Awaitable[None]]) -> None:
@@ -28,7 +26,7 @@ async def _guarded(interaction: discord.Interaction, handler: Callable[[], Await
 
 
 async def _imagine_job(interaction: discord.Interaction, job_id: int):
-    job = await _services(interaction).ledger.get(job_id)
+    job = await services_of(interaction).ledger.get(job_id)
     if job is None or job.kind != JobKind.IMAGINE or job.guild_id != interaction.guild_id or job.result is None:
         raise NotFound("Those images are no longer available (they may have been deleted with /forget). "
                        "Use /imagine to make new ones.")
@@ -37,8 +35,6 @@ async def _imagine_job(interaction: discord.Interaction, job_id: int):
 
 async def _queue_again(interaction: discord.Interaction, job_id: int, *, variation_of: int | None) -> None:
     """Re-roll (new seed) or vary one image of an earlier /imagine result, as the member who clicked."""
-    from cogs.imagine import queue_again  # cogs.imagine imports this module
-
     job = await _imagine_job(interaction, job_id)
     interaction.extras["job_id"] = job.id
     await queue_again(interaction, job, variation_of=variation_of)

@@ -7,21 +7,23 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.client import is_admin
+from bot.client import BoothBot, is_admin
 from bot.errors import NotFound, PermissionDenied, UserError
+from bot.services.concepts import ConceptService
 from cogs import _render
+from cogs._base import BoothCog, services_of
 from cogs._views import ask_to_confirm
 
 MAX_CHOICES = 25
 
 
 def _is_admin(interaction: discord.Interaction) -> bool:
-    return is_admin(interaction, interaction.client.settings.admin_role)  # type: ignore[attr-defined]
+    return is_admin(interaction, services_of(interaction).settings.admin_role)
 
 
 async def _choices(interaction: discord.Interaction, current: str, *, own_only: bool):
     """Only concepts this member may use (or, for changes, owns); filtered by what they typed; at most 25."""
-    concepts = interaction.client.services.concepts  # type: ignore[attr-defined]
+    concepts = services_of(interaction).concepts
     if own_only:
         found = await concepts.owned(interaction.guild_id, interaction.user.id)
     else:
@@ -34,14 +36,10 @@ async def _choices(interaction: discord.Interaction, current: str, *, own_only: 
 
 
 @app_commands.guild_only()
-class Concepts(commands.GroupCog, group_name="concepts", group_description="Your trained concepts"):
-    def __init__(self, bot: commands.Bot) -> None:
-        self.bot = bot
-        super().__init__()
-
+class Concepts(BoothCog, commands.GroupCog, group_name="concepts", group_description="Your trained concepts"):
     @property
-    def service(self):
-        return self.bot.services.concepts
+    def service(self) -> ConceptService:
+        return self.services.concepts
 
     async def _find(self, interaction: discord.Interaction, token: str):
         """The concept called `token` if this member may see it; the same answer whether it is missing or private."""
@@ -107,9 +105,7 @@ class Concepts(commands.GroupCog, group_name="concepts", group_description="Your
         deleted = await self.service.delete(found.id, interaction.user.id, is_admin=admin)
         await confirmed.edit_original_response(content=f"`{deleted.token}` is deleted.")
         if deleted.job_id is not None:
-            job = await self.bot.services.ledger.get(deleted.job_id)
-            if job is not None and job.status == "cancelled":
-                await self.bot.notifier.job_finished(job)
+            await self.services.job_cancelled(deleted.job_id)
 
     @app_commands.command(name="export", description="Get one of your concepts as a LoRA file (A1111/ComfyUI format)")
     @app_commands.describe(concept="The concept's token")
@@ -148,5 +144,5 @@ class Concepts(commands.GroupCog, group_name="concepts", group_description="Your
         return await _choices(interaction, current, own_only=True)
 
 
-async def setup(bot: commands.Bot) -> None:
+async def setup(bot: BoothBot) -> None:
     await bot.add_cog(Concepts(bot))

@@ -1,9 +1,9 @@
 """Delivery: each job's status message in its channel (queue place → live progress) and its final announcement.
 
 Everything goes through the bot token to the channel, never through the interaction (its token dies after 15
-minutes; a training takes longer). The notifier is what the dispatcher calls (bot/ Notifier protocol); cogs call
-`announce` right after queueing a job. `ledger.mark_delivered` is taken before posting, so a job is announced at most
-once even across a restart.
+minutes; a training takes longer). The notifier is what the dispatcher calls (bot/ Notifier protocol), and what
+`Services.job_submitted` calls for each new job (`job_queued`). `ledger.mark_delivered` is taken before posting, so a
+job is announced at most once even across a restart.
 """
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ from pathlib import Path
 
 import aiohttp
 import discord
-from discord.ext import commands
 
+from bot.app import Services
+from bot.client import BoothBot
 from bot.jobs.kinds import JobKind
 from cogs import _render
+from cogs._base import BoothCog
 from cogs._progress import EditThrottle
 from cogs._views import result_view
 
@@ -40,9 +42,9 @@ def _read(path: str | Path) -> bytes | None:
 
 
 class DiscordNotifier:
-    """Implements bot/'s Notifier for Discord (job_progress, job_finished) plus `announce` for new jobs."""
+    """Implements bot/'s Notifier for Discord (job_progress, job_finished) plus `job_queued` for new jobs."""
 
-    def __init__(self, bot: commands.Bot, services, *, edit_interval: float = 2.0) -> None:
+    def __init__(self, bot: BoothBot, services: Services, *, edit_interval: float = 2.0) -> None:
         self.bot = bot
         self.services = services
         self.throttle = EditThrottle(edit_interval)
@@ -75,7 +77,7 @@ class DiscordNotifier:
         return _render.queued_embed(job, position, eta, paused=await self.services.admin.is_paused())
 
     # ----- Notifier ----------------------------------------------------------------------------------------------
-    async def announce(self, job) -> None:
+    async def job_queued(self, job) -> None:
         """Post the job's status message (queue place and ETA) in its channel and remember where it is."""
         channel = self._channel(job)
         if channel is None:
@@ -276,20 +278,21 @@ async def _quietly(coro) -> None:
         log.info("status message update skipped: %s", e)
 
 
-class Delivery(commands.Cog):
-    """Owns the notifier and attaches it to the dispatcher, which then announces whatever waited for one."""
+class Delivery(BoothCog):
+    """Owns the notifier and attaches it to the services, which then announce whatever waited for one."""
 
-    def __init__(self, bot: commands.Bot) -> None:
-        self.bot = bot
-        self.notifier = DiscordNotifier(bot, bot.services)
+    def __init__(self, bot: BoothBot) -> None:
+        super().__init__(bot)
+        self.notifier = DiscordNotifier(bot, self.services)
 
     async def cog_load(self) -> None:
-        self.bot.notifier = self.notifier
-        self.bot.services.set_notifier(self.notifier)
+        self.services.set_notifier(self.notifier)
 
     async def cog_unload(self) -> None:
-        self.bot.services.set_notifier(None)
+        # Also when the bot closes (discord.py unloads every extension then): without a Discord connection nothing
+        # can be announced, so finished jobs wait, undelivered, for the next start.
+        self.services.set_notifier(None)
 
 
-async def setup(bot: commands.Bot) -> None:
+async def setup(bot: BoothBot) -> None:
     await bot.add_cog(Delivery(bot))

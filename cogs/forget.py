@@ -5,9 +5,10 @@ import logging
 
 import discord
 from discord import app_commands
-from discord.ext import commands
 
+from bot.client import BoothBot
 from bot.services.members import forget_member
+from cogs._base import BoothCog
 from cogs._views import ask_to_confirm
 
 log = logging.getLogger(__name__)
@@ -24,10 +25,7 @@ def _summary(counts: dict) -> str:
                    "or ask a moderator.")
 
 
-class Forget(commands.Cog):
-    def __init__(self, bot: commands.Bot) -> None:
-        self.bot = bot
-
+class Forget(BoothCog):
     @app_commands.command(name="forget", description="Delete everything the bot keeps about you on this server")
     @app_commands.guild_only()
     async def forget(self, interaction: discord.Interaction) -> None:
@@ -38,7 +36,7 @@ class Forget(commands.Cog):
             confirm_label="Delete everything", working="Deleting…")
         if confirmed is None:
             return
-        services = self.bot.services
+        services = self.services
         # The status messages of waiting jobs would go stale once their rows are gone; note them first.
         active = await services.ledger.list_jobs(guild_id=interaction.guild_id, owner_id=interaction.user.id,
                                                  statuses=("queued", "running"), limit=100)
@@ -55,5 +53,5 @@ class Forget(commands.Cog):
                     log.info("job %s: could not retire its status message: %s", job.id, e)
 
 
-async def setup(bot: commands.Bot) -> None:
+async def setup(bot: BoothBot) -> None:
     await bot.add_cog(Forget(bot))

@@ -1,71 +1,21 @@
 """/imagine: generate images from a prompt (with the member's own and shared concepts), plus the result buttons."""
 from __future__ import annotations
 
-import logging
-
 import discord
 from discord import app_commands
-from discord.ext import commands
 
-from bot.errors import NotFound
-from bot.services.submissions import VARIATION_STRENGTH, submit_imagine
+from bot.client import BoothBot
+from cogs._base import BoothCog
+from cogs._imagine_jobs import queue_imagine
 from cogs._views import DYNAMIC_ITEMS
+from trainer.contract.imagine_request import (CFG_RANGE, COUNT_RANGE, DEFAULT_COUNT, MEMBER_PROMPT_CHARS, SEED_MAX,
+                                              SIZES, STEPS_RANGE)
 
-log = logging.getLogger(__name__)
-
-# Sizes for SD 1.x (512 px native); the engine rounds to what the model supports.
-SIZES = {
-    "square": (512, 512),
-    "portrait": (512, 768),
-    "landscape": (768, 512),
-}
-SIZE_CHOICES = [
-    app_commands.Choice(name="square 512×512", value="square"),
-    app_commands.Choice(name="portrait 512×768", value="portrait"),
-    app_commands.Choice(name="landscape 768×512", value="landscape"),
-]
-MAX_PROMPT_CHARS = 1000
-MAX_COUNT = 4
+SIZE_CHOICES = [app_commands.Choice(name=f"{name} {width}×{height}", value=name)
+                for name, (width, height) in SIZES.items()]
 
 
-def member_role_ids(interaction: discord.Interaction) -> list[int]:
-    return [role.id for role in getattr(interaction.user, "roles", ())]
-
-
-async def _queue(interaction: discord.Interaction, **options) -> None:
-    """Queue an /imagine job for this member, tell them (ephemeral when it came from a button), announce it."""
-    bot = interaction.client
-    job = await submit_imagine(
-        bot.services, guild_id=interaction.guild_id, member_id=interaction.user.id,
-        channel_id=interaction.channel_id, role_ids=member_role_ids(interaction),
-        upload_limit=interaction.filesize_limit, **options)
-    interaction.extras["job_id"] = job.id
-    await bot.notifier.announce(job)
-    return job
-
-
-async def queue_again(interaction: discord.Interaction, job, *, variation_of: int | None) -> None:
-    """Re-roll (same prompt, new seed) or make variations of one image of a finished job, for whoever clicked."""
-    await interaction.response.defer(ephemeral=True, thinking=True)
-    params = job.params
-    options = dict(prompt=params["prompt"], negative=params.get("negative") or "", steps=params.get("steps"),
-                   cfg=params.get("cfg"), width=params.get("width"), height=params.get("height"),
-                   count=params.get("count") or 1, seed=None)
-    if variation_of is not None:
-        images = (job.result or {}).get("images") or []
-        if not 0 <= variation_of < len(images):
-            raise NotFound("That image no longer exists. Use /imagine to make new ones.")
-        options.update(init_image=images[variation_of], strength=VARIATION_STRENGTH)
-    new_job = await _queue(interaction, **options)
-    what = f"Variations of image {variation_of + 1}" if variation_of is not None else "A re-roll"
-    await interaction.followup.send(f"{what} of job {job.id} is queued as job {new_job.id}; "
-                                    "it will show up in this channel.", ephemeral=True)
-
-
-class Imagine(commands.Cog):
-    def __init__(self, bot: commands.Bot) -> None:
-        self.bot = bot
-
+class Imagine(BoothCog):
     async def cog_load(self) -> None:
         # Persistent result buttons: their custom_id names the job, so they work for messages sent before a restart.
         self.bot.add_dynamic_items(*DYNAMIC_ITEMS)
@@ -86,20 +36,20 @@ class Imagine(commands.Cog):
     )
     @app_commands.choices(size=SIZE_CHOICES)
     async def imagine(self, interaction: discord.Interaction,
-                      prompt: app_commands.Range[str, 1, MAX_PROMPT_CHARS],
-                      negative: app_commands.Range[str, 0, MAX_PROMPT_CHARS] | None = None,
-                      seed: app_commands.Range[int, 0, 2**32 - 1] | None = None,
-                      steps: app_commands.Range[int, 1, 100] | None = None,
-                      cfg: app_commands.Range[float, 1.0, 20.0] | None = None,
+                      prompt: app_commands.Range[str, 1, MEMBER_PROMPT_CHARS],
+                      negative: app_commands.Range[str, 0, MEMBER_PROMPT_CHARS] | None = None,
+                      seed: app_commands.Range[int, 0, SEED_MAX] | None = None,
+                      steps: app_commands.Range[int, *STEPS_RANGE] | None = None,
+                      cfg: app_commands.Range[float, *CFG_RANGE] | None = None,
                       size: app_commands.Choice[str] | None = None,
-                      count: app_commands.Range[int, 1, MAX_COUNT] = 1) -> None:
+                      count: app_commands.Range[int, *COUNT_RANGE] = DEFAULT_COUNT) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         width, height = SIZES[size.value] if size is not None else (None, None)
-        job = await _queue(interaction, prompt=prompt, negative=negative or "", seed=seed, steps=steps, cfg=cfg,
-                           width=width, height=height, count=count)
+        job = await queue_imagine(interaction, prompt=prompt, negative=negative or "", seed=seed, steps=steps,
+                                  cfg=cfg, width=width, height=height, count=count)
         await interaction.followup.send(f"Queued as job {job.id}; your images will show up in this channel.",
                                         ephemeral=True)
 
 
-async def setup(bot: commands.Bot) -> None:
+async def setup(bot: BoothBot) -> None:
     await bot.add_cog(Imagine(bot))

@@ -5,9 +5,10 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.client import is_admin
+from bot.client import BoothBot, is_admin
 from bot.errors import NotFound, PermissionDenied, UserError
 from cogs import _render
+from cogs._base import BoothCog, services_of
 
 LIMIT_CHOICES = [
     app_commands.Choice(name="jobs waiting per member", value="max_queued_jobs"),
@@ -23,7 +24,7 @@ CANCEL_ANSWERS = {
 
 
 def require_admin(interaction: discord.Interaction) -> None:
-    admin_role = interaction.client.settings.admin_role  # type: ignore[attr-defined]
+    admin_role = services_of(interaction).settings.admin_role
     if not is_admin(interaction, admin_role):
         role = f" or the {admin_role} role" if admin_role else ""
         raise PermissionDenied(f"Only server admins (Manage Server{role}) can use /queue admin. "
@@ -31,10 +32,9 @@ def require_admin(interaction: discord.Interaction) -> None:
 
 
 async def _active_job_choices(interaction: discord.Interaction, current: str, *, everyone: bool):
-    services = interaction.client.services  # type: ignore[attr-defined]
-    jobs = await services.ledger.list_jobs(guild_id=interaction.guild_id,
-                                           owner_id=None if everyone else interaction.user.id,
-                                           statuses=ACTIVE, limit=100)
+    jobs = await services_of(interaction).ledger.list_jobs(guild_id=interaction.guild_id,
+                                                           owner_id=None if everyone else interaction.user.id,
+                                                           statuses=ACTIVE, limit=100)
     choices = []
     for job in jobs:
         label = f"{job.id}: {_render.job_title(job).replace('`', '')} ({job.status})"
@@ -45,26 +45,13 @@ async def _active_job_choices(interaction: discord.Interaction, current: str, *,
 
 
 @app_commands.guild_only()
-class Queue(commands.GroupCog, group_name="queue", group_description="See and manage the queue of jobs"):
+class Queue(BoothCog, commands.GroupCog, group_name="queue", group_description="See and manage the queue of jobs"):
     admin = app_commands.Group(name="admin", description="Server admins: steer the queue")
-
-    def __init__(self, bot: commands.Bot) -> None:
-        self.bot = bot
-        super().__init__()
-
-    @property
-    def services(self):
-        return self.bot.services
-
-    async def _notify_cancelled(self, job_id: int) -> None:
-        job = await self.services.ledger.get(job_id)
-        if job is not None and job.status == "cancelled":
-            await self.bot.notifier.job_finished(job)
 
     async def _deliver_cancelled(self, guild_id: int) -> None:
         for job in await self.services.ledger.undelivered():
             if job.status == "cancelled" and job.guild_id == guild_id:
-                await self.bot.notifier.job_finished(job)
+                await self.services.job_cancelled(job.id)
 
     # ----- everyone ----------------------------------------------------------------------------------------------
     @app_commands.command(name="show", description="Your jobs: place in the queue and when they should be done")
@@ -89,7 +76,7 @@ class Queue(commands.GroupCog, group_name="queue", group_description="See and ma
         interaction.extras["job_id"] = job
         outcome = await self.services.ledger.cancel(job, interaction.user.id)
         await interaction.response.send_message(CANCEL_ANSWERS.get(outcome, outcome).format(id=job), ephemeral=True)
-        await self._notify_cancelled(job)
+        await self.services.job_cancelled(job)
 
     @cancel.autocomplete("job")
     async def _cancel_choices(self, interaction: discord.Interaction, current: str):
@@ -131,11 +118,11 @@ class Queue(commands.GroupCog, group_name="queue", group_description="See and ma
         interaction.extras["job_id"] = job
         outcome = await self.services.admin.cancel(job, interaction.user.id, guild_id=interaction.guild_id)
         await interaction.response.send_message(CANCEL_ANSWERS.get(outcome, outcome).format(id=job), ephemeral=True)
-        await self._notify_cancelled(job)
+        await self.services.job_cancelled(job)
 
     @admin_cancel.autocomplete("job")
     async def _admin_cancel_choices(self, interaction: discord.Interaction, current: str):
-        if not is_admin(interaction, self.bot.settings.admin_role):
+        if not is_admin(interaction, self.services.settings.admin_role):
             return []
         return await _active_job_choices(interaction, current.lower(), everyone=True)
 
@@ -215,5 +202,5 @@ class Queue(commands.GroupCog, group_name="queue", group_description="See and ma
                                                 ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
 
 
-async def setup(bot: commands.Bot) -> None:
+async def setup(bot: BoothBot) -> None:
     await bot.add_cog(Queue(bot))

@@ -7,16 +7,19 @@ import logging
 
 import discord
 from discord import app_commands
-from discord.ext import commands
 
+from bot.client import BoothBot
 from bot.errors import UserError
 from bot.services.submissions import MAX_ZIP_MB, submit_training
 from cogs import _render
+from cogs._base import BoothCog
+from trainer.contract.naming import CLASS_MAX_LENGTH, TOKEN_LENGTH
+from trainer.contract.train_spec import MEMBER_OPTIONS
 
 log = logging.getLogger(__name__)
 
 PHOTO_OPTIONS = 10
-MIN_STEPS, MAX_STEPS = 1, 3000
+STEPS = MEMBER_OPTIONS["steps"].for_members
 
 
 async def download(attachments: list[discord.Attachment], *, max_photo_mb: int) -> list[tuple[str, bytes]]:
@@ -36,10 +39,7 @@ async def download(attachments: list[discord.Attachment], *, max_photo_mb: int) 
     return files
 
 
-class Train(commands.Cog):
-    def __init__(self, bot: commands.Bot) -> None:
-        self.bot = bot
-
+class Train(BoothCog):
     @app_commands.command(name="train", description="Teach the bot your subject from 3–30 photos (or one .zip).")
     @app_commands.guild_only()
     @app_commands.rename(class_name="class")
@@ -51,18 +51,18 @@ class Train(commands.Cog):
         style="Train an art style instead of a subject",
         **{f"photo{i}": f"Photo {i} of your subject" for i in range(1, PHOTO_OPTIONS + 1)},
     )
-    async def train(self, interaction: discord.Interaction, token: app_commands.Range[str, 3, 24],
-                    class_name: app_commands.Range[str, 1, 24],
+    async def train(self, interaction: discord.Interaction, token: app_commands.Range[str, *TOKEN_LENGTH],
+                    class_name: app_commands.Range[str, 1, CLASS_MAX_LENGTH],
                     photo1: discord.Attachment | None = None, photo2: discord.Attachment | None = None,
                     photo3: discord.Attachment | None = None, photo4: discord.Attachment | None = None,
                     photo5: discord.Attachment | None = None, photo6: discord.Attachment | None = None,
                     photo7: discord.Attachment | None = None, photo8: discord.Attachment | None = None,
                     photo9: discord.Attachment | None = None, photo10: discord.Attachment | None = None,
                     zip: discord.Attachment | None = None,
-                    steps: app_commands.Range[int, MIN_STEPS, MAX_STEPS] | None = None,
+                    steps: app_commands.Range[int, STEPS.low, STEPS.high] | None = None,
                     style: bool = False) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        services = self.bot.services
+        services = self.services
         attachments = [a for a in (photo1, photo2, photo3, photo4, photo5, photo6, photo7, photo8, photo9, photo10,
                                    zip) if a is not None]
         if not attachments:
@@ -77,9 +77,8 @@ class Train(commands.Cog):
         job, report = await submit_training(
             services, guild_id=interaction.guild_id, member_id=interaction.user.id,
             channel_id=interaction.channel_id, role_ids=role_ids,
-            token=token, class_name=class_name, style=style, files=files, steps=steps)
+            token=token, class_name=class_name, style=style, files=files, options={"steps": steps})
         interaction.extras["job_id"] = job.id
-        await self.bot.notifier.announce(job)
         embed = _render.intake_embed(report.summary(), token=job.params.get("token", token),
                                      accepted=len(report.accepted), ok=True)
         embed.description = (embed.description or "") + (
@@ -103,5 +102,5 @@ async def _contact_sheet(report) -> bytes | None:
         return None
 
 
-async def setup(bot: commands.Bot) -> None:
+async def setup(bot: BoothBot) -> None:
     await bot.add_cog(Train(bot))

@@ -10,40 +10,41 @@ import functools
 import logging
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from bot.app import Services
 from bot.errors import UserError
+from bot.jobs.ledger import Job
 from trainer.contract.imagine_request import DEFAULT_STRENGTH, ImagineRequest
+from trainer.contract.naming import load_vocab
+from trainer.contract.train_spec import checked_params
+from trainer.intake import photos as intake  # torch-free: PIL and OpenCV
 
 log = logging.getLogger(__name__)
 
 MAX_ZIP_MB = 200
 VARIATION_STRENGTH = DEFAULT_STRENGTH
-# Recipe fields of trainer.training.engine.TrainSpec added to every training's params; empty means the trainer's defaults.
-# A seam for an operator setting later; the wire tests use it to keep tiny-model trainings to seconds.
+# Recipe fields of trainer.contract.train_spec.TrainSpec added to every training's params; empty means the trainer's
+# defaults. A seam for an operator setting later; the wire tests use it to keep tiny-model trainings to seconds.
 TRAIN_RECIPE: dict = {}
 
 
-def _intake():
-    # trainer.intake.photos is torch-free (PIL, cv2); imported lazily so the bot starts even before it is first needed.
-    from trainer.intake import photos as intake
-    return intake
-
-
-async def submit_training(services, *, guild_id: int, member_id: int, channel_id: int | None,
+async def submit_training(services: Services, *, guild_id: int, member_id: int, channel_id: int | None,
                           role_ids: Iterable[int], token: str, class_name: str, style: bool,
-                          files: Sequence[tuple[str, bytes]], steps: int | None = None):
+                          files: Sequence[tuple[str, bytes]], options: Mapping[str, object] | None = None):
     """Check, take in the photos, create the concept and queue its training. Returns (Job, IntakeReport).
 
-    Order: ban and limits (cheap, before any photo work) → token and class spelling → token free on this server →
-    photo intake (in a thread: decoding and face detection take a while) → concept + photos on disk → ledger.
+    `options`: the TrainSpec fields the member chose (those members may set, e.g. steps), None for the default.
+    Order: ban and limits (cheap, before any photo work) → options, token and class spelling → token free on this
+    server → photo intake (in a thread: decoding and face detection take a while) → concept + photos on disk →
+    ledger.
     If queueing fails after the concept was created, the concept is removed again.
     """
-    intake = _intake()
     settings = services.settings
     role_ids = list(role_ids)
     await services.ledger.check_submit("train", member_id, guild_id, role_ids=role_ids)
+    recipe = {**checked_params(TRAIN_RECIPE), **checked_params(options or {}, by_member=True)}
     token = intake.check_token(token)
     class_name = intake.normalise_class(class_name)
     style = bool(style) or intake.class_kind(class_name) == "style"
@@ -66,14 +67,14 @@ async def submit_training(services, *, guild_id: int, member_id: int, channel_id
     try:
         photos_dir = services.concepts.concept_dir(concept.id) / "photos"
         await asyncio.to_thread(report.save, photos_dir)
-        params = {**TRAIN_RECIPE, "concept_id": concept.id, "token": concept.token, "class_name": class_name,
-                  "style": bool(style), "steps": steps, "seed": secrets.randbelow(2**31)}
+        params = {**recipe, "concept_id": concept.id, "token": concept.token, "class_name": class_name,
+                  "style": bool(style), "seed": secrets.randbelow(2**31)}
         job = await services.ledger.submit("train", member_id, guild_id, channel_id, params, role_ids=role_ids)
         await services.concepts.attach_job(concept.id, job.id, photo_count=len(report.accepted))
     except BaseException:
         await services.concepts.delete(concept.id, member_id)
         raise
-    services.job_submitted()
+    await services.job_submitted(job)
     return job, report
 
 
@@ -84,7 +85,6 @@ def _mentions(prompt: str, token: str) -> bool:
 @functools.lru_cache(maxsize=4)
 def _vocabulary(model: str) -> frozenset[str] | None:
     """The base model's tokenizer words (to warn about tokens it already knows), when the model is a local folder."""
-    from trainer.contract.naming import load_vocab
     try:
         vocab = load_vocab(model) if Path(model).is_dir() else None
     except (OSError, ValueError):
@@ -93,11 +93,11 @@ def _vocabulary(model: str) -> frozenset[str] | None:
     return None if vocab is None else frozenset(vocab)
 
 
-async def submit_imagine(services, *, guild_id: int, member_id: int, channel_id: int | None,
+async def submit_imagine(services: Services, *, guild_id: int, member_id: int, channel_id: int | None,
                          role_ids: Iterable[int], prompt: str, negative: str = "", seed: int | None = None,
                          steps: int | None = None, cfg: float | None = None, width: int | None = None,
                          height: int | None = None, count: int = 1, upload_limit: int | None = None,
-                         init_image: str | None = None, strength: float | None = None):
+                         init_image: str | None = None, strength: float | None = None) -> Job:
     """Check the prompt against the concepts this member may use (now, not when it runs), then queue it."""
     role_ids = list(role_ids)
     await services.ledger.check_submit("imagine", member_id, guild_id, role_ids=role_ids)
@@ -120,5 +120,5 @@ async def submit_imagine(services, *, guild_id: int, member_id: int, channel_id:
         "concepts": [{"concept_id": c.id, "token": c.token, "class_name": c.class_name} for c in usable],
         "forbidden_tokens": forbidden})
     job = await services.ledger.submit("imagine", member_id, guild_id, channel_id, params, role_ids=role_ids)
-    services.job_submitted()
+    await services.job_submitted(job)
     return job

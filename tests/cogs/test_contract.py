@@ -7,14 +7,20 @@ import json
 import types
 from pathlib import Path
 
+import discord
 import jsonschema
 import pytest
 import regex
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from bot.client import EXTENSIONS, BoothBot
+from bot.client import BoothBot, cog_extensions
 from bot.settings import Settings
+from cogs.help import help_embed
+from trainer.contract import imagine_request
+from trainer.contract.naming import CLASS_MAX_LENGTH, TOKEN_LENGTH
+from trainer.contract.prompts import MAX_PROMPT_CHARS
+from trainer.contract.train_spec import MEMBER_OPTIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OPENAPI = REPO_ROOT / "tests" / "vendor" / "discord" / "openapi.json"  # see the README beside it
@@ -40,22 +46,28 @@ def validator(openapi: dict, schema_name: str) -> jsonschema.protocols.Validator
     return jsonschema.Draft202012Validator(schema, registry=registry)
 
 
-async def _synced_payloads() -> list[dict]:
+async def _load_the_cogs() -> tuple[list[dict], discord.Embed]:
     services = types.SimpleNamespace(set_notifier=lambda notifier: None, settings=Settings())
     bot = BoothBot(Settings(), services)
-    for name in EXTENSIONS:
+    for name in cog_extensions():  # what setup_hook loads
         await bot.load_extension(name)
     try:
-        return [command.to_dict(bot.tree) for command in bot.tree.get_commands()]
+        commands = bot.tree.get_commands()
+        return [command.to_dict(bot.tree) for command in commands], help_embed(Settings(), commands)
     finally:
-        for name in EXTENSIONS:
+        for name in cog_extensions():
             await bot.unload_extension(name)
 
 
 @pytest.fixture(scope="module")
-def payloads() -> list[dict]:
-    """The commands exactly as the bot would sync them (its extensions loaded by name, as at start)."""
-    return asyncio.run(_synced_payloads())
+def loaded() -> tuple[list[dict], discord.Embed]:
+    """The commands exactly as the bot would sync them (its extensions loaded by name, as at start), and /help."""
+    return asyncio.run(_load_the_cogs())
+
+
+@pytest.fixture(scope="module")
+def payloads(loaded) -> list[dict]:
+    return loaded[0]
 
 
 def walk_options(options: list[dict]):
@@ -76,6 +88,44 @@ def total_chars(command: dict) -> int:
 
 async def test_every_expected_command_is_there(payloads):
     assert {p["name"] for p in payloads} == EXPECTED
+
+
+def test_the_cogs_loaded_are_the_modules_in_cogs():
+    present = {path.stem for path in (REPO_ROOT / "cogs").glob("*.py") if not path.stem.startswith("_")}
+    assert set(cog_extensions()) == {f"cogs.{name}" for name in present}
+    assert {"cogs.train", "cogs.delivery", "cogs.help"} <= set(cog_extensions())
+    assert not any(name.startswith("cogs._") for name in cog_extensions())  # _views, _render, _progress: helpers
+
+
+async def test_help_lists_every_command_with_its_options(payloads, loaded):
+    embed = loaded[1].to_dict()
+    text = embed["description"] + "\n".join(f"{f['name']}\n{f['value']}" for f in embed["fields"])
+    assert "/train token:squidarth class:man" in text and "/imagine" in text
+    for payload in payloads:
+        leaves = [o for o in walk_options(payload.get("options") or []) if o["type"] == SUBCOMMAND]
+        if not leaves:
+            leaves = [payload]
+        for leaf in leaves:
+            path = _qualified_name(payload, leaf)
+            assert f"`/{path}" in text, f"/help does not mention /{path}"
+            assert leaf["description"] in text
+    imagine = next(line for line in text.splitlines() if line.startswith("`/imagine"))
+    assert imagine.startswith("`/imagine prompt [negative] [seed] [steps] [cfg] [size] [count]`")
+    # Discord's embed limits: 25 fields, 256 per field name, 1024 per value, 6000 in all.
+    assert len(embed["fields"]) <= 25
+    assert all(len(f["name"]) <= 256 and len(f["value"]) <= 1024 for f in embed["fields"])
+    assert len(embed["title"]) + len(text) <= 6000
+
+
+def _qualified_name(payload: dict, leaf: dict) -> str:
+    if leaf is payload:
+        return payload["name"]
+    for option in payload.get("options") or []:
+        if option is leaf:
+            return f"{payload['name']} {leaf['name']}"
+        if option["type"] == GROUP and leaf in (option.get("options") or []):
+            return f"{payload['name']} {option['name']} {leaf['name']}"
+    raise AssertionError(leaf)
 
 
 @pytest.mark.parametrize("schema_name", ["ApplicationCommandCreateRequest", "ApplicationCommandUpdateRequest"])
@@ -123,6 +173,26 @@ async def test_imagine_ranges_are_enforced_by_discord_too(payloads):
     assert options["seed"]["min_value"] == 0
     assert [c["value"] for c in options["size"]["choices"]] == ["square", "portrait", "landscape"]
     assert options["prompt"]["required"] and options["prompt"]["max_length"] <= 6000
+
+
+async def test_option_ranges_are_the_engine_contracts(payloads):
+    imagine = {o["name"]: o for o in next(p for p in payloads if p["name"] == "imagine")["options"]}
+    assert (imagine["steps"]["min_value"], imagine["steps"]["max_value"]) == imagine_request.STEPS_RANGE
+    assert (imagine["cfg"]["min_value"], imagine["cfg"]["max_value"]) == imagine_request.CFG_RANGE
+    assert (imagine["count"]["min_value"], imagine["count"]["max_value"]) == imagine_request.COUNT_RANGE
+    assert imagine["seed"]["max_value"] == imagine_request.SEED_MAX
+    assert imagine["prompt"]["max_length"] == imagine["negative"]["max_length"] == imagine_request.MEMBER_PROMPT_CHARS
+    assert imagine_request.MEMBER_PROMPT_CHARS <= MAX_PROMPT_CHARS
+    assert {c["value"]: c["name"] for c in imagine["size"]["choices"]} == {
+        name: f"{name} {w}×{h}" for name, (w, h) in imagine_request.SIZES.items()}
+    train = {o["name"]: o for o in next(p for p in payloads if p["name"] == "train")["options"]}
+    steps = MEMBER_OPTIONS["steps"]
+    assert (train["steps"]["min_value"], train["steps"]["max_value"]) == (steps.for_members.low,
+                                                                          steps.for_members.high) == (1, 3000)
+    assert steps.for_members.high <= steps.range.high  # members pick within what the engine accepts
+    assert (train["token"]["min_length"], train["token"]["max_length"]) == TOKEN_LENGTH
+    assert train["class"]["max_length"] == CLASS_MAX_LENGTH
+    assert {name for name in MEMBER_OPTIONS} <= set(train)  # every option members may set is a /train option
 
 
 async def test_concept_options_autocomplete(payloads):

@@ -125,3 +125,20 @@ def test_progress_bar_line():
     assert lines == ["class images [#####-----] 2/4  ETA 3s", "[#---------] 1/10  loss 0.5000  ETA 9s",
                      "making 4 sample images", ""]
     assert format_seconds(3700) == "1h01m" and format_seconds(9) == "9s"
+
+
+def test_cli_flags_come_from_the_spec_options():
+    from trainer.__main__ import build_parser
+    from trainer.contract.train_spec import TRAIN_OPTIONS
+
+    base = ["train", "--photos", "P", "--token", "squidarth", "--class", "man", "--out", "O"]
+    defaults = build_parser().parse_args(base)
+    flagged = {name for name, rules in TRAIN_OPTIONS.items() if rules.cli}
+    assert flagged == {"style", "steps", "seed", "slice_s", "train_text_encoder", "rank", "learning_rate",
+                       "batch_size", "resolution", "prior_preservation", "class_images"}
+    assert {name: getattr(defaults, name) for name in ("steps", "seed", "rank", "prior_preservation", "style")} == {
+        "steps": None, "seed": 0, "rank": 16, "prior_preservation": None, "style": False}
+    args = build_parser().parse_args([*base, "--lr", "0.001", "--no-prior", "--no-text-encoder", "--style",
+                                      "--class-images", "7", "--slice-s", "2.5"])
+    assert (args.learning_rate, args.prior_preservation, args.train_text_encoder, args.style, args.class_images,
+            args.slice_s) == (0.001, False, False, True, 7, 2.5)

@@ -9,41 +9,52 @@ cache (default: $BOOTHBOT_DATA_DIR/cache, else ./data/cache) so later trainings 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
+import typing
 from pathlib import Path
+
+from trainer.contract.train_spec import TRAIN_OPTIONS, TrainSpec
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the bot's default (bot/settings.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from trainer.training.engine import TrainSpec
-
-    defaults = TrainSpec("cli", "x", "x", Path("."), Path("."))
     parser.add_argument("--photos", required=True, help="a folder of photos or a .zip of them")
     parser.add_argument("--token", required=True, help="the new word for the subject, e.g. squidarth")
     parser.add_argument("--class", dest="class_name", required=True, help="what it is: man, woman, dog, style, …")
     parser.add_argument("--out", required=True, help="output folder (created): lora.safetensors, samples/, …")
     parser.add_argument("--model", default=os.environ.get("BOOTHBOT_MODEL", DEFAULT_MODEL),
                         help="base model: hub id, diffusers folder or .safetensors file (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: from the photo count)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=defaults.learning_rate,
-                        help="UNet learning rate (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
-    parser.add_argument("--resolution", type=int, default=None, help="default: the model's own (512 for SD 1.5)")
-    parser.add_argument("--class-images", type=int, default=defaults.class_images,
-                        help="prior-preservation images of the class (default: %(default)s)")
-    parser.add_argument("--no-prior", action="store_true", help="train without prior preservation")
-    parser.add_argument("--text-encoder", dest="train_text_encoder", action=argparse.BooleanOptionalAction,
-                        default=True, help="also train a text-encoder LoRA (default: on)")
-    parser.add_argument("--style", action="store_true", help="the photos show a style, not a subject")
     parser.add_argument("--device", default=os.environ.get("BOOTHBOT_DEVICE", "auto"), help="auto, cuda, cpu, …")
     parser.add_argument("--dtype", default=os.environ.get("BOOTHBOT_DTYPE", "auto"), choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--cache-dir", default=None, help="shared cache for class images")
-    parser.add_argument("--slice-s", type=float, default=None, help=argparse.SUPPRESS)  # exercise slicing by hand
+    add_spec_arguments(parser)
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainSpec field with a `cli` flag; the parsed value lands under the field's name."""
+    types = typing.get_type_hints(TrainSpec)
+    for spec_field in dataclasses.fields(TrainSpec):
+        rules = TRAIN_OPTIONS[spec_field.name]
+        if rules.cli is None:
+            continue
+        kind = _value_type(types[spec_field.name])
+        kwargs = {"dest": spec_field.name, "default": spec_field.default, "help": rules.help or argparse.SUPPRESS}
+        if kind is bool:
+            # A switch that is off unless given (--style); otherwise --flag / --no-flag (--text-encoder, --prior).
+            kwargs["action"] = "store_true" if spec_field.default is False else argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+        parser.add_argument(rules.cli, **kwargs)
+
+
+def _value_type(annotation) -> type:
+    """int for `int | None`, and so on."""
+    kinds = [kind for kind in typing.get_args(annotation) if kind is not type(None)] or [annotation]
+    return kinds[0]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     require_model(args.model)  # a wrong --model fails now, not after the photo intake
     out_dir = require_writable_dir(args.out, "--out")
     cache_dir, setting = _cache_dir(args)
-    if not args.no_prior:
+    if args.prior_preservation is not False:
         cache_dir = require_writable_dir(cache_dir, setting)
     try:
         photos_dir, token, class_name = _intake(args, out_dir / "photos")
@@ -104,15 +115,11 @@ def _intake(args, photos_dir: Path):
 def _train(args, photos_dir: Path, token: str, class_name: str, out_dir: Path, cache_dir: Path):
     from trainer.intake.photos import token_warnings
     from trainer.models.loading import load_pipeline
-    from trainer.training.engine import TrainSpec, train_concept
+    from trainer.training.engine import train_concept
 
-    spec = TrainSpec(
-        concept_id="cli", token=token, class_name=class_name, photos_dir=photos_dir, out_dir=out_dir,
-        style=args.style, steps=args.steps, seed=args.seed, rank=args.rank,
-        learning_rate=args.lr, batch_size=args.batch_size, resolution=args.resolution,
-        class_images=args.class_images, prior_preservation=False if args.no_prior else None,
-        train_text_encoder=args.train_text_encoder, base_model=args.model,
-    )
+    options = {name: getattr(args, name) for name, rules in TRAIN_OPTIONS.items() if rules.cli}
+    spec = TrainSpec(concept_id="cli", token=token, class_name=class_name, photos_dir=photos_dir, out_dir=out_dir,
+                     base_model=args.model, **options)
     spec.validate()
     print(f"loading {args.model} …", flush=True)
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
@@ -122,7 +129,7 @@ def _train(args, photos_dir: Path, token: str, class_name: str, out_dir: Path, c
     bar = ProgressBar(sys.stderr)
     try:
         while True:
-            outcome = train_concept(pipe, spec, cache_dir=cache_dir, on_progress=bar, slice_s=args.slice_s)
+            outcome = train_concept(pipe, spec, cache_dir=cache_dir, on_progress=bar)
             if outcome.status != "paused":
                 return outcome
     finally:

@@ -21,6 +21,10 @@ CFG_RANGE, DEFAULT_CFG = (1.0, 20.0), 7.0
 COUNT_RANGE, DEFAULT_COUNT = (1, 4), 1
 STRENGTH_RANGE, DEFAULT_STRENGTH = (0.05, 1.0), 0.6
 SIDE_RANGE = (64, 2048)  # absolute bounds; the model narrows them (see GenerationService.size_range)
+# The picture shapes /imagine offers, for SD 1.x (512 px native); the engine rounds to what the model supports.
+SIZES = {"square": (512, 512), "portrait": (512, 768), "landscape": (768, 512)}
+# What /imagine lets a member type in the prompt and the negative prompt (the engine takes up to MAX_PROMPT_CHARS).
+MEMBER_PROMPT_CHARS = 1000
 
 
 def _int_option(params: dict, key: str, label: str, lo: int, hi: int, default: int | None) -> int | None:

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from trainer.contract.errors import UserError
 
-TOKEN_PATTERN = re.compile(r"^[a-z0-9_]{3,24}$")
-CLASS_PATTERN = re.compile(r"^[a-z][a-z \-]{1,23}$")
+TOKEN_LENGTH = (3, 24)
+CLASS_MAX_LENGTH = 24
+TOKEN_PATTERN = re.compile(rf"^[a-z0-9_]{{{TOKEN_LENGTH[0]},{TOKEN_LENGTH[1]}}}$")
+CLASS_PATTERN = re.compile(rf"^[a-z][a-z \-]{{1,{CLASS_MAX_LENGTH - 1}}}$")
 
 # class word -> kind. The kind decides cropping (faces), the instance prompt (styles) and the class images.
 CLASS_KINDS = {
@@ -37,8 +39,8 @@ def check_token(token: str) -> str:
     cleaned = (token or "").strip().lower()
     if not TOKEN_PATTERN.match(cleaned):
         raise UserError(
-            f"“{token.strip()[:40]}” can't be used as a token. A token is one made-up word of 3 to 24 letters, digits "
-            "or underscores, with no spaces, such as squidarth or rex_the_dog."
+            f"“{token.strip()[:40]}” can't be used as a token. A token is one made-up word of {TOKEN_LENGTH[0]} to "
+            f"{TOKEN_LENGTH[1]} letters, digits or underscores, with no spaces, such as squidarth or rex_the_dog."
         )
     if cleaned.isdigit():
         raise UserError(f"“{cleaned}” is only digits; use a made-up word such as squidarth.")

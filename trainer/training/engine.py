@@ -11,22 +11,19 @@ The recipe and where each default comes from: docs/TRAINING.md.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.training import checkpoint
 from trainer.contract.errors import UserError
 from trainer.contract.naming import class_kind
-from trainer.contract.naming import instance_prompt as naming_instance_prompt
+from trainer.contract.train_spec import TrainSpec
+from trainer.training import checkpoint
 from trainer.training.step import StepRunner
 
 log = logging.getLogger(__name__)
@@ -46,100 +43,6 @@ def default_steps(photo_count: int, class_name: str) -> int:
     800–1200: Hugging Face's DreamBooth study), else at least 500; at most 1500 (beyond that LoRAs overfit)."""
     low = 800 if class_kind(class_name) == "person" else 500
     return max(low, min(1500, 100 * photo_count))
-
-
-@dataclass
-class TrainSpec:
-    """What to train. The first ten fields are the worker's `train` params; the rest is the recipe (docs/TRAINING.md)."""
-
-    concept_id: str
-    token: str
-    class_name: str
-    photos_dir: Path
-    out_dir: Path
-    style: bool = False
-    steps: int | None = None  # None: default_steps(photo count, class)
-    seed: int = 0
-    slice_s: float | None = None  # None or 0: no time limit
-    train_text_encoder: bool = True
-    rank: int = 16
-    learning_rate: float = 1e-4
-    text_encoder_learning_rate: float = 5e-5
-    batch_size: int = 1
-    resolution: int | None = None  # None: the model's own (512 for SD 1.5)
-    prior_preservation: bool | None = None  # None: on, except for styles
-    class_images: int = 100
-    prior_loss_weight: float = 1.0
-    snr_gamma: float | None = 5.0
-    flip: bool = False
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
-    deterministic: bool = True  # torch's deterministic kernels while training (bit-identical reruns on one GPU)
-    cuda_graphs: bool = True  # replay the step from a CUDA graph on CUDA (same math, far fewer launches)
-    sample_count: int = 4
-    preview_every: int | None = None  # steps between previews; None: a fifth of the steps when preview_path is set
-    preview_path: Path | None = None  # where previews go (WebP); None and preview_every unset: no previews
-    base_model: str | None = None  # the name recorded in the LoRA's metadata; default: the pipeline's name_or_path
-
-    def __post_init__(self):
-        self.concept_id = str(self.concept_id)
-        self.photos_dir = Path(self.photos_dir)
-        self.out_dir = Path(self.out_dir)
-        if self.preview_path is not None:
-            self.preview_path = Path(self.preview_path)
-
-    @classmethod
-    def from_params(cls, params: dict) -> "TrainSpec":
-        """The worker's `train` params (docs/ARCHITECTURE.md); recipe fields may be given too; other keys ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = [n for n in ("concept_id", "token", "class_name", "photos_dir", "out_dir") if params.get(n) is None]
-        if missing:
-            raise ValueError(f"train params lack {', '.join(missing)}")
-        values = {key: value for key, value in params.items() if key in names and value is not None}
-        return cls(**values)
-
-    @property
-    def is_style(self) -> bool:
-        return self.style or class_kind(self.class_name) == "style"
-
-    @property
-    def instance_prompt(self) -> str:
-        return naming_instance_prompt(self.token, self.class_name, "style" if self.is_style else None)
-
-    @property
-    def uses_prior(self) -> bool:
-        return (not self.is_style) if self.prior_preservation is None else self.prior_preservation
-
-    def preview_interval(self, total: int) -> int:
-        if self.preview_every is not None:
-            return self.preview_every
-        return math.ceil(total / 5) if self.preview_path is not None else 0
-
-    @property
-    def preview_file(self) -> Path:
-        return self.preview_path or self.out_dir / "preview.webp"
-
-    @property
-    def adapter_name(self) -> str:
-        return "boothbot_train_" + re.sub(r"[^A-Za-z0-9_]", "_", self.concept_id)
-
-    def validate(self) -> None:
-        checks = [
-            (bool(self.token.strip()) and not any(c.isspace() for c in self.token), "the token must be one word"),
-            (self.steps is None or 1 <= self.steps <= 20_000, "steps must be between 1 and 20000"),
-            (1 <= self.rank <= 256, "rank must be between 1 and 256"),
-            (0 < self.learning_rate <= 1e-2, "the learning rate must be above 0 and at most 0.01"),
-            (0 < self.text_encoder_learning_rate <= 1e-2, "the text encoder learning rate must be above 0 and at most 0.01"),
-            (1 <= self.batch_size <= 64, "the batch size must be between 1 and 64"),
-            (1 <= self.class_images <= 2000 or not self.uses_prior, "class images must be between 1 and 2000"),
-            (self.prior_loss_weight >= 0, "the prior loss weight cannot be negative"),
-            (self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma must be positive"),
-            (0 <= self.sample_count <= 16, "sample count must be between 0 and 16"),
-            (self.preview_every is None or self.preview_every >= 0, "preview_every cannot be negative"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(f"Training settings: {message}.")
 
 
 @dataclass(frozen=True)
@@ -206,11 +109,8 @@ def _prepare_job(pipe, spec: TrainSpec, cache_dir: Path) -> _Job:
     if spec.uses_prior:
         prompts.append(class_prompt(spec.class_name))
         class_set = ClassImageSet.for_model(cache_dir, model_fp, prompts[-1], resolution, spec.class_images)
-    training_fields = {k: v for k, v in dataclasses.asdict(spec).items()
-                       if k not in ("photos_dir", "out_dir", "slice_s", "sample_count", "preview_every",
-                                    "preview_path", "base_model", "cuda_graphs")}
     fingerprint = hashlib.sha256(json.dumps(
-        [training_fields, photos_digest(photos), model_fp, resolution, total, prompts,
+        [spec.fingerprint_fields(), photos_digest(photos), model_fp, resolution, total, prompts,
          str(class_set.directory.name) if class_set else None], sort_keys=True, default=str).encode()).hexdigest()
     base_model = spec.base_model or getattr(pipe, "name_or_path", None) or "unknown"
     return _Job(spec, photos, resolution, total, prompts, photo_prompt, class_set, str(base_model), fingerprint)
@@ -475,13 +375,13 @@ class _Slice:
         if spec.train_text_encoder:
             te_state = {k: v.detach().float().cpu() for k, v in
                         get_peft_model_state_dict(self.pipe.text_encoder, adapter_name=spec.adapter_name).items()}
-        metadata = training_metadata(
-            token=spec.token, class_name=spec.class_name, style=spec.is_style, instance_prompt=job.instance_prompt,
-            base_model=job.base_model, steps=job.total, rank=spec.rank, learning_rate=spec.learning_rate,
-            text_encoder_learning_rate=spec.text_encoder_learning_rate if spec.train_text_encoder else None,
-            train_text_encoder=spec.train_text_encoder, batch_size=spec.batch_size, resolution=job.resolution,
-            prior_preservation=spec.uses_prior, class_images=spec.class_images if spec.uses_prior else None,
-            photo_count=len(job.photos), seed=spec.seed, seconds=seconds)
+        # The spec's fields marked `lora`, with the values this training actually used where they are derived.
+        metadata = training_metadata(**{
+            **spec.lora_fields(), "style": spec.is_style, "steps": job.total, "resolution": job.resolution,
+            "prior_preservation": spec.uses_prior, "class_images": spec.class_images if spec.uses_prior else None,
+            "text_encoder_learning_rate": spec.text_encoder_learning_rate if spec.train_text_encoder else None,
+            "instance_prompt": job.instance_prompt, "base_model": job.base_model, "photo_count": len(job.photos),
+            "seconds": seconds})
         return write_lora_files(spec.out_dir, unet_state=unet_state, text_encoder_state=te_state,
                                 unet_config=scope.adapter_config("unet"),
                                 text_encoder_config=scope.adapter_config("text_encoder"), metadata=metadata)
