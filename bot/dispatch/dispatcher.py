@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Protocol
 
 from bot.jobs.ledger import Job, Ledger
-from bot.dispatch.worker_client import SHUTTING_DOWN, TIMED_OUT, WorkerClient, format_limit
+from bot.dispatch.worker_client import SHUTTING_DOWN, TIMED_OUT, WorkerClient
+from trainer.contract.durations import format_duration
 from trainer.contract.errors import UserError
 from trainer.contract.imagine_request import DEFAULT_CFG, DEFAULT_COUNT, DEFAULT_STEPS, SCHEDULERS
 
@@ -316,7 +317,7 @@ class Dispatcher:
                 return failure, 0.0
             timeout_s = self._time_left(job)
             if timeout_s <= 0:
-                limit = format_limit(self.settings.train_timeout_s)
+                limit = format_duration(self.settings.train_timeout_s)
                 return _failed(job.id, TIMED_OUT.format(limit=limit)), 0.0
             watcher = asyncio.create_task(self._pass_on_cancels([job.id]), name=f"cancel-watch-{job.id}")
             started = time.monotonic()

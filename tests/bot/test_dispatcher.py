@@ -198,7 +198,7 @@ async def test_imagine_past_its_time_limit_is_stopped(bot):
     await bot.dispatcher.run_next()
     stopped = await bot.ledger.get(job.id)
     assert stopped.status == "failed"
-    assert stopped.error == "Your job ran longer than the limit of 1 second and was stopped."
+    assert stopped.error == "Your job ran longer than the limit of 1 s and was stopped."
     assert time.monotonic() - started < 30
     assert bot.notifier.finished_ids() == [job.id]
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from bot.errors import BannedError, LimitError
-from bot.jobs.scheduler import DEFAULT_DURATION_S, format_duration
+from bot.jobs.scheduler import DEFAULT_DURATION_S
 
 GUILD, OTHER_GUILD, CHANNEL = 111111111111111111, 222222222222222222, 333333333333333333
 ALICE, BOB, CAROL, ADMIN = 1001, 1002, 1003, 9009
@@ -251,10 +251,3 @@ async def test_position_simulates_fairness_for_many_members(ledger, clock):
     ran = [(await run_next(ledger, clock, DEFAULT_DURATION_S["imagine"])).id for _ in range(9)]
     assert ran == [e.job.id for e in view]
     assert {j.id for j in alice + bob} < set(ran)
-
-
-def test_format_duration():
-    assert format_duration(20) == "less than a minute"
-    assert format_duration(5 * 60 + 10) == "about 5 min"
-    assert format_duration(3 * 3600 + 20 * 60) == "about 3 h 20 min"
-    assert format_duration(2 * 3600) == "about 2 h"
