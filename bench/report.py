@@ -63,7 +63,8 @@ def comparison_rows(metrics: dict) -> list[dict]:
     return rows
 
 
-def _cell(value) -> str:
+def format_value(value) -> str:
+    """A measurement for the table and the notes: 3 significant digits (whole numbers from 100), '-' when missing."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -80,7 +81,7 @@ def format_table(report: dict) -> str:
     for row in report["rows"]:
         met = {True: "yes", False: "NO", None: "-"}[row["met"]]
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
-        table.append((row["label"], row["unit"], _cell(row["reference"]), _cell(row["ours"]), ratio,
+        table.append((row["label"], row["unit"], format_value(row["reference"]), format_value(row["ours"]), ratio,
                       row["goal_reads"], met))
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for i, r in enumerate(table):

@@ -366,6 +366,8 @@ def _get(d, *keys):
 
 def summarise(bench: Bench) -> dict:
     """The comparison metrics (reference vs ours) from the raw results."""
+    from bench.report import format_value
+
     r = bench.results
     ref_train, serving, ours = r.get("reference_train") or {}, r.get("reference_serving") or {}, r.get("ours") or {}
     metrics: dict = {}
@@ -373,15 +375,15 @@ def summarise(bench: Bench) -> dict:
         ref_total, ref_class = ref_train.get("total_s"), ref_train.get("class_images_s")
         ref_warm = ref_total - ref_class if ref_total is not None and ref_class is not None else None
         note = (f"both cold (class images made first); with class images already there: reference "
-                f"{_fmt(ref_warm)} s, ours {_fmt(_get(ours, 'train_warm', 'lora_saved_s'))} s; ours job done (4 samples "
-                f"too) {_fmt(_get(ours, 'train_cold', 'seconds'))} s, {_get(ours, 'train_cold', 'steps')} steps; "
-                f"reference = class images {_fmt(ref_class)} s + load {_fmt(ref_train.get('load_s'))} s + loop "
-                f"{_fmt(ref_train.get('loop_s'))} s ({_fmt(ref_train.get('step_s'))} s/step) + save "
-                f"{_fmt(ref_train.get('save_s'))} s")
+                f"{format_value(ref_warm)} s, ours {format_value(_get(ours, 'train_warm', 'lora_saved_s'))} s; ours job done (4 samples "
+                f"too) {format_value(_get(ours, 'train_cold', 'seconds'))} s, {_get(ours, 'train_cold', 'steps')} steps; "
+                f"reference = class images {format_value(ref_class)} s + load {format_value(ref_train.get('load_s'))} s + loop "
+                f"{format_value(ref_train.get('loop_s'))} s ({format_value(ref_train.get('step_s'))} s/step) + save "
+                f"{format_value(ref_train.get('save_s'))} s")
         phases = _get(ours, "train_warm", "timings") or _get(ours, "train_cold", "timings")
         if phases:
             note += (f"; ours {'warm' if _get(ours, 'train_warm', 'timings') else 'cold'} phases: "
-                     + ", ".join(f"{k} {_fmt(v)} s" for k, v in phases.items())
+                     + ", ".join(f"{k} {format_value(v)} s" for k, v in phases.items())
                      + f" ({_get(ours, 'train_cold', 'graph_steps')} steps replayed from a CUDA graph)")
         if bench.cfg.ours_batch:
             note += (f"; RECIPE CHANGE: ours at batch {bench.cfg.ours_batch} (same samples seen in fewer steps, "
@@ -399,7 +401,7 @@ def summarise(bench: Bench) -> dict:
             metrics["switch_ms"] = {
                 "reference": serving.get("switch_unload_load_ms"), "ours": ours.get("switch_ms"),
                 "note": (f"reference = unload + load_lora_weights; with both kept loaded, "
-                         f"set_adapters takes {_fmt(serving.get('switch_set_adapters_ms'))} ms; "
+                         f"set_adapters takes {format_value(serving.get('switch_set_adapters_ms'))} ms; "
                          f"ours = {ours.get('switch_method', 'extra latency of a request whose LoRA differs from the last')}")}
     ref_peaks = [_get(x, "peak_memory", "reserved_gb") for x in (ref_train, serving)]
     if bench.wants("train") and any(p is not None for p in ref_peaks):  # the goal is about training + serving
@@ -408,10 +410,6 @@ def summarise(bench: Bench) -> dict:
             "note": "torch allocator reserved peak (CUDA context not included); reference = training process + "
                     "fp16 serving process side by side"}
     return metrics
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3g}"
 
 
 def build_report(env: dict, cfg: BenchConfig, bench: Bench) -> dict:

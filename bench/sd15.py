@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.models.tiny import write_tiny_tokenizer
+from trainer.models.tiny import SD15_SCHEDULER_CONFIG, write_tiny_tokenizer
 
 CLIP_VOCAB_SIZE = 49408
 SD15_RESOLUTION = 512
@@ -48,10 +48,6 @@ TEXT_CONFIG = dict(
     bos_token_id=CLIP_VOCAB_SIZE - 2,
     eos_token_id=CLIP_VOCAB_SIZE - 1,
     pad_token_id=CLIP_VOCAB_SIZE - 1,
-)
-SCHEDULER_CONFIG = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-    steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False,
 )
 
 
@@ -91,7 +87,7 @@ def build_sd15_pipeline(device: str = "cpu", seed: int = 0, tokenizer_dir: Path 
         text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
+        scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)

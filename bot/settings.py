@@ -57,28 +57,24 @@ class Settings:
 
 
 # environment key -> (field name, parser)
-def _int(lo: int, hi: int):
-    def parse(key: str, raw: str) -> int:
+def _number(convert, what: str, lo, hi):
+    def parse(key: str, raw: str):
         try:
-            value = int(raw.strip())
+            value = convert(raw.strip())
         except ValueError:
-            raise SettingsError(f"{key}={raw!r} is not a whole number; allowed: {lo}..{hi}") from None
+            raise SettingsError(f"{key}={raw!r} is not {what}; allowed: {lo}..{hi}") from None
         if not lo <= value <= hi:
             raise SettingsError(f"{key}={value} is out of range; allowed: {lo}..{hi}")
         return value
     return parse
+
+
+def _int(lo: int, hi: int):
+    return _number(int, "a whole number", lo, hi)
 
 
 def _float(lo: float, hi: float):
-    def parse(key: str, raw: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise SettingsError(f"{key}={raw!r} is not a number; allowed: {lo}..{hi}") from None
-        if not lo <= value <= hi:
-            raise SettingsError(f"{key}={value} is out of range; allowed: {lo}..{hi}")
-        return value
-    return parse
+    return _number(float, "a number", lo, hi)
 
 
 def _choice(*allowed: str):

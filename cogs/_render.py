@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import discord
 
 from bot.jobs.kinds import JobKind
+from trainer.contract.durations import format_duration
 
 COLOR_QUEUED = discord.Colour.light_grey()
 COLOR_RUNNING = discord.Colour.blurple()
@@ -17,19 +18,6 @@ COLOR_FAILED = discord.Colour.red()
 COLOR_INFO = discord.Colour.teal()
 BAR_WIDTH = 16
 CONCEPT_STATES = {"ready": "ready", "training": "training…", "failed": "training failed"}
-
-
-def duration(seconds: float | None) -> str:
-    """A short human duration: '45 s', '3 min', '1 h 20 min'; '?' when unknown."""
-    if seconds is None or seconds != seconds or seconds < 0:
-        return "?"
-    seconds = int(math.ceil(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes = int(seconds / 60 + 0.5)
-    if minutes < 60:
-        return f"{minutes} min"
-    return f"{minutes // 60} h {minutes % 60} min"
 
 
 def progress_bar(step: int, total: int, width: int = BAR_WIDTH) -> str:
@@ -75,7 +63,7 @@ def queued_embed(job, position: int | None, eta_s: float | None, *, paused: bool
     where = f"#{position} in the queue" if position else "in the queue"
     embed.description = f"<@{job.owner_id}>'s job {job.id} is {where}."
     if eta_s is not None:
-        embed.description += f" It should be done in about {duration(eta_s)}."
+        embed.description += f" It should be done in about {format_duration(eta_s)}."
     if paused:
         embed.description += "\nThe queue is paused by an admin; it will go on when they resume it."
     embed.set_footer(text=f"job {job.id} · /queue cancel to cancel it")
@@ -89,7 +77,7 @@ def running_embed(job, event: dict, *, preview_name: str | None = None) -> disco
     if event.get("stage") != "class_images":  # those count images, and their detail says so
         lines.append(f"step {step}/{total}")
     if event.get("eta_s") is not None:
-        lines[-1] += f" · about {duration(event['eta_s'])} left"
+        lines[-1] += f" · about {format_duration(event['eta_s'])} left"
     if event.get("detail"):  # what the engine is doing besides steps, e.g. "making class images 20/100"
         lines.append(str(event["detail"])[:200])
     embed.description = "\n".join(lines)
@@ -118,7 +106,7 @@ def train_done_text(job, result: dict) -> str:
     example = (f"a photo of {subject} as an astronaut" if not params.get("style")
                else f"a lighthouse in {subject}")
     steps, seconds = result.get("steps"), result.get("seconds")
-    took = f" ({steps} steps in {duration(seconds)})" if steps is not None and seconds is not None else ""
+    took = f" ({steps} steps in {format_duration(seconds)})" if steps is not None and seconds is not None else ""
     return (f"<@{job.owner_id}> `{token}` is ready{took}. Here are a few samples.\n"
             f"Use it: `/imagine prompt: {example}`\n"
             f"It is private to you; `/concepts share {token}` lets everyone here use it, "
@@ -172,7 +160,7 @@ def job_line(job, position: int | None = None, eta_s: float | None = None, *, sh
     owner = f" · <@{job.owner_id}>" if show_owner else ""
     if job.status == "queued":
         where = f"#{position}" if position else "queued"
-        when = f", done in ~{duration(eta_s)}" if eta_s is not None else ""
+        when = f", done in ~{format_duration(eta_s)}" if eta_s is not None else ""
         state = f"{where}{when}"
     elif job.status == "running":
         total = job.progress_total or 0

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from trainer.contract.files import write_text_atomic
+
 STACK = ("torch", "diffusers", "transformers", "peft", "accelerate", "huggingface-hub")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = REPO_ROOT / "constraints.txt"
@@ -122,10 +124,7 @@ def _read_stamp(stamp: Path) -> dict | None:
 
 def _write_stamp(stamp: Path, versions: dict[str, str]) -> None:
     with contextlib.suppress(OSError):  # only a cache: the next start probes again
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        temp = stamp.with_suffix(".tmp")
-        temp.write_text(json.dumps(versions), encoding="utf-8")
-        temp.replace(stamp)
+        write_text_atomic(stamp, json.dumps(versions))
 
 
 def train_and_load_tiny_lora() -> None:

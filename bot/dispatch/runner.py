@@ -16,7 +16,8 @@ from bot.dispatch.announcer import Announcer
 from bot.dispatch.cancels import passing_on_cancels
 from bot.dispatch.endings import failed, record_end
 from bot.dispatch.progress import ProgressRecorder
-from bot.dispatch.worker_client import SHUTTING_DOWN, TIMED_OUT, WorkerClient, format_limit
+from bot.dispatch.worker_client import SHUTTING_DOWN, TIMED_OUT, WorkerClient
+from trainer.contract.durations import format_duration
 from bot.jobs.kinds import KindContext, between_slices, kind_of
 from bot.jobs.ledger import Job, Ledger
 from trainer.contract.errors import UserError
@@ -191,7 +192,7 @@ class Runner:
                 return failure, 0.0
             timeout_s = self._time_left(job)
             if timeout_s <= 0:
-                limit = format_limit(kind_of(job.kind).timeout_s(self.context.settings))
+                limit = format_duration(kind_of(job.kind).timeout_s(self.context.settings))
                 return failed(job.id, TIMED_OUT.format(limit=limit)), 0.0
             started = time.monotonic()
             async with passing_on_cancels(self.ledger, self.worker, [job.id]):

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from trainer.contract import protocol
+from trainer.contract.durations import format_duration
 
 log = logging.getLogger("boothbot.worker")
 
@@ -57,12 +58,6 @@ def describe_exit(returncode: int | None) -> str:
         except ValueError:
             return f"the worker was killed by signal {-returncode}"
     return f"the worker exited with code {returncode}"
-
-
-def format_limit(seconds: float) -> str:
-    if seconds >= 120:
-        return f"{seconds / 60:.0f} minutes"
-    return f"{seconds:.0f} second" + ("" if round(seconds) == 1 else "s")
 
 
 class WorkerClient:
@@ -235,7 +230,7 @@ class WorkerClient:
             if event["event"] in protocol.JOB_END_EVENTS and event["job_id"] in job_ids:
                 detail = f"stopped after its time limit of {timeout_s:.0f} s" + (" (worker killed)" if killed else "")
                 ends.setdefault(event["job_id"], protocol.failed(
-                    event["job_id"], TIMED_OUT.format(limit=format_limit(timeout_s)), detail))
+                    event["job_id"], TIMED_OUT.format(limit=format_duration(timeout_s)), detail))
         return ends
 
     async def _supervise(self) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from bot.errors import BannedError, LimitError
 from bot.jobs.kinds import KINDS, UNMEASURED_DURATION_S
 from trainer.contract.protocol import JobKind
+from trainer.contract.durations import format_duration
 
 if TYPE_CHECKING:
     from bot.jobs.ledger import Job
@@ -96,23 +97,11 @@ async def check_submit(db: Store, *, kind: str, owner_id: int, guild_id: int, ro
         if len(started) >= per_day:
             free_in = started[len(started) - per_day]["created_at"] + DAY_S - now
             raise LimitError(f"You have already started {_count(len(started), 'training')} in the last 24 hours, "
-                             f"the most this server allows; you can train again in {format_duration(free_in)}.")
+                             f"the most this server allows; you can train again in about {format_duration(free_in)}.")
 
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
-def format_duration(seconds: float) -> str:
-    """'about 3 h 20 min', 'about 5 min', 'less than a minute' — for messages to members."""
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return "less than a minute"
-    minutes = round(seconds / 60)
-    if minutes < 60:
-        return f"about {minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    return f"about {hours} h" + (f" {minutes} min" if minutes else "")
 
 
 # --- pause ---------------------------------------------------------------------------------------------------------

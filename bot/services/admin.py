@@ -157,9 +157,6 @@ class AdminService:
             await self._audit(db, guild_id, by, "unban", f"member:{member_id}", "" if removed else "was not banned")
             return removed == 1
 
-    async def is_banned(self, guild_id: int, member_id: int) -> bool:
-        return await scheduler.ban_reason(self.store, guild_id, member_id) is not None
-
     async def bans(self, guild_id: int) -> list[dict]:
         rows = await self.store.fetchall(
             "SELECT member_id, reason, banned_by AS by, created_at FROM bans WHERE guild_id = ? ORDER BY created_at",

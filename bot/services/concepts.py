@@ -184,14 +184,6 @@ class ConceptService:
             await self._clean_if_gone(concept_id)
         return changed == 1
 
-    async def mark_failed(self, concept_id: int, error: str) -> bool:
-        changed = await self.store.execute(
-            "UPDATE concepts SET status = 'failed', error = ?, updated_at = ? WHERE id = ? AND status = 'training'",
-            (error, self.clock(), concept_id))
-        if not changed:
-            await self._clean_if_gone(concept_id)
-        return changed == 1
-
     async def remove_orphan_files(self) -> int:
         """Remove concept directories with no live concept and no running job (a worker may have written files
         after a delete). Call at start and now and then; returns how many went."""

@@ -42,10 +42,13 @@ async def test_tokens_are_unique_per_server_whatever_the_case(concepts):
     await concepts.create(OTHER_GUILD, BOB, "sid", "man")  # another server: free
 
 
-async def test_a_failed_concept_of_the_same_owner_is_replaced(concepts):
+async def test_a_failed_concept_of_the_same_owner_is_replaced(concepts, ledger):
     failed = await concepts.create(GUILD, ALICE, "sid", "man")
     (concepts.concept_dir(failed.id) / "photos").mkdir()
-    assert await concepts.mark_failed(failed.id, "The photos were too blurry.")
+    job = await ledger.submit("train", ALICE, GUILD, CHANNEL, {"concept_id": failed.id})
+    await concepts.attach_job(failed.id, job.id)
+    await ledger.claim(job.id)
+    await ledger.fail(job.id, "The photos were too blurry.")
     assert (await concepts.get(failed.id)).error == "The photos were too blurry."
     again = await concepts.create(GUILD, ALICE, "sid", "man")
     assert again.id != failed.id and await concepts.get(failed.id) is None
@@ -149,7 +152,6 @@ async def test_a_training_that_ends_badly_leaves_its_concept_failed(concepts, le
     assert (outcomes["aaa"].status, outcomes["aaa"].error) == ("failed", "The GPU ran out of memory.")
     assert (outcomes["bbb"].status, outcomes["bbb"].error) == ("failed", "The training was cancelled.")
     assert (outcomes["ccc"].status, outcomes["ccc"].lora_path, outcomes["ccc"].lora_kohya_path) == ("ready", "x", "y")
-    assert not await concepts.mark_failed(outcomes["ccc"].id, "too late")  # ready stays ready
 
 
 async def test_stale_files_from_a_lost_database_are_not_inherited(concepts, settings):

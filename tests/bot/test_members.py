@@ -25,18 +25,20 @@ async def imagine_done(ledger, gallery, settings, owner, guild, prompt="a dog"):
     return job
 
 
-async def test_gallery_records_who_owns_each_image(ledger, gallery, settings, clock):
+async def images_of(store, job_id):
+    return await store.fetchall("SELECT * FROM images WHERE job_id = ? ORDER BY id", (job_id,))
+
+
+async def test_gallery_records_who_owns_each_image(ledger, gallery, settings, clock, store):
     job = await imagine_done(ledger, gallery, settings, ALICE, GUILD)
-    images = await gallery.for_job(job.id)
-    assert [(i.owner_id, i.guild_id, i.seed, i.prompt) for i in images] == [(ALICE, GUILD, 7, "a dog"),
-                                                                          (ALICE, GUILD, 8, "a dog")]
-    assert images[0].path.endswith("images/%d/000.png" % job.id) and images[0].created_at == clock.now
-    assert [i.id for i in await gallery.for_member(GUILD, ALICE)] == [images[1].id, images[0].id]
-    assert await gallery.for_member(GUILD, BOB) == []
+    images = await images_of(store, job.id)
+    assert [(i["owner_id"], i["guild_id"], i["seed"], i["prompt"]) for i in images] == [(ALICE, GUILD, 7, "a dog"),
+                                                                                      (ALICE, GUILD, 8, "a dog")]
+    assert images[0]["path"].endswith("images/%d/000.png" % job.id) and images[0]["created_at"] == clock.now
     with pytest.raises(ValueError, match="2 images but 1 seeds"):
         await gallery.add(job.id, ALICE, GUILD, ["a", "b"], [1], "x")
     await gallery.add(job.id, ALICE, GUILD, ["c"], [], "x")
-    assert (await gallery.for_job(job.id))[-1].seed is None
+    assert (await images_of(store, job.id))[-1]["seed"] is None
 
 
 async def test_forget_member_removes_their_rows_and_files_only(ledger, gallery, concepts, admin, settings, store):
@@ -70,13 +72,13 @@ async def test_forget_member_removes_their_rows_and_files_only(ledger, gallery, 
                                 (ALICE, GUILD)) == 0
     assert await store.fetchval("SELECT COUNT(*) FROM members WHERE member_id = ? AND guild_id = ?",
                                 (ALICE, GUILD)) == 0
-    assert await admin.is_banned(GUILD, ALICE)  # not escapable by /forget
+    assert [ban["member_id"] for ban in await admin.bans(GUILD)] == [ALICE]  # not escapable by /forget
 
     # everyone else's, and Alice's on another server, untouched
     assert await concepts.get(bobs_concept.id) is not None and concepts.concept_dir(bobs_concept.id).is_dir()
-    assert len(await gallery.for_job(bobs_job.id)) == 2
+    assert len(await images_of(store, bobs_job.id)) == 2
     assert (settings.data_dir / "images" / str(bobs_job.id)).is_dir()
-    assert len(await gallery.for_job(alice_elsewhere.id)) == 2
+    assert len(await images_of(store, alice_elsewhere.id)) == 2
 
     # once the running job has ended, a second /forget takes it too
     await ledger.confirm_cancelled(running.id)

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from bot.errors import BannedError, LimitError
-from bot.jobs.scheduler import default_duration_s, format_duration
+from bot.jobs.scheduler import default_duration_s
 
 GUILD, OTHER_GUILD, CHANNEL = 111111111111111111, 222222222222222222, 333333333333333333
 ALICE, BOB, CAROL, ADMIN = 1001, 1002, 1003, 9009
@@ -182,7 +182,6 @@ async def test_training_can_be_turned_off(ledger, admin):
 
 async def test_bans_block_submits_on_that_server_only(ledger, admin):
     await admin.ban(ADMIN, GUILD, ALICE, reason="spam")
-    assert await admin.is_banned(GUILD, ALICE)
     with pytest.raises(BannedError, match=r"blocked you from using the bot \(reason: spam\)"):
         await ledger.submit("imagine", ALICE, GUILD, CHANNEL, {})
     with pytest.raises(BannedError):
@@ -251,10 +250,3 @@ async def test_position_simulates_fairness_for_many_members(ledger, clock):
     ran = [(await run_next(ledger, clock, default_duration_s("imagine"))).id for _ in range(9)]
     assert ran == [e.job.id for e in view]
     assert {j.id for j in alice + bob} < set(ran)
-
-
-def test_format_duration():
-    assert format_duration(20) == "less than a minute"
-    assert format_duration(5 * 60 + 10) == "about 5 min"
-    assert format_duration(3 * 3600 + 20 * 60) == "about 3 h 20 min"
-    assert format_duration(2 * 3600) == "about 2 h"

@@ -109,7 +109,7 @@ async def test_job_past_its_timeout_is_stopped(worker):
     started = time.monotonic()
     end = await worker.run(8, "selftest", {"seconds": 60, "step_s": 0.2}, timeout_s=1.0)
     assert end["event"] == "failed"
-    assert end["error"] == "Your job ran longer than the limit of 1 second and was stopped."
+    assert end["error"] == "Your job ran longer than the limit of 1 s and was stopped."
     assert time.monotonic() - started < 5
     assert worker.pid == pid  # it honoured the cancel, so the worker was not killed
 
@@ -119,7 +119,7 @@ async def test_job_that_ignores_cancel_past_its_timeout_gets_the_worker_killed(w
     started = time.monotonic()
     # One 60-second step: the cancel can only be honoured after it, so the grace period (1.5 s) runs out.
     end = await worker.run(9, "selftest", {"seconds": 60, "step_s": 60}, timeout_s=1.0)
-    assert end["event"] == "failed" and "limit of 1 second" in end["error"]
+    assert end["event"] == "failed" and "limit of 1 s" in end["error"]
     assert "worker killed" in end["detail"]
     assert time.monotonic() - started < 6
     await worker.wait_ready(READY_TIMEOUT_S)

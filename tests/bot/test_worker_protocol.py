@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bot.dispatch.worker_client import describe_exit, format_limit
+from bot.dispatch.worker_client import describe_exit
 from trainer.contract import protocol
 from trainer.contract.errors import UserError
 from trainer.worker import INTERNAL_ERROR, OUT_OF_MEMORY, describe_failure, is_out_of_memory
@@ -101,12 +101,10 @@ def test_failures_become_messages_a_member_understands():
     assert "Traceback" in detail and "KeyError: 'lora'" in detail
 
 
-def test_exit_descriptions_and_limits_read_well():
+def test_exit_descriptions_read_well():
     assert describe_exit(-9) == "the worker was killed by SIGKILL"
     assert describe_exit(-11) == "the worker was killed by SIGSEGV"
     assert describe_exit(1) == "the worker exited with code 1"
-    assert format_limit(300) == "5 minutes"
-    assert format_limit(45) == "45 seconds"
 
 
 def test_stray_prints_in_the_worker_cannot_corrupt_the_event_stream():

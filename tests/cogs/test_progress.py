@@ -6,7 +6,7 @@ import time
 from types import SimpleNamespace
 
 from cogs._progress import EditThrottle
-from cogs._render import duration, progress_bar, running_embed
+from cogs._render import progress_bar, running_embed
 
 INTERVAL = 0.3
 
@@ -44,13 +44,11 @@ async def test_keys_are_independent_and_forget_drops_a_pending_edit():
     assert sent == ["a1", "b1"]
 
 
-def test_progress_bar_and_durations():
+def test_progress_bar():
     assert progress_bar(0, 10, 10) == "▱" * 10 + " 0%"
     assert progress_bar(5, 10, 10) == "▰" * 5 + "▱" * 5 + " 50%"
     assert progress_bar(12, 10, 10) == "▰" * 10 + " 100%"
     assert progress_bar(0, 0, 4).endswith(" 0%")
-    assert duration(None) == "?" and duration(12.2) == "13 s" and duration(150) == "3 min"
-    assert duration(2 * 3600 + 600) == "2 h 10 min"
 
 
 def test_running_embed_counts_steps_or_class_images():

@@ -348,7 +348,7 @@ def test_cli_draws_one_bar_in_place_and_ends_with_a_summary_line(cli_run):
     assert bar.count("\n") == 1 and bar.endswith("\n")  # one line, redrawn with carriage returns
     draws = [part.strip() for part in bar.rstrip("\n").split("\r")[1:]]
     assert len(draws) >= 3 and draws[0].split()[1] == "1/6" and draws[-2].split()[1] == "6/6"
-    assert all(re.fullmatch(r"\[[#-]{30}\] \d/6  ETA \d+s", d) for d in draws[:-1]), draws
+    assert all(re.fullmatch(r"\[[#-]{30}\] \d/6  ETA \d+ s", d) for d in draws[:-1]), draws
     assert re.fullmatch(r"2 images in \d+\.\d s", draws[-1]), draws[-1]
 
 

@@ -134,6 +134,7 @@ def test_request_rejects_tokens_at_submit_time():
 
 
 def test_modules_the_bot_imports_stay_torch_free():
-    code = ("import sys, trainer.contract.prompts, trainer.contract.imagine_request; "
+    code = ("import sys, trainer.contract.prompts, trainer.contract.imagine_request, trainer.contract.files, "
+            "trainer.contract.durations; "
             "bad = [m for m in ('torch', 'diffusers', 'PIL') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)

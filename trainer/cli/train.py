@@ -16,6 +16,7 @@ import time
 import typing
 from pathlib import Path
 
+from trainer.contract.durations import format_duration
 from trainer.contract.train_spec import TRAIN_OPTIONS, TrainSpec
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the bot's default (bot/settings.py)
@@ -144,7 +145,7 @@ def _cache_dir(args) -> tuple[Path, str]:
 
 
 class ProgressBar:
-    """One line per stage, redrawn in place: `[#####-----] 120/800  loss 0.1234  ETA 1m20s`.
+    """One line per stage, redrawn in place: `[#####-----] 120/800  loss 0.1234  ETA 1 min`.
 
     Takes training and generation progress alike. A new stage (class images, training, samples) starts a new line,
     so each stage's last state stays on screen; a stage without a bar of its own ("samples") shows its detail.
@@ -174,7 +175,7 @@ class ProgressBar:
         if info.loss is not None:
             line += f"  loss {info.loss:.4f}"
         if info.eta_s is not None:
-            line += f"  ETA {format_seconds(info.eta_s)}"
+            line += f"  ETA {format_duration(info.eta_s)}"
         return line
 
     def finish(self, summary: str | None = None) -> None:
@@ -190,14 +191,3 @@ class ProgressBar:
         self.stream.write("\r" + line.ljust(72))
         self.stream.flush()
         self._drawn = True
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"

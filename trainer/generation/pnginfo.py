@@ -11,15 +11,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import struct
-import threading
 import zlib
 from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from trainer.contract.files import write_bytes_atomic
 
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
@@ -63,16 +63,8 @@ def lora_hashes_field(pairs: list[tuple[str, str]]) -> str | None:
     return ", ".join(f"{name}: {digest}" for name, digest in pairs) or None
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # images are written by threads
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
 def save_png(image: Image.Image, path: Path, parameters: str) -> Path:
-    return _atomic_write(path, encode_png(image, parameters))
+    return write_bytes_atomic(path, encode_png(image, parameters))
 
 
 def encode_png(image: Image.Image, parameters: str) -> bytes:
@@ -142,7 +134,7 @@ def small_copy(image: Image.Image, limit: int, path: Path, parameters: str | Non
                 buffer = io.BytesIO()
                 current.save(buffer, format="WEBP", quality=quality, method=4, **extra)
                 if buffer.tell() <= limit:
-                    return _atomic_write(path, buffer.getvalue())
+                    return write_bytes_atomic(path, buffer.getvalue())
             width, height = current.size
             if min(width, height) * 3 // 4 < min_side:
                 break

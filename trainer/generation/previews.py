@@ -6,12 +6,12 @@ latent 1/8 of the image size they give a blurry but recognisable picture in well
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from trainer.contract.files import write_bytes_atomic
 from trainer.generation.pnginfo import make_grid
 
 SD1_LATENT_RGB_FACTORS = (
@@ -39,9 +39,4 @@ def save_preview(latents: torch.Tensor, path: Path, scale: int = 4) -> Path:
     image = images[0] if len(images) == 1 else make_grid(images)
     buffer = io.BytesIO()
     image.save(buffer, format="WEBP", quality=70)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
-    return path
+    return write_bytes_atomic(path, buffer.getvalue())

@@ -180,15 +180,6 @@ class GenerationService:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def switch(self, lora_path: str | Path, label: str, weight: float = 1.0) -> None:
-        """What a single request does around its work to use one member's LoRA: cache lookup, the LoRA folded into
-        the text encoder and restored, then into the UNet and restored (the bench times this as the LoRA switch)."""
-        group = ((self.adapters.get(lora_path, label), float(weight)),)
-        with self.adapters.folded("text_encoder", group):
-            pass
-        with self.adapters.folded("unet", group):
-            pass
-
     # --- preparing ---------------------------------------------------------------------------------------------
     def _prepare(self, request: ImagineRequest) -> _Prepared:
         started = time.monotonic()

@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from trainer.contract.files import write_atomic, write_text_atomic
 from trainer.intake.faces import CAT, HUMAN, crop_box_around, find_faces, grey_for_analysis
 from trainer.intake.zips import looks_like_zip, mb, unpack_zip
 from trainer.contract.naming import check_token, class_kind, instance_prompt, normalise_class, token_warnings
@@ -91,10 +92,10 @@ class IntakeReport:
         written = []
         for number, photo in enumerate(self.accepted):
             target = directory / f"{number:03d}.png"
-            _write_atomic(target, lambda f, im=photo.image: im.save(f, "PNG"))
+            write_atomic(target, lambda tmp: photo.image.save(tmp, "PNG"))
             written.append(target)
             if photo.caption:
-                _write_atomic(target.with_suffix(".txt"), lambda f, c=photo.caption: f.write(c.encode("utf-8")))
+                write_text_atomic(target.with_suffix(".txt"), photo.caption)
         return written
 
     def to_dict(self) -> dict:
@@ -348,9 +349,3 @@ def _fit(lines: list[str], limit: int) -> str:
             return text
     return "\n".join([head, tail])[:limit]
 
-
-def _write_atomic(target: Path, write) -> None:
-    temporary = target.with_name(f".{target.name}.tmp")
-    with open(temporary, "wb") as handle:
-        write(handle)
-    os.replace(temporary, target)

@@ -15,6 +15,11 @@ KNOWN_WORDS = (
     "object", "in", "as", "on", "with", "painting", "sid", "jedi", "astronaut", "red", "blue", "green",
 )
 TINY_RESOLUTION = 64
+# The scheduler config SD 1.5 ships with (the tiny model and bench's SD 1.5-sized one use it).
+SD15_SCHEDULER_CONFIG = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False,
+)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -107,11 +112,7 @@ def build_tiny_pipeline(seed: int = 0, tokenizer_dir: Path | None = None):
             pad_token_id=vocab_size - 1,
         )
     )
-    # The scheduler config SD 1.5 ships with.
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False,
-    )
+    scheduler = PNDMScheduler(**SD15_SCHEDULER_CONFIG)
     return StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -9,11 +9,11 @@ The file is read with `torch.load(weights_only=True)`: only tensors and plain co
 """
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
+
+from trainer.contract.files import write_atomic
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
@@ -27,18 +27,8 @@ def checkpoint_dir(out_dir: Path) -> Path:
 def save_state(out_dir: Path, state: dict) -> Path:
     import torch
 
-    directory = checkpoint_dir(out_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / STATE_FILE
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{STATE_FILE}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({**state, "format": FORMAT_VERSION}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    state = {**state, "format": FORMAT_VERSION}
+    return write_atomic(checkpoint_dir(out_dir) / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(out_dir: Path, fingerprint: str) -> dict | None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.contract.errors import UserError
+from trainer.contract.files import write_text_atomic
 from trainer.contract.naming import class_kind
 from trainer.contract.train_spec import TrainSpec
 from trainer.training import checkpoint
@@ -159,10 +160,7 @@ def _finished_result(out_dir: Path, fingerprint: str) -> dict | None:
 
 
 def _write_finished(out_dir: Path, fingerprint: str, result: dict) -> None:
-    path = out_dir / FINISHED_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "result": result}, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(out_dir / FINISHED_FILE, json.dumps({"fingerprint": fingerprint, "result": result}, indent=2))
 
 
 class _Slice:

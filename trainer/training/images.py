@@ -7,10 +7,10 @@ CUDA graphs (trainer/generation/fast_unet.py): pass one `unet_graphs()` to sever
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from trainer.contract.files import write_atomic
 
 SAMPLER_STEPS = 25
 GUIDANCE_SCALE = 7.5
@@ -71,15 +71,8 @@ def generate(pipe, prompt: str, seeds: list[int], resolution: int, *, steps: int
 
 
 def save_image_atomic(image, path: Path, **save_options) -> Path:
-    """PIL image to `path` through a temporary name in the same directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        image.save(tmp, **save_options)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """PIL image to `path` through a temporary name in the same directory, in the format `path`'s suffix names."""
+    from PIL import Image
+
+    image_format = Image.registered_extensions()[Path(path).suffix.lower()]
+    return write_atomic(path, lambda tmp: image.save(tmp, format=image_format, **save_options))

@@ -6,9 +6,10 @@ atomic write and the one SD 1.x naming detail diffusers leaves to the caller (se
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
+
+from trainer.contract.files import write_atomic
 
 LORA_FILE = "lora.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
@@ -40,16 +41,8 @@ def save_file_atomic(tensors: dict, path: Path, metadata: dict[str, str]) -> Pat
     """safetensors.torch.save_file to a temporary name in the same directory, then rename over `path`."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def write_lora_files(out_dir: Path, *, unet_state: dict, text_encoder_state: dict | None, unet_config: dict,

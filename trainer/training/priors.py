@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.contract.files import write_text_atomic
 from trainer.training.images import GUIDANCE_SCALE, SAMPLER_STEPS, generate, save_image_atomic, unet_graphs
 
 PRIORS_DIR = "priors"
@@ -111,7 +110,4 @@ class ClassImageSet:
         save_file_atomic({"mean": mean, "std": std}, self.directory / LATENTS_FILE, {"count": str(self.count)})
 
     def _write_json(self, name: str, data: dict) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, self.directory / name)
+        write_text_atomic(self.directory / name, json.dumps(data, indent=2))
