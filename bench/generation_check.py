@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.ours import lora_switch
+
 
 def _pixels(path) -> np.ndarray:
     from PIL import Image
@@ -102,21 +104,11 @@ def main(argv=None) -> dict:
     out["lora_on_vs_off_differ"] = bool(np.abs(_pixels(alone[0].images[0]) - _pixels(alone[1].images[0])).max() > 0)
     switch = []
     for i in range(8):
-        switch.append(timed(lambda: _switch(service, loras[i % 2]))[0] * 1e3)
+        switch.append(timed(lambda: lora_switch(service, loras[i % 2]))[0] * 1e3)
     out["switch_ms"] = sorted(switch)[len(switch) // 2]
     out["graph_captures"], out["graph_replays"] = graphs.captures, graphs.replays
     print(json.dumps(out, indent=1))
     return out
-
-
-def _switch(service, lora_path) -> None:
-    """What a single request does around its work to use one member's LoRA: cache lookup, the LoRA folded into the
-    text encoder and restored, then into the UNet and restored."""
-    group = ((service.adapters.get(lora_path, "x"), 1.0),)
-    with service.adapters.folded("text_encoder", group):
-        pass
-    with service.adapters.folded("unet", group):
-        pass
 
 
 if __name__ == "__main__":

@@ -126,3 +126,13 @@ def imagine_params(concepts: list[tuple[int, str, Path]], out_dir: Path, *, step
         "forbidden_tokens": [], "out_dir": str(out_dir), "upload_limit": UPLOAD_LIMIT, "safety": False,
         "blocked_words": [], "init_image": None, "strength": 0.75,
     }
+
+
+def lora_switch(service, lora_path, label: str = "switch") -> None:
+    """What a single /imagine request does around its loop to use one member's LoRA (the bench's "LoRA switch"):
+    the service's cache lookup, the LoRA folded into the text encoder and restored, then into the UNet and restored."""
+    group = ((service.adapters.get(lora_path, label), 1.0),)
+    with service.adapters.folded("text_encoder", group):
+        pass
+    with service.adapters.folded("unet", group):
+        pass

@@ -283,6 +283,7 @@ class Bench:
         """Direct: what every request does around its denoising loop to move from A's LoRA to B's (both cached):
         look B up in the service's adapter cache, activate it, deactivate after. Indirect (noisy): extra latency
         of small requests that alternate A/B over ones that repeat A."""
+        from bench.ours import lora_switch
         from bench.timing import median, timed
 
         cfg, (a, b) = self.cfg, member[:2]
@@ -291,7 +292,7 @@ class Bench:
         imagine([b], steps=cfg.switch_steps)
         rounds = max(4, 2 * cfg.repeats)
         service = worker.worker.generation
-        out["switch_ms"] = median([timed(cfg.device, service.switch, (a, b)[i % 2][2], (a, b)[i % 2][1])[0]
+        out["switch_ms"] = median([timed(cfg.device, lora_switch, service, (a, b)[i % 2][2], (a, b)[i % 2][1])[0]
                                    for i in range(rounds)]) * 1e3
         out["switch_method"] = ("LoRA cache lookup + the LoRA folded into the text encoder, then the UNet, and restored "
                                 "(what every single-LoRA request does around its loop)")

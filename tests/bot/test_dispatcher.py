@@ -379,5 +379,5 @@ async def test_a_kind_registered_in_one_place_runs_through_the_dispatcher_and_th
     await bot.dispatcher.run_next()
     stopped = await bot.ledger.get(too_long.id)
     assert stopped.status == "failed"
-    assert stopped.error == "Your job ran longer than the limit of 1 second and was stopped."
+    assert stopped.error == "Your job ran longer than the limit of 1 s and was stopped."
     assert kept == [(job.id, 3, 16)]

@@ -21,7 +21,7 @@ from trainer.worker import NO_MODEL
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-READY_TIMEOUT_S = 60
+READY_TIMEOUT_S = 180  # importing torch on a loaded 2-core machine
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
