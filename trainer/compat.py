@@ -38,7 +38,11 @@ class StackReport:
         return self.problem is None
 
     def describe_versions(self) -> str:
-        return ", ".join(f"{name} {version}" for name, version in self.versions.items())
+        return describe_versions(self.versions)
+
+
+def describe_versions(versions: dict[str, str]) -> str:
+    return ", ".join(f"{name} {version}" for name, version in versions.items())
 
 
 def installed_versions() -> dict[str, str]:
@@ -89,7 +93,7 @@ def explain(exc: BaseException, versions: dict[str, str]) -> str:
     if isinstance(exc, ImportError):
         return f"a package LoRA training needs cannot be imported ({text}); {install_hint()}"
     first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return (f"LoRA training does not work with the installed packages ({', '.join(f'{k} {v}' for k, v in versions.items())}): "
+    return (f"LoRA training does not work with the installed packages ({describe_versions(versions)}): "
             f"{type(exc).__name__}: {first_line}; {install_hint()}")
 
 

@@ -3,7 +3,8 @@
 Without it a CLI run, and the worker's lines in the bot's log, show transformers' notices (e.g. that torchvision is
 not installed, which we do not need), the tqdm bars diffusers and transformers draw while loading a model, the
 `torch_dtype` deprecation that diffusers and transformers raise when a loading path still passes the old name on, and
-peft's cautions about the several adapters the worker keeps in one model. Errors still show, and so do download bars. With `--debug` or BOOTHBOT_LOG_LEVEL=debug nothing is changed.
+peft's cautions about the several adapters the worker keeps in one model. Errors still show, and so do download
+bars. With `--debug` or BOOTHBOT_LOG_LEVEL=debug nothing is changed.
 """
 from __future__ import annotations
 
