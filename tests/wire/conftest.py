@@ -10,7 +10,8 @@ import discord
 import pytest
 import pytest_asyncio
 import yarl
-from fake_discord import FakeDiscord
+
+from bench.wire.fake_discord import FakeDiscord
 from wire_support import Booth, booth_settings
 
 

@@ -6,25 +6,15 @@ port that refuses connections) and then calls the same main() as `python -m bot`
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
-from fake_discord import FakeDiscord, json_response
+
+from bench.wire import live_bot
+from bench.wire.fake_discord import FakeDiscord, json_response
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GabcDE.abcdefghijklmnopqrstuvwxyz0123456789AB"
-POINTED_AT = """
-import sys, discord, yarl
-discord.http.Route.BASE = sys.argv[1]
-discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(sys.argv[2])
-from bot.__main__ import main
-sys.exit(main(sys.argv[3:]))
-"""
 
 
 class TokenRejectingDiscord(FakeDiscord):
@@ -35,13 +25,8 @@ class TokenRejectingDiscord(FakeDiscord):
 
 
 async def start_bot(tmp_path: Path, model: Path, api: str, gateway: str) -> asyncio.subprocess.Process:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BOOTHBOT_", "HF_")) and k != "DISCORD_TOKEN"}
-    env.update({"DISCORD_TOKEN": TOKEN, "BOOTHBOT_DATA_DIR": str(tmp_path / "data"), "BOOTHBOT_MODEL": str(model),
-                "BOOTHBOT_DEVICE": "cpu", "BOOTHBOT_DTYPE": "fp32", "HF_HOME": str(tmp_path / "hf-home"),
-                "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-c", POINTED_AT, api, gateway, "run", "--env-file", str(tmp_path / "no.env"),
-        cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    return await live_bot.start_bot(api, gateway, live_bot.bot_environment(tmp_path / "data", model, home=tmp_path),
+                                    env_file=tmp_path / "no.env")
 
 
 async def finish(bot: asyncio.subprocess.Process, timeout: float = 120) -> tuple[int, str]:
@@ -80,7 +65,7 @@ async def test_rejected_token_stops_the_start_with_how_to_get_a_new_one(tmp_path
     assert last_line(output).startswith(
         "boothbot cannot start: Discord refused DISCORD_TOKEN (401 Unauthorized): reset the token in the developer "
         "portal (https://discord.com/developers/applications -> your app -> Bot -> Reset Token)")
-    assert TOKEN not in output
+    assert live_bot.TOKEN not in output
 
 
 async def test_gateway_refusing_the_connection_is_retried_with_one_plain_line_each_time(tmp_path, tiny_model_dir,

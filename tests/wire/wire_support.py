@@ -8,8 +8,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fake_discord import FakeDiscord, FakeMember, SentInteraction
-
+from bench.wire.fake_discord import FakeDiscord, FakeMember, SentInteraction
 from bot.app import start_services
 from bot.client import BoothBot
 from bot.settings import Settings
