@@ -35,13 +35,14 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-def write_tiny_tokenizer(directory: Path) -> int:
-    """Write a CLIP-style BPE tokenizer (vocab.json, merges.txt) and return its vocabulary size."""
+def write_tiny_tokenizer(directory: Path, words=KNOWN_WORDS) -> int:
+    """Write a CLIP-style BPE tokenizer (vocab.json, merges.txt) in which each of `words` is one token, everything
+    else single characters, and return its vocabulary size."""
     directory.mkdir(parents=True, exist_ok=True)
     base = list(_bytes_to_unicode().values())
     vocab_tokens = base + [c + "</w>" for c in base]
     merges: list[tuple[str, str]] = []
-    for word in KNOWN_WORDS:
+    for word in words:
         # Apply the merges learnt so far (as BPE will), then add merges that join what is left into one token.
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         for left, right in merges:

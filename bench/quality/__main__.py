@@ -1,0 +1,117 @@
+"""`python -m bench.quality`: the world model, its readers, and what a recipe does to a concept.
+
+  build-model --out DIR [--size full|tiny]   train the world model + readers from scratch (full: GPU, minutes)
+  check [--model DIR]                        readers' accuracy on renders, the world model's prompt following
+  score [--model DIR] [--recipe NAME ...]    train a concept with the bot's engine per recipe; scores beside the base
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _device(requested: str) -> str:
+    import torch
+
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load(args):
+    from bench.quality.world_model import load_world_pipeline, load_world_readers
+
+    device = _device(args.device)
+    pipe = load_world_pipeline(Path(args.model), device=device, dtype="fp32" if device == "cpu" else "bf16")
+    return pipe, load_world_readers(Path(args.model), device)
+
+
+def _plan(args):
+    from bench.quality.generate import Sampling
+    from bench.quality.scores import Plan
+
+    if args.quick:  # what the CI test uses
+        return Plan(per_prompt=4, class_images=16, other_images=8, sampling=Sampling(steps=15))
+    return Plan()
+
+
+def build_model(args) -> int:
+    from bench.quality.world_model import build
+
+    info = build(Path(args.out), size=args.size, device=_device(args.device), seed=args.seed,
+                 max_denoiser_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def check(args) -> int:
+    from bench.quality import readers as readers_mod
+    from bench.quality.generate import make_service
+    from bench.quality.scores import prompt_following
+
+    pipe, readers = _load(args)
+    plan = _plan(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        following = prompt_following(make_service(pipe), readers, args.count, seed=7, out_dir=Path(tmp),
+                                     sampling=plan.sampling)
+    report = {"readers_on_renders": readers_mod.accuracy(readers.cpu()), "prompt_following": following}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def score(args) -> int:
+    from bench.quality import recipes
+
+    pipe, readers = _load(args)
+    names = args.recipe or ["default"]
+    unknown = [n for n in names if n not in recipes.RECIPES]
+    if unknown:
+        raise SystemExit(f"unknown recipe(s) {unknown}; known: {', '.join(recipes.RECIPES)}")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = recipes.run(pipe, readers, names, Path(args.work or tmp), plan=_plan(args),
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(recipes.markdown(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    print(f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.quality.world_model import ASSET_DIR
+
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the libraries' own warnings")
+    commands = parser.add_subparsers(dest="command", required=True)
+    b = commands.add_parser("build-model", help="train the world model and its readers from scratch")
+    b.add_argument("--out", required=True)
+    b.add_argument("--size", choices=("full", "tiny"), default="full")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--max-minutes", type=float, default=None, help="stop the denoiser's training after this long")
+    for name, helptext in (("check", "readers' accuracy and the world model's prompt following"),
+                           ("score", "train a concept per recipe with the bot's engine and score it")):
+        c = commands.add_parser(name, help=helptext)
+        c.add_argument("--model", default=str(ASSET_DIR), help="the world model folder (default: the committed one)")
+        c.add_argument("--quick", action="store_true", help="fewer, shorter generations (the CI test's plan)")
+        if name == "check":
+            c.add_argument("--count", type=int, default=256, help="captions to generate (default: %(default)s)")
+        else:
+            c.add_argument("--recipe", action="append", help="a recipe name (repeatable; default: default)")
+            c.add_argument("--work", help="keep photos, LoRAs and pictures here (default: a temporary folder)")
+            c.add_argument("--json", help="also write the rows as JSON here")
+    for sub in commands.choices.values():
+        sub.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    from trainer.quiet import quiet_libraries
+
+    quiet_libraries(args.debug)
+    return {"build-model": build_model, "check": check, "score": score}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

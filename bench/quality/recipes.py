@@ -1,0 +1,66 @@
+"""Train a concept with the bot's engine (trainer.training.engine.train_concept) under named recipe variants and score
+each one beside the base model (the no-training baseline)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from bench.quality import scores
+from trainer.contract.train_spec import TrainSpec
+from trainer.training.engine import train_concept
+
+# name -> TrainSpec overrides of the bot's default recipe (docs/TRAINING.md)
+RECIPES: dict[str, dict] = {
+    "default": {},
+    "batch-8": {"batch_size": 8},
+    "no-text-encoder": {"train_text_encoder": False},
+    "no-prior": {"prior_preservation": False},
+    "steps-200": {"steps": 200},
+    "steps-400": {"steps": 400},
+    "steps-800": {"steps": 800},
+    "eager": {"cuda_graphs": False},
+}
+
+
+def train(pipe, concept: scores.Concept, photos: Path, work: Path, name: str, overrides: dict) -> dict:
+    spec = TrainSpec(concept_id=f"quality-{name}", token=concept.token, class_name=concept.class_name,
+                     photos_dir=photos, out_dir=work / "concepts" / name, seed=0, sample_count=0, **overrides)
+    started = time.monotonic()
+    outcome = train_concept(pipe, spec, cache_dir=work / "cache")
+    if outcome.status != "done":
+        raise RuntimeError(f"training {name} ended {outcome.status}")
+    return {"lora": outcome.result["lora"], "steps": outcome.result["steps"],
+            "train_s": round(time.monotonic() - started, 1), "graph_steps": outcome.result.get("graph_steps", 0)}
+
+
+def run(pipe, readers, names: list[str], work: Path, *, concept: scores.Concept = scores.DEFAULT_CONCEPT,
+        plan: scores.Plan = scores.Plan(), extra: dict | None = None, log=print) -> dict[str, dict]:
+    """{"base": scores of the untrained model, name: training facts + scores, …}. `extra` adds recipes."""
+    from bench.quality.generate import make_service
+
+    table = {**RECIPES, **(extra or {})}
+    work.mkdir(parents=True, exist_ok=True)
+    photos = scores.write_concept_photos(work / "photos", concept)
+    service = make_service(pipe)
+    reference = scores.Reference(service, readers, concept, plan, work / "images")
+    rows = {"base": scores.score(service, readers, concept, reference, plan, work / "images", None)}
+    log(f"base: {rows['base']}")
+    for name in names:
+        facts = train(pipe, concept, photos, work, name, table[name])
+        rows[name] = {**facts, **scores.score(service, readers, concept, reference, plan, work / "images",
+                                              facts["lora"])}
+        log(f"{name}: {rows[name]}")
+    return rows
+
+
+COLUMNS = ("identity", "identity_all", "following", "prior_tv", "prior_tv_noise", "prior_subject", "leak_tv",
+           "leak_subject", "diversity")
+
+
+def markdown(rows: dict[str, dict]) -> str:
+    head = "| recipe | steps | train s | " + " | ".join(COLUMNS) + " |"
+    lines = [head, "|" + " --- |" * (3 + len(COLUMNS))]
+    for name, row in rows.items():
+        lines.append(f"| {name} | {row.get('steps', '—')} | {row.get('train_s', '—')} | "
+                     + " | ".join(f"{row[c]:.3f}" for c in COLUMNS) + " |")
+    return "\n".join(lines)
