@@ -108,7 +108,7 @@ def accuracy(readers: Readers, count: int = 1024, seed: int = 12345, roughened: 
 def save_readers(readers: Readers, path: Path) -> Path:
     from safetensors.torch import save_file
 
-    width = readers.heads["class"].in_features and readers.body[0].out_channels
+    width = readers.body[0].out_channels
     save_file({k: v.detach().cpu().contiguous() for k, v in readers.state_dict().items()}, str(path),
               metadata={"width": str(width)})
     return path

@@ -8,7 +8,7 @@ empty captions for classifier-free guidance, an EMA of the weights is what is sa
 (`StableDiffusionPipeline.from_pretrained` and the bot's `trainer.models.loading.load_pipeline` load it) with
 `readers.safetensors` and `world_model.json` (the sizes, the steps made and the readers' accuracy) beside it.
 Seeds fix every random draw; on a GPU the result is still not bit-for-bit repeatable (kernels), so the repository
-keeps the built copy (bench/quality/assets/world-model).
+is meant to keep the built copy (bench/quality/assets/world-model; not built yet).
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ from torch.nn import functional as F
 from bench.quality import readers as readers_mod
 from bench.quality import world
 
-ASSET_DIR = Path(__file__).resolve().parent / "assets" / "world-model"
+ASSETS = Path(__file__).resolve().parent / "assets"
+ASSET_DIR = ASSETS / "world-model"  # the built world model, once one is committed
+READERS_ASSET = ASSETS / "readers.safetensors"  # readers trained on renders alone (CPU), used when a model has none
 READERS_FILE = "readers.safetensors"
 INFO_FILE = "world_model.json"
 EMPTY_CAPTION_P = 0.1
@@ -229,7 +231,7 @@ def build(out_dir: Path, *, size: str = "full", device: str = "cpu", seed: int =
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.to("cpu", torch.float16 if size == "full" else torch.float32)
+    pipe.to(device="cpu", dtype=torch.float16 if size == "full" else torch.float32)  # fp16 on disk: half the bytes
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
     readers_mod.save_readers(readers, out_dir / READERS_FILE)
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -251,4 +253,6 @@ def load_world_pipeline(directory: Path = ASSET_DIR, device: str = "cpu", dtype:
 
 
 def load_world_readers(directory: Path = ASSET_DIR, device: str = "cpu"):
-    return readers_mod.load_readers(Path(directory) / READERS_FILE, device)
+    """The readers built with the model in `directory`, else the committed ones."""
+    own = Path(directory) / READERS_FILE
+    return readers_mod.load_readers(own if own.is_file() else READERS_ASSET, device)
