@@ -25,14 +25,12 @@ from torch.nn import functional as F
 from bench.quality import readers as readers_mod
 from bench.quality import world
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-ASSET_DIR = ASSETS / "world-model"  # the built world model, once one is committed
-READERS_ASSET = ASSETS / "readers.safetensors"  # readers trained on renders alone (CPU), used when a model has none
+ASSET_DIR = Path(__file__).resolve().parent / "assets" / "world-model"  # where the built model is to be committed
 READERS_FILE = "readers.safetensors"
 INFO_FILE = "world_model.json"
 EMPTY_CAPTION_P = 0.1
 
-# Two sizes: "full" (trained on the GPU, committed) and "tiny" (CI-sized, for checking that building works).
+# Two sizes: "full" (to be trained on the GPU and committed) and "tiny" (CI-sized, for checking that building works).
 SIZES = {
     "full": dict(unet_channels=(64, 128, 192), unet_layers=1, text_hidden=128, text_layers=4, vae_channels=(32, 64, 64),
                  batch=256, vae_steps=1500, reader_steps=1500, unet_steps=6000, lr=4e-4),
@@ -253,6 +251,5 @@ def load_world_pipeline(directory: Path = ASSET_DIR, device: str = "cpu", dtype:
 
 
 def load_world_readers(directory: Path = ASSET_DIR, device: str = "cpu"):
-    """The readers built with the model in `directory`, else the committed ones."""
-    own = Path(directory) / READERS_FILE
-    return readers_mod.load_readers(own if own.is_file() else READERS_ASSET, device)
+    """The readers built with the model in `directory`."""
+    return readers_mod.load_readers(Path(directory) / READERS_FILE, device)
