@@ -30,7 +30,7 @@ from trainer.intake.photos import IntakeLimits, IntakeReport
 
 log = logging.getLogger(__name__)
 
-MEMORY_MB = 1024  # the child's address space: the libraries take ~400 MB of it, one photo at most 128 MB decoded
+MEMORY_MB = 1024  # the child's address space: ~150 MB for Python and the libraries, a photo at most 128 MB decoded
 TIMEOUT_S = 300.0
 AT_ONCE = 2  # intake children running at the same time (each may use MEMORY_MB)
 WORKSPACES = "intake"  # under the data directory
@@ -38,6 +38,7 @@ STALE_AFTER_S = 24 * 3600.0  # work directories left by a killed bot are removed
 TOO_LARGE = ("One of your photos is too large to process (it needs more memory than this bot allows for a photo). "
              "Please send smaller photos, e.g. ordinary JPEGs from your phone.")
 
+CHILD = ("-m", "trainer.intake")  # run with this Python, the request file's path after it
 REPO_ROOT = Path(__file__).resolve().parents[2]  # `-m trainer.intake` is found from here, installed or not
 _slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
 
@@ -90,7 +91,7 @@ async def _run_child(request: Path, timeout_s: float) -> int | None:
     """The child's exit status (negative: killed by that signal), or None when it ran out of time."""
     with open(request.parent / "stderr.txt", "wb") as stderr:
         child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "trainer.intake", str(request), stdin=asyncio.subprocess.DEVNULL,
+            sys.executable, *CHILD, str(request), stdin=asyncio.subprocess.DEVNULL,
             stdout=stderr, stderr=stderr, env={**os.environ, **QUIET_THREADS}, cwd=REPO_ROOT,
             start_new_session=True)  # like the GPU worker: Ctrl-C reaches the bot, which ends the child itself
         try:
@@ -109,7 +110,14 @@ def _failure(status: int | None, work_dir: Path) -> UserError:
         return UserError("Your photos took too long to process. Please send fewer or smaller photos "
                          "(ordinary JPEGs work best).")
     errors = (work_dir / "stderr.txt").read_text(errors="replace")[-4000:]
-    out_of_memory = status == isolated.OUT_OF_MEMORY or status < 0 or "MemoryError" in errors
+    if status == isolated.CANNOT_START:
+        log.error("photo intake cannot start: %s", errors.strip())
+        return UserError("Photos can't be processed on this bot right now; the problem has been logged for its "
+                         "operator. Please try again later.")
+    # Killed by a signal, or an allocation refused under the limit (Python's MemoryError, or a library's own words)
+    out_of_memory = (status == isolated.OUT_OF_MEMORY or status < 0
+                     or any(words in errors.lower() for words in ("memoryerror", "memory allocation", "out of memory",
+                                                                  "cannot allocate memory")))
     log.warning("photo intake failed (exit status %s%s):\n%s", status, ", out of memory" if out_of_memory else "",
                 errors)
     if out_of_memory:

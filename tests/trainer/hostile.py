@@ -2,7 +2,7 @@
 parse into gigabytes, and headers that lie. Used by tests/bot/test_intake_memory.py and `python -m
 bench.intake_memory`.
 
-`python tests/trainer/hostile.py DIR [--full]` writes it; `write_corpus_in_child` runs that in a process of its
+`python -m tests.trainer.hostile DIR [--full]` writes it; `write_corpus_in_child` runs that in a process of its
 own, so building the corpus (one case needs a 39-megapixel image to encode) never shows in the RSS of the process
 that measures. Every file is built by hand or streamed (zlib.compressobj), never as a whole image in memory, except
 that JPEG.
@@ -17,6 +17,10 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.trainer.photos import make_photo_set
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -75,24 +79,14 @@ def write_corpus(directory: Path, *, full: bool = False) -> list[tuple[Hostile, 
 
 
 def write_corpus_in_child(directory: Path, *, full: bool = False) -> list[tuple[Hostile, Path]]:
-    subprocess.run([sys.executable, __file__, str(directory)] + (["--full"] if full else []), check=True)
+    subprocess.run([sys.executable, "-m", "tests.trainer.hostile", str(directory)] + (["--full"] if full else []),
+                   check=True, cwd=REPO_ROOT)
     return [(case, directory / case.name) for case in CASES]
 
 
 def good_photos(count: int) -> list[tuple[str, bytes]]:
     """Ordinary distinct photos (PNG, 320 px), for a set that is accepted."""
-    from PIL import Image, ImageDraw
-
-    photos = []
-    for seed in range(count):
-        image = Image.new("RGB", (320, 320), (40 * seed % 255, 120, 200 - 30 * seed % 200))
-        draw = ImageDraw.Draw(image)
-        for i in range(0, 320, 8 + 4 * seed):
-            draw.line([(i, 0), (320 - i, 320)], fill=(255, 255 - 20 * seed % 255, 0), width=3)
-        out = io.BytesIO()
-        image.save(out, "PNG")
-        photos.append((f"good{seed}.png", out.getvalue()))
-    return photos
+    return [(f"good{i}.png", data) for i, (_, data) in enumerate(make_photo_set(count, first_seed=200))]
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -10,6 +10,7 @@ This module itself imports only the standard library, so the bot can import it.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 REQUEST = "request.json"
@@ -17,6 +18,7 @@ REPORT = "report.json"
 CONTACT_SHEET = "accepted.jpg"
 PHOTOS = "photos"
 OUT_OF_MEMORY = 3  # the child's exit status when even the cleanup after a MemoryError failed
+CANNOT_START = 4  # the libraries did not load (the address-space limit is too low for them)
 
 
 def write_request(work_dir: Path, files: list[tuple[str, Path]], *, limits: dict, class_name: str, style: bool,
@@ -35,6 +37,14 @@ def main(argv: list[str]) -> int:
     from trainer.intake.address_space import limit_address_space
 
     limit_address_space(int(request["memory_mb"]))
+    try:  # now, so that a limit too low to hold the libraries fails here and is told apart from a photo's failure
+        import cv2  # noqa: F401
+        import numpy  # noqa: F401
+        import PIL.Image  # noqa: F401
+    except ImportError as why:
+        print(f"intake: the libraries do not load within {request['memory_mb']} MB of address space: {why}",
+              file=sys.stderr)
+        return CANNOT_START
     try:
         from trainer.contract.files import write_bytes_atomic, write_text_atomic
         from trainer.intake.contact_sheet import contact_sheet
