@@ -54,17 +54,17 @@ def write_corpus(directory: Path, *, full: bool = False) -> list[tuple[Hostile, 
     otherwise 100,000 entries (4.7 MB), which every check treats the same way."""
     directory.mkdir(parents=True, exist_ok=True)
     builders = {
-        "deep16.png": lambda path: _png(path, 6300, 6300, 16, 0, lambda y: struct.pack(">H", y * 10) * 6300),
+        "deep16.png": lambda path: png_streamed(path, 6300, 6300, 16, 0, lambda y: struct.pack(">H", y * 10) * 6300),
         "wide.jpg": _wide_jpeg,
-        "black.png": lambda path: _png(path, 6000, 6000, 8, 2, lambda y: bytes(18000)),
-        "alpha.png": lambda path: _png(path, 6000, 6000, 8, 6, lambda y: bytes(24000)),
-        "claims.png": lambda path: _png(path, 30000, 30000, 8, 2, None),
+        "black.png": lambda path: png_streamed(path, 6000, 6000, 8, 2, lambda y: bytes(18000)),
+        "alpha.png": lambda path: png_streamed(path, 6000, 6000, 8, 6, lambda y: bytes(24000)),
+        "claims.png": lambda path: png_streamed(path, 30000, 30000, 8, 2, None),
         "claims.jpg": _claiming_jpeg,
         "huge.gif": _huge_gif,
         "huge.webp": _huge_webp,
         "huge.tiff": _huge_tiff,
-        "million.zip": lambda path: _many_entries_zip(path, 1_000_000 if full else 100_000, claimed=1, zip64=True),
-        "lying-count.zip": lambda path: _many_entries_zip(path, 300, claimed=1, zip64=False),
+        "million.zip": lambda path: many_entries_zip(path, 1_000_000 if full else 100_000, claimed=1, zip64=True),
+        "lying-count.zip": lambda path: many_entries_zip(path, 300, claimed=1, zip64=False),
         "bomb.zip": lambda path: _bomb_zip(path, claimed=None),
         "lying-bomb.zip": lambda path: _bomb_zip(path, claimed=1000),
         "nested.zip": _nested_zip,
@@ -93,7 +93,7 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def _png(path: Path, width: int, height: int, depth: int, colour: int, row) -> None:
+def png_streamed(path: Path, width: int, height: int, depth: int, colour: int, row) -> None:
     """A PNG streamed row by row (row(y) → that row's samples); row=None: a header and a few bytes of data."""
     with path.open("wb") as out:
         out.write(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)))
@@ -153,7 +153,7 @@ def _huge_tiff(path: Path) -> None:
     path.write_bytes(b"II*\0" + struct.pack("<I", 8) + ifd + b"\0" * (216 - 8 - len(ifd)))
 
 
-def _many_entries_zip(path: Path, count: int, *, claimed: int, zip64: bool) -> None:
+def many_entries_zip(path: Path, count: int, *, claimed: int, zip64: bool) -> None:
     """A central directory of `count` empty stored entries (no local files needed to list them), whose end record
     (and zip64 end record) claim `claimed` entries."""
     local = b"PK\x03\x04" + struct.pack("<5H3L2H", 20, 0, 0, 0, 0, 0, 0, 0, 1, 0) + b"a"

@@ -37,7 +37,7 @@ BLUR_THRESHOLD = 60.0  # variance of the Laplacian on a 512 px grey image; below
 CAT_CLASSES = ("cat", "kitten")
 CAPTION_CHARS = 500
 SUMMARY_CHARS = 1900  # a Discord message holds 2000
-STRIP_PIXELS = 1 << 20  # 16-bit photos are converted this many pixels at a time (8 MB of float64)
+STRIP_PIXELS = 1 << 20  # 16-bit photos are converted this many pixels at a time (8 MB of 64-bit numbers)
 
 
 @dataclass(frozen=True)
@@ -402,8 +402,12 @@ def _wide_to_grey(image: Image.Image) -> Image.Image:
     grey = np.empty(samples.shape, np.uint8)
     rows = max(1, STRIP_PIXELS // samples.shape[1])
     for top in range(0, samples.shape[0], rows):
-        strip = samples[top:top + rows].astype(np.float64)
-        grey[top:top + rows] = np.clip(strip / full_scale * 255.0, 0, 255).round()
+        strip = samples[top:top + rows]
+        if image.mode == "F":
+            grey[top:top + rows] = np.clip(strip / full_scale * 255.0, 0, 255).round()
+        else:  # whole numbers: v × 255 / 65535 rounded, in integers (never exactly half way: 65535 is odd)
+            scale = int(full_scale)
+            grey[top:top + rows] = (np.clip(strip, 0, scale).astype(np.int64) * 255 + scale // 2) // scale
     return Image.fromarray(grey, "L")
 
 
