@@ -35,15 +35,16 @@ async def download(attachments: list[discord.Attachment], into: Path, *, max_pho
         for number, attachment in enumerate(attachments):
             is_zip = attachment.filename.lower().endswith(".zip")
             limit_mb = MAX_ZIP_MB if is_zip else max_photo_mb
-            too_big = UserError(f"{attachment.filename} is more than {limit_mb} MB; the most allowed is {limit_mb} MB "
-                                f"{'for a .zip' if is_zip else 'per photo'}. Please send a smaller file.")
+            most = f"the most allowed is {limit_mb} MB {'for a .zip' if is_zip else 'per photo'}"
             if attachment.size > limit_mb * 1024 * 1024:
-                raise too_big
+                raise UserError(f"{attachment.filename} is {attachment.size / 1024 / 1024:.1f} MB; {most}. Please "
+                                "send a smaller file.")
             path = into / f"attachment-{number:02d}"
             try:
                 await _save(session, attachment.url, path, limit_mb * 1024 * 1024, http)
             except _TooBig:
-                raise too_big from None
+                raise UserError(f"{attachment.filename} is larger than {limit_mb} MB; {most}. Please send a smaller "
+                                "file.") from None
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 log.warning("could not download %s", attachment.url, exc_info=True)
                 raise UserError(f"Discord would not give me {attachment.filename} (the link may have expired). "

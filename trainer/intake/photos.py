@@ -1,9 +1,13 @@
 """Photo intake: turn what a member uploaded into square training photos, and say plainly what happened to each file.
 
-Torch-free (PIL, OpenCV, NumPy): the bot runs it in a thread at submit time, so a member sees the verdict before the
-job is queued. Every bound is checked before anything is decoded: bytes per file, pixels per image (decompression
-bombs), files per set, zip entries, unpacked size (zip bombs, whose headers may lie) and zip paths
-(trainer/intake/zips.py). Faces are found with OpenCV's Haar detectors (trainer/intake/faces.py).
+Torch-free (PIL, OpenCV, NumPy): at submit time the bot runs it in a child process under an address-space limit
+(trainer/intake/isolated.py), so a member sees the verdict before the job is queued and no upload can grow the bot.
+Every bound is checked before anything is decoded: bytes per file, pixels per image and decoded bytes (pixels ×
+channels × bytes per sample: decompression bombs), files per set, the zip's central directory (its size and true
+entry count), unpacked size (zip bombs, whose headers may lie) and zip paths (trainer/intake/zips.py). One photo is
+read and decoded at a time; big ones are reduced by a whole factor (JPEGs while decoding) to a few megapixels before
+the checks, and 16-bit ones are scaled a strip at a time. Faces are found with OpenCV's Haar detectors
+(trainer/intake/faces.py).
 """
 from __future__ import annotations
 
