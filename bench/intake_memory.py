@@ -5,8 +5,8 @@
 Writes the corpus (tests/trainer/hostile.py; the million-entry zip at full size unless --small) in a process of
 its own, then sends each case through `take_in_photos` (a child process under the address-space limit, what
 `submit_training` calls) and prints, per case, the wall seconds, the child's CPU seconds and the answer; then this
-process's RSS before and after the whole corpus. `--in-process` runs `intake_photos` in this process instead, as
-main did before the child process existed, to show what the child keeps away from the bot.
+process's RSS before and after the whole corpus. `--in-process` runs `intake_photos` in this process instead (the
+same bounded code, no child), to show what the child keeps away from the bot.
 """
 from __future__ import annotations
 

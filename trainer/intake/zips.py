@@ -100,19 +100,19 @@ def unpack_zip(zip_name: str, source: bytes | os.PathLike, *, max_entries: int, 
     """List the usable entries of a zip (bytes or a path). Returns the listing and the open archive, which the
     entries' read() functions need: the caller closes it when done (None when the zip was refused outright)."""
     result = Unpacked()
-    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+    in_memory = isinstance(source, (bytes, bytearray))
     try:
-        directory = read_directory(stream, max_entries=max_entries,
-                                   max_bytes=max_entries * DIRECTORY_BYTES_PER_ENTRY)
+        with io.BytesIO(source) if in_memory else open(source, "rb") as stream:
+            directory = read_directory(stream, max_entries=max_entries,
+                                       max_bytes=max_entries * DIRECTORY_BYTES_PER_ENTRY)
         if directory.entries > max_entries:
             raise ZipRefused(f"holds {directory.entries} files; the most is {max_entries}")
         try:
-            archive = zipfile.ZipFile(stream)
+            archive = zipfile.ZipFile(io.BytesIO(source) if in_memory else source)
             entries = archive.infolist()
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error):
             raise ZipRefused("is a damaged zip file; zip the photos again and resend") from None
     except ZipRefused as why:
-        stream.close()
         result.rejected.append((zip_name, str(why)))
         return result, None
     files = [e for e in entries if not e.is_dir()]
