@@ -1,8 +1,6 @@
 """How jobs, concepts and reports look in Discord: plain functions from service objects to text and embeds."""
 from __future__ import annotations
 
-import io
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -173,22 +171,3 @@ def job_line(job, position: int | None = None, eta_s: float | None = None, *, sh
 def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-def contact_sheet(images: Sequence, *, cell: int = 96, columns: int = 6) -> bytes | None:
-    """A small JPEG grid of thumbnails of PIL images (the accepted, cropped photos), or None when there are none."""
-    from PIL import Image
-
-    images = list(images)
-    if not images:
-        return None
-    rows = math.ceil(len(images) / columns)
-    sheet = Image.new("RGB", (cell * min(columns, len(images)), cell * rows), "white")
-    for index, image in enumerate(images):
-        thumb = image.convert("RGB")
-        thumb.thumbnail((cell, cell))
-        x, y = (index % columns) * cell, (index // columns) * cell
-        sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
-    out = io.BytesIO()
-    sheet.save(out, "JPEG", quality=80)
-    return out.getvalue()

@@ -4,12 +4,15 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+from pathlib import Path
 
+import aiohttp
 import discord
 from discord import app_commands
 
 from bot.client import BoothBot
 from bot.errors import UserError
+from bot.services.photo_intake import intake_workspace
 from bot.services.submissions import MAX_ZIP_MB, submit_training
 from cogs import _render
 from cogs._base import BoothCog
@@ -20,23 +23,50 @@ log = logging.getLogger(__name__)
 
 PHOTO_OPTIONS = 10
 STEPS = MEMBER_OPTIONS["steps"].for_members
+DOWNLOAD_TIMEOUT = aiohttp.ClientTimeout(total=300, sock_read=60)
 
 
-async def download(attachments: list[discord.Attachment], *, max_photo_mb: int) -> list[tuple[str, bytes]]:
-    """Read the attachments now (Discord's CDN links expire), refusing oversized ones before reading them."""
+async def download(attachments: list[discord.Attachment], into: Path, *, max_photo_mb: int,
+                   http: discord.http.HTTPClient | None = None) -> list[tuple[str, Path]]:
+    """Save the attachments in `into` now (Discord's CDN links expire), a chunk at a time, refusing oversized ones
+    before reading them. Returns (file name, saved path); the path is ours (attachment-NN), never the member's name."""
     files = []
-    for attachment in attachments:
-        is_zip = attachment.filename.lower().endswith(".zip")
-        limit_mb = MAX_ZIP_MB if is_zip else max_photo_mb
-        if attachment.size > limit_mb * 1024 * 1024:
-            raise UserError(f"{attachment.filename} is {attachment.size / 1024 / 1024:.1f} MB; the most allowed is "
-                            f"{limit_mb} MB {'for a .zip' if is_zip else 'per photo'}. Please send a smaller file.")
-        try:
-            files.append((attachment.filename, await attachment.read()))
-        except discord.HTTPException:
-            raise UserError(f"Discord would not give me {attachment.filename} (the link may have expired). "
-                            "Please run /train again with the photos attached.") from None
+    async with aiohttp.ClientSession(timeout=DOWNLOAD_TIMEOUT) as session:
+        for number, attachment in enumerate(attachments):
+            is_zip = attachment.filename.lower().endswith(".zip")
+            limit_mb = MAX_ZIP_MB if is_zip else max_photo_mb
+            most = f"the most allowed is {limit_mb} MB {'for a .zip' if is_zip else 'per photo'}"
+            if attachment.size > limit_mb * 1024 * 1024:
+                raise UserError(f"{attachment.filename} is {attachment.size / 1024 / 1024:.1f} MB; {most}. Please "
+                                "send a smaller file.")
+            path = into / f"attachment-{number:02d}"
+            try:
+                await _save(session, attachment.url, path, limit_mb * 1024 * 1024, http)
+            except _TooBig:
+                raise UserError(f"{attachment.filename} is larger than {limit_mb} MB; {most}. Please send a smaller "
+                                "file.") from None
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                log.warning("could not download %s", attachment.url, exc_info=True)
+                raise UserError(f"Discord would not give me {attachment.filename} (the link may have expired). "
+                                "Please run /train again with the photos attached.") from None
+            files.append((attachment.filename, path))
     return files
+
+
+class _TooBig(Exception):
+    pass
+
+
+async def _save(session: aiohttp.ClientSession, url: str, path: Path, limit: int,
+                http: discord.http.HTTPClient | None) -> None:
+    proxy = dict(proxy=http.proxy, proxy_auth=http.proxy_auth) if http is not None else {}
+    async with session.get(url, **proxy) as response:
+        response.raise_for_status()
+        with path.open("wb") as out:
+            async for chunk in response.content.iter_chunked(1 << 16):
+                if out.tell() + len(chunk) > limit:  # the size Discord announced may be wrong
+                    raise _TooBig
+                out.write(chunk)
 
 
 class Train(BoothCog):
@@ -73,33 +103,23 @@ class Train(BoothCog):
         role_ids = [r.id for r in getattr(interaction.user, "roles", ())]
         # Bans and limits first, so a member who may not train costs no downloads or unpacking.
         await services.ledger.check_submit("train", interaction.user.id, interaction.guild_id, role_ids=role_ids)
-        files = await download(attachments, max_photo_mb=services.settings.max_photo_mb)
-        job, report = await submit_training(
-            services, guild_id=interaction.guild_id, member_id=interaction.user.id,
-            channel_id=interaction.channel_id, role_ids=role_ids,
-            token=token, class_name=class_name, style=style, files=files, options={"steps": steps})
+        async with intake_workspace(services.settings.data_dir) as uploads:
+            files = await download(attachments, uploads, max_photo_mb=services.settings.max_photo_mb,
+                                   http=getattr(interaction.client, "http", None))
+            job, report = await submit_training(
+                services, guild_id=interaction.guild_id, member_id=interaction.user.id,
+                channel_id=interaction.channel_id, role_ids=role_ids,
+                token=token, class_name=class_name, style=style, files=files, options={"steps": steps})
         interaction.extras["job_id"] = job.id
         embed = _render.intake_embed(report.summary(), token=job.params.get("token", token),
                                      accepted=len(report.accepted), ok=True)
         embed.description = (embed.description or "") + (
             "\n\nYour training is queued; its progress shows in this channel.")
         files_out = []
-        sheet = await _contact_sheet(report)
-        if sheet is not None:
+        if report.contact_sheet is not None:  # thumbnails made by the intake process
             embed.set_image(url="attachment://accepted.jpg")
-            files_out.append(discord.File(io.BytesIO(sheet), "accepted.jpg"))
+            files_out.append(discord.File(io.BytesIO(report.contact_sheet), "accepted.jpg"))
         await interaction.followup.send(embed=embed, files=files_out, ephemeral=True)
-
-
-async def _contact_sheet(report) -> bytes | None:
-    images = [photo.image for photo in report.accepted]
-    if not images:
-        return None
-    try:
-        return await asyncio.to_thread(_render.contact_sheet, images[:30])
-    except (OSError, ValueError):
-        log.warning("could not build the contact sheet", exc_info=True)
-        return None
 
 
 async def setup(bot: BoothBot) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from bot.app import Services
 from bot.errors import UserError
 from bot.jobs.ledger import Job
+from bot.services.photo_intake import intake_workspace, take_in_photos
 from trainer.contract.imagine_request import DEFAULT_STRENGTH, ImagineRequest
 from trainer.contract.naming import load_vocab
 from trainer.contract.train_spec import checked_params
@@ -32,13 +33,14 @@ TRAIN_RECIPE: dict = {}
 
 async def submit_training(services: Services, *, guild_id: int, member_id: int, channel_id: int | None,
                           role_ids: Iterable[int], token: str, class_name: str, style: bool,
-                          files: Sequence[tuple[str, bytes]], options: Mapping[str, object] | None = None):
+                          files: Sequence[tuple[str, bytes | Path]], options: Mapping[str, object] | None = None):
     """Check, take in the photos, create the concept and queue its training. Returns (Job, IntakeReport).
 
+    `files`: (name shown to the member, bytes or the path of the saved upload).
     `options`: the TrainSpec fields the member chose (those members may set, e.g. steps), None for the default.
     Order: ban and limits (cheap, before any photo work) → options, token and class spelling → token free on this
-    server → photo intake (in a thread: decoding and face detection take a while) → concept + photos on disk →
-    ledger.
+    server → photo intake (in a child process with its own memory limit: bot/services/photo_intake.py) → concept +
+    photos on disk → ledger.
     If queueing fails after the concept was created, the concept is removed again.
     """
     settings = services.settings
@@ -57,8 +59,16 @@ async def submit_training(services: Services, *, guild_id: int, member_id: int, 
 
     limits = intake.IntakeLimits(min_photos=settings.min_photos, max_photos=settings.max_photos,
                                  max_photo_bytes=settings.max_photo_mb * 1024 * 1024)
-    report = await asyncio.to_thread(intake.intake_photos, list(files), limits=limits, class_name=class_name,
-                                     style=style)
+    async with intake_workspace(settings.data_dir) as work_dir:
+        return await _take_in_and_queue(services, work_dir, guild_id=guild_id, member_id=member_id,
+                                        channel_id=channel_id, role_ids=role_ids, token=token, class_name=class_name,
+                                        style=style, files=files, limits=limits, recipe=recipe)
+
+
+async def _take_in_and_queue(services: Services, work_dir: Path, *, guild_id, member_id, channel_id, role_ids,
+                             token, class_name, style, files, limits, recipe):
+    settings = services.settings
+    report = await take_in_photos(list(files), work_dir, limits=limits, class_name=class_name, style=style)
     if not report.ok:
         raise UserError(report.summary())
     report.warnings.extend(intake.token_warnings(token, _vocabulary(settings.model)))

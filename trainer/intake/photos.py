@@ -1,22 +1,31 @@
 """Photo intake: turn what a member uploaded into square training photos, and say plainly what happened to each file.
 
-Torch-free (PIL, OpenCV, NumPy): the bot runs it in a thread at submit time, so a member sees the verdict before the
-job is queued. Every bound is checked before anything is decoded: bytes per file, pixels per image (decompression
-bombs), files per set, zip entries, unpacked size (zip bombs, whose headers may lie) and zip paths
-(trainer/intake/zips.py). Faces are found with OpenCV's Haar detectors (trainer/intake/faces.py).
+Torch-free (PIL, OpenCV, NumPy): at submit time the bot runs it in a child process under an address-space limit
+(trainer/intake/isolated.py), so a member sees the verdict before the job is queued and no upload can grow the bot.
+Every bound is checked before anything is decoded: bytes per file, pixels per image and decoded bytes (pixels ×
+channels × bytes per sample: decompression bombs), files per set, the zip's central directory (its size and true
+entry count), unpacked size (zip bombs, whose headers may lie) and zip paths (trainer/intake/zips.py). One photo is
+read and decoded at a time; big ones are reduced by a whole factor (JPEGs while decoding) to a few megapixels before
+the checks, and 16-bit ones are scaled a strip at a time. Faces are found with OpenCV's Haar detectors
+(trainer/intake/faces.py).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 from trainer.contract.files import write_atomic, write_text_atomic
+from trainer.intake.zips import EntryRefused
 from trainer.intake.faces import CAT, HUMAN, crop_box_around, find_faces, grey_for_analysis
 from trainer.intake.zips import looks_like_zip, mb, unpack_zip
 from trainer.contract.naming import check_token, class_kind, instance_prompt, normalise_class, token_warnings
@@ -32,6 +41,7 @@ BLUR_THRESHOLD = 60.0  # variance of the Laplacian on a 512 px grey image; below
 CAT_CLASSES = ("cat", "kitten")
 CAPTION_CHARS = 500
 SUMMARY_CHARS = 1900  # a Discord message holds 2000
+STRIP_PIXELS = 1 << 20  # 16-bit photos are converted this many pixels at a time (8 MB of 64-bit numbers)
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,8 @@ class IntakeLimits:
     max_photos: int = 30
     max_photo_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
+    # Decoded size (pixels × channels × bytes per sample): 40 megapixels of 8-bit RGB or 16-bit grey fit.
+    max_decoded_bytes: int = 128 * 1024 * 1024
     max_zip_entries: int = 200
     max_unpacked_bytes: int = 400 * 1024 * 1024
     min_side: int = 256
@@ -49,12 +61,13 @@ class IntakeLimits:
 @dataclass
 class PreparedPhoto:
     source: str
-    image: Image.Image  # RGB, resolution × resolution
+    image: Image.Image | None  # RGB, resolution × resolution; None in a report read back from the intake process
     caption: str | None = None
     warnings: list[str] = field(default_factory=list)
     # The face the crop was centred on (x, y, w, h), in the pixels of the decoded upright photo; big JPEGs are
-    # decoded at 1/2, 1/4 or 1/8 scale, so this is not always the original's resolution.
+    # decoded at 1/2, 1/4 or 1/8 scale (other formats reduced alike), so this is not always the original's resolution.
     face: tuple[int, int, int, int] | None = None
+    path: Path | None = None  # where it was saved as NNN.png, when it was
 
 
 @dataclass
@@ -64,6 +77,7 @@ class IntakeReport:
     warnings: list[str] = field(default_factory=list)  # about the whole set
     limits: IntakeLimits = field(default_factory=IntakeLimits)
     notes: list[str] = field(default_factory=list)  # for information: nothing the member needs to fix
+    contact_sheet: bytes | None = None  # JPEG thumbnails of the accepted photos, when made (by the intake process)
 
     @property
     def ok(self) -> bool:
@@ -92,7 +106,11 @@ class IntakeReport:
         written = []
         for number, photo in enumerate(self.accepted):
             target = directory / f"{number:03d}.png"
-            write_atomic(target, lambda tmp: photo.image.save(tmp, "PNG"))
+            if photo.image is None:  # decoded by the intake process, which saved it
+                write_atomic(target, functools.partial(shutil.copyfile, photo.path))
+            else:
+                write_atomic(target, lambda tmp: photo.image.save(tmp, "PNG"))
+                photo.path = target
             written.append(target)
             if photo.caption:
                 write_text_atomic(target.with_suffix(".txt"), photo.caption)
@@ -108,6 +126,15 @@ class IntakeReport:
             "notes": list(self.notes),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict, limits: IntakeLimits, photos_dir: Path) -> IntakeReport:
+        """The report `to_dict` wrote, with the photos it saved as NNN.png in `photos_dir` (not loaded)."""
+        accepted = [PreparedPhoto(p["source"], None, p["caption"], list(p["warnings"]),
+                                  tuple(p["face"]) if p["face"] else None, photos_dir / f"{number:03d}.png")
+                    for number, p in enumerate(data["accepted"])]
+        return cls(accepted=accepted, rejected=[(r["source"], r["reason"]) for r in data["rejected"]],
+                   warnings=list(data["warnings"]), limits=limits, notes=list(data["notes"]))
+
 
 def intake_photos(files, out_dir: str | os.PathLike | None = None, *, limits: IntakeLimits | None = None,
                   class_name: str = "person", style: bool = False) -> IntakeReport:
@@ -121,41 +148,63 @@ def intake_photos(files, out_dir: str | os.PathLike | None = None, *, limits: In
     kind = "style" if style else class_kind(class_name)
     detector = CAT if class_name in CAT_CLASSES else HUMAN if kind == "person" else None
 
-    texts: dict[str, tuple[str, bytes]] = {}
-    candidates: list[tuple[str, bytes]] = []
+    with contextlib.ExitStack() as open_zips:
+        candidates, texts = _list_inputs(files, limits, report, open_zips)
+        _prepare(candidates, texts, limits, report, kind, detector)
+    if report.accepted and len(report.accepted) < 5 and report.ok:
+        report.warnings.append("5 to 20 varied photos (different days, light and angles) give the best results")
+    if out_dir is not None and report.accepted:
+        report.save(out_dir)
+    return report
+
+
+def _list_inputs(files, limits: IntakeLimits, report: IntakeReport, open_zips: contextlib.ExitStack):
+    """(name, read) for each photo candidate and caption, nothing decoded yet and zip entries not yet inflated."""
+    texts: dict[str, tuple[str, _Read]] = {}
+    candidates: list[tuple[str, _Read]] = []
     unpack_budget = limits.max_unpacked_bytes  # for the whole request: several small zip bombs add up
-    for name, data in _read_sources(files, limits, report):
-        if looks_like_zip(data):
+    for name, source in _read_sources(files, limits, report):
+        if looks_like_zip(_head(source)):
             if PurePosixPath(name).suffix.lower() != ".zip":
                 report.rejected.append((name, "is not a photo (it is a zip file under another name)"))
                 continue
-            unpacked = unpack_zip(name, data, max_entries=limits.max_zip_entries,
-                                  max_file_bytes=limits.max_photo_bytes, max_total_bytes=max(0, unpack_budget))
+            unpacked, archive = unpack_zip(name, source, max_entries=limits.max_zip_entries,
+                                           max_file_bytes=limits.max_photo_bytes,
+                                           max_total_bytes=max(0, unpack_budget))
+            if archive is not None:
+                open_zips.callback(archive.close)
             report.rejected += unpacked.rejected
-            entries = unpacked.files
-            unpack_budget -= sum(len(content) for _, content in entries)
+            entries = [(entry, _labelled(read, f"{name}/{entry}")) for entry, read in unpacked.files]
+            unpack_budget -= unpacked.declared_bytes
         else:
-            entries = [(name, data)]
-        for entry_name, content in entries:
+            entries = [(name, functools.partial(_read_file, source))]
+        for entry_name, read in entries:
             if PurePosixPath(entry_name).suffix.lower() == ".txt":
-                texts[_stem_key(entry_name)] = (entry_name, content)
+                texts[_stem_key(entry_name)] = (entry_name, read)
             else:
-                candidates.append((entry_name, content))
+                candidates.append((entry_name, read))
 
     if len(candidates) > limits.max_photos:
         for name, _ in candidates[limits.max_photos:]:
             report.rejected.append((name, f"more than {limits.max_photos} photos were sent; only the first "
                                           f"{limits.max_photos} are used"))
         candidates = candidates[:limits.max_photos]
+    return candidates, texts
 
+
+def _prepare(candidates, texts, limits: IntakeLimits, report: IntakeReport, kind: str, detector) -> None:
+    """Decode, de-duplicate, check and crop each candidate, one at a time (only one upload is in memory at once)."""
     seen_exact: dict[str, str] = {}
     seen_hashes: list[tuple[int, str]] = []
     faces_unavailable = False
-    for name, data in candidates:
+    for name, read in candidates:
         try:
-            image, notes = _decode(data, limits)
+            image, notes = _decode(read(), limits)
         except _Rejected as why:
-            report.rejected.append((name, str(why)))
+            report.rejected.append((why.label or name, str(why)))
+            continue
+        except MemoryError:  # the intake process runs under an address-space limit; the photo's memory is freed now
+            report.rejected.append((name, "is too large to process; send a smaller photo (an ordinary JPEG)"))
             continue
         digest = hashlib.sha256(image.tobytes()).hexdigest()
         if digest in seen_exact:
@@ -194,43 +243,70 @@ def intake_photos(files, out_dir: str | os.PathLike | None = None, *, limits: In
     for entry_name, _ in texts.values():
         report.notes.append(f"{_code(entry_name)} was read as a caption but no photo has the same name, so it was "
                             "not used.")
-    if report.accepted and len(report.accepted) < 5 and report.ok:
-        report.warnings.append("5 to 20 varied photos (different days, light and angles) give the best results")
-    if out_dir is not None and report.accepted:
-        report.save(out_dir)
-    return report
 
 
 class _Rejected(Exception):
-    pass
+    def __init__(self, reason: str, label: str | None = None):
+        super().__init__(reason)
+        self.label = label  # the name shown, when not the candidate's own (a zip entry refused while unpacking)
+
+
+_Read = Callable[[], bytes]
+
+
+def _labelled(read: _Read, label: str) -> _Read:
+    def read_entry() -> bytes:
+        try:
+            return read()
+        except EntryRefused as why:
+            raise _Rejected(str(why), label) from None
+    return read_entry
+
+
+def _head(source: bytes | Path) -> bytes:
+    if isinstance(source, Path):
+        with source.open("rb") as stream:
+            return stream.read(4)
+    return source[:4]
+
+
+def _read_file(source: bytes | Path) -> bytes:
+    if not isinstance(source, Path):
+        return source
+    try:
+        return source.read_bytes()
+    except OSError:
+        raise _Rejected("could not be read") from None
 
 
 def _read_sources(files, limits: IntakeLimits, report: IntakeReport):
-    """Yield (name, bytes) for each input, refusing oversized files before reading them."""
+    """Yield (name, bytes or Path) for each input, refusing oversized files before reading them.
+
+    An input is a path (its own name is shown), a (name, bytes) pair or a (name, path) pair (a file saved under a
+    name of ours, shown under the member's name)."""
     for item in files:
         if isinstance(item, (str, os.PathLike)):
             path = Path(item)
             if path.is_dir():
                 yield from _read_sources(sorted(p for p in path.iterdir() if p.is_file()), limits, report)
                 continue
-            name = path.name
+            item = (path.name, path)
+        name, data = item
+        name = PurePosixPath(str(name).replace("\\", "/")).name or "unnamed"
+        if isinstance(data, (str, os.PathLike)):
+            data = Path(data)
             try:
-                size = path.stat().st_size
-                limit = limits.max_unpacked_bytes if path.suffix.lower() == ".zip" else limits.max_photo_bytes
-                if size > limit:
-                    report.rejected.append((name, f"is {mb(size)}; the most is {mb(limit)} per file"))
-                    continue
-                data = path.read_bytes()
+                size = data.stat().st_size
+                is_zip = size and looks_like_zip(_head(data))
             except OSError:
                 report.rejected.append((name, "could not be read"))
                 continue
         else:
-            name, data = item
-            name = PurePosixPath(str(name).replace("\\", "/")).name or "unnamed"
-            limit = limits.max_unpacked_bytes if looks_like_zip(data) else limits.max_photo_bytes
-            if len(data) > limit:
-                report.rejected.append((name, f"is {mb(len(data))}; the most is {mb(limit)} per file"))
-                continue
+            size, is_zip = len(data), looks_like_zip(data)
+        limit = limits.max_unpacked_bytes if is_zip else limits.max_photo_bytes
+        if size > limit:
+            report.rejected.append((name, f"is {mb(size)}; the most is {mb(limit)} per file"))
+            continue
         yield name, data
 
 
@@ -266,32 +342,77 @@ def _decode(data: bytes, limits: IntakeLimits) -> tuple[Image.Image, list[str]]:
         image.seek(0)
         # JPEGs can decode at 1/2, 1/4 or 1/8 scale: never below the training resolution, far less memory.
         image.draft("RGB", (limits.resolution, limits.resolution))
+        decoded = decoded_bytes(image)
+        if decoded > limits.max_decoded_bytes:
+            raise _Rejected(f"is {width}×{height} pixels at {_depth(image)}: {mb(decoded)} once opened; the most is "
+                            f"{mb(limits.max_decoded_bytes)}. Send it as an ordinary JPEG, or smaller")
         image.load()
-        upright = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # copies only a photo that needs turning
+        upright = _shrink(image, limits.resolution)
+        return _shrink(_to_rgb(upright, limits.resolution), limits.resolution), notes
     except Image.DecompressionBombError:
         raise _Rejected(f"is larger than {megapixels} megapixels when opened") from None
     except (OSError, ValueError, SyntaxError, EOFError):
         raise _Rejected("is damaged or incomplete; send the original photo again") from None
-    return _to_rgb(upright), notes
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def decoded_bytes(image: Image.Image) -> int:
+    """What decoding `image` takes, from its header: pixels × channels × bytes per sample (after any JPEG draft)."""
+    width, height = image.size
+    try:
+        mode = ImageMode.getmode(image.mode)
+        per_pixel = len(mode.bands) * int(mode.typestr[-1])
+    except (KeyError, ValueError):
+        per_pixel = 4
+    return width * height * per_pixel
+
+
+def _depth(image: Image.Image) -> str:
+    mode = ImageMode.getmode(image.mode)
+    return f"{len(mode.bands)} × {8 * int(mode.typestr[-1])}-bit channel{'s' if len(mode.bands) > 1 else ''}"
+
+
+def _shrink(image: Image.Image, resolution: int) -> Image.Image:
+    """Reduce a grey or colour image by a whole factor that keeps its shorter side at the training resolution or
+    above, as a JPEG draft does: checks, face search and crop then work on a few megapixels, never on forty."""
+    factor = min(image.size) // resolution
+    if factor < 2 or image.mode not in ("L", "RGB"):  # alpha and palettes are resolved first (_to_rgb)
+        return image
+    return image.reduce(factor)
+
+
+def _to_rgb(image: Image.Image, resolution: int) -> Image.Image:
     """Any mode to 8-bit RGB; transparency becomes white; 16-bit and float images are scaled by depth, not clipped."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode == "F":
-            full_scale = 1.0 if values.max() <= 1.0 else 255.0
-        else:  # 16-bit samples; a mode-I image holding 8-bit values stays as it is
-            full_scale = 65535.0 if values.max() > 255 else 255.0
-        scaled = np.clip(values / full_scale * 255.0, 0, 255)
-        return Image.fromarray(scaled.round().astype(np.uint8), "L").convert("RGB")
+        return _shrink(_wide_to_grey(image), resolution).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _wide_to_grey(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit and float grey to 8-bit, scaled a strip of rows at a time: one copy of the samples as they
+    are (no larger than the decoded photo) and no full-size float copy (8 bytes a pixel, several times over)."""
+    samples = np.asarray(image)
+    highest = float(samples.max())
+    if image.mode == "F":
+        full_scale = 1.0 if highest <= 1.0 else 255.0
+    else:  # 16-bit samples; a mode-I image holding 8-bit values stays as it is
+        full_scale = 65535.0 if highest > 255 else 255.0
+    grey = np.empty(samples.shape, np.uint8)
+    rows = max(1, STRIP_PIXELS // samples.shape[1])
+    for top in range(0, samples.shape[0], rows):
+        strip = samples[top:top + rows]
+        if image.mode == "F":
+            grey[top:top + rows] = np.clip(strip / full_scale * 255.0, 0, 255).round()
+        else:  # whole numbers: v × 255 / 65535 rounded, in integers (never exactly half way: 65535 is odd)
+            scale = int(full_scale)
+            grey[top:top + rows] = (np.clip(strip, 0, scale).astype(np.int64) * 255 + scale // 2) // scale
+    return Image.fromarray(grey, "L")
 
 
 def _difference_hash(image: Image.Image) -> int:
@@ -312,10 +433,14 @@ def _stem_key(name: str) -> str:
     return str(PurePosixPath(name).with_suffix("")).lower()
 
 
-def _caption(text_file: tuple[str, bytes] | None) -> str | None:
+def _caption(text_file: tuple[str, _Read] | None) -> str | None:
     if text_file is None:
         return None
-    caption = " ".join(text_file[1].decode("utf-8", errors="replace").split())[:CAPTION_CHARS]
+    try:
+        text = text_file[1]()
+    except _Rejected:
+        return None
+    caption = " ".join(text[:CAPTION_CHARS * 4].decode("utf-8", errors="replace").split())[:CAPTION_CHARS]
     return caption or None
 
 
