@@ -4,8 +4,8 @@ worker is ready, waking early when a job is queued.
 
 The parts: runner.py (one worker's jobs: batches, training slices, time limits), endings.py (recording an end),
 progress.py (progress into the ledger and to the notifier), cancels.py (cancel requests to the worker),
-announcer.py (the notifier), outbox.py (delivery of finished jobs until confirmed: retries, the backlog). What differs between job kinds is
-in bot/jobs/kinds.py.
+announcer.py (the notifier), outbox.py (delivery of finished jobs until confirmed: retries, the backlog). What
+differs between job kinds is in bot/jobs/kinds.py.
 """
 from __future__ import annotations
 
