@@ -69,8 +69,8 @@ class Services:
             await self.dispatcher.announcer.finished(job_id)
 
     async def jobs_forgotten(self, jobs: list[Job]) -> None:
-        """/forget deleted these jobs' records (they were waiting or running): the notifier retires their status
-        messages. Best effort: with the rows gone there is nothing left to retry from."""
+        """/forget deleted these waiting jobs' records: the notifier retires their status messages. Best effort:
+        with the rows gone there is nothing left to retry from."""
         if isinstance(self.notifier, ForgottenJobNotifier):
             await self.notifier.jobs_forgotten(jobs)
 

@@ -327,7 +327,7 @@ class DiscordNotifier:
     async def _retire_status_message(self, job, channel) -> None:
         """The outcome is out: the status message goes (cosmetic, so failures are only logged)."""
         status_id = self._message_id(job)
-        if status_id is None or (job.status == "cancelled"):
+        if status_id is None or job.status == "cancelled":
             return  # a cancellation was written onto the status message itself
         try:
             await channel.get_partial_message(status_id).delete()

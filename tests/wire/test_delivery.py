@@ -94,3 +94,22 @@ def job_row(booth, job_id: int):
         return connection.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
     finally:
         connection.close()
+
+
+async def test_forget_retires_the_status_message_of_a_waiting_job_through_the_notifier(booth):
+    fake = booth.fake
+    admin, member = fake.member("forget-admin", manage_guild=True), fake.member("forget-waiter")
+    await booth.answer(await fake.command(admin, "queue", subcommand=["admin", "pause"]))
+    try:
+        job_id = await queue_imagine(booth, member, "a quiet harbour")
+        status = (await fake.wait_for(lambda: fake.channel_messages(f"job {job_id} is"), what="the status message"))[0]
+        ask = await fake.command(member, "forget")
+        await booth.answer(ask)
+        message = ask.callbacks[0]["data"]
+        confirm_id = message["components"][0]["components"][0]["custom_id"]
+        await fake.click(member, {**ask.original, **message}, confirm_id)
+        await fake.wait_for(lambda: "its owner used /forget" in (fake.messages[int(status["id"])].get("content") or ""),
+                            what="the status message to say the job was cancelled")
+        assert await booth.job(job_id) is None
+    finally:
+        await booth.answer(await fake.command(admin, "queue", subcommand=["admin", "resume"]))
