@@ -30,6 +30,13 @@ class QueuedJobNotifier(Protocol):
     async def job_queued(self, job: Job) -> None: ...
 
 
+@runtime_checkable
+class ForgottenJobNotifier(Protocol):
+    """A notifier that retires the status messages of jobs whose records /forget deleted."""
+
+    async def jobs_forgotten(self, jobs: list[Job]) -> None: ...
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -55,10 +62,17 @@ class Services:
             await self.notifier.job_queued(job)
 
     async def job_cancelled(self, job_id: int) -> None:
-        """Announce a job cancelled before it ran; the dispatcher announces the jobs it ran, cancelled ones too."""
+        """Announce a job cancelled before it ran, through the delivery outbox like every outcome; the dispatcher
+        announces the jobs it ran, cancelled ones too."""
         job = await self.ledger.get(job_id)
-        if job is not None and job.status == "cancelled" and self.notifier is not None:
-            await self.notifier.job_finished(job)
+        if job is not None and job.status == "cancelled":
+            await self.dispatcher.announcer.finished(job_id)
+
+    async def jobs_forgotten(self, jobs: list[Job]) -> None:
+        """/forget deleted these waiting jobs' records: the notifier retires their status messages. Best effort:
+        with the rows gone there is nothing left to retry from."""
+        if isinstance(self.notifier, ForgottenJobNotifier):
+            await self.notifier.jobs_forgotten(jobs)
 
     async def stop(self) -> None:
         """Let the running job or slice end (a short grace), stop the worker, close the database."""

@@ -1,9 +1,23 @@
 """Delivery: each job's status message in its channel (queue place → live progress) and its final announcement.
 
-Everything goes through the bot token to the channel, never through the interaction (its token dies after 15
-minutes; a training takes longer). The notifier is what the dispatcher calls (bot/ Notifier protocol), and what
-`Services.job_submitted` calls for each new job (`job_queued`). `ledger.mark_delivered` is taken before posting, so a
-job is announced at most once even across a restart.
+Everything goes through the bot token, never through the interaction (its token dies after 15 minutes; a training
+takes longer). The notifier is what the dispatcher calls (bot/ Notifier protocol), what `Services.job_submitted`
+calls for each new job (`job_queued`) and what /forget calls (`jobs_forgotten`): cogs make no channel calls of their
+own.
+
+A finished job's outcome goes through the delivery outbox (bot/dispatch/outbox.py) until it is out. Each message
+of it (a "part": a result with more than 10 images takes several) is sent with a nonce Discord enforces,
+`j<job id><route letter><part>`, and recorded in the ledger (`delivery_parts`) once Discord confirmed it; the job is
+marked delivered only when every part was. Discord's 5xx and 429 answers, network errors and a lost connection
+raise RetryLater: the outbox tries again after a pause, or at the next start, resuming at the first unconfirmed
+part. When the channel refuses the outcome (403: a permission is missing; 404: the channel is gone; another 4xx),
+the owner gets it by DM and the reason is kept on the job for admins (/queue admin list); if the DM is refused too
+the job is marked delivered "nowhere" with both reasons.
+
+The window left: a part whose post reached Discord but whose answer never came back (a kill -9 or a cut connection
+at that moment) is posted again by the next attempt. Discord answers a repeated nonce with the existing message only
+for a few minutes, so if the next attempt comes later than that (the bot stays down longer), that one part can
+appear twice. Confirmed parts are never posted again.
 """
 from __future__ import annotations
 
@@ -11,6 +25,7 @@ import asyncio
 import functools
 import io
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -18,6 +33,7 @@ import discord
 
 from bot.app import Services
 from bot.client import BoothBot
+from bot.dispatch.outbox import RetryLater
 from bot.jobs.kinds import JobKind
 from cogs import _render
 from cogs._base import BoothCog
@@ -32,6 +48,29 @@ PREVIEW_NAME = "preview.webp"
 READY_TIMEOUT_S = 120.0
 GONE = -1  # message id of a status message someone deleted: leave it alone
 REFRESH_FIRST_N = 10  # waiting jobs whose message shows a live place in the queue
+ROUTE_LETTERS = {"channel": "c", "dm": "d"}
+UNKNOWN_MESSAGE = 10008  # Discord's error code: the message (not the channel) is gone
+
+
+def nonce(job_id: int, route: str, part: int) -> str:
+    """The idempotency key of one message of a job's outcome (Discord allows 25 characters)."""
+    return f"j{job_id}{ROUTE_LETTERS[route]}{part}"
+
+
+def status_nonce(job_id: int) -> str:
+    return f"j{job_id}s"
+
+
+@dataclass
+class Part:
+    """One message of an outcome: sent, or (a cancellation) an edit of the job's status message."""
+    content: str | None
+    files: list[tuple[str, str]] = field(default_factory=list)  # (path, file name)
+    view: discord.ui.View | None = None
+    edit_message_id: int | None = None
+
+    def open_files(self) -> list[discord.File]:
+        return [discord.File(path, filename=name) for path, name in self.files]
 
 
 def _read(path: str | Path) -> bytes | None:
@@ -88,7 +127,12 @@ class DiscordNotifier:
             job = await self.services.ledger.get(job.id) or job
             if job.is_terminal:
                 return  # finished before we got here; job_finished posts the outcome
-            message = await channel.send(embed=await self._status_embed(job))
+            try:
+                message = await channel.send(embed=await self._status_embed(job), nonce=status_nonce(job.id))
+            except (discord.HTTPException, aiohttp.ClientError, OSError) as e:
+                # Only the status message is missing; the outcome is delivered (or sent to the owner) at the end.
+                log.info("job %s: could not post its status message: %s", job.id, e)
+                return
             self._message_ids[job.id] = message.id
             await self.services.ledger.set_message(job.id, job.channel_id, message.id)
 
@@ -108,7 +152,7 @@ class DiscordNotifier:
                 message_id = self._message_id(current)
                 channel = self._channel(current)
                 if message_id is None:
-                    message = await channel.send(embed=embed, files=files)
+                    message = await channel.send(embed=embed, files=files, nonce=status_nonce(job.id))
                     self._message_ids[job.id] = message.id
                     await self.services.ledger.set_message(job.id, current.channel_id, message.id)
                 elif files:
@@ -155,25 +199,42 @@ class DiscordNotifier:
             await _quietly(self._channel(current).get_partial_message(message_id).edit(embed=embed))
 
     async def job_finished(self, job) -> None:
-        """Announce a finished job once: mark it delivered, then post the outcome and retire the status message."""
+        """Deliver a finished job's outcome and only then mark it delivered; RetryLater when a later try may work."""
         self.throttle.forget(job.id)
         self.throttle.forget(("queued", job.id))
-        # Before marking it delivered: a bot that is not connected leaves the job for the next start's backlog.
         if not await self._connected():
-            return
+            raise RetryLater("not connected to Discord")
         async with self._lock(job.id):
             job = await self.services.ledger.get(job.id) or job
-            if not job.is_terminal or not await self.services.ledger.mark_delivered(job.id):
+            if not job.is_terminal or job.delivered_at is not None:
                 return
             try:
-                await self._post_outcome(job)
-            except Exception:  # noqa: BLE001 - nothing must take the dispatcher down; it is logged with the job id
-                log.exception("job %s: could not deliver the outcome", job.id)
-            finally:
-                self._message_ids.pop(job.id, None)
-                self._previews.pop(job.id, None)
+                via, reason = await self._deliver(job)
+            except Exception as e:
+                if _may_pass(e):
+                    raise RetryLater(_describe(e)) from e
+                raise
+            await self.services.ledger.mark_delivered(job.id, via, reason)
+            if reason:
+                log.warning("job %s: %s", job.id, reason)
+            self._message_ids.pop(job.id, None)
+            self._previews.pop(job.id, None)
         self._locks.pop(job.id, None)
         await self.refresh_queue()
+
+    async def jobs_forgotten(self, jobs) -> None:
+        """/forget deleted these waiting jobs: say so on their status messages (best effort: no record is left)."""
+        for job in jobs:
+            self.throttle.forget(job.id)
+            self.throttle.forget(("queued", job.id))
+            async with self._lock(job.id):
+                message_id, channel = self._message_id(job), self._channel(job)
+                if message_id is not None and channel is not None:
+                    await _quietly(channel.get_partial_message(message_id).edit(
+                        content=f"Job {job.id} was cancelled: its owner used /forget.", embed=None, attachments=[]))
+                self._message_ids.pop(job.id, None)
+                self._previews.pop(job.id, None)
+            self._locks.pop(job.id, None)
 
     async def _connected(self, timeout: float = READY_TIMEOUT_S) -> bool:
         if self.bot.is_closed():
@@ -186,47 +247,96 @@ class DiscordNotifier:
         return not self.bot.is_closed()
 
     # ----- outcome -----------------------------------------------------------------------------------------------
-    async def _post_outcome(self, job) -> None:
+    async def _deliver(self, job) -> tuple[str, str | None]:
+        """Post the outcome in the job's channel, else to its owner by DM. Returns (delivered_via, why not the
+        channel). Errors that may pass propagate (the outbox retries)."""
+        refused = "the job has no channel"
         channel = self._channel(job)
-        if channel is None:
-            log.warning("job %s finished but has no channel to announce in", job.id)
-            return
+        if channel is not None:
+            try:
+                await self._post(job, "channel", channel)
+            except discord.HTTPException as e:
+                if _may_pass(e):
+                    raise
+                refused = f"its channel refused the outcome ({_describe(e)})"
+            else:
+                await self._retire_status_message(job, channel)
+                return "channel", None
+        try:
+            dm = await self.bot.create_dm(discord.Object(job.owner_id))
+            await self._post(job, "dm", dm)
+        except discord.HTTPException as e:
+            if _may_pass(e):
+                raise
+            return "nowhere", f"{refused}; the owner's DMs refused it too ({_describe(e)})"
+        return "dm", f"{refused}; sent to the owner by DM"
+
+    async def _post(self, job, route: str, target) -> None:
+        """Send the parts Discord has not confirmed yet, each with its nonce, recording each confirmation."""
+        ledger = self.services.ledger
+        confirmed = await ledger.confirmed_parts(job.id, route)
+        for number, part in enumerate(self._parts(job, route)):
+            if number in confirmed:
+                continue
+            message = None
+            if part.edit_message_id is not None:
+                try:
+                    message = await target.get_partial_message(part.edit_message_id).edit(
+                        content=part.content, embed=None, attachments=[])
+                except discord.NotFound as e:
+                    if e.code != UNKNOWN_MESSAGE:
+                        raise  # the channel is gone, not just the status message
+            if message is None:
+                message = await target.send(part.content, files=part.open_files(), view=part.view,
+                                            allowed_mentions=_only_owner(job), nonce=nonce(job.id, route, number))
+            await ledger.confirm_part(job.id, route, number, message.id)
+
+    def _parts(self, job, route: str) -> list[Part]:
+        """The outcome's messages, the same on every attempt (so a part keeps its nonce)."""
         status_id = self._message_id(job)
         if job.status == "succeeded":
-            await self._result_poster(job)(channel, job)
-        elif job.status == "cancelled" and status_id is not None:
+            parts = self._result_parts(job, with_buttons=route == "channel")
+        elif job.status == "cancelled" and status_id is not None and route == "channel":
             # No need to ping anyone: the member (or an admin) asked for it. The status message says so.
-            await _quietly(channel.get_partial_message(status_id).edit(
-                content=_render.failed_text(job), embed=None, attachments=[]))
-            return
+            return [Part(_render.failed_text(job)[:2000], edit_message_id=status_id)]
         else:
-            await channel.send(_render.failed_text(job)[:2000], allowed_mentions=_only_owner(job))
-        if status_id is not None:
-            await _quietly(channel.get_partial_message(status_id).delete())
+            parts = [Part(_render.failed_text(job))]
+        if route == "dm":
+            parts[0].content = (f"I could not post this in <#{job.channel_id}>, so here it is.\n"
+                                if job.channel_id else "") + (parts[0].content or "")
+        parts[0].content = (parts[0].content or "")[:2000]
+        return parts
 
-    def _result_poster(self, job):
-        """How the kind's result is posted; a kind without its own is posted as images, as /imagine's are."""
-        return {JobKind.TRAIN: self._post_train, JobKind.IMAGINE: self._post_imagine}.get(job.kind, self._post_imagine)
-
-    async def _post_train(self, channel, job) -> None:
+    def _result_parts(self, job, *, with_buttons: bool) -> list[Part]:
+        """A kind without its own result text is posted as images, as /imagine's are."""
         result = job.result or {}
-        files, notes = self._pick_files(job, result.get("samples") or [], {})
-        text = _render.train_done_text(job, result)
+        if job.kind == JobKind.TRAIN:
+            paths, small, text = result.get("samples") or [], {}, _render.train_done_text(job, result)
+        else:
+            paths, small, text = result.get("images") or [], result.get("small") or {}, _render.imagine_done_text(
+                job, result)
+        files, notes = self._pick_files(job, paths, small)
         if notes:
             text += "\n" + "\n".join(notes)
-        await self._send_in_batches(channel, job, text, files)
+        parts = [Part(text if number == 0 else None, list(batch))
+                 for number, batch in enumerate(_render.chunks(files, MAX_FILES_PER_MESSAGE))] or [Part(text)]
+        if with_buttons and job.kind != JobKind.TRAIN and paths:
+            parts[-1].view = result_view(job.id, len(paths))
+        return parts
 
-    async def _post_imagine(self, channel, job) -> None:
-        result = job.result or {}
-        images = result.get("images") or []
-        files, notes = self._pick_files(job, images, result.get("small") or {})
-        text = _render.imagine_done_text(job, result)
-        if notes:
-            text += "\n" + "\n".join(notes)
-        await self._send_in_batches(channel, job, text, files,
-                                    view=result_view(job.id, len(images)) if images else None)
+    async def _retire_status_message(self, job, channel) -> None:
+        """The outcome is out: the status message goes (cosmetic, so failures are only logged)."""
+        status_id = self._message_id(job)
+        if status_id is None or job.status == "cancelled":
+            return  # a cancellation was written onto the status message itself
+        try:
+            await channel.get_partial_message(status_id).delete()
+        except discord.NotFound:
+            pass  # deleted already (an earlier attempt, or someone in Discord)
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as e:
+            log.info("job %s: its status message stays (%s)", job.id, e)
 
-    def _pick_files(self, job, paths: list[str], small: dict[str, str]) -> tuple[list[discord.File], list[str]]:
+    def _pick_files(self, job, paths: list[str], small: dict[str, str]) -> tuple[list[tuple[str, str]], list[str]]:
         """One file per image: the original when it fits the upload limit, else its smaller copy, else a note."""
         limit = self.upload_limit(job)
         files, notes = [], []
@@ -239,17 +349,23 @@ class DiscordNotifier:
             if chosen is None:
                 notes.append(f"Image {index + 1} is too large to upload here; an admin can find it at `{path}`.")
                 continue
-            files.append(discord.File(chosen, filename=f"{job.kind}-{job.id}-{index + 1}{Path(chosen).suffix}"))
+            files.append((chosen, f"{job.kind}-{job.id}-{index + 1}{Path(chosen).suffix}"))
         return files, notes
 
-    async def _send_in_batches(self, channel, job, text: str, files: list[discord.File], *, view=None) -> None:
-        batches = list(_render.chunks(files, MAX_FILES_PER_MESSAGE)) or [[]]
-        for number, batch in enumerate(batches):
-            first, last = number == 0, number == len(batches) - 1
-            kwargs = {"files": list(batch), "allowed_mentions": _only_owner(job)}
-            if last and view is not None:
-                kwargs["view"] = view
-            await channel.send(text[:2000] if first else None, **kwargs)
+
+def _may_pass(error: BaseException) -> bool:
+    """Discord's server errors, rate limits, network trouble: a later attempt may work."""
+    if isinstance(error, discord.RateLimited):
+        return True
+    if isinstance(error, discord.HTTPException):
+        return error.status >= 500 or error.status == 429
+    return isinstance(error, (aiohttp.ClientError, OSError, asyncio.TimeoutError))
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, discord.HTTPException):
+        return f"{error.status} {error.text or error.response.reason}".strip()
+    return f"{type(error).__name__}: {error}".rstrip(": ")
 
 
 def _only_owner(job) -> discord.AllowedMentions:

@@ -1,8 +1,6 @@
 """/forget: erase everything the member owns on this server, after a confirmation button."""
 from __future__ import annotations
 
-import logging
-
 import discord
 from discord import app_commands
 
@@ -10,8 +8,6 @@ from bot.client import BoothBot
 from bot.services.members import forget_member
 from cogs._base import BoothCog
 from cogs._views import ask_to_confirm
-
-log = logging.getLogger(__name__)
 
 
 def _summary(counts: dict) -> str:
@@ -43,15 +39,9 @@ class Forget(BoothCog):
         counts = await forget_member(services.store, services.settings.data_dir, interaction.guild_id,
                                      interaction.user.id)
         await confirmed.edit_original_response(content=_summary(counts))
-        for job in active:
-            if job.channel_id and job.message_id:
-                channel = self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
-                try:
-                    await channel.get_partial_message(job.message_id).edit(
-                        content=f"Job {job.id} was cancelled: its owner used /forget.", embed=None, attachments=[])
-                except discord.HTTPException as e:
-                    log.info("job %s: could not retire its status message: %s", job.id, e)
-
+        # Running jobs keep their rows until they stop; their cancellation is delivered like any outcome.
+        gone = [job for job in active if await services.ledger.get(job.id) is None]
+        await services.jobs_forgotten(gone)
 
 async def setup(bot: BoothBot) -> None:
     await bot.add_cog(Forget(bot))

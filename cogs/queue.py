@@ -23,6 +23,19 @@ CANCEL_ANSWERS = {
 }
 
 
+DELIVERED_ELSEWHERE = {"dm": "sent to the owner by DM", "followup": "shown to the owner only",
+                       "nowhere": "not delivered"}
+
+
+def delivery_line(job) -> str:
+    """One finished job whose outcome did not reach its channel, for admins."""
+    if job.delivered_at is None:
+        state = f"waiting to be retried (attempt {job.delivery_attempts + 1} next)"
+    else:
+        state = DELIVERED_ELSEWHERE.get(job.delivered_via or "", job.delivered_via or "delivered")
+    return f"Job {job.id} ({job.kind}, <@{job.owner_id}>): {state}. Why: {job.delivery_error}"
+
+
 def require_admin(interaction: discord.Interaction) -> None:
     admin_role = services_of(interaction).settings.admin_role
     if not is_admin(interaction, admin_role):
@@ -91,6 +104,9 @@ class Queue(BoothCog, commands.GroupCog, group_name="queue", group_description="
         if len(entries) > 30:
             lines.append(f"…and {len(entries) - 30} more.")
         text = "\n".join(lines) or "The queue is empty."
+        problems = await self.services.ledger.delivery_problems(interaction.guild_id)
+        if problems:
+            text += "\n\nOutcomes that did not reach their channel:\n" + "\n".join(map(delivery_line, problems))
         if await self.services.admin.is_paused():
             text = "⏸️ Paused (running jobs finish; nothing new starts). `/queue admin resume` to go on.\n" + text
         await interaction.response.send_message(text[:2000], ephemeral=True,

@@ -4,8 +4,17 @@ Enough of Discord for discord.py's own login, gateway handshake, command sync, i
 callbacks, webhook follow-ups and channel messages (JSON and multipart) to run unchanged. Everything the bot sends is
 recorded in `requests`; channel messages live in `messages`, follow-ups in `followups`.
 
+Like Discord, a message created with a `nonce` and `enforce_nonce` (discord.py sends both on every send) is created
+once: the same nonce from the same author in the same channel within `nonce_window_s` answers with the existing
+message (counted in `nonce_repeats`). DMs: POST /users/@me/channels opens one channel per user; its messages are in
+`messages` too (`dm_messages(member)`), while `channel_messages()` lists the server channel's.
+
 Knobs for tests: `rate_limit_once(method, path_re)` answers the next matching request with a 429 (retry_after);
-`expire_interaction_tokens()` makes every interaction token issued so far behave as one older than 15 minutes.
+`fail_next(method, path_re, status, times)` answers the next `times` matching requests with that error (403 Missing
+Access, 404 Unknown Channel, 5xx) without doing anything; `hold(method, path_re)` keeps the next matching request
+waiting until `release(create=...)`: created, the message exists although the bot, killed meanwhile, never saw the
+answer; not created, Discord never got it. `expire_interaction_tokens()` makes every interaction token issued so far
+behave as one older than 15 minutes. Rules may also `match` on the Recorded request (its JSON body).
 """
 from __future__ import annotations
 
@@ -26,6 +35,14 @@ TOKEN_LIFETIME_S = 15 * 60
 MANAGE_GUILD = 1 << 5
 MEMBER_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 15) | (1 << 16) | (1 << 31)  # view, send, attach, history, app cmds
 API_PREFIX = "/api/v10"
+NONCE_WINDOW_S = 5 * 60  # Discord: a repeated enforced nonce is caught "in the past few minutes"
+ERRORS = {  # what Discord answers, per status
+    403: {"message": "Missing Access", "code": 50001},
+    404: {"message": "Unknown Channel", "code": 10003},
+    500: {"message": "500: Internal Server Error", "code": 0},
+    502: {"message": "502: Bad Gateway", "code": 0},
+    503: {"message": "503: Service Unavailable", "code": 0},
+}
 
 
 def snowflake(counter=itertools.count(1)) -> int:
@@ -97,6 +114,38 @@ class SentInteraction:
         return "\n".join(message_text(m) for m in self.replies)
 
 
+Match = Callable[[Recorded], bool]
+
+
+@dataclass
+class Failure:
+    method: str
+    path: re.Pattern
+    status: int
+    times: int
+    match: Match | None = None
+
+
+@dataclass
+class Hold:
+    """A request kept waiting: `arrived` is set when it comes; `release(create=)` lets it go on (or drops it)."""
+    method: str
+    path: re.Pattern
+    match: Match | None = None
+    request: Recorded | None = None
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
+    create: bool = True
+
+    def release(self, *, create: bool = True) -> None:
+        self.create = create
+        self._released.set()
+
+
+def _matches(rule, method: str, path: str, record: Recorded) -> bool:
+    return rule.method == method and bool(rule.path.search(path)) and (rule.match is None or rule.match(record))
+
+
 def message_text(message: dict) -> str:
     parts = [message.get("content") or ""]
     for embed in message.get("embeds") or []:
@@ -129,6 +178,14 @@ class FakeDiscord:
         self.cdn_downloads: list[str] = []                 # paths the bot fetched from the CDN
         self.expired_tokens: set[str] = set()
         self._rate_limits: list[tuple[str, re.Pattern, float]] = []
+        self._failures: list[Failure] = []
+        self._holds: list[Hold] = []
+        self.failed: list[Recorded] = []                   # requests answered by a fail_next rule
+        self.nonce_window_s = NONCE_WINDOW_S
+        self._nonces: dict[tuple[int, int, str], tuple[int, float]] = {}  # (author, channel, nonce) -> message, time
+        self.nonce_repeats: list[str] = []                 # nonces answered with the message they created
+        self.dm_channels: dict[int, int] = {}              # user id -> DM channel id
+        self.known_users: dict[int, FakeMember] = {}
         self.rate_limited: list[Recorded] = []
         self._ws: list[web.WebSocketResponse] = []
         self._seq = 0
@@ -168,10 +225,37 @@ class FakeDiscord:
     def member(self, name: str, *, admin_role: bool = False, manage_guild: bool = False) -> FakeMember:
         perms = MEMBER_PERMISSIONS | (MANAGE_GUILD if manage_guild else 0)
         roles = (self.admin_role_id,) if admin_role else ()
-        return FakeMember(snowflake(), name, roles, perms)
+        member = FakeMember(snowflake(), name, roles, perms)
+        self.known_users[member.id] = member
+        return member
 
     def rate_limit_once(self, method: str, path_pattern: str, retry_after: float = 0.3) -> None:
         self._rate_limits.append((method.upper(), re.compile(path_pattern), retry_after))
+
+    def fail_next(self, method: str, path_pattern: str, status: int, times: int = 1, *,
+                  match: Match | None = None) -> None:
+        """Answer the next `times` matching requests with `status` (ERRORS), changing nothing."""
+        self._failures.append(Failure(method.upper(), re.compile(path_pattern), status, times, match))
+
+    def clear_failures(self) -> None:
+        """Forget every fail_next rule not used up yet."""
+        self._failures.clear()
+
+    def hold(self, method: str, path_pattern: str, *, match: Match | None = None) -> Hold:
+        """Keep the next matching request waiting until the returned Hold is released."""
+        held = Hold(method.upper(), re.compile(path_pattern), match)
+        self._holds.append(held)
+        return held
+
+    @property
+    def channel_messages_path(self) -> str:
+        """The path pattern of posts in the server channel (for fail_next / hold)."""
+        return rf"^/channels/{self.channel_id}/messages$"
+
+    def dm_messages(self, member: FakeMember, containing: str = "") -> list[dict]:
+        channel_id = self.dm_channels.get(member.id)
+        return [m for m in self.messages.values()
+                if channel_id is not None and int(m["channel_id"]) == channel_id and containing in message_text(m)]
 
     def expire_interaction_tokens(self) -> None:
         self.expired_tokens.update(self.interactions)
@@ -200,8 +284,10 @@ class FakeDiscord:
             self._changed.notify_all()
 
     def channel_messages(self, containing: str = "") -> list[dict]:
+        """The server channel's messages (not deleted) whose text contains `containing`."""
         return [m for mid, m in self.messages.items()
-                if mid not in self.deleted_messages and containing in message_text(m)]
+                if mid not in self.deleted_messages and int(m["channel_id"]) == self.channel_id
+                and containing in message_text(m)]
 
     # ----- interactions ------------------------------------------------------------------------------------------
     def _base_interaction(self, type_: int, member: FakeMember, data: dict, *, in_dm: bool = False,
@@ -372,7 +458,25 @@ class FakeDiscord:
                                       "global": False, "code": 0}, 429,
                                      {"Via": "1.1 google", "Retry-After": str(max(1, int(retry_after))),
                                       "X-RateLimit-Scope": "user"})
+        for failure in self._failures:
+            if _matches(failure, request.method, path, record):
+                failure.times -= 1
+                if failure.times <= 0:
+                    self._failures.remove(failure)
+                self.failed.append(record)
+                await self._notify()
+                return json_response(ERRORS.get(failure.status, {"message": str(failure.status), "code": 0}),
+                                     failure.status)
         self.requests.append(record)
+        held = next((h for h in self._holds if _matches(h, request.method, path, record)), None)
+        if held is not None:
+            self._holds.remove(held)
+            held.request = record
+            held.arrived.set()
+            await self._notify()
+            await held._released.wait()
+            if not held.create:
+                return json_response(ERRORS[503], 503)
         try:
             return await self._route(request.method, path, body, files, request)
         finally:
@@ -403,6 +507,8 @@ class FakeDiscord:
             return self._webhook(method, parts, body, files, request)
         if parts[0] == "channels" and len(parts) >= 3 and parts[2] == "messages":
             return self._channel_message(method, int(parts[1]), parts[3:], body, files)
+        if path == "/users/@me/channels" and method == "POST":
+            return self._open_dm(int(body["recipient_id"]))
         return json_response({"message": f"fake Discord has no route {method} {path}", "code": 0}, 404)
 
     def _interaction(self, token: str) -> SentInteraction | None:
@@ -462,12 +568,28 @@ class FakeDiscord:
                 return json_response(current)
         return json_response({"message": "fake Discord: unsupported webhook call", "code": 0}, 405)
 
+    def _open_dm(self, user_id: int) -> web.Response:
+        channel_id = self.dm_channels.setdefault(user_id, snowflake())
+        known = self.known_users.get(user_id)
+        user = known.user_payload() if known else {"id": str(user_id), "username": f"user{user_id}",
+                                                   "discriminator": "0", "global_name": None, "avatar": None}
+        return json_response({"id": str(channel_id), "type": 1, "last_message_id": None, "recipients": [user]})
+
     def _channel_message(self, method: str, channel_id: int, rest: list[str], body: Any, files: list) -> web.Response:
-        if channel_id != self.channel_id:
+        if channel_id != self.channel_id and channel_id not in self.dm_channels.values():
             return json_response({"message": "Unknown Channel", "code": 10003}, 404)
         if not rest and method == "POST":
-            message = self._make_message(body or {}, files)
+            body = body or {}
+            key = (int(self.bot_user["id"]), channel_id, str(body.get("nonce")))
+            if body.get("enforce_nonce") and body.get("nonce") is not None and key in self._nonces:
+                message_id, at = self._nonces[key]
+                if time.monotonic() - at <= self.nonce_window_s:
+                    self.nonce_repeats.append(key[2])
+                    return json_response(self.messages[message_id])
+            message = self._make_message(body, files, channel_id=channel_id)
             self.messages[int(message["id"])] = message
+            if body.get("enforce_nonce") and body.get("nonce") is not None:
+                self._nonces[key] = (int(message["id"]), time.monotonic())
             return json_response(message)
         if len(rest) == 1:
             message_id = int(rest[0])
@@ -486,13 +608,16 @@ class FakeDiscord:
         return json_response({"message": "fake Discord: unsupported channel call", "code": 0}, 405)
 
     def _make_message(self, body: dict, files: list[tuple[str, bytes]], *, keep: dict | None = None,
-                      interaction_id: int | None = None) -> dict:
+                      interaction_id: int | None = None, channel_id: int | None = None) -> dict:
         """A full message payload from a create/edit body; uploaded files become CDN attachments."""
+        channel_id = channel_id or self.channel_id
         message = dict(keep) if keep else {
-            "id": str(snowflake()), "channel_id": str(self.channel_id), "guild_id": str(self.guild_id),
+            "id": str(snowflake()), "channel_id": str(channel_id),
+            **({"guild_id": str(self.guild_id)} if channel_id == self.channel_id else {}),
             "author": self.bot_user, "content": "", "timestamp": iso_now(), "edited_timestamp": None, "tts": False,
             "mention_everyone": False, "mentions": [], "mention_roles": [], "attachments": [], "embeds": [],
             "pinned": False, "type": 0 if interaction_id is None else 20, "flags": 0, "components": [],
+            **({"nonce": str(body["nonce"])} if body.get("nonce") is not None else {}),
         }
         for key in ("content", "embeds", "components", "flags"):
             if key in body and body[key] is not None:

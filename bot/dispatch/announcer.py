@@ -1,14 +1,19 @@
-"""Hands jobs to the notifier (the Discord delivery cog, or the log): their progress, and each finished job once.
+"""Hands jobs to the notifier (the Discord delivery cog, or the log): their progress, and each finished job's outcome
+through the delivery outbox (bot/dispatch/outbox.py), which retries until the notifier confirms it.
 
-The notifier announces a finished job at most once (`ledger.mark_delivered`); jobs that finished while none was
-attached (or before a restart) are announced by `deliver_backlog` when one is.
+A notifier's `job_finished` delivers the outcome and calls `ledger.mark_delivered` only once the outcome is out
+(every part confirmed); it raises `RetryLater` when a later attempt may work. Jobs that finished while no notifier
+was attached (or before a restart) are announced by `deliver_backlog` when one is.
 """
 from __future__ import annotations
 
 import logging
 from typing import Protocol
 
+from bot.dispatch.outbox import Outbox, RetryLater
 from bot.jobs.ledger import Job, Ledger
+
+__all__ = ["Announcer", "LogNotifier", "Notifier", "RetryLater"]
 
 log = logging.getLogger("boothbot.dispatcher")
 
@@ -20,7 +25,7 @@ class Notifier(Protocol):
 
 
 class LogNotifier:
-    """Announces finished jobs in the log only (`python -m bot run --no-discord`). They count as delivered."""
+    """Announces finished jobs in the log only (`python -m bot run --no-discord`): delivered via "log"."""
 
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
@@ -29,15 +34,25 @@ class LogNotifier:
         pass
 
     async def job_finished(self, job: Job) -> None:
-        if await self.ledger.mark_delivered(job.id):
-            outcome = job.error or ", ".join(f"{k}={v}" for k, v in (job.result or {}).items() if k != "parameters")
-            log.info("delivered job %s (%s, %s): %s", job.id, job.kind, job.status, outcome[:300])
+        outcome = job.error or ", ".join(f"{k}={v}" for k, v in (job.result or {}).items() if k != "parameters")
+        # Logged, then marked: like every delivery, at least once.
+        log.info("delivered job %s (%s, %s): %s", job.id, job.kind, job.status, outcome[:300])
+        await self.ledger.mark_delivered(job.id, via="log")
 
 
 class Announcer:
     def __init__(self, ledger: Ledger, notifier: Notifier | None = None):
         self.ledger = ledger
-        self.notifier = notifier
+        self.outbox = Outbox(ledger, notifier)
+
+    @property
+    def notifier(self) -> Notifier | None:
+        return self.outbox.notifier
+
+    @notifier.setter
+    def notifier(self, notifier: Notifier | None) -> None:
+        self.outbox.notifier = notifier
+        self.outbox.wake()
 
     async def progress(self, job: Job, event: dict) -> None:
         if self.notifier is None:
@@ -47,22 +62,10 @@ class Announcer:
         except Exception:
             log.exception("the notifier failed to show progress of job %s", job.id)
 
-    async def finished(self, job_id: int) -> None:
-        if self.notifier is None:
-            return  # announced by deliver_backlog once a notifier is attached
-        job = await self.ledger.get(job_id)
-        if job is None or not job.is_terminal or job.delivered_at is not None:
-            return
-        try:
-            await self.notifier.job_finished(job)
-        except Exception:
-            log.exception("the notifier failed to announce job %s; it is retried at the next start", job_id)
+    async def finished(self, job_id: int) -> bool:
+        """Deliver a finished job's outcome now; when that fails the outbox retries it. True once delivered."""
+        return await self.outbox.deliver(job_id)
 
     async def deliver_backlog(self) -> int:
         """Announce finished jobs that were never announced (restart, or no notifier then). Returns how many."""
-        jobs = await self.ledger.undelivered()
-        for job in jobs:
-            await self.finished(job.id)
-        if jobs:
-            log.info("announced %d job(s) that had finished without being announced", len(jobs))
-        return len(jobs)
+        return await self.outbox.deliver_backlog()

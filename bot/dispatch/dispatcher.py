@@ -4,8 +4,8 @@ worker is ready, waking early when a job is queued.
 
 The parts: runner.py (one worker's jobs: batches, training slices, time limits), endings.py (recording an end),
 progress.py (progress into the ledger and to the notifier), cancels.py (cancel requests to the worker),
-announcer.py (the notifier, and the backlog of finished jobs nobody announced). What differs between job kinds is
-in bot/jobs/kinds.py.
+announcer.py (the notifier), outbox.py (delivery of finished jobs until confirmed: retries, the backlog). What
+differs between job kinds is in bot/jobs/kinds.py.
 """
 from __future__ import annotations
 
@@ -72,13 +72,17 @@ class Dispatcher:
         self._stopping = self.runner.stopping = False
         self._task = asyncio.create_task(self._loop(), name="dispatcher")
         if self.notifier is not None:
-            self._spawn(self.deliver_backlog())
+            self._attach_delivery()
 
     def set_notifier(self, notifier: Notifier | None) -> None:
         """Attach the announcer (the Discord delivery cog) and announce whatever waited for one."""
         self.notifier = notifier
         if notifier is not None and self._task is not None:
-            self._spawn(self.deliver_backlog())
+            self._attach_delivery()
+
+    def _attach_delivery(self) -> None:
+        self.announcer.outbox.start()
+        self._spawn(self.deliver_backlog())
 
     def wake(self) -> None:
         """A job was queued: look at the queue now rather than at the next poll."""
@@ -106,6 +110,7 @@ class Dispatcher:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self.announcer.outbox.stop()
 
     # --- the loop -----------------------------------------------------------------------------------------------
 

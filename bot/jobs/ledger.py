@@ -1,8 +1,13 @@
-"""The job ledger: every job's status, guarded transitions, atomic claims, restart recovery, deliver-once.
+"""The job ledger: every job's status, guarded transitions, atomic claims, restart recovery, the delivery outbox.
 
 Statuses: queued → running → succeeded | failed | cancelled, and interrupted (restart). A terminal job never changes
 (the UPDATEs below only match the statuses they may leave, and a trigger in the schema refuses the rest);
 running → queued only through `requeue` (a training slice ended) or `recover_at_start`.
+
+Delivery is an outbox (migration 0002): a terminal job with `delivered_at` NULL still has to be announced.
+`delivered_at` is set only once every part of its outcome was confirmed (`confirm_part`); failed attempts are
+counted with a time for the next one (`delivery_failed`), and `delivered_via` / `delivery_error` say where the
+outcome went and why not to its channel.
 """
 from __future__ import annotations
 
@@ -58,6 +63,10 @@ class Job:
     progress_at: float | None = None
     preview: str | None = None
     cancelled_by: int | None = None
+    delivery_attempts: int = 0            # failed delivery attempts (migration 0002)
+    delivery_next_at: float | None = None
+    delivery_error: str | None = None
+    delivered_via: str | None = None      # channel | dm | followup | log | nowhere
 
     @property
     def is_terminal(self) -> bool:
@@ -280,17 +289,58 @@ class Ledger:
                 recovered.append(await self.get(job.id))
             return recovered
 
-    async def undelivered(self) -> list[Job]:
-        """Finished jobs whose outcome was never announced, oldest first."""
+    async def undelivered(self, *, due_by: float | None = None) -> list[Job]:
+        """Finished jobs whose outcome is not delivered yet, oldest first; with `due_by`, only those whose next
+        attempt is due by then."""
+        due = "" if due_by is None else " AND (delivery_next_at IS NULL OR delivery_next_at <= ?)"
         rows = await self.store.fetchall(
-            f"SELECT * FROM jobs WHERE delivered_at IS NULL AND status IN {_TERMINAL_SQL} ORDER BY finished_at, id")
+            f"SELECT * FROM jobs WHERE delivered_at IS NULL AND status IN {_TERMINAL_SQL}{due}"
+            " ORDER BY finished_at, id", () if due_by is None else (due_by,))
         return [Job.from_row(row) for row in rows]
 
-    async def mark_delivered(self, job_id: int) -> bool:
-        """True exactly once per finished job: the caller that gets True announces it."""
+    async def next_delivery_at(self) -> float | None:
+        """When the earliest waiting delivery retry is due (None: no job waits for a retry)."""
+        return await self.store.fetchval(
+            f"SELECT MIN(delivery_next_at) FROM jobs WHERE delivered_at IS NULL AND status IN {_TERMINAL_SQL}")
+
+    async def confirmed_parts(self, job_id: int, route: str) -> dict[int, int]:
+        """The parts of the job's outcome Discord confirmed on `route`: {part number: message id}."""
+        rows = await self.store.fetchall(
+            "SELECT part, message_id FROM delivery_parts WHERE job_id = ? AND route = ?", (job_id, route))
+        return {row["part"]: row["message_id"] for row in rows}
+
+    async def confirm_part(self, job_id: int, route: str, part: int, message_id: int) -> None:
+        """Discord confirmed one message of the outcome: a restart resumes after it."""
+        await self.store.execute(
+            "INSERT OR IGNORE INTO delivery_parts (job_id, route, part, message_id, confirmed_at)"
+            " VALUES (?, ?, ?, ?, ?)", (job_id, route, part, message_id, self.clock()))
+
+    async def delivery_failed(self, job_id: int, error: str, retry_in_s: float) -> int:
+        """An attempt failed for a reason that may pass (Discord down, rate limits, no connection): count it and
+        try again after `retry_in_s`. Returns the attempts so far."""
+        async with self.store.immediate() as db:
+            await db.execute(
+                "UPDATE jobs SET delivery_attempts = delivery_attempts + 1, delivery_next_at = ?, delivery_error = ?"
+                " WHERE id = ? AND delivered_at IS NULL", (self.clock() + retry_in_s, error[:500], job_id))
+            return await db.fetchval("SELECT delivery_attempts FROM jobs WHERE id = ?", (job_id,)) or 0
+
+    async def mark_delivered(self, job_id: int, via: str = "channel", reason: str | None = None) -> bool:
+        """The outcome reached `via` (every part confirmed): True exactly once per finished job. `reason`: why it
+        did not go to the job's channel (kept for admins); None keeps the last error recorded, if any."""
         return await self.store.execute(
-            f"UPDATE jobs SET delivered_at = ? WHERE id = ? AND delivered_at IS NULL AND status IN {_TERMINAL_SQL}",
-            (self.clock(), job_id)) == 1
+            "UPDATE jobs SET delivered_at = ?, delivered_via = ?, delivery_next_at = NULL,"
+            " delivery_error = COALESCE(?, CASE WHEN ? = 'channel' THEN NULL ELSE delivery_error END)"
+            f" WHERE id = ? AND delivered_at IS NULL AND status IN {_TERMINAL_SQL}",
+            (self.clock(), via, reason, via, job_id)) == 1
+
+    async def delivery_problems(self, guild_id: int, limit: int = 10) -> list[Job]:
+        """Newest first: finished jobs of the server whose outcome did not reach their channel (yet): waiting for a
+        retry, sent to the owner elsewhere, or nowhere."""
+        rows = await self.store.fetchall(
+            f"SELECT * FROM jobs WHERE guild_id = ? AND status IN {_TERMINAL_SQL} AND delivery_error IS NOT NULL"
+            " AND (delivered_at IS NULL OR delivered_via IN ('dm', 'followup', 'nowhere'))"
+            " ORDER BY finished_at DESC, id DESC LIMIT ?", (guild_id, limit))
+        return [Job.from_row(row) for row in rows]
 
     # --- queue position and ETA -------------------------------------------------------------------------------------
 

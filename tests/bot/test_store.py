@@ -55,8 +55,9 @@ async def test_a_failing_migration_leaves_nothing_half_applied(tmp_path):
     path = tmp_path / "m.sqlite3"
     with pytest.raises(MigrationError, match="0002_broken.sql failed and was rolled back"):
         await Store.open(path, migrations_dir=migrations)
-    async with await Store.open(path) as store:  # the real migrations: 0001 stayed, 0002 left no trace
-        assert await store.applied_migrations() == [(1, "0001_initial")]
+    async with await Store.open(path) as store:  # the real migrations: 0001 stayed, the broken 0002 left no trace
+        names = [name for _, name in await store.applied_migrations()]
+        assert names[0] == "0001_initial" and "0002_broken" not in names
         assert await store.fetchval("SELECT name FROM sqlite_master WHERE name = 'half'") is None
 
 

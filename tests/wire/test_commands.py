@@ -2,6 +2,8 @@
 limits and bans — through discord.py's real login, gateway dispatch and HTTP, against the fake Discord."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -144,6 +146,10 @@ async def test_cancel_own_job_but_not_someone_elses(booth):
         cancelled = await booth.wait_job(job.id, ("cancelled",))
         await fake.wait_for(lambda: "was cancelled" in (fake.messages[cancelled.message_id].get("content") or ""),
                             what="the status message to say cancelled")
-        assert (await booth.job(job.id)).delivered_at is not None
+        # Marked delivered once Discord confirmed the edit (the outbox), a moment after the fake answered it.
+        async def delivered():
+            while (await booth.job(job.id)).delivered_at is None:
+                await asyncio.sleep(0.05)
+        await asyncio.wait_for(delivered(), 30)
     finally:
         await booth.answer(await fake.command(admin, "queue", subcommand=["admin", "resume"]))

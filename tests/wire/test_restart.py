@@ -28,7 +28,11 @@ async def test_restart_delivers_a_finished_undelivered_job_once(booth):
     # A fresh process: services, worker and Discord client. The backlog is announced, in the channel.
     await booth.start()
     delivered = await fake.wait_for(lambda: result_messages(fake, job.id), what="the backlog delivery")
-    assert (await booth.job(job.id)).delivered_at is not None
+
+    async def marked():  # once Discord confirmed the post, a moment after the fake answered it
+        while (await booth.job(job.id)).delivered_at is None:
+            await asyncio.sleep(0.05)
+    await asyncio.wait_for(marked(), 30)
     # The old status message is retired right after the result is posted.
     await fake.wait_for(lambda: finished.message_id in fake.deleted_messages, what="the old status message deleted")
 
