@@ -5,7 +5,10 @@ callbacks, webhook follow-ups and channel messages (JSON and multipart) to run u
 recorded in `requests`; channel messages live in `messages`, follow-ups in `followups`.
 
 Knobs for tests: `rate_limit_once(method, path_re)` answers the next matching request with a 429 (retry_after);
-`expire_interaction_tokens()` makes every interaction token issued so far behave as one older than 15 minutes.
+`expire_interaction_tokens()` makes every interaction token issued so far behave as one older than 15 minutes;
+`delay_answers(method, path_re, before_s=, after_s=)` holds matching requests (e.g. channel-message POSTs) so that a
+kill -9 of the bot can land while one is in flight: a request whose sender went away during `before_s` is dropped
+unhandled (recorded in `abandoned`), as one that never reached Discord; `after_s` holds the answer after handling it.
 """
 from __future__ import annotations
 
@@ -130,6 +133,8 @@ class FakeDiscord:
         self.expired_tokens: set[str] = set()
         self._rate_limits: list[tuple[str, re.Pattern, float]] = []
         self.rate_limited: list[Recorded] = []
+        self._delays: list[tuple[str, re.Pattern, float, float]] = []
+        self.abandoned: list[Recorded] = []
         self._ws: list[web.WebSocketResponse] = []
         self._seq = 0
         self._changed = asyncio.Condition()
@@ -172,6 +177,10 @@ class FakeDiscord:
 
     def rate_limit_once(self, method: str, path_pattern: str, retry_after: float = 0.3) -> None:
         self._rate_limits.append((method.upper(), re.compile(path_pattern), retry_after))
+
+    def delay_answers(self, method: str, path_pattern: str, *, before_s: float = 0.0, after_s: float = 0.0) -> None:
+        """From now on, hold every matching request `before_s` before handling it and `after_s` before answering."""
+        self._delays.append((method.upper(), re.compile(path_pattern), before_s, after_s))
 
     def expire_interaction_tokens(self) -> None:
         self.expired_tokens.update(self.interactions)
@@ -373,8 +382,21 @@ class FakeDiscord:
                                      {"Via": "1.1 google", "Retry-After": str(max(1, int(retry_after))),
                                       "X-RateLimit-Scope": "user"})
         self.requests.append(record)
+        before_s, after_s = next(((b, a) for method, pattern, b, a in self._delays
+                                  if method == request.method and pattern.search(path)), (0.0, 0.0))
         try:
-            return await self._route(request.method, path, body, files, request)
+            if before_s or after_s:
+                await self._notify()  # it has arrived: watchers may act while it is held
+            if before_s:
+                await asyncio.sleep(before_s)
+                if request.transport is None or request.transport.is_closing():
+                    self.abandoned.append(record)
+                    return web.Response(status=499)
+            response = await self._route(request.method, path, body, files, request)
+            if after_s:
+                await self._notify()
+                await asyncio.sleep(after_s)
+            return response
         finally:
             await self._notify()
 
