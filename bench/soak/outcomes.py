@@ -12,22 +12,23 @@ from collections.abc import Mapping
 
 from bench.wire.fake_discord import message_text
 
-ENDED = re.compile(r"\bjob (\d+) (?:was cancelled|was interrupted|failed)")
+ENDED = re.compile(r"\bjob (\d+) (?:was cancelled|was interrupted|failed:)")
 READY = re.compile(r"`([^`]+)` is ready")
 RESULT_BUTTON = re.compile(r"^bb:reroll:(\d+)$")
 CHANNEL_POST = re.compile(r"^/channels/\d+/messages$")
 
 
 def announced_jobs(message: dict, job_of_token: Mapping[str, int]) -> set[int]:
-    """The ids of the jobs whose outcome this message carries (a training's by its token, via `job_of_token`)."""
-    text = message_text(message)
-    ids = {int(job_id) for job_id in ENDED.findall(text)}
-    for row in message.get("components") or []:
-        for component in row.get("components") or []:
-            if match := RESULT_BUTTON.match(component.get("custom_id") or ""):
-                ids.add(int(match.group(1)))
-    ids.update(job_of_token[token] for token in READY.findall(message.get("content") or "") if token in job_of_token)
-    return ids
+    """The ids of the jobs whose outcome this message carries (a training's by its token, via `job_of_token`).
+    A result is known by its buttons or its token, never by its text, which holds the member's prompt."""
+    buttons = {int(match.group(1)) for row in message.get("components") or []
+               for component in row.get("components") or []
+               if (match := RESULT_BUTTON.match(component.get("custom_id") or ""))}
+    if buttons:
+        return buttons
+    if ready := READY.findall(message.get("content") or ""):
+        return {job_of_token[token] for token in ready if token in job_of_token}
+    return {int(job_id) for job_id in ENDED.findall(message_text(message))}
 
 
 def is_result(message: dict) -> bool:

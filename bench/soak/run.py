@@ -147,11 +147,11 @@ class Soak:
                 await self.members.act(open_jobs)
 
     async def _between_kills(self) -> None:
-        """Let the worker show it works (one more result in the channel), then a little more traffic. So no kill
-        lands while the first worker loads the model: the bot gives up when its first worker cannot load it."""
-        before = self._results()
-        if not await self._wait_until(lambda: self._results() > before, PROGRESS_TIMEOUT_S):
-            self._say(f"no new result within {PROGRESS_TIMEOUT_S:.0f} s")
+        """Let the worker show it works (a result for a job newer than every job so far), then a little more
+        traffic. So no kill lands while the first worker loads the model: the bot gives up when that one dies."""
+        newest = max(read_jobs(self.db_path), default=0)
+        if not await self._wait_until(lambda: max(self._result_jobs(), default=0) > newest, PROGRESS_TIMEOUT_S):
+            self._say(f"no result for a new job within {PROGRESS_TIMEOUT_S:.0f} s")
         await asyncio.sleep(self.kill_rng.uniform(*self.options.pause_s))
 
     async def _wait_until(self, predicate, timeout: float) -> bool:
@@ -284,8 +284,10 @@ class Soak:
     def _say(self, what: str) -> None:
         log.info("[%5.0f s] %s", time.monotonic() - self._started, what)
 
-    def _results(self) -> int:
-        return sum(1 for message in self.fake.channel_messages() if is_result(message))
+    def _result_jobs(self) -> set[int]:
+        """The jobs whose successful result is in the channel."""
+        return {job_id for message in self.fake.channel_messages() if is_result(message)
+                for job_id in announced_jobs(message, self.job_of_token)}
 
     def _learn_trainings(self, jobs: dict[int, JobRow]) -> None:
         for job in jobs.values():
