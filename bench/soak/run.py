@@ -90,6 +90,7 @@ class Soak:
         self._seen: set[tuple] = set()
         self._started = time.monotonic()
         self.bot: BotProcess | None = None
+        self._traffic_task: asyncio.Task | None = None
 
     @property
     def db_path(self) -> Path:
@@ -111,7 +112,7 @@ class Soak:
                                   setup=setup)
             await self.bot.start()
             self._say("bot connected")
-            traffic = asyncio.create_task(self._traffic(), name="soak-traffic")
+            traffic = self._traffic_task = asyncio.create_task(self._traffic(), name="soak-traffic")
             for number in range(1, self.options.kills + 1):
                 await self._between_kills()
                 if self.kill_rng.random() < 0.5:
@@ -144,11 +145,16 @@ class Soak:
             open_jobs = self._open_jobs()
             pending = len(set(self.members.told.trainings) - set(self.job_of_token))
             if len(open_jobs) + pending < self.options.max_open_jobs:
-                await self.members.act(open_jobs)
+                try:
+                    await self.members.act(open_jobs)
+                except (AssertionError, ConnectionError):
+                    pass  # the bot was killed between the check and the command: the fake has no one to send it to
 
     async def _between_kills(self) -> None:
         """Let the worker show it works (a result for a job newer than every job so far), then a little more
         traffic. So no kill lands while the first worker loads the model: the bot gives up when that one dies."""
+        if self._traffic_task.done():
+            self._traffic_task.result()  # raises what stopped the members
         newest = max(read_jobs(self.db_path), default=0)
         if not await self._wait_until(lambda: max(self._result_jobs(), default=0) > newest, PROGRESS_TIMEOUT_S):
             self._say(f"no result for a new job within {PROGRESS_TIMEOUT_S:.0f} s")
@@ -224,12 +230,13 @@ class Soak:
         self._check_running(f"after kill {number} (worker)")
 
     async def _settle(self) -> None:
-        """Wait until every job has ended and shows its outcome, or the settle time is over."""
+        """Wait until every job has ended and the bot has announced it, or the settle time is over."""
         def settled() -> bool:
             jobs = read_jobs(self.db_path)
             self._learn_trainings(jobs)
             outcomes = self._outcomes()
-            return (all(job.is_terminal and outcomes.get(job.id, 0) >= 1 for job in jobs.values())
+            # Done: every job ended and is announced, or marked delivered (then nothing more will come for it).
+            return (all(job.is_terminal and (job.delivered or outcomes.get(job.id, 0) >= 1) for job in jobs.values())
                     and set(self.members.told.trainings) <= set(self.job_of_token))
         await self._wait_until(settled, self.options.settle_s)
         await asyncio.sleep(2 * self.options.hold_s + 1.0)  # a second announcement would show up by now

@@ -2,7 +2,6 @@
 if cogs/_render.py or the result buttons change, these fail instead of the soak quietly seeing no outcomes."""
 from __future__ import annotations
 
-
 from bench.soak.database import JobRow
 from bench.soak.invariants import DOWN, FINAL, RUNNING, check_jobs
 from bench.soak.outcomes import announced_jobs, is_outcome_post, is_result
