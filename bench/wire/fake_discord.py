@@ -15,6 +15,10 @@ Access, 404 Unknown Channel, 5xx) without doing anything; `hold(method, path_re)
 waiting until `release(create=...)`: created, the message exists although the bot, killed meanwhile, never saw the
 answer; not created, Discord never got it. `expire_interaction_tokens()` makes every interaction token issued so far
 behave as one older than 15 minutes. Rules may also `match` on the Recorded request (its JSON body).
+`expire_interaction_tokens()` makes every interaction token issued so far behave as one older than 15 minutes;
+`delay_answers(method, path_re, before_s=, after_s=)` holds matching requests (e.g. channel-message POSTs) so that a
+kill -9 of the bot can land while one is in flight: a request whose sender went away during `before_s` is dropped
+unhandled (recorded in `abandoned`), as one that never reached Discord; `after_s` holds the answer after handling it.
 """
 from __future__ import annotations
 
@@ -187,6 +191,8 @@ class FakeDiscord:
         self.dm_channels: dict[int, int] = {}              # user id -> DM channel id
         self.known_users: dict[int, FakeMember] = {}
         self.rate_limited: list[Recorded] = []
+        self._delays: list[tuple[str, re.Pattern, float, float]] = []
+        self.abandoned: list[Recorded] = []
         self._ws: list[web.WebSocketResponse] = []
         self._seq = 0
         self._changed = asyncio.Condition()
@@ -256,6 +262,10 @@ class FakeDiscord:
         channel_id = self.dm_channels.get(member.id)
         return [m for m in self.messages.values()
                 if channel_id is not None and int(m["channel_id"]) == channel_id and containing in message_text(m)]
+
+    def delay_answers(self, method: str, path_pattern: str, *, before_s: float = 0.0, after_s: float = 0.0) -> None:
+        """From now on, hold every matching request `before_s` before handling it and `after_s` before answering."""
+        self._delays.append((method.upper(), re.compile(path_pattern), before_s, after_s))
 
     def expire_interaction_tokens(self) -> None:
         self.expired_tokens.update(self.interactions)
@@ -477,8 +487,21 @@ class FakeDiscord:
             await held._released.wait()
             if not held.create:
                 return json_response(ERRORS[503], 503)
+        before_s, after_s = next(((b, a) for method, pattern, b, a in self._delays
+                                  if method == request.method and pattern.search(path)), (0.0, 0.0))
         try:
-            return await self._route(request.method, path, body, files, request)
+            if before_s or after_s:
+                await self._notify()  # it has arrived: watchers may act while it is held
+            if before_s:
+                await asyncio.sleep(before_s)
+                if request.transport is None or request.transport.is_closing():
+                    self.abandoned.append(record)
+                    return web.Response(status=499)
+            response = await self._route(request.method, path, body, files, request)
+            if after_s:
+                await self._notify()
+                await asyncio.sleep(after_s)
+            return response
         finally:
             await self._notify()
 

@@ -34,9 +34,10 @@ def bot_environment(data_dir: Path, model: Path | str, *, home: Path, **settings
 
 
 async def start_bot(api: str, gateway: str, env: dict[str, str], *, env_file: Path, stdout=asyncio.subprocess.PIPE,
-                    args: tuple[str, ...] = ()) -> asyncio.subprocess.Process:
+                    args: tuple[str, ...] = (), setup: str = "") -> asyncio.subprocess.Process:
     """`python -m bot run --env-file ENV_FILE ARGS` against the Discord at `api` / `gateway`. Output goes to
-    `stdout` (a pipe by default, stderr merged into it)."""
+    `stdout` (a pipe by default, stderr merged into it). `setup`: Python lines run first in the bot process (e.g. a
+    test recipe for bot.services.submissions.TRAIN_RECIPE)."""
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-c", POINTED_AT, api, gateway, "run", "--env-file", str(env_file), *args,
+        sys.executable, "-c", setup + POINTED_AT, api, gateway, "run", "--env-file", str(env_file), *args,
         cwd=REPO_ROOT, env=env, stdout=stdout, stderr=asyncio.subprocess.STDOUT)
