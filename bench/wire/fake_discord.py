@@ -15,7 +15,6 @@ Access, 404 Unknown Channel, 5xx) without doing anything; `hold(method, path_re)
 waiting until `release(create=...)`: created, the message exists although the bot, killed meanwhile, never saw the
 answer; not created, Discord never got it. `expire_interaction_tokens()` makes every interaction token issued so far
 behave as one older than 15 minutes. Rules may also `match` on the Recorded request (its JSON body).
-`expire_interaction_tokens()` makes every interaction token issued so far behave as one older than 15 minutes;
 `delay_answers(method, path_re, before_s=, after_s=)` holds matching requests (e.g. channel-message POSTs) so that a
 kill -9 of the bot can land while one is in flight: a request whose sender went away during `before_s` is dropped
 unhandled (recorded in `abandoned`), as one that never reached Discord; `after_s` holds the answer after handling it.
