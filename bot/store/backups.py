@@ -108,6 +108,10 @@ class Backups:
         for old in self.all()[self.keep:]:
             old.path.unlink(missing_ok=True)
             removed += 1
+        # A copy cut short (the bot killed mid-backup) leaves its temporary file: gone once it is an hour old.
+        for stale in self.directory.glob(f".{self.database.stem}-*.tmp"):
+            if time.time() - stale.stat().st_mtime > 3600:
+                stale.unlink(missing_ok=True)
         return removed
 
 

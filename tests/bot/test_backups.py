@@ -3,8 +3,10 @@ schedule driven by an injected clock, the newest `keep` kept."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sqlite3
+import time
 from contextlib import closing
 
 import pytest
@@ -112,3 +114,15 @@ async def test_rotation_leaves_other_files_alone(db, clock):
         backups.write_now("daily")
         clock.advance(60)
     assert len(backups.all()) == 1 and mine.read_bytes() == b"operator's file"
+
+
+async def test_a_copy_cut_short_leaves_no_temporary_file_for_long(db):
+    backups = Backups(db)
+    backups.directory.mkdir()
+    killed = backups.directory / ".boothbot-20261201T031500Z-daily.sqlite3.4242.1.tmp"  # the bot was killed mid-copy
+    killed.write_bytes(b"half a database")
+    os.utime(killed, (time.time() - 2 * 3600,) * 2)
+    recent = backups.directory / ".boothbot-20261201T031500Z-daily.sqlite3.4343.1.tmp"  # another process, copying
+    recent.write_bytes(b"a copy under way")
+    backups.write_now("daily")
+    assert not killed.exists() and recent.exists()
