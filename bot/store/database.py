@@ -3,7 +3,8 @@
 Each Store owns one aiosqlite connection in autocommit mode. Statements from different coroutines on the same
 Store are serialised by a lock, so a transaction opened with `immediate()` never sees another coroutine's statements
 slip in. Several Stores (or processes) on the same file coordinate through SQLite's own locking: `BEGIN IMMEDIATE`
-takes the write lock up front, and the busy timeout makes a second writer wait instead of failing.
+takes the write lock up front, and the busy timeout makes a second writer wait instead of failing. Opening only
+reads unless something must change (bot/store/backups.py copies the file before a migration does).
 """
 from __future__ import annotations
 
@@ -230,8 +231,9 @@ class Store:
             await self._conn.execute("PRAGMA journal_mode = WAL")
 
     async def _check_intact(self, backups: Backups) -> None:
-        """`PRAGMA quick_check`: reads every page (bench/store_health.py: well under a second for 100k jobs), so a
-        damaged file is refused at start, naming the newest backup, instead of failing some command later."""
+        """`PRAGMA quick_check` reads every page (about a second for 100k jobs on a busy 2-core machine:
+        docs/BENCHMARKS.md), so a damaged file is refused at start, naming the newest backup, instead of failing
+        some command later."""
         problems = [row[0] for row in await self.fetchall("PRAGMA quick_check")]
         if problems != ["ok"]:
             more = f", and {len(problems) - 1} more problem(s)" if len(problems) > 1 else ""
