@@ -16,6 +16,7 @@ from bot.dispatch.dispatcher import Dispatcher
 from bot.services.gallery import Gallery
 from bot.jobs.ledger import Job, Ledger
 from bot.settings import Settings
+from bot.store.backups import Backups, BackupSchedule
 from bot.store.database import Store
 from bot.dispatch.worker_client import WorkerClient
 from trainer.contract.errors import require_writable_dir
@@ -48,6 +49,7 @@ class Services:
     worker: WorkerClient
     dispatcher: Dispatcher
     notifier: Notifier | None = None
+    backup_schedule: BackupSchedule | None = None
 
     def set_notifier(self, notifier: Notifier | None) -> None:
         """Attach the announcer of progress and finished jobs; jobs that finished without one are announced now."""
@@ -77,6 +79,8 @@ class Services:
     async def stop(self) -> None:
         """Let the running job or slice end (a short grace), stop the worker, close the database."""
         try:
+            if self.backup_schedule is not None:
+                await self.backup_schedule.stop()
             await self.dispatcher.stop()
         finally:
             try:
@@ -95,7 +99,8 @@ async def start_services(settings: Settings, *, worker: WorkerClient | None = No
     A data directory or database the bot cannot use raises SetupError.
     """
     require_writable_dir(settings.data_dir, "BOOTHBOT_DATA_DIR")
-    store = await Store.open(settings.db_path)
+    backups = Backups(settings.db_path, keep=settings.backups_keep)
+    store = await Store.open(settings.db_path, lock_wait_s=settings.db_lock_wait_s, backups=backups)
     try:
         applied = await store.applied_migrations()
         log.info("database %s ready (schema version %s)", settings.db_path, applied[-1][0] if applied else 0)
@@ -117,4 +122,6 @@ async def start_services(settings: Settings, *, worker: WorkerClient | None = No
         raise
     log.info("GPU worker starting with base model %s on %s; jobs run once it is ready", settings.model,
              settings.device)
-    return Services(settings, store, ledger, concepts, gallery, admin, worker, dispatcher)
+    schedule = BackupSchedule(backups)  # at once when the newest backup is a day old, then daily
+    schedule.start()
+    return Services(settings, store, ledger, concepts, gallery, admin, worker, dispatcher, backup_schedule=schedule)

@@ -120,10 +120,12 @@ def check_data_dir(report: Report, data_dir: Path) -> bool:
 
 
 async def check_database(report: Report, settings: Settings) -> None:
+    from bot.store.backups import Backups
     from bot.store.database import Store
 
+    backups = Backups(settings.db_path, keep=settings.backups_keep)
     try:
-        store = await Store.open(settings.db_path)
+        store = await Store.open(settings.db_path, lock_wait_s=settings.db_lock_wait_s, backups=backups)
     except SetupError as e:
         report.fail("database", str(e), e)
         return
@@ -137,7 +139,7 @@ async def check_database(report: Report, settings: Settings) -> None:
         latest = applied[-1][1] if applied else "none"
         jobs = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no jobs yet"
         report.ok("database", f"{settings.db_path.resolve()}: {len(applied)} migration(s), latest {latest}; "
-                              f"journal {mode}; {jobs}")
+                              f"journal {mode}; {jobs}; {backups.describe_newest()}")
     except Exception as e:  # noqa: BLE001
         report.fail("database", f"{settings.db_path}: {e}", e)
     finally:

@@ -28,6 +28,8 @@ class Settings:
     guild_ids: tuple[int, ...] = ()
     model: str = DEFAULT_MODEL
     data_dir: Path = Path("data")
+    backups_keep: int = 7
+    db_lock_wait_s: float = 120.0
     device: str = "auto"
     dtype: str = "auto"
     admin_role: str | None = None
@@ -139,6 +141,8 @@ _KEYS: dict[str, tuple[str, object]] = {
     "BOOTHBOT_GUILD_IDS": ("guild_ids", _guild_ids),
     "BOOTHBOT_MODEL": ("model", _model),
     "BOOTHBOT_DATA_DIR": ("data_dir", _path),
+    "BOOTHBOT_BACKUPS_KEEP": ("backups_keep", _int(1, 1000)),
+    "BOOTHBOT_DB_LOCK_WAIT_S": ("db_lock_wait_s", _float(1, 3600)),
     "BOOTHBOT_DEVICE": ("device", _device),
     "BOOTHBOT_DTYPE": ("dtype", _choice("auto", "bf16", "fp16", "fp32")),
     "BOOTHBOT_ADMIN_ROLE": ("admin_role", _text),

@@ -3,7 +3,8 @@
 Each Store owns one aiosqlite connection in autocommit mode. Statements from different coroutines on the same
 Store are serialised by a lock, so a transaction opened with `immediate()` never sees another coroutine's statements
 slip in. Several Stores (or processes) on the same file coordinate through SQLite's own locking: `BEGIN IMMEDIATE`
-takes the write lock up front, and the busy timeout makes a second writer wait instead of failing.
+takes the write lock up front, and the busy timeout makes a second writer wait instead of failing. Opening only
+reads unless something must change (bot/store/backups.py copies the file before a migration does).
 """
 from __future__ import annotations
 
@@ -13,20 +14,26 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
 from bot.errors import SetupError
+from bot.store.backups import BackupError, Backups
+from trainer.contract.durations import format_duration
 
 log = logging.getLogger("boothbot.store")
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
-LOCK_WAIT_S = 10.0  # how long opening waits for another process's lock: writes hold it for milliseconds
+# How long opening waits for a write lock it needs (a migration) while another process holds it; generous, since
+# that may be an operator's database tool (BOOTHBOT_DB_LOCK_WAIT_S). The bot's own writes hold it for milliseconds.
+LOCK_WAIT_S = 120.0
 FIRST_TRY_S = 1.0  # of which this long before the wait is worth a log line
+LOCK_LOG_EVERY_S = 15.0
+T = TypeVar("T")
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 # The Store whose transaction the current task is inside; its statements then skip the lock they already hold.
@@ -81,7 +88,20 @@ def _is_locked(error: sqlite3.Error) -> bool:
     return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in str(error)
 
 
-def _unusable(path: Path, error: sqlite3.Error, waited_s: float) -> SetupError | None:
+def damaged_message(path: Path, detail: str, backups: Backups) -> str:
+    """What to tell the operator about a damaged database: which file, the newest backup and how to put it back."""
+    path = path.resolve()
+    newest = backups.newest()
+    aside = f"move {path.name} and any {path.name}-wal and {path.name}-shm beside it out of {path.parent}"
+    if newest is None:
+        return (f"the database {path} is damaged ({detail}) and {backups.describe_newest()}: {aside} to start with "
+                "an empty database (its jobs and concepts are then forgotten), or put a copy of your own in its place")
+    return (f"the database {path} is damaged ({detail}); {backups.describe_newest()}. To restore it, with the bot "
+            f"stopped: {aside}, then cp {newest.path.resolve()} {path} (jobs and concepts changed since that backup "
+            "are lost; README: Backups)")
+
+
+def _unusable(path: Path, error: sqlite3.Error, waited_s: float, backups: Backups) -> SetupError | None:
     """The SetupError for a database file this process cannot use at all, or None for any other error."""
     path = path.resolve()
     code = getattr(error, "sqlite_errorcode", 0) & 0xFF
@@ -93,26 +113,58 @@ def _unusable(path: Path, error: sqlite3.Error, waited_s: float) -> SetupError |
         return SetupError(f"{path} is not a SQLite database ({error}): move that file away, or set "
                           "BOOTHBOT_DATA_DIR to another directory")
     if code == sqlite3.SQLITE_CORRUPT:
-        return SetupError(f"the database {path} is damaged ({error}): restore it from a backup, or move it away to "
-                          "start with an empty database (its jobs and concepts are then forgotten)")
+        return SetupError(damaged_message(path, str(error), backups))
     if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM):
+        if path.is_dir():
+            return SetupError(f"{path} is a directory, not the database file: move it away, or set "
+                              "BOOTHBOT_DATA_DIR to another directory")
         return SetupError(f"cannot open the database {path} for writing ({error}): make it and its directory "
                           "writable for this user, or set BOOTHBOT_DATA_DIR to another directory")
     return None
 
 
-async def _switch_to_wal(conn, timeout_s: float) -> None:
-    """Turning a new file to WAL needs it to itself, and SQLite answers "locked" at once instead of waiting on
-    busy_timeout when another connection opens it at the same moment: retry until the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            await conn.execute("PRAGMA journal_mode = WAL")
+async def _connect(path: Path) -> aiosqlite.Connection:
+    """aiosqlite.connect, except that a file SQLite cannot open fails here, before aiosqlite starts its thread: a
+    failed aiosqlite.connect leaves that thread to report to an event loop that is closed by then, which prints a
+    traceback after the bot's one-line message."""
+    raw = await asyncio.to_thread(sqlite3.connect, str(path), isolation_level=None, check_same_thread=False)
+    return await aiosqlite.Connection(lambda: raw, iter_chunk_size=64)  # only aiosqlite's thread uses it from now
+
+
+class _LockWait:
+    """Retries what another process's lock refused, for up to `wait_s` in all, saying so in the log: once after
+    the first second (a writer holds the lock for milliseconds), then every LOCK_LOG_EVERY_S."""
+
+    def __init__(self, path: Path, wait_s: float):
+        self.path = path.resolve()
+        self.wait_s = wait_s
+        self._started = time.monotonic()
+        self._logged_at: float | None = None
+
+    async def retry(self, action: Callable[[], Awaitable[T]], why: str) -> T:
+        while True:
+            try:
+                return await action()
+            except sqlite3.OperationalError as error:
+                if not _is_locked(error):
+                    raise
+                waited = time.monotonic() - self._started
+                if waited >= self.wait_s:
+                    raise
+                self._log(waited, why)
+                await asyncio.sleep(0.05)
+
+    def _log(self, waited: float, why: str) -> None:
+        if waited < FIRST_TRY_S or (self._logged_at is not None and waited - self._logged_at < LOCK_LOG_EVERY_S):
             return
-        except sqlite3.OperationalError as error:
-            if not _is_locked(error) or time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
+        if self._logged_at is None:
+            log.warning("the database %s is locked by another process (another boothbot with the same "
+                        "BOOTHBOT_DATA_DIR, or a database tool such as sqlite3 or DB Browser with an open "
+                        "transaction); waiting up to %s for it %s", self.path, format_duration(self.wait_s), why)
+        else:
+            log.warning("still waiting for the database %s: locked by another process for %s; giving up after %s",
+                        self.path, format_duration(waited), format_duration(self.wait_s))
+        self._logged_at = waited
 
 
 class Store:
@@ -125,47 +177,67 @@ class Store:
 
     @classmethod
     async def open(cls, path: str | Path, *, busy_timeout_s: float = 30.0, lock_wait_s: float = LOCK_WAIT_S,
-                   migrations_dir: Path = MIGRATIONS_DIR) -> Store:
-        """Open (creating it if needed) and migrate the database. A file that stays locked by another process for
-        `lock_wait_s`, is damaged, is not a database or cannot be written raises SetupError saying what to do."""
+                   migrations_dir: Path = MIGRATIONS_DIR, backups: Backups | None = None) -> Store:
+        """Open (creating it if needed), check and migrate the database.
+
+        Nothing here takes the write lock unless there is something to change (a new file to turn to WAL, a
+        pending migration), so a bot starts while another process writes. A lock it does need is waited for up
+        to `lock_wait_s`; a migration is preceded by a backup (`backups`, default: backups/ beside the file).
+        A file that stays locked, is damaged, is not a database or cannot be written raises SetupError saying
+        what to do.
+        """
         path = Path(path)
         migrations = find_migrations(migrations_dir)
+        backups = backups or Backups(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            return await cls._open(path, migrations, busy_timeout_s, lock_wait_s)
+            return await cls._open(path, migrations, busy_timeout_s, _LockWait(path, lock_wait_s), backups)
         except sqlite3.Error as error:
-            unusable = _unusable(path, error, lock_wait_s)
+            unusable = _unusable(path, error, lock_wait_s, backups)
             if unusable is None:
                 raise
             raise unusable from error
+        except BackupError as error:
+            raise SetupError(f"{error}; the database was not migrated without a backup: free some space in "
+                             f"{backups.directory.resolve()} (or make it writable), then start again") from error
 
     @classmethod
-    async def _open(cls, path: Path, migrations: list[Migration], busy_timeout_s: float, lock_wait_s: float) -> Store:
-        conn = await aiosqlite.connect(str(path), isolation_level=None)
+    async def _open(cls, path: Path, migrations: list[Migration], busy_timeout_s: float, lock: _LockWait,
+                    backups: Backups) -> Store:
+        conn = await _connect(path)
         conn.row_factory = sqlite3.Row
         store = cls(conn, path)
         try:
-            first_try_s = min(FIRST_TRY_S, lock_wait_s)
-            try:
-                await store._prepare(migrations, wait_s=first_try_s)
-            except sqlite3.OperationalError as error:
-                if not _is_locked(error):
-                    raise
-                log.warning("the database %s is locked by another process; waiting up to %.0f s for it",
-                            path.resolve(), lock_wait_s)
-                await store._prepare(migrations, wait_s=lock_wait_s - first_try_s)
+            # Each attempt waits this long inside SQLite; _LockWait retries (and logs) up to its limit.
+            await conn.execute(f"PRAGMA busy_timeout = {int(min(FIRST_TRY_S, lock.wait_s) * 1000)}")
+            await lock.retry(store._use_wal, "to switch it to WAL mode")
+            await conn.execute("PRAGMA foreign_keys = ON")
+            await conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL: a crash loses no committed data
+            await lock.retry(lambda: store._check_intact(backups), "to check it")
+            pending = await lock.retry(lambda: store._pending(migrations), "to read its schema version")
+            if pending:
+                names = ", ".join(m.path.name for m in pending)
+                await lock.retry(lambda: store._migrate(migrations, backups), f"to apply {names}")
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
         except BaseException:
             await conn.close()
             raise
         return store
 
-    async def _prepare(self, migrations: list[Migration], *, wait_s: float) -> None:
-        await self._conn.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
-        await _switch_to_wal(self._conn, wait_s)
-        await self._conn.execute("PRAGMA foreign_keys = ON")
-        await self._conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL: a crash loses no committed data
-        await self._migrate(migrations)
+    async def _use_wal(self) -> None:
+        """Turning a file to WAL needs it to itself (and SQLite answers "locked" at once rather than waiting when
+        another connection opens it at the same moment); a file already in WAL needs nothing."""
+        if await self.fetchval("PRAGMA journal_mode") != "wal":
+            await self._conn.execute("PRAGMA journal_mode = WAL")
+
+    async def _check_intact(self, backups: Backups) -> None:
+        """`PRAGMA quick_check` reads every page (about a second for 100k jobs on a busy 2-core machine:
+        docs/BENCHMARKS.md), so a damaged file is refused at start, naming the newest backup, instead of failing
+        some command later."""
+        problems = [row[0] for row in await self.fetchall("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            more = f", and {len(problems) - 1} more problem(s)" if len(problems) > 1 else ""
+            raise SetupError(damaged_message(self.path, problems[0] + more, backups))
 
     async def close(self) -> None:
         await self._conn.close()
@@ -249,24 +321,40 @@ class Store:
 
     # --- migrations ---------------------------------------------------------------------------------------------
 
-    async def _migrate(self, migrations: list[Migration]) -> None:
-        await self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
-        )
+    async def _recorded(self) -> dict[int, str]:
+        """The migrations the database recorded (version -> name); a plain read, no write lock."""
+        if await self.fetchval("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"):
+            return {row[0]: row[1] for row in await self.fetchall("SELECT version, name FROM schema_migrations")}
+        return {}
+
+    async def _pending(self, migrations: list[Migration]) -> list[Migration]:
+        recorded = await self._recorded()
+        for migration in migrations:
+            if recorded.get(migration.version, migration.name) != migration.name:
+                raise MigrationError(
+                    f"database recorded migration {migration.version} as {recorded[migration.version]!r}, "
+                    f"but the file is {migration.path.name}; migrations must never be renamed or replaced"
+                )
+        return [m for m in migrations if m.version not in recorded]
+
+    async def _migrate(self, migrations: list[Migration], backups: Backups) -> None:
+        """Apply what is pending, each migration in its own write transaction. Pending is decided again inside the
+        lock, so two Stores opening a fresh file apply each migration once. A database that already had a schema
+        is backed up first (under the lock: the backup is exactly what the migration starts from)."""
+        backed_up = False
         for migration in migrations:
             statements = split_statements(migration.path.read_text(encoding="utf-8"))
-            # Checked inside the write lock, so two Stores opening a fresh file apply each migration once.
             async with self.immediate():
-                recorded = await self.fetchval(
-                    "SELECT name FROM schema_migrations WHERE version = ?", (migration.version,))
-                if recorded is not None:
-                    if recorded != migration.name:
-                        raise MigrationError(
-                            f"database recorded migration {migration.version} as {recorded!r}, "
-                            f"but the file is {migration.path.name}; migrations must never be renamed or replaced"
-                        )
+                await self._conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+                )
+                pending = await self._pending(migrations)
+                if migration not in pending:
                     continue
+                if not backed_up and len(pending) < len(migrations):
+                    await backups.write(f"before-{migration.version:04d}")
+                backed_up = True
                 for statement in statements:
                     try:
                         await self._conn.execute(statement)

@@ -18,6 +18,7 @@ from PIL import Image
 from bot.services.concepts import ConceptService
 from bot.jobs.ledger import Ledger
 from bot.settings import load_settings
+from bot.store.backups import Backups
 from bot.store.database import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -171,6 +172,9 @@ def test_sigkill_mid_training_then_restart_resumes_and_announces_each_job_once(t
     delivered = re.findall(r"delivered job (\d+) ", text1 + text2)
     assert sorted(map(int, delivered)) == sorted([imagine_id, train_id])
     assert "Traceback" not in text1 + text2
+    # The first start found no backup and wrote one; the second found it minutes old (the next is due in a day).
+    (backup,) = Backups(settings.db_path).all()
+    assert f"database backup written: {backup.path.resolve()}" in text1 and "backup" not in text2
 
 
 def test_the_token_never_reaches_the_log():

@@ -12,12 +12,15 @@ import os
 import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from bot.store.database import LOCK_WAIT_S, Store
+from bot.store.backups import Backups
+from bot.store.database import Store
+from tests.bot.store_helpers import add_jobs, damage_the_middle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GabcDE.abcdefghijklmnopqrstuvwxyz0123456789AB"
@@ -48,9 +51,20 @@ class Place:
         self.data_file.write_text("not a directory")
         self.read_only = self.root / "read-only-data"
         self.read_only.mkdir(mode=0o500)
-        self.locked = self._bot_database("locked-data")
+        self.locked = self._bot_database("locked-data")  # nothing to migrate, another process holds the lock
+        self.needs_migration = self.root / "needs-migration-data"  # a database from before migration 0001
+        self.needs_migration.mkdir()
+        with closing(sqlite3.connect(self.needs_migration / "boothbot.sqlite3")) as conn:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("CREATE TABLE older_schema (x)")
         self.damaged = self._bot_database("damaged-data")
+        self.damaged_backup = Backups(self.damaged / "boothbot.sqlite3").write_now("daily").path
         _damage(self.damaged / "boothbot.sqlite3")
+        self.damaged_inside = self._bot_database("damaged-inside-data")  # opens fine; quick_check finds it
+        add_jobs(self.damaged_inside / "boothbot.sqlite3", 2000)
+        damage_the_middle(self.damaged_inside / "boothbot.sqlite3")
+        self.database_is_a_directory = self.root / "database-is-a-directory"
+        (self.database_is_a_directory / "boothbot.sqlite3").mkdir(parents=True)
         self.not_a_database = self.root / "not-a-database"
         self.not_a_database.mkdir()
         (self.not_a_database / "boothbot.sqlite3").write_bytes(b"holiday photos, definitely not SQLite\n" * 200)
@@ -84,9 +98,11 @@ def situations(place: Place, closed_port: int) -> dict[str, Case]:
         "run-broken-checkpoint": Case(RUN, {"BOOTHBOT_MODEL": str(place.broken_checkpoint)}),
         "run-hub-offline": Case(RUN, {"BOOTHBOT_MODEL": "someone/some-model"}),
         "run-hub-unreachable": Case(RUN, unreachable_hub),
-        "run-locked-database": Case(RUN, {"BOOTHBOT_DATA_DIR": str(place.locked)}),
+        "run-locked-database": Case(RUN, {"BOOTHBOT_DATA_DIR": str(place.needs_migration),
+                                          "BOOTHBOT_DB_LOCK_WAIT_S": "3"}),
         "run-damaged-database": Case(RUN, {"BOOTHBOT_DATA_DIR": str(place.damaged)}),
         "run-not-a-database": Case(RUN, {"BOOTHBOT_DATA_DIR": str(place.not_a_database)}),
+        "run-database-is-a-directory": Case(RUN, {"BOOTHBOT_DATA_DIR": str(place.database_is_a_directory)}),
         "run-data-dir-is-a-file": Case(RUN, {"BOOTHBOT_DATA_DIR": str(place.data_file)}),
         "run-read-only-data-dir": Case(RUN, {"BOOTHBOT_DATA_DIR": str(place.read_only)}, obey_permissions=True),
         # With Discord: the same checks come before any connection.
@@ -101,6 +117,7 @@ def situations(place: Place, closed_port: int) -> dict[str, Case]:
                                                               "BOOTHBOT_MODEL": "someone/some-model"}),
         "check-damaged-missing-model": Case(("check",), {"BOOTHBOT_DATA_DIR": str(place.damaged),
                                                          "BOOTHBOT_MODEL": str(place.missing_model)}),
+        "check-damaged-inside": Case(("check",), {"BOOTHBOT_DATA_DIR": str(place.damaged_inside)}),
         "check-read-only-data-dir": Case(("check",), {"BOOTHBOT_DATA_DIR": str(place.read_only)},
                                          obey_permissions=True),
         "check-gpu-hub-unreachable": Case(("check", "--gpu"), unreachable_hub),
@@ -128,8 +145,10 @@ def bot_env(data_dir: Path, model: Path, overrides: dict[str, str | None]) -> di
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory, tiny_model_dir, closed_port, obey_permissions) -> dict[str, subprocess.CompletedProcess]:
     place = Place(tmp_path_factory.mktemp("places"), tiny_model_dir)
-    holder = sqlite3.connect(place.locked / "boothbot.sqlite3", isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")  # another process holds the bot's database
+    holders = [sqlite3.connect(directory / "boothbot.sqlite3", isolation_level=None)
+               for directory in (place.locked, place.needs_migration)]
+    for holder in holders:  # another process holds the bot's database
+        holder.execute("BEGIN EXCLUSIVE")
     running = {}
     try:
         for name, case in situations(place, closed_port).items():
@@ -146,8 +165,9 @@ def outcomes(tmp_path_factory, tiny_model_dir, closed_port, obey_permissions) ->
             output, _ = proc.communicate(timeout=300)
             done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, output)
     finally:
-        holder.rollback()
-        holder.close()
+        for holder in holders:
+            holder.rollback()
+            holder.close()
         for proc in running.values():
             if proc.poll() is None:
                 proc.kill()
@@ -229,21 +249,42 @@ def test_hub_model_not_downloaded_and_the_hub_refuses_the_connection(outcomes, c
 
 # --- the database ------------------------------------------------------------------------------------------------
 
-def test_database_locked_by_another_process(outcomes):
-    db = outcomes["place"].locked / "boothbot.sqlite3"
+def test_database_with_a_pending_migration_locked_by_another_process(outcomes):
+    db = outcomes["place"].needs_migration / "boothbot.sqlite3"
     plain_stop(outcomes, "run-locked-database",
-               f"the database {db} is in use by another process (still locked after {LOCK_WAIT_S:.0f} s)",
+               f"the database {db} is in use by another process (still locked after 3 s)",
                "stop the other program using it", "or set BOOTHBOT_DATA_DIR to another directory")
-    assert f"the database {db} is locked by another process; waiting up to" in outcomes["run-locked-database"].stdout
-    check_failed(outcomes, "check-locked-broken-checkpoint", "database", f"{db} is in use by another process")
+    assert (f"the database {db} is locked by another process (another boothbot with the same BOOTHBOT_DATA_DIR, or "
+            "a database tool such as sqlite3 or DB Browser with an open transaction); waiting up to 3 s for it to "
+            "apply 0001_initial.sql") in outcomes["run-locked-database"].stdout
+
+
+def test_database_with_nothing_to_migrate_starts_while_another_process_holds_its_lock(outcomes):
+    db = outcomes["place"].locked / "boothbot.sqlite3"
+    done = outcome(outcomes, "check-locked-broken-checkpoint")
+    (line,) = [line for line in done.stdout.splitlines() if line.split()[:2] == ["ok", "database"]]
+    assert f"{db}: 1 migration(s)" in line
+    check_failed(outcomes, "check-locked-broken-checkpoint", "model", "is not a readable .safetensors file")
 
 
 def test_damaged_database(outcomes):
-    db = outcomes["place"].damaged / "boothbot.sqlite3"
+    place = outcomes["place"]
+    db = place.damaged / "boothbot.sqlite3"
     plain_stop(outcomes, "run-damaged-database", f"the database {db} is damaged (database disk image is malformed)",
-               "restore it from a backup, or move it away")
+               f"the newest backup is {place.damaged_backup}", f"then cp {place.damaged_backup} {db}")
     check_failed(outcomes, "check-damaged-missing-model", "database", f"{db} is damaged")
     check_failed(outcomes, "check-damaged-missing-model", "model", "does not exist")
+
+
+def test_database_damaged_inside_is_found_at_start(outcomes):
+    db = outcomes["place"].damaged_inside / "boothbot.sqlite3"
+    check_failed(outcomes, "check-damaged-inside", "database", f"the database {db} is damaged (",
+                 f"there is no backup in {db.parent / 'backups'}")
+
+
+def test_directory_in_place_of_the_database_file(outcomes):
+    db = outcomes["place"].database_is_a_directory / "boothbot.sqlite3"
+    plain_stop(outcomes, "run-database-is-a-directory", f"{db} is a directory, not the database file")
 
 
 @pytest.mark.parametrize("name", ["run-not-a-database", "discord-not-a-database"])
