@@ -14,6 +14,7 @@ from bot.services.concepts import ConceptService
 from bot.dispatch.announcer import Notifier
 from bot.dispatch.dispatcher import Dispatcher
 from bot.services.gallery import Gallery
+from bot.services.retention import PhotoRetention
 from bot.jobs.ledger import Job, Ledger
 from bot.settings import Settings
 from bot.store.database import Store
@@ -41,6 +42,7 @@ class Services:
     worker: WorkerClient
     dispatcher: Dispatcher
     notifier: Notifier | None = None
+    retention: PhotoRetention | None = None  # the photo retention sweep, started by start_services
 
     def set_notifier(self, notifier: Notifier | None) -> None:
         """Attach the announcer of progress and finished jobs; jobs that finished without one are announced now."""
@@ -63,6 +65,8 @@ class Services:
     async def stop(self) -> None:
         """Let the running job or slice end (a short grace), stop the worker, close the database."""
         try:
+            if self.retention is not None:
+                await self.retention.stop()
             await self.dispatcher.stop()
         finally:
             try:
@@ -103,4 +107,6 @@ async def start_services(settings: Settings, *, worker: WorkerClient | None = No
         raise
     log.info("GPU worker starting with base model %s on %s; jobs run once it is ready", settings.model,
              settings.device)
-    return Services(settings, store, ledger, concepts, gallery, admin, worker, dispatcher)
+    retention = PhotoRetention(store, settings.data_dir, settings.photo_retention_days)
+    retention.start()  # its first sweep runs now, then every hour
+    return Services(settings, store, ledger, concepts, gallery, admin, worker, dispatcher, retention=retention)

@@ -56,7 +56,8 @@ async def test_a_failing_migration_leaves_nothing_half_applied(tmp_path):
     with pytest.raises(MigrationError, match="0002_broken.sql failed and was rolled back"):
         await Store.open(path, migrations_dir=migrations)
     async with await Store.open(path) as store:  # the real migrations: 0001 stayed, 0002 left no trace
-        assert await store.applied_migrations() == [(1, "0001_initial")]
+        applied = await store.applied_migrations()
+        assert applied[0] == (1, "0001_initial") and "0002_broken" not in {name for _, name in applied}
         assert await store.fetchval("SELECT name FROM sqlite_master WHERE name = 'half'") is None
 
 
