@@ -25,7 +25,7 @@ CANCEL_ANSWERS = {
 
 def require_admin(interaction: discord.Interaction) -> None:
     admin_role = services_of(interaction).settings.admin_role
-    if not is_admin(interaction, admin_role):
+    if not is_admin(interaction):
         role = f" or the {admin_role} role" if admin_role else ""
         raise PermissionDenied(f"Only server admins (Manage Server{role}) can use /queue admin. "
                                "Use /queue show to see your own jobs.")
@@ -122,7 +122,7 @@ class Queue(BoothCog, commands.GroupCog, group_name="queue", group_description="
 
     @admin_cancel.autocomplete("job")
     async def _admin_cancel_choices(self, interaction: discord.Interaction, current: str):
-        if not is_admin(interaction, self.services.settings.admin_role):
+        if not is_admin(interaction):
             return []
         return await _active_job_choices(interaction, current.lower(), everyone=True)
 
