@@ -14,6 +14,11 @@ LIMIT_CHOICES = [
     app_commands.Choice(name="jobs waiting per member", value="max_queued_jobs"),
     app_commands.Choice(name="trainings per member per day", value="trainings_per_day"),
 ]
+SAFETY_CHOICES = [
+    app_commands.Choice(name="on", value="on"),
+    app_commands.Choice(name="off", value="off"),
+    app_commands.Choice(name="the bot's default", value="default"),
+]
 ACTIVE = ("queued", "running")
 CANCEL_ANSWERS = {
     "cancelled": "Job {id} is cancelled.",
@@ -172,6 +177,29 @@ class Queue(BoothCog, commands.GroupCog, group_name="queue", group_description="
                 lines.append(f"<@&{row['role_id']}>: {row['name'].replace('_', ' ')} = {row['value']}")
         await interaction.response.send_message("\n".join(lines), ephemeral=True,
                                                 allowed_mentions=discord.AllowedMentions.none())
+
+    @admin.command(name="safety", description="Show or set the safety filter for /imagine on this server")
+    @app_commands.describe(state="on, off, or back to the bot's default (empty: show what it is)")
+    @app_commands.choices(state=SAFETY_CHOICES)
+    async def admin_safety(self, interaction: discord.Interaction,
+                           state: app_commands.Choice[str] | None = None) -> None:
+        require_admin(interaction)
+        admin = self.services.admin
+        if state is None:
+            on = await admin.safety_for(interaction.guild_id)
+        else:
+            chosen = {"on": True, "off": False, "default": None}[state.value]
+            on = await admin.set_safety(interaction.user.id, interaction.guild_id, chosen)
+        lines = [f"The safety filter is **{'on' if on else 'off'}** for /imagine on this server"
+                 + (" (the bot's default)." if state is not None and state.value == "default" else ".")]
+        if on:
+            lines.append("Prompts with blocked words are refused, and images the model's safety checker flags are "
+                         "held back. Jobs already waiting keep the setting they were queued with.")
+            if (self.services.worker.ready_info or {}).get("safety_checker") is False:
+                lines.append("⚠️ The bot's base model has no safety checker, so /imagine is refused on this server "
+                             "while the filter is on. Turn it off with `/queue admin safety state:off`, or ask the "
+                             "bot's operator for a base model that includes one.")
+        await interaction.response.send_message("\n".join(lines), ephemeral=True)
 
     @admin.command(name="ban", description="Stop a member from using the bot on this server")
     @app_commands.describe(member="Who", reason="Why (shown to them)")
