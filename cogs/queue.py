@@ -193,8 +193,8 @@ class Queue(BoothCog, commands.GroupCog, group_name="queue", group_description="
         lines = [f"The safety filter is **{'on' if on else 'off'}** for /imagine on this server"
                  + (" (the bot's default)." if state is not None and state.value == "default" else ".")]
         if on:
-            lines.append("Prompts with blocked words are refused, and images the model's safety checker flags are "
-                         "held back. Jobs already waiting keep the setting they were queued with.")
+            lines.append("Images the base model's safety checker flags are held back (the member is told). Jobs "
+                         "already waiting keep the setting they were queued with.")
             if (self.services.worker.ready_info or {}).get("safety_checker") is False:
                 lines.append("⚠️ The bot's base model has no safety checker, so /imagine is refused on this server "
                              "while the filter is on. Turn it off with `/queue admin safety state:off`, or ask the "

@@ -30,6 +30,9 @@ OUT_OF_MEMORY = ("The GPU ran out of memory while running your job. Try fewer or
                  "the server is less busy.")
 INTERNAL_ERROR = ("Something went wrong on the GPU while running your job. The server admins can find the details "
                   "in the bot's log.")
+SAFETY_CHECKER_FAILED = ("The safety filter is on for this server, but the bot could not load its base model's safety "
+                         "checker ({why}), so images can't be checked and none were made. An admin can turn the filter "
+                         "off with `/queue admin safety state:off`; the bot's log says more.")
 NO_MODEL = "The GPU worker was started without a base model (--no-model), so it can only run self-tests."
 PROGRESS_INTERVAL_S = 0.25  # at most ~4 progress events a second per job (plus the first and the last step)
 SELFTEST_MAX_S = 3600.0
@@ -350,8 +353,8 @@ class Worker:
                 except Exception as exc:  # noqa: BLE001 - told to the member; the detail goes to the log
                     print(f"worker: could not load the safety checker of {source}:\n"
                           f"{''.join(traceback.format_exception(exc))}", file=sys.stderr, flush=True)
-                    self.safety_problem = (f"{NO_SAFETY_CHECKER} (Its safety checker could not be loaded: "
-                                           f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}.)")
+                    why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                    self.safety_problem = SAFETY_CHECKER_FAILED.format(why=why)
         raise UserError(self.safety_problem)
 
 

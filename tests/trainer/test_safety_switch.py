@@ -12,7 +12,7 @@ import pytest
 from trainer.contract import protocol
 from trainer.contract.imagine_request import NO_SAFETY_CHECKER
 from trainer.generation import safety
-from trainer.worker import EventWriter, JobControl, Worker
+from trainer.worker import SAFETY_CHECKER_FAILED, EventWriter, JobControl, Worker
 
 
 def add_tiny_safety_checker(model_dir, *, flag_everything: bool) -> None:
@@ -86,3 +86,15 @@ def test_a_model_without_a_checker_refuses_safety_on_jobs(tiny_model_dir, tmp_pa
     assert refused["event"] == "failed" and refused["error"] == NO_SAFETY_CHECKER
     assert not (tmp_path / "1").exists() or not any((tmp_path / "1").glob("*.png"))
     assert imagine(worker, tmp_path, 2, safety_on=False)["event"] == "done"
+
+
+def test_a_checker_that_cannot_be_loaded_is_explained_once(model_with_checker, tmp_path):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(model_with_checker, broken)
+    for weights in (broken / "safety_checker").glob("*.safetensors"):
+        weights.write_bytes(b"not weights")
+    worker = make_worker(broken, tmp_path)
+    first = imagine(worker, tmp_path, 1, safety_on=True)
+    assert first["event"] == "failed" and first["error"].startswith(SAFETY_CHECKER_FAILED.split("(")[0])
+    assert "/queue admin safety state:off" in first["error"]
+    assert imagine(worker, tmp_path, 2, safety_on=True)["error"] == first["error"]  # not loaded again per job

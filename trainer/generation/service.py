@@ -348,15 +348,10 @@ class GenerationService:
             raise UserError("The image to make variations of could not be read; it may have been deleted.") from None
 
     def _size(self, request: ImagineRequest, init_image: Image.Image | None) -> tuple[int, int]:
-        if init_image is not None and not (request.width and request.height):
-            lo, hi = self.size_range()
-            width, height = request.width or init_image.width // 8 * 8, request.height or init_image.height // 8 * 8
-            for label, value in (("width", width), ("height", height)):
-                if not lo <= value <= hi:
-                    raise UserError(f"The {label} must be a multiple of 8 from {lo} to {hi} for this model "
-                                    f"(got {value}).")
-            return width, height
-        return check_size(request.width, request.height, self.native_side)
+        width, height = request.width, request.height
+        if init_image is not None:  # variations keep their image's size unless the request names one
+            width, height = width or init_image.width // 8 * 8, height or init_image.height // 8 * 8
+        return check_size(width, height, self.native_side)
 
     def _small_copy(self, image, png_path: Path, text: str, limit: int | None, small: dict, notices: list) -> None:
         if not limit or png_path.stat().st_size <= limit:
