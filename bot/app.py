@@ -14,6 +14,7 @@ from bot.services.concepts import ConceptService
 from bot.dispatch.announcer import Notifier
 from bot.dispatch.dispatcher import Dispatcher
 from bot.services.gallery import Gallery
+from bot.services.retention import PhotoRetention
 from bot.jobs.ledger import Job, Ledger
 from bot.settings import Settings
 from bot.store.backups import Backups, BackupSchedule
@@ -50,6 +51,7 @@ class Services:
     dispatcher: Dispatcher
     notifier: Notifier | None = None
     backup_schedule: BackupSchedule | None = None
+    retention: PhotoRetention | None = None  # the photo retention sweep, started by start_services
 
     def set_notifier(self, notifier: Notifier | None) -> None:
         """Attach the announcer of progress and finished jobs; jobs that finished without one are announced now."""
@@ -81,6 +83,8 @@ class Services:
         try:
             if self.backup_schedule is not None:
                 await self.backup_schedule.stop()
+            if self.retention is not None:
+                await self.retention.stop()
             await self.dispatcher.stop()
         finally:
             try:
@@ -124,4 +128,7 @@ async def start_services(settings: Settings, *, worker: WorkerClient | None = No
              settings.device)
     schedule = BackupSchedule(backups)  # at once when the newest backup is a day old, then daily
     schedule.start()
-    return Services(settings, store, ledger, concepts, gallery, admin, worker, dispatcher, backup_schedule=schedule)
+    retention = PhotoRetention(store, settings.data_dir, settings.photo_retention_days)
+    retention.start()  # its first sweep runs now, then every hour
+    return Services(settings, store, ledger, concepts, gallery, admin, worker, dispatcher, backup_schedule=schedule,
+                    retention=retention)

@@ -13,6 +13,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.admin_roles import AdminRoles
 from bot.app import Services
 from bot.settings import Settings
 from trainer.contract.errors import UserError
@@ -107,6 +108,7 @@ class BoothBot(commands.Bot):
                          help_command=None, **options)
         self.settings = settings
         self.services = services
+        self.admin_roles = AdminRoles(settings.admin_role)
 
     async def setup_hook(self) -> None:
         for name in cog_extensions():
@@ -125,21 +127,23 @@ class BoothBot(commands.Bot):
             synced = await self.tree.sync()
             log.info("synced %d commands globally (can take up to an hour to show everywhere)", len(synced))
 
+    async def on_guild_available(self, guild: discord.Guild) -> None:
+        self.admin_roles.role_id(guild)  # resolve BOOTHBOT_ADMIN_ROLE in this server now, and log what it is
+
+    async def on_guild_join(self, guild: discord.Guild) -> None:
+        self.admin_roles.role_id(guild)
+
     async def on_ready(self) -> None:
         log.info("connected to Discord as %s (%s) in %d server(s)", self.user, self.user.id if self.user else "?",
                  len(self.guilds))
 
 
-def is_admin(interaction: discord.Interaction, admin_role: str | None) -> bool:
-    """Manage Server, or the configured admin role (matched by id or by name)."""
+def is_admin(interaction: discord.Interaction) -> bool:
+    """Manage Server, or the configured admin role, matched by its id (bot/admin_roles.py)."""
     if interaction.permissions.manage_guild:
         return True
-    if not admin_role:
-        return False
-    for role in getattr(interaction.user, "roles", ()):
-        if str(role.id) == admin_role or role.name.casefold() == admin_role.casefold():
-            return True
-    return False
+    admin_roles = getattr(interaction.client, "admin_roles", None)
+    return admin_roles is not None and admin_roles.has_role(interaction.guild, interaction.user)
 
 
 async def run_discord(settings: Settings, services: Services) -> None:

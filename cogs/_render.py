@@ -139,10 +139,18 @@ def concept_line(concept, member_id: int) -> str:
     return f"`{concept.token}` — {concept.class_name}{kind} · {state} · {owner}{shared}"
 
 
+def photos_text(concept) -> str:
+    """How many photos trained it, and whether the bot still keeps them (photo retention deletes them)."""
+    deleted_at = getattr(concept, "photos_deleted_at", None)
+    if deleted_at is None:
+        return str(concept.photo_count)
+    return f"{concept.photo_count}, deleted <t:{int(deleted_at)}:R> after the training (the LoRA stays)"
+
+
 def concept_embed(concept, member_id: int) -> discord.Embed:
     embed = discord.Embed(title=f"`{concept.token}`", colour=COLOR_INFO, description=concept_line(concept, member_id))
     embed.add_field(name="Class", value=concept.class_name)
-    embed.add_field(name="Photos", value=str(concept.photo_count))
+    embed.add_field(name="Photos", value=photos_text(concept))
     embed.add_field(name="Shared", value="yes" if concept.shared else "no")
     if concept.status == "ready":
         subject = f"{concept.token} {concept.class_name}" if not concept.style else f"{concept.token} style"
@@ -150,7 +158,7 @@ def concept_embed(concept, member_id: int) -> discord.Embed:
     elif concept.status == "failed":
         why = getattr(concept, "error", None) or "the training did not finish"
         embed.add_field(name="Training failed", inline=False,
-                        value=f"{why[:900]}\nRun /train with the same token to try again.")
+                        value=f"{why[:900]}\nRun /train with the same token and your photos to try again.")
     return embed
 
 

@@ -12,6 +12,7 @@ from bot.client import answer_error
 from bot.errors import NotFound
 from bot.jobs.kinds import JobKind
 from cogs._base import services_of
+from cogs._parameters import visible_parameters
 from cogs._imagine_jobs import queue_again
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,11 @@ class ParamsButton(discord.ui.DynamicItem[discord.ui.Button], template=r"bb:para
     async def callback(self, interaction: discord.Interaction) -> None:
         async def run():
             job = await _imagine_job(interaction, self.job_id)
-            text = (job.result or {}).get("parameters") or "(no parameters were recorded)"
+            concepts = services_of(interaction).concepts
+            text = await visible_parameters(
+                (job.result or {}).get("parameters") or "(no parameters were recorded)",
+                viewer_id=interaction.user.id, owner_id=job.owner_id,
+                concept_by_token=lambda token: concepts.by_token(job.guild_id, token))
             seeds = (job.result or {}).get("seeds") or []
             extra = f"\nseeds: {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""
             await interaction.response.send_message(f"Job {job.id}:\n```\n{text[:1800]}\n```{extra}", ephemeral=True)

@@ -18,7 +18,7 @@ MAX_CHOICES = 25
 
 
 def _is_admin(interaction: discord.Interaction) -> bool:
-    return is_admin(interaction, services_of(interaction).settings.admin_role)
+    return is_admin(interaction)
 
 
 async def _choices(interaction: discord.Interaction, current: str, *, own_only: bool):

@@ -44,6 +44,11 @@ def _fields(title: str, lines: list[str]) -> list[tuple[str, str]]:
     return [(title if i == 0 else f"{title} (more)", text) for i, text in enumerate(fields)]
 
 
+def _retention(settings: Settings) -> str:
+    days = settings.photo_retention_days
+    return "right" if days == 0 else f"{days} day{'s' if days != 1 else ''}"
+
+
 def help_embed(settings: Settings, commands: list[app_commands.Command | app_commands.Group]) -> discord.Embed:
     embed = discord.Embed(title="boothbot: teach the image model your face, pet or style", colour=_render.COLOR_INFO)
     admin = f"Manage Server{f' or the {settings.admin_role} role' if settings.admin_role else ''}"
@@ -57,7 +62,8 @@ def help_embed(settings: Settings, commands: list[app_commands.Command | app_com
         "**2. Use it:** `/imagine prompt: a photo of squidarth man as an astronaut`. Under each result: 🎲 re-roll, "
         "V1–V4 variations of one image, ℹ️ the exact parameters.\n"
         "**3. Manage:** your concepts are private until you share them; export sends you the LoRA file for "
-        "A1111/ComfyUI. `/forget` deletes everything the bot keeps about you on this server.\n\n"
+        "A1111/ComfyUI. `/forget` deletes everything the bot keeps about you on this server. The photos you upload "
+        f"are deleted {_retention(settings)} after the training ends; the concept stays.\n\n"
         f"Options in [brackets] are optional. Admin commands need {admin}.")
     for title, lines in command_sections(commands):
         for name, value in _fields(title, lines):

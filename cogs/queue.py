@@ -14,6 +14,11 @@ LIMIT_CHOICES = [
     app_commands.Choice(name="jobs waiting per member", value="max_queued_jobs"),
     app_commands.Choice(name="trainings per member per day", value="trainings_per_day"),
 ]
+SAFETY_CHOICES = [
+    app_commands.Choice(name="on", value="on"),
+    app_commands.Choice(name="off", value="off"),
+    app_commands.Choice(name="the bot's default", value="default"),
+]
 ACTIVE = ("queued", "running")
 CANCEL_ANSWERS = {
     "cancelled": "Job {id} is cancelled.",
@@ -38,7 +43,7 @@ def delivery_line(job) -> str:
 
 def require_admin(interaction: discord.Interaction) -> None:
     admin_role = services_of(interaction).settings.admin_role
-    if not is_admin(interaction, admin_role):
+    if not is_admin(interaction):
         role = f" or the {admin_role} role" if admin_role else ""
         raise PermissionDenied(f"Only server admins (Manage Server{role}) can use /queue admin. "
                                "Use /queue show to see your own jobs.")
@@ -138,7 +143,7 @@ class Queue(BoothCog, commands.GroupCog, group_name="queue", group_description="
 
     @admin_cancel.autocomplete("job")
     async def _admin_cancel_choices(self, interaction: discord.Interaction, current: str):
-        if not is_admin(interaction, self.services.settings.admin_role):
+        if not is_admin(interaction):
             return []
         return await _active_job_choices(interaction, current.lower(), everyone=True)
 
@@ -188,6 +193,29 @@ class Queue(BoothCog, commands.GroupCog, group_name="queue", group_description="
                 lines.append(f"<@&{row['role_id']}>: {row['name'].replace('_', ' ')} = {row['value']}")
         await interaction.response.send_message("\n".join(lines), ephemeral=True,
                                                 allowed_mentions=discord.AllowedMentions.none())
+
+    @admin.command(name="safety", description="Show or set the safety filter for /imagine on this server")
+    @app_commands.describe(state="on, off, or back to the bot's default (empty: show what it is)")
+    @app_commands.choices(state=SAFETY_CHOICES)
+    async def admin_safety(self, interaction: discord.Interaction,
+                           state: app_commands.Choice[str] | None = None) -> None:
+        require_admin(interaction)
+        admin = self.services.admin
+        if state is None:
+            on = await admin.safety_for(interaction.guild_id)
+        else:
+            chosen = {"on": True, "off": False, "default": None}[state.value]
+            on = await admin.set_safety(interaction.user.id, interaction.guild_id, chosen)
+        lines = [f"The safety filter is **{'on' if on else 'off'}** for /imagine on this server"
+                 + (" (the bot's default)." if state is not None and state.value == "default" else ".")]
+        if on:
+            lines.append("Images the base model's safety checker flags are held back (the member is told). Jobs "
+                         "already waiting keep the setting they were queued with.")
+            if (self.services.worker.ready_info or {}).get("safety_checker") is False:
+                lines.append("⚠️ The bot's base model has no safety checker, so /imagine is refused on this server "
+                             "while the filter is on. Turn it off with `/queue admin safety state:off`, or ask the "
+                             "bot's operator for a base model that includes one.")
+        await interaction.response.send_message("\n".join(lines), ephemeral=True)
 
     @admin.command(name="ban", description="Stop a member from using the bot on this server")
     @app_commands.describe(member="Who", reason="Why (shown to them)")

@@ -24,11 +24,15 @@ from typing import Callable, NoReturn
 from trainer.contract import protocol
 from trainer.contract.protocol import JobKind
 from trainer.contract.errors import Cancelled, SetupError, UserError
+from trainer.contract.imagine_request import NO_SAFETY_CHECKER
 
 OUT_OF_MEMORY = ("The GPU ran out of memory while running your job. Try fewer or smaller images, or try again when "
                  "the server is less busy.")
 INTERNAL_ERROR = ("Something went wrong on the GPU while running your job. The server admins can find the details "
                   "in the bot's log.")
+SAFETY_CHECKER_FAILED = ("The safety filter is on for this server, but the bot could not load its base model's safety "
+                         "checker ({why}), so images can't be checked and none were made. An admin can turn the filter "
+                         "off with `/queue admin safety state:off`; the bot's log says more.")
 NO_MODEL = "The GPU worker was started without a base model (--no-model), so it can only run self-tests."
 PROGRESS_INTERVAL_S = 0.25  # at most ~4 progress events a second per job (plus the first and the last step)
 SELFTEST_MAX_S = 3600.0
@@ -202,6 +206,7 @@ class Worker:
         self.data_dir = data_dir
         self.compile_unet = compile_unet
         self.generation = None  # the resident GenerationService, made at the first /imagine
+        self.safety_problem: str | None = None  # why the safety filter cannot run, once a job found out
 
     def serve(self) -> None:
         while True:
@@ -324,7 +329,33 @@ class Worker:
             raise UserError(NO_MODEL)
         if self.generation is None:
             self.generation = GenerationService(self.pipe, model_name=self.model or "", compile_unet=self.compile_unet)
-        return ImagineRequest.from_params(params)
+        request = ImagineRequest.from_params(params)
+        if request.safety:
+            self.require_safety_checker()
+        return request
+
+    def require_safety_checker(self) -> None:
+        """Load the model's safety checker the first time a job asks for it; UserError when there is none (tried
+        once: a model without one will not grow one, and a failed download is not retried for every job)."""
+        from trainer.generation import safety
+
+        if safety.has_checker(self.pipe):
+            return
+        if self.safety_problem is None:
+            source = safety.checker_source(self.model)
+            if source is None:
+                self.safety_problem = NO_SAFETY_CHECKER
+            else:
+                try:
+                    safety.load_checker(self.pipe, source)
+                    print(f"worker: loaded the safety checker of {source}", file=sys.stderr, flush=True)
+                    return
+                except Exception as exc:  # noqa: BLE001 - told to the member; the detail goes to the log
+                    print(f"worker: could not load the safety checker of {source}:\n"
+                          f"{''.join(traceback.format_exception(exc))}", file=sys.stderr, flush=True)
+                    why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                    self.safety_problem = SAFETY_CHECKER_FAILED.format(why=why)
+        raise UserError(self.safety_problem)
 
 
 # --- the job kinds the worker runs: each turns one `run` into its end event ---------------------------------------
@@ -520,8 +551,14 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - whatever stops the start is reported to the bot, then we exit
         exit_fatal(writer, describe_start_failure(exc, args), "".join(traceback.format_exception(exc)), 3)
     control.loading = False
+    model_facts = {}
+    if pipe is not None:
+        from trainer.generation.safety import checker_source
+        from trainer.generation.service import native_side
+
+        model_facts = {"native_side": native_side(pipe), "safety_checker": checker_source(args.model) is not None}
     writer.send(protocol.ready(describe_device(device), str(dtype).removeprefix("torch."),
-                               None if args.no_model else args.model, os.getpid()))
+                               None if args.no_model else args.model, os.getpid(), **model_facts))
     worker = Worker(writer, control, pipe=pipe, device=device, model=None if args.no_model else args.model,
                     data_dir=Path(args.data_dir), compile_unet=args.compile_unet)
     try:

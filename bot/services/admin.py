@@ -138,6 +138,24 @@ class AdminService:
             "SELECT role_id, name, value FROM limits WHERE guild_id = ? ORDER BY role_id, name", (guild_id,))
         return [{"role_id": row["role_id"] or None, "name": row["name"], "value": row["value"]} for row in rows]
 
+    # --- the per-server safety filter -------------------------------------------------------------------------------
+
+    async def safety_for(self, guild_id: int) -> bool:
+        """Whether /imagine jobs of this server run with the safety filter: the admins' choice, else BOOTHBOT_SAFETY."""
+        chosen = await self.store.fetchval("SELECT safety FROM server_settings WHERE guild_id = ?", (guild_id,))
+        return self.settings.safety if chosen is None else bool(chosen)
+
+    async def set_safety(self, by: int, guild_id: int, on: bool | None) -> bool:
+        """Turn the filter on or off for this server (None: back to the operator's default); returns the new state.
+        Jobs already queued keep the choice they were submitted with."""
+        async with self.store.immediate() as db:
+            await db.execute(
+                "INSERT INTO server_settings (guild_id, safety, updated_by, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (guild_id) DO UPDATE SET safety = excluded.safety, updated_by = excluded.updated_by,"
+                " updated_at = excluded.updated_at", (guild_id, None if on is None else int(on), by, self.clock()))
+            await self._audit(db, guild_id, by, "safety", "server", "default" if on is None else ("on" if on else "off"))
+        return await self.safety_for(guild_id)
+
     # --- bans -------------------------------------------------------------------------------------------------------
 
     async def ban(self, by: int, guild_id: int, member_id: int, reason: str = "") -> None:

@@ -41,6 +41,7 @@ class Concept:
     lora_kohya_path: str | None
     created_at: float
     error: str | None = None  # why training failed
+    photos_deleted_at: float | None = None  # when photo retention (bot/services/retention.py) deleted the uploads
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Concept:
@@ -48,7 +49,7 @@ class Concept:
                    class_name=row["class_name"], style=bool(row["style"]), status=row["status"],
                    shared=bool(row["shared"]), job_id=row["job_id"], photo_count=row["photo_count"],
                    lora_path=row["lora_path"], lora_kohya_path=row["lora_kohya_path"], created_at=row["created_at"],
-                   error=row["error"])
+                   error=row["error"], photos_deleted_at=row["photos_deleted_at"])
 
 
 def concept_dir(data_dir: Path, concept_id: int) -> Path:

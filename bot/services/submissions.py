@@ -17,7 +17,7 @@ from bot.app import Services
 from bot.errors import UserError
 from bot.jobs.ledger import Job
 from bot.services.photo_intake import intake_workspace, take_in_photos
-from trainer.contract.imagine_request import DEFAULT_STRENGTH, ImagineRequest
+from trainer.contract.imagine_request import NO_SAFETY_CHECKER, DEFAULT_STRENGTH, ImagineRequest, check_size
 from trainer.contract.naming import load_vocab
 from trainer.contract.train_spec import checked_params
 from trainer.intake import photos as intake  # torch-free: PIL and OpenCV
@@ -103,12 +103,24 @@ def _vocabulary(model: str) -> frozenset[str] | None:
     return None if vocab is None else frozenset(vocab)
 
 
+def check_against_model(ready_info: dict | None, *, width: int | None, height: int | None, safety: bool) -> None:
+    """What depends on the loaded model, checked with what the worker reported when it became ready (its `ready`
+    event: the model's native side and whether it has a safety checker), by the rule the worker applies. Until a
+    worker has been ready once this is unknown, and the worker checks the same when the job runs."""
+    info = ready_info or {}
+    if info.get("native_side") and (width or height):
+        check_size(width, height, int(info["native_side"]))
+    if safety and info.get("safety_checker") is False:
+        raise UserError(NO_SAFETY_CHECKER)
+
+
 async def submit_imagine(services: Services, *, guild_id: int, member_id: int, channel_id: int | None,
                          role_ids: Iterable[int], prompt: str, negative: str = "", seed: int | None = None,
                          steps: int | None = None, cfg: float | None = None, width: int | None = None,
                          height: int | None = None, count: int = 1, upload_limit: int | None = None,
                          init_image: str | None = None, strength: float | None = None) -> Job:
-    """Check the prompt against the concepts this member may use (now, not when it runs), then queue it."""
+    """Check the prompt against the concepts this member may use (now, not when it runs) and the options against the
+    loaded model, then queue it with this server's safety filter choice in its params."""
     role_ids = list(role_ids)
     await services.ledger.check_submit("imagine", member_id, guild_id, role_ids=role_ids)
     usable = await services.concepts.usable(guild_id, member_id)
@@ -119,8 +131,10 @@ async def submit_imagine(services: Services, *, guild_id: int, member_id: int, c
                             concept.status == "training" else
                             f"The training of {concept.token} failed, so it can't be used yet. "
                             f"Run /train with the token {concept.token} again to retry.")
+    safety = await services.admin.safety_for(guild_id)
+    check_against_model(services.worker.ready_info, width=width, height=height, safety=safety)
     params = {"prompt": prompt, "negative": negative or "", "seed": seed, "steps": steps, "cfg": cfg,
-              "width": width, "height": height, "count": count, "upload_limit": upload_limit}
+              "width": width, "height": height, "count": count, "upload_limit": upload_limit, "safety": safety}
     if init_image is not None:
         params.update(init_image=str(init_image), strength=strength if strength is not None else VARIATION_STRENGTH)
     params = {k: v for k, v in params.items() if v is not None}

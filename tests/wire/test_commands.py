@@ -55,6 +55,27 @@ async def test_admin_commands_permission_matrix(booth, who, allowed):
         assert all(row["by"] != member.id for row in audit)
 
 
+async def test_a_role_renamed_to_the_admin_role_name_gives_no_admin_rights(booth):
+    """BOOTHBOT_ADMIN_ROLE is given as a name ("Booth Admin"); the bot resolved it to the role's id at start. A member
+    who creates another role and renames it to the same name does not become an admin."""
+    from bench.wire.fake_discord import FakeMember, MEMBER_PERMISSIONS, snowflake
+
+    fake = booth.fake
+    impostor_role = {"id": str(snowflake()), "name": "helpers", "permissions": str(MEMBER_PERMISSIONS), "color": 0,
+                     "hoist": False, "position": 5, "managed": False, "mentionable": False, "flags": 0}
+    await fake.dispatch("GUILD_ROLE_CREATE", {"guild_id": str(fake.guild_id), "role": impostor_role})
+    await fake.dispatch("GUILD_ROLE_UPDATE", {"guild_id": str(fake.guild_id),
+                                              "role": {**impostor_role, "name": "booth admin"}})
+    try:
+        impostor = FakeMember(snowflake(), "impostor", (int(impostor_role["id"]),))
+        interaction = await fake.command(impostor, "queue", subcommand=["admin", "pause"])
+        assert "Only server admins" in await booth.answer(interaction)
+        assert not await booth.services.admin.is_paused()
+        assert booth.bot.admin_roles.role_id(booth.bot.get_guild(fake.guild_id)) == fake.admin_role_id
+    finally:
+        await fake.dispatch("GUILD_ROLE_DELETE", {"guild_id": str(fake.guild_id), "role_id": impostor_role["id"]})
+
+
 async def test_queue_limit_refuses_the_job_past_it_with_what_to_do(booth):
     fake = booth.fake
     admin, member = fake.member("limitadmin", manage_guild=True), fake.member("limited")

@@ -99,6 +99,21 @@ async def test_owner_imagines_with_the_concept_and_others_cannot(booth, trained)
     assert await booth.latest_job(other) is None
 
 
+async def test_parameters_button_hides_a_private_lora_from_others(booth, trained):
+    fake, owner = booth.fake, trained["owner"]
+    job, result = await run_imagine(booth, owner, f"a photo of {TOKEN} in the snow", steps=2)
+    lora_hash = re.search(rf'Lora hashes: "{TOKEN}: (\w+)"', job.result["parameters"])[1]
+
+    async def parameters(member) -> str:
+        return await booth.answer(await fake.click(member, result, f"bb:params:{job.id}"))
+
+    mine = await parameters(owner)
+    assert f"<lora:{TOKEN}:1>" in mine and lora_hash in mine
+    theirs = await parameters(fake.member("params-viewer"))
+    assert "Steps: 2" in theirs and "<lora:a private concept>" in theirs
+    assert f"<lora:{TOKEN}" not in theirs and lora_hash not in theirs and "Lora hashes" not in theirs
+
+
 async def test_concepts_permission_matrix(booth, trained):
     fake, owner = booth.fake, trained["owner"]
     other, admin = fake.member("concepts-other"), fake.member("concepts-admin", admin_role=True)

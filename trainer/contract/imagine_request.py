@@ -1,7 +1,8 @@
 """ImagineRequest: the worker's `imagine` params, checked and given defaults. Pure Python (no torch).
 
 The bot may call `ImagineRequest.from_params(params)` at submit time to reject bad options and tokens early; the
-worker calls it again. What depends on the loaded model (the allowed image size) is checked by GenerationService.
+worker calls it again. What depends on the loaded model (the allowed image size) is `check_size`, called by
+GenerationService with the model's native side and by the bot at submit with the one the worker reported as ready.
 
 Re-roll = the same params with a new `seed` (or none: a random one is drawn and reported). Variations of one image =
 the same params plus `init_image` (the image's path) and `strength` (how far to move from it; img2img).
@@ -20,9 +21,12 @@ STEPS_RANGE, DEFAULT_STEPS = (1, 100), 30
 CFG_RANGE, DEFAULT_CFG = (1.0, 20.0), 7.0
 COUNT_RANGE, DEFAULT_COUNT = (1, 4), 1
 STRENGTH_RANGE, DEFAULT_STRENGTH = (0.05, 1.0), 0.6
-SIDE_RANGE = (64, 2048)  # absolute bounds; the model narrows them (see GenerationService.size_range)
-# The picture shapes /imagine offers, for SD 1.x (512 px native); the engine rounds to what the model supports.
+SIDE_RANGE = (64, 2048)  # absolute bounds; the model narrows them (see size_range)
+# The picture shapes /imagine offers, for SD 1.x (512 px native); check_size refuses those the model cannot make.
 SIZES = {"square": (512, 512), "portrait": (512, 768), "landscape": (768, 512)}
+NO_SAFETY_CHECKER = ("The safety filter is on for this server, but the bot's base model has no safety checker to "
+                     "check images with, so /imagine can't run here. An admin can turn the filter off with "
+                     "`/queue admin safety state:off`, or the bot's operator can use a base model that includes one.")
 # What /imagine lets a member type in the prompt and the negative prompt (the engine takes up to MAX_PROMPT_CHARS).
 MEMBER_PROMPT_CHARS = 1000
 
@@ -53,6 +57,24 @@ def check_side(value: int | None, label: str, lo: int, hi: int) -> int | None:
     if value is not None and value % 8:
         raise UserError(f"{label} must be a multiple of 8 from {lo} to {hi} (got {value}; try {max(lo, value // 8 * 8)}).")
     return value
+
+
+def size_range(native_side: int) -> tuple[int, int]:
+    """The sides a model makes well: half to twice its training resolution (native side), at least 64 px."""
+    return max(SIDE_RANGE[0], native_side // 2), min(SIDE_RANGE[1], native_side * 2)
+
+
+def check_size(width: int | None, height: int | None, native_side: int) -> tuple[int, int]:
+    """(width, height) with None as the native side; UserError listing what this model allows otherwise."""
+    lo, hi = size_range(native_side)
+    width, height = width or native_side, height or native_side
+    if lo <= width <= hi and lo <= height <= hi:
+        return width, height
+    fitting = [f"{name} {w}×{h}" for name, (w, h) in SIZES.items() if lo <= w <= hi and lo <= h <= hi]
+    offered = (f"Of the offered sizes these fit: {', '.join(fitting)}." if fitting else
+               f"None of the offered sizes fits; leave size empty for the model's own {native_side}×{native_side}.")
+    raise UserError(f"{width}×{height} is not a size this model can make: the width and the height must be multiples "
+                    f"of 8 from {lo} to {hi} px. {offered}")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from trainer.contract import batching
 from trainer.generation import safety
 from trainer.contract.errors import Cancelled, UserError
 from trainer.generation.fast_unet import UNetGraphs
-from trainer.contract.imagine_request import SEED_MAX, ImagineRequest
+from trainer.contract.imagine_request import SEED_MAX, ImagineRequest, check_size, size_range
 from trainer.generation.lora_slots import LoraSlots
 from trainer.generation.pnginfo import format_parameters, lora_hashes_field, make_grid, save_png, small_copy
 from trainer.generation.previews import save_preview
@@ -71,6 +71,11 @@ class ImagineResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def native_side(pipe) -> int:
+    """The model's training resolution (512 for SD 1.5): UNet sample size times the VAE's scale factor."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
 def same_loras(groups: Sequence[tuple]) -> bool:
@@ -140,11 +145,10 @@ class GenerationService:
 
     @property
     def native_side(self) -> int:
-        """The model's training resolution (512 for SD 1.5): UNet sample size times the VAE's scale factor."""
-        return int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        return native_side(self.pipe)
 
     def size_range(self) -> tuple[int, int]:
-        return max(64, self.native_side // 2), self.native_side * 2
+        return size_range(self.native_side)
 
     def imagine(self, request: ImagineRequest, *, on_progress: Callable | None = None,
                 should_stop: Callable[[], bool] | None = None) -> ImagineResult:
@@ -344,16 +348,10 @@ class GenerationService:
             raise UserError("The image to make variations of could not be read; it may have been deleted.") from None
 
     def _size(self, request: ImagineRequest, init_image: Image.Image | None) -> tuple[int, int]:
-        lo, hi = self.size_range()
-        if init_image is not None:
-            default_w, default_h = init_image.width // 8 * 8, init_image.height // 8 * 8
-        else:
-            default_w = default_h = self.native_side
-        width, height = request.width or default_w, request.height or default_h
-        for label, value in (("width", width), ("height", height)):
-            if not lo <= value <= hi:
-                raise UserError(f"The {label} must be a multiple of 8 from {lo} to {hi} for this model (got {value}).")
-        return width, height
+        width, height = request.width, request.height
+        if init_image is not None:  # variations keep their image's size unless the request names one
+            width, height = width or init_image.width // 8 * 8, height or init_image.height // 8 * 8
+        return check_size(width, height, self.native_side)
 
     def _small_copy(self, image, png_path: Path, text: str, limit: int | None, small: dict, notices: list) -> None:
         if not limit or png_path.stat().st_size <= limit:
