@@ -30,6 +30,10 @@ async def _choices(interaction: discord.Interaction, current: str, *, own_only: 
         found = await concepts.owned(interaction.guild_id, interaction.user.id)
     else:
         found = await concepts.visible(interaction.guild_id, interaction.user.id)
+    return _matching(found, current)
+
+
+def _matching(found: list[Concept], current: str) -> list[app_commands.Choice]:
     current = current.strip().lower()
     matches = [c for c in found if current in c.token.lower()]
     matches.sort(key=lambda c: (not c.token.lower().startswith(current), c.token.lower()))
@@ -185,6 +189,13 @@ class Concepts(BoothCog, commands.GroupCog, group_name="concepts", group_descrip
     @export.autocomplete("concept")
     async def _own_choices(self, interaction: discord.Interaction, current: str):
         return await _choices(interaction, current, own_only=True)
+
+    @release.autocomplete("token")
+    async def _release_choices(self, interaction: discord.Interaction, current: str):
+        if not _is_admin(interaction):  # nobody else may learn which tokens private concepts use
+            return []
+        return _matching(await self.service.visible(interaction.guild_id, interaction.user.id, is_admin=True),
+                         current)
 
 
 async def setup(bot: BoothBot) -> None:
