@@ -138,7 +138,7 @@ class Concepts(BoothCog, commands.GroupCog, group_name="concepts", group_descrip
             f"Put it in your LoRA folder and use `<lora:{found.token}:1> {found.token} {found.class_name}` in a "
             "prompt.", file=discord.File(path, filename=f"{found.token}.safetensors"), ephemeral=True)
 
-    @app_commands.command(name="release", description="Server admins: free a token by deleting the concept that uses it")
+    @app_commands.command(name="release", description="Server admins: free a token (deletes the concept using it)")
     @app_commands.describe(token="The token to free", reason="Why (told to the concept's owner)")
     async def release(self, interaction: discord.Interaction, token: str,
                       reason: app_commands.Range[str, 0, 200] = "") -> None:
@@ -151,7 +151,7 @@ class Concepts(BoothCog, commands.GroupCog, group_name="concepts", group_descrip
             interaction,
             f"Release `{found.token}`? <@{found.owner_id}>'s concept `{found.token}` "
             f"({'shared' if found.shared else 'private'}, {_render.CONCEPT_STATES.get(found.status, found.status)}) "
-            "is deleted for good, with its LoRA, samples and photos, and they are told why.",
+            "is deleted for good, with its LoRA, samples and photos, and they are told.",
             confirm_label=f"Release {found.token}", working=f"Releasing `{found.token}`…")
         if confirmed is None:
             return

@@ -231,7 +231,7 @@ class ConceptService:
         try:
             tokens.check_token(token, vocab)
         except UserError:
-            raise UserError(f"{token} can't be shared: it is a real word, so your concept would turn up in the "
+            raise UserError(f"{token} can't be shared: it is an ordinary word, so your concept would turn up in the "
                             "prompts of everyone who writes it. Train it again under a made-up token such as "
                             f"{tokens.suggest_token(token, vocab)}, and share that one.") from None
 
