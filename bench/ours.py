@@ -123,7 +123,7 @@ def imagine_params(concepts: list[tuple[int, str, Path]], out_dir: Path, *, step
         "width": size, "height": size, "count": 1, "scheduler": None,
         "concepts": [{"concept_id": cid, "token": token, "class_name": CLASS_NAME, "lora_path": str(path),
                       "weight": 1.0} for cid, token, path in concepts],
-        "forbidden_tokens": [], "out_dir": str(out_dir), "upload_limit": UPLOAD_LIMIT, "safety": False,
+        "out_dir": str(out_dir), "upload_limit": UPLOAD_LIMIT, "safety": False,
         "blocked_words": [], "init_image": None, "strength": 0.75,
     }
 

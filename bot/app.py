@@ -109,7 +109,7 @@ async def start_services(settings: Settings, *, worker: WorkerClient | None = No
         applied = await store.applied_migrations()
         log.info("database %s ready (schema version %s)", settings.db_path, applied[-1][0] if applied else 0)
         ledger = Ledger(store, settings=settings)
-        concepts = ConceptService(store, settings.data_dir)
+        concepts = ConceptService(store, settings.data_dir, model=settings.model)
         orphans = await concepts.remove_orphan_files()  # files a worker wrote after their concept was deleted
         if orphans:
             log.info("removed %d leftover concept folder(s) with no concept", orphans)

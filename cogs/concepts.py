@@ -1,4 +1,5 @@
-"""/concepts: list, inspect, share, unshare, delete and export trained concepts. Owner-only unless shared."""
+"""/concepts: list, inspect, share, unshare, delete and export trained concepts. Owner-only unless shared; an admin
+can also release a token (the concept holding it is deleted and its owner told)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +10,11 @@ from discord.ext import commands
 
 from bot.client import BoothBot, is_admin
 from bot.errors import NotFound, PermissionDenied, UserError
-from bot.services.concepts import ConceptService
+from bot.services.concepts import Concept, ConceptService
 from cogs import _render
 from cogs._base import BoothCog, services_of
 from cogs._views import ask_to_confirm
+from trainer.intake.tokens import suggest_token
 
 MAX_CHOICES = 25
 
@@ -28,6 +30,10 @@ async def _choices(interaction: discord.Interaction, current: str, *, own_only: 
         found = await concepts.owned(interaction.guild_id, interaction.user.id)
     else:
         found = await concepts.visible(interaction.guild_id, interaction.user.id)
+    return _matching(found, current)
+
+
+def _matching(found: list[Concept], current: str) -> list[app_commands.Choice]:
     current = current.strip().lower()
     matches = [c for c in found if current in c.token.lower()]
     matches.sort(key=lambda c: (not c.token.lower().startswith(current), c.token.lower()))
@@ -132,6 +138,47 @@ class Concepts(BoothCog, commands.GroupCog, group_name="concepts", group_descrip
             f"Put it in your LoRA folder and use `<lora:{found.token}:1> {found.token} {found.class_name}` in a "
             "prompt.", file=discord.File(path, filename=f"{found.token}.safetensors"), ephemeral=True)
 
+    @app_commands.command(name="release", description="Server admins: free a token (deletes the concept using it)")
+    @app_commands.describe(token="The token to free", reason="Why (told to the concept's owner)")
+    async def release(self, interaction: discord.Interaction, token: str,
+                      reason: app_commands.Range[str, 0, 200] = "") -> None:
+        if not _is_admin(interaction):
+            raise PermissionDenied("Only server admins can release a token.")
+        found = await self.service.by_token(interaction.guild_id, token)
+        if found is None:
+            raise NotFound(f"No concept on this server uses the token {token.strip()[:40]}; it is already free.")
+        confirmed = await ask_to_confirm(
+            interaction,
+            f"Release `{found.token}`? <@{found.owner_id}>'s concept `{found.token}` "
+            f"({'shared' if found.shared else 'private'}, {_render.CONCEPT_STATES.get(found.status, found.status)}) "
+            "is deleted for good, with its LoRA, samples and photos, and they are told.",
+            confirm_label=f"Release {found.token}", working=f"Releasing `{found.token}`…")
+        if confirmed is None:
+            return
+        released = await self.service.release(interaction.guild_id, found.token, interaction.user.id, reason)
+        told = await self._tell_owner(released, interaction, reason)
+        stopped = ", its training stopped," if released.status == "training" else ""
+        await confirmed.edit_original_response(
+            content=f"`{released.token}` is free: <@{released.owner_id}>'s concept was deleted{stopped} and the "
+                    "release is in `/queue admin audit`. "
+                    + ("They were told by direct message." if told else
+                       "I couldn't message them (their DMs may be closed); please let them know."),
+            allowed_mentions=discord.AllowedMentions.none())
+        if released.job_id is not None:
+            await self.services.job_cancelled(released.job_id)
+
+    async def _tell_owner(self, concept: Concept, interaction: discord.Interaction, reason: str) -> bool:
+        why = f" The reason given: {reason.strip()}" if reason.strip() else ""
+        text = (f"An admin of {interaction.guild.name if interaction.guild else 'the server'} released the token "
+                f"`{concept.token}`, so your concept `{concept.token}` was deleted.{why} You can train it again "
+                f"with a made-up token, e.g. `/train token:{suggest_token(concept.token)} class:{concept.class_name}`.")
+        try:
+            owner = self.bot.get_user(concept.owner_id) or await self.bot.fetch_user(concept.owner_id)
+            await owner.send(text[:2000])
+        except discord.HTTPException:
+            return False
+        return True
+
     @info.autocomplete("concept")
     async def _usable_choices(self, interaction: discord.Interaction, current: str):
         return await _choices(interaction, current, own_only=False)
@@ -142,6 +189,13 @@ class Concepts(BoothCog, commands.GroupCog, group_name="concepts", group_descrip
     @export.autocomplete("concept")
     async def _own_choices(self, interaction: discord.Interaction, current: str):
         return await _choices(interaction, current, own_only=True)
+
+    @release.autocomplete("token")
+    async def _release_choices(self, interaction: discord.Interaction, current: str):
+        if not _is_admin(interaction):  # nobody else may learn which tokens private concepts use
+            return []
+        return _matching(await self.service.visible(interaction.guild_id, interaction.user.id, is_admin=True),
+                         current)
 
 
 async def setup(bot: BoothBot) -> None:

@@ -121,13 +121,11 @@ register(KindSpec(
 # --- imagine: images from a prompt, batched with others that can share the denoising loop ---------------------------
 
 async def imagine_params(job: Job, context: KindContext) -> dict:
-    usable = await context.concepts.usable(job.guild_id, job.owner_id)
-    forbidden = await context.concepts.forbidden_tokens(job.guild_id, job.owner_id)
+    usable = await context.concepts.usable(job.guild_id, job.owner_id)  # others' private concepts: plain text
     concepts = [{"concept_id": c.id, "token": c.token, "class_name": c.class_name,
                  "lora_path": c.lora_path, "weight": 1.0} for c in usable if c.lora_path]
     out_dir = Path(context.settings.data_dir).resolve() / "images" / str(job.id)
-    return {"safety": context.settings.safety, **job.params, "concepts": concepts,
-            "forbidden_tokens": forbidden, "out_dir": str(out_dir),
+    return {"safety": context.settings.safety, **job.params, "concepts": concepts, "out_dir": str(out_dir),
             "job_id": job.id, "preview_path": preview_path(job, context)}
 
 

@@ -20,6 +20,14 @@ from bot.store.database import Store
 MAX_LIMIT_VALUE = 1000
 
 
+async def write_audit(db: Store, guild_id: int | None, by: int, action: str, target: str, detail: str,
+                      at: float) -> None:
+    """One audit row, written inside the caller's transaction (admin actions of other services use it too)."""
+    await db.execute(
+        "INSERT INTO audit_log (guild_id, actor_id, action, target, detail, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (guild_id, by, action, target, detail, at))
+
+
 class AdminService:
     def __init__(self, store: Store, ledger: Ledger, settings: Settings, clock: Callable[[], float] = time.time):
         self.store = store
@@ -29,9 +37,7 @@ class AdminService:
 
     async def _audit(self, db: Store, guild_id: int | None, by: int, action: str, target: str = "",
                      detail: str = "") -> None:
-        await db.execute(
-            "INSERT INTO audit_log (guild_id, actor_id, action, target, detail, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (guild_id, by, action, target, detail, self.clock()))
+        await write_audit(db, guild_id, by, action, target, detail, self.clock())
 
     async def audit(self, guild_id: int, limit: int = 20) -> list[dict]:
         """Newest first: this server's actions and bot-wide ones. Keys: id, guild_id, by, action, target, detail,

@@ -6,6 +6,9 @@ Who may do what (per server):
   others      when shared and ready   when shared and ready      no                        no
   admin       yes (visible(is_admin)) like any other member      unshare only (moderation) yes
 An admin cannot use or share someone's private concept: it is their likeness, their choice.
+For everyone who may not use a concept, its token is plain text in their prompts: a private concept, or one still
+training, changes nothing for anyone else and is never named to them. A token names one live concept per server;
+an admin can `release` it (the concept holding it is deleted, audit-logged; the cog tells its owner).
 Files live in data_dir/concepts/<id>/ (built from the id only) and go when the concept is deleted.
 """
 from __future__ import annotations
@@ -20,7 +23,9 @@ from pathlib import Path
 
 from bot.errors import NotFound, PermissionDenied, UserError
 from bot.jobs.ledger import cancel_job, touch_member
+from bot.services.admin import write_audit
 from bot.store.database import Store
+from trainer.intake import tokens
 
 _LIVE = "status != 'deleted'"
 
@@ -57,10 +62,12 @@ def concept_dir(data_dir: Path, concept_id: int) -> Path:
 
 
 class ConceptService:
-    def __init__(self, store: Store, data_dir: Path, clock: Callable[[], float] = time.time):
+    def __init__(self, store: Store, data_dir: Path, clock: Callable[[], float] = time.time, *,
+                 model: str | None = None):
         self.store = store
         self.data_dir = Path(data_dir)
         self.clock = clock
+        self.model = model  # the base model, whose tokenizer the token rules consult (a local folder only)
 
     def concept_dir(self, concept_id: int) -> Path:
         return concept_dir(self.data_dir, concept_id)
@@ -94,13 +101,6 @@ class ConceptService:
     async def owned(self, guild_id: int, member_id: int) -> list[Concept]:
         return await self._select(f"guild_id = ? AND owner_id = ? AND {_LIVE}", (guild_id, member_id))
 
-    async def forbidden_tokens(self, guild_id: int, member_id: int) -> list[str]:
-        """Tokens of other members' private concepts on this server (the engine names them in its refusal)."""
-        rows = await self.store.fetchall(
-            f"SELECT token FROM concepts WHERE guild_id = ? AND owner_id != ? AND shared = 0 AND {_LIVE}"
-            " ORDER BY token", (guild_id, member_id))
-        return [row["token"] for row in rows]
-
     async def _select(self, where: str, params: tuple) -> list[Concept]:
         rows = await self.store.fetchall(f"SELECT * FROM concepts WHERE {where} ORDER BY token COLLATE NOCASE",
                                          params)
@@ -113,7 +113,7 @@ class ConceptService:
         """Register a concept in training and give it an empty directory.
 
         UserError if the token names another live concept on this server; a failed one of the same owner is
-        replaced. The token's spelling rules belong to the prompt parser; this only keeps it unique.
+        replaced. What a token may be is checked before (trainer/intake/tokens.py); this only keeps it unique.
         """
         token, class_name = token.strip(), class_name.strip()
         if not token:
@@ -157,6 +157,8 @@ class ConceptService:
             if concept.owner_id != member_id and not (is_admin and not shared):
                 raise PermissionDenied(f"{concept.token} belongs to someone else; only its owner can "
                                        + ("share it." if shared else "change its sharing."))
+            if shared:
+                self._require_made_up(concept.token)
             await db.execute("UPDATE concepts SET shared = ?, updated_at = ? WHERE id = ?",
                              (int(shared), self.clock(), concept_id))
             return await self.get(concept_id)
@@ -168,13 +170,31 @@ class ConceptService:
             if concept.owner_id != member_id and not is_admin:
                 raise PermissionDenied(f"{concept.token} belongs to someone else; only its owner or an admin can "
                                        "delete it.")
-            now = self.clock()
-            if concept.job_id is not None:
-                await cancel_job(db, concept.job_id, member_id, now)
-            await db.execute("UPDATE concepts SET status = 'deleted', shared = 0, deleted_at = ?, updated_at = ?"
-                             " WHERE id = ?", (now, now, concept_id))
+            await self._delete_in(db, concept, member_id, self.clock())
         await remove_tree(self.concept_dir(concept_id))
         return concept
+
+    async def release(self, guild_id: int, token: str, by: int, reason: str = "") -> Concept:
+        """An admin frees `token` on this server: the live concept holding it (anyone's, in any state) is deleted —
+        its training stopped, its files removed — and the release is audit-logged. Returns that concept (its owner
+        is to be told); NotFound when no concept holds the token."""
+        async with self.store.immediate() as db:
+            concept = await self.by_token(guild_id, token)
+            if concept is None:
+                raise NotFound(f"No concept on this server uses the token {token.strip()[:40]}; it is already free.")
+            now = self.clock()
+            await self._delete_in(db, concept, by, now)
+            detail = (f"{concept.token} ({'shared' if concept.shared else 'private'}, {concept.status}, "
+                      f"concept {concept.id})" + (f": {reason.strip()}" if reason.strip() else ""))
+            await write_audit(db, guild_id, by, "release_token", f"member:{concept.owner_id}", detail, now)
+        await remove_tree(self.concept_dir(concept.id))
+        return concept
+
+    async def _delete_in(self, db: Store, concept: Concept, by: int, now: float) -> None:
+        if concept.job_id is not None:
+            await cancel_job(db, concept.job_id, by, now)
+        await db.execute("UPDATE concepts SET status = 'deleted', shared = 0, deleted_at = ?, updated_at = ?"
+                         " WHERE id = ?", (now, now, concept.id))
 
     async def mark_ready(self, concept_id: int, lora_path: str, lora_kohya_path: str | None) -> bool:
         """Training finished. False (and its files removed) if the concept was deleted meanwhile."""
@@ -204,6 +224,17 @@ class ConceptService:
     async def _clean_if_gone(self, concept_id: int) -> None:
         if await self.get(concept_id) is None:
             await remove_tree(self.concept_dir(concept_id))
+
+    def _require_made_up(self, token: str) -> None:
+        """A shared token loads its LoRA for everyone who writes it, so only a made-up word may be shared (concepts
+        trained before the token rules may hold a real word)."""
+        vocab = tokens.model_vocab(self.model) if self.model else None
+        try:
+            tokens.check_token(token, vocab)
+        except UserError:
+            raise UserError(f"{token} can't be shared: it is an ordinary word, so your concept would turn up in the "
+                            "prompts of everyone who writes it. Train it again under a made-up token such as "
+                            f"{tokens.suggest_token(token, vocab)}, and share that one.") from None
 
     async def _require(self, concept_id: int) -> Concept:
         concept = await self.get(concept_id)

@@ -6,7 +6,6 @@ Everything a member can get wrong raises a UserError subclass whose text says wh
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import re
 import secrets
@@ -18,9 +17,9 @@ from bot.errors import UserError
 from bot.jobs.ledger import Job
 from bot.services.photo_intake import intake_workspace, take_in_photos
 from trainer.contract.imagine_request import NO_SAFETY_CHECKER, DEFAULT_STRENGTH, ImagineRequest, check_size
-from trainer.contract.naming import load_vocab
 from trainer.contract.train_spec import checked_params
 from trainer.intake import photos as intake  # torch-free: PIL and OpenCV
+from trainer.intake import tokens
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ async def submit_training(services: Services, *, guild_id: int, member_id: int, 
     role_ids = list(role_ids)
     await services.ledger.check_submit("train", member_id, guild_id, role_ids=role_ids)
     recipe = {**checked_params(TRAIN_RECIPE), **checked_params(options or {}, by_member=True)}
-    token = intake.check_token(token)
+    token = tokens.check_token(token, tokens.model_vocab(settings.model))
     class_name = intake.normalise_class(class_name)
     style = bool(style) or intake.class_kind(class_name) == "style"
     existing = await services.concepts.by_token(guild_id, token)
@@ -71,7 +70,6 @@ async def _take_in_and_queue(services: Services, work_dir: Path, *, guild_id, me
     report = await take_in_photos(list(files), work_dir, limits=limits, class_name=class_name, style=style)
     if not report.ok:
         raise UserError(report.summary())
-    report.warnings.extend(intake.token_warnings(token, _vocabulary(settings.model)))
 
     concept = await services.concepts.create(guild_id, member_id, token, class_name, style)
     try:
@@ -92,17 +90,6 @@ def _mentions(prompt: str, token: str) -> bool:
     return re.search(rf"(?<![\w]){re.escape(token)}(?![\w])", prompt, re.IGNORECASE) is not None
 
 
-@functools.lru_cache(maxsize=4)
-def _vocabulary(model: str) -> frozenset[str] | None:
-    """The base model's tokenizer words (to warn about tokens it already knows), when the model is a local folder."""
-    try:
-        vocab = load_vocab(model) if Path(model).is_dir() else None
-    except (OSError, ValueError):
-        log.warning("could not read the tokenizer vocabulary of %s", model, exc_info=True)
-        return None
-    return None if vocab is None else frozenset(vocab)
-
-
 def check_against_model(ready_info: dict | None, *, width: int | None, height: int | None, safety: bool) -> None:
     """What depends on the loaded model, checked with what the worker reported when it became ready (its `ready`
     event: the model's native side and whether it has a safety checker), by the rule the worker applies. Until a
@@ -120,11 +107,14 @@ async def submit_imagine(services: Services, *, guild_id: int, member_id: int, c
                          height: int | None = None, count: int = 1, upload_limit: int | None = None,
                          init_image: str | None = None, strength: float | None = None) -> Job:
     """Check the prompt against the concepts this member may use (now, not when it runs) and the options against the
-    loaded model, then queue it with this server's safety filter choice in its params."""
+    loaded model, then queue it with this server's safety filter choice in its params.
+
+    Another member's private concept is none of these: its token is plain text in this prompt, and a <lora:> tag
+    naming it reads like a typo, so nothing tells the member it exists.
+    """
     role_ids = list(role_ids)
     await services.ledger.check_submit("imagine", member_id, guild_id, role_ids=role_ids)
     usable = await services.concepts.usable(guild_id, member_id)
-    forbidden = await services.concepts.forbidden_tokens(guild_id, member_id)
     for concept in await services.concepts.owned(guild_id, member_id):
         if concept.status != "ready" and _mentions(prompt, concept.token):
             raise UserError(f"{concept.token} is still training; you'll be pinged when it's ready." if
@@ -141,8 +131,7 @@ async def submit_imagine(services: Services, *, guild_id: int, member_id: int, c
     # The same checks the worker will run (options, tokens, <lora:> tags); the paths are filled in at run time.
     ImagineRequest.from_params({
         **params, "out_dir": str(Path(services.settings.data_dir) / "images" / "check"),
-        "concepts": [{"concept_id": c.id, "token": c.token, "class_name": c.class_name} for c in usable],
-        "forbidden_tokens": forbidden})
+        "concepts": [{"concept_id": c.id, "token": c.token, "class_name": c.class_name} for c in usable]})
     job = await services.ledger.submit("imagine", member_id, guild_id, channel_id, params, role_ids=role_ids)
     await services.job_submitted(job)
     return job

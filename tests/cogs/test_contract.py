@@ -198,8 +198,8 @@ async def test_option_ranges_are_the_engine_contracts(payloads):
 async def test_concept_options_autocomplete(payloads):
     concepts = next(p for p in payloads if p["name"] == "concepts")
     subcommands = {o["name"]: o for o in concepts["options"]}
-    assert set(subcommands) == {"list", "info", "share", "unshare", "delete", "export"}
-    for name in ("info", "share", "unshare", "delete", "export"):
+    assert set(subcommands) == {"list", "info", "share", "unshare", "delete", "export", "release"}
+    for name in ("info", "share", "unshare", "delete", "export", "release"):
         assert subcommands[name]["options"][0]["autocomplete"] is True
 
 

@@ -13,8 +13,7 @@ from PIL import Image
 from photos import face_photo, make_photo_set, photo, photo_pixels, zip_of
 from trainer.contract.errors import UserError
 from trainer.intake.photos import IntakeLimits, crop_box_around, intake_photos
-from trainer.models.tiny import write_tiny_tokenizer
-from trainer.contract.naming import check_token, class_kind, instance_prompt, load_vocab, normalise_class, token_warnings
+from trainer.contract.naming import class_kind, instance_prompt, normalise_class
 
 GOOD = make_photo_set(3, first_seed=100)
 
@@ -281,26 +280,6 @@ def test_crop_box_centres_on_the_face_inside_the_image(size, face, box):
     assert crop_box_around(size, face) == box
 
 
-@pytest.mark.parametrize("raw,expected", [("squidarth", "squidarth"), (" Rex_The_Dog ", "rex_the_dog"),
-                                           ("abc", "abc"), ("x" * 24, "x" * 24)])
-def test_good_tokens(raw, expected):
-    assert check_token(raw) == expected
-
-
-@pytest.mark.parametrize("raw", ["ab", "x" * 25, "squid arth", "squid-arth", "sq<@1>", "ünïcode", "", "12345"])
-def test_bad_tokens_say_what_a_token_is(raw):
-    with pytest.raises(UserError, match="made-up word"):
-        check_token(raw)
-
-
-def test_token_known_to_the_tokenizer_is_warned_about(tmp_path):
-    write_tiny_tokenizer(tmp_path / "tokenizer")  # the tiny model's vocabulary, as a model directory holds it
-    vocab = load_vocab(tmp_path)
-    assert any("already knows “sid”" in w for w in token_warnings("sid", vocab))
-    assert token_warnings("squidarth", vocab) == []
-    assert any("class word" in w for w in token_warnings("dog", None))
-
-
 @pytest.mark.parametrize("raw,name,kind", [("man", "man", "person"), ("A Dog", "dog", "animal"), ("men", "man", "person"),
                                            ("the cat", "cat", "animal"), ("art style", "style", "style"),
                                            ("teapot", "teapot", "object")])
@@ -454,13 +433,3 @@ def test_report_as_dict():
     assert data["ok"] is True and [a["source"] for a in data["accepted"]] == ["photo0.png", "photo1.png", "photo2.png"]
     assert data["rejected"] == [{"source": "zero.jpg", "reason": "is an empty file"}]
     assert set(data) == {"ok", "accepted", "rejected", "warnings", "notes"}
-
-
-def test_token_warning_takes_a_real_clip_tokenizer(tmp_path):
-    from transformers import CLIPTokenizer
-
-    write_tiny_tokenizer(tmp_path)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
-    assert any("already knows “dog”" in w for w in token_warnings("dog", tokenizer))
-    assert any("already knows “sid”" in w for w in token_warnings("sid", tokenizer))
-    assert token_warnings("squidarth", tokenizer) == []

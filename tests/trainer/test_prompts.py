@@ -76,17 +76,6 @@ def test_unknown_lora_tag_is_named_with_what_can_be_used():
         parse_prompt("a photo <lora:nobody>", [])
 
 
-def test_forbidden_tokens_are_named_plain_or_tagged():
-    with pytest.raises(UserError) as error:
-        parse_prompt("photo of bobcat and squidarth", [SQUID], forbidden_tokens=["bobcat"])
-    assert "bobcat" in str(error.value) and "another member" in str(error.value)
-    with pytest.raises(UserError) as error:
-        parse_prompt("<lora:BOBCAT:1> and alice", [], forbidden_tokens=["bobcat", "alice"])
-    assert "BOBCAT".lower() in str(error.value).lower() and "alice" in str(error.value)
-    # a usable concept wins over a stale forbidden list
-    assert parse_prompt("squidarth", [SQUID], forbidden_tokens=["squidarth"]).uses
-
-
 def test_negative_prompt_and_blocked_words():
     assert check_negative_prompt("  blurry ") == "blurry"
     with pytest.raises(UserError, match="negative prompt"):
@@ -127,8 +116,8 @@ def test_request_rejects_tokens_at_submit_time():
     concepts = [{"concept_id": 1, "token": "squidarth", "class_name": "man", "lora_path": "/x", "weight": 1}]
     request = ImagineRequest.from_params(_params(prompt="squidarth", concepts=concepts))
     assert request.parsed.text == "squidarth man"
-    with pytest.raises(UserError, match="bobcat"):
-        ImagineRequest.from_params(_params(prompt="bobcat", concepts=concepts, forbidden_tokens=["bobcat"]))
+    with pytest.raises(UserError, match="no concept called bobcat"):
+        ImagineRequest.from_params(_params(prompt="<lora:bobcat> a cat", concepts=concepts))
     with pytest.raises(UserError, match="weight for squidarth"):
         ImagineRequest.from_params(_params(concepts=[{**concepts[0], "weight": 9}]))
 

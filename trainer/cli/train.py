@@ -101,9 +101,10 @@ def _intake(args, photos_dir: Path):
 
     Returns (prepared photos dir, token, class), with None for the directory when nothing usable is left.
     """
-    from trainer.intake.photos import IntakeLimits, check_token, intake_photos, normalise_class
+    from trainer.intake.photos import IntakeLimits, intake_photos, normalise_class
+    from trainer.intake.tokens import check_token, model_vocab
 
-    token, class_name = check_token(args.token), normalise_class(args.class_name)
+    token, class_name = check_token(args.token, model_vocab(args.model)), normalise_class(args.class_name)
     limits = IntakeLimits(resolution=max(512, args.resolution or 512))
     report = intake_photos([Path(args.photos)], photos_dir, limits=limits, class_name=class_name, style=args.style)
     print(report.summary())
@@ -114,7 +115,7 @@ def _intake(args, photos_dir: Path):
 
 
 def _train(args, photos_dir: Path, token: str, class_name: str, out_dir: Path, cache_dir: Path):
-    from trainer.intake.photos import token_warnings
+    from trainer.intake.tokens import check_token
     from trainer.models.loading import load_pipeline
     from trainer.training.engine import train_concept
 
@@ -125,8 +126,7 @@ def _train(args, photos_dir: Path, token: str, class_name: str, out_dir: Path, c
     print(f"loading {args.model} …", flush=True)
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     print(f"on {pipe.device} in {pipe.unet.dtype}", flush=True)
-    for warning in token_warnings(token, pipe.tokenizer):
-        print(f"warning: {warning}")
+    check_token(token, pipe.tokenizer)  # a hub model's tokenizer is only at hand now
     bar = ProgressBar(sys.stderr)
     try:
         while True:

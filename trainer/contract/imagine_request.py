@@ -90,7 +90,6 @@ class ImagineRequest:
     count: int = DEFAULT_COUNT
     scheduler: str = SCHEDULERS[0]
     concepts: tuple[ConceptSpec, ...] = ()
-    forbidden_tokens: tuple[str, ...] = ()
     upload_limit: int | None = None     # bytes; a PNG above it gets a re-encoded copy under it
     safety: bool = False
     blocked_words: tuple[str, ...] = ()
@@ -102,7 +101,7 @@ class ImagineRequest:
 
     def __post_init__(self):
         if self.parsed is None:
-            object.__setattr__(self, "parsed", parse_prompt(self.prompt, self.concepts, self.forbidden_tokens))
+            object.__setattr__(self, "parsed", parse_prompt(self.prompt, self.concepts))
 
     @classmethod
     def from_params(cls, params: dict) -> "ImagineRequest":
@@ -128,7 +127,6 @@ class ImagineRequest:
             count=_int_option(params, "count", "The number of images", *COUNT_RANGE, DEFAULT_COUNT),
             scheduler=scheduler,
             concepts=tuple(ConceptSpec.from_dict(c) for c in params.get("concepts") or ()),
-            forbidden_tokens=tuple(str(t) for t in params.get("forbidden_tokens") or ()),
             upload_limit=int(upload_limit) if upload_limit else None,
             safety=bool(params.get("safety", False)),
             blocked_words=tuple(str(w) for w in params.get("blocked_words") or ()),

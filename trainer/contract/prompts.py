@@ -8,8 +8,9 @@ Rules:
   ("squidarth man") unless the prompt already says it.
 - A1111's `<lora:name>` / `<lora:name:0.8>` is accepted too: `name` is the concept's token; the tag activates the
   LoRA at that weight and is removed from the text (as in A1111, the tag alone does not add the token to the text).
-- A token the member may not use (another member's private concept) and a `<lora:...>` naming nothing the member can
-  use are errors that name them; nothing is silently ignored.
+- Only the concepts passed in exist for this prompt. Any other word is plain text, another member's private token
+  included (so it can neither block a prompt nor reveal that it exists); a `<lora:...>` naming nothing the member
+  can use is an error that names it, the same one for a typo and for a concept that isn't theirs.
 """
 from __future__ import annotations
 
@@ -88,19 +89,14 @@ def _names(items: Iterable[str]) -> str:
     return ", ".join(dict.fromkeys(items))
 
 
-def parse_prompt(prompt: str, concepts: Sequence[ConceptSpec] = (), forbidden_tokens: Iterable[str] = ()) -> ParsedPrompt:
-    """Resolve concept tokens and <lora:...> tags in `prompt`. Raises UserError naming any token that can't be used."""
+def parse_prompt(prompt: str, concepts: Sequence[ConceptSpec] = ()) -> ParsedPrompt:
+    """Resolve concept tokens and <lora:...> tags in `prompt`. Raises UserError naming a tag that names no concept."""
     prompt = (prompt or "").replace("\r", "")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise UserError(f"Your prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}.")
     by_token: dict[str, ConceptSpec] = {}
     for concept in concepts:
         by_token.setdefault(concept.token.lower(), concept)
-    forbidden = {t.strip().lower(): t.strip() for t in forbidden_tokens if t and t.strip()}
-    for token in by_token:
-        forbidden.pop(token, None)  # the bot's list of usable concepts wins over a stale forbidden list
-
-    not_allowed: list[str] = []
     unknown: list[str] = []
     tag_weights: dict[str, float] = {}
 
@@ -111,9 +107,7 @@ def parse_prompt(prompt: str, concepts: Sequence[ConceptSpec] = (), forbidden_to
         name = args[0].strip()
         if len(args) > 2:
             raise UserError(f"Write <lora:{name}:weight> with a single weight (got <lora:{match.group(2)}>).")
-        if name.lower() in forbidden:
-            not_allowed.append(forbidden[name.lower()])
-        elif name.lower() not in by_token:
+        if name.lower() not in by_token:
             unknown.append(name or "(empty)")
         else:
             weight = check_weight(args[1].strip(), name) if len(args) == 2 and args[1].strip() else 1.0
@@ -121,14 +115,6 @@ def parse_prompt(prompt: str, concepts: Sequence[ConceptSpec] = (), forbidden_to
         return " "
 
     text = _TAG.sub(take_tag, prompt)
-    for key, original in forbidden.items():
-        if _token_pattern(key).search(text):
-            not_allowed.append(original)
-    if not_allowed:
-        names = _names(not_allowed)
-        raise UserError(f"You can't use {names}: that belongs to another member and isn't shared with you."
-                        if len(set(not_allowed)) == 1 else
-                        f"You can't use {names}: those belong to other members and aren't shared with you.")
     if unknown:
         usable = _names(sorted(c.token for c in by_token.values()))
         hint = f" Concepts you can use: {usable}." if usable else " You have no trained concepts to use yet."

@@ -28,11 +28,11 @@ from trainer.contract.files import write_atomic, write_text_atomic
 from trainer.intake.zips import EntryRefused
 from trainer.intake.faces import CAT, HUMAN, crop_box_around, find_faces, grey_for_analysis
 from trainer.intake.zips import looks_like_zip, mb, unpack_zip
-from trainer.contract.naming import check_token, class_kind, instance_prompt, normalise_class, token_warnings
+from trainer.contract.naming import class_kind, instance_prompt, normalise_class
 
 __all__ = [
     "IntakeLimits", "IntakeReport", "PreparedPhoto", "intake_photos", "crop_box_around",
-    "check_token", "token_warnings", "normalise_class", "class_kind", "instance_prompt",
+    "normalise_class", "class_kind", "instance_prompt",
 ]
 
 ACCEPTED_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WebP"}
