@@ -151,7 +151,7 @@ def render(attrs: dict[str, torch.Tensor], generator: torch.Generator, size: int
     r = 13 + jitter(1.0)
     cls = attrs["class"]
     man, woman, dog, cat = (cls == index_of("class", c) for c in ATTRIBUTES["class"])
-    person, animal = man | woman, dog | cat
+    person = man | woman
     hair = tint(_rgb(HAIR_RGB, "hair", attrs["hair"]))
     eyes = _rgb(EYES_RGB, "eyes", attrs["eyes"])
     ones = torch.ones(count, 3, device=device)

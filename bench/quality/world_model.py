@@ -12,7 +12,6 @@ is meant to keep the built copy (bench/quality/assets/world-model; not built yet
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random

@@ -66,7 +66,6 @@ async def submit_training(services: Services, *, guild_id: int, member_id: int, 
 
 async def _take_in_and_queue(services: Services, work_dir: Path, *, guild_id, member_id, channel_id, role_ids,
                              token, class_name, style, files, limits, recipe):
-    settings = services.settings
     report = await take_in_photos(list(files), work_dir, limits=limits, class_name=class_name, style=style)
     if not report.ok:
         raise UserError(report.summary())
