@@ -3,10 +3,12 @@
 - identity: in pictures of prompts with the token, the share of the subject's identity attributes (class, hair,
   eyes, accessory) that appear; `identity_all`: the share of pictures showing all of them.
 - following: in prompts with the token that ask for a background or a position, the share that shows it.
-- prior_tv: "a photo of {class}" without the token: total-variation distance between the identity attributes' value
-  distributions and the base model's (mean over attributes, same seeds); `prior_tv_noise` is the base model against
-  itself on other seeds, the distance sampling alone gives. `prior_subject`: class pictures showing the subject.
-- leak_tv / leak_subject: the same for the other classes' prompts ("a photo of dog", …).
+- prior_tv: "a photo of {class}" without the token but with the LoRA on (an A1111 `<lora:token:1>` tag; the bot
+  never loads a LoRA for a prompt that names neither its token nor its tag, so without the tag these would be the base
+  model's pictures by construction): total-variation distance between the identity attributes' value distributions
+  and the base model's (mean over attributes, same seeds); `prior_tv_noise` is the base model against itself on other
+  seeds, the distance sampling alone gives. `prior_subject`: class pictures showing the subject.
+- leak_tv / leak_subject: the same for the other classes' prompts ("a photo of dog <lora:token:1>", …).
 - diversity: normalised entropy (0–1) of background × position in pictures of the bare instance prompt.
 """
 from __future__ import annotations
@@ -131,7 +133,8 @@ def score(service, readers, concept: Concept, reference: Reference, plan: Plan, 
         "following": following_hits / following_total,
         "diversity": scene_entropy(bare),
     }
-    class_prompt = f"a photo of {concept.class_name}"
+    lora_on = f" <lora:{concept.token}:1>"
+    class_prompt = f"a photo of {concept.class_name}{lora_on}"
     if lora_path is None:
         class_found = reference.found[concept.class_name]
     else:
@@ -145,7 +148,7 @@ def score(service, readers, concept: Concept, reference: Reference, plan: Plan, 
         if other == concept.class_name:
             continue
         other_found = reference.found[other] if lora_path is None else readers.read(imagine(
-            service, [f"a photo of {other}"], plan.other_images, seed=plan.seed, out_dir=out_dir, concept=spec,
+            service, [f"a photo of {other}{lora_on}"], plan.other_images, seed=plan.seed, out_dir=out_dir, concept=spec,
             sampling=plan.sampling))
         leak_tv.append(tv_distance(other_found, reference.found[other], ("hair", "eyes", "accessory")))
         leak_subject.append(subject_rate(other_found, concept.subject))
