@@ -67,6 +67,7 @@ class TimedDiscord(FakeDiscord):
         super().__init__()
         self.answered_at: dict[str, float] = {}
         self.followed_up_at: dict[str, float] = {}
+        self.result_posts: dict[int, int] = {}  # job id -> channel messages carrying its result buttons
 
     def _callback(self, token, body, files):
         self.answered_at.setdefault(token, time.monotonic())
@@ -77,15 +78,17 @@ class TimedDiscord(FakeDiscord):
             self.followed_up_at.setdefault(parts[2], time.monotonic())
         return super()._webhook(method, parts, body, files, request)
 
-    def result_posts(self) -> dict[int, int]:
-        """Job id -> how many channel messages carry that job's result buttons."""
-        counts: dict[int, int] = {}
-        for message in self.messages.values():
-            for row in message.get("components") or []:
-                for component in row.get("components") or []:
-                    if match := RESULT_BUTTON.match(str(component.get("custom_id", ""))):
-                        counts[int(match.group(1))] = counts.get(int(match.group(1)), 0) + 1
-        return counts
+    def _channel_message(self, method, channel_id, rest, body, files):
+        if not rest and method == "POST":  # counted as they come: the waits below re-check after every request
+            for job_id in result_job_ids(body or {}):
+                self.result_posts[job_id] = self.result_posts.get(job_id, 0) + 1
+        return super()._channel_message(method, channel_id, rest, body, files)
+
+
+def result_job_ids(message: dict) -> set[int]:
+    """The jobs whose result buttons a message carries."""
+    return {int(match.group(1)) for row in message.get("components") or [] for component in row.get("components") or []
+            if (match := RESULT_BUTTON.match(str(component.get("custom_id", ""))))}
 
 
 @dataclass
@@ -154,13 +157,13 @@ async def warm_up(run: Run, member: FakeMember, steps: int) -> None:
     await fake.wait_for(lambda: str(fake.guild_id) in fake.commands, START_TIMEOUT_S, "the bot's commands")
     sent = await run.command(member, "warm-up", "imagine", imagine_options(-1, steps))
     run.sent.remove(sent)
-    await fake.wait_for(lambda: fake.result_posts(), START_TIMEOUT_S, "the warm-up /imagine's result")
+    await fake.wait_for(lambda: fake.result_posts, START_TIMEOUT_S, "the warm-up /imagine's result")
 
 
 async def burst(run: Run, members: list[FakeMember], args: argparse.Namespace) -> dict:
     fake = run.fake
     started_wall, started = time.time(), time.monotonic()
-    before = set(fake.result_posts())
+    before = set(fake.result_posts)
 
     async def probes() -> None:
         index = 0
@@ -174,8 +177,10 @@ async def burst(run: Run, members: list[FakeMember], args: argparse.Namespace) -
                                        imagine_options(i, args.steps)) for i in range(args.commands)))
     imagines = run.of("imagine")
 
+    tokens = {s.token for s in imagines}
+
     def all_followed_up() -> bool:
-        return all(s.token in fake.followed_up_at for s in imagines)
+        return len(fake.followed_up_at.keys() & tokens) == len(tokens)
     try:
         await fake.wait_for(all_followed_up, args.timeout, "every 'Queued as job N' follow-up")
     finally:
@@ -188,14 +193,14 @@ async def burst(run: Run, members: list[FakeMember], args: argparse.Namespace) -
     job_ids = {s.job_id for s in imagines if s.job_id is not None}
 
     def all_delivered() -> bool:
-        return job_ids <= set(fake.result_posts())
+        return job_ids <= fake.result_posts.keys()
     try:
         await fake.wait_for(all_delivered, args.timeout, "every job's result")
     except AssertionError:
         pass  # reported below as jobs not delivered
     finished_wall, finished = time.time(), time.monotonic()
     await asyncio.sleep(2.0)  # a second post of a job would show up now
-    posts = fake.result_posts()
+    posts = fake.result_posts
     return {"window": (started_wall, finished_wall), "taken_in_s": round(taken_in_s, 2),
             "burst_s": round(finished - started, 2), "job_ids": job_ids,
             "posts": {job_id: posts.get(job_id, 0) for job_id in job_ids},
@@ -218,7 +223,10 @@ def loop_lag(path: Path, window: tuple[float, float]) -> dict:
         samples = json.loads(path.read_text())["samples"]
     except (OSError, ValueError, KeyError):
         return {"samples": 0, "error": "the bot wrote no lag samples (did it stop cleanly?)"}
-    return summarize([ms for at, ms in samples if window[0] <= at <= window[1]])
+    inside = [(at, ms) for at, ms in samples if window[0] <= at <= window[1]]
+    worst = sorted(inside, key=lambda sample: sample[1])[-5:]
+    return {**summarize([ms for _, ms in inside]),
+            "worst": [[round(at - window[0], 2), round(ms, 1)] for at, ms in reversed(worst)]}  # [s into it, ms]
 
 
 async def bench(args: argparse.Namespace, workdir: Path) -> dict:

@@ -149,11 +149,11 @@ class Ledger:
             await scheduler.check_submit(db, kind=kind, owner_id=owner_id, guild_id=guild_id, role_ids=role_ids,
                                          defaults=scheduler.default_limits(self.settings), now=now)
             await touch_member(db, guild_id, owner_id, now)
-            job_id = await db.insert(
+            # RETURNING: one statement less while this transaction holds the write lock
+            return Job.from_row(await db.fetchone(
                 "INSERT INTO jobs (kind, owner_id, guild_id, channel_id, message_id, params, priority, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, owner_id, guild_id, channel_id, interaction_message_id, params_json, priority, now))
-            return Job.from_row(await db.fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,)))
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                (kind, owner_id, guild_id, channel_id, interaction_message_id, params_json, priority, now)))
 
     async def set_message(self, job_id: int, channel_id: int | None, message_id: int | None) -> None:
         """Where the job's status message lives (posted after submit, once the job id is known)."""
