@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from bench.loop_probe import LagProbe, summarize
 from bot.jobs.ledger import Ledger
 from bot.settings import Settings
 from bot.store.database import Store
@@ -44,41 +44,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--interval-ms", type=float, default=5.0, help="probe sleep (default 5 ms)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser.parse_args(argv)
-
-
-class LagProbe:
-    """Sleeps `interval` again and again and records how much later than asked it woke up."""
-
-    def __init__(self, interval_s: float):
-        self.interval_s = interval_s
-        self.samples_ms: list[float] = []
-        self._task: asyncio.Task | None = None
-
-    async def _run(self) -> None:
-        while True:
-            started = time.perf_counter()
-            await asyncio.sleep(self.interval_s)
-            self.samples_ms.append((time.perf_counter() - started - self.interval_s) * 1000)
-
-    def start(self) -> None:
-        self.samples_ms = []
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> list[float]:
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
-        return self.samples_ms
-
-
-def summarize(samples_ms: list[float]) -> dict:
-    if len(samples_ms) < 2:
-        return {"samples": len(samples_ms)}
-    cuts = statistics.quantiles(samples_ms, n=100, method="inclusive")
-    return {"samples": len(samples_ms), "p50_ms": round(cuts[49], 2), "p99_ms": round(cuts[98], 2),
-            "max_ms": round(max(samples_ms), 2)}
 
 
 def prepare_model(model: str | None, workdir: Path) -> str:

@@ -5,8 +5,9 @@ where every cog finds it; the delivery cog attaches its notifier with `services.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from bot.services.admin import AdminService
@@ -52,6 +53,7 @@ class Services:
     notifier: Notifier | None = None
     backup_schedule: BackupSchedule | None = None
     retention: PhotoRetention | None = None  # the photo retention sweep, started by start_services
+    _announcing: set[asyncio.Task] = field(default_factory=set, repr=False)
 
     def set_notifier(self, notifier: Notifier | None) -> None:
         """Attach the announcer of progress and finished jobs; jobs that finished without one are announced now."""
@@ -60,10 +62,21 @@ class Services:
 
     async def job_submitted(self, job: Job) -> None:
         """A job was queued: the dispatcher looks at the queue now rather than at its next poll, and the notifier
-        shows the job (so a new command that queues jobs has nothing to announce itself)."""
+        shows the job (so a new command that queues jobs has nothing to announce itself). The announcement runs on
+        its own: the member's answer never waits for a channel post (Discord takes only a few per second and
+        channel), and neither does the next submission."""
         self.dispatcher.wake()
         if isinstance(self.notifier, QueuedJobNotifier):
-            await self.notifier.job_queued(job)
+            task = asyncio.create_task(self._announce_queued(self.notifier, job), name=f"announce-job-{job.id}")
+            self._announcing.add(task)
+            task.add_done_callback(self._announcing.discard)
+
+    @staticmethod
+    async def _announce_queued(notifier: QueuedJobNotifier, job: Job) -> None:
+        try:
+            await notifier.job_queued(job)
+        except Exception:  # noqa: BLE001 - cosmetic: the job is queued whatever happens to its status message
+            log.exception("job %s: could not post its status message", job.id)
 
     async def job_cancelled(self, job_id: int) -> None:
         """Announce a job cancelled before it ran, through the delivery outbox like every outcome; the dispatcher
@@ -80,6 +93,9 @@ class Services:
 
     async def stop(self) -> None:
         """Let the running job or slice end (a short grace), stop the worker, close the database."""
+        for task in list(self._announcing):
+            task.cancel()
+        await asyncio.gather(*self._announcing, return_exceptions=True)
         try:
             if self.backup_schedule is not None:
                 await self.backup_schedule.stop()

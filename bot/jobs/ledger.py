@@ -22,7 +22,8 @@ from bot.jobs.kinds import all_kinds, kind_of
 from bot.errors import NotFound, PermissionDenied
 from bot.jobs.scheduler import QueueEntry
 from bot.settings import Settings
-from bot.store.database import Store
+from bot.jobs.queue_cache import QueueCache, QueuePlan
+from bot.store.database import Reader, Store
 from trainer.contract.protocol import JobKind
 
 QUEUED, RUNNING = "queued", "running"
@@ -90,6 +91,10 @@ class Ledger:
         self.store = store
         self.clock = clock
         self.settings = settings or Settings()
+        self.queue = QueueCache(store, self._work_out_queue, self._now)
+
+    def _now(self) -> float:
+        return self.clock()
 
     @property
     def window_s(self) -> float:
@@ -98,7 +103,8 @@ class Ledger:
     # --- reading ----------------------------------------------------------------------------------------------------
 
     async def get(self, job_id: int) -> Job | None:
-        row = await self.store.fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        async with self.store.read() as db:
+            row = await db.fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return None if row is None else Job.from_row(row)
 
     async def _require(self, job_id: int) -> Job:
@@ -121,13 +127,15 @@ class Ledger:
             statuses = list(statuses)
             where.append(f"status IN ({','.join('?' * len(statuses))})")
             params.extend(statuses)
-        rows = await self.store.fetchall(
-            f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?", (*params, limit))
+        async with self.store.read() as db:
+            rows = await db.fetchall(
+                f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?", (*params, limit))
         return [Job.from_row(row) for row in rows]
 
-    async def _jobs_with_status(self, status: str, kinds: Sequence[str] | None = None) -> list[Job]:
+    async def _jobs_with_status(self, status: str, kinds: Sequence[str] | None = None, *,
+                                db: Reader | Store | None = None) -> list[Job]:
         kinds = all_kinds() if kinds is None else tuple(kinds)
-        rows = await self.store.fetchall(
+        rows = await (db or self.store).fetchall(
             f"SELECT * FROM jobs WHERE status = ? AND kind IN ({','.join('?' * len(kinds))})", (status, *kinds))
         return [Job.from_row(row) for row in rows]
 
@@ -135,8 +143,9 @@ class Ledger:
 
     async def check_submit(self, kind: str, owner_id: int, guild_id: int, *, role_ids: Iterable[int] = ()) -> None:
         """Raise BannedError / LimitError now, before the member uploads photos; `submit` checks again."""
-        await scheduler.check_submit(self.store, kind=kind, owner_id=owner_id, guild_id=guild_id, role_ids=role_ids,
-                                     defaults=scheduler.default_limits(self.settings), now=self.clock())
+        async with self.store.read() as db:
+            await scheduler.check_submit(db, kind=kind, owner_id=owner_id, guild_id=guild_id, role_ids=role_ids,
+                                         defaults=scheduler.default_limits(self.settings), now=self.clock())
 
     async def submit(self, kind: str, owner_id: int, guild_id: int, channel_id: int | None, params: dict, *,
                      priority: int = 0, interaction_message_id: int | None = None,
@@ -149,11 +158,11 @@ class Ledger:
             await scheduler.check_submit(db, kind=kind, owner_id=owner_id, guild_id=guild_id, role_ids=role_ids,
                                          defaults=scheduler.default_limits(self.settings), now=now)
             await touch_member(db, guild_id, owner_id, now)
-            job_id = await db.insert(
+            # RETURNING: one statement less while this transaction holds the write lock
+            return Job.from_row(await db.fetchone(
                 "INSERT INTO jobs (kind, owner_id, guild_id, channel_id, message_id, params, priority, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, owner_id, guild_id, channel_id, interaction_message_id, params_json, priority, now))
-            return Job.from_row(await db.fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,)))
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                (kind, owner_id, guild_id, channel_id, interaction_message_id, params_json, priority, now)))
 
     async def set_message(self, job_id: int, channel_id: int | None, message_id: int | None) -> None:
         """Where the job's status message lives (posted after submit, once the job id is known)."""
@@ -218,7 +227,8 @@ class Ledger:
             (step, total, eta_s, self.clock(), preview, job_id)) == 1
 
     async def cancel_requested(self, job_id: int) -> bool:
-        return bool(await self.store.fetchval("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)))
+        async with self.store.read() as db:
+            return bool(await db.fetchval("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)))
 
     # --- endings (gpu_seconds: this run's seconds, added to what earlier slices recorded) ----------------------------
 
@@ -346,18 +356,22 @@ class Ledger:
 
     async def queue_view(self, guild_id: int | None = None) -> list[QueueEntry]:
         """Running jobs, then queued jobs in the order they should run, with 1-based positions and ETAs (seconds
-        from now). Positions count the whole bot's queue (one GPU serves every server); `guild_id` filters."""
-        async with self.store.immediate() as db:  # one consistent snapshot
-            now = self.clock()
-            running = await self._jobs_with_status(RUNNING)
-            queued = await self._jobs_with_status(QUEUED)
-            used = await scheduler.usage_by_owner(db, now, self.window_s)
-            estimates = await scheduler.estimated_durations(db)
-        entries = scheduler.plan(running, queued, used, estimates, now)
+        from now). Positions count the whole bot's queue (one GPU serves every server); `guild_id` filters.
+        Worked out once per change of the database and shared (bot/jobs/queue_cache.py)."""
+        entries = (await self.queue.plan()).entries_at(self.clock())
         return [e for e in entries if guild_id is None or e.job.guild_id == guild_id]
 
+    async def _work_out_queue(self, db: Reader | Store) -> QueuePlan:
+        """The plan from one consistent snapshot, read without the write lock."""
+        now = self.clock()
+        running = await self._jobs_with_status(RUNNING, db=db)
+        queued = await self._jobs_with_status(QUEUED, db=db)
+        used = await scheduler.usage_by_owner(db, now, self.window_s)
+        estimates = await scheduler.estimated_durations(db)
+        return QueuePlan(scheduler.plan(running, queued, used, estimates, now), now)
+
     async def _entry(self, job_id: int) -> QueueEntry | None:
-        return next((e for e in await self.queue_view() if e.job.id == job_id), None)
+        return (await self.queue.plan()).entry_at(job_id, self.clock())
 
     async def position(self, job_id: int) -> int | None:
         """1-based place in the fair order; None unless queued."""

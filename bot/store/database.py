@@ -5,10 +5,13 @@ Store are serialised by a lock, so a transaction opened with `immediate()` never
 slip in. Several Stores (or processes) on the same file coordinate through SQLite's own locking: `BEGIN IMMEDIATE`
 takes the write lock up front, and the busy timeout makes a second writer wait instead of failing. Opening only
 reads unless something must change (bot/store/backups.py copies the file before a migration does).
+Reads that need one consistent view of several tables use `read()`: a read transaction on a second, read-only
+connection, which in WAL mode neither takes nor waits for the write lock (and does not queue behind writers).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import re
@@ -34,10 +37,13 @@ LOCK_WAIT_S = 120.0
 FIRST_TRY_S = 1.0  # of which this long before the wait is worth a log line
 LOCK_LOG_EVERY_S = 15.0
 T = TypeVar("T")
+READER_BUSY_TIMEOUT_S = 30.0  # a WAL reader waits only in rare cases (e.g. another process recovering the WAL)
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 # The Store whose transaction the current task is inside; its statements then skip the lock they already hold.
 _transaction_owner: contextvars.ContextVar[Store | None] = contextvars.ContextVar("boothbot_tx", default=None)
+# The read transaction (see Store.read) the current task is inside; a nested read() joins it.
+_open_read: contextvars.ContextVar[Reader | None] = contextvars.ContextVar("boothbot_read", default=None)
 
 
 class MigrationError(RuntimeError):
@@ -167,6 +173,53 @@ class _LockWait:
         self._logged_at = waited
 
 
+async def _to_the_end(statement: Awaitable[Any]) -> Any:
+    """Await a statement to its end even if the awaiting task is cancelled meanwhile (the cancel is raised after).
+
+    aiosqlite runs a statement it was handed whatever happens to the task that awaits it, so after a cancelled
+    `BEGIN` the connection may be inside a transaction nobody ends, and every later `BEGIN` fails; waiting for the
+    statement lets the caller know the connection's state and end the transaction.
+    """
+    task = asyncio.ensure_future(statement)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await task
+        raise
+
+
+async def _end_transaction(conn: aiosqlite.Connection, how: str) -> None:
+    """COMMIT or ROLLBACK the connection's open transaction, if it has one (and only then)."""
+    if conn.in_transaction:
+        await _to_the_end(conn.execute(how))
+
+
+class Reader:
+    """Statements of one read transaction on a Store's read-only connection (what `Store.read()` yields)."""
+
+    def __init__(self, store: Store, conn: aiosqlite.Connection):
+        self.store = store
+        self.conn = conn
+
+    async def fetchone(self, sql: str, params: Sequence[Any] | dict = ()) -> sqlite3.Row | None:
+        async with self.conn.execute(sql, params) as cursor:
+            return await cursor.fetchone()
+
+    async def fetchall(self, sql: str, params: Sequence[Any] | dict = ()) -> list[sqlite3.Row]:
+        async with self.conn.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
+
+    async def fetchval(self, sql: str, params: Sequence[Any] | dict = ()) -> Any:
+        row = await self.fetchone(sql, params)
+        return None if row is None else row[0]
+
+    async def data_version(self) -> int:
+        """Changes whenever any other connection (this Store's writer included) has committed since the last call:
+        a change counter for the whole database, for caches of what was read."""
+        return await self.fetchval("PRAGMA data_version")
+
+
 class Store:
     """One connection to the bot's database. Create with `await Store.open(path)`; `await close()` when done."""
 
@@ -174,6 +227,8 @@ class Store:
         self._conn = conn
         self.path = path
         self._lock = asyncio.Lock()
+        self._reader: Reader | None = None  # opened by the first read()
+        self._reader_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: str | Path, *, busy_timeout_s: float = 30.0, lock_wait_s: float = LOCK_WAIT_S,
@@ -240,6 +295,7 @@ class Store:
             raise SetupError(damaged_message(self.path, problems[0] + more, backups))
 
     async def close(self) -> None:
+        await self._close_reader()
         await self._conn.close()
 
 
@@ -307,17 +363,68 @@ class Store:
             yield self
             return
         async with self._turn():
-            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                await _to_the_end(self._conn.execute("BEGIN IMMEDIATE"))
+            except BaseException:  # cancelled while waiting for the lock: the BEGIN may have happened meanwhile
+                await _end_transaction(self._conn, "ROLLBACK")
+                raise
             token = _transaction_owner.set(self)
             try:
                 yield self
-                await self._conn.execute("COMMIT")
+                await _to_the_end(self._conn.execute("COMMIT"))
             except BaseException:
-                if self._conn.in_transaction:
-                    await self._conn.execute("ROLLBACK")
+                await _end_transaction(self._conn, "ROLLBACK")
                 raise
             finally:
                 _transaction_owner.reset(token)
+
+    # --- read transactions (a second, read-only connection) -------------------------------------------------------
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[Store | Reader]:
+        """A read transaction: the block's statements all see the same committed state, and in WAL mode they neither
+        take nor wait for the write lock, so a queue view never stalls behind (or stalls) a submission or a claim.
+
+        Yields a `Reader` (fetchone, fetchall, fetchval, data_version). Inside this task's own `immediate()` it
+        joins that transaction instead (yields the Store, so the block sees its uncommitted writes); a nested
+        `read()` joins the open one. Do not start tasks inside the block.
+        """
+        if _transaction_owner.get() is self:
+            yield self
+            return
+        current = _open_read.get()
+        if current is not None and current.store is self:
+            yield current
+            return
+        async with self._reader_lock:
+            reader = self._reader or await self._open_reader()
+            try:
+                await _to_the_end(reader.conn.execute("BEGIN"))
+                token = _open_read.set(reader)
+                try:
+                    yield reader
+                finally:
+                    _open_read.reset(token)
+            finally:
+                await _end_transaction(reader.conn, "COMMIT")  # nothing was written: this only ends the snapshot
+
+    async def _open_reader(self) -> Reader:
+        conn = await aiosqlite.connect(str(self.path), isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            await conn.execute("PRAGMA query_only = ON")
+            await conn.execute(f"PRAGMA busy_timeout = {int(READER_BUSY_TIMEOUT_S * 1000)}")
+        except BaseException:
+            await conn.close()
+            raise
+        self._reader = Reader(self, conn)
+        return self._reader
+
+    async def _close_reader(self) -> None:
+        async with self._reader_lock:
+            if self._reader is not None:
+                await self._reader.conn.close()
+                self._reader = None
 
     # --- migrations ---------------------------------------------------------------------------------------------
 
