@@ -47,13 +47,14 @@ async def test_a_backup_is_a_checked_database_with_the_same_rows_written_while_t
 async def test_a_migration_is_preceded_by_a_backup_of_the_database_it_starts_from(db, tmp_path):
     migrations = tmp_path / "migrations"
     migrations.mkdir()
-    shutil.copy(MIGRATIONS_DIR / "0001_initial.sql", migrations)
-    (migrations / "0002_notes.sql").write_text("CREATE TABLE notes (id INTEGER PRIMARY KEY);\n")
+    for real in MIGRATIONS_DIR.glob("*.sql"):
+        shutil.copy(real, migrations)
+    (migrations / "0999_notes.sql").write_text("CREATE TABLE notes (id INTEGER PRIMARY KEY);\n")
     before = rows(db)
     async with await Store.open(db, migrations_dir=migrations) as store:
-        assert (await store.applied_migrations())[-1] == (2, "0002_notes")
+        assert (await store.applied_migrations())[-1] == (999, "0999_notes")
     (backup,) = Backups(db).all()
-    assert backup.reason == "before-0002"
+    assert backup.reason == "before-0999"
     assert rows(backup.path) == before
     assert rows(backup.path, "SELECT name FROM sqlite_master WHERE name = 'notes'") == []
     async with await Store.open(db, migrations_dir=migrations):  # nothing pending: no new backup
@@ -92,7 +93,7 @@ async def test_the_schedule_backs_up_at_start_then_daily_keeping_the_newest(db, 
 
 async def test_the_schedule_waits_out_a_recent_backup_at_start(db, clock):
     backups = Backups(db, clock=clock)
-    backups.write_now("before-0002")
+    backups.write_now("before-0999")
     clock.advance(2 * 3600)
     slept = []
 

@@ -21,12 +21,13 @@ def db(tmp_path):
 
 
 @pytest.fixture
-def with_migration_0002(tmp_path):
+def with_a_new_migration(tmp_path):
     """The real migrations plus one more, as after an upgrade of the bot."""
     directory = tmp_path / "migrations"
     directory.mkdir()
-    shutil.copy(MIGRATIONS_DIR / "0001_initial.sql", directory)
-    (directory / "0002_notes.sql").write_text("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT NOT NULL);\n")
+    for real in MIGRATIONS_DIR.glob("*.sql"):
+        shutil.copy(real, directory)
+    (directory / "0999_notes.sql").write_text("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT NOT NULL);\n")
     return directory
 
 
@@ -39,12 +40,12 @@ async def test_start_with_nothing_to_migrate_takes_no_write_lock(db):
             assert await store.fetchval("PRAGMA journal_mode") == "wal"
 
 
-async def test_a_pending_migration_waits_for_the_lock_says_so_and_then_applies(db, with_migration_0002, caplog):
+async def test_a_pending_migration_waits_for_the_lock_says_so_and_then_applies(db, with_a_new_migration, caplog):
     await (await Store.open(db)).close()
     add_jobs(db, 3)
     caplog.set_level(logging.WARNING, logger="boothbot.store")
     async with write_lock_held_by_another_process(db) as holder:
-        opening = asyncio.create_task(Store.open(db, migrations_dir=with_migration_0002, lock_wait_s=120))
+        opening = asyncio.create_task(Store.open(db, migrations_dir=with_a_new_migration, lock_wait_s=120))
         for _ in range(600):  # the log line comes after the first second of waiting
             if "is locked by another process" in caplog.text or opening.done():
                 break
@@ -53,19 +54,19 @@ async def test_a_pending_migration_waits_for_the_lock_says_so_and_then_applies(d
         (line,) = [r.getMessage() for r in caplog.records if "is locked by another process" in r.getMessage()]
         assert str(db.resolve()) in line
         assert "another boothbot with the same BOOTHBOT_DATA_DIR, or a database tool" in line
-        assert "waiting up to 2 min for it to apply 0002_notes.sql" in line
+        assert "waiting up to 2 min for it to apply 0999_notes.sql" in line
         await holder.release()
         store = await asyncio.wait_for(opening, timeout=60)
     async with store:
-        assert (await store.applied_migrations())[-1] == (2, "0002_notes")
+        assert (await store.applied_migrations())[-1] == (999, "0999_notes")
         assert await store.fetchval("SELECT COUNT(*) FROM notes") == 0
 
 
-async def test_a_lock_held_past_the_wait_gives_up_with_the_setup_error(db, with_migration_0002):
+async def test_a_lock_held_past_the_wait_gives_up_with_the_setup_error(db, with_a_new_migration):
     await (await Store.open(db)).close()
     async with write_lock_held_by_another_process(db):
         with pytest.raises(SetupError, match="is in use by another process \\(still locked after 2 s\\)"):
-            await Store.open(db, migrations_dir=with_migration_0002, lock_wait_s=2)
+            await Store.open(db, migrations_dir=with_a_new_migration, lock_wait_s=2)
 
 
 async def test_a_damaged_database_is_refused_naming_the_file_and_the_newest_backup(db, clock):
