@@ -13,7 +13,7 @@ from discord import app_commands
 from bot.client import BoothBot
 from bot.errors import UserError
 from bot.services.photo_intake import intake_workspace
-from bot.services.submissions import MAX_ZIP_MB, submit_training
+from bot.services.submissions import MAX_ZIP_MB, check_training, submit_training
 from cogs import _render
 from cogs._base import BoothCog
 from trainer.contract.naming import CLASS_MAX_LENGTH, TOKEN_LENGTH
@@ -101,8 +101,9 @@ class Train(BoothCog):
         if any(a.filename.lower().endswith(".zip") for a in attachments if a is not zip):
             raise UserError("Put a .zip in the `zip` option; photo1…photo10 take single photos.")
         role_ids = [r.id for r in getattr(interaction.user, "roles", ())]
-        # Bans and limits first, so a member who may not train costs no downloads or unpacking.
-        await services.ledger.check_submit("train", interaction.user.id, interaction.guild_id, role_ids=role_ids)
+        # Bans, limits, token and class first, so a request that cannot be queued costs no downloads or unpacking.
+        await check_training(services, guild_id=interaction.guild_id, member_id=interaction.user.id, role_ids=role_ids,
+                             token=token, class_name=class_name, style=style, options={"steps": steps})
         async with intake_workspace(services.settings.data_dir) as uploads:
             files = await download(attachments, uploads, max_photo_mb=services.settings.max_photo_mb,
                                    http=getattr(interaction.client, "http", None))

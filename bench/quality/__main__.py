@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, helptext in (("check", "readers' accuracy and the world model's prompt following"),
                            ("score", "train a concept per recipe with the bot's engine and score it")):
         c = commands.add_parser(name, help=helptext)
-        c.add_argument("--model", default=str(ASSET_DIR), help="the world model folder (default: %(default)s, where the built one is to be committed)")
+        c.add_argument("--model", default=str(ASSET_DIR), help="the world model folder (default: the committed one, %(default)s)")
         c.add_argument("--quick", action="store_true", help="fewer, shorter generations (the CI test's plan)")
         if name == "check":
             c.add_argument("--count", type=int, default=256, help="captions to generate (default: %(default)s)")

@@ -30,6 +30,25 @@ VARIATION_STRENGTH = DEFAULT_STRENGTH
 TRAIN_RECIPE: dict = {}
 
 
+async def check_training(services: Services, *, guild_id: int, member_id: int, role_ids: Iterable[int], token: str,
+                         class_name: str, style: bool, options: Mapping[str, object] | None = None):
+    """Everything about a /train that needs no photos: ban and limits, options, token and class spelling, the token
+    free on this server. The cog calls it before downloading anything; `submit_training` calls it again. Returns the
+    normalised (token, class_name, style, recipe)."""
+    await services.ledger.check_submit("train", member_id, guild_id, role_ids=list(role_ids))
+    recipe = {**checked_params(TRAIN_RECIPE), **checked_params(options or {}, by_member=True)}
+    token = tokens.check_token(token, tokens.model_vocab(services.settings.model))
+    class_name = intake.normalise_class(class_name)
+    style = bool(style) or intake.class_kind(class_name) == "style"
+    existing = await services.concepts.by_token(guild_id, token)
+    if existing is not None and not (existing.owner_id == member_id and existing.status == "failed"):
+        if existing.owner_id == member_id:
+            raise UserError(f"You already have a concept called {existing.token}. Use it, or delete it with "
+                            f"`/concepts delete {existing.token}` to train it again.")
+        raise UserError(f"The token {existing.token} is already taken on this server; pick another made-up word.")
+    return token, class_name, style, recipe
+
+
 async def submit_training(services: Services, *, guild_id: int, member_id: int, channel_id: int | None,
                           role_ids: Iterable[int], token: str, class_name: str, style: bool,
                           files: Sequence[tuple[str, bytes | Path]], options: Mapping[str, object] | None = None):
@@ -44,17 +63,9 @@ async def submit_training(services: Services, *, guild_id: int, member_id: int, 
     """
     settings = services.settings
     role_ids = list(role_ids)
-    await services.ledger.check_submit("train", member_id, guild_id, role_ids=role_ids)
-    recipe = {**checked_params(TRAIN_RECIPE), **checked_params(options or {}, by_member=True)}
-    token = tokens.check_token(token, tokens.model_vocab(settings.model))
-    class_name = intake.normalise_class(class_name)
-    style = bool(style) or intake.class_kind(class_name) == "style"
-    existing = await services.concepts.by_token(guild_id, token)
-    if existing is not None and not (existing.owner_id == member_id and existing.status == "failed"):
-        if existing.owner_id == member_id:
-            raise UserError(f"You already have a concept called {existing.token}. Use it, or delete it with "
-                            f"`/concepts delete {existing.token}` to train it again.")
-        raise UserError(f"The token {existing.token} is already taken on this server; pick another made-up word.")
+    token, class_name, style, recipe = await check_training(services, guild_id=guild_id, member_id=member_id,
+                                                            role_ids=role_ids, token=token,
+                                                            class_name=class_name, style=style, options=options)
 
     limits = intake.IntakeLimits(min_photos=settings.min_photos, max_photos=settings.max_photos,
                                  max_photo_bytes=settings.max_photo_mb * 1024 * 1024)

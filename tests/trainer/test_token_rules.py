@@ -74,6 +74,28 @@ def test_common_tokenizer_words_are_refused_and_rare_ones_kept(clip_model_dir):
     assert check_token("pmoindia") == "pmoindia"  # without a vocabulary only the word rules apply
 
 
+def test_a_hub_model_in_the_hugging_face_cache_gives_its_vocabulary(clip_model_dir, tmp_path, monkeypatch):
+    """The usual setup: BOOTHBOT_MODEL is a hub id the worker downloaded; the bot finds its tokenizer in the cache."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--some-model"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(clip_model_dir / "tokenizer", repo / "snapshots" / ("0" * 40) / "tokenizer")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    model_vocab.cache_clear()
+    try:
+        with pytest.raises(UserError, match="already knows well"):
+            check_token("pmoindia", model_vocab("someone/some-model"))
+        assert model_vocab("someone/not-downloaded") is None
+        assert model_vocab(str(tmp_path / "model.safetensors")) is None
+    finally:
+        model_vocab.cache_clear()
+
+
 def test_a_tokenizer_object_is_read_like_its_vocabulary(clip_model_dir):
     from transformers import CLIPTokenizer
 

@@ -78,13 +78,27 @@ def english_words() -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=4)
 def model_vocab(model: str) -> dict[str, int] | None:
-    """The tokenizer vocabulary of a base model in a local folder; None for a hub name or an unreadable folder."""
+    """The tokenizer vocabulary of the base model: a local folder, or a hub id already in the Hugging Face cache (the
+    worker downloads it at its first start). None when neither has one (a single checkpoint file, a model not
+    downloaded yet); the English word list still applies then."""
     try:
-        return load_vocab(model) if Path(model).is_dir() else None
+        if Path(model).is_dir():
+            return load_vocab(model)
+        return _cached_hub_vocab(model)
     except (OSError, ValueError, KeyError):
         log.warning("could not read the tokenizer vocabulary of %s", model, exc_info=True)
         return None
+
+
+def _cached_hub_vocab(repo_id: str) -> dict[str, int] | None:
+    if Path(repo_id).suffix or repo_id.count("/") != 1:
+        return None  # a file, or not a hub id
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "tokenizer/vocab.json")
+    return load_vocab(Path(found).parent.parent) if isinstance(found, str) else None
 
 
 def _problem(word: str, vocab: Mapping[str, int] | None) -> str | None:
