@@ -361,6 +361,21 @@ class Store:
         async with self._turn():
             return await _to_the_end(asyncio.to_thread(work, self._raw))
 
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[Store]:
+        """This Store's connection to the current task alone for the block, without beginning a transaction: what
+        `run` and the statements in the block do takes no further turn (e.g. to decide what to write only once the
+        turn came). Like `immediate()`, do not start tasks inside the block."""
+        if _transaction_owner.get() is self:
+            yield self
+            return
+        async with self._lock:
+            token = _transaction_owner.set(self)
+            try:
+                yield self
+            finally:
+                _transaction_owner.reset(token)
+
     def in_transaction_here(self) -> bool:
         """Whether the current task is inside this Store's `immediate()`."""
         return _transaction_owner.get() is self

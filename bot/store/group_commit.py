@@ -56,18 +56,21 @@ class GroupCommit(Generic[R, T]):
 
     async def _write_groups(self) -> None:
         while self._waiting:
-            taken, self._waiting = self._waiting[:self.max_group], self._waiting[self.max_group:]
-            group = [(request, future) for request, future in taken if not future.done()]
-            if not group:
-                continue
-            requests = [request for request, _ in group]
-            try:
-                outcomes = await self.store.run(lambda conn: self._write(conn, requests, own_transaction=True))
-            except Exception as error:  # noqa: BLE001 - the transaction failed as a whole: every caller hears why
-                for _, future in group:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
+            # The group is what waits once the writer's turn came: requests that arrive while another writer (a
+            # claim, a progress update, the previous group) holds the connection join the next group.
+            async with self.store.exclusive():
+                taken, self._waiting = self._waiting[:self.max_group], self._waiting[self.max_group:]
+                group = [(request, future) for request, future in taken if not future.done()]
+                if not group:
+                    continue
+                requests = [request for request, _ in group]
+                try:
+                    outcomes = await self.store.run(lambda conn: self._write(conn, requests, own_transaction=True))
+                except Exception as error:  # noqa: BLE001 - the transaction failed as a whole: each caller hears why
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
             self.groups_written += 1
             for (_, future), (ok, value) in zip(group, outcomes):
                 if not future.done():
