@@ -116,11 +116,11 @@ async def submit_imagine(services: Services, *, guild_id: int, member_id: int, c
     # submission itself needs (ledger.submit).
     async with services.store.read():
         await services.ledger.check_submit("imagine", member_id, guild_id, role_ids=role_ids)
-        usable = await services.concepts.usable(guild_id, member_id)
-        owned = await services.concepts.owned(guild_id, member_id)
+        visible = await services.concepts.visible(guild_id, member_id)  # usable ones and own ones, one query
         safety = await services.admin.safety_for(guild_id)
-    for concept in owned:
-        if concept.status != "ready" and _mentions(prompt, concept.token):
+    usable = [c for c in visible if c.status == "ready"]
+    for concept in visible:
+        if concept.owner_id == member_id and concept.status != "ready" and _mentions(prompt, concept.token):
             raise UserError(f"{concept.token} is still training; you'll be pinged when it's ready." if
                             concept.status == "training" else
                             f"The training of {concept.token} failed, so it can't be used yet. "
