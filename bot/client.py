@@ -9,6 +9,7 @@ import importlib.util
 import logging
 import pkgutil
 
+import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
@@ -146,7 +147,15 @@ def is_admin(interaction: discord.Interaction) -> bool:
     return admin_roles is not None and admin_roles.has_role(interaction.guild, interaction.user)
 
 
+# discord.py's own connector has no limit, so a burst of commands opened one new connection per request (each
+# deferral and follow-up): hundreds of TCP (and TLS, against Discord) handshakes started in one turn of the event
+# loop stalled it for a quarter of a second (docs/BENCHMARKS.md, Burst). With a limit, requests beyond it wait for
+# a kept-alive connection; this many is plenty for Discord's rate limits (50 requests/s per bot).
+DISCORD_HTTP_CONNECTIONS = 32
+
+
 async def run_discord(settings: Settings, services: Services) -> None:
     """Connect to Discord and serve until the process is stopped (what `python -m bot` runs)."""
-    async with BoothBot(settings, services) as bot:
+    connector = aiohttp.TCPConnector(limit=DISCORD_HTTP_CONNECTIONS)  # needs the running loop: made here
+    async with BoothBot(settings, services, connector=connector) as bot:
         await bot.start(settings.require_token())

@@ -24,6 +24,7 @@ from bot.jobs.scheduler import QueueEntry
 from bot.settings import Settings
 from bot.jobs.queue_cache import QueueCache, QueuePlan
 from bot.store.database import Reader, Store
+from bot.store.group_commit import GroupCommit
 from trainer.contract.protocol import JobKind
 
 QUEUED, RUNNING = "queued", "running"
@@ -85,6 +86,26 @@ class Job:
 
 _JOB_FIELDS = tuple(f.name for f in fields(Job))
 
+_INSERT_JOB_SQL = (
+    "INSERT INTO jobs (kind, owner_id, guild_id, channel_id, message_id, params, priority, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *")
+_TOUCH_MEMBER_SQL = (
+    "INSERT INTO members (guild_id, member_id, first_seen, last_seen) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (guild_id, member_id) DO UPDATE SET last_seen = excluded.last_seen")
+
+
+@dataclass(frozen=True)
+class _Submission:
+    kind: str
+    owner_id: int
+    guild_id: int
+    channel_id: int | None
+    params_json: str
+    priority: int
+    message_id: int | None
+    role_ids: tuple[int, ...]
+    at: float  # when it was asked for: the job's created_at
+
 
 class Ledger:
     def __init__(self, store: Store, clock: Callable[[], float] = time.time, *, settings: Settings | None = None):
@@ -92,6 +113,7 @@ class Ledger:
         self.clock = clock
         self.settings = settings or Settings()
         self.queue = QueueCache(store, self._work_out_queue, self._now)
+        self.submissions = GroupCommit(store, self._write_submission)
 
     def _now(self) -> float:
         return self.clock()
@@ -150,19 +172,24 @@ class Ledger:
     async def submit(self, kind: str, owner_id: int, guild_id: int, channel_id: int | None, params: dict, *,
                      priority: int = 0, interaction_message_id: int | None = None,
                      role_ids: Iterable[int] = ()) -> Job:
-        """Queue a job. Raises BannedError / LimitError (scheduler rules; `role_ids` pick the member's limits)."""
+        """Queue a job. Raises BannedError / LimitError (scheduler rules; `role_ids` pick the member's limits).
+
+        Submissions that arrive together are written in one transaction (bot/store/group_commit.py), each checked
+        against the limits after the ones before it, so a burst costs one hand-off to the database per group."""
         kind_of(kind)  # ValueError for a kind the bot does not know
-        params_json = json.dumps(params)
-        async with self.store.immediate() as db:
-            now = self.clock()
-            await scheduler.check_submit(db, kind=kind, owner_id=owner_id, guild_id=guild_id, role_ids=role_ids,
-                                         defaults=scheduler.default_limits(self.settings), now=now)
-            await touch_member(db, guild_id, owner_id, now)
-            # RETURNING: one statement less while this transaction holds the write lock
-            return Job.from_row(await db.fetchone(
-                "INSERT INTO jobs (kind, owner_id, guild_id, channel_id, message_id, params, priority, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
-                (kind, owner_id, guild_id, channel_id, interaction_message_id, params_json, priority, now)))
+        return await self.submissions.submit(_Submission(
+            kind, owner_id, guild_id, channel_id, json.dumps(params), priority, interaction_message_id,
+            tuple(int(r) for r in role_ids), self.clock()))
+
+    def _write_submission(self, conn: sqlite3.Connection, s: _Submission) -> Job:
+        """One submission, inside the group's transaction (in the database's worker thread)."""
+        facts = scheduler.submit_facts_now(conn, kind=s.kind, owner_id=s.owner_id, guild_id=s.guild_id, now=s.at)
+        scheduler.refuse_submit(facts, kind=s.kind, role_ids=s.role_ids,
+                                defaults=scheduler.default_limits(self.settings), now=s.at)
+        conn.execute(_TOUCH_MEMBER_SQL, (s.guild_id, s.owner_id, s.at, s.at))
+        rows = conn.execute(_INSERT_JOB_SQL, (s.kind, s.owner_id, s.guild_id, s.channel_id, s.message_id,
+                                              s.params_json, s.priority, s.at)).fetchall()
+        return Job.from_row(rows[0])
 
     async def set_message(self, job_id: int, channel_id: int | None, message_id: int | None) -> None:
         """Where the job's status message lives (posted after submit, once the job id is known)."""
@@ -400,7 +427,4 @@ async def cancel_job(db: Store, job_id: int, by_user_id: int, now: float) -> str
 
 
 async def touch_member(db: Store, guild_id: int, member_id: int, now: float) -> None:
-    await db.execute(
-        "INSERT INTO members (guild_id, member_id, first_seen, last_seen) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT (guild_id, member_id) DO UPDATE SET last_seen = excluded.last_seen",
-        (guild_id, member_id, now, now))
+    await db.execute(_TOUCH_MEMBER_SQL, (guild_id, member_id, now, now))

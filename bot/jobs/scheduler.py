@@ -10,6 +10,7 @@ These functions read through a Store (or a Store inside `immediate()`); the Ledg
 from __future__ import annotations
 
 import heapq
+import sqlite3
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -45,39 +46,86 @@ def default_limits(settings: Settings) -> dict[str, int]:
     return {"max_queued_jobs": settings.max_queued_jobs, "trainings_per_day": settings.trainings_per_day}
 
 
-async def limits_for(db: Store, guild_id: int, role_ids: Iterable[int], defaults: dict[str, int]) -> dict[str, int]:
-    """A member's limits: the most generous value among their roles that have one, else the server's value,
-    else the bot's default (Settings)."""
+# The facts a submission is judged on. One set of SQL for both readers: the async Store/Reader (`check_submit`, the
+# early check before uploads) and a plain sqlite3 connection inside the ledger's group commit (`submit_facts_now`).
+_BAN_SQL = "SELECT reason FROM bans WHERE guild_id = ? AND member_id = ?"
+_LIMITS_SQL = "SELECT role_id, name, value FROM limits WHERE guild_id = ?"
+_ACTIVE_SQL = ("SELECT COUNT(*) FROM jobs WHERE guild_id = ? AND owner_id = ? AND status IN ('queued', 'running')")
+# Trainings that used the GPU or still will; one that failed (not the member's doing) or was cancelled before it
+# started is not counted.
+_TRAININGS_SQL = (
+    "SELECT created_at FROM jobs WHERE guild_id = ? AND owner_id = ? AND kind = 'train' AND created_at > ?"
+    " AND (status IN ('queued', 'running', 'succeeded') OR (status = 'cancelled' AND started_at IS NOT NULL))"
+    " ORDER BY created_at")
+
+
+@dataclass(frozen=True)
+class SubmitFacts:
+    ban_reason: str | None        # None: not banned
+    limit_rows: list              # (role_id, name, value) of the server
+    active: int                   # the member's queued and running jobs
+    recent_trainings: list[float] # created_at of the member's trainings in the last day (trainings only)
+
+
+async def submit_facts(db: Store, *, kind: str, owner_id: int, guild_id: int, now: float) -> SubmitFacts:
+    trainings = (await db.fetchall(_TRAININGS_SQL, (guild_id, owner_id, now - DAY_S))
+                 if kind == JobKind.TRAIN else [])
+    return SubmitFacts(await db.fetchval(_BAN_SQL, (guild_id, owner_id)),
+                       [tuple(row) for row in await db.fetchall(_LIMITS_SQL, (guild_id,))],
+                       await db.fetchval(_ACTIVE_SQL, (guild_id, owner_id)), [row[0] for row in trainings])
+
+
+def submit_facts_now(conn: sqlite3.Connection, *, kind: str, owner_id: int, guild_id: int,
+                     now: float) -> SubmitFacts:
+    """`submit_facts` on a plain sqlite3 connection (run in a thread, inside the caller's transaction)."""
+    trainings = (conn.execute(_TRAININGS_SQL, (guild_id, owner_id, now - DAY_S)).fetchall()
+                 if kind == JobKind.TRAIN else [])
+    ban = conn.execute(_BAN_SQL, (guild_id, owner_id)).fetchone()
+    return SubmitFacts(None if ban is None else ban[0],
+                       [tuple(row) for row in conn.execute(_LIMITS_SQL, (guild_id,)).fetchall()],
+                       conn.execute(_ACTIVE_SQL, (guild_id, owner_id)).fetchone()[0], [row[0] for row in trainings])
+
+
+def limits_from(rows: Iterable[Sequence], role_ids: Iterable[int], defaults: dict[str, int]) -> dict[str, int]:
+    """A member's limits from the server's (role_id, name, value) rows: the most generous value among their roles
+    that have one, else the server's value, else the bot's default (Settings)."""
+    rows = list(rows)
     role_ids = [int(r) for r in role_ids if int(r) != 0]
-    rows = await db.fetchall("SELECT role_id, name, value FROM limits WHERE guild_id = ?", (guild_id,))
     limits = dict(defaults)
-    server = {row["name"]: row["value"] for row in rows if row["role_id"] == 0}
-    limits.update(server)
+    limits.update({name: value for role_id, name, value in rows if role_id == 0})
     for name in LIMIT_NAMES:
-        by_role = [row["value"] for row in rows if row["name"] == name and row["role_id"] in role_ids]
+        by_role = [value for role_id, row_name, value in rows if row_name == name and role_id in role_ids]
         if by_role:
             limits[name] = max(by_role)
     return limits
 
 
+async def limits_for(db: Store, guild_id: int, role_ids: Iterable[int], defaults: dict[str, int]) -> dict[str, int]:
+    """A member's limits (`limits_from`), read through `db`."""
+    return limits_from([tuple(row) for row in await db.fetchall(_LIMITS_SQL, (guild_id,))], role_ids, defaults)
+
+
 async def ban_reason(db: Store, guild_id: int, member_id: int) -> str | None:
     """The ban's reason ('' when none was given), or None when the member is not banned."""
-    return await db.fetchval("SELECT reason FROM bans WHERE guild_id = ? AND member_id = ?", (guild_id, member_id))
+    return await db.fetchval(_BAN_SQL, (guild_id, member_id))
 
 
 async def check_submit(db: Store, *, kind: str, owner_id: int, guild_id: int, role_ids: Iterable[int],
                        defaults: dict[str, int], now: float) -> None:
     """Raise BannedError or LimitError (messages for the member) if this member may not queue this job now."""
-    reason = await ban_reason(db, guild_id, owner_id)
-    if reason is not None:
-        raise BannedError("An admin of this server has blocked you from using the bot"
-                          + (f" (reason: {reason})." if reason else "."))
-    limits = await limits_for(db, guild_id, role_ids, defaults)
+    facts = await submit_facts(db, kind=kind, owner_id=owner_id, guild_id=guild_id, now=now)
+    refuse_submit(facts, kind=kind, role_ids=role_ids, defaults=defaults, now=now)
 
-    max_jobs = limits["max_queued_jobs"]
-    active = await db.fetchval(
-        "SELECT COUNT(*) FROM jobs WHERE guild_id = ? AND owner_id = ? AND status IN ('queued', 'running')",
-        (guild_id, owner_id))
+
+def refuse_submit(facts: SubmitFacts, *, kind: str, role_ids: Iterable[int], defaults: dict[str, int],
+                  now: float) -> None:
+    """Raise BannedError or LimitError if `facts` say this member may not queue this job now."""
+    if facts.ban_reason is not None:
+        raise BannedError("An admin of this server has blocked you from using the bot"
+                          + (f" (reason: {facts.ban_reason})." if facts.ban_reason else "."))
+    limits = limits_from(facts.limit_rows, role_ids, defaults)
+
+    max_jobs, active = limits["max_queued_jobs"], facts.active
     if max_jobs == 0:
         raise LimitError("This server does not accept new jobs from you right now; ask an admin.")
     if active >= max_jobs:
@@ -88,14 +136,9 @@ async def check_submit(db: Store, *, kind: str, owner_id: int, guild_id: int, ro
         per_day = limits["trainings_per_day"]
         if per_day == 0:
             raise LimitError("Training is turned off for you on this server; ask an admin.")
-        # Trainings that used the GPU or still will; one that failed (not the member's doing) or was cancelled
-        # before it started is not counted.
-        started = await db.fetchall(
-            "SELECT created_at FROM jobs WHERE guild_id = ? AND owner_id = ? AND kind = 'train' AND created_at > ?"
-            " AND (status IN ('queued', 'running', 'succeeded') OR (status = 'cancelled' AND started_at IS NOT NULL))"
-            " ORDER BY created_at", (guild_id, owner_id, now - DAY_S))
+        started = facts.recent_trainings
         if len(started) >= per_day:
-            free_in = started[len(started) - per_day]["created_at"] + DAY_S - now
+            free_in = started[len(started) - per_day] + DAY_S - now
             raise LimitError(f"You have already started {_count(len(started), 'training')} in the last 24 hours, "
                              f"the most this server allows; you can train again in about {format_duration(free_in)}.")
 

@@ -148,7 +148,8 @@ class AdminService:
 
     async def safety_for(self, guild_id: int) -> bool:
         """Whether /imagine jobs of this server run with the safety filter: the admins' choice, else BOOTHBOT_SAFETY."""
-        chosen = await self.store.fetchval("SELECT safety FROM server_settings WHERE guild_id = ?", (guild_id,))
+        async with self.store.read() as db:
+            chosen = await db.fetchval("SELECT safety FROM server_settings WHERE guild_id = ?", (guild_id,))
         return self.settings.safety if chosen is None else bool(chosen)
 
     async def set_safety(self, by: int, guild_id: int, on: bool | None) -> bool:

@@ -76,13 +76,15 @@ class ConceptService:
 
     async def get(self, concept_id: int) -> Concept | None:
         """The concept, or None if there is none or it was deleted. No permission check: see `visible`."""
-        row = await self.store.fetchone(f"SELECT * FROM concepts WHERE id = ? AND {_LIVE}", (concept_id,))
+        async with self.store.read() as db:
+            row = await db.fetchone(f"SELECT * FROM concepts WHERE id = ? AND {_LIVE}", (concept_id,))
         return None if row is None else Concept.from_row(row)
 
     async def by_token(self, guild_id: int, token: str) -> Concept | None:
-        row = await self.store.fetchone(
-            f"SELECT * FROM concepts WHERE guild_id = ? AND token = ? COLLATE NOCASE AND {_LIVE}",
-            (guild_id, token.strip()))
+        async with self.store.read() as db:  # inside create()'s transaction this joins it
+            row = await db.fetchone(
+                f"SELECT * FROM concepts WHERE guild_id = ? AND token = ? COLLATE NOCASE AND {_LIVE}",
+                (guild_id, token.strip()))
         return None if row is None else Concept.from_row(row)
 
     async def usable(self, guild_id: int, member_id: int) -> list[Concept]:
@@ -102,8 +104,8 @@ class ConceptService:
         return await self._select(f"guild_id = ? AND owner_id = ? AND {_LIVE}", (guild_id, member_id))
 
     async def _select(self, where: str, params: tuple) -> list[Concept]:
-        rows = await self.store.fetchall(f"SELECT * FROM concepts WHERE {where} ORDER BY token COLLATE NOCASE",
-                                         params)
+        async with self.store.read() as db:
+            rows = await db.fetchall(f"SELECT * FROM concepts WHERE {where} ORDER BY token COLLATE NOCASE", params)
         return [Concept.from_row(row) for row in rows]
 
     # --- changes ----------------------------------------------------------------------------------------------------

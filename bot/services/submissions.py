@@ -123,15 +123,19 @@ async def submit_imagine(services: Services, *, guild_id: int, member_id: int, c
     naming it reads like a typo, so nothing tells the member it exists.
     """
     role_ids = list(role_ids)
-    await services.ledger.check_submit("imagine", member_id, guild_id, role_ids=role_ids)
-    usable = await services.concepts.usable(guild_id, member_id)
-    for concept in await services.concepts.owned(guild_id, member_id):
-        if concept.status != "ready" and _mentions(prompt, concept.token):
+    # One read transaction on the read-only connection for every check: no turn of the writer's queue, which the
+    # submission itself needs (ledger.submit).
+    async with services.store.read():
+        await services.ledger.check_submit("imagine", member_id, guild_id, role_ids=role_ids)
+        visible = await services.concepts.visible(guild_id, member_id)  # usable ones and own ones, one query
+        safety = await services.admin.safety_for(guild_id)
+    usable = [c for c in visible if c.status == "ready"]
+    for concept in visible:
+        if concept.owner_id == member_id and concept.status != "ready" and _mentions(prompt, concept.token):
             raise UserError(f"{concept.token} is still training; you'll be pinged when it's ready." if
                             concept.status == "training" else
                             f"The training of {concept.token} failed, so it can't be used yet. "
                             f"Run /train with the token {concept.token} again to retry.")
-    safety = await services.admin.safety_for(guild_id)
     check_against_model(services.worker.ready_info, width=width, height=height, safety=safety)
     params = {"prompt": prompt, "negative": negative or "", "seed": seed, "steps": steps, "cfg": cfg,
               "width": width, "height": height, "count": count, "upload_limit": upload_limit, "safety": safety}

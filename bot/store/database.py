@@ -129,12 +129,13 @@ def _unusable(path: Path, error: sqlite3.Error, waited_s: float, backups: Backup
     return None
 
 
-async def _connect(path: Path) -> aiosqlite.Connection:
+async def _connect(path: Path) -> tuple[aiosqlite.Connection, sqlite3.Connection]:
     """aiosqlite.connect, except that a file SQLite cannot open fails here, before aiosqlite starts its thread: a
     failed aiosqlite.connect leaves that thread to report to an event loop that is closed by then, which prints a
-    traceback after the bot's one-line message."""
+    traceback after the bot's one-line message. Returns the aiosqlite connection and the sqlite3 one beneath it
+    (for `Store.run`; any thread may use it, one at a time: the Store's lock sees to that)."""
     raw = await asyncio.to_thread(sqlite3.connect, str(path), isolation_level=None, check_same_thread=False)
-    return await aiosqlite.Connection(lambda: raw, iter_chunk_size=64)  # only aiosqlite's thread uses it from now
+    return await aiosqlite.Connection(lambda: raw, iter_chunk_size=64), raw
 
 
 class _LockWait:
@@ -203,12 +204,12 @@ class Reader:
         self.conn = conn
 
     async def fetchone(self, sql: str, params: Sequence[Any] | dict = ()) -> sqlite3.Row | None:
-        async with self.conn.execute(sql, params) as cursor:
-            return await cursor.fetchone()
+        """The first row of a query of one row (all its rows are read: see Store.fetchall)."""
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
 
     async def fetchall(self, sql: str, params: Sequence[Any] | dict = ()) -> list[sqlite3.Row]:
-        async with self.conn.execute(sql, params) as cursor:
-            return list(await cursor.fetchall())
+        return list(await self.conn.execute_fetchall(sql, params))
 
     async def fetchval(self, sql: str, params: Sequence[Any] | dict = ()) -> Any:
         row = await self.fetchone(sql, params)
@@ -223,8 +224,9 @@ class Reader:
 class Store:
     """One connection to the bot's database. Create with `await Store.open(path)`; `await close()` when done."""
 
-    def __init__(self, conn: aiosqlite.Connection, path: Path):
+    def __init__(self, conn: aiosqlite.Connection, path: Path, raw: sqlite3.Connection):
         self._conn = conn
+        self._raw = raw  # the sqlite3 connection beneath _conn, for run()
         self.path = path
         self._lock = asyncio.Lock()
         self._reader: Reader | None = None  # opened by the first read()
@@ -259,9 +261,9 @@ class Store:
     @classmethod
     async def _open(cls, path: Path, migrations: list[Migration], busy_timeout_s: float, lock: _LockWait,
                     backups: Backups) -> Store:
-        conn = await _connect(path)
+        conn, raw = await _connect(path)
         conn.row_factory = sqlite3.Row
-        store = cls(conn, path)
+        store = cls(conn, path, raw)
         try:
             # Each attempt waits this long inside SQLite; _LockWait retries (and logs) up to its limit.
             await conn.execute(f"PRAGMA busy_timeout = {int(min(FIRST_TRY_S, lock.wait_s) * 1000)}")
@@ -338,14 +340,45 @@ class Store:
             await self._conn.executemany(sql, rows)
 
     async def fetchone(self, sql: str, params: Sequence[Any] | dict = ()) -> sqlite3.Row | None:
-        async with self._turn():
-            async with self._conn.execute(sql, params) as cursor:
-                return await cursor.fetchone()
+        """The first row of a query of one row (all its rows are read: see fetchall)."""
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
 
     async def fetchall(self, sql: str, params: Sequence[Any] | dict = ()) -> list[sqlite3.Row]:
+        # One hand-off to aiosqlite's thread (execute, fetch and close together) rather than three: under a burst
+        # every hand-off is a turn of the connection's queue and a wake-up of the event loop.
         async with self._turn():
-            async with self._conn.execute(sql, params) as cursor:
-                return list(await cursor.fetchall())
+            return list(await self._conn.execute_fetchall(sql, params))
+
+    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work(connection)` in a worker thread, in this Store's turn (inside the caller's transaction, if any):
+        any number of statements for one hand-off, e.g. a group of submissions (bot/jobs/ledger.py). `work` uses
+        the plain sqlite3 connection (rows are sqlite3.Row) and must leave no transaction open that it began.
+
+        aiosqlite offers no public way to run a function in its own thread, so this runs in asyncio's default
+        executor: the connection allows any thread, and the Store's lock keeps everyone else off it meanwhile.
+        Awaited to the end even if the caller is cancelled, so the lock is never released while `work` runs."""
+        async with self._turn():
+            return await _to_the_end(asyncio.to_thread(work, self._raw))
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[Store]:
+        """This Store's connection to the current task alone for the block, without beginning a transaction: what
+        `run` and the statements in the block do takes no further turn (e.g. to decide what to write only once the
+        turn came). Like `immediate()`, do not start tasks inside the block."""
+        if _transaction_owner.get() is self:
+            yield self
+            return
+        async with self._lock:
+            token = _transaction_owner.set(self)
+            try:
+                yield self
+            finally:
+                _transaction_owner.reset(token)
+
+    def in_transaction_here(self) -> bool:
+        """Whether the current task is inside this Store's `immediate()`."""
+        return _transaction_owner.get() is self
 
     async def fetchval(self, sql: str, params: Sequence[Any] | dict = ()) -> Any:
         row = await self.fetchone(sql, params)
