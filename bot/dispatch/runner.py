@@ -16,10 +16,10 @@ from bot.dispatch.announcer import Announcer
 from bot.dispatch.cancels import passing_on_cancels
 from bot.dispatch.endings import failed, record_end
 from bot.dispatch.progress import ProgressRecorder
-from bot.dispatch.worker_client import SHUTTING_DOWN, TIMED_OUT, WorkerClient
+from bot.dispatch.worker_client import CRASHED, SHUTTING_DOWN, TIMED_OUT, WorkerClient
 from trainer.contract.durations import format_duration
 from bot.jobs.kinds import KindContext, between_slices, kind_of
-from bot.jobs.ledger import Job, Ledger
+from bot.jobs.ledger import MAX_RECOVERIES, Job, Ledger
 from trainer.contract.errors import UserError
 
 log = logging.getLogger("boothbot.dispatcher")
@@ -77,6 +77,9 @@ class Runner:
             end, seconds = await self._run_once(job)
             if end is None:
                 return  # shutting down mid-job: the ledger keeps it running; the next start recovers it
+            if self._goes_on_after_crash(job, end):
+                await self._requeue_after_crash(job, seconds)
+                return
             if end["event"] != "paused":
                 await record_end(self.ledger, self.context, job, end, seconds)
                 await self.announcer.finished(job.id)
@@ -84,6 +87,19 @@ class Runner:
             job = await self._next_slice(job, seconds)
             if job is None:
                 return
+
+    def _goes_on_after_crash(self, job: Job, end: dict) -> bool:
+        """The worker died under a job that keeps checkpoints (a training): it goes on from its last one, as after a
+        restart of the bot, unless that happened too often already (a job that kills the worker every time)."""
+        return (end["event"] == "failed" and end.get("error") == CRASHED and not self.stopping
+                and kind_of(job.kind).resumable and job.attempts < MAX_RECOVERIES)
+
+    async def _requeue_after_crash(self, job: Job, seconds: float) -> None:
+        if await self.ledger.requeue(job.id, seconds, count_attempt=True):
+            log.warning("job %s (%s): the GPU worker died under it; it goes on from its last checkpoint once the worker "
+                        "is back (recovery %d of %d)", job.id, job.kind, job.attempts + 1, MAX_RECOVERIES)
+        else:
+            await self.announcer.finished(job.id)  # a cancel arrived meanwhile: requeue made it cancelled
 
     # --- slices ---------------------------------------------------------------------------------------------------
 

@@ -276,8 +276,10 @@ class Ledger:
             " WHERE id = ? AND status = 'running'",
             (status, result, error, gpu_seconds, self.clock(), job_id)) == 1
 
-    async def requeue(self, job_id: int, gpu_seconds: float = 0.0) -> bool:
+    async def requeue(self, job_id: int, gpu_seconds: float = 0.0, *, count_attempt: bool = False) -> bool:
         """A training slice ended (worker `paused`): running → queued, keeping progress, so others get a turn.
+        `count_attempt`: the worker died under it instead, and it goes on from its last checkpoint; that counts as
+        one of its MAX_RECOVERIES, as a restart of the bot does.
 
         If a cancel was requested meanwhile the job becomes cancelled instead and this returns False.
         """
@@ -288,8 +290,9 @@ class Ledger:
                     " WHERE id = ? AND status = 'running' AND cancel_requested = 1", (gpu_seconds, now, job_id)):
                 return False
             return await db.execute(
-                "UPDATE jobs SET status = 'queued', gpu_seconds = gpu_seconds + ?, progress_eta_s = NULL"
-                " WHERE id = ? AND status = 'running'", (gpu_seconds, job_id)) == 1
+                "UPDATE jobs SET status = 'queued', gpu_seconds = gpu_seconds + ?, progress_eta_s = NULL,"
+                " attempts = attempts + ? WHERE id = ? AND status = 'running'",
+                (gpu_seconds, int(count_attempt), job_id)) == 1
 
     async def cancel(self, job_id: int, by_user_id: int, *, force: bool = False) -> str:
         """"cancelled" (it was queued), "requested" (running: it stops at the next step boundary),

@@ -22,7 +22,7 @@ from bot.dispatch.dispatcher import Dispatcher
 from bot.services.gallery import Gallery
 from bot.jobs import kinds
 from bot.jobs.kinds import CONCEPT_GONE
-from bot.jobs.ledger import Ledger
+from bot.jobs.ledger import MAX_RECOVERIES, Ledger
 from bot.settings import Settings
 from bot.store.database import Store
 from bot.dispatch.worker_client import CRASHED, WorkerClient, worker_command
@@ -212,18 +212,39 @@ async def test_imagine_past_its_time_limit_is_stopped(bot):
     assert bot.notifier.finished_ids() == [job.id]
 
 
-async def test_worker_death_mid_training_fails_it_and_the_queue_goes_on(bot, worker):
+async def test_worker_death_mid_training_requeues_it_from_its_checkpoint_and_the_queue_goes_on(bot, worker):
     concept, train = await bot.train(ALICE, "sid", steps=5000)
     after = await bot.imagine(BOB)
     await bot.dispatcher.start()
     await bot.notifier.wait_for(lambda: any(j == train.id and e["step"] >= 1 for j, e in bot.notifier.progress))
     os.kill(worker.pid, signal.SIGKILL)
     await bot.notifier.wait_for(lambda: after.id in bot.notifier.finished_ids(), READY_TIMEOUT_S)
+    assert (await bot.ledger.get(after.id)).status == "succeeded"
+    progress_before = len(bot.notifier.progress)  # the crashed run's events were all read before this job ran
+
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not any(j == train.id and e["step"] >= 1 for j, e in bot.notifier.progress[progress_before:]):
+        assert time.monotonic() < deadline, await bot.ledger.get(train.id)
+        await asyncio.sleep(0.2)  # until it trains again, on the restarted worker
+    assert (await bot.ledger.get(train.id)).attempts == 1
+    assert (await bot.concepts.get(concept.id)).status == "training"
+    assert train.id not in bot.notifier.finished_ids()  # nothing told to the member: it simply goes on
+    assert await bot.ledger.cancel(train.id, ALICE) == "requested"
+    await bot.notifier.wait_for(lambda: train.id in bot.notifier.finished_ids(), READY_TIMEOUT_S)
+    assert (await bot.ledger.get(train.id)).status == "cancelled"
+
+
+async def test_a_training_that_keeps_killing_the_worker_fails_after_its_recoveries(bot, worker):
+    concept, train = await bot.train(ALICE, "sid", steps=5000)
+    await bot.store.execute("UPDATE jobs SET attempts = ? WHERE id = ?", (MAX_RECOVERIES, train.id))
+    await bot.dispatcher.start()
+    await bot.notifier.wait_for(lambda: any(j == train.id and e["step"] >= 1 for j, e in bot.notifier.progress))
+    os.kill(worker.pid, signal.SIGKILL)
+    await bot.notifier.wait_for(lambda: train.id in bot.notifier.finished_ids(), READY_TIMEOUT_S)
     crashed = await bot.ledger.get(train.id)
     assert crashed.status == "failed" and crashed.error == CRASHED
     assert (await bot.concepts.get(concept.id)).status == "failed"
-    assert (await bot.ledger.get(after.id)).status == "succeeded"
-    assert bot.notifier.finished_ids()[0] == train.id
+    await worker.wait_ready(READY_TIMEOUT_S)  # the next test finds a worker again
 
 
 async def test_a_training_whose_concept_was_deleted_fails_without_the_gpu(bot):
