@@ -1,6 +1,9 @@
 """The kill -9 soak, short (bench/soak; docs/RELIABILITY.md): the real bot and worker on the tiny model, members'
 /imagine, /train and cancels through the fake Discord, and three kills: the bot twice while an outcome post is in
 flight, the worker once. Every job must end with exactly one outcome in the channel and the SQLite file stay intact.
+
+Not in tests/wire: it runs its own fake Discord and bot process on its own event loop, and the wire tier's shared
+bot, whose loop would stand still for the soak's minutes, then finds its gateway connection gone.
 """
 from __future__ import annotations
 
