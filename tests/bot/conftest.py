@@ -4,10 +4,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import pytest_asyncio
 
 from bot.services.admin import AdminService
 from bot.services.concepts import ConceptService
 from bot.services.gallery import Gallery
+from bot.dispatch.worker_client import WorkerClient, worker_command
 from bot.jobs.ledger import Ledger
 from bot.settings import Settings
 from bot.store.database import Store
@@ -77,3 +79,16 @@ def gallery(store, clock) -> Gallery:
 @pytest.fixture
 def admin(store, ledger, settings, clock) -> AdminService:
     return AdminService(store, ledger, settings, clock)
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def worker(tiny_model_dir, tmp_path_factory):
+    """A real GPU worker process on the tiny model (CPU), one per test module that asks for it."""
+    client = WorkerClient(worker_command(model=str(tiny_model_dir), data_dir=tmp_path_factory.mktemp("wd"),
+                                         device="cpu", dtype="fp32", threads=1),
+                          cancel_grace_s=10, restart_delays_s=(0.1,))
+    await client.start()
+    await client.wait_ready(120)
+    yield client
+    await client.stop()
+

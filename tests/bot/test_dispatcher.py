@@ -25,7 +25,7 @@ from bot.jobs.kinds import CONCEPT_GONE
 from bot.jobs.ledger import MAX_RECOVERIES, Ledger
 from bot.settings import Settings
 from bot.store.database import Store
-from bot.dispatch.worker_client import CRASHED, WorkerClient, worker_command
+from bot.dispatch.worker_client import CRASHED, WorkerClient
 from trainer.contract.protocol import JobKind
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -68,17 +68,6 @@ class RecordingNotifier:
                 await asyncio.wait_for(self.changed.wait(), min(remaining, 0.5))
             except TimeoutError:
                 pass
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def worker(tiny_model_dir, tmp_path_factory):
-    client = WorkerClient(worker_command(model=str(tiny_model_dir), data_dir=tmp_path_factory.mktemp("wd"),
-                                         device="cpu", dtype="fp32", threads=1),
-                          cancel_grace_s=10, restart_delays_s=(0.1,))
-    await client.start()
-    await client.wait_ready(READY_TIMEOUT_S)
-    yield client
-    await client.stop()
 
 
 class Bot:

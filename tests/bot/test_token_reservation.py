@@ -13,7 +13,6 @@ from PIL import Image
 
 from bot.app import Services
 from bot.dispatch.dispatcher import Dispatcher
-from bot.dispatch.worker_client import WorkerClient, worker_command
 from bot.errors import NotFound, UserError
 from bot.jobs.ledger import Ledger
 from bot.services.admin import AdminService
@@ -40,17 +39,6 @@ def noise_photos(count: int, seed: int = 0) -> list[tuple[str, bytes]]:
         Image.fromarray(pixels).save(buffer, "PNG")
         photos.append((f"photo{i}.png", buffer.getvalue()))
     return photos
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def worker(tiny_model_dir, tmp_path_factory):
-    client = WorkerClient(worker_command(model=str(tiny_model_dir), data_dir=tmp_path_factory.mktemp("wd"),
-                                         device="cpu", dtype="fp32", threads=1),
-                          cancel_grace_s=10, restart_delays_s=(0.1,))
-    await client.start()
-    await client.wait_ready(120)
-    yield client
-    await client.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="module")
