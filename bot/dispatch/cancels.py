@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 import logging
 
-from bot.dispatch.worker_client import WorkerClient
+from bot.dispatch.worker_api import GpuWorker
 from bot.jobs.ledger import Ledger
 
 log = logging.getLogger("boothbot.dispatcher")
@@ -14,7 +14,7 @@ CANCEL_POLL_S = 0.5
 
 
 @contextlib.asynccontextmanager
-async def passing_on_cancels(ledger: Ledger, worker: WorkerClient, job_ids: list[int]):
+async def passing_on_cancels(ledger: Ledger, worker: GpuWorker, job_ids: list[int]):
     """While the block runs (the jobs' run on the worker), pass their cancel requests on to the worker."""
     watcher = asyncio.create_task(pass_on_cancels(ledger, worker, job_ids), name=f"cancel-watch-{job_ids[0]}")
     try:
@@ -23,7 +23,7 @@ async def passing_on_cancels(ledger: Ledger, worker: WorkerClient, job_ids: list
         watcher.cancel()
 
 
-async def pass_on_cancels(ledger: Ledger, worker: WorkerClient, job_ids: list[int]) -> None:
+async def pass_on_cancels(ledger: Ledger, worker: GpuWorker, job_ids: list[int]) -> None:
     waiting = list(job_ids)
     while waiting:
         await asyncio.sleep(CANCEL_POLL_S)

@@ -16,7 +16,8 @@ from bot.dispatch.announcer import Announcer
 from bot.dispatch.cancels import passing_on_cancels
 from bot.dispatch.endings import failed, record_end
 from bot.dispatch.progress import ProgressRecorder
-from bot.dispatch.worker_client import CRASHED, SHUTTING_DOWN, TIMED_OUT, WorkerClient
+from bot.dispatch.worker_api import GpuWorker
+from bot.dispatch.worker_client import CRASHED, SHUTTING_DOWN, TIMED_OUT
 from trainer.contract.durations import format_duration
 from bot.jobs.kinds import KindContext, between_slices, kind_of
 from bot.jobs.ledger import MAX_RECOVERIES, Job, Ledger
@@ -31,7 +32,7 @@ PREPARE_FAILED = ("The bot could not prepare your job (an internal error). Pleas
 class Runner:
     """Runs claimed jobs on its own worker, one request at a time."""
 
-    def __init__(self, context: KindContext, ledger: Ledger, worker: WorkerClient, announcer: Announcer):
+    def __init__(self, context: KindContext, ledger: Ledger, worker: GpuWorker, announcer: Announcer):
         self.context = context
         self.ledger = ledger
         self.worker = worker

@@ -14,9 +14,10 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+from bot.dispatch.worker_api import ProgressCallback
 from trainer.contract import protocol
 from trainer.contract.durations import format_duration
 
@@ -28,9 +29,6 @@ SHUTTING_DOWN = "The bot is shutting down; your job was stopped."
 RESTART_DELAYS_S = (0.5, 2.0, 5.0, 15.0, 30.0, 60.0)
 HEALTHY_AFTER_S = 60.0  # a worker that lived this long resets the restart backoff
 STREAM_LIMIT = 16 * 1024 * 1024  # longest line we accept (tracebacks in `detail` can be long)
-
-ProgressCallback = Callable[[dict], Awaitable[None]]
-
 
 def worker_command(*, model: str | None, data_dir: Path | str, device: str = "auto", dtype: str = "auto",
                    threads: int | None = None, compile_unet: bool = False, debug: bool = False,
@@ -49,6 +47,12 @@ def worker_command(*, model: str | None, data_dir: Path | str, device: str = "au
     return argv
 
 
+def _device_of(argv: Sequence[str]) -> str:
+    """The `--device` of a worker command line ("auto" when it has none)."""
+    argv = list(argv)
+    return argv[argv.index("--device") + 1] if "--device" in argv[:-1] else "auto"
+
+
 def describe_exit(returncode: int | None) -> str:
     if returncode is None:
         return "the worker closed its output"
@@ -61,10 +65,13 @@ def describe_exit(returncode: int | None) -> str:
 
 
 class WorkerClient:
+    """A `GpuWorker` (bot/dispatch/worker_api.py) that is a subprocess on this host."""
+
     def __init__(self, argv: Sequence[str], *, cwd: Path | str | None = None,
                  restart_delays_s: Sequence[float] = RESTART_DELAYS_S, cancel_grace_s: float = 15.0,
-                 stop_grace_s: float = 15.0):
+                 stop_grace_s: float = 15.0, label: str | None = None):
         self.argv = list(argv)
+        self.label = label or _device_of(self.argv)
         self.cwd = cwd
         self.restart_delays_s = tuple(restart_delays_s)
         self.cancel_grace_s = cancel_grace_s
@@ -84,8 +91,9 @@ class WorkerClient:
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=30)
 
     @classmethod
-    def from_settings(cls, settings, **kwargs) -> "WorkerClient":
-        return cls(worker_command(model=settings.model, data_dir=settings.data_dir, device=settings.device,
+    def from_settings(cls, settings, *, device: str | None = None, **kwargs) -> "WorkerClient":
+        """The worker the settings describe, on `device` (default: BOOTHBOT_DEVICE)."""
+        return cls(worker_command(model=settings.model, data_dir=settings.data_dir, device=device or settings.device,
                                   dtype=settings.dtype, compile_unet=settings.compile_unet,
                                   debug=settings.log_level == "DEBUG"), **kwargs)
 
