@@ -159,11 +159,12 @@ class Dispatcher:
     async def _run_lanes(self) -> None:
         for lane in self.lanes:
             lane.task = asyncio.create_task(self._loop(lane), name=f"lane-{lane.label}")
-        try:
-            await asyncio.gather(*(lane.task for lane in self.lanes))
-        finally:
+        try:  # a lane stopped by `stop` ends on its own; the others keep going until theirs do
+            await asyncio.gather(*(lane.task for lane in self.lanes), return_exceptions=True)
+        except asyncio.CancelledError:
             for lane in self.lanes:
                 lane.task.cancel()
+            raise
 
     async def _loop(self, lane: Lane) -> None:
         while not self._stopping:
