@@ -12,6 +12,13 @@ from wire_support import imagine_options
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
+async def workers_answer(booth, member) -> str:
+    """The ephemeral answer to /queue admin workers (once: the fake also records the original response)."""
+    interaction = await booth.fake.command(member, "queue", subcommand=["admin", "workers"])
+    await booth.answer(interaction)
+    return interaction.replies[0]["content"]
+
+
 async def test_two_lanes_serve_two_imagines_at_once_and_admins_see_both(booth):
     fake, one_lane = booth.fake, booth.settings
     await booth.stop()
@@ -20,8 +27,8 @@ async def test_two_lanes_serve_two_imagines_at_once_and_admins_see_both(booth):
         await booth.start()
         await asyncio.gather(*(worker.wait_ready(120) for worker in booth.services.workers))
         admin = fake.member("lanes-admin", manage_guild=True)
-        before = await booth.answer(await fake.command(admin, "queue", subcommand=["admin", "workers"]))
-        assert before.count("ready") == 2 and before.count("0 jobs run") == 2, before
+        before = await workers_answer(booth, admin)
+        assert before.count("🟢 ready · device cpu · 0 jobs run") == 2, before
 
         members = [fake.member("lane-a"), fake.member("lane-b")]
         asked = await asyncio.gather(*(fake.command(member, "imagine", imagine_options(prompt, steps=steps))
@@ -31,11 +38,9 @@ async def test_two_lanes_serve_two_imagines_at_once_and_admins_see_both(booth):
         assert first.status == second.status == "succeeded", (first.error, second.error)
         assert first.started_at < second.finished_at and second.started_at < first.finished_at  # side by side
 
-        after = await booth.answer(await fake.command(admin, "queue", subcommand=["admin", "workers"]))
-        assert after.count("**cpu**") == 2 and after.count("1 job run") == 2, after
-
-        member = await booth.answer(await fake.command(members[0], "queue", subcommand=["admin", "workers"]))
-        assert "Only server admins" in member
+        after = await workers_answer(booth, admin)
+        assert after.count("**cpu**: 🟢 ready · device cpu · 1 job run") == 2, after
+        assert "Only server admins" in await workers_answer(booth, members[0])
     finally:
         await booth.stop()
         booth.settings = one_lane
