@@ -59,7 +59,9 @@ async def first_ready(workers: list[GpuWorker]) -> SetupError | None:
                 worker = pending.pop(task)
                 if task.result() is not None:
                     return None
-                log.error("the GPU worker on %s could not start%s", worker.label, _reason(worker))
+                if len(workers) > 1:
+                    log.error("lane %s: its GPU worker could not start%s; it keeps being retried", worker.label,
+                              _reason(worker))
     finally:
         for task in pending:
             task.cancel()

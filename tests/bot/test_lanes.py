@@ -11,6 +11,7 @@ import pytest_asyncio
 from bot.dispatch.dispatcher import Dispatcher
 from bot.dispatch.workers import build_workers, first_ready
 from bot.jobs.ledger import Ledger
+from bot.services.admin import AdminService
 from bot.services.concepts import ConceptService
 from bot.services.gallery import Gallery
 from bot.settings import Settings
@@ -88,8 +89,11 @@ async def test_a_job_running_in_one_lane_counts_against_its_owner_in_the_other(b
     concept, training = await bot.train(ALICE, "sid", steps=5000)  # runs in one lane until cancelled
     await bot.dispatcher.start()
     await bot.notifier.wait_for(lambda: any(j == training.id for j, _ in bot.notifier.progress))
+    admin = AdminService(bot.store, bot.ledger, bot.settings)
+    await admin.pause(0)  # both queued before the free lane looks
     mine = await bot.imagine(ALICE, steps=3)       # queued first, but Alice is using a GPU already
     bobs = await bot.imagine(BOB, steps=4)
+    await admin.resume(0)
     bot.dispatcher.wake()
     await bot.wait_ended(bobs.id, mine.id)
     mine, bobs = await bot.ledger.get(mine.id), await bot.ledger.get(bobs.id)
@@ -107,6 +111,7 @@ async def test_a_worker_killed_mid_training_resumes_it_in_the_other_lane_deliver
     await bot.notifier.wait_for(lambda: any(j == training.id and e["step"] >= 2 for j, e in bot.notifier.progress))
     killed = bot.lane_running(training.id)
     while killed is None:  # between two slices: catch it on the GPU
+        assert (await bot.ledger.get(training.id)).progress_step < 6, "the training ended before it could be killed"
         await asyncio.sleep(0.01)
         killed = bot.lane_running(training.id)
     await killed.worker.kill()
