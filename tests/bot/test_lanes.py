@@ -16,7 +16,7 @@ from bot.services.concepts import ConceptService
 from bot.services.gallery import Gallery
 from bot.settings import Settings
 from bot.store.database import Store
-from tests.bot.test_dispatcher import ALICE, BOB, FAST_IMAGINE, GUILD, Bot, RecordingNotifier
+from tests.bot.test_dispatcher import ALICE, BOB, Bot, RecordingNotifier
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
