@@ -47,6 +47,8 @@ class Settings:
     safety: bool = False
     compile_unet: bool = False
     log_level: str = "INFO"
+    metrics_port: int | None = None  # the Prometheus endpoint (bot/metrics_server.py); None: off
+    metrics_host: str = "127.0.0.1"
 
     @property
     def db_path(self) -> Path:
@@ -118,6 +120,23 @@ def _guild_ids(key: str, raw: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _port_or_off(key: str, raw: str) -> int | None:
+    if not raw.strip():
+        return None
+    try:
+        return _int(1, 65535)(key, raw)
+    except SettingsError as e:
+        raise SettingsError(f"{e}, or empty to serve no metrics") from None
+
+
+def _host(key: str, raw: str) -> str:
+    value = raw.strip()
+    if not value or any(c.isspace() for c in value) or "/" in value:
+        raise SettingsError(f"{key}={raw!r} is not a host to listen on; allowed: an address of this machine such as "
+                            "127.0.0.1 (this machine only) or 0.0.0.0 (every interface), or a host name")
+    return value.strip("[]")
+
+
 def _text(key: str, raw: str) -> str | None:
     return raw.strip() or None
 
@@ -160,6 +179,8 @@ _KEYS: dict[str, tuple[str, object]] = {
     "BOOTHBOT_SAFETY": ("safety", _bool),
     "BOOTHBOT_COMPILE_UNET": ("compile_unet", _bool),
     "BOOTHBOT_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
+    "BOOTHBOT_METRICS_PORT": ("metrics_port", _port_or_off),
+    "BOOTHBOT_METRICS_HOST": ("metrics_host", _host),
 }
 
 

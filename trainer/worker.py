@@ -223,7 +223,7 @@ class Worker:
                     self.control.ended(job_id)
 
     def run_job(self, job_id: int, kind: str, params: dict) -> None:
-        self.writer.send(self._run_one(job_id, kind, params))
+        self.writer.send(with_gpu_memory(self._run_one(job_id, kind, params), self.device))
 
     def _run_one(self, job_id: int, kind: str, params: dict) -> dict:
         """Run one job; returns its end event."""
@@ -263,7 +263,7 @@ class Worker:
         ended: set[int] = set()
 
         def end(event: dict) -> None:
-            self.writer.send(event)
+            self.writer.send(with_gpu_memory(event, self.device))
             ended.add(event["job_id"])
 
         requests, params = {}, {}
@@ -509,6 +509,20 @@ def describe_device(device: str) -> str:
     return device
 
 
+def with_gpu_memory(event: dict, device: str) -> dict:
+    """`event` with the GPU's memory now, in bytes (`reserved` by this process, its `peak` so far, the card's
+    `total`), which the bot's metrics show per lane; None off CUDA."""
+    import torch
+
+    memory = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        memory = {"reserved": torch.cuda.memory_reserved(index), "peak": torch.cuda.max_memory_reserved(index),
+                  "total": torch.cuda.get_device_properties(index).total_memory}
+    return {**event, "gpu_memory": memory}
+
+
 def exit_fatal(writer: EventWriter, error: str, detail: str, code: int) -> NoReturn:
     """Tell the bot why the worker cannot start, then exit at once: a normal interpreter shutdown would abort on the
     stdin reader thread, which is blocked in a read holding the stream's lock."""
@@ -557,8 +571,9 @@ def run(args: argparse.Namespace) -> int:
         from trainer.generation.service import native_side
 
         model_facts = {"native_side": native_side(pipe), "safety_checker": checker_source(args.model) is not None}
-    writer.send(protocol.ready(describe_device(device), str(dtype).removeprefix("torch."),
-                               None if args.no_model else args.model, os.getpid(), **model_facts))
+    writer.send(with_gpu_memory(protocol.ready(describe_device(device), str(dtype).removeprefix("torch."),
+                                               None if args.no_model else args.model, os.getpid(), **model_facts),
+                                device))
     worker = Worker(writer, control, pipe=pipe, device=device, model=None if args.no_model else args.model,
                     data_dir=Path(args.data_dir), compile_unet=args.compile_unet)
     try:
