@@ -510,17 +510,17 @@ def describe_device(device: str) -> str:
 
 
 def with_gpu_memory(event: dict, device: str) -> dict:
-    """`event` with the GPU's memory now, in bytes (`reserved` by this process, its `peak` so far, the card's
-    `total`), which the bot's metrics show per lane; None off CUDA."""
+    """`event` with a `gpu_memory` field on a CUDA device: its memory now, in bytes (`reserved` by this process, its
+    `peak` so far, the card's `total`), which the bot's metrics show per lane. Off CUDA the event is unchanged."""
     import torch
 
-    memory = None
-    if device.startswith("cuda") and torch.cuda.is_available():
-        index = torch.device(device).index
-        index = torch.cuda.current_device() if index is None else index
-        memory = {"reserved": torch.cuda.memory_reserved(index), "peak": torch.cuda.max_memory_reserved(index),
-                  "total": torch.cuda.get_device_properties(index).total_memory}
-    return {**event, "gpu_memory": memory}
+    if not (device.startswith("cuda") and torch.cuda.is_available()):
+        return event
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    return {**event, "gpu_memory": {"reserved": torch.cuda.memory_reserved(index),
+                                    "peak": torch.cuda.max_memory_reserved(index),
+                                    "total": torch.cuda.get_device_properties(index).total_memory}}
 
 
 def exit_fatal(writer: EventWriter, error: str, detail: str, code: int) -> NoReturn:
