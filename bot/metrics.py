@@ -22,8 +22,8 @@ disable_created_metrics()  # no *_created series: the process start time says th
 
 OUTCOMES = {"done": "succeeded", "failed": "failed", "cancelled": "cancelled"}  # a worker's end event -> outcome
 
-JOBS_ENDED = Counter("boothbot_jobs_ended", "Jobs that ran on a GPU worker and ended, by kind and outcome",
-                     ["kind", "outcome"])
+JOBS_ENDED = Counter("boothbot_jobs_ended", "Jobs that ran on a GPU worker and ended, by kind and the worker's "
+                     "outcome", ["kind", "outcome"])
 JOB_WAIT = Histogram("boothbot_job_wait_seconds", "From a job's submission to its first start on a worker, observed "
                      "when the job ends", ["kind"], buckets=WAIT_BUCKETS_S)
 JOB_RUN = Histogram("boothbot_job_run_seconds", "GPU seconds a job used, all its training slices together, observed "
@@ -78,6 +78,7 @@ def worker_event(lane: str, event: dict) -> None:
     """Every event a lane's worker sends: `ready` marks it up; any event with `gpu_memory` updates those gauges."""
     if event.get("event") == "ready":
         WORKER_UP.labels(lane).set(1)
+        WORKER_RESTARTS.labels(lane)  # at zero from the first start, so increase() sees the first restart
         WORKER_INFO.labels(lane, str(event.get("device")), str(event.get("dtype")), str(event.get("model"))).set(1)
     for field, value in (event.get("gpu_memory") or {}).items():
         if field in GPU_MEMORY and isinstance(value, (int, float)):

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bot import metrics
 from bot.check import Report, check_metrics
+from bot.dispatch.outbox import Outbox, RetryLater
 from bot.dispatch.worker_client import WorkerClient, worker_command
 from bot.jobs.ledger import Ledger
 from bot.services.admin import AdminService
@@ -103,14 +104,17 @@ def test_a_running_bot_serves_its_jobs_queue_and_worker_as_prometheus_metrics(tm
         wait_until(lambda: with_ledger(settings, lambda ledger, store: ledger.get(first)).delivered_at,
                    "the /imagine job to be delivered", bot, log)
         ran = scrape(port)
+        # One lane, named by its worker's label.
+        (lane,) = {dict(labels)["lane"] for name, labels in ran if name == "boothbot_worker_up"}
         assert value(ran, "boothbot_jobs_ended_total", kind="imagine", outcome="succeeded") == 1
         assert value(ran, "boothbot_jobs_ended_total", kind="train", outcome="failed") == 0
         assert value(ran, "boothbot_job_run_seconds_count", kind="imagine") == 1
         assert value(ran, "boothbot_job_run_seconds_sum", kind="imagine") > 0
         assert value(ran, "boothbot_job_wait_seconds_count", kind="imagine") == 1
-        assert value(ran, "boothbot_lane_busy_seconds_total", lane="local") > 0
-        assert value(ran, "boothbot_worker_up", lane="local") == 1
-        assert value(ran, "boothbot_worker_info", lane="local", device="cpu", dtype="float32",
+        assert value(ran, "boothbot_lane_busy_seconds_total", lane=lane) > 0
+        assert value(ran, "boothbot_worker_up", lane=lane) == 1
+        assert value(ran, "boothbot_worker_restarts_total", lane=lane) == 0
+        assert value(ran, "boothbot_worker_info", lane=lane, device="cpu", dtype="float32",
                      model=str(tiny_model_dir)) == 1
         assert value(ran, "boothbot_deliveries_total", via="log") == 1
         assert value(ran, "boothbot_queue_jobs", kind="imagine", status="queued") == 0
@@ -134,9 +138,9 @@ def test_a_running_bot_serves_its_jobs_queue_and_worker_as_prometheus_metrics(tm
         # A worker killed under the bot is counted as a restart, and is up again once the new one is ready.
         worker_pid = int(re.findall(r"GPU worker ready: .* pid (\d+)", log.read_text())[-1])
         os.kill(worker_pid, signal.SIGKILL)
-        wait_until(lambda: value(scrape(port), "boothbot_worker_restarts_total", lane="local") == 1,
+        wait_until(lambda: value(scrape(port), "boothbot_worker_restarts_total", lane=lane) == 1,
                    "the restart to be counted", bot, log)
-        wait_until(lambda: value(scrape(port), "boothbot_worker_up", lane="local") == 1,
+        wait_until(lambda: value(scrape(port), "boothbot_worker_up", lane=lane) == 1,
                    "the new worker to be up", bot, log)
         bot.send_signal(signal.SIGTERM)
         assert bot.wait(60) == 0
@@ -199,6 +203,39 @@ def test_bot_check_says_where_metrics_are_served_or_why_they_cannot_be():
         ((status, topic, text),) = check_lines({"BOOTHBOT_METRICS_PORT": str(port)})
     assert (status, topic) == ("FAIL", "metrics")
     assert f"BOOTHBOT_METRICS_PORT={port}: the port is in use" in text
+
+
+class FailsOnceNotifier:
+    """The delivery cog's part, for the outbox: the first attempt meets a Discord outage, the second posts."""
+
+    def __init__(self, ledger):
+        self.ledger, self.attempts = ledger, 0
+
+    async def job_progress(self, job, event):
+        pass
+
+    async def job_finished(self, job):
+        self.attempts += 1
+        if self.attempts == 1:
+            raise RetryLater("503 Service Unavailable")
+        await self.ledger.mark_delivered(job.id, via="dm", reason="the channel is gone")
+
+
+async def test_delivery_retries_and_deliveries_are_counted(ledger):
+    def counted() -> tuple[float, float]:
+        return (REGISTRY.get_sample_value("boothbot_delivery_failed_attempts_total") or 0.0,
+                REGISTRY.get_sample_value("boothbot_deliveries_total", {"via": "dm"}) or 0.0)
+
+    job = await ledger.submit("imagine", MEMBER, GUILD, 5, {"prompt": "a cat"})
+    await ledger.claim_next()
+    assert await ledger.succeed(job.id, {"images": []}, 1.0)
+    failed_before, dm_before = counted()
+    box = Outbox(ledger, FailsOnceNotifier(ledger))
+    assert not await box.deliver(job.id)
+    assert counted() == (failed_before + 1, dm_before)
+    assert await box.deliver(job.id)
+    assert await box.deliver(job.id)  # already delivered: not counted again
+    assert counted() == (failed_before + 1, dm_before + 1)
 
 
 def test_gpu_memory_from_worker_events_is_set_per_lane():
