@@ -64,9 +64,9 @@ def run_check(*, env_file: str | os.PathLike | None = ".env", gpu: bool = False,
         check_torch(report, settings.device)
         check_packages(report)
         check_model(report, settings.model)
-        check_metrics(report, settings)
         if gpu and not report.failed:
             asyncio.run(check_worker(report, settings))
+        check_metrics(report, settings)
     failures = sum(status == "FAIL" for status, _, _ in report.lines)
     warnings = sum(status == "warn" for status, _, _ in report.lines)
     summary = (f"not ready: {failures} problem(s) to fix before the bot can run" if failures else
@@ -118,6 +118,22 @@ def check_data_dir(report: Report, data_dir: Path) -> bool:
     else:
         report.ok("data", text)
     return True
+
+
+def check_metrics(report: Report, settings: Settings) -> None:
+    """Where the Prometheus metrics will be served, after opening and closing that port once."""
+    from bot.metrics_server import start_metrics_server
+
+    try:
+        server = start_metrics_server(settings)
+    except SetupError as e:
+        report.fail("metrics", str(e), e)
+        return
+    if server is None:
+        report.ok("metrics", "off (set BOOTHBOT_METRICS_PORT to serve Prometheus metrics)")
+        return
+    server.stop()
+    report.ok("metrics", f"Prometheus metrics will be served at {server.url}")
 
 
 async def check_database(report: Report, settings: Settings) -> None:
@@ -192,22 +208,6 @@ def check_packages(report: Report) -> None:
         report.fail("packages", stack.problem, stack.detail)
     for item in stack.out_of_range:
         report.warn("packages", f"{item} is outside the versions boothbot was tested with")
-
-
-def check_metrics(report: Report, settings: Settings) -> None:
-    """Where the Prometheus metrics will be served, after opening and closing that port once."""
-    from bot.metrics_server import start_metrics_server
-
-    try:
-        server = start_metrics_server(settings)
-    except SetupError as e:
-        report.fail("metrics", str(e), e)
-        return
-    if server is None:
-        report.ok("metrics", "off (set BOOTHBOT_METRICS_PORT to serve Prometheus metrics)")
-        return
-    server.stop()
-    report.ok("metrics", f"Prometheus metrics will be served at {server.url}")
 
 
 def check_model(report: Report, ref: str) -> None:

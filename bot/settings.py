@@ -46,9 +46,9 @@ class Settings:
     imagine_between_slices_s: float = 10.0
     safety: bool = False
     compile_unet: bool = False
-    log_level: str = "INFO"
     metrics_port: int | None = None  # the Prometheus endpoint (bot/metrics_server.py); None: off
     metrics_host: str = "127.0.0.1"
+    log_level: str = "INFO"
 
     @property
     def db_path(self) -> Path:
@@ -178,9 +178,9 @@ _KEYS: dict[str, tuple[str, object]] = {
     "BOOTHBOT_IMAGINE_BETWEEN_SLICES_S": ("imagine_between_slices_s", _float(0.5, 3600)),
     "BOOTHBOT_SAFETY": ("safety", _bool),
     "BOOTHBOT_COMPILE_UNET": ("compile_unet", _bool),
-    "BOOTHBOT_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
     "BOOTHBOT_METRICS_PORT": ("metrics_port", _port_or_off),
     "BOOTHBOT_METRICS_HOST": ("metrics_host", _host),
+    "BOOTHBOT_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
 }
 
 

@@ -60,8 +60,11 @@ class EventWriter:
     def __init__(self, stream):
         self._stream = stream
         self._lock = threading.Lock()
+        self.gpu: str | None = None  # a CUDA device: `ready` and end events carry its memory (with_gpu_memory)
 
     def send(self, message: dict) -> None:
+        if self.gpu is not None and message.get("event") in MEMORY_EVENTS:
+            message = with_gpu_memory(message, self.gpu)
         data = protocol.encode(message)
         with self._lock:
             self._stream.write(data)
@@ -223,7 +226,7 @@ class Worker:
                     self.control.ended(job_id)
 
     def run_job(self, job_id: int, kind: str, params: dict) -> None:
-        self.writer.send(with_gpu_memory(self._run_one(job_id, kind, params), self.device))
+        self.writer.send(self._run_one(job_id, kind, params))
 
     def _run_one(self, job_id: int, kind: str, params: dict) -> dict:
         """Run one job; returns its end event."""
@@ -263,7 +266,7 @@ class Worker:
         ended: set[int] = set()
 
         def end(event: dict) -> None:
-            self.writer.send(with_gpu_memory(event, self.device))
+            self.writer.send(event)
             ended.add(event["job_id"])
 
         requests, params = {}, {}
@@ -509,13 +512,14 @@ def describe_device(device: str) -> str:
     return device
 
 
+MEMORY_EVENTS = {"ready", *protocol.JOB_END_EVENTS}
+
+
 def with_gpu_memory(event: dict, device: str) -> dict:
-    """`event` with a `gpu_memory` field on a CUDA device: its memory now, in bytes (`reserved` by this process, its
-    `peak` so far, the card's `total`), which the bot's metrics show per lane. Off CUDA the event is unchanged."""
+    """`event` with a `gpu_memory` field: the CUDA device's memory now, in bytes (`reserved` by this process, its
+    `peak` so far, the card's `total`), which the bot's metrics show per lane."""
     import torch
 
-    if not (device.startswith("cuda") and torch.cuda.is_available()):
-        return event
     index = torch.device(device).index
     index = torch.cuda.current_device() if index is None else index
     return {**event, "gpu_memory": {"reserved": torch.cuda.memory_reserved(index),
@@ -549,6 +553,7 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         device = pick_device(args.device)
         dtype = pick_dtype(device, args.dtype)
+        writer.gpu = device if device.startswith("cuda") else None
         pipe = None
         if not args.no_model:
             from trainer.compat import check_stack
@@ -571,9 +576,8 @@ def run(args: argparse.Namespace) -> int:
         from trainer.generation.service import native_side
 
         model_facts = {"native_side": native_side(pipe), "safety_checker": checker_source(args.model) is not None}
-    writer.send(with_gpu_memory(protocol.ready(describe_device(device), str(dtype).removeprefix("torch."),
-                                               None if args.no_model else args.model, os.getpid(), **model_facts),
-                                device))
+    writer.send(protocol.ready(describe_device(device), str(dtype).removeprefix("torch."),
+                               None if args.no_model else args.model, os.getpid(), **model_facts))
     worker = Worker(writer, control, pipe=pipe, device=device, model=None if args.no_model else args.model,
                     data_dir=Path(args.data_dir), compile_unet=args.compile_unet)
     try:
