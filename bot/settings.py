@@ -30,6 +30,8 @@ class Settings:
     data_dir: Path = Path("data")
     backups_keep: int = 7
     db_lock_wait_s: float = 120.0
+    metrics_port: int | None = None  # the Prometheus endpoint (bot/metrics_server.py); None: off
+    metrics_host: str = "127.0.0.1"
     device: str = "auto"
     dtype: str = "auto"
     admin_role: str | None = None
@@ -46,8 +48,6 @@ class Settings:
     imagine_between_slices_s: float = 10.0
     safety: bool = False
     compile_unet: bool = False
-    metrics_port: int | None = None  # the Prometheus endpoint (bot/metrics_server.py); None: off
-    metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
 
     @property
@@ -162,6 +162,8 @@ _KEYS: dict[str, tuple[str, object]] = {
     "BOOTHBOT_DATA_DIR": ("data_dir", _path),
     "BOOTHBOT_BACKUPS_KEEP": ("backups_keep", _int(1, 1000)),
     "BOOTHBOT_DB_LOCK_WAIT_S": ("db_lock_wait_s", _float(1, 3600)),
+    "BOOTHBOT_METRICS_PORT": ("metrics_port", _port_or_off),
+    "BOOTHBOT_METRICS_HOST": ("metrics_host", _host),
     "BOOTHBOT_DEVICE": ("device", _device),
     "BOOTHBOT_DTYPE": ("dtype", _choice("auto", "bf16", "fp16", "fp32")),
     "BOOTHBOT_ADMIN_ROLE": ("admin_role", _text),
@@ -178,8 +180,6 @@ _KEYS: dict[str, tuple[str, object]] = {
     "BOOTHBOT_IMAGINE_BETWEEN_SLICES_S": ("imagine_between_slices_s", _float(0.5, 3600)),
     "BOOTHBOT_SAFETY": ("safety", _bool),
     "BOOTHBOT_COMPILE_UNET": ("compile_unet", _bool),
-    "BOOTHBOT_METRICS_PORT": ("metrics_port", _port_or_off),
-    "BOOTHBOT_METRICS_HOST": ("metrics_host", _host),
     "BOOTHBOT_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
 }
 
