@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 async def serve(settings, *, discord: bool) -> int:
     from bot.app import start_services
     from bot.dispatch.announcer import LogNotifier
+    from bot.metrics_server import start_metrics_server
     from trainer.models.loading import require_model
 
     loop = asyncio.get_running_loop()
@@ -90,6 +91,7 @@ async def serve(settings, *, discord: bool) -> int:
         loop.add_signal_handler(sig, stop.set)
     log.info("starting: data directory %s, base model %s", settings.data_dir.resolve(), settings.model)
     require_model(settings.model)  # a wrong BOOTHBOT_MODEL stops the start here, not later in the GPU worker
+    metrics_server = start_metrics_server(settings)  # a port in use stops the start here, before the GPU worker
     services = await start_services(settings)
     worker_start = asyncio.create_task(_stop_unless_worker_starts(services.workers, stop), name="worker-start")
     try:
@@ -105,6 +107,8 @@ async def serve(settings, *, discord: bool) -> int:
         return code
     finally:
         worker_start.cancel()
+        if metrics_server is not None:
+            metrics_server.stop()
         log.info("shutting down")
         await services.stop()
 

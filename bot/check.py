@@ -68,6 +68,7 @@ def run_check(*, env_file: str | os.PathLike | None = ".env", gpu: bool = False,
         check_model(report, settings.model)
         if gpu and not report.failed:
             asyncio.run(check_worker(report, settings))
+        check_metrics(report, settings)
     failures = sum(status == "FAIL" for status, _, _ in report.lines)
     warnings = sum(status == "warn" for status, _, _ in report.lines)
     summary = (f"not ready: {failures} problem(s) to fix before the bot can run" if failures else
@@ -126,6 +127,22 @@ def check_data_dir(report: Report, data_dir: Path) -> bool:
     else:
         report.ok("data", text)
     return True
+
+
+def check_metrics(report: Report, settings: Settings) -> None:
+    """Where the Prometheus metrics will be served, after opening and closing that port once."""
+    from bot.metrics_server import start_metrics_server
+
+    try:
+        server = start_metrics_server(settings)
+    except SetupError as e:
+        report.fail("metrics", str(e), e)
+        return
+    if server is None:
+        report.ok("metrics", "off (set BOOTHBOT_METRICS_PORT to serve Prometheus metrics)")
+        return
+    server.stop()
+    report.ok("metrics", f"Prometheus metrics will be served at {server.url}")
 
 
 async def check_database(report: Report, settings: Settings) -> None:

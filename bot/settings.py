@@ -30,6 +30,8 @@ class Settings:
     data_dir: Path = Path("data")
     backups_keep: int = 7
     db_lock_wait_s: float = 120.0
+    metrics_port: int | None = None  # the Prometheus endpoint (bot/metrics_server.py); None: off
+    metrics_host: str = "127.0.0.1"
     device: str = "auto"
     workers: str = "local"  # bot/dispatch/workers.py: "local", "local:cuda:0,cuda:1", "ray://HOST:PORT", "auto"
     dtype: str = "auto"
@@ -147,6 +149,23 @@ def _guild_ids(key: str, raw: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _port_or_off(key: str, raw: str) -> int | None:
+    if not raw.strip():
+        return None
+    try:
+        return _int(1, 65535)(key, raw)
+    except SettingsError as e:
+        raise SettingsError(f"{e}, or empty to serve no metrics") from None
+
+
+def _host(key: str, raw: str) -> str:
+    value = raw.strip()
+    if not value or any(c.isspace() for c in value) or "/" in value:
+        raise SettingsError(f"{key}={raw!r} is not a host to listen on; allowed: an address of this machine such as "
+                            "127.0.0.1 (this machine only) or 0.0.0.0 (every interface), or a host name")
+    return value.strip("[]")
+
+
 def _text(key: str, raw: str) -> str | None:
     return raw.strip() or None
 
@@ -172,6 +191,8 @@ _KEYS: dict[str, tuple[str, object]] = {
     "BOOTHBOT_DATA_DIR": ("data_dir", _path),
     "BOOTHBOT_BACKUPS_KEEP": ("backups_keep", _int(1, 1000)),
     "BOOTHBOT_DB_LOCK_WAIT_S": ("db_lock_wait_s", _float(1, 3600)),
+    "BOOTHBOT_METRICS_PORT": ("metrics_port", _port_or_off),
+    "BOOTHBOT_METRICS_HOST": ("metrics_host", _host),
     "BOOTHBOT_DEVICE": ("device", _device),
     "BOOTHBOT_WORKERS": ("workers", _workers),
     "BOOTHBOT_DTYPE": ("dtype", _choice("auto", "bf16", "fp16", "fp32")),

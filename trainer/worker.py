@@ -60,8 +60,11 @@ class EventWriter:
     def __init__(self, stream):
         self._stream = stream
         self._lock = threading.Lock()
+        self.gpu: str | None = None  # a CUDA device: `ready` and end events carry its memory (with_gpu_memory)
 
     def send(self, message: dict) -> None:
+        if self.gpu is not None and message.get("event") in MEMORY_EVENTS:
+            message = with_gpu_memory(message, self.gpu)
         data = protocol.encode(message)
         with self._lock:
             self._stream.write(data)
@@ -509,6 +512,21 @@ def describe_device(device: str) -> str:
     return device
 
 
+MEMORY_EVENTS = {"ready", *protocol.JOB_END_EVENTS}
+
+
+def with_gpu_memory(event: dict, device: str) -> dict:
+    """`event` with a `gpu_memory` field: the CUDA device's memory now, in bytes (`reserved` by this process, its
+    `peak` so far, the card's `total`), which the bot's metrics show per lane."""
+    import torch
+
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    return {**event, "gpu_memory": {"reserved": torch.cuda.memory_reserved(index),
+                                    "peak": torch.cuda.max_memory_reserved(index),
+                                    "total": torch.cuda.get_device_properties(index).total_memory}}
+
+
 def exit_fatal(writer: EventWriter, error: str, detail: str, code: int) -> NoReturn:
     """Tell the bot why the worker cannot start, then exit at once: a normal interpreter shutdown would abort on the
     stdin reader thread, which is blocked in a read holding the stream's lock."""
@@ -535,6 +553,7 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         device = pick_device(args.device)
         dtype = pick_dtype(device, args.dtype)
+        writer.gpu = device if device.startswith("cuda") else None
         pipe = None
         if not args.no_model:
             from trainer.compat import check_stack

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+from bot import metrics
 from bot.jobs.kinds import KindContext, kind_of
 from bot.jobs.ledger import Job, Ledger
 
@@ -19,6 +20,7 @@ def failed(job_id: int, error: str) -> dict:
 async def record_end(ledger: Ledger, context: KindContext, job: Job, end: dict, seconds: float) -> None:
     """Record a `done`, `cancelled` or `failed` end with this run's GPU seconds; a `done` result is first kept by the
     job's kind (bot/jobs/kinds.py), and the job fails if that breaks."""
+    metrics.job_ended(job, end, seconds)
     event = end["event"]
     if event == "done":
         try:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
+from bot import metrics
 from bot.jobs.ledger import Ledger
 
 if TYPE_CHECKING:
@@ -82,9 +83,11 @@ class Outbox:
         else:
             current = await self.ledger.get(job_id)
             if current is None or current.delivered_at is not None:
+                metrics.delivered(current)
                 return current is not None
             reason = "the notifier returned without delivering it"
         attempts = await self.ledger.delivery_failed(job_id, reason, retry_in_s(job.delivery_attempts + 1))
+        metrics.delivery_failed_attempt()
         pause = retry_in_s(attempts)
         log.warning("job %s: delivery attempt %d failed (%s); trying again in %.0f s", job_id, attempts, reason,
                     pause)

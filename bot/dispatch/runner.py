@@ -23,6 +23,7 @@ from bot.dispatch.worker_client import CRASHED, SHUTTING_DOWN, TIMED_OUT
 from trainer.contract.durations import format_duration
 from bot.jobs.kinds import KindContext, between_slices, kind_of
 from bot.jobs.ledger import MAX_RECOVERIES, Job, Ledger
+from bot import metrics
 from trainer.contract.errors import UserError
 
 log = logging.getLogger("boothbot.dispatcher")
@@ -202,6 +203,7 @@ class Runner:
                     requests, timeout_s=sum(self._time_left(job) for job in served.values()),
                     on_progress=lambda event: self.progress(served[event["job_id"]], event))
             seconds = time.monotonic() - started
+            metrics.lane_busy(self.worker.label, seconds)
             for job_id, end in ends.items():
                 if not self._stopped_by_shutdown(end):
                     outcomes[job_id] = (end, seconds * shares[job_id] / sum(shares.values()))
@@ -231,6 +233,7 @@ class Runner:
                 end = await self.worker.run(job.id, job.kind, params, timeout_s=timeout_s,
                                             on_progress=lambda event: self.progress(job, event))
             seconds = time.monotonic() - started
+            metrics.lane_busy(self.worker.label, seconds)
             return (None if self._stopped_by_shutdown(end) else end), seconds
         finally:
             self.current_job_id = None

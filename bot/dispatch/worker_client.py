@@ -20,6 +20,7 @@ from pathlib import Path
 from bot.dispatch.worker_api import ProgressCallback
 from trainer.contract import protocol
 from trainer.contract.durations import format_duration
+from bot import metrics
 
 log = logging.getLogger("boothbot.worker")
 
@@ -105,6 +106,8 @@ class WorkerClient:
     @property
     def is_ready(self) -> bool:
         return self._ready.is_set()
+
+    label = "local"  # the lane's name in logs and metrics
 
     async def start(self) -> None:
         """Launch the worker and keep it alive in the background; `wait_ready` waits for the model to load."""
@@ -253,6 +256,7 @@ class WorkerClient:
                 log.error("could not start the GPU worker (%s): %s", " ".join(self.argv[:4]), e)
                 returncode = None
             self.exits += 1
+            metrics.worker_exited(self.label, restarting=not self._stopping)
             self._first_start_over.set()
             if self._stopping:
                 break
@@ -308,6 +312,7 @@ class WorkerClient:
             self._route(event)
 
     def _route(self, event: dict) -> None:
+        metrics.worker_event(self.label, event)
         kind = event.get("event")
         if kind == "ready":
             self.ready_info = event
