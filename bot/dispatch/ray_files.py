@@ -93,8 +93,20 @@ def write_returned(root: Path, files: dict[str, dict], deleted: list[str], hashe
         hashes.remember(path, file["sha"])
         written += len(file["data"])
     for rel in deleted:
-        inside_root(root, rel).unlink(missing_ok=True)
+        path = inside_root(root, rel)
+        path.unlink(missing_ok=True)
+        _remove_empty_folders(path.parent, root)
     return written
+
+
+def _remove_empty_folders(folder: Path, root: Path) -> None:
+    """As the engine removes a whole folder (a finished training's checkpoint/), so does the bot, once it is empty."""
+    while folder != root and root in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or already gone)
+            return
+        folder = folder.parent
 
 
 def write_preview(root: Path, preview_file: dict) -> int:

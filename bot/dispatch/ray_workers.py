@@ -46,7 +46,7 @@ async def start_ray_workers(settings) -> list[GpuWorker]:
             raise
         log.warning("%s; BOOTHBOT_RAY_FALLBACK=local: running one local worker on %s instead", e, settings.device)
         return [WorkerClient.from_settings(settings)]
-    return create_workers(settings)
+    return create_workers(settings, address=settings.workers)
 
 
 def connect(address: str) -> None:
@@ -75,7 +75,8 @@ def _probe(address: str) -> None:
         raise SetupError(UNREACHABLE.format(address=address, why=_first_line(e) or type(e).__name__)) from None
 
 
-def create_workers(settings) -> list[RayWorkerClient]:
+def create_workers(settings, *, address: str) -> list[RayWorkerClient]:
+    """The actors on the cluster this process is connected to (`address`: for the log and messages)."""
     import ray
 
     if settings.ray_cpu_workers:
@@ -83,7 +84,7 @@ def create_workers(settings) -> list[RayWorkerClient]:
     else:
         count = int(ray.cluster_resources().get("GPU", 0))
         if count == 0:
-            raise SetupError(NO_GPUS.format(address=settings.workers))
+            raise SetupError(NO_GPUS.format(address=address))
         resources, device, threads = {"num_gpus": 1}, "cuda", None
     module, name = ACTOR_CLASS
     actor_class = ray.remote(getattr(importlib.import_module(module), name)).options(**ACTOR_OPTIONS, **resources)
@@ -92,7 +93,7 @@ def create_workers(settings) -> list[RayWorkerClient]:
         actor = actor_class.remote(model=settings.model, device=device, dtype=settings.dtype,
                                    compile_unet=settings.compile_unet, threads=threads)
         clients.append(RayWorkerClient(actor, data_dir=settings.data_dir, index=index))
-    log.info("starting %d Ray worker actor(s) on %s (%s each)", count, settings.workers,
+    log.info("starting %d Ray worker actor(s) on %s (%s each)", count, address,
              "1 GPU" if device == "cuda" else "1 CPU")
     return clients
 

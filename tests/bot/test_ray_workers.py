@@ -127,7 +127,7 @@ class Lanes:
 @pytest_asyncio.fixture(loop_scope="module")
 async def lanes(tmp_path, ray_workers):
     settings = replace(Settings(), data_dir=tmp_path / "data", train_slice_s=0.5, max_queued_jobs=10,
-                       trainings_per_day=10)
+                       trainings_per_day=10, imagine_timeout_s=3600, train_timeout_s=3600)  # slow shared CPUs
     store = await Store.open(settings.db_path)
     for worker in ray_workers:
         await worker.wait_ready(READY_TIMEOUT_S)  # an earlier test may have killed it: Ray restarts it
@@ -207,9 +207,10 @@ async def test_killing_an_actor_mid_training_resumes_it_on_the_other_and_deliver
 
 async def test_an_imagine_whose_actor_dies_is_run_once_more(lanes, ray_workers, ray_cluster):
     lane = lanes.runners[0]
-    job = await lanes.imagine(BOB, steps=400)
+    job = await lanes.imagine(BOB, steps=100)
     running = asyncio.create_task(lane.run_next())
-    await lanes.notifier.wait_for(lambda: any(j == job.id for j, _ in lanes.notifier.progress))
+    await lanes.notifier.wait_for(lambda: running.done() or any(j == job.id for j, _ in lanes.notifier.progress))
+    assert not running.done(), await lanes.ledger.get(job.id)
     starts = lane.worker.starts
     ray_cluster.kill(lane.worker.actor, no_restart=False)
     await asyncio.wait_for(running, READY_TIMEOUT_S)
