@@ -31,7 +31,7 @@ from trainer.contract.protocol import JobKind
 log = logging.getLogger("boothbot.worker")
 
 POLL_S = 1.0  # how long one `events` call waits on the actor for something to happen
-CALL_TIMEOUT_S = 30.0  # a short call (cancel, shutdown) to an actor that may be restarting
+CALL_TIMEOUT_S = 30.0  # a cancel sent to an actor that may be restarting
 RETRY_READY_WAIT_S = 300.0  # how long a retried /imagine waits for its restarted actor
 HANDOVER_FAILED = ("The bot could not hand your job to its GPU worker (an internal error). Please try again; if it "
                    "keeps happening, tell a server admin.")
@@ -87,7 +87,7 @@ class RayWorkerClient:
 
     async def cancel(self, job_id: int) -> None:
         with contextlib.suppress(Exception):  # an actor that is gone has nothing to cancel
-            await asyncio.wait_for(self.actor.cancel.remote(job_id), CALL_TIMEOUT_S)
+            await asyncio.wait_for(_result(self.actor.cancel.remote(job_id)), CALL_TIMEOUT_S)
 
     async def kill(self) -> None:
         """Kill the actor; Ray starts it again (`max_restarts`) and the running request fails with CRASHED."""
@@ -97,11 +97,11 @@ class RayWorkerClient:
             ray.kill(self.actor, no_restart=False)
 
     async def stop(self) -> None:
+        """End the actor for good (the bot is stopping); a request still running fails with SHUTTING_DOWN, so the
+        runner leaves its job for the next start to recover."""
         import ray
 
         self._stopping = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.actor.shutdown.remote(), CALL_TIMEOUT_S)
         with contextlib.suppress(Exception):
             ray.kill(self.actor, no_restart=True)
         if self._coming_up is not None:
@@ -123,13 +123,14 @@ class RayWorkerClient:
         try:
             while not self._stopping:
                 try:
-                    info = await self.actor.ready.remote()
+                    info = await _result(self.actor.ready.remote())
                 except ActorUnavailableError:
                     await asyncio.sleep(POLL_S)
                     continue
                 except RayActorError as e:
-                    self.last_fatal = protocol.fatal(f"the Ray worker actor is gone for good: {_first_line(e)}")
-                    log.error("%s: %s", self.label, self.last_fatal["error"])
+                    self.last_fatal = protocol.fatal(f"the Ray worker actor is gone for good: {_first_line(e)}",
+                                                     str(e))
+                    log.error("%s: the Ray worker actor is gone for good: %s", self.label, e)
                     return
                 self.starts += 1
                 self._actor_has.clear()  # a new process: its cache may be empty
@@ -222,7 +223,7 @@ class RayWorkerClient:
                 killed = True
                 await self.kill()
             try:
-                answer = await self.actor.events.remote(request_id, POLL_S)
+                answer = await _result(self.actor.events.remote(request_id, POLL_S))
             except ActorUnavailableError:
                 await asyncio.sleep(POLL_S)  # restarting, or the network: a restarted actor says it lost the request
                 continue
@@ -280,8 +281,9 @@ class RayWorkerClient:
         for _ in range(2):
             blobs, size = await asyncio.to_thread(self._put, {sha: paths[sha] for sha in to_send})
             sent += size
-            missing = await self.actor.start.remote({"id": request_id, "message": message, "bot_root": str(self.root),
-                                                     "inputs": inputs, "blobs": blobs})
+            missing = await _result(self.actor.start.remote({"id": request_id, "message": message,
+                                                             "bot_root": str(self.root), "inputs": inputs,
+                                                             "blobs": blobs}))
             if not missing:
                 self._actor_has.update(paths)
                 return sent
@@ -329,6 +331,11 @@ class RayWorkerClient:
             sent, received = self._moved.pop(job_id, (0, 0))
             log.info("job %s (%s) on %s moved %s to the worker and %s back", job_id, kinds.get(job_id), self.label,
                      megabytes(sent), megabytes(received))
+
+
+async def _result(ref):
+    """An actor call's result, awaited without blocking the event loop (a driver's ObjectRef or a Ray Client one)."""
+    return await asyncio.wrap_future(ref.future())
 
 
 def _ids(job_ids: list[int]) -> str:

@@ -183,7 +183,7 @@ async def test_a_lora_trained_on_one_actor_reaches_the_other_once_and_slices_res
 async def test_killing_an_actor_mid_training_resumes_it_on_the_other_and_delivers_it_once(lanes, ray_workers,
                                                                                           ray_cluster):
     doomed, survivor = lanes.runners
-    concept, train = await lanes.train(ALICE, "sid", steps=80)
+    concept, train = await lanes.train(ALICE, "sid", steps=30)
     running = asyncio.create_task(doomed.run_next())
     # A slice ended and its checkpoint came back; the training is on its next slice.
     await lanes.notifier.wait_for(lambda: len(set(lanes.steps_seen(train.id))) >= 3 and

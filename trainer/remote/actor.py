@@ -14,6 +14,7 @@ torch is imported only in the actor's process, when the model loads.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 import traceback
@@ -24,6 +25,9 @@ from trainer.contract import protocol
 from trainer.remote.blobs import DEFAULT_LIMIT_BYTES, BlobStore, sha256_of
 from trainer.remote.workdir import WorkDir, safe_relative
 from trainer.worker import STACK_STAMP, JobControl, Worker, describe_device, describe_start_failure
+
+
+ACTORS_DIR = Path(tempfile.gettempdir()) / "boothbot-ray"  # on each node: one directory per actor process
 
 
 class Request:
@@ -53,7 +57,7 @@ class Request:
         with self.condition:
             self.condition.wait_for(lambda: self.events or self.over, wait_s)
             events, self.events = self.events, []
-            answer = {"known": True, "events": events, "over": self.over and not self.events}
+            answer = {"known": True, "events": events, "over": self.over}  # `finish` comes after the last event
             if answer["over"]:
                 answer.update(files=self.files, deleted=self.deleted)
             return answer
@@ -62,7 +66,7 @@ class Request:
 class WorkerActor:
     def __init__(self, *, model: str | None, device: str = "auto", dtype: str = "auto", compile_unet: bool = False,
                  threads: int | None = None, cache_limit_bytes: int = DEFAULT_LIMIT_BYTES):
-        self.root = Path(tempfile.mkdtemp(prefix="boothbot-ray-"))
+        self.root = _fresh_root()
         self.blobs = BlobStore(self.root / "blobs", cache_limit_bytes)
         self.cache_dir = self.root / "cache"  # class images: kept for every training on this actor
         self.control = JobControl()
@@ -93,7 +97,7 @@ class WorkerActor:
             if model is not None:
                 require_model(model)
                 quiet_libraries(False)
-                stack = check_stack(stamp=self.cache_dir / STACK_STAMP)
+                stack = check_stack(stamp=ACTORS_DIR / STACK_STAMP)  # probed once per node and package set
                 if not stack.ok:
                     return protocol.fatal(f"the installed packages cannot train LoRAs: {stack.problem}", stack.detail)
                 self._pipe = load_pipeline(model, self._device, dtype)
@@ -162,10 +166,6 @@ class WorkerActor:
     def cancel(self, job_id: int) -> None:
         self.control.cancel(job_id)
 
-    def shutdown(self) -> None:
-        """The bot is stopping: the running job stops at its next step."""
-        self.control.closing.set()
-
     def cached(self) -> int:
         """How many files this actor holds in its cache (tests, logs)."""
         return sum(1 for _ in self.blobs.root.iterdir())
@@ -229,6 +229,30 @@ class WorkerActor:
             self.blobs.adopt(sha, path)  # a checkpoint sent back now need not come again for the next slice
             files[safe_relative(rel).as_posix()] = {"sha": sha, "data": data}
         return files, deleted
+
+
+def _fresh_root() -> Path:
+    """This actor's directory (work directories, cache), after removing those of actors on this node that are gone
+    (killed or crashed: they could not clean up after themselves)."""
+    ACTORS_DIR.mkdir(parents=True, exist_ok=True)
+    for old in ACTORS_DIR.glob("actor-*"):
+        pid = old.name.removeprefix("actor-")
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    root = ACTORS_DIR / f"actor-{os.getpid()}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    return root
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _StartArgs:
