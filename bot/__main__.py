@@ -91,7 +91,7 @@ async def serve(settings, *, discord: bool) -> int:
     log.info("starting: data directory %s, base model %s", settings.data_dir.resolve(), settings.model)
     require_model(settings.model)  # a wrong BOOTHBOT_MODEL stops the start here, not later in the GPU worker
     services = await start_services(settings)
-    worker_start = asyncio.create_task(_stop_unless_worker_starts(services.worker, stop), name="worker-start")
+    worker_start = asyncio.create_task(_stop_unless_worker_starts(services.workers, stop), name="worker-start")
     try:
         if discord:
             code = await _run_discord_until(stop, settings, services)
@@ -109,17 +109,16 @@ async def serve(settings, *, discord: bool) -> int:
         await services.stop()
 
 
-async def _stop_unless_worker_starts(worker, stop: asyncio.Event) -> SetupError | None:
-    """Stop the bot when the first GPU worker cannot load the base model: no job could ever run.
+async def _stop_unless_worker_starts(workers, stop: asyncio.Event) -> SetupError | None:
+    """Stop the bot when no GPU worker can load the base model: no job could ever run. With several workers the bot
+    serves as soon as one is ready (bot/dispatch/workers.py); those that fail keep being retried, with the error in
+    the log, and so do later restarts after a crash."""
+    from bot.dispatch.workers import first_ready
 
-    Later workers (restarts after a crash) that fail keep being retried, with the error in the log.
-    """
-    if await worker.wait_first_start() is not None:
-        return None
-    stop.set()
-    if worker.last_fatal is not None:
-        return SetupError(worker.last_fatal["error"])
-    return SetupError("the GPU worker exited before loading the base model; its last output is in the log above")
+    error = await first_ready(workers)
+    if error is not None:
+        stop.set()
+    return error
 
 
 async def _run_discord_until(stop: asyncio.Event, settings, services) -> int:

@@ -1,4 +1,4 @@
-"""Wiring: Settings -> Store (migrations) -> services -> GPU worker -> dispatcher, in one `Services` container.
+"""Wiring: Settings -> Store (migrations) -> services -> GPU workers -> dispatcher, in one `Services` container.
 
 `python -m bot` calls `start_services(settings)` and hands the result to the Discord client (`BoothBot.services`),
 where every cog finds it; the delivery cog attaches its notifier with `services.set_notifier(...)`.
@@ -20,7 +20,8 @@ from bot.jobs.ledger import Job, Ledger
 from bot.settings import Settings
 from bot.store.backups import Backups, BackupSchedule
 from bot.store.database import Store
-from bot.dispatch.worker_client import WorkerClient
+from bot.dispatch.worker_api import GpuWorker
+from bot.dispatch.workers import build_workers
 from trainer.contract.errors import require_writable_dir
 
 log = logging.getLogger("boothbot")
@@ -48,12 +49,17 @@ class Services:
     concepts: ConceptService
     gallery: Gallery
     admin: AdminService
-    worker: WorkerClient
+    worker: GpuWorker  # the first lane's; `workers` has them all
     dispatcher: Dispatcher
     notifier: Notifier | None = None
     backup_schedule: BackupSchedule | None = None
     retention: PhotoRetention | None = None  # the photo retention sweep, started by start_services
     _announcing: set[asyncio.Task] = field(default_factory=set, repr=False)
+
+    @property
+    def workers(self) -> list[GpuWorker]:
+        """Every GPU worker, one per dispatcher lane (BOOTHBOT_WORKERS)."""
+        return self.dispatcher.workers
 
     def set_notifier(self, notifier: Notifier | None) -> None:
         """Attach the announcer of progress and finished jobs; jobs that finished without one are announced now."""
@@ -104,19 +110,19 @@ class Services:
             await self.dispatcher.stop()
         finally:
             try:
-                await self.worker.stop()
+                await asyncio.gather(*(worker.stop() for worker in self.workers))
             finally:
                 await self.store.close()
         log.info("stopped")
 
 
-async def start_services(settings: Settings, *, worker: WorkerClient | None = None,
-                         notifier: Notifier | None = None) -> Services:
-    """Open the database (applying migrations), build the services, start the GPU worker and the dispatcher.
+async def start_services(settings: Settings, *, worker: GpuWorker | None = None,
+                         workers: list[GpuWorker] | None = None, notifier: Notifier | None = None) -> Services:
+    """Open the database (applying migrations), build the services, start the GPU workers and the dispatcher.
 
-    Returns at once: the worker loads the base model in the background and the dispatcher waits for it.
-    `worker` replaces the default one built from the settings (benchmarks and tests pick its command line).
-    A data directory or database the bot cannot use raises SetupError.
+    Returns at once: the workers load the base model in the background and each lane waits for its own.
+    `worker` (one) or `workers` replace the ones built from BOOTHBOT_WORKERS (benchmarks and tests pick their command
+    lines). A data directory or database the bot cannot use, or Ray asked for but missing, raises SetupError.
     """
     require_writable_dir(settings.data_dir, "BOOTHBOT_DATA_DIR")
     backups = Backups(settings.db_path, keep=settings.backups_keep)
@@ -131,20 +137,21 @@ async def start_services(settings: Settings, *, worker: WorkerClient | None = No
             log.info("removed %d leftover concept folder(s) with no concept", orphans)
         gallery = Gallery(store)
         admin = AdminService(store, ledger, settings)
-        worker = worker or WorkerClient.from_settings(settings)
-        dispatcher = Dispatcher(settings, ledger, concepts, gallery, worker, notifier=notifier)
-        await worker.start()
+        workers = [worker] if worker is not None else workers or await build_workers(settings)
+        dispatcher = Dispatcher(settings, ledger, concepts, gallery, workers, notifier=notifier)
+        for one in workers:
+            await one.start()
         await dispatcher.start()
     except BaseException:
-        if worker is not None:
-            await worker.stop()
+        await asyncio.gather(*(one.stop() for one in workers or ()), return_exceptions=True)
         await store.close()
         raise
-    log.info("GPU worker starting with base model %s on %s; jobs run once it is ready", settings.model,
-             settings.device)
+    log.info("%s starting with base model %s on %s; jobs run once one is ready",
+             "GPU worker" if len(workers) == 1 else f"{len(workers)} GPU workers", settings.model,
+             ", ".join(one.label for one in workers))
     schedule = BackupSchedule(backups)  # at once when the newest backup is a day old, then daily
     schedule.start()
     retention = PhotoRetention(store, settings.data_dir, settings.photo_retention_days)
     retention.start()  # its first sweep runs now, then every hour
-    return Services(settings, store, ledger, concepts, gallery, admin, worker, dispatcher, backup_schedule=schedule,
+    return Services(settings, store, ledger, concepts, gallery, admin, workers[0], dispatcher, backup_schedule=schedule,
                     retention=retention)

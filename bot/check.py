@@ -61,7 +61,9 @@ def run_check(*, env_file: str | os.PathLike | None = ".env", gpu: bool = False,
         report.debug = debug or settings.log_level == "DEBUG"
         if check_data_dir(report, settings.data_dir):
             asyncio.run(check_database(report, settings))
-        check_torch(report, settings.device)
+        check_workers_setting(report, settings)
+        for device in worker_devices(settings):
+            check_torch(report, device)
         check_packages(report)
         check_model(report, settings.model)
         if gpu and not report.failed:
@@ -72,6 +74,13 @@ def run_check(*, env_file: str | os.PathLike | None = ".env", gpu: bool = False,
                "ready to run: python -m bot" + (f" ({warnings} warning(s) above)" if warnings else ""))
     print(summary, file=out or sys.stdout, flush=True)
     return 1 if failures else 0
+
+
+def worker_devices(settings: Settings) -> list[str]:
+    """The devices of this machine's workers, each checked once (Ray workers' GPUs are on their own machines)."""
+    from bot.dispatch.workers import local_devices, uses_ray
+
+    return [] if uses_ray(settings) else list(dict.fromkeys(local_devices(settings)))
 
 
 def check_settings(report: Report, env_file) -> Settings | None:
@@ -155,8 +164,8 @@ def check_torch(report: Report, device: str) -> None:
     text = f"torch {torch.__version__}"
     if not torch.cuda.is_available():
         if device.startswith("cuda"):
-            report.fail("gpu", f"{text} sees no CUDA GPU but BOOTHBOT_DEVICE={device}; install a CUDA build of "
-                               "torch and the NVIDIA driver, or set BOOTHBOT_DEVICE=cpu")
+            report.fail("gpu", f"{text} sees no CUDA GPU but a worker is to run on {device} (BOOTHBOT_DEVICE / "
+                               "BOOTHBOT_WORKERS); install a CUDA build of torch and the NVIDIA driver, or use cpu")
         elif device == "mps" or (device == "auto" and torch.backends.mps.is_available()):
             report.ok("gpu", f"{text}; Apple GPU (mps)")
         else:
@@ -165,7 +174,8 @@ def check_torch(report: Report, device: str) -> None:
         return
     index = torch.device(device).index if device.startswith("cuda:") else 0
     if index >= torch.cuda.device_count():
-        report.fail("gpu", f"BOOTHBOT_DEVICE={device} but torch sees {torch.cuda.device_count()} GPU(s)")
+        report.fail("gpu", f"a worker is to run on {device} (BOOTHBOT_DEVICE / BOOTHBOT_WORKERS) but torch sees "
+                           f"{torch.cuda.device_count()} GPU(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
         return
     name = torch.cuda.get_device_name(index)
     free, total = torch.cuda.mem_get_info(index)
@@ -211,31 +221,71 @@ def check_model(report: Report, ref: str) -> None:
     report.ok("model", source.detail)
 
 
-async def check_worker(report: Report, settings: Settings) -> None:
-    from bot.dispatch.worker_client import WorkerClient
+def check_workers_setting(report: Report, settings: Settings) -> None:
+    """Which GPU workers BOOTHBOT_WORKERS asks for; Ray ones need their extra installed."""
+    from bot.dispatch.workers import RAY_MISSING, RAY_MODULE, local_devices, uses_ray
 
-    print(f"...   worker     starting the GPU worker with {settings.model} (the first start may download it)",
-          file=report.out or sys.stdout, flush=True)
-    worker = WorkerClient.from_settings(settings, restart_delays_s=(3600.0,))
-    await worker.start()
-    try:
-        try:
-            ready = await asyncio.wait_for(worker.wait_first_start(), WORKER_START_TIMEOUT_S)
-        except TimeoutError:
-            ready = None
-        if ready is None:
-            fatal = worker.last_fatal or {"error": "it exited before loading the model; see the log lines above"}
-            report.fail("worker", f"the GPU worker could not start: {fatal['error']}", fatal.get("detail"))
-            return
-        report.ok("worker", f"base model loaded on {ready['device']} ({ready['dtype']}), pid {ready['pid']}")
-        end = await worker.run(0, "selftest", {"seconds": GPU_CHECK_S}, timeout_s=GPU_CHECK_S + 60)
-        if end["event"] == "done":
-            result = end["result"]
-            speed = (f"{result['tflops']:.1f} TFLOP/s" if result["tflops"] >= 1 else
-                     f"{result['tflops'] * 1000:.0f} GFLOP/s")
-            report.ok("worker", f"{result['seconds']:.1f} s of {result['size']}x{result['size']} matmuls on "
-                                f"{result['device']}: {speed}")
+    if uses_ray(settings):
+        import importlib.util
+
+        if importlib.util.find_spec(RAY_MODULE) is None:
+            report.fail("workers", RAY_MISSING.format(value=settings.workers))
         else:
-            report.fail("worker", f"the GPU self-test failed: {end.get('error')} {end.get('detail', '')}".strip())
+            report.ok("workers", f"BOOTHBOT_WORKERS={settings.workers}: Ray workers (--gpu starts them)")
+        return
+    devices = local_devices(settings)
+    if len(devices) > 1:
+        report.ok("workers", f"BOOTHBOT_WORKERS={settings.workers}: {len(devices)} local workers, one lane each "
+                             f"({', '.join(devices)})")
+
+
+async def check_worker(report: Report, settings: Settings) -> None:
+    """Start every configured GPU worker side by side, load the model and run the self-test on each."""
+    from bot.dispatch.workers import build_workers
+
+    print(f"...   worker     starting the GPU worker{'s' if settings.workers != 'local' else ''} with "
+          f"{settings.model} (the first start may download it)", file=report.out or sys.stdout, flush=True)
+    try:
+        workers = await build_workers(settings, retry_failed_start=False)  # a failed start is reported
+    except SetupError as e:
+        report.fail("worker", str(e), e)
+        return
+    if not workers:
+        report.fail("worker", f"BOOTHBOT_WORKERS={settings.workers} found no GPU worker to start")
+        return
+    try:
+        for worker in workers:
+            await worker.start()
+        outcomes = await asyncio.gather(*(_check_one_worker(worker) for worker in workers))
     finally:
-        await worker.stop()
+        await asyncio.gather(*(worker.stop() for worker in workers), return_exceptions=True)
+    for number, (worker, findings) in enumerate(zip(workers, outcomes), start=1):
+        which = f"worker {number} of {len(workers)} ({worker.label}): " if len(workers) > 1 else ""
+        for status, text, detail in findings:
+            if status == "ok":
+                report.ok("worker", which + text)
+            else:
+                report.fail("worker", which + text, detail)
+
+
+async def _check_one_worker(worker) -> list[tuple[str, str, str | None]]:
+    """(status, text, detail) findings of one worker: did it load the model, did its self-test run."""
+    try:
+        ready = await asyncio.wait_for(worker.wait_first_start(), WORKER_START_TIMEOUT_S)
+    except TimeoutError:
+        ready = None
+    if ready is None:
+        fatal = worker.last_fatal or {"error": "it exited before loading the model; see the log lines above"}
+        return [("FAIL", f"the GPU worker could not start: {fatal['error']}", fatal.get("detail"))]
+    findings = [("ok", f"base model loaded on {ready['device']} ({ready['dtype']}), pid {ready['pid']}", None)]
+    end = await worker.run(0, "selftest", {"seconds": GPU_CHECK_S}, timeout_s=GPU_CHECK_S + 60)
+    if end["event"] == "done":
+        result = end["result"]
+        speed = (f"{result['tflops']:.1f} TFLOP/s" if result["tflops"] >= 1 else
+                 f"{result['tflops'] * 1000:.0f} GFLOP/s")
+        findings.append(("ok", f"{result['seconds']:.1f} s of {result['size']}x{result['size']} matmuls on "
+                               f"{result['device']}: {speed}", None))
+    else:
+        findings.append(("FAIL", f"the GPU self-test failed: {end.get('error')} {end.get('detail', '')}".strip(),
+                         None))
+    return findings

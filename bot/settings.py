@@ -31,6 +31,7 @@ class Settings:
     backups_keep: int = 7
     db_lock_wait_s: float = 120.0
     device: str = "auto"
+    workers: str = "local"  # bot/dispatch/workers.py: "local", "local:cuda:0,cuda:1", "ray://HOST:PORT", "auto"
     dtype: str = "auto"
     admin_role: str | None = None
     max_queued_jobs: int = 3
@@ -90,11 +91,39 @@ def _choice(*allowed: str):
     return parse
 
 
+def _is_device(value: str) -> bool:
+    return value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit())
+
+
 def _device(key: str, raw: str) -> str:
     value = raw.strip().lower()
-    if value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit()):
+    if _is_device(value):
         return value
     raise SettingsError(f"{key}={raw!r} is not a device; allowed: auto, cpu, cuda, cuda:N, mps")
+
+
+WORKERS_ALLOWED = ("local (one worker on BOOTHBOT_DEVICE), local:DEVICE,DEVICE,... (one worker per device, e.g. "
+                   "local:cuda:0,cuda:1), ray://HOST:PORT (a Ray cluster), auto (Ray, as `ray start` left it)")
+
+
+def _workers(key: str, raw: str) -> str:
+    value = raw.strip()
+    lowered = value.lower()
+    if lowered in ("local", "auto"):
+        return lowered
+    if lowered.startswith("local:"):
+        devices = [d.strip() for d in lowered[len("local:"):].split(",")]
+        bad = [d or "(empty)" for d in devices if not _is_device(d)]
+        if bad:
+            raise SettingsError(f"{key}={raw!r} names {bad[0]!r}, which is not a device (allowed: cpu, cuda, "
+                                f"cuda:N, mps, auto); write one device per worker, e.g. local:cuda:0,cuda:1")
+        return "local:" + ",".join(devices)
+    if lowered.startswith("ray://"):
+        host, _, port = value[len("ray://"):].rpartition(":")
+        if host and port.isdigit() and 1 <= int(port) <= 65535:
+            return value
+        raise SettingsError(f"{key}={raw!r} is not a Ray address; write ray://HOST:PORT, e.g. ray://10.0.0.5:10001")
+    raise SettingsError(f"{key}={raw!r} is not allowed; choose one of: {WORKERS_ALLOWED}")
 
 
 def _bool(key: str, raw: str) -> bool:
@@ -146,6 +175,7 @@ _KEYS: dict[str, tuple[str, object]] = {
     "BOOTHBOT_BACKUPS_KEEP": ("backups_keep", _int(1, 1000)),
     "BOOTHBOT_DB_LOCK_WAIT_S": ("db_lock_wait_s", _float(1, 3600)),
     "BOOTHBOT_DEVICE": ("device", _device),
+    "BOOTHBOT_WORKERS": ("workers", _workers),
     "BOOTHBOT_DTYPE": ("dtype", _choice("auto", "bf16", "fp16", "fp32")),
     "BOOTHBOT_ADMIN_ROLE": ("admin_role", _text),
     "BOOTHBOT_MAX_QUEUED_JOBS": ("max_queued_jobs", _int(1, 100)),

@@ -41,6 +41,25 @@ def delivery_line(job) -> str:
     return f"Job {job.id} ({job.kind}, <@{job.owner_id}>): {state}. Why: {job.delivery_error}"
 
 
+LANE_STATES = {"starting": "⏳ starting", "ready": "🟢 ready", "busy": "🔵 busy", "restarting": "🔁 restarting",
+               "down": "🔴 down"}
+
+
+def lane_line(lane, job, guild_id: int) -> str:
+    """One GPU worker lane for admins: label, state, device, current job (this server's only), jobs run."""
+    parts = [f"**{lane.label}**: {LANE_STATES.get(lane.state, lane.state)}", f"device {lane.device}"]
+    if lane.current_job_id is not None:
+        if job is not None and job.guild_id == guild_id:
+            parts.append(f"job {job.id} ({job.kind}, <@{job.owner_id}>)")
+        else:
+            parts.append("a job of another server")
+    parts.append(f"{lane.jobs_run} job{'' if lane.jobs_run == 1 else 's'} run")
+    line = " · ".join(parts)
+    if lane.state == "down" and lane.problem:
+        line += f"\n  why: {lane.problem}"
+    return line
+
+
 def require_admin(interaction: discord.Interaction) -> None:
     admin_role = services_of(interaction).settings.admin_role
     if not is_admin(interaction):
@@ -115,6 +134,16 @@ class Queue(BoothCog, commands.GroupCog, group_name="queue", group_description="
         if await self.services.admin.is_paused():
             text = "⏸️ Paused (running jobs finish; nothing new starts). `/queue admin resume` to go on.\n" + text
         await interaction.response.send_message(text[:2000], ephemeral=True,
+                                                allowed_mentions=discord.AllowedMentions.none())
+
+    @admin.command(name="workers", description="The GPU workers: state, device and the job each one runs")
+    async def admin_workers(self, interaction: discord.Interaction) -> None:
+        require_admin(interaction)
+        lines = []
+        for lane in self.services.dispatcher.lane_statuses():
+            job = None if lane.current_job_id is None else await self.services.ledger.get(lane.current_job_id)
+            lines.append(lane_line(lane, job, interaction.guild_id))
+        await interaction.response.send_message("\n".join(lines)[:2000], ephemeral=True,
                                                 allowed_mentions=discord.AllowedMentions.none())
 
     @admin.command(name="pause", description="Stop starting new jobs (running ones finish)")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable, Sequence
 
+from bot.dispatch.affinity import LoraAffinity
 from bot.dispatch.announcer import Announcer
 from bot.dispatch.cancels import passing_on_cancels
 from bot.dispatch.endings import failed, record_end
@@ -29,23 +31,32 @@ PREPARE_FAILED = ("The bot could not prepare your job (an internal error). Pleas
                   "tell a server admin.")
 
 
-class Runner:
-    """Runs claimed jobs on its own worker, one request at a time."""
+Claimer = Callable[[Sequence[str] | None], Awaitable[Job | None]]
 
-    def __init__(self, context: KindContext, ledger: Ledger, worker: GpuWorker, announcer: Announcer):
+
+class Runner:
+    """Runs claimed jobs on its own worker (one lane of the dispatcher), one request at a time."""
+
+    def __init__(self, context: KindContext, ledger: Ledger, worker: GpuWorker, announcer: Announcer, *,
+                 claim_next: Claimer | None = None):
         self.context = context
         self.ledger = ledger
         self.worker = worker
         self.announcer = announcer
+        # How this lane takes its next job (kinds, or None for every kind): the dispatcher's lane affinity, or plainly
+        # the fair first.
+        self.claim_next = claim_next or ledger.claim_next
+        self.affinity = LoraAffinity()  # the LoRAs this runner's worker was last sent
         self.progress = ProgressRecorder(ledger, announcer)
         self.stopping = False  # set by the dispatcher: finish the running request, start no slice or batch after it
         self.current_job_id: int | None = None  # the job on the GPU (the first of a batch)
         self.batches_run = 0  # run_many requests sent (logs, tests)
+        self.jobs_run = 0  # jobs whose end this runner recorded (/queue admin workers)
 
     async def run_next(self) -> Job | None:
         """Claim the next job in fair order and run it to its end (a training through all its slices, with /imagine
         jobs in between). Returns the job as claimed, or None when nothing is queued (or the queue is paused)."""
-        job = await self.ledger.claim_next()
+        job = await self.claim_next(None)
         if job is not None:
             try:
                 await self._run_claimed(job)
@@ -83,6 +94,7 @@ class Runner:
                 return
             if end["event"] != "paused":
                 await record_end(self.ledger, self.context, job, end, seconds)
+                self.jobs_run += 1
                 await self.announcer.finished(job.id)
                 return
             job = await self._next_slice(job, seconds)
@@ -124,7 +136,7 @@ class Runner:
     async def _run_between_slices(self) -> None:
         budget_end = time.monotonic() + self.context.settings.imagine_between_slices_s
         while not self.stopping and time.monotonic() < budget_end:
-            job = await self.ledger.claim_next(kinds=between_slices())
+            job = await self.claim_next(between_slices())
             if job is None:
                 return
             try:
@@ -157,6 +169,7 @@ class Runner:
                     continue  # shutting down mid-batch: it stays running; the next start recovers it
                 end, seconds = outcomes[job.id]
                 await record_end(self.ledger, self.context, job, end, seconds)
+                self.jobs_run += 1
                 await self.announcer.finished(job.id)
         except Exception:
             for job in jobs:  # each still running fails with a message (the ledger ignores finished ones)
@@ -177,6 +190,7 @@ class Runner:
                     continue
                 requests.append({"job_id": job.id, "kind": job.kind, "params": params})
                 served[job.id] = job
+                self.affinity.remember(job, params)
             if not served:
                 return outcomes
             shares = {job_id: kind_of(job.kind).batch_share(job.params) for job_id, job in served.items()}
@@ -211,6 +225,7 @@ class Runner:
             if timeout_s <= 0:
                 limit = format_duration(kind_of(job.kind).timeout_s(self.context.settings))
                 return failed(job.id, TIMED_OUT.format(limit=limit)), 0.0
+            self.affinity.remember(job, params)
             started = time.monotonic()
             async with passing_on_cancels(self.ledger, self.worker, [job.id]):
                 end = await self.worker.run(job.id, job.kind, params, timeout_s=timeout_s,

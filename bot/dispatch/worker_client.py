@@ -30,6 +30,7 @@ RESTART_DELAYS_S = (0.5, 2.0, 5.0, 15.0, 30.0, 60.0)
 HEALTHY_AFTER_S = 60.0  # a worker that lived this long resets the restart backoff
 STREAM_LIMIT = 16 * 1024 * 1024  # longest line we accept (tracebacks in `detail` can be long)
 
+
 def worker_command(*, model: str | None, data_dir: Path | str, device: str = "auto", dtype: str = "auto",
                    threads: int | None = None, compile_unet: bool = False, debug: bool = False,
                    python: str = sys.executable) -> list[str]:

@@ -112,6 +112,7 @@ class Ledger:
         self.store = store
         self.clock = clock
         self.settings = settings or Settings()
+        self.lanes = 1  # how many jobs run at once (one per GPU worker); the dispatcher sets it, the ETAs use it
         self.queue = QueueCache(store, self._work_out_queue, self._now)
         self.submissions = GroupCommit(store, self._write_submission)
 
@@ -237,6 +238,26 @@ class Ledger:
                     if started is not None:
                         taken.append(started)
             return taken
+
+    async def claim_preferred(self, rank: Callable[[Job], float], among: int,
+                              kinds: Sequence[str] | None = None) -> Job | None:
+        """Claim one of the first `among` queued jobs (of `kinds`) in fair order: the one `rank` puts highest, the
+        fairer one on a tie. The dispatcher's lane affinity: `among` is how many lanes are free now, so each of those
+        jobs starts now whichever lane takes it, and the choice costs no one their turn."""
+        if among <= 1:
+            return await self.claim_next(kinds)
+        kinds = all_kinds() if kinds is None else tuple(kinds)
+        async with self.store.immediate() as db:
+            if await scheduler.is_paused(db):
+                return None
+            now = self.clock()
+            queued = await self._jobs_with_status(QUEUED, kinds)
+            used = await scheduler.usage_by_owner(db, now, self.window_s)
+            estimates = await scheduler.estimated_durations(db)
+            head = scheduler.fair_order(queued, used, estimates, now)[:among]
+            if not head:
+                return None
+            return await self._start(db, max(head, key=rank).id, now)  # max keeps the first of equals
 
     async def _start(self, db: Store, job_id: int, now: float) -> Job | None:
         changed = await db.execute(
@@ -398,7 +419,7 @@ class Ledger:
         queued = await self._jobs_with_status(QUEUED, db=db)
         used = await scheduler.usage_by_owner(db, now, self.window_s)
         estimates = await scheduler.estimated_durations(db)
-        return QueuePlan(scheduler.plan(running, queued, used, estimates, now), now)
+        return QueuePlan(scheduler.plan(running, queued, used, estimates, now, self.lanes), now)
 
     async def _entry(self, job_id: int) -> QueueEntry | None:
         return (await self.queue.plan()).entry_at(job_id, self.clock())

@@ -3,7 +3,8 @@
 The order: the owner with the fewest GPU-seconds in the sliding window (Settings.fair_window_hours) goes first,
 then the higher priority (an admin bump), then the older job. Positions and ETAs come from simulating that rule
 forward: each job taken from the queue adds its estimated duration to its owner's usage, exactly as running it
-would, so a member with one job is placed behind at most one job of a member with twenty.
+would, so a member with one job is placed behind at most one job of a member with twenty; with several lanes (GPU
+workers) the ETAs count that many jobs running at once.
 
 These functions read through a Store (or a Store inside `immediate()`); the Ledger owns the writes.
 """
@@ -255,18 +256,24 @@ def remaining_s(job: Job, estimates: dict[str, float], now: float) -> float:
 
 
 def plan(running: Sequence[Job], queued: Sequence[Job], used: dict[int, float], estimates: dict[str, float],
-         now: float) -> list[QueueEntry]:
-    """Running jobs first, then the queue in fair order, each with its position and ETA (one GPU: sequential).
+         now: float, lanes: int = 1) -> list[QueueEntry]:
+    """Running jobs first, then the queue in fair order, each with its position and ETA.
 
-    Jobs running at the same time are one batch on the GPU (the dispatcher runs several /imagine jobs in one
-    denoising loop): the queue waits for the longest of them, not for their sum."""
+    `lanes` workers run jobs at the same time (bot/dispatch/lanes.py): each waiting job goes to the lane that frees
+    first. Jobs running at the same time in one lane are one batch (several /imagine jobs in one denoising loop): the
+    lane waits for the longest of them, so the lanes are taken to free as the `lanes` longest running jobs end."""
+    lanes = max(1, lanes)
     entries: list[QueueEntry] = []
-    ahead = 0.0
+    remaining_running = []
     for job in sorted(running, key=lambda j: (j.claimed_at or 0.0, j.id)):
         remaining = remaining_s(job, estimates, now)
-        ahead = max(ahead, remaining)
+        remaining_running.append(remaining)
         entries.append(QueueEntry(job, None, remaining))
+    free_at = sorted(remaining_running, reverse=True)[:lanes]
+    free_at += [0.0] * (lanes - len(free_at))
+    heapq.heapify(free_at)
     for position, job in enumerate(fair_order(queued, used, estimates, now), start=1):
-        ahead += remaining_s(job, estimates, now)
-        entries.append(QueueEntry(job, position, ahead))
+        ends = heapq.heappop(free_at) + remaining_s(job, estimates, now)
+        heapq.heappush(free_at, ends)
+        entries.append(QueueEntry(job, position, ends))
     return entries

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +38,6 @@ READY_TIMEOUT_S = 300
 FAST_TRAIN = {"prior_preservation": False, "sample_count": 0, "train_text_encoder": False, "resolution": 64}
 
 
-@dataclass(frozen=True)
-class RaySettings(Settings):
-    workers: str = "auto"  # BOOTHBOT_WORKERS (read on the `lanes` branch, bot/dispatch/workers.py)
-
-
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
@@ -55,7 +50,7 @@ def ray_cluster():
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def ray_workers(ray_cluster, tiny_model_dir, tmp_path_factory):
-    settings = replace(RaySettings(), ray_cpu_workers=2, model=str(tiny_model_dir), dtype="fp32",
+    settings = replace(Settings(), workers="auto", ray_cpu_workers=2, model=str(tiny_model_dir), dtype="fp32",
                        data_dir=tmp_path_factory.mktemp("unused"))
     clients = await start_ray_workers(settings)
     assert len(clients) == 2 and all(isinstance(client, RayWorkerClient) for client in clients)
@@ -229,7 +224,7 @@ async def test_ray_unreachable_is_a_setup_error_that_says_what_to_do(closed_port
 
 
 async def test_with_the_local_fallback_an_unreachable_ray_gives_one_local_worker(closed_port, tmp_path, caplog):
-    settings = replace(RaySettings(), workers=f"ray://127.0.0.1:{closed_port}", ray_fallback="local",
+    settings = replace(Settings(), workers=f"ray://127.0.0.1:{closed_port}", ray_fallback="local",
                        data_dir=tmp_path, device="cpu")
     with caplog.at_level(logging.WARNING, logger="boothbot.worker"):
         workers = await start_ray_workers(settings)

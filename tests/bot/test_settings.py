@@ -151,3 +151,24 @@ def test_debug_log_level_reaches_the_worker_command_line(tmp_path):
     info = load_settings({"BOOTHBOT_DATA_DIR": str(tmp_path)}, env_file=None)
     assert "--debug" in WorkerClient.from_settings(debug).argv  # the libraries' own warnings reach the log then
     assert "--debug" not in WorkerClient.from_settings(info).argv
+
+
+def test_workers_name_one_lane_per_device_or_a_ray_cluster():
+    assert load({}).workers == "local"
+    assert load({"BOOTHBOT_WORKERS": " Local:CUDA:0, cuda:1 "}).workers == "local:cuda:0,cuda:1"
+    assert load({"BOOTHBOT_WORKERS": "local:cpu,cpu"}).workers == "local:cpu,cpu"
+    assert load({"BOOTHBOT_WORKERS": "ray://10.0.0.5:10001"}).workers == "ray://10.0.0.5:10001"
+    assert load({"BOOTHBOT_WORKERS": "AUTO"}).workers == "auto"
+
+
+@pytest.mark.parametrize("raw, says", [
+    ("gpus", "choose one of: local (one worker on BOOTHBOT_DEVICE)"),
+    ("local:cuda:0,gpu1", "names 'gpu1', which is not a device"),
+    ("local:cuda:0,", "names '(empty)', which is not a device"),
+    ("ray://10.0.0.5", "write ray://HOST:PORT"),
+    ("ray://:10001", "write ray://HOST:PORT"),
+])
+def test_a_malformed_workers_value_says_what_is_allowed(raw, says):
+    with pytest.raises(SettingsError) as caught:
+        load({"BOOTHBOT_WORKERS": raw})
+    assert f"BOOTHBOT_WORKERS={raw!r}" in str(caught.value) and says in str(caught.value)

@@ -208,4 +208,4 @@ async def test_queue_has_member_and_admin_subcommands(payloads):
     top = {o["name"]: o for o in queue["options"]}
     assert {"show", "cancel", "admin"} <= set(top)
     admin = {o["name"] for o in top["admin"]["options"]}
-    assert {"list", "pause", "resume", "cancel", "bump", "clear", "limits", "ban", "unban"} <= admin
+    assert {"list", "pause", "resume", "cancel", "bump", "clear", "limits", "ban", "unban", "workers"} <= admin

@@ -13,6 +13,7 @@ from bot.app import start_services
 from bot.client import BoothBot
 from bot.settings import Settings
 from bot.dispatch.worker_client import WorkerClient, worker_command
+from bot.dispatch.workers import local_devices
 
 ANSWER_TIMEOUT_S = 30.0
 JOB_TIMEOUT_S = 120.0
@@ -44,9 +45,10 @@ class Booth:
     async def start(self, *, with_discord: bool = True) -> None:
         # One torch thread: the worker shares 2 CI cores with this process, and torch's spinning thread pool slows
         # down many times over when the cores are oversubscribed.
-        worker = WorkerClient(worker_command(model=self.settings.model, data_dir=self.settings.data_dir,
-                                             device=self.settings.device, dtype=self.settings.dtype, threads=1))
-        self.services = await start_services(self.settings, worker=worker)
+        workers = [WorkerClient(worker_command(model=self.settings.model, data_dir=self.settings.data_dir,
+                                               device=device, dtype=self.settings.dtype, threads=1))
+                   for device in local_devices(self.settings)]  # BOOTHBOT_WORKERS=local:cpu,cpu: two lanes
+        self.services = await start_services(self.settings, workers=workers)
         if with_discord:
             await self.connect()
 

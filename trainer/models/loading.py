@@ -143,6 +143,10 @@ def pick_device(requested: str = "auto") -> str:
         if requested.startswith("cuda") and not torch.cuda.is_available():
             raise SetupError(f"device {requested} was asked for but torch sees no CUDA GPU "
                              f"(torch {torch.__version__}); install a CUDA build of torch or use BOOTHBOT_DEVICE=cpu")
+        if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise SetupError(f"device {requested} was asked for but torch sees {count} GPU(s), cuda:0 to "
+                             f"cuda:{count - 1}; fix BOOTHBOT_DEVICE or BOOTHBOT_WORKERS")
         return requested
     if torch.cuda.is_available():
         return "cuda"
