@@ -50,6 +50,8 @@ class Settings:
     safety: bool = False
     compile_unet: bool = False
     log_level: str = "INFO"
+    ray_cpu_workers: int = 0  # Ray without GPUs (tests, trying it out): this many CPU actors instead of one per GPU
+    ray_fallback: str = "none"  # "local": Ray unreachable at start -> one local worker instead of a SetupError
 
     @property
     def db_path(self) -> Path:
@@ -211,6 +213,8 @@ _KEYS: dict[str, tuple[str, object]] = {
     "BOOTHBOT_SAFETY": ("safety", _bool),
     "BOOTHBOT_COMPILE_UNET": ("compile_unet", _bool),
     "BOOTHBOT_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
+    "BOOTHBOT_RAY_CPU_WORKERS": ("ray_cpu_workers", _int(0, 256)),
+    "BOOTHBOT_RAY_FALLBACK": ("ray_fallback", _choice("none", "local")),
 }
 
 

@@ -87,10 +87,15 @@ class JobControl:
         self.loading = True  # until the model is resident: nothing to finish or save, so closing exits at once
 
     def submit(self, message: dict) -> None:
+        self.register(message)
+        self.jobs.put(message)
+
+    def register(self, message: dict) -> None:
+        """Count a request's jobs as running here, so that a cancel for them applies (`submit` does it for requests
+        from stdin; the Ray actor, trainer/remote/actor.py, runs its requests itself)."""
         with self._lock:
             for job_id in protocol.job_ids(message):
                 self._active[job_id] = self._active.get(job_id, 0) + 1
-        self.jobs.put(message)
 
     def ended(self, job_id: int) -> None:
         with self._lock:
