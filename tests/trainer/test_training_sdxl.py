@@ -96,3 +96,43 @@ def test_unet_only_training_without_prior_preservation(tiny_sdxl_pipeline, tmp_p
     result = train_concept(tiny_sdxl_pipeline, spec, cache_dir=tmp_path / "cache").result
     assert {k.split(".")[0] for k in load_file(result["lora"])} == {"unet"}
     assert {k.split("_")[1] for k in load_file(result["lora_kohya"])} == {"unet"}
+
+
+def _lora(result) -> dict:
+    return load_file(result["lora"])
+
+
+def test_sliced_sdxl_training_equals_an_uninterrupted_run(tiny_sdxl_pipeline, tiny_sdxl_model_dir, tmp_path):
+    from trainer.training.engine import TrainSpec
+
+    photos = write_noise_photos(tmp_path / "photos", 2)
+    cache = tmp_path / "cache"
+    recipe = dict(steps=3, flip=True, class_images=2, sample_count=0)  # prior preservation + both text encoders
+    whole = train_concept(tiny_sdxl_pipeline, make_spec(photos, tmp_path / "whole", **recipe), cache_dir=cache)
+    restarted = load_pipeline(str(tiny_sdxl_model_dir), device="cpu", dtype="fp32")  # as after a worker restart
+    statuses = []
+    for pipe in [tiny_sdxl_pipeline, restarted, restarted, restarted]:
+        spec = make_spec(photos, tmp_path / "sliced", **recipe)
+        outcome = train_concept(pipe, TrainSpec(**{**vars(spec), "slice_s": 1e-9}), cache_dir=cache)
+        statuses.append(outcome.status)
+        if outcome.status == "done":
+            break
+    assert statuses == ["paused", "paused", "done"]
+    a, b = _lora(whole.result), _lora(outcome.result)
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder_2.") for k in a)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_gradient_checkpointing_trains_the_same_lora(tiny_sdxl_pipeline, tmp_path):
+    """BOOTHBOT_TRAIN_MEMORY=low recomputes activations in the backward pass: the same step, less memory."""
+    photos = write_noise_photos(tmp_path / "photos", 2)
+    results = {}
+    for checkpointing in (False, True):
+        spec = make_spec(photos, tmp_path / f"out-{checkpointing}", steps=2, sample_count=0, class_images=2,
+                         gradient_checkpointing=checkpointing)
+        results[checkpointing] = _lora(train_concept(tiny_sdxl_pipeline, spec, cache_dir=tmp_path / "cache").result)
+    plain, checkpointed = results[False], results[True]
+    assert plain.keys() == checkpointed.keys()
+    assert max((plain[k] - checkpointed[k]).abs().max().item() for k in plain) < 1e-5
+    assert not tiny_sdxl_pipeline.unet.is_gradient_checkpointing  # given back as found
+

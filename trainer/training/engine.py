@@ -238,7 +238,12 @@ class _Slice:
                                            f"making class images {done}/{count}"))
 
         report(done_before, class_set.count)
-        batch = 8 if self.device.type == "cuda" else 2  # 8 images = 16 UNet rows with guidance: the GPU stays busy
+        # 8 images = 16 UNet rows with guidance: the GPU stays busy. SDXL: 4, as its images have 4× the pixels of
+        # SD 1.x's (and a 24 GB card also holds the 7 GB model).
+        from trainer.models.family import family_of
+
+        wide = 4 if family_of(self.pipe).extra_conditioning else 8
+        batch = wide if self.device.type == "cuda" else 2
         return class_set.ensure(self.pipe, batch_size=batch, deadline=self.deadline, should_stop=self.should_stop,
                                 on_image=report)
 
@@ -264,12 +269,13 @@ class _Slice:
                 return load_file(str(path))
         import torch
 
-        from trainer.models.family import encode_prompt_ids, family_of, tokenize
+        from trainer.models.family import encode_prompt_ids, family_of, tokenize, vae_precision
 
         family = family_of(self.pipe)
         paths = [p.path for p in self.job.photos]
         pixels = load_pixels(paths, self.job.resolution)
-        mean, std = encode_latents(self.pipe.vae, pixels)
+        with vae_precision(self.pipe) as vae:
+            mean, std = encode_latents(vae, pixels)
         ids = tokenize(self.pipe, family, self.job.prompts)
         inputs = {"mean": mean, "std": std, "prompt_ids": ids[0],
                   "photo_prompt": torch.tensor(self.job.photo_prompt, dtype=torch.long)}

@@ -122,8 +122,6 @@ _DIFFUSERS_UNET_BLOCK = re.compile(r"^lora_unet_(down|up)_blocks_(\d+)_attention
 def _kohya_sd1_text_encoder_prefix(state: dict) -> dict:
     # diffusers names text-encoder keys `lora_te1_` (the SDXL convention, where there are two encoders). An SD 1.x
     # model has one, and kohya's sd-scripts and A1111 (`lora_te_text_model_encoder_layers_N_...`) call it `lora_te_`.
-    if any(key.startswith("lora_te2_") for key in state):
-        return state
     return {("lora_te_" + key[len("lora_te1_"):] if key.startswith("lora_te1_") else key): value
             for key, value in state.items()}
 

@@ -107,8 +107,11 @@ class ClassImageSet:
         from trainer.training.lora_files import save_file_atomic
         from trainer.training.data import encode_latents, load_pixels
 
+        from trainer.models.family import vae_precision
+
         pixels = load_pixels([self.image_path(i) for i in range(self.count)], self.resolution)
-        mean, std = encode_latents(pipe.vae, pixels)
+        with vae_precision(pipe) as vae:
+            mean, std = encode_latents(vae, pixels)
         save_file_atomic({"mean": mean, "std": std}, self.directory / LATENTS_FILE, {"count": str(self.count)})
 
     def _write_json(self, name: str, data: dict) -> None:
