@@ -556,7 +556,10 @@ def run(args: argparse.Namespace) -> int:
         from trainer.generation.safety import checker_source
         from trainer.generation.service import native_side
 
-        model_facts = {"native_side": native_side(pipe), "safety_checker": checker_source(args.model) is not None}
+        from trainer.models.family import family_of
+
+        model_facts = {"native_side": native_side(pipe), "safety_checker": checker_source(args.model) is not None,
+                       "family": family_of(pipe).name}
     writer.send(protocol.ready(describe_device(device), str(dtype).removeprefix("torch."),
                                None if args.no_model else args.model, os.getpid(), **model_facts))
     worker = Worker(writer, control, pipe=pipe, device=device, model=None if args.no_model else args.model,

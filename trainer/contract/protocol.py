@@ -100,12 +100,13 @@ def shutdown() -> dict:
 
 # --- events (worker -> bot) ---
 def ready(device: str, dtype: str, model: str | None, pid: int, *, native_side: int | None = None,
-          safety_checker: bool | None = None) -> dict:
+          safety_checker: bool | None = None, family: str | None = None) -> dict:
     """`native_side`: the model's training resolution, from which the allowed /imagine sizes follow
-    (imagine_request.check_size); `safety_checker`: whether the model has one the safety filter can use.
-    Both None without a model."""
+    (imagine_request.check_size); `safety_checker`: whether the model has one the safety filter can use;
+    `family`: the model family's name (trainer/contract/families.py: "sd1" | "sdxl"), whose sizes /imagine offers.
+    All None without a model."""
     return {"event": "ready", "device": device, "dtype": dtype, "model": model, "pid": pid,
-            "native_side": native_side, "safety_checker": safety_checker}
+            "native_side": native_side, "safety_checker": safety_checker, "family": family}
 
 
 def progress(job_id: int, step: int, total: int, eta_s: float | None = None, loss: float | None = None,
