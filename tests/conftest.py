@@ -34,6 +34,22 @@ def tiny_pipeline(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory) -> Path:
+    """A tiny random SDXL pipeline on disk (two text encoders), loadable with StableDiffusionXLPipeline."""
+    from trainer.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-sdxl-model"), family="sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline(tiny_sdxl_model_dir):
+    """The tiny SDXL pipeline loaded on CPU in fp32 (shared: tests must leave no adapters active)."""
+    from trainer.models.loading import load_pipeline
+
+    return load_pipeline(str(tiny_sdxl_model_dir), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
 def closed_port() -> int:
     """A local TCP port that refuses connections (bound, never listening), like a server that is down."""
     with socket.socket() as sock:

@@ -555,7 +555,6 @@ def run(args: argparse.Namespace) -> int:
     if pipe is not None:
         from trainer.generation.safety import checker_source
         from trainer.generation.service import native_side
-
         from trainer.models.family import family_of
 
         model_facts = {"native_side": native_side(pipe), "safety_checker": checker_source(args.model) is not None,

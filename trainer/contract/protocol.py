@@ -103,8 +103,7 @@ def ready(device: str, dtype: str, model: str | None, pid: int, *, native_side: 
           safety_checker: bool | None = None, family: str | None = None) -> dict:
     """`native_side`: the model's training resolution, from which the allowed /imagine sizes follow
     (imagine_request.check_size); `safety_checker`: whether the model has one the safety filter can use;
-    `family`: the model family's name (trainer/contract/families.py: "sd1" | "sdxl"), whose sizes /imagine offers.
-    All None without a model."""
+    `family`: the model's family name (trainer/contract/families.py: "sd1" | "sdxl"). All None without a model."""
     return {"event": "ready", "device": device, "dtype": dtype, "model": model, "pid": pid,
             "native_side": native_side, "safety_checker": safety_checker, "family": family}
 

@@ -165,37 +165,67 @@ def pick_dtype(device: str, requested: str = "auto"):
     return torch.float32
 
 
-def load_pipeline(ref: str, device: str = "auto", dtype: str = "auto", local_files_only: bool = False):
-    """Load a StableDiffusionPipeline from any supported source onto `device` in the chosen dtype, SDPA attention.
+def _not_on_hub_message(source: ModelSource) -> str:
+    from huggingface_hub import constants
 
-    Raises SetupError when the model is missing, unreadable, or needs the Hugging Face hub while it cannot be reached.
+    return (f"the Hugging Face hub at {constants.ENDPOINT} has no model {source.ref} (or it is private or gated): "
+            "check the spelling of BOOTHBOT_MODEL (or --model); a private or gated model needs `hf auth login` first")
+
+
+def _fetch_model_index(source: ModelSource) -> None:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from trainer.models.detection import hub_model_index
+
+    try:
+        hub_model_index(source.location)
+    except RepositoryNotFoundError as error:
+        raise SetupError(_not_on_hub_message(source)) from error
+    except OSError as error:
+        reason = _hub_failure(error) or str(error)
+        raise SetupError(hub_unreachable_message(source, offline=constants.HF_HUB_OFFLINE, reason=reason)) from error
+
+
+def load_pipeline(ref: str, device: str = "auto", dtype: str = "auto", local_files_only: bool = False):
+    """Load the pipeline of the model's family (trainer/models/detection.py: StableDiffusionPipeline or
+    StableDiffusionXLPipeline) from any supported source onto `device` in the chosen dtype, SDPA attention.
+
+    Raises SetupError when the model is missing, unreadable, of an unsupported architecture, or needs the Hugging
+    Face hub while it cannot be reached.
     """
     source = require_model(ref)  # before importing diffusers: a wrong path fails in a moment
-    from diffusers import StableDiffusionPipeline
     from huggingface_hub import constants
+
+    from trainer.models.detection import detect_family
+    from trainer.models.family import engine_for
 
     device = pick_device(device)
     torch_dtype = pick_dtype(device, dtype)
-    common = dict(dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    if source.kind == "hub" and not source.cached and not local_files_only:
+        _fetch_model_index(source)  # a few hundred bytes: an unsupported model is refused before gigabytes
     try:
+        family = engine_for(detect_family(source))
+        pipeline_class = family.diffusers_class()
+        common = dict(dtype=torch_dtype)
+        if family.name == "sd1":
+            common.update(safety_checker=None, requires_safety_checker=False)
         if source.kind == "file":
-            pipe = StableDiffusionPipeline.from_single_file(source.location, **common)
+            pipe = pipeline_class.from_single_file(source.location, **common)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(source.location, local_files_only=local_files_only, **common)
+            pipe = pipeline_class.from_pretrained(source.location, local_files_only=local_files_only, **common)
     except OSError as error:  # diffusers reports "not cached and the hub failed" as OSError, the hub's error inside
         reason = _hub_failure(error)
         if reason is None:
             raise
         if _no_such_repository(error):
-            raise SetupError(f"the Hugging Face hub at {constants.ENDPOINT} has no model {source.ref} (or it is "
-                             "private or gated): check the spelling of BOOTHBOT_MODEL (or --model); a private or gated "
-                             "model needs `hf auth login` first") from error
+            raise SetupError(_not_on_hub_message(source)) from error
         raise SetupError(hub_unreachable_message(source, offline=constants.HF_HUB_OFFLINE, reason=reason)) from error
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.set_progress_bar_config(disable=True)
     # Inference weights: nothing trainable (from_pretrained leaves requires_grad on). Training marks its own LoRA.
-    for component in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for component in (pipe.unet, pipe.vae, *family.text_encoder_modules(pipe)):
         component.requires_grad_(False)
     return pipe.to(device)

@@ -1,7 +1,9 @@
 """A tiny random Stable Diffusion pipeline, built in-process: for tests and offline smoke runs, never a default.
 
-It has the real SD 1.x component classes (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer), just
-small, so every code path that runs on the real model runs on it in seconds on a CPU. Images are 64 px by default.
+It has the real component classes, just small, so every code path that runs on the real model runs on it in seconds
+on a CPU: SD 1.x (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer) or, with family="sdxl", SDXL's
+(a UNet with the `text_time` added conditioning, CLIPTextModel + CLIPTextModelWithProjection, two tokenizers).
+Images are 64 px by default.
 """
 from __future__ import annotations
 
@@ -63,9 +65,15 @@ def write_tiny_tokenizer(directory: Path, words=KNOWN_WORDS) -> int:
     return len(vocab)
 
 
-def build_tiny_pipeline(seed: int = 0, tokenizer_dir: Path | None = None):
-    """Return a StableDiffusionPipeline with tiny random weights (deterministic for a seed)."""
+def build_tiny_pipeline(seed: int = 0, tokenizer_dir: Path | None = None, family: str = "sd1"):
+    """Return a StableDiffusionPipeline (family "sd1") or StableDiffusionXLPipeline ("sdxl") with tiny random
+    weights (deterministic for a seed)."""
     import tempfile
+
+    if family == "sdxl":
+        return _build_tiny_sdxl(seed, tokenizer_dir)
+    if family != "sd1":
+        raise ValueError(f"no tiny model for family {family!r}: sd1 or sdxl")
 
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -120,10 +128,78 @@ def build_tiny_pipeline(seed: int = 0, tokenizer_dir: Path | None = None):
     )
 
 
-def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
-    """Save the tiny pipeline so `StableDiffusionPipeline.from_pretrained(directory)` loads it."""
+def _tiny_clip_config(vocab_size: int, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                          bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+                          **extra)
+
+
+TINY_TIME_EMBED_DIM = 8  # SDXL's is 256; the UNet's added embedding takes 6 of these + the pooled text embedding
+
+
+def _build_tiny_sdxl(seed: int, tokenizer_dir: Path | None):
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = Path(tokenizer_dir or tmp)
+        vocab_size = write_tiny_tokenizer(tok_dir)
+        tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77)
+
+    torch.manual_seed(seed)
+    pooled_dim = 32
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        # SDXL's layout: a plain first block, attention below it (its real blocks have 2 and 10 transformer layers)
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=64,  # the two encoders' hidden states side by side: 32 + 32
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TINY_TIME_EMBED_DIM + pooled_dim,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=TINY_RESOLUTION,
+        scaling_factor=0.13025,  # SDXL's VAE
+    )
+    text_encoder = CLIPTextModel(_tiny_clip_config(vocab_size))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(vocab_size, projection_dim=pooled_dim))
+    # SDXL base ships Euler with the SD 1.x betas; the training noise schedule is built from this config.
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+    )
+
+
+def make_tiny_model(directory: str | Path, seed: int = 0, family: str = "sd1") -> Path:
+    """Save the tiny pipeline so `StableDiffusionPipeline.from_pretrained(directory)` (or, for family "sdxl",
+    `StableDiffusionXLPipeline.from_pretrained`) loads it."""
     directory = Path(directory)
-    pipe = build_tiny_pipeline(seed)
+    pipe = build_tiny_pipeline(seed, family=family)
     pipe.save_pretrained(str(directory), safe_serialization=True)
     return directory
 

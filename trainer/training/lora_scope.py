@@ -2,19 +2,18 @@
 
 Generation keeps its own LoRAs loaded in the same pipeline (peft adapters with their own names and scales), so
 training must not unload them, must not leave its adapter behind, and must not leave anything trainable. On entry
-we record, per component (UNet, text encoder): whether peft layers exist at all, which adapters are active and
-whether they are enabled, which parameters require grad, train/eval mode and gradient checkpointing. On exit, however
-we leave (done, paused, cancelled or an exception), we delete our adapter, or remove the peft layers entirely when the
-component had none before, and put every recorded flag back.
+we record, per component (UNet, the family's text encoders: one for SD 1.x, two for SDXL): whether peft layers
+exist at all, which adapters are active and whether they are enabled, which parameters require grad, train/eval mode
+and gradient checkpointing. On exit, however we leave (done, paused, cancelled or an exception), we delete our
+adapter, or remove the peft layers entirely when the component had none before, and put every recorded flag back.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-_MISSING = object()
+from trainer.models.family import TEXT_ENCODER_TARGETS, UNET_TARGETS, family_of
 
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+_MISSING = object()
 
 
 def _tuner_layers(model):
@@ -60,7 +59,9 @@ class LoraTrainingScope:
     def __init__(self, pipe, adapter_name: str):
         self.pipe = pipe
         self.adapter_name = adapter_name
-        self.components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
+        self.text_encoders = family_of(pipe).text_encoders
+        self.components = {"unet": pipe.unet, **{name: getattr(pipe, name) for name in self.text_encoders},
+                           "vae": pipe.vae}
         self.states: dict[str, _ComponentState] = {}
         self.added: set[str] = set()
         self.unet_was_channels_last = False
@@ -96,7 +97,7 @@ class LoraTrainingScope:
         self._training_layout()
         targets = {"unet": UNET_TARGETS}
         if train_text_encoder:
-            targets["text_encoder"] = TEXT_ENCODER_TARGETS
+            targets.update({name: TEXT_ENCODER_TARGETS for name in self.text_encoders})
         # The gaussian init draws from the global generator: fork it so the worker's own RNG stream is untouched.
         devices = [self.pipe.unet.device] if self.pipe.unet.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
