@@ -18,7 +18,8 @@ same way). Mixed-LoRA batching: a forward hook on every slot lora_A multiplies i
 shape [batch, 1, R] (1 on the ranks of that sample's LoRAs), so each row of the batch only sees its own LoRAs.
 
 LoRA files are read with diffusers' own loader (`load_lora_weights` into a temporary adapter: every file format and
-alpha convention diffusers knows: kohya's `lora_te1_`/`lora_te2_` for SDXL's two text encoders too), copied out of the peft layers into a small LRU cache on the device, and the
+alpha convention diffusers knows: kohya's `lora_te1_`/`lora_te2_` for SDXL's two text encoders too), copied out
+of the peft layers into a small LRU cache on the device, and the
 temporary adapter is deleted again. The slot is active only inside `active()` and weights are folded only inside
 `folded()`; outside them no adapter of ours is active, the base weights are the model's own and nothing of ours
 requires grad, so the training engine sharing the pipeline never sees either.

@@ -45,7 +45,8 @@ def _chunk_input_ids(tokenizer, chunks: list[list[int]], device) -> torch.Tensor
 
 
 def _encode_chunks(tokenizer, text_encoder, chunks: list[list[int]]) -> torch.Tensor:
-    hidden = text_encoder(_chunk_input_ids(tokenizer, chunks, text_encoder.device))[0]  # last hidden state, as diffusers
+    input_ids = _chunk_input_ids(tokenizer, chunks, text_encoder.device)
+    hidden = text_encoder(input_ids)[0]  # (chunks, 77, dim), last hidden state as diffusers uses it
     return hidden.reshape(1, -1, hidden.shape[-1]).to(dtype=text_encoder.dtype)
 
 
