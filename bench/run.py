@@ -66,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default=None,
                         help=f"comma-separated sections to run (default all the family has): {', '.join(SECTIONS)}")
     parser.add_argument("--family", default="sd1", choices=tuple(FAMILY_SECTIONS),
-                        help="model architecture: sd1 (SD 1.5, 512²) or sdxl (SDXL base, 1024²; /imagine sections)")
+                        help="model architecture: sd1 (SD 1.5, 512²) or sdxl (SDXL base, 1024²): with --only "
+                             "imagine,throughput,switch those sections here, otherwise the SDXL training bench "
+                             "(python -m bench --family sdxl --help)")
     parser.add_argument("--json", type=Path, help="also write the full results as JSON to this file")
     for name, help_text in (
         ("steps", "reference training steps at batch 1 = instance and prior samples seen"),

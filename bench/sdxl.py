@@ -1,15 +1,15 @@
-"""A random-weight pipeline of the exact SDXL base architecture, built in-process (benchmarks only).
+"""A random-weight pipeline of the exact SDXL base architecture, built in-process (benchmarks only), as bench/sd15.py
+does for SD 1.5: speed and memory depend on the architecture, not on the weights.
 
-Speed depends on the architecture, not on the weights (see bench/sd15.py). The configs are SDXL base 1.0's: a UNet of
-2,567.5 M parameters with the `text_time` added conditioning, CLIP-L and OpenCLIP-bigG (with projection) text
-encoders, the SD VAE with SDXL's scaling factor and `force_upcast` (its fp16 decode overflows). Both tokenizers are
-the generated CLIP-sized BPE of bench/sd15.py.
+UNet 2,567.5 M parameters (the issue's reference figures are on this architecture), CLIP-L + OpenCLIP-bigG text
+encoders, SDXL's VAE config (fp32 decode: `force_upcast`), CLIP-sized tokenizers (the embedding tables' size is what
+matters, bench/sd15.write_clip_sized_tokenizer).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from bench.sd15 import CLIP_VOCAB_SIZE, TEXT_CONFIG, VAE_CONFIG, write_clip_sized_tokenizer
+from bench.sd15 import CLIP_VOCAB_SIZE, VAE_CONFIG, write_clip_sized_tokenizer
 
 SDXL_RESOLUTION = 1024
 
@@ -27,14 +27,18 @@ UNET_CONFIG = dict(
     use_linear_projection=True,
     addition_embed_type="text_time",
     addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
+    projection_class_embeddings_input_dim=2816,  # 6 × 256 + 1280 (the pooled bigG embedding)
     norm_num_groups=32,
 )
-SDXL_VAE_CONFIG = {**VAE_CONFIG, "sample_size": SDXL_RESOLUTION, "scaling_factor": 0.13025, "force_upcast": True}
-TEXT_2_CONFIG = {**TEXT_CONFIG, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-                 "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280}
+SDXL_VAE_CONFIG = {**VAE_CONFIG, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+_CLIP_COMMON = dict(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77, bos_token_id=CLIP_VOCAB_SIZE - 2,
+                    eos_token_id=CLIP_VOCAB_SIZE - 1, pad_token_id=CLIP_VOCAB_SIZE - 1)
+CLIP_L_CONFIG = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     hidden_act="quick_gelu", **_CLIP_COMMON)
+BIGG_CONFIG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   hidden_act="gelu", projection_dim=1280, **_CLIP_COMMON)
 SCHEDULER_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                        steps_offset=1, timestep_spacing="leading", interpolation_type="linear")
+                        steps_offset=1, timestep_spacing="leading")
 
 
 def build_sdxl_pipeline(device: str = "cpu", seed: int = 0, tokenizer_dir: Path | None = None):
@@ -48,21 +52,20 @@ def build_sdxl_pipeline(device: str = "cpu", seed: int = 0, tokenizer_dir: Path 
 
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = Path(tokenizer_dir or tmp)
-        vocab_size = write_clip_sized_tokenizer(tok_dir)
+        write_clip_sized_tokenizer(tok_dir)
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77)
         tokenizer_2 = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77)
-    assert vocab_size == CLIP_VOCAB_SIZE
 
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel(**UNET_CONFIG)
         vae = AutoencoderKL(**SDXL_VAE_CONFIG)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_2_CONFIG))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L_CONFIG))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**BIGG_CONFIG))
     pipe = StableDiffusionXLPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer_2, scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        force_zeros_for_empty_prompt=True, add_watermarker=False,
+        force_zeros_for_empty_prompt=True,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

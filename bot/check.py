@@ -208,7 +208,14 @@ def check_model(report: Report, ref: str) -> None:
         note = "" if ref == DEFAULT_MODEL else " (check the spelling: it is only looked up when downloading)"
         report.warn("model", source.detail + note)
         return
-    report.ok("model", source.detail)
+    from trainer.models.detection import detect_family
+
+    try:
+        family = detect_family(source)  # read from the model itself: a folder's index, a file's tensor names
+    except SetupError as e:
+        report.fail("model", f"BOOTHBOT_MODEL: {e}", e)
+        return
+    report.ok("model", f"{source.detail}: {family.label}")
 
 
 async def check_worker(report: Report, settings: Settings) -> None:

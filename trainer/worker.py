@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-unet", action="store_true",
                         help="compile the UNet with torch.compile inside the CUDA graphs (CUDA only): faster images, "
                              "about a minute of compiling per image size the first time")
+    parser.add_argument("--train-memory", choices=("auto", "low", "fast"), default="auto",
+                        help="training's memory setting: low (gradient checkpointing: SDXL training + serving fit a "
+                             "24 GB card), fast, or auto (low for SDXL on GPUs under 40 GB; default)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice). Leaving one core free keeps the bot "
                              "responsive on CPU-only machines")
@@ -197,7 +200,7 @@ class Worker:
     kind's handler (HANDLERS below); `run_many` sends exactly one end event for every job of a `run_many` request."""
 
     def __init__(self, writer: EventWriter, control: JobControl, *, pipe, device: str, model: str | None,
-                 data_dir: Path, compile_unet: bool = False):
+                 data_dir: Path, compile_unet: bool = False, train_memory: str = "auto"):
         self.writer = writer
         self.control = control
         self.pipe = pipe
@@ -205,6 +208,7 @@ class Worker:
         self.model = model
         self.data_dir = data_dir
         self.compile_unet = compile_unet
+        self.train_memory = train_memory
         self.generation = None  # the resident GenerationService, made at the first /imagine
         self.safety_problem: str | None = None  # why the safety filter cannot run, once a job found out
 
@@ -368,7 +372,10 @@ def run_train(worker: Worker, job_id: int, params: dict, on_progress, should_sto
 
     if worker.pipe is None:
         raise UserError(NO_MODEL)
-    spec = TrainSpec.from_params(params)
+    from trainer.training.memory import gradient_checkpointing_for
+
+    checkpointing = gradient_checkpointing_for(worker.train_memory, worker.pipe)
+    spec = TrainSpec.from_params({"gradient_checkpointing": checkpointing, **params})
     if worker.generation is not None:
         worker.generation.release_memory()  # the CUDA graphs' pools: lets the training fit a 12 GB card
     cache_dir = Path(params.get("cache_dir") or worker.data_dir / "cache")
@@ -562,7 +569,7 @@ def run(args: argparse.Namespace) -> int:
     writer.send(protocol.ready(describe_device(device), str(dtype).removeprefix("torch."),
                                None if args.no_model else args.model, os.getpid(), **model_facts))
     worker = Worker(writer, control, pipe=pipe, device=device, model=None if args.no_model else args.model,
-                    data_dir=Path(args.data_dir), compile_unet=args.compile_unet)
+                    data_dir=Path(args.data_dir), compile_unet=args.compile_unet, train_memory=args.train_memory)
     try:
         worker.serve()
     except BrokenPipeError:

@@ -34,7 +34,7 @@ ProgressCallback = Callable[[dict], Awaitable[None]]
 
 def worker_command(*, model: str | None, data_dir: Path | str, device: str = "auto", dtype: str = "auto",
                    threads: int | None = None, compile_unet: bool = False, debug: bool = False,
-                   python: str = sys.executable) -> list[str]:
+                   train_memory: str = "auto", python: str = sys.executable) -> list[str]:
     """The argv that starts the worker; `model=None` starts one without a base model (selftest jobs only).
     `debug`: the libraries' own warnings and progress bars reach the log too (trainer/quiet.py)."""
     argv = [python, "-m", "trainer", "worker", "--data-dir", str(Path(data_dir).resolve()),
@@ -44,6 +44,8 @@ def worker_command(*, model: str | None, data_dir: Path | str, device: str = "au
         argv += ["--threads", str(threads)]
     if compile_unet:
         argv += ["--compile-unet"]
+    if train_memory != "auto":
+        argv += ["--train-memory", train_memory]
     if debug:
         argv += ["--debug"]
     return argv
@@ -87,7 +89,7 @@ class WorkerClient:
     def from_settings(cls, settings, **kwargs) -> "WorkerClient":
         return cls(worker_command(model=settings.model, data_dir=settings.data_dir, device=settings.device,
                                   dtype=settings.dtype, compile_unet=settings.compile_unet,
-                                  debug=settings.log_level == "DEBUG"), **kwargs)
+                                  train_memory=settings.train_memory, debug=settings.log_level == "DEBUG"), **kwargs)
 
     @property
     def pid(self) -> int | None:

@@ -70,11 +70,18 @@ async def submit_training(services: Services, *, guild_id: int, member_id: int, 
                                                             class_name=class_name, style=style, options=options)
 
     limits = intake.IntakeLimits(min_photos=settings.min_photos, max_photos=settings.max_photos,
-                                 max_photo_bytes=settings.max_photo_mb * 1024 * 1024)
+                                 max_photo_bytes=settings.max_photo_mb * 1024 * 1024,
+                                 resolution=photo_resolution(services.worker.ready_info))
     async with intake_workspace(settings.data_dir) as work_dir:
         return await _take_in_and_queue(services, work_dir, guild_id=guild_id, member_id=member_id,
                                         channel_id=channel_id, role_ids=role_ids, token=token, class_name=class_name,
                                         style=style, files=files, limits=limits, recipe=recipe)
+
+
+def photo_resolution(ready_info: dict | None) -> int:
+    """The side photos are prepared at: the model's own (1024 for SDXL), never below 512 (a tiny test model's is 64,
+    and before the worker is ready nothing is known)."""
+    return max(intake.IntakeLimits.resolution, int((ready_info or {}).get("native_side") or 0))
 
 
 async def _take_in_and_queue(services: Services, work_dir: Path, *, guild_id, member_id, channel_id, role_ids,

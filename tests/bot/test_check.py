@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bot.check import run_check
@@ -39,6 +40,14 @@ def check_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return finish(start_check(env, *args))
 
 
+def _flux_file(path):
+    """A .safetensors file laid out as Flux's transformer is (its header is what the check reads)."""
+    from safetensors.numpy import save_file
+
+    save_file({"double_blocks.0.img_attn.qkv.weight": np.zeros(1, np.float32)}, str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def model_checks(tmp_path_factory, tiny_model_dir) -> dict[str, subprocess.CompletedProcess]:
     """`python -m bot check` on each kind of BOOTHBOT_MODEL, run side by side (each spends seconds importing torch)."""
@@ -48,6 +57,7 @@ def model_checks(tmp_path_factory, tiny_model_dir) -> dict[str, subprocess.Compl
         "hub": {"BOOTHBOT_MODEL": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
         "hub-offline": {"BOOTHBOT_MODEL": "someone/some-model", "HF_HUB_OFFLINE": "1"},
         "missing": {"BOOTHBOT_MODEL": str(tmp / "models" / "sd15.safetensors")},
+        "flux": {"BOOTHBOT_MODEL": str(_flux_file(tmp / "flux1-dev.safetensors"))},
     }
     running = {}
     for name, overrides in cases.items():
@@ -67,6 +77,7 @@ def test_local_model_directory_is_ready(model_checks, tiny_model_dir):
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert line(out, "model").startswith("ok") and f"local diffusers directory {tiny_model_dir}" in out
+    assert line(out, "model").endswith(": Stable Diffusion 1.x")  # read from the model itself
     assert line(out, "settings").startswith("ok")
     assert line(out, "token").startswith("ok") and TOKEN not in out
     assert line(out, "data").startswith("ok") and "is writable" in out
@@ -90,6 +101,14 @@ def test_hub_id_not_downloaded_yet_is_a_warning_that_says_so(model_checks):
     model = line(done.stdout, "model")
     assert model.startswith("warn")
     assert "not downloaded yet: the first start downloads it" in model
+
+
+def test_a_model_of_an_unsupported_architecture_is_a_problem_that_names_it(model_checks):
+    done = model_checks["flux"]
+    assert done.returncode == 1
+    model = line(done.stdout, "model")
+    assert model.startswith("FAIL") and "is a Flux model, which is not supported yet" in model
+    assert "Traceback" not in done.stdout + done.stderr
 
 
 def test_hub_id_not_downloaded_while_offline_is_a_problem(model_checks):

@@ -162,3 +162,22 @@ def test_the_worker_reports_the_family_in_its_ready_event(tiny_sdxl_model_dir, t
         worker.stdin.close()  # the bot went away: the worker exits
         worker.wait(timeout=60)
     assert (ready["event"], ready["family"], ready["native_side"]) == ("ready", "sdxl", 64)
+
+
+def test_sdxl_vae_works_in_fp32_while_fp16_would_overflow_and_is_given_back():
+    import torch
+
+    from trainer.models.family import vae_precision
+    from trainer.models.tiny import build_tiny_pipeline
+
+    sdxl, sd1 = build_tiny_pipeline(family="sdxl"), build_tiny_pipeline()
+    for pipe in (sdxl, sd1):
+        pipe.vae.to(torch.float16)
+    with vae_precision(sdxl) as vae:
+        assert vae.dtype == torch.float32
+    assert sdxl.vae.dtype == torch.float16
+    with vae_precision(sd1) as vae:  # SD 1.x's VAE is fine in fp16
+        assert vae.dtype == torch.float16
+    sdxl.vae.to(torch.bfloat16)  # bf16 has fp32's range: no upcast
+    with vae_precision(sdxl) as vae:
+        assert vae.dtype == torch.bfloat16

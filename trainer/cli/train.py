@@ -105,13 +105,27 @@ def _intake(args, photos_dir: Path):
     from trainer.intake.tokens import check_token, model_vocab
 
     token, class_name = check_token(args.token, model_vocab(args.model)), normalise_class(args.class_name)
-    limits = IntakeLimits(resolution=max(512, args.resolution or 512))
+    limits = IntakeLimits(resolution=_photo_side(args))
     report = intake_photos([Path(args.photos)], photos_dir, limits=limits, class_name=class_name, style=args.style)
     print(report.summary())
     if not report.ok:
         print("error: not enough usable photos, nothing was trained", file=sys.stderr)
         return None, token, class_name
     return photos_dir, token, class_name
+
+
+def _photo_side(args) -> int:
+    """The side photos are prepared at: --resolution, else the model family's own (1024 for SDXL); at least 512."""
+    from trainer.contract.errors import SetupError
+    from trainer.models.detection import detect_family
+    from trainer.models.loading import resolve_model
+
+    if args.resolution:
+        return max(512, args.resolution)
+    try:
+        return max(512, detect_family(resolve_model(args.model)).native_side)
+    except SetupError:
+        return 512  # loading the model next says what is wrong with it
 
 
 def _train(args, photos_dir: Path, token: str, class_name: str, out_dir: Path, cache_dir: Path):

@@ -6,6 +6,7 @@ Everything here is data or a small function of the pipeline, so training (traine
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from trainer.contract.families import SD1, SDXL, Family
@@ -70,6 +71,25 @@ def engine_for(family: Family | str) -> ModelFamily:
 def family_of(pipe) -> ModelFamily:
     """The family of a loaded pipeline: SDXL pipelines have a second text encoder, SD 1.x ones do not."""
     return SDXL_ENGINE if getattr(pipe, "text_encoder_2", None) is not None else SD1_ENGINE
+
+
+@contextmanager
+def vae_precision(pipe):
+    """The pipeline's VAE in fp32 for the duration (then back) where the family's VAE overflows in fp16 (SDXL's,
+    unless it is the fp16-fix one), as diffusers' SDXL pipeline upcasts it to decode and its training script keeps
+    it for encoding; otherwise untouched. The VAE is shared, hence back afterwards."""
+    vae = pipe.vae
+    if not family_of(pipe).vae_decodes_in_fp32(vae, vae.dtype):
+        yield vae
+        return
+    import torch
+
+    original = vae.dtype
+    vae.to(torch.float32)
+    try:
+        yield vae
+    finally:
+        vae.to(original)
 
 
 def add_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]):

@@ -30,6 +30,8 @@ def model_fingerprint(pipe) -> str:
     digest = hashlib.sha256()
     probes = (pipe.unet.conv_in.weight, pipe.vae.encoder.conv_in.weight,
               pipe.text_encoder.get_input_embeddings().weight[:256])
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: its second encoder differs between fine-tunes too
+        probes += (pipe.text_encoder_2.get_input_embeddings().weight[:256],)
     for tensor in probes:
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
@@ -105,8 +107,11 @@ class ClassImageSet:
         from trainer.training.lora_files import save_file_atomic
         from trainer.training.data import encode_latents, load_pixels
 
+        from trainer.models.family import vae_precision
+
         pixels = load_pixels([self.image_path(i) for i in range(self.count)], self.resolution)
-        mean, std = encode_latents(pipe.vae, pixels)
+        with vae_precision(pipe) as vae:
+            mean, std = encode_latents(vae, pixels)
         save_file_atomic({"mean": mean, "std": std}, self.directory / LATENTS_FILE, {"count": str(self.count)})
 
     def _write_json(self, name: str, data: dict) -> None:
