@@ -31,7 +31,8 @@ def write_random_loras(pipe, directory: Path, count: int, rank: int, seed: int =
     """Save `count` different random LoRAs for `pipe` in the diffusers format `load_lora_weights` reads.
 
     They have the shape `train_dreambooth_lora.py` gives (UNet attention projections, text-encoder attention
-    projections), with non-zero up weights so that they really change the output. `pipe` is left without adapters.
+    projections: both encoders of an SDXL pipeline), with non-zero up weights so that they really change the output.
+    `pipe` is left without adapters.
     """
     import torch
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -39,27 +40,27 @@ def write_random_loras(pipe, directory: Path, count: int, rank: int, seed: int =
     from peft.utils import get_peft_model_state_dict
 
     generator = torch.Generator().manual_seed(seed)
-    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=UNET_LORA_TARGETS), adapter_name="bench")
+    models = {"unet": (pipe.unet, UNET_LORA_TARGETS)}
     if text_encoder:
-        pipe.text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TEXT_LORA_TARGETS),
-                                      adapter_name="bench")
+        models |= {name: (getattr(pipe, name), TEXT_LORA_TARGETS) for name in ("text_encoder", "text_encoder_2")
+                   if getattr(pipe, name, None) is not None}
+    for model, targets in models.values():
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), adapter_name="bench")
     paths = []
     try:
         for i in range(count):
             layers = {}
-            for name, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder if text_encoder else None)):
-                if model is None:
-                    continue
+            for name, (model, _) in models.items():
                 state = get_peft_model_state_dict(model, adapter_name="bench")
                 state = {k: (torch.randn(v.shape, generator=generator) * (0.02 if "lora_B" in k else 1 / rank))
                          for k, v in state.items()}
-                layers[name] = convert_state_dict_to_diffusers(state)
+                layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
             out = directory / f"member{i}"
-            pipe.save_lora_weights(str(out), unet_lora_layers=layers["unet"],
-                                   text_encoder_lora_layers=layers.get("text_encoder"))
+            pipe.save_lora_weights(str(out), **layers)
             paths.append(out / "pytorch_lora_weights.safetensors")
     finally:
         pipe.unet.delete_adapters("bench")
-        if text_encoder:
-            pipe.text_encoder.delete_adapter("bench")
+        for name, (model, _) in models.items():
+            if name != "unet":
+                model.delete_adapter("bench")
     return paths

@@ -5,7 +5,8 @@
   and the base weights bit-identical after both.
 - imagine_many with 4 different LoRAs in one batch vs each request alone: max pixel difference.
 - timings of one request with a LoRA (graphs on / off) and of the mixed batch; the LoRA switch.
-On the tiny model (seconds); `python -m bench` times the SD 1.5 architecture.
+On the tiny model (seconds), `--family sdxl` on the tiny SDXL one; `python -m bench` times the full-size
+architectures.
 """
 from __future__ import annotations
 
@@ -36,11 +37,12 @@ def main(argv=None) -> dict:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--family", default="sd1", choices=("sd1", "sdxl"))
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="gencheck-"))
     from trainer.models.tiny import make_tiny_model
 
-    model_dir, size = make_tiny_model(root / "model"), 64
+    model_dir, size = make_tiny_model(root / "model", family=args.family), 64
     pipe = load_pipeline(str(model_dir), "cuda", "auto")
     loras = write_random_loras(pipe, root / "loras", 4, 16, seed=0)
     service = GenerationService(pipe, model_name="check")
@@ -107,6 +109,7 @@ def main(argv=None) -> dict:
         switch.append(timed(lambda: lora_switch(service, loras[i % 2]))[0] * 1e3)
     out["switch_ms"] = sorted(switch)[len(switch) // 2]
     out["graph_captures"], out["graph_replays"] = graphs.captures, graphs.replays
+    out["family"] = service.family.name
     print(json.dumps(out, indent=1))
     return out
 

@@ -130,9 +130,11 @@ def imagine_params(concepts: list[tuple[int, str, Path]], out_dir: Path, *, step
 
 def lora_switch(service, lora_path, label: str = "switch") -> None:
     """What a single /imagine request does around its loop to use one member's LoRA (the bench's "LoRA switch"):
-    the service's cache lookup, the LoRA folded into the text encoder and restored, then into the UNet and restored."""
+    the service's cache lookup, the LoRA folded into the text encoder(s) and restored, then into the UNet and
+    restored."""
     group = ((service.adapters.get(lora_path, label), 1.0),)
-    with service.adapters.folded("text_encoder", group):
-        pass
+    for text_encoder in service.family.text_encoders:
+        with service.adapters.folded(text_encoder, group):
+            pass
     with service.adapters.folded("unet", group):
         pass

@@ -240,15 +240,17 @@ def reference_train(cfg: ReferenceTrainConfig) -> dict:
 
 
 class ReferenceImagine:
-    """The plain way to serve /imagine: a StableDiffusionPipeline in fp16, DPM-Solver++, load_lora_weights."""
+    """The plain way to serve /imagine: the model's own pipeline class (StableDiffusionPipeline or
+    StableDiffusionXLPipeline, from its model_index.json) in fp16, DPM-Solver++, load_lora_weights."""
 
     def __init__(self, model_dir: Path, device: str):
         import torch
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+        from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
         self.device = device
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        self.pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=dtype, safety_checker=None)
+        no_checker = {"safety_checker": None} if (Path(model_dir) / "safety_checker").exists() else {}
+        self.pipe = DiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=dtype, **no_checker)
         self.pipe.scheduler = DPMSolverMultistepScheduler.from_config(self.pipe.scheduler.config)
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.to(device)

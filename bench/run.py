@@ -9,6 +9,8 @@ architecture, not the weights), five 512² photos and eight members' LoRAs, then
   switch      moving from one member's LoRA to another's
   profile     where the time goes on the resident pipeline (component timings, GPU-busy fractions)
 Peak VRAM is recorded for whatever runs. `--tiny` runs the same code paths on the CPU with the tiny model in seconds.
+`--family sdxl`: the same /imagine sections (imagine, throughput, switch) on a random-weight SDXL base architecture
+(bench/sdxl.py) at 1024², the reference being a plain fp16 StableDiffusionXLPipeline with the LoRA loaded.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 SECTIONS = ("train", "imagine", "throughput", "switch", "profile")
+FAMILY_SECTIONS = {"sd1": SECTIONS, "sdxl": ("imagine", "throughput", "switch")}  # what each family's bench measures
 FULL = dict(steps=400, class_images=50, class_steps=50, imagine_steps=30, switch_steps=4, repeats=5, requests=8,
             lora_rank=16, ours_steps=None, ours_batch=None)
 TINY = dict(steps=2, class_images=2, class_steps=2, imagine_steps=2, switch_steps=1, repeats=1, requests=2,
@@ -49,6 +52,7 @@ class BenchConfig:
     ref_precision: str
     seed: int = 0
     compile_unet: bool = False  # the worker's --compile-unet (BOOTHBOT_COMPILE_UNET)
+    family: str = "sd1"  # "sd1" | "sdxl" (trainer/contract/families.py)
     resolution: int = 512
     model: str = ""
     work_dir: str | None = None
@@ -59,8 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true",
                         help="tiny random model on the CPU with small counts: checks the code paths in seconds (CI)")
     parser.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N or cpu")
-    parser.add_argument("--only", default=",".join(SECTIONS),
-                        help=f"comma-separated sections to run (default all): {', '.join(SECTIONS)}")
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated sections to run (default all the family has): {', '.join(SECTIONS)}")
+    parser.add_argument("--family", default="sd1", choices=tuple(FAMILY_SECTIONS),
+                        help="model architecture: sd1 (SD 1.5, 512²) or sdxl (SDXL base, 1024²): with --only "
+                             "imagine,throughput,switch those sections here, otherwise the SDXL training bench "
+                             "(python -m bench --family sdxl --help)")
     parser.add_argument("--json", type=Path, help="also write the full results as JSON to this file")
     for name, help_text in (
         ("steps", "reference training steps at batch 1 = instance and prior samples seen"),
@@ -93,10 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     from trainer.models.loading import pick_device
 
-    sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
-    unknown = [s for s in sections if s not in SECTIONS]
+    family = getattr(args, "family", "sd1")
+    offered = FAMILY_SECTIONS[family]
+    sections = tuple(s.strip() for s in (args.only or ",".join(offered)).split(",") if s.strip())
+    unknown = [s for s in sections if s not in offered]
     if unknown:
-        raise SystemExit(f"bench: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+        raise SystemExit(f"bench: unknown section(s) {', '.join(unknown)} for --family {family}; "
+                         f"choose from {', '.join(offered)}")
     device = "cpu" if args.tiny and args.device == "auto" else pick_device(args.device)
     if not args.tiny and not device.startswith("cuda"):
         raise SystemExit("bench: the SD 1.5-size benchmark needs a CUDA GPU (it would take hours on a CPU); "
@@ -111,10 +122,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         import torch
 
         precision = "no" if not device.startswith("cuda") else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    full_side, label = {"sd1": (512, "SD 1.5"), "sdxl": (1024, "SDXL base")}[family]
     return BenchConfig(tiny=args.tiny, device=device, sections=sections, ref_precision=precision, seed=args.seed,
-                       compile_unet=args.compile_unet,
-                       resolution=64 if args.tiny else 512, work_dir=args.work_dir,
-                       model="tiny random SD (64 px)" if args.tiny else "random-weight SD 1.5 architecture (512 px)",
+                       compile_unet=args.compile_unet, family=family,
+                       resolution=64 if args.tiny else full_side, work_dir=args.work_dir,
+                       model=(f"tiny random {family} (64 px)" if args.tiny
+                              else f"random-weight {label} architecture ({full_side} px)"),
                        **sizes)
 
 
@@ -135,7 +148,11 @@ def prepare_fixtures(cfg: BenchConfig, root: Path) -> Fixtures:
     if cfg.tiny:
         from trainer.models.tiny import build_tiny_pipeline
 
-        pipe = build_tiny_pipeline(cfg.seed)
+        pipe = build_tiny_pipeline(cfg.seed, family=cfg.family)
+    elif cfg.family == "sdxl":
+        from bench.sdxl import build_sdxl_pipeline
+
+        pipe = build_sdxl_pipeline(cfg.device, cfg.seed).to(dtype=torch.float16)  # half the bytes to save and load
     else:
         from bench.sd15 import build_sd15_pipeline
 

@@ -30,7 +30,7 @@ async def queue_again(interaction: discord.Interaction, job: Job, *, variation_o
     params = job.params
     options = dict(prompt=params["prompt"], negative=params.get("negative") or "", steps=params.get("steps"),
                    cfg=params.get("cfg"), width=params.get("width"), height=params.get("height"),
-                   count=params.get("count") or 1, seed=None)
+                   count=params.get("count") or 1, seed=None, size=params.get("size"))
     if variation_of is not None:
         images = (job.result or {}).get("images") or []
         if not 0 <= variation_of < len(images):

@@ -8,11 +8,13 @@ from bot.client import BoothBot
 from cogs._base import BoothCog
 from cogs._imagine_jobs import queue_imagine
 from cogs._views import DYNAMIC_ITEMS
+from trainer.contract.aspects import ASPECTS, label
 from trainer.contract.imagine_request import (CFG_RANGE, COUNT_RANGE, DEFAULT_COUNT, MEMBER_PROMPT_CHARS, SEED_MAX,
-                                              SIZES, STEPS_RANGE)
+                                              STEPS_RANGE)
 
-SIZE_CHOICES = [app_commands.Choice(name=f"{name} {width}×{height}", value=name)
-                for name, (width, height) in SIZES.items()]
+# Shape names, not pixel sizes: Discord fixes choices when commands sync, and the pixels depend on the model family
+# (SD 1.x portrait 512×768, SDXL 896×1152); the bot turns the name into the family's size at submit.
+SIZE_CHOICES = [app_commands.Choice(name=label(aspect), value=aspect) for aspect in ASPECTS]
 
 
 class Imagine(BoothCog):
@@ -31,7 +33,7 @@ class Imagine(BoothCog):
         seed="A number to repeat a result exactly (random if empty)",
         steps="Denoising steps (more = finer, slower)",
         cfg="How strictly to follow the prompt (7 is a good start)",
-        size="Picture shape",
+        size="Picture shape (the pixels follow the bot's model)",
         count="How many images",
     )
     @app_commands.choices(size=SIZE_CHOICES)
@@ -44,9 +46,8 @@ class Imagine(BoothCog):
                       size: app_commands.Choice[str] | None = None,
                       count: app_commands.Range[int, *COUNT_RANGE] = DEFAULT_COUNT) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        width, height = SIZES[size.value] if size is not None else (None, None)
         job = await queue_imagine(interaction, prompt=prompt, negative=negative or "", seed=seed, steps=steps,
-                                  cfg=cfg, width=width, height=height, count=count)
+                                  cfg=cfg, size=size.value if size is not None else None, count=count)
         await interaction.followup.send(f"Queued as job {job.id}; your images will show up in this channel.",
                                         ephemeral=True)
 

@@ -16,6 +16,8 @@ from bot.app import Services
 from bot.errors import UserError
 from bot.jobs.ledger import Job
 from bot.services.photo_intake import intake_workspace, take_in_photos
+from trainer.contract.aspects import size_for
+from trainer.contract.families import SD1, family_named
 from trainer.contract.imagine_request import NO_SAFETY_CHECKER, DEFAULT_STRENGTH, ImagineRequest, check_size
 from trainer.contract.train_spec import checked_params
 from trainer.intake import photos as intake  # torch-free: PIL and OpenCV
@@ -107,24 +109,33 @@ def _mentions(prompt: str, token: str) -> bool:
     return re.search(rf"(?<![\w]){re.escape(token)}(?![\w])", prompt, re.IGNORECASE) is not None
 
 
-def check_against_model(ready_info: dict | None, *, width: int | None, height: int | None, safety: bool) -> None:
+def check_against_model(ready_info: dict | None, *, width: int | None, height: int | None, safety: bool,
+                        size: str | None = None) -> tuple[int | None, int | None]:
     """What depends on the loaded model, checked with what the worker reported when it became ready (its `ready`
-    event: the model's native side and whether it has a safety checker), by the rule the worker applies. Until a
-    worker has been ready once this is unknown, and the worker checks the same when the job runs."""
+    event: the model's family, native side and whether it has a safety checker), by the rule the worker applies.
+    A picture shape (`size`, trainer/contract/aspects.py) becomes the family's (width, height), which is returned.
+    Until a worker has been ready once this is unknown, and the worker does the same when the job runs."""
     info = ready_info or {}
+    family = family_named(info["family"]) if info.get("family") else SD1  # a worker from before families: SD 1.x
+    if ready_info is not None and size is not None and not (width or height):
+        width, height = size_for(family, size)
     if info.get("native_side") and (width or height):
-        check_size(width, height, int(info["native_side"]))
+        check_size(width, height, int(info["native_side"]), family)
     if safety and info.get("safety_checker") is False:
         raise UserError(NO_SAFETY_CHECKER)
+    return width, height
 
 
 async def submit_imagine(services: Services, *, guild_id: int, member_id: int, channel_id: int | None,
                          role_ids: Iterable[int], prompt: str, negative: str = "", seed: int | None = None,
                          steps: int | None = None, cfg: float | None = None, width: int | None = None,
                          height: int | None = None, count: int = 1, upload_limit: int | None = None,
-                         init_image: str | None = None, strength: float | None = None) -> Job:
+                         init_image: str | None = None, strength: float | None = None, size: str | None = None) -> Job:
     """Check the prompt against the concepts this member may use (now, not when it runs) and the options against the
     loaded model, then queue it with this server's safety filter choice in its params.
+
+    `size` is a picture shape name ("portrait", …): it becomes the loaded model family's width and height here, or,
+    before any worker was ready, travels in the params for the worker to resolve the same way.
 
     Another member's private concept is none of these: its token is plain text in this prompt, and a <lora:> tag
     naming it reads like a typo, so nothing tells the member it exists.
@@ -143,9 +154,11 @@ async def submit_imagine(services: Services, *, guild_id: int, member_id: int, c
                             concept.status == "training" else
                             f"The training of {concept.token} failed, so it can't be used yet. "
                             f"Run /train with the token {concept.token} again to retry.")
-    check_against_model(services.worker.ready_info, width=width, height=height, safety=safety)
+    ready_info = services.worker.ready_info
+    width, height = check_against_model(ready_info, width=width, height=height, safety=safety, size=size)
     params = {"prompt": prompt, "negative": negative or "", "seed": seed, "steps": steps, "cfg": cfg,
-              "width": width, "height": height, "count": count, "upload_limit": upload_limit, "safety": safety}
+              "width": width, "height": height, "count": count, "upload_limit": upload_limit, "safety": safety,
+              "size": size if ready_info is None and not (width or height) else None}
     if init_image is not None:
         params.update(init_image=str(init_image), strength=strength if strength is not None else VARIATION_STRENGTH)
     params = {k: v for k, v in params.items() if v is not None}

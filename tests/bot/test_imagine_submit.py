@@ -15,6 +15,7 @@ GUILD, OTHER_GUILD, CHANNEL = 111111111111111111, 222222222222222222, 3333333333
 ADMIN, MEMBER = 9009, 1001
 TINY_READY = {"event": "ready", "native_side": 64, "safety_checker": False}
 SD15_READY = {"event": "ready", "native_side": 512, "safety_checker": True}
+SDXL_READY = {"event": "ready", "native_side": 1024, "safety_checker": False, "family": "sdxl"}
 
 
 @pytest.fixture
@@ -62,3 +63,30 @@ async def test_a_size_the_loaded_model_cannot_make_is_refused_at_submit(services
 async def test_before_the_worker_was_ever_ready_the_worker_checks_the_size(services):
     assert services.worker.ready_info is None
     assert (await imagine(services, width=1024, height=1024)).status == "queued"
+
+
+async def test_a_shape_becomes_the_loaded_familys_size(services):
+    services.worker.ready_info = {**SD15_READY, "family": "sd1"}
+    job = await imagine(services, size="portrait")
+    assert (job.params["width"], job.params["height"]) == (512, 768) and "size" not in job.params
+    services.worker.ready_info = SDXL_READY
+    job = await imagine(services, size="portrait")
+    assert (job.params["width"], job.params["height"]) == (896, 1152)
+    assert (await imagine(services, size="very_wide")).params["width"] == 1344
+
+
+async def test_a_shape_the_family_does_not_offer_is_refused_with_the_ones_it_does(services):
+    services.worker.ready_info = {**SD15_READY, "family": "sd1"}
+    with pytest.raises(UserError, match=r"The tall shape is not a size Stable Diffusion 1\.x models offer\. Pick one "
+                                        r"of: square 512×512, portrait 512×768, landscape 768×512\."):
+        await imagine(services, size="tall")
+    services.worker.ready_info = SDXL_READY
+    with pytest.raises(UserError, match=r"256×256 is not a size this model can make.*from 512 to 2048 px\. Of the "
+                                        r"offered sizes these fit: square 1024×1024, portrait 896×1152"):
+        await imagine(services, width=256, height=256)
+
+
+async def test_before_any_worker_was_ready_the_shape_travels_to_the_worker(services):
+    assert services.worker.ready_info is None
+    job = await imagine(services, size="wide")
+    assert job.params["size"] == "wide" and "width" not in job.params

@@ -18,6 +18,8 @@ from bot.client import BoothBot, cog_extensions
 from bot.settings import Settings
 from cogs.help import help_embed
 from trainer.contract import imagine_request
+from trainer.contract.aspects import aspect_sizes
+from trainer.contract.families import SDXL
 from trainer.contract.naming import CLASS_MAX_LENGTH, TOKEN_LENGTH
 from trainer.contract.prompts import MAX_PROMPT_CHARS
 from trainer.contract.train_spec import MEMBER_OPTIONS
@@ -171,7 +173,8 @@ async def test_imagine_ranges_are_enforced_by_discord_too(payloads):
     assert (options["cfg"]["min_value"], options["cfg"]["max_value"]) == (1.0, 20.0)
     assert (options["count"]["min_value"], options["count"]["max_value"]) == (1, 4)
     assert options["seed"]["min_value"] == 0
-    assert [c["value"] for c in options["size"]["choices"]] == ["square", "portrait", "landscape"]
+    assert [c["value"] for c in options["size"]["choices"]] == ["square", "portrait", "landscape", "tall", "wide",
+                                                                "very_tall", "very_wide"]
     assert options["prompt"]["required"] and options["prompt"]["max_length"] <= 6000
 
 
@@ -183,8 +186,9 @@ async def test_option_ranges_are_the_engine_contracts(payloads):
     assert imagine["seed"]["max_value"] == imagine_request.SEED_MAX
     assert imagine["prompt"]["max_length"] == imagine["negative"]["max_length"] == imagine_request.MEMBER_PROMPT_CHARS
     assert imagine_request.MEMBER_PROMPT_CHARS <= MAX_PROMPT_CHARS
+    # Shape names, whose pixels follow the model family (trainer/contract/aspects.py); the SDXL family names them all.
     assert {c["value"]: c["name"] for c in imagine["size"]["choices"]} == {
-        name: f"{name} {w}×{h}" for name, (w, h) in imagine_request.SIZES.items()}
+        name: name.replace("_", " ") for name in aspect_sizes(SDXL)}
     train = {o["name"]: o for o in next(p for p in payloads if p["name"] == "train")["options"]}
     steps = MEMBER_OPTIONS["steps"]
     assert (train["steps"]["min_value"], train["steps"]["max_value"]) == (steps.for_members.low,

@@ -6,13 +6,17 @@ GenerationService with the model's native side and by the bot at submit with the
 
 Re-roll = the same params with a new `seed` (or none: a random one is drawn and reported). Variations of one image =
 the same params plus `init_image` (the image's path) and `strength` (how far to move from it; img2img).
+`size` names a picture shape (trainer/contract/aspects.py) for the engine to turn into its family's size, when the bot
+could not do it at submit (no worker had been ready yet); width and height, when given, win.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.contract.aspects import ASPECTS, aspect_sizes, label
 from trainer.contract.errors import UserError
+from trainer.contract.families import SD1, Family
 from trainer.contract.prompts import ConceptSpec, ParsedPrompt, check_negative_prompt, number_in_range, parse_prompt
 
 SCHEDULERS = ("dpmpp_2m_karras", "euler_a", "ddim")
@@ -22,8 +26,6 @@ CFG_RANGE, DEFAULT_CFG = (1.0, 20.0), 7.0
 COUNT_RANGE, DEFAULT_COUNT = (1, 4), 1
 STRENGTH_RANGE, DEFAULT_STRENGTH = (0.05, 1.0), 0.6
 SIDE_RANGE = (64, 2048)  # absolute bounds; the model narrows them (see size_range)
-# The picture shapes /imagine offers, for SD 1.x (512 px native); check_size refuses those the model cannot make.
-SIZES = {"square": (512, 512), "portrait": (512, 768), "landscape": (768, 512)}
 NO_SAFETY_CHECKER = ("The safety filter is on for this server, but the bot's base model has no safety checker to "
                      "check images with, so /imagine can't run here. An admin can turn the filter off with "
                      "`/queue admin safety state:off`, or the bot's operator can use a base model that includes one.")
@@ -64,13 +66,15 @@ def size_range(native_side: int) -> tuple[int, int]:
     return max(SIDE_RANGE[0], native_side // 2), min(SIDE_RANGE[1], native_side * 2)
 
 
-def check_size(width: int | None, height: int | None, native_side: int) -> tuple[int, int]:
-    """(width, height) with None as the native side; UserError listing what this model allows otherwise."""
+def check_size(width: int | None, height: int | None, native_side: int, family: Family = SD1) -> tuple[int, int]:
+    """(width, height) with None as the native side; UserError listing what this model allows otherwise (and which
+    of its family's offered sizes fit)."""
     lo, hi = size_range(native_side)
     width, height = width or native_side, height or native_side
     if lo <= width <= hi and lo <= height <= hi:
         return width, height
-    fitting = [f"{name} {w}×{h}" for name, (w, h) in SIZES.items() if lo <= w <= hi and lo <= h <= hi]
+    fitting = [f"{label(name)} {w}×{h}" for name, (w, h) in aspect_sizes(family).items()
+               if lo <= w <= hi and lo <= h <= hi]
     offered = (f"Of the offered sizes these fit: {', '.join(fitting)}." if fitting else
                f"None of the offered sizes fits; leave size empty for the model's own {native_side}×{native_side}.")
     raise UserError(f"{width}×{height} is not a size this model can make: the width and the height must be multiples "
@@ -97,6 +101,7 @@ class ImagineRequest:
     strength: float = DEFAULT_STRENGTH
     job_id: int | str | None = None     # written into the PNG's parameters
     preview_path: Path | None = None    # where progress previews go; default <out_dir>/preview.webp
+    size: str | None = None             # a shape name (trainer/contract/aspects.py) used when width/height are None
     parsed: ParsedPrompt = field(default=None, compare=False)  # filled by __post_init__
 
     def __post_init__(self):
@@ -115,6 +120,9 @@ class ImagineRequest:
         upload_limit = params.get("upload_limit")
         init_image = params.get("init_image")
         preview_path = params.get("preview_path")
+        size = params.get("size") or None
+        if size is not None and size not in ASPECTS:
+            raise UserError(f"Unknown picture shape {size!r}; choose one of: {', '.join(map(label, ASPECTS))}.")
         return cls(
             prompt=str(params.get("prompt") or ""),
             out_dir=Path(params["out_dir"]),
@@ -134,4 +142,5 @@ class ImagineRequest:
             strength=_float_option(params, "strength", "The variation strength", *STRENGTH_RANGE, DEFAULT_STRENGTH),
             job_id=params.get("job_id"),
             preview_path=Path(preview_path) if preview_path else None,
+            size=size,
         )

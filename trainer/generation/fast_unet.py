@@ -9,8 +9,11 @@ What a graph bakes in: tensor addresses and the kernels chosen at capture. The L
 keeps both fixed (weights and masks change in place), so switching LoRAs keeps graphs valid; when the slot is
 rebuilt (`slots.version`), or anything else about the UNet's parameters moves, the graphs are dropped.
 
+SDXL's UNet also takes `added_cond_kwargs` (the pooled text embedding `text_embeds` and the size numbers
+`time_ids`): they get static buffers of their own, like the sample.
+
 `installed()` points the UNet instance's `forward` at the graph runner for the duration of a request and restores it
-on exit; calls the graphs can't serve (gradients on, extra conditioning, CPU tensors) run eagerly. Whether the
+on exit; calls the graphs can't serve (gradients on, other extra conditioning, CPU tensors) run eagerly. Whether the
 parameters moved is checked once per request, on entry (walking SD 1.5's 686 parameters costs milliseconds: too
 much for every step). LoRAs folded into the weights in place (trainer/generation/lora_slots.py) move nothing.
 """
@@ -25,9 +28,13 @@ import torch
 log = logging.getLogger(__name__)
 
 
+ADDED_CONDITIONING = ("text_embeds", "time_ids")  # SDXL's, the only added_cond_kwargs a graph takes
+
+
 class _Entry:
-    def __init__(self, graph, sample, timestep, hidden, output):
+    def __init__(self, graph, sample, timestep, hidden, added, output):
         self.graph, self.sample, self.timestep, self.hidden, self.output = graph, sample, timestep, hidden, output
+        self.added = added  # {name: static tensor} for SDXL's added conditioning, {} otherwise
 
 
 class UNetGraphs:
@@ -67,15 +74,18 @@ class UNetGraphs:
         self._graphs.clear()
         self._pool = None
 
-    def _plain(self, sample, timestep, hidden):
-        return type(self.unet).forward(self.unet, sample, timestep, hidden, return_dict=False)[0]
+    def _plain(self, sample, timestep, hidden, added=None):
+        return type(self.unet).forward(self.unet, sample, timestep, hidden, added_cond_kwargs=added or None,
+                                       return_dict=False)[0]
 
     def _eager(self, *args, **kwargs):
         return type(self.unet).forward(self.unet, *args, **kwargs)
 
     def _forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None,
                  added_cond_kwargs=None, return_dict: bool = True, **kwargs):
-        plain = (timestep_cond is None and not cross_attention_kwargs and not added_cond_kwargs and not kwargs
+        added = dict(added_cond_kwargs or {})
+        plain = (timestep_cond is None and not cross_attention_kwargs and not kwargs
+                 and set(added) <= set(ADDED_CONDITIONING) and all(torch.is_tensor(v) for v in added.values())
                  and not torch.is_grad_enabled() and sample.is_cuda and torch.is_tensor(timestep)
                  and timestep.numel() == 1 and not torch.cuda.is_current_stream_capturing())
         if not plain:
@@ -83,15 +93,18 @@ class UNetGraphs:
                                cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
                                return_dict=return_dict, **kwargs)
         key = (tuple(sample.shape), sample.dtype, tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype,
-               timestep.dtype, self.state_key())
+               timestep.dtype, tuple((name, tuple(v.shape), v.dtype) for name, v in sorted(added.items())),
+               self.state_key())
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._capture(key, sample, timestep, encoder_hidden_states)
+            entry = self._capture(key, sample, timestep, encoder_hidden_states, added)
         else:
             self._graphs.move_to_end(key)
         entry.sample.copy_(sample)
         entry.timestep.copy_(timestep.reshape(()))
         entry.hidden.copy_(encoder_hidden_states)
+        for name, value in added.items():
+            entry.added[name].copy_(value)
         entry.graph.replay()
         self.replays += 1
         out = entry.output.clone()
@@ -111,7 +124,7 @@ class UNetGraphs:
             self.clear()
             self._params_key = key
 
-    def _capture(self, key, sample, timestep, hidden) -> _Entry:
+    def _capture(self, key, sample, timestep, hidden, added) -> _Entry:
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
         memory_format = torch.channels_last if self.unet.conv_in.weight.is_contiguous(
@@ -119,11 +132,12 @@ class UNetGraphs:
         static_sample = torch.empty_like(sample, memory_format=memory_format).copy_(sample)
         static_t = timestep.detach().reshape(()).clone()
         static_hidden = hidden.detach().clone()
+        static_added = {name: value.detach().clone() for name, value in added.items()}
 
         def run():
             if self._compiled is not None:
-                return self._compiled(static_sample, static_t, static_hidden)
-            return self._plain(static_sample, static_t, static_hidden)
+                return self._compiled(static_sample, static_t, static_hidden, static_added)
+            return self._plain(static_sample, static_t, static_hidden, static_added)
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -136,7 +150,7 @@ class UNetGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             output = run()
-        entry = _Entry(graph, static_sample, static_t, static_hidden, output)
+        entry = _Entry(graph, static_sample, static_t, static_hidden, static_added, output)
         self._graphs[key] = entry
         self.captures += 1
         log.info("captured a UNet CUDA graph for %s", key[:3])

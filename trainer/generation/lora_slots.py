@@ -18,7 +18,8 @@ same way). Mixed-LoRA batching: a forward hook on every slot lora_A multiplies i
 shape [batch, 1, R] (1 on the ranks of that sample's LoRAs), so each row of the batch only sees its own LoRAs.
 
 LoRA files are read with diffusers' own loader (`load_lora_weights` into a temporary adapter: every file format and
-alpha convention diffusers knows), copied out of the peft layers into a small LRU cache on the device, and the
+alpha convention diffusers knows: kohya's `lora_te1_`/`lora_te2_` for SDXL's two text encoders too), copied out
+of the peft layers into a small LRU cache on the device, and the
 temporary adapter is deleted again. The slot is active only inside `active()` and weights are folded only inside
 `folded()`; outside them no adapter of ours is active, the base weights are the model's own and nothing of ours
 requires grad, so the training engine sharing the pipeline never sees either.
@@ -35,14 +36,16 @@ import torch
 
 from trainer.contract.errors import UserError
 from trainer.generation.pnginfo import lora_hash
+from trainer.models.family import TEXT_ENCODER_TARGETS, UNET_TARGETS
 
 log = logging.getLogger(__name__)
 
 SLOT_NAME = "gen_slot"
 LOADING_NAME = "gen_loading"
-COMPONENTS = ("unet", "text_encoder")
-DEFAULT_TARGETS = {"unet": ("to_q", "to_k", "to_v", "to_out.0"),
-                   "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj")}
+# Every model a LoRA file may touch; SD 1.x pipelines have no text_encoder_2 and it is skipped there.
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# The modules training targets (trainer/models/family.py: one list for both): the slot always covers them.
+DEFAULT_TARGETS = {"unet": UNET_TARGETS, "text_encoder": TEXT_ENCODER_TARGETS, "text_encoder_2": TEXT_ENCODER_TARGETS}
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,14 @@
 """GenerationService: /imagine on the resident pipeline — concept LoRAs, seeds, samplers, PNG files with A1111 info.
 
-One StableDiffusionPipeline is loaded once and shared with the training engine. Every request activates exactly the
+One pipeline (SD 1.x or SDXL: trainer/models/family.py says which and what differs) is loaded once and shared with
+the training engine. Every request activates exactly the
 adapters it needs (none when it names no concept) and deactivates them again when it ends. Per request a light
-pipeline "view" is built over the same modules (`StableDiffusionPipeline(**pipe.components)` with a fresh scheduler,
-or the img2img class for variations), so nothing is copied and no request leaves scheduler state behind.
+pipeline "view" is built over the same modules (the family's pipeline class over `pipe.components` with a fresh
+scheduler, or its img2img class for variations), so nothing is copied and no request leaves scheduler state behind.
+SDXL: prompts go through both text encoders (trainer/generation/prompt_embeds.py), the UNet also gets the pooled
+embedding and the size numbers (the pipeline's own `add_time_ids`; the CUDA graphs take them as inputs), a LoRA's
+layers on either text encoder are folded in while encoding, and the VAE follows diffusers' SDXL precision rule
+(a fp16 VAE that overflows, `force_upcast`, decodes in fp32; the fp16-fix VAE stays fp16).
 
 Determinism: image i of a request uses seed + i through its own CPU `torch.Generator`, so the same seed and params
 give the same pixels (on the same device, dtype and library versions). Re-roll = the same params with a new seed.
@@ -20,20 +25,21 @@ on.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image, UnidentifiedImageError
 
 from trainer.contract import batching
+from trainer.contract.aspects import size_for
 from trainer.generation import safety
 from trainer.contract.errors import Cancelled, UserError
 from trainer.generation.fast_unet import UNetGraphs
@@ -41,8 +47,9 @@ from trainer.contract.imagine_request import SEED_MAX, ImagineRequest, check_siz
 from trainer.generation.lora_slots import LoraSlots
 from trainer.generation.pnginfo import format_parameters, lora_hashes_field, make_grid, save_png, small_copy
 from trainer.generation.previews import save_preview
-from trainer.generation.prompt_embeds import encode_prompts
+from trainer.generation.prompt_embeds import encode_prompts, encode_prompts_xl
 from trainer.generation.schedulers import make_scheduler, sampler_label
+from trainer.models.family import family_of
 
 __all__ = ["GenerationService", "ImagineRequest", "ImagineResult", "GenerationProgress"]
 
@@ -132,6 +139,7 @@ class GenerationService:
         self.pipe = pipe
         self.model_name = model_name
         self.model_hash = model_hash
+        self.family = family_of(pipe)
         self.adapters = LoraSlots(pipe, capacity=adapter_capacity)
         self.max_batch_images = max_batch_images
         self.preview_min_interval_s = 1.0  # a preview is written at most this often (a fast job needs none)
@@ -205,9 +213,17 @@ class GenerationService:
         return _Prepared(request, started, width, height, seed, seeds, init_image, loras, list(parsed.notices))
 
     def _encode(self, item: _Prepared) -> None:
-        with self.adapters.folded("text_encoder", item.loras):
-            item.embeddings = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, item.request.parsed.text,
-                                             item.request.negative)
+        family, pipe = self.family, self.pipe
+        with ExitStack() as folded:
+            for name in family.text_encoders:
+                folded.enter_context(self.adapters.folded(name, item.loras))
+            text, negative = item.request.parsed.text, item.request.negative
+            if family.extra_conditioning:
+                item.embeddings = encode_prompts_xl(
+                    family.tokenizer_modules(pipe), family.text_encoder_modules(pipe), text, negative,
+                    zero_empty_negative=bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)))
+            else:
+                item.embeddings = encode_prompts(pipe.tokenizer, pipe.text_encoder, text, negative)
         if item.embeddings.truncated_to:
             item.notices.append(f"Your prompt is {item.embeddings.tokens} tokens long; only the first "
                                 f"{item.embeddings.truncated_to} were used.")
@@ -249,15 +265,11 @@ class GenerationService:
     def _run(self, items: list[_Prepared], on_progress, should_stop) -> list[Image.Image]:
         first = items[0]
         request = first.request
-        components = {**self.pipe.components, "scheduler": make_scheduler(request.scheduler, self.pipe.scheduler.config),
-                      "safety_checker": None, "requires_safety_checker": False}
+        view = self._view(request.scheduler, img2img=first.init_image is not None)
         if first.init_image is None:
-            view = StableDiffusionPipeline(**components)
             call = dict(width=first.width, height=first.height)
         else:
-            view = StableDiffusionImg2ImgPipeline(**components)
             call = dict(image=[first.init_image] * len(first.seeds), strength=request.strength)
-        view.set_progress_bar_config(disable=True)
         preview_path = request.preview_path or request.out_dir / "preview.webp"
         started = time.monotonic()
         last_preview = [started]
@@ -271,7 +283,8 @@ class GenerationService:
             if (step < total and step % preview_interval(total) == 0
                     and now - last_preview[0] >= self.preview_min_interval_s):
                 latents = tensors["latents"][:len(first.seeds)]
-                latest_preview[0] = str(save_preview(latents, preview_path, scale=pipeline.vae_scale_factor // 2 or 1))
+                latest_preview[0] = str(save_preview(latents, preview_path, scale=pipeline.vae_scale_factor // 2 or 1,
+                                                     family=self.family.name))
                 last_preview[0] = now
             if on_progress:
                 elapsed = now - started
@@ -281,6 +294,11 @@ class GenerationService:
         repeat = [len(item.seeds) for item in items]
         prompt = torch.cat([item.embeddings.prompt.expand(n, -1, -1) for item, n in zip(items, repeat)])
         negative = torch.cat([item.embeddings.negative.expand(n, -1, -1) for item, n in zip(items, repeat)])
+        if self.family.extra_conditioning:
+            call.update(
+                pooled_prompt_embeds=torch.cat([i.embeddings.pooled.expand(n, -1) for i, n in zip(items, repeat)]),
+                negative_pooled_prompt_embeds=torch.cat([i.embeddings.negative_pooled.expand(n, -1)
+                                                         for i, n in zip(items, repeat)]))
         generators = [torch.Generator("cpu").manual_seed(s) for item in items for s in item.seeds]
         graphs = self.graphs.installed() if self.graphs is not None and first.init_image is None else nullcontext()
         with graphs:
@@ -291,6 +309,23 @@ class GenerationService:
                 callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"], **call,
             )
         return list(output.images)
+
+    def _view(self, scheduler: str, *, img2img: bool):
+        """The family's (img2img) pipeline class over the resident modules, with a fresh scheduler."""
+        cls = self.family.diffusers_class(img2img)
+        accepted = inspect.signature(cls.__init__).parameters
+        components = {name: module for name, module in self.pipe.components.items() if name in accepted}
+        components["scheduler"] = make_scheduler(scheduler, self.pipe.scheduler.config)
+        if "requires_safety_checker" in accepted:  # SD 1.x: the safety filter runs after, in _finish
+            components.update(safety_checker=None, requires_safety_checker=False)
+        if "add_watermarker" in accepted:  # SDXL: no invisible watermark (it changes pixels and needs a package)
+            components["add_watermarker"] = False
+        if "force_zeros_for_empty_prompt" in accepted:
+            components["force_zeros_for_empty_prompt"] = bool(getattr(self.pipe.config, "force_zeros_for_empty_prompt",
+                                                                      True))
+        view = cls(**components)
+        view.set_progress_bar_config(disable=True)
+        return view
 
     # --- after the GPU -------------------------------------------------------------------------------------------
     def _finish(self, item: _Prepared, images: list[Image.Image]) -> ImagineResult:
@@ -303,7 +338,8 @@ class GenerationService:
                            f"The safety filter hid images {which}.")
         fields = {
             "Steps": request.steps, "Sampler": sampler_label(request.scheduler), "CFG scale": f"{request.cfg:g}",
-            "Seed": None, "Size": f"{item.width}x{item.height}", "Model hash": self.model_hash, "Model": self.model_name,
+            "Seed": None, "Size": f"{item.width}x{item.height}", **self._size_conditioning(item),
+            "Model hash": self.model_hash, "Model": self.model_name,
             "Denoising strength": f"{request.strength:g}" if item.init_image is not None else None,
             "Lora hashes": lora_hashes_field([(u.concept.token, lora.short_hash)
                                               for u, (lora, _) in zip(parsed.uses, item.loras)]),
@@ -338,6 +374,13 @@ class GenerationService:
             self._small_copy(grid_image, grid_path, first_text, request.upload_limit, small, notices)
         return saved, saved_seeds, texts, grid, small
 
+    def _size_conditioning(self, item: _Prepared) -> dict:
+        """SDXL's size conditioning as the pipeline applied it (original = target = the image size, no crop)."""
+        if not self.family.extra_conditioning:
+            return {}
+        size = f"{item.width}x{item.height}"
+        return {"Original size": size, "Target size": size, "Crop top-left": "0x0"}
+
     def _load_init_image(self, request: ImagineRequest) -> Image.Image | None:
         if request.init_image is None:
             return None
@@ -351,7 +394,9 @@ class GenerationService:
         width, height = request.width, request.height
         if init_image is not None:  # variations keep their image's size unless the request names one
             width, height = width or init_image.width // 8 * 8, height or init_image.height // 8 * 8
-        return check_size(width, height, self.native_side)
+        elif width is None and height is None and request.size is not None:
+            width, height = size_for(self.family.facts, request.size)
+        return check_size(width, height, self.native_side, self.family.facts)
 
     def _small_copy(self, image, png_path: Path, text: str, limit: int | None, small: dict, notices: list) -> None:
         if not limit or png_path.stat().st_size <= limit:
