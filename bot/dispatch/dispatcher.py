@@ -87,6 +87,7 @@ class Dispatcher:
     def wake(self) -> None:
         """A job was queued: look at the queue now rather than at the next poll."""
         self._wake.set()
+        self.runner.job_queued()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Claim nothing new; give the running job (or training slice) `grace_s` to end, then stop waiting for it.
