@@ -75,7 +75,8 @@ def plan_of(args: argparse.Namespace) -> Plan:
                 burst_members=args.burst_members, burst_rounds=args.burst_rounds, photo_side=256 if args.tiny else 512)
 
 
-async def through_the_bot(args: argparse.Namespace, workdir: Path) -> dict:
+async def through_the_bot(args: argparse.Namespace, workdir: Path, served: dict) -> None:
+    """Measure into `served`, so the figures taken before a failure are kept."""
     model = prepare_model(args.model, workdir)
     fake = ServingDiscord()
     await fake.start()
@@ -83,7 +84,7 @@ async def through_the_bot(args: argparse.Namespace, workdir: Path) -> dict:
                     timeout_s=args.timeout)
     try:
         await bot.start()
-        return await measure(bot, plan_of(args))
+        await measure(bot, plan_of(args), served)
     finally:
         await bot.stop()
         await fake.close()
@@ -122,11 +123,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
     engine_cfg = engine_config(args)  # a mistake in --engine or --device shows before minutes of bot work
     errors: dict[str, str] = {}
+    served: dict = {}
     with tempfile.TemporaryDirectory(prefix="boothbot-serving-", dir=args.work_dir) as tmp:
         try:
-            served = asyncio.run(through_the_bot(args, Path(tmp)))
+            asyncio.run(through_the_bot(args, Path(tmp), served))
         except BenchFailed as e:
-            served, errors["through the bot"] = {}, str(e)
+            errors["through the bot"] = str(e)
     engine = None
     if engine_cfg is not None:
         try:

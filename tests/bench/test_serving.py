@@ -34,3 +34,15 @@ def test_tiny_serving_bench_measures_every_figure_through_the_bot_beside_the_eng
     env = report["environment"]
     assert env["gpu"] in printed and env["date"] in printed and env["torch"] in printed
     assert "| through the bot |" in printed and "| engine, same command" in printed
+
+
+def test_each_figure_is_checked_against_its_goal_in_its_direction():
+    from bench.serving.report import served_rows
+
+    rows = {row["figure"]: row for row in served_rows({
+        "train_cold_s": 20.0, "train_warm_s": 16.0, "imagine_alone": {"p50_s": 0.3, "p99_s": 0.4},
+        "burst": {"images_per_s_overall": 9.0}})}
+    assert rows["train_cold_s"]["met"] is True and rows["train_warm_s"]["met"] is False  # <= 25 s, <= 15 s
+    assert rows["imagine_alone.p50_s"]["met"] is False and rows["imagine_alone.p99_s"]["met"] is None  # no goal
+    assert rows["burst.images_per_s_overall"]["met"] is True  # >= 8 images/s: more is better
+    assert rows["imagine_first_after_ready_s"]["value"] is None and rows["imagine_first_after_ready_s"]["met"] is None
