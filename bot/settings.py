@@ -47,6 +47,7 @@ class Settings:
     fair_window_hours: float = 24.0
     train_slice_s: float = 10.0
     imagine_between_slices_s: float = 10.0
+    batch_window_ms: float = 50.0
     safety: bool = False
     compile_unet: bool = False
     train_memory: str = "auto"  # trainer/training/memory.py
@@ -211,6 +212,7 @@ _KEYS: dict[str, tuple[str, object]] = {
     "BOOTHBOT_FAIR_WINDOW_HOURS": ("fair_window_hours", _float(0.1, 24 * 30)),
     "BOOTHBOT_TRAIN_SLICE_S": ("train_slice_s", _float(0.5, 3600)),
     "BOOTHBOT_IMAGINE_BETWEEN_SLICES_S": ("imagine_between_slices_s", _float(0.5, 3600)),
+    "BOOTHBOT_BATCH_WINDOW_MS": ("batch_window_ms", _float(0, 1000)),
     "BOOTHBOT_SAFETY": ("safety", _bool),
     "BOOTHBOT_COMPILE_UNET": ("compile_unet", _bool),
     "BOOTHBOT_TRAIN_MEMORY": ("train_memory", _choice("auto", "low", "fast")),

@@ -115,6 +115,7 @@ class Dispatcher:
         """A job was queued (or went back to the queue): every lane looks at the queue now, not at its next poll."""
         for lane in self.lanes:
             lane.wake.set()
+            lane.runner.job_queued()
 
     def _set_stopping(self, stopping: bool) -> None:
         self._stopping = stopping

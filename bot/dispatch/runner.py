@@ -3,12 +3,16 @@
 Nothing here depends on a job's kind by name: its registry entry (bot/jobs/kinds.py) gives the worker params, the
 time limit, what to keep of a result and whether queued jobs may share its run. A claimed job whose kind batches
 takes along queued jobs with the same batch key, claimed in the scheduler's fair order, and the worker serves them
-with one `run_many`; each is recorded and announced on its own, the batch's GPU time split by their shares. A job
+with one `run_many`; each is recorded and announced on its own, the batch's GPU time split by their shares. When
+the claim found companions (members' jobs are arriving together) and the batch has room, it waits up to
+Settings.batch_window_ms for more before it starts; a lone job starts at once. A job
 the worker pauses (a training slice ended) goes back to the queue (`ledger.requeue`), queued jobs of kinds that run
 between slices get the GPU for Settings.imagine_between_slices_s, then the same job is claimed again.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -53,6 +57,12 @@ class Runner:
         self.current_job_id: int | None = None  # the job on the GPU (the first of a batch)
         self.batches_run = 0  # run_many requests sent (logs, tests)
         self.jobs_run = 0  # jobs whose end this runner recorded (/queue admin workers)
+        self.batch_windows_waited = 0  # batches that waited for more members' jobs (logs, tests)
+        self._arrivals = asyncio.Event()  # set by job_queued(): ends a batch window's wait early
+
+    def job_queued(self) -> None:
+        """A job was queued (the dispatcher's wake): a batch waiting for companions claims again now."""
+        self._arrivals.set()
 
     async def run_next(self) -> Job | None:
         """Claim the next job in fair order and run it to its end (a training through all its slices, with /imagine
@@ -149,17 +159,41 @@ class Runner:
     # --- batches --------------------------------------------------------------------------------------------------
 
     async def _claim_companions(self, first: Job) -> list[Job]:
-        """Queued jobs that may share `first`'s `run_many` (same kind, same batch key, shares within the limit)."""
+        """Queued jobs that may share `first`'s `run_many` (same kind, same batch key, shares within the limit). If
+        some were queued already but the batch has room, the queue is busy: more members' jobs are likely moments
+        away, so it keeps claiming until the batch is full or the batch window has passed."""
         kind = kind_of(first.kind)
         key = kind.batch_key(first.params)
         if key is None:
             return []
+        taken: list[Job] = []
 
-        def fits(job: Job, taken: list[Job]) -> bool:
-            shares = sum(kind.batch_share(j.params) for j in (first, *taken, job))
-            return kind.batch_key(job.params) == key and shares <= kind.batch_limit
+        def shares(*more: Job) -> int:
+            return sum(kind.batch_share(j.params) for j in (first, *taken, *more))
 
-        return await self.ledger.claim_matching(fits, kind.batch_limit - 1, kinds=(kind.name,))
+        def fits(job: Job, claiming: list[Job]) -> bool:
+            return kind.batch_key(job.params) == key and shares(*claiming, job) <= kind.batch_limit
+
+        async def claim_more() -> None:
+            self._arrivals.clear()
+            room = kind.batch_limit - 1 - len(taken)
+            taken.extend(await self.ledger.claim_matching(fits, room, kinds=(kind.name,)) if room > 0 else [])
+
+        await claim_more()
+        window_s = self.context.settings.batch_window_ms / 1000
+        if not taken or window_s <= 0 or self.stopping or shares() >= kind.batch_limit:
+            return taken
+        self.batch_windows_waited += 1
+        deadline = time.monotonic() + window_s
+        try:
+            while shares() < kind.batch_limit and (left := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrivals.wait(), left)
+                await claim_more()
+        except Exception:  # a later claim failed (say, a database error): run what is claimed, lose none of it
+            log.exception("could not claim more jobs for the batch of job %s; it runs with %d", first.id,
+                          len(taken) + 1)
+        return taken
 
     async def _run_batch(self, jobs: list[Job]) -> None:
         """Run claimed jobs as one `run_many`; record and announce each as the single path does."""

@@ -55,6 +55,7 @@ def test_values_are_parsed_into_types():
     ("BOOTHBOT_IMAGINE_TIMEOUT_S", "2", "5..3600"),
     ("BOOTHBOT_FAIR_WINDOW_HOURS", "soon", "0.1..720"),
     ("BOOTHBOT_TRAIN_SLICE_S", "0.1", "0.5..3600"),
+    ("BOOTHBOT_BATCH_WINDOW_MS", "5000", "0..1000"),
     ("BOOTHBOT_DEVICE", "gpu", "auto, cpu, cuda, cuda:N, mps"),
     ("BOOTHBOT_DTYPE", "half", "auto, bf16, fp16, fp32"),
     ("BOOTHBOT_SAFETY", "maybe", "true, false"),

@@ -1,0 +1,1 @@
+"""`python -m bench.serving`: the serving benchmark through the real bot (see __main__.py)."""

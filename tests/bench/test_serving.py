@@ -1,0 +1,48 @@
+"""`python -m bench.serving --tiny`: the real bot process and worker (tiny model, CPU) driven through the fake Discord
+from a fresh data directory, with the engine bench's rows in the same run. Correctness only: every figure was
+measured and every job the benchmark sent came back; the times are figures for docs/BENCHMARKS.md, not
+assertions."""
+from __future__ import annotations
+
+import json
+
+from bench.serving.__main__ import main
+
+
+def test_tiny_serving_bench_measures_every_figure_through_the_bot_beside_the_engine(tmp_path, capsys):
+    out = tmp_path / "serving.json"
+    code = main(["--tiny", "--json", str(out), "--work-dir", str(tmp_path)])
+    report = json.loads(out.read_text())
+    assert code == 0, report["errors"]
+
+    served = report["served"]
+    assert served["train_cold_s"] > 0 and served["train_warm_s"] > 0
+    assert served["imagine_first_after_ready_s"] > 0 and served["start_to_ready_s"] > 0
+    assert served["imagine_alone"]["count"] == 3
+    assert served["imagine_with_concept"]["count"] == 3 and served["imagine_with_concept"]["first_s"] > 0
+    assert served["imagine_during_training"]["count"] >= 2  # at least one during each of the two trainings
+    burst = served["burst"]
+    assert burst["members"] == 8 and len(burst["rounds_s"]) == 3 and burst["images_per_s_overall"] > 0
+    assert all(row["value"] is not None for row in report["served_rows"]), report["served_rows"]
+
+    engine = {row["metric"]: row for row in report["engine"]["rows"]}
+    assert set(engine) >= {"train_s", "imagine_s", "throughput_ips"}
+    assert all(row["reference"] > 0 and row["ours"] > 0 for row in engine.values()), engine
+
+    printed = capsys.readouterr().out
+    assert json.loads(printed.splitlines()[-1]) == report  # the last line is the report
+    env = report["environment"]
+    assert env["gpu"] in printed and env["date"] in printed and env["torch"] in printed
+    assert "| through the bot |" in printed and "| engine, same command" in printed
+
+
+def test_each_figure_is_checked_against_its_goal_in_its_direction():
+    from bench.serving.report import served_rows
+
+    rows = {row["figure"]: row for row in served_rows({
+        "train_cold_s": 20.0, "train_warm_s": 16.0, "imagine_alone": {"p50_s": 0.3, "p99_s": 0.4},
+        "burst": {"images_per_s_overall": 9.0}})}
+    assert rows["train_cold_s"]["met"] is True and rows["train_warm_s"]["met"] is False  # <= 25 s, <= 15 s
+    assert rows["imagine_alone.p50_s"]["met"] is False and rows["imagine_alone.p99_s"]["met"] is None  # no goal
+    assert rows["burst.images_per_s_overall"]["met"] is True  # >= 8 images/s: more is better
+    assert rows["imagine_first_after_ready_s"]["value"] is None and rows["imagine_first_after_ready_s"]["met"] is None
