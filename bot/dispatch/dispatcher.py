@@ -14,6 +14,7 @@ import contextlib
 import logging
 
 from bot.dispatch.announcer import Announcer, Notifier
+from bot.dispatch.prefill import IdlePrefill
 from bot.dispatch.runner import Runner
 from bot.dispatch.worker_client import WorkerClient
 from bot.jobs.kinds import KindContext
@@ -33,6 +34,7 @@ class Dispatcher:
         self.context = KindContext(settings, concepts, gallery)
         self.announcer = Announcer(ledger, notifier)
         self.runner = Runner(self.context, ledger, worker, self.announcer)
+        self.prefill = IdlePrefill(ledger.store, worker)  # class images while the queue is empty
         self._busy = False  # from a claim until its job (every slice) has been recorded
         self._wake = asyncio.Event()
         self._stopping = False
@@ -85,15 +87,17 @@ class Dispatcher:
         self._spawn(self.deliver_backlog())
 
     def wake(self) -> None:
-        """A job was queued: look at the queue now rather than at the next poll."""
+        """A job was queued: look at the queue now rather than at the next poll (a running training yields to it)."""
         self._wake.set()
+        self.runner.yields.job_queued()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Claim nothing new; give the running job (or training slice) `grace_s` to end, then stop waiting for it.
         A job still running then stays `running` in the ledger and is recovered at the next start."""
         self._stopping = self.runner.stopping = True
         self._wake.set()
-        grace_s = self.settings.train_slice_s + SHUTDOWN_GRACE_S if grace_s is None else grace_s
+        await self.runner.yields.now()  # a running training checkpoints and ends its run at its next step
+        grace_s = (self.settings.train_slice_s or 0.0) + SHUTDOWN_GRACE_S if grace_s is None else grace_s
         if self._task is not None:
             if not self._busy:
                 self._task.cancel()  # waiting for the worker or for work: nothing to finish
@@ -119,7 +123,10 @@ class Dispatcher:
             try:
                 await self.worker.wait_ready()
                 if await self.run_next() is None:
+                    await self.prefill.queue_empty()
                     await self._idle()
+                else:
+                    self.prefill.work_ran()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a database hiccup must not end the queue for good

@@ -4,7 +4,8 @@ Nothing here depends on a job's kind by name: its registry entry (bot/jobs/kinds
 time limit, what to keep of a result and whether queued jobs may share its run. A claimed job whose kind batches
 takes along queued jobs with the same batch key, claimed in the scheduler's fair order, and the worker serves them
 with one `run_many`; each is recorded and announced on its own, the batch's GPU time split by their shares. A job
-the worker pauses (a training slice ended) goes back to the queue (`ledger.requeue`), queued jobs of kinds that run
+the worker pauses (a training yielded because a job waits, bot/dispatch/yielding.py, or its slice ended) goes back to
+the queue (`ledger.requeue`), queued jobs of kinds that run
 between slices get the GPU for Settings.imagine_between_slices_s, then the same job is claimed again.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from bot.dispatch.announcer import Announcer
 from bot.dispatch.cancels import passing_on_cancels
 from bot.dispatch.endings import failed, record_end
 from bot.dispatch.progress import ProgressRecorder
+from bot.dispatch.yielding import YieldOnDemand
 from bot.dispatch.worker_client import CRASHED, SHUTTING_DOWN, TIMED_OUT, WorkerClient
 from trainer.contract.durations import format_duration
 from bot.jobs.kinds import KindContext, between_slices, kind_of
@@ -37,6 +39,7 @@ class Runner:
         self.worker = worker
         self.announcer = announcer
         self.progress = ProgressRecorder(ledger, announcer)
+        self.yields = YieldOnDemand(ledger, worker)  # a training pauses when someone waits
         self.stopping = False  # set by the dispatcher: finish the running request, start no slice or batch after it
         self.current_job_id: int | None = None  # the job on the GPU (the first of a batch)
         self.batches_run = 0  # run_many requests sent (logs, tests)
@@ -211,7 +214,7 @@ class Runner:
                 limit = format_duration(kind_of(job.kind).timeout_s(self.context.settings))
                 return failed(job.id, TIMED_OUT.format(limit=limit)), 0.0
             started = time.monotonic()
-            async with passing_on_cancels(self.ledger, self.worker, [job.id]):
+            async with passing_on_cancels(self.ledger, self.worker, [job.id]), self.yields.while_running(job):
                 end = await self.worker.run(job.id, job.kind, params, timeout_s=timeout_s,
                                             on_progress=lambda event: self.progress(job, event))
             seconds = time.monotonic() - started
