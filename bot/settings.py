@@ -80,6 +80,13 @@ def _float(lo: float, hi: float):
     return _number(float, "a number", lo, hi)
 
 
+def _optional(parse):
+    """Empty means unset (None)."""
+    def wrapped(key: str, raw: str):
+        return None if not raw.strip() else parse(key, raw)
+    return wrapped
+
+
 def _choice(*allowed: str):
     def parse(key: str, raw: str) -> str:
         value = raw.strip().lower()
@@ -156,7 +163,7 @@ _KEYS: dict[str, tuple[str, object]] = {
     "BOOTHBOT_TRAIN_TIMEOUT_S": ("train_timeout_s", _int(10, 86400)),
     "BOOTHBOT_IMAGINE_TIMEOUT_S": ("imagine_timeout_s", _int(5, 3600)),
     "BOOTHBOT_FAIR_WINDOW_HOURS": ("fair_window_hours", _float(0.1, 24 * 30)),
-    "BOOTHBOT_TRAIN_SLICE_S": ("train_slice_s", _float(0.5, 3600)),
+    "BOOTHBOT_TRAIN_SLICE_S": ("train_slice_s", _optional(_float(0.5, 3600))),
     "BOOTHBOT_TRAIN_CHECKPOINT_S": ("train_checkpoint_s", _float(1, 3600)),
     "BOOTHBOT_IMAGINE_BETWEEN_SLICES_S": ("imagine_between_slices_s", _float(0.5, 3600)),
     "BOOTHBOT_SAFETY": ("safety", _bool),

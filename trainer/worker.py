@@ -229,6 +229,12 @@ class Worker:
         self.safety_problem: str | None = None  # why the safety filter cannot run, once a job found out
 
     def serve(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self.live.drop()  # its checkpoint write (a background thread) lands before the process ends
+
+    def _serve(self) -> None:
         while True:
             message = self.control.jobs.get()
             if message is None or self.control.closing.is_set():
