@@ -1,6 +1,7 @@
 """Training that pauses only when someone waits, through the dispatcher and the real worker process (tiny model):
 an /imagine queued during a training makes it yield at a step boundary, runs, and the training goes on; a worker
-killed mid-training resumes from the periodic crash checkpoint, not from the start."""
+killed mid-training resumes from the periodic crash checkpoint, not from the start; an empty queue makes the worker
+prefill class images, which a member's job stops."""
 from __future__ import annotations
 
 import asyncio
@@ -13,6 +14,7 @@ import pytest
 import pytest_asyncio
 import torch
 
+from bot.dispatch.prefill import classes_to_prefill
 from bot.settings import Settings
 from bot.store.database import Store
 from tests.bot.test_dispatcher import ALICE, BOB, READY_TIMEOUT_S, Bot
@@ -85,3 +87,25 @@ async def test_a_killed_worker_resumes_the_training_from_its_periodic_checkpoint
     await bot.notifier.wait_for(lambda: _steps(bot, train.id, since), READY_TIMEOUT_S * 2)
     assert _steps(bot, train.id, since)[0] == saved + 1  # nothing before the last checkpoint was lost
     await _cancel_and_wait(bot, train)
+
+
+async def test_an_empty_queue_prefills_the_most_used_classes_until_a_member_job_arrives(bot, worker):
+    for token, class_name in (("dogone", "dog"), ("dogtwo", "dog"), ("catone", "cat")):
+        await bot.store.execute("INSERT INTO concepts (guild_id, owner_id, token, class_name, created_at, updated_at) "
+                                "VALUES (?, ?, ?, ?, 0, 0)",
+                                (5, ALICE, token, class_name))
+    assert await classes_to_prefill(bot.store) == ["dog", "cat", "man", "woman", "person", "boy", "girl", "style"]
+    await bot.dispatcher.start()  # nothing queued: the GPU is idle
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while (worker.last_prefill or {}).get("class_name") != "dog":  # class images of the most used class are made
+        assert time.monotonic() < deadline, f"no prefill: {worker.last_prefill}"
+        await asyncio.sleep(0.1)
+    assert bot.dispatcher.prefill.sent == 1
+    imagine = await bot.imagine(BOB)
+    bot.dispatcher.wake()
+    await bot.notifier.wait_for(lambda: imagine.id in bot.notifier.finished_ids(), READY_TIMEOUT_S)
+    assert (await bot.ledger.get(imagine.id)).status == "succeeded"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while bot.dispatcher.prefill.sent < 2:  # idle again: it goes on
+        assert time.monotonic() < deadline, "no second prefill"
+        await asyncio.sleep(0.1)
