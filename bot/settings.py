@@ -45,7 +45,8 @@ class Settings:
     train_timeout_s: int = 3600
     imagine_timeout_s: int = 300
     fair_window_hours: float = 24.0
-    train_slice_s: float = 10.0
+    train_slice_s: float | None = None  # an upper bound on a training's run; by default it yields only when someone waits
+    train_checkpoint_s: float = 10.0  # a running training's crash checkpoint, this often
     imagine_between_slices_s: float = 10.0
     batch_window_ms: float = 50.0
     safety: bool = False
@@ -84,6 +85,13 @@ def _int(lo: int, hi: int):
 
 def _float(lo: float, hi: float):
     return _number(float, "a number", lo, hi)
+
+
+def _optional(parse):
+    """Empty means unset (None)."""
+    def wrapped(key: str, raw: str):
+        return None if not raw.strip() else parse(key, raw)
+    return wrapped
 
 
 def _choice(*allowed: str):
@@ -210,7 +218,8 @@ _KEYS: dict[str, tuple[str, object]] = {
     "BOOTHBOT_TRAIN_TIMEOUT_S": ("train_timeout_s", _int(10, 86400)),
     "BOOTHBOT_IMAGINE_TIMEOUT_S": ("imagine_timeout_s", _int(5, 3600)),
     "BOOTHBOT_FAIR_WINDOW_HOURS": ("fair_window_hours", _float(0.1, 24 * 30)),
-    "BOOTHBOT_TRAIN_SLICE_S": ("train_slice_s", _float(0.5, 3600)),
+    "BOOTHBOT_TRAIN_SLICE_S": ("train_slice_s", _optional(_float(0.5, 3600))),
+    "BOOTHBOT_TRAIN_CHECKPOINT_S": ("train_checkpoint_s", _float(1, 3600)),
     "BOOTHBOT_IMAGINE_BETWEEN_SLICES_S": ("imagine_between_slices_s", _float(0.5, 3600)),
     "BOOTHBOT_BATCH_WINDOW_MS": ("batch_window_ms", _float(0, 1000)),
     "BOOTHBOT_SAFETY": ("safety", _bool),

@@ -2,7 +2,9 @@
 
 It loads the base model once and keeps it resident, then runs requests one at a time on the main thread: a `run`
 (one job) or a `run_many` (several /imagine jobs served by one batched GenerationService.imagine_many call).
-A reader thread takes requests from stdin, so a `cancel` reaches a running job at its next step boundary. Events go to
+A reader thread takes requests from stdin, so a `cancel` or a `yield` reaches a running job at its next step boundary.
+A training that yields stays resident (trainer/training/live.py) until it resumes or something else needs the memory.
+A `prefill` (the GPU is idle) makes class images until any other request arrives (trainer/training/prefill.py). Events go to
 the original stdout; sys.stdout (and file descriptor 1) point at stderr so prints from libraries cannot corrupt the
 stream.
 When stdin closes (the bot went away) the running job stops at its next step and the worker exits.
@@ -25,6 +27,7 @@ from trainer.contract import protocol
 from trainer.contract.protocol import JobKind
 from trainer.contract.errors import Cancelled, SetupError, UserError
 from trainer.contract.imagine_request import NO_SAFETY_CHECKER
+from trainer.training.live import LiveTrainings
 
 OUT_OF_MEMORY = ("The GPU ran out of memory while running your job. Try fewer or smaller images, or try again when "
                  "the server is less busy.")
@@ -85,6 +88,7 @@ class JobControl:
         self.jobs: queue.Queue[dict | None] = queue.Queue()
         self._active: dict[int, int] = {}  # job id -> runs received and not yet ended
         self._cancelled: set[int] = set()
+        self._yields: set[int] = set()
         self._lock = threading.Lock()
         self.closing = threading.Event()
         self.loading = True  # until the model is resident: nothing to finish or save, so closing exits at once
@@ -108,11 +112,24 @@ class JobControl:
             else:
                 self._active.pop(job_id, None)
                 self._cancelled.discard(job_id)
+            self._yields.discard(job_id)  # a yield is for the run it arrived during
 
     def cancel(self, job_id: int) -> None:
         with self._lock:
             if job_id in self._active:
                 self._cancelled.add(job_id)
+
+    def request_yield(self, job_id: int) -> None:
+        with self._lock:
+            if job_id in self._active:
+                self._yields.add(job_id)
+
+    def should_yield(self, job_id: int) -> Callable[[], bool]:
+        return lambda: job_id in self._yields
+
+    def work_waiting(self) -> bool:
+        """A request is queued behind the one running (what stops a prefill)."""
+        return not self.jobs.empty()
 
     def is_cancelled(self, job_id: int) -> bool:
         with self._lock:
@@ -139,10 +156,12 @@ def read_requests(stream, control: JobControl) -> None:
             print(f"worker: ignoring a bad request: {e}", file=sys.stderr, flush=True)
             continue
         op = message.get("op")
-        if op in ("run", "run_many"):
+        if op in ("run", "run_many", "prefill"):
             control.submit(message)
         elif op == "cancel":
             control.cancel(message["job_id"])
+        elif op == "yield":
+            control.request_yield(message["job_id"])
         elif op == "shutdown":
             break
         else:
@@ -218,15 +237,24 @@ class Worker:
         self.compile_unet = compile_unet
         self.train_memory = train_memory
         self.generation = None  # the resident GenerationService, made at the first /imagine
+        self.live = LiveTrainings()  # a training that yielded, kept resident until it resumes
         self.safety_problem: str | None = None  # why the safety filter cannot run, once a job found out
 
     def serve(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self.live.drop()  # its checkpoint write (a background thread) lands before the process ends
+
+    def _serve(self) -> None:
         while True:
             message = self.control.jobs.get()
             if message is None or self.control.closing.is_set():
                 return  # shutdown, or the bot went away: jobs still queued here have nobody to report to
             try:
-                if message["op"] == "run_many":
+                if message["op"] == "prefill":
+                    self.prefill(message)
+                elif message["op"] == "run_many":
                     self.run_many(message["jobs"])
                 else:
                     self.run_job(message["job_id"], message["kind"], message["params"])
@@ -340,11 +368,34 @@ class Worker:
         if self.pipe is None:
             raise UserError(NO_MODEL)
         if self.generation is None:
+            self.live.drop()  # the service changes the UNet's weight layout, which a held training graph points at
             self.generation = GenerationService(self.pipe, model_name=self.model or "", compile_unet=self.compile_unet)
         request = ImagineRequest.from_params(params)
         if request.safety:
             self.require_safety_checker()
         return request
+
+    def prefill(self, message: dict) -> None:
+        """Make class images while nothing else waits; any request arriving stops it at the next image boundary."""
+        from trainer.training.prefill import prefill_class_images
+
+        if self.pipe is None:
+            return
+        self.live.drop()  # the GPU is idle: nobody resumes it soon, and the memory is better spent here
+        try:
+            complete = prefill_class_images(
+                self.pipe, message["classes"], cache_dir=self.data_dir / "cache", count=message.get("count"),
+                resolution=message.get("resolution"),
+                should_stop=lambda: self.control.closing.is_set() or self.control.work_waiting(),
+                on_image=lambda name, done, count: self.writer.send(
+                    protocol.prefill_state("progress", class_name=name, done=done, count=count)))
+        except Exception as exc:  # noqa: BLE001 - nobody's job: log it, the next idle moment tries again
+            print(f"worker: prefill failed:\n{''.join(traceback.format_exception(exc))}", file=sys.stderr, flush=True)
+            if is_out_of_memory(exc):
+                release_memory()
+            self.writer.send(protocol.prefill_state("stopped"))
+            return
+        self.writer.send(protocol.prefill_state("complete" if complete else "stopped"))
 
     def require_safety_checker(self) -> None:
         """Load the model's safety checker the first time a job asks for it; UserError when there is none (tried
@@ -384,11 +435,20 @@ def run_train(worker: Worker, job_id: int, params: dict, on_progress, should_sto
 
     checkpointing = gradient_checkpointing_for(worker.train_memory, worker.pipe)
     spec = TrainSpec.from_params({"gradient_checkpointing": checkpointing, **params})
-    if worker.generation is not None:
+    resuming_live = worker.live.held is not None and worker.live.held.spec.out_dir == spec.out_dir
+    if worker.generation is not None and not resuming_live:
         worker.generation.release_memory()  # the CUDA graphs' pools: lets the training fit a 12 GB card
     cache_dir = Path(params.get("cache_dir") or worker.data_dir / "cache")
-    outcome = train_concept(worker.pipe, spec, cache_dir=cache_dir, on_progress=on_progress,
-                            should_stop=should_stop, slice_s=params.get("slice_s"))
+    try:
+        outcome = train_concept(worker.pipe, spec, cache_dir=cache_dir, on_progress=on_progress,
+                                should_stop=should_stop, slice_s=params.get("slice_s"),
+                                should_yield=worker.control.should_yield(job_id),
+                                checkpoint_s=params.get("checkpoint_s"), live=worker.live)
+    finally:
+        if worker.generation is not None and worker.live.held is None:
+            # Ending the training moved the UNet's weights back to generation's layout: graphs captured while it
+            # was suspended point at the old ones.
+            worker.generation.release_memory()
     if outcome.status == "done":
         return protocol.done(job_id, outcome.result)
     if outcome.status == "paused":

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from bot.dispatch.announcer import Announcer, Notifier
 from bot.dispatch.lanes import Lane, LaneStatus
+from bot.dispatch.prefill import IdlePrefill
 from bot.dispatch.runner import Runner
 from bot.dispatch.worker_api import GpuWorker
 from bot.jobs.kinds import KindContext
@@ -45,6 +46,10 @@ class Dispatcher:
                                  claim_next=lambda kinds, lane=lane: self._claim_for(lane, kinds))
             self.lanes.append(lane)
         ledger.lanes = len(self.lanes)  # queue ETAs: this many jobs run at once
+        for lane in self.lanes:  # a training yields only when no other lane could take the waiting job
+            lane.runner.yields.other_lane_free = lambda lane=lane: any(
+                other is not lane and other.can_take_work for other in self.lanes)
+        self.prefill = IdlePrefill(ledger.store, self.lanes[0].worker)  # class images while the queue is empty
         self._stopping = False
         self._task: asyncio.Task | None = None  # the lane loops, together
         self._background: set[asyncio.Task] = set()
@@ -116,6 +121,7 @@ class Dispatcher:
         for lane in self.lanes:
             lane.wake.set()
             lane.runner.job_queued()
+            lane.runner.yields.job_queued()
 
     def _set_stopping(self, stopping: bool) -> None:
         self._stopping = stopping
@@ -127,7 +133,9 @@ class Dispatcher:
         for it. A job still running then stays `running` in the ledger and is recovered at the next start."""
         self._set_stopping(True)
         self.wake()
-        grace_s = self.settings.train_slice_s + SHUTDOWN_GRACE_S if grace_s is None else grace_s
+        # a running training checkpoints and ends its run at its next step
+        await asyncio.gather(*(lane.runner.yields.now() for lane in self.lanes))
+        grace_s = (self.settings.train_slice_s or 0.0) + SHUTDOWN_GRACE_S if grace_s is None else grace_s
         if self._task is not None:
             await asyncio.gather(*(self._stop_lane(lane, grace_s) for lane in self.lanes))
             self._task.cancel()
@@ -172,8 +180,11 @@ class Dispatcher:
             try:
                 await lane.worker.wait_ready()
                 if await self._run_next_in(lane) is None:
+                    if lane is self.lanes[0]:
+                        await self.prefill.queue_empty()
                     await self._idle(lane)
                 else:
+                    self.prefill.work_ran()
                     self.wake()  # a job may have gone back to the queue (a training slice, a dead worker's job)
             except asyncio.CancelledError:
                 raise

@@ -89,6 +89,14 @@ class RayWorkerClient:
         with contextlib.suppress(Exception):  # an actor that is gone has nothing to cancel
             await asyncio.wait_for(_result(self.actor.cancel.remote(job_id)), CALL_TIMEOUT_S)
 
+    async def request_yield(self, job_id: int) -> None:
+        with contextlib.suppress(Exception):  # an actor that is gone runs no training to pause
+            await asyncio.wait_for(_result(self.actor.request_yield.remote(job_id)), CALL_TIMEOUT_S)
+
+    async def prefill(self, classes: list[str]) -> None:
+        """Not on Ray yet: each request runs in its own mirror of the data directory on the actor and a training's
+        inputs (ray_files.py) do not include class images, so a set made while idle would not be there for it."""
+
     async def kill(self) -> None:
         """Kill the actor; Ray starts it again (`max_restarts`) and the running request fails with CRASHED."""
         import ray

@@ -5,9 +5,9 @@ time limit, what to keep of a result and whether queued jobs may share its run. 
 takes along queued jobs with the same batch key, claimed in the scheduler's fair order, and the worker serves them
 with one `run_many`; each is recorded and announced on its own, the batch's GPU time split by their shares. When
 the claim found companions (members' jobs are arriving together) and the batch has room, it waits up to
-Settings.batch_window_ms for more before it starts; a lone job starts at once. A job
-the worker pauses (a training slice ended) goes back to the queue (`ledger.requeue`), queued jobs of kinds that run
-between slices get the GPU for Settings.imagine_between_slices_s, then the same job is claimed again.
+Settings.batch_window_ms for more before it starts; a lone job starts at once. A job the worker pauses (a training
+yielded because a job waits, bot/dispatch/yielding.py, or its slice ended) goes back to the queue (`ledger.requeue`),
+queued jobs of kinds that run between slices get the GPU for Settings.imagine_between_slices_s, then the same job is claimed again.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from bot.dispatch.endings import failed, record_end
 from bot.dispatch.progress import ProgressRecorder
 from bot.dispatch.worker_api import GpuWorker
 from bot.dispatch.worker_client import CRASHED, SHUTTING_DOWN, TIMED_OUT
+from bot.dispatch.yielding import YieldOnDemand
 from trainer.contract.durations import format_duration
 from bot.jobs.kinds import KindContext, between_slices, kind_of
 from bot.jobs.ledger import MAX_RECOVERIES, Job, Ledger
@@ -53,6 +54,7 @@ class Runner:
         self.claim_next = claim_next or ledger.claim_next
         self.affinity = LoraAffinity()  # the LoRAs this runner's worker was last sent
         self.progress = ProgressRecorder(ledger, announcer)
+        self.yields = YieldOnDemand(ledger, worker)  # a training pauses when someone waits
         self.stopping = False  # set by the dispatcher: finish the running request, start no slice or batch after it
         self.current_job_id: int | None = None  # the job on the GPU (the first of a batch)
         self.batches_run = 0  # run_many requests sent (logs, tests)
@@ -263,7 +265,7 @@ class Runner:
                 return failed(job.id, TIMED_OUT.format(limit=limit)), 0.0
             self.affinity.remember(job, params)
             started = time.monotonic()
-            async with passing_on_cancels(self.ledger, self.worker, [job.id]):
+            async with passing_on_cancels(self.ledger, self.worker, [job.id]), self.yields.while_running(job):
                 end = await self.worker.run(job.id, job.kind, params, timeout_s=timeout_s,
                                             on_progress=lambda event: self.progress(job, event))
             seconds = time.monotonic() - started

@@ -43,6 +43,12 @@ class GpuWorker(Protocol):
     async def cancel(self, job_id: int) -> None:
         """Ask the worker to stop `job_id` at its next step boundary (no-op when it is not running it)."""
 
+    async def request_yield(self, job_id: int) -> None:
+        """Ask the worker to pause the training `job_id` at its next step boundary (its run ends with `paused`)."""
+
+    async def prefill(self, classes: list[str]) -> None:
+        """The GPU is idle: make class images for these classes until the next request (nothing is awaited)."""
+
     async def kill(self) -> None:
         """Kill the worker now; the running jobs fail with CRASHED and the worker is started again."""
 

@@ -82,6 +82,7 @@ class WorkerClient:
         self.stop_grace_s = stop_grace_s
         self.ready_info: dict | None = None  # the last `ready` event
         self.last_fatal: dict | None = None  # the last `fatal` event (the worker could not start)
+        self.last_prefill: dict | None = None  # the last `prefill` event (class images made while idle)
         self.starts = 0  # how many worker processes were launched
         self.exits = 0  # how many of them have exited
         self._first_start_over = asyncio.Event()  # the first worker is ready, or ended without ever being ready
@@ -179,6 +180,17 @@ class WorkerClient:
     async def cancel(self, job_id: int) -> None:
         """Ask the worker to stop `job_id` at its next step boundary (no-op when it is not running)."""
         await self._send(protocol.cancel(job_id))
+
+    async def request_yield(self, job_id: int) -> None:
+        """Ask the worker to pause the training `job_id` at its next step boundary: someone waits for the GPU. Its
+        `run` then ends with `paused` (no-op when it is not running)."""
+        await self._send(protocol.yield_training(job_id))
+
+    async def prefill(self, classes: list[str]) -> None:
+        """The GPU is idle: let the worker make class images for these classes until the next request (no answer
+        is awaited; its `prefill` events are logged)."""
+        if self._ready.is_set():
+            await self._send(protocol.prefill(classes))
 
     async def kill(self) -> None:
         """SIGKILL the worker now; the supervisor fails the running job and starts a new worker."""
@@ -328,6 +340,10 @@ class WorkerClient:
             log.error("the GPU worker cannot start: %s", event["error"])
             if event.get("detail"):
                 log.debug("the GPU worker's traceback:\n%s", event["detail"])
+        elif kind == "prefill":
+            self.last_prefill = event
+            if event["state"] != "progress":
+                log.info("class-image prefill %s", event["state"])
         elif self._inbox is not None and event.get("job_id") in self._inbox[0]:
             self._inbox[1].put_nowait(event)
         else:

@@ -104,6 +104,7 @@ async def train_params(job: Job, context: KindContext) -> dict:
             "class_name": concept.class_name, "style": bool(concept.style),
             "photos_dir": str(concept_dir / "photos"), "out_dir": str(concept_dir),
             "cache_dir": str(data_dir / "cache"), "slice_s": context.settings.train_slice_s,
+            "checkpoint_s": context.settings.train_checkpoint_s,
             "seed": job.params.get("seed", job.id), "preview_path": preview_path(job, context)}
 
 

@@ -34,6 +34,7 @@ def test_values_are_parsed_into_types():
         "BOOTHBOT_DATA_DIR": "/srv/boothbot", "BOOTHBOT_DEVICE": "CUDA:1", "BOOTHBOT_DTYPE": "bf16",
         "BOOTHBOT_MAX_QUEUED_JOBS": "7", "BOOTHBOT_FAIR_WINDOW_HOURS": "1.5", "BOOTHBOT_SAFETY": "yes",
         "BOOTHBOT_LOG_LEVEL": "debug", "BOOTHBOT_ADMIN_ROLE": "  ", "BOOTHBOT_TRAIN_SLICE_S": "2.5",
+        "BOOTHBOT_TRAIN_CHECKPOINT_S": "4",
     })
     assert settings.discord_token == "abc.def.ghi"
     assert settings.guild_ids == (123456789012345678, 223456789012345678)
@@ -46,6 +47,8 @@ def test_values_are_parsed_into_types():
     assert settings.log_level == "DEBUG"
     assert settings.admin_role is None
     assert settings.train_slice_s == 2.5
+    assert settings.train_checkpoint_s == 4.0
+    assert load({"BOOTHBOT_TRAIN_SLICE_S": ""}).train_slice_s is None  # no upper bound: trainings yield on demand
 
 
 @pytest.mark.parametrize("key, value, allowed", [

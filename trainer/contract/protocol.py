@@ -1,8 +1,10 @@
 """The worker protocol: plain dicts, one JSON object per line. Pure Python, so the bot process may import it.
 
-Bot -> worker requests: run, run_many (several /imagine jobs served by one batched call), cancel, shutdown.
-Worker -> bot events: ready, progress, paused, done, cancelled, failed, and fatal (the worker cannot start, e.g. the
-base model does not load; it exits after sending it).
+Bot -> worker requests: run, run_many (several /imagine jobs served by one batched call), cancel, yield (a training
+pauses at its next step boundary because someone waits), prefill (the GPU is idle: make class images ahead of need),
+shutdown.
+Worker -> bot events: ready, progress, paused, done, cancelled, failed, prefill (how far a prefill got), and fatal (the
+worker cannot start, e.g. the base model does not load; it exits after sending it).
 Files travel as absolute paths under the data directory. See docs/ARCHITECTURE.md for the params of each kind.
 """
 from __future__ import annotations
@@ -21,10 +23,10 @@ class JobKind(StrEnum):
 
 
 KINDS = tuple(JobKind)
-REQUESTS = ("run", "run_many", "cancel", "shutdown")
+REQUESTS = ("run", "run_many", "cancel", "yield", "prefill", "shutdown")
 # Kinds a `run_many` may hold: jobs that can share one denoising loop. The worker answers one end event per job.
 BATCH_KINDS = (JobKind.IMAGINE,)
-EVENTS = ("ready", "progress", "paused", "done", "cancelled", "failed", "fatal")
+EVENTS = ("ready", "progress", "paused", "done", "cancelled", "failed", "prefill", "fatal")
 # Events after which the worker has finished with a job (for now: `paused` hands control back until the next run).
 TERMINAL_EVENTS = ("done", "cancelled", "failed")
 JOB_END_EVENTS = TERMINAL_EVENTS + ("paused",)
@@ -33,6 +35,8 @@ _REQUIRED = {
     ("op", "run"): ("job_id", "kind", "params"),
     ("op", "run_many"): ("jobs",),
     ("op", "cancel"): ("job_id",),
+    ("op", "yield"): ("job_id",),
+    ("op", "prefill"): ("classes",),
     ("op", "shutdown"): (),
     ("event", "ready"): ("device", "dtype", "model", "pid"),
     ("event", "progress"): ("job_id", "step", "total"),
@@ -40,6 +44,7 @@ _REQUIRED = {
     ("event", "done"): ("job_id", "result"),
     ("event", "cancelled"): ("job_id",),
     ("event", "failed"): ("job_id", "error"),
+    ("event", "prefill"): ("state",),
     ("event", "fatal"): ("error",),
 }
 
@@ -84,7 +89,9 @@ def check_run_many(message: dict) -> None:
 
 
 def job_ids(message: dict) -> list[int]:
-    """The job ids a `run` or `run_many` request carries."""
+    """The job ids a `run` or `run_many` request carries (none for a `prefill`: it belongs to no member's job)."""
+    if message.get("op") == "prefill":
+        return []
     if message.get("op") == "run_many":
         return [job["job_id"] for job in message["jobs"]]
     return [message["job_id"]]
@@ -92,6 +99,19 @@ def job_ids(message: dict) -> list[int]:
 
 def cancel(job_id: int) -> dict:
     return {"op": "cancel", "job_id": job_id}
+
+
+def yield_training(job_id: int) -> dict:
+    """Someone waits for the GPU: the running training checkpoints at its next step boundary and ends with `paused`
+    (at least one step per run, so a training always gets on). Ignored for a job that is not running."""
+    return {"op": "yield", "job_id": job_id}
+
+
+def prefill(classes: list[str], *, count: int | None = None, resolution: int | None = None) -> dict:
+    """Make the class images trainings of these classes will need, most wanted first, while nothing else runs: any
+    other request stops it at the next image boundary; what is made stays (a set half made resumes next time).
+    `count`/`resolution`: as a default training would use them when None."""
+    return {"op": "prefill", "classes": list(classes), "count": count, "resolution": resolution}
 
 
 def shutdown() -> dict:
@@ -134,6 +154,12 @@ def cancelled(job_id: int) -> dict:
 
 def failed(job_id: int, error: str, detail: str = "") -> dict:
     return {"event": "failed", "job_id": job_id, "error": error, "detail": detail}
+
+
+def prefill_state(state: str, *, class_name: str | None = None, done: int = 0, count: int = 0) -> dict:
+    """`state`: "progress" (class_name: done/count images), "complete" (every set asked for is ready) or "stopped"
+    (another request came first)."""
+    return {"event": "prefill", "state": state, "class_name": class_name, "done": done, "count": count}
 
 
 def fatal(error: str, detail: str = "") -> dict:

@@ -166,6 +166,9 @@ class WorkerActor:
     def cancel(self, job_id: int) -> None:
         self.control.cancel(job_id)
 
+    def request_yield(self, job_id: int) -> None:
+        self.control.request_yield(job_id)
+
     def cached(self) -> int:
         """How many files this actor holds in its cache (tests, logs)."""
         return sum(1 for _ in self.blobs.root.iterdir())

@@ -47,6 +47,15 @@ def load_state(out_dir: Path, fingerprint: str) -> dict | None:
     return state
 
 
+def stamp(out_dir: Path) -> tuple[int, int] | None:
+    """Which write of the state file is on disk now (its mtime and size), None when there is none."""
+    try:
+        info = (checkpoint_dir(out_dir) / STATE_FILE).stat()
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
+
+
 def remove(out_dir: Path) -> None:
     shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)
 

@@ -1,9 +1,13 @@
 """DreamBooth LoRA training of one concept on the shared, resident pipeline, in resumable slices.
 
 `train_concept(pipe, spec, cache_dir=...)` is what the GPU worker, the CLI and the tests call. One call runs one
-slice: it prepares (class images, cached latents and text embeddings), trains until the job is finished, the slice's
-time is up (→ "paused", with a checkpoint under out_dir/checkpoint/) or `should_stop()` turns true (→ "cancelled"),
-and always leaves the pipeline as it found it (see trainer/training/lora_scope.py). Calling it again with the same spec
+slice: it prepares (class images, cached latents and text embeddings), trains until the job is finished,
+`should_yield()` turns true (someone waits for the GPU) or the slice's time (an upper bound, off by default) is up
+(→ "paused", with a checkpoint under out_dir/checkpoint/) or `should_stop()` turns true (→ "cancelled"), and always
+leaves the pipeline as it found it (see trainer/training/lora_scope.py). With `checkpoint_s` it also writes a crash
+checkpoint that often without stopping (trainer/training/periodic_checkpoint.py). With `live` (the worker's
+LiveTrainings) a paused training stays resident, its adapter off, and the next call for it goes on from memory
+(trainer/training/live.py). Calling it again with the same spec
 resumes from the checkpoint; the result is identical to an uninterrupted run (same hardware, same seed). A finished
 training removes its checkpoint and records its result in out_dir/training.json, which answers a repeated call.
 
@@ -25,6 +29,7 @@ from trainer.contract.files import write_text_atomic
 from trainer.contract.naming import class_kind
 from trainer.contract.train_spec import TrainSpec
 from trainer.training import checkpoint
+from trainer.training.periodic_checkpoint import PeriodicCheckpoint
 from trainer.training.step import StepRunner
 
 log = logging.getLogger(__name__)
@@ -118,15 +123,24 @@ def _prepare_job(pipe, spec: TrainSpec, cache_dir: Path) -> _Job:
 
 
 def train_concept(pipe, spec: TrainSpec, *, cache_dir: Path, on_progress=None, should_stop=None,
-                  slice_s: float | None = None) -> TrainOutcome:
+                  slice_s: float | None = None, should_yield=None, checkpoint_s: float | None = None,
+                  live=None) -> TrainOutcome:
     """Run one slice of `spec`'s training on `pipe`; see the module docstring. Raises UserError for bad inputs."""
     started = time.monotonic()
     slice_s = spec.slice_s if slice_s is None else slice_s
     deadline = started + slice_s if slice_s and slice_s > 0 else None
     on_progress = on_progress or (lambda info: None)
     should_stop = should_stop or (lambda: False)
+    should_yield = should_yield or (lambda: False)
     spec.validate()
     job = _prepare_job(pipe, spec, Path(cache_dir))
+    if live is not None:
+        held = live.take(job.fingerprint)
+        if held is not None and _written_since(held):
+            held.close()  # another worker (lane) trained it further after the yield: its file is newer than memory
+        elif held is not None:
+            return held.resume(started, deadline, on_progress, should_stop, should_yield, live)
+        live.drop()  # another training's state: this one needs the memory
     finished = _finished_result(spec.out_dir, job.fingerprint)
     if finished is not None:
         checkpoint.remove(spec.out_dir)  # left behind only if the process died right after the record was written
@@ -137,7 +151,14 @@ def train_concept(pipe, spec: TrainSpec, *, cache_dir: Path, on_progress=None, s
     if should_stop():
         checkpoint.remove(spec.out_dir)
         return TrainOutcome("cancelled", _step_of(state), job.total)
-    return _Slice(pipe, job, state, started, deadline, on_progress, should_stop).run()
+    return _Slice(pipe, job, state, started, deadline, on_progress, should_stop, should_yield,
+                  PeriodicCheckpoint(spec.out_dir, checkpoint_s)).run(live)
+
+
+def _written_since(held: "_Slice") -> bool:
+    """Whether the checkpoint on disk is no longer the one `held` wrote when it yielded."""
+    held.checkpoints.wait()
+    return held.checkpoints.last_stamp != checkpoint.stamp(held.spec.out_dir)
 
 
 def _step_of(state: dict | None) -> int:
@@ -164,13 +185,15 @@ def _write_finished(out_dir: Path, fingerprint: str, result: dict) -> None:
 
 
 class _Slice:
-    def __init__(self, pipe, job: _Job, state, started, deadline, on_progress, should_stop):
+    def __init__(self, pipe, job: _Job, state, started, deadline, on_progress, should_stop, should_yield,
+                 checkpoints: PeriodicCheckpoint):
         import torch
 
         self.pipe, self.job, self.spec, self.state = pipe, job, job.spec, state
         self.started, self.deadline = started, deadline
         self.timings: dict[str, float] = {}  # seconds per phase of this slice (logged, and in the result)
-        self.on_progress, self.should_stop = on_progress, should_stop
+        self.on_progress, self.should_stop, self.should_yield = on_progress, should_stop, should_yield
+        self.checkpoints = checkpoints
         self.device = pipe.unet.device
         self.dtype = pipe.unet.dtype
         self.step = _step_of(state)
@@ -178,24 +201,80 @@ class _Slice:
         self.noise_generator = torch.Generator(device=self.device)
         earlier = job.spec.preview_interval(job.total) and job.spec.preview_file.is_file()
         self.preview: str | None = str(job.spec.preview_file.resolve()) if earlier else None  # an earlier slice's
+        self.scope = None  # LoraTrainingScope, open from the first slice until close()
+        self.trainer: StepRunner | None = None
+        self.training_rng: dict | None = None  # the global RNG states while suspended (live)
+        self.live = None
 
     # ---------------------------------------------------------------- orchestration
-    def run(self) -> TrainOutcome:
+    def run(self, live=None) -> TrainOutcome:
         from trainer.training.lora_scope import LoraTrainingScope
 
+        self.live = live
+        with self._session(self.state["rng"] if self.state and "rng" in self.state else None):
+            self.scope = LoraTrainingScope(self.pipe, self.spec.adapter_name).__enter__()
+            return self._leave(self._run_in_scope)
+
+    def resume(self, started, deadline, on_progress, should_stop, should_yield, live) -> TrainOutcome:
+        """Go on from memory after a yield (see trainer/training/live.py): no checkpoint read, no adapters added, the
+        CUDA graph replayed as captured."""
+        from trainer.training.lora_scope import resume
+
+        self.started, self.deadline, self.live = started, deadline, live
+        self.on_progress, self.should_stop, self.should_yield = on_progress, should_stop, should_yield
+        with self._session(self.training_rng):
+            resume(self.scope)
+            return self._leave(self._train_and_end)
+
+    def _leave(self, body) -> TrainOutcome:
+        """Run `body` in the open scope; then keep the training resident (paused, with a `live` holder) or close."""
+        from trainer.training.lora_scope import suspend
+
+        try:
+            outcome = body()
+        except BaseException:
+            self.close()
+            raise
+        if outcome.status == "paused" and self.live is not None and self.trainer is not None:
+            suspend(self.scope)
+            self.training_rng = checkpoint.capture_global_rng()
+            self.elapsed_before, self.started = self._elapsed(), time.monotonic()
+            self.live.keep(self)
+        else:
+            self.close()
+        return outcome
+
+    @contextmanager
+    def _session(self, rng: dict | None):
+        """The global RNGs (the training's, else seeded) and deterministic kernels while this training runs; the
+        caller's own afterwards."""
         caller_rng = checkpoint.capture_global_rng()
         try:
-            if self.state and "rng" in self.state:
-                checkpoint.restore_global_rng(self.state["rng"])
+            if rng is not None:
+                checkpoint.restore_global_rng(rng)
             else:
                 checkpoint.seed_global_rng(self.spec.seed)
-            with _deterministic_kernels(self.spec.deterministic), \
-                    LoraTrainingScope(self.pipe, self.spec.adapter_name) as scope:
-                return self._run_in_scope(scope)
+            with _deterministic_kernels(self.spec.deterministic):
+                yield
         finally:
             checkpoint.restore_global_rng(caller_rng)
 
-    def _run_in_scope(self, scope) -> TrainOutcome:
+    def close(self) -> None:
+        """Free the step's graph and give the pipeline back as it was found (ours removed)."""
+        self.checkpoints.wait()
+        if self.trainer is not None:
+            self.trainer.close()
+            self.trainer = None
+        if self.scope is not None:
+            scope, self.scope = self.scope, None
+            if getattr(scope, "suspended", None):
+                from trainer.training.lora_scope import resume
+
+                resume(scope)  # back to the training's flags, which the scope's exit knows how to undo
+            scope.__exit__(None, None, None)
+
+    def _run_in_scope(self) -> TrainOutcome:
+        scope = self.scope
         scope.base_model_only()
         class_latents = None
         if self.job.class_set is not None:
@@ -210,20 +289,20 @@ class _Slice:
             scope.add_adapters(self.spec.rank, self.spec.train_text_encoder, seed=self.spec.seed)
             if self.spec.gradient_checkpointing:
                 scope.enable_gradient_checkpointing()
-            trainer = StepRunner(self.pipe, self.job, inputs, class_latents, self.noise_generator,
-                                 cuda_graphs=self.spec.cuda_graphs)
-        try:
-            if self.state and "lora" in self.state:
-                trainer.load_state(self.state)
-            else:
-                self.noise_generator.manual_seed(self.spec.seed + 1)
-            with self._phase("steps", sync=True):
-                status = self._train(trainer)
-            if status != "done":
-                return self._stop(status, trainer)
-            return self._finish(scope, trainer)
-        finally:
-            trainer.close()
+            self.trainer = StepRunner(self.pipe, self.job, inputs, class_latents, self.noise_generator,
+                                      cuda_graphs=self.spec.cuda_graphs)
+        if self.state and "lora" in self.state:
+            self.trainer.load_state(self.state)
+        else:
+            self.noise_generator.manual_seed(self.spec.seed + 1)
+        return self._train_and_end()
+
+    def _train_and_end(self) -> TrainOutcome:
+        with self._phase("steps", sync=True):
+            status = self._train(self.trainer)
+        if status != "done":
+            return self._stop(status, self.trainer)
+        return self._finish(self.scope, self.trainer)
 
     def _ensure_class_images(self) -> str:
         class_set = self.job.class_set
@@ -303,10 +382,13 @@ class _Slice:
         while self.step < total:
             if self.should_stop():
                 return "cancelled"
-            if self.deadline is not None and self.step > first_step and time.monotonic() >= self.deadline:
+            if self.step > first_step and (self.should_yield() or (
+                    self.deadline is not None and time.monotonic() >= self.deadline)):
                 return "paused"
             trainer.step(self.step)
             self.step += 1
+            if self.checkpoints.due() and self.step < total:
+                self.checkpoints.save_async(self._state(trainer, on_device=True))
             if every and self.step % every == 0 and self.step < total:
                 self.preview = self._preview()
                 new_preview = True
@@ -347,15 +429,22 @@ class _Slice:
     def _elapsed(self) -> float:
         return self.elapsed_before + (time.monotonic() - self.started)
 
-    def _stop(self, status: str, trainer) -> TrainOutcome:
-        if status == "cancelled":
-            checkpoint.remove(self.spec.out_dir)
-            return TrainOutcome("cancelled", self.step, self.job.total)
+    def _state(self, trainer, *, on_device: bool = False) -> dict:
         state = {"fingerprint": self.job.fingerprint, "step": self.step, "elapsed_s": self._elapsed(),
                  "rng": checkpoint.capture_global_rng()}
         if trainer is not None:
-            state.update(trainer.state_dict())
-        checkpoint.save_state(self.spec.out_dir, state)
+            state.update(trainer.state_dict(on_device=on_device))
+        return state
+
+    def _stop(self, status: str, trainer) -> TrainOutcome:
+        self.checkpoints.wait()  # an older periodic write must not land after this
+        if status == "cancelled":
+            checkpoint.remove(self.spec.out_dir)
+            return TrainOutcome("cancelled", self.step, self.job.total)
+        if self.live is not None and trainer is not None:
+            self.checkpoints.save_async(self._state(trainer, on_device=True))  # kept resident: the file is for a crash
+        else:
+            checkpoint.save_state(self.spec.out_dir, self._state(trainer))
         return TrainOutcome("paused", self.step, self.job.total)
 
     def _finish(self, scope, trainer: "StepRunner") -> TrainOutcome:
@@ -373,6 +462,7 @@ class _Slice:
         log.info("training %s done: %d steps in %.1f s (this slice: %s; %d steps replayed from a CUDA graph)",
                  spec.concept_id, job.total, result["seconds"], self.timings, trainer.graph_replays)
         _write_finished(spec.out_dir, job.fingerprint, result)
+        self.checkpoints.wait()
         checkpoint.remove(spec.out_dir)  # only resuming needed it
         return TrainOutcome("done", job.total, job.total, result)
 

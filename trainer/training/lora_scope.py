@@ -177,3 +177,53 @@ def _set_gradient_checkpointing(model, enabled: bool) -> None:
         model.enable_gradient_checkpointing() if enabled else model.disable_gradient_checkpointing()
     else:
         model.gradient_checkpointing_enable() if enabled else model.gradient_checkpointing_disable()
+
+
+def _layer_states(model) -> dict:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: (list(m.active_adapters), bool(m.disable_adapters)) for name, m in model.named_modules()
+            if isinstance(m, BaseTunerLayer)}
+
+
+@dataclass
+class _Suspended:
+    layers: dict  # module name -> (active adapters, disabled) while training
+    trainable: set[str]
+    training: bool
+
+
+def suspend(scope: LoraTrainingScope) -> None:
+    """Between a yield and the resume: the pipeline behaves as the scope found it (the adapters it found active, ours
+    off, nothing trainable, the train/eval modes it found) while our adapter's weights stay where they are, so a
+    captured training graph stays valid. The UNet keeps the training layout (changing it would move the weights)."""
+    scope.suspended = {}
+    for name, model in scope.components.items():
+        state = scope.states[name]
+        scope.suspended[name] = _Suspended(_layer_states(model),
+                                           {n for n, p in model.named_parameters() if p.requires_grad},
+                                           model.training)
+        for layer in _tuner_layers(model):
+            layer.set_adapter(state.active, inference_mode=True)
+            layer.enable_adapters(not state.disabled)
+        for pname, param in model.named_parameters():
+            param.requires_grad_(pname in state.trainable)
+        model.train(state.training)
+
+
+def resume(scope: LoraTrainingScope) -> None:
+    """Undo `suspend`: exactly the adapter states, trainable parameters and modes the training had. Layers added
+    meanwhile (a LoRA generation loaded) stay off."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, model in scope.components.items():
+        saved: _Suspended = scope.suspended[name]
+        for layer_name, layer in model.named_modules():
+            if isinstance(layer, BaseTunerLayer):
+                active, disabled = saved.layers.get(layer_name, ([], True))
+                layer.set_adapter(active, inference_mode=True)
+                layer.enable_adapters(not disabled)
+        for pname, param in model.named_parameters():
+            param.requires_grad_(pname in saved.trainable)
+        model.train(saved.training)
+    scope.suspended = {}

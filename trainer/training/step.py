@@ -225,8 +225,10 @@ class StepRunner:
                 named.update({f"{component}.{n}": p for n, p in encoder.named_parameters() if p.requires_grad})
         return named
 
-    def state_dict(self) -> dict:
-        state = {"lora": {n: p.detach().cpu().clone() for n, p in self._named_trainables().items()},
+    def state_dict(self, *, on_device: bool = False) -> dict:
+        """on_device: the LoRA weights as the live tensors, for a caller that clones them (periodic_checkpoint.py)."""
+        state = {"lora": {n: p.detach() if on_device else p.detach().cpu().clone()
+                          for n, p in self._named_trainables().items()},
                  "optimizer": self.optimizer.state_dict(),
                  "noise_rng": self.generator.get_state()}
         if self.scaler is not None:

@@ -1,0 +1,56 @@
+"""Class images made while the GPU is idle (`prefill`), in-process on the tiny model with the real Worker and
+JobControl: the sets a default training would use get made, a member's request stops it at the next image boundary,
+and the next prefill finishes a half-made set without making its images again."""
+from __future__ import annotations
+
+from trainer.contract import protocol
+from trainer.training.engine import class_prompt, train_concept
+from trainer.training.priors import ClassImageSet, model_fingerprint
+from trainer.worker import EventWriter, JobControl, Worker
+
+from tests.trainer.test_worker_run_many import Events
+from tests.trainer.training_helpers import make_spec, write_noise_photos
+
+COUNT, SIDE = 4, 32  # 2 batches of 2 images (CPU) per class
+
+
+def _set(pipe, cache, name) -> ClassImageSet:
+    return ClassImageSet.for_model(cache, model_fingerprint(pipe), class_prompt(name), SIDE, COUNT)
+
+
+def test_prefill_fills_the_class_cache_when_idle_and_stops_for_a_members_job(tiny_pipeline, tiny_model_dir, tmp_path):
+    events, control = Events(), JobControl()
+    control.loading = False
+    worker = Worker(EventWriter(events), control, pipe=tiny_pipeline, device="cpu", model=str(tiny_model_dir),
+                    data_dir=tmp_path)
+    cache = tmp_path / "cache"
+    member_job = protocol.run(7, "selftest", {"seconds": 0.01, "step_s": 0.01})
+
+    def a_member_submits_after_the_first_images(event):
+        if event["event"] == "prefill" and event["state"] == "progress" and not events.events[:-1].count(event):
+            if control.jobs.empty():
+                control.submit(member_job)
+
+    events.on_event = a_member_submits_after_the_first_images
+    worker.prefill(protocol.prefill(["man", "style", "dog"], count=COUNT, resolution=SIDE))
+    assert events.events[-1] == protocol.prefill_state("stopped")
+    man, dog = _set(tiny_pipeline, cache, "man"), _set(tiny_pipeline, cache, "dog")
+    assert man.missing() == [2, 3] and dog.missing() == list(range(COUNT))  # stopped after one batch
+    assert control.jobs.get_nowait() == member_job  # the member's job is next, untouched
+    control.ended(7)
+    made_first = {i: man.image_path(i).stat().st_mtime_ns for i in (0, 1)}
+
+    events.on_event = None
+    worker.prefill(protocol.prefill(["man", "style", "dog"], count=COUNT, resolution=SIDE))
+    assert events.events[-1] == protocol.prefill_state("complete")
+    assert man.complete and dog.complete
+    assert {i: man.image_path(i).stat().st_mtime_ns for i in (0, 1)} == made_first  # resumed, not made again
+    assert {e["class_name"] for e in events.events if e.get("state") == "progress"} == {"man", "dog"}  # styles: none
+
+    # A training of that class then makes no class images of its own.
+    photos = write_noise_photos(tmp_path / "photos", 2)
+    stages = []
+    done = train_concept(tiny_pipeline, make_spec(photos, tmp_path / "out", steps=1, sample_count=0,
+                                                  class_images=COUNT, resolution=SIDE),
+                         cache_dir=cache, on_progress=lambda info: stages.append(info.stage))
+    assert done.status == "done" and "class_images" not in stages
