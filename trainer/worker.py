@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-memory", choices=("auto", "low", "fast"), default="auto",
                         help="training's memory setting: low (gradient checkpointing: SDXL training + serving fit a "
                              "24 GB card), fast, or auto (low for SDXL on GPUs under 40 GB; default)")
+    parser.add_argument("--warm-up", choices=("auto", "on", "off"), default="auto",
+                        help="one throwaway /imagine before reporting ready, so the first member's does not pay for "
+                             "the CUDA graph capture (auto: on CUDA devices)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice). Leaving one core free keeps the bot "
                              "responsive on CPU-only machines")
@@ -375,6 +378,16 @@ class Worker:
             self.require_safety_checker()
         return request
 
+    def warm_up(self) -> float:
+        """One throwaway /imagine at the model's defaults before the worker says it is ready, so the first member's
+        /imagine finds the generation service made, its CUDA graph captured and the kernels chosen. Seconds taken."""
+        import tempfile
+
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="boothbot-warm-up-") as out:
+            self.generation.imagine(self.imagine_request({"prompt": "a photo", "out_dir": out}))
+        return time.monotonic() - started
+
     def prefill(self, message: dict) -> None:
         """Make class images while nothing else waits; any request arriving stops it at the next image boundary."""
         from trainer.training.prefill import prefill_class_images
@@ -575,6 +588,10 @@ def claim_stdout():
     return os.fdopen(events_fd, "wb", buffering=0)
 
 
+def _warms_up(setting: str, device: str) -> bool:
+    return setting == "on" or (setting == "auto" and device.startswith("cuda"))
+
+
 def describe_device(device: str) -> str:
     import torch
 
@@ -650,10 +667,15 @@ def run(args: argparse.Namespace) -> int:
 
         model_facts = {"native_side": native_side(pipe), "safety_checker": checker_source(args.model) is not None,
                        "family": family_of(pipe).name}
-    writer.send(protocol.ready(describe_device(device), str(dtype).removeprefix("torch."),
-                               None if args.no_model else args.model, os.getpid(), **model_facts))
     worker = Worker(writer, control, pipe=pipe, device=device, model=None if args.no_model else args.model,
                     data_dir=Path(args.data_dir), compile_unet=args.compile_unet, train_memory=args.train_memory)
+    if pipe is not None and _warms_up(args.warm_up, device):
+        try:
+            print(f"worker: warmed up for /imagine in {worker.warm_up():.1f} s", file=sys.stderr, flush=True)
+        except Exception as exc:  # noqa: BLE001 - a failed warm-up only means the first /imagine pays for it
+            print(f"worker: the /imagine warm-up failed ({exc}); the first /imagine does it", file=sys.stderr, flush=True)
+    writer.send(protocol.ready(describe_device(device), str(dtype).removeprefix("torch."),
+                               None if args.no_model else args.model, os.getpid(), **model_facts))
     try:
         worker.serve()
     except BrokenPipeError:
