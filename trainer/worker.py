@@ -385,7 +385,8 @@ class Worker:
 
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="boothbot-warm-up-") as out:
-            self.generation.imagine(self.imagine_request({"prompt": "a photo", "out_dir": out}))
+            request = self.imagine_request({"prompt": "a photo", "out_dir": out})  # makes self.generation
+            self.generation.imagine(request)
         return time.monotonic() - started
 
     def prefill(self, message: dict) -> None:
