@@ -131,8 +131,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict:
 
     settings = replace(base, data_dir=workdir / "local")
     store = await Store.open(settings.db_path)
+    threads = 1 if args.device == "cpu" else None  # as the CPU Ray actor (one CPU each): the same work on both
     local = DispatchPath(settings, store, WorkerClient(worker_command(model=model, data_dir=settings.data_dir,
-                                                               device=args.device, dtype=args.dtype)))
+                                                                      device=args.device, dtype=args.dtype,
+                                                                      threads=threads)))
     try:
         result["local"] = await measure(local, args)
     finally:

@@ -214,6 +214,19 @@ async def test_an_imagine_whose_actor_dies_is_run_once_more(lanes, ray_workers, 
     assert lane.worker.starts == starts + 1 and lanes.notifier.finished == [job.id]
 
 
+async def test_a_member_cancel_reaches_the_job_running_on_an_actor(lanes):
+    lane = lanes.runners[1]
+    job = await lanes.imagine(ALICE, steps=100)
+    running = asyncio.create_task(lane.run_next())
+    await lanes.notifier.wait_for(lambda: running.done() or any(j == job.id for j, _ in lanes.notifier.progress))
+    assert await lanes.ledger.cancel(job.id, ALICE) == "requested"
+    await asyncio.wait_for(running, READY_TIMEOUT_S)
+    cancelled = await lanes.ledger.get(job.id)
+    assert cancelled.status == "cancelled" and cancelled.progress_step < 100
+    assert lanes.notifier.finished == [job.id]
+    assert not (lanes.settings.data_dir / "images" / str(job.id)).exists()  # nothing came back
+
+
 async def test_ray_unreachable_is_a_setup_error_that_says_what_to_do(closed_port):
     with pytest.raises(SetupError) as raised:
         connect(f"ray://127.0.0.1:{closed_port}")
