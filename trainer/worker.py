@@ -41,6 +41,10 @@ STACK_STAMP = "stack-check.json"  # under the cache directory: the package versi
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model: hub id, local diffusers directory or .safetensors/.ckpt file")
+    parser.add_argument("--models", default="",
+                        help="further base models a job may name: name=ref,name=ref (loaded when first needed)")
+    parser.add_argument("--resident", type=int, default=1,
+                        help="how many base models may stay loaded at once, free GPU memory permitting (default 1)")
     parser.add_argument("--no-model", action="store_true",
                         help="do not load a base model: only `selftest` jobs run (GPU checks, benchmarks, tests)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
@@ -197,8 +201,11 @@ class Worker:
     kind's handler (HANDLERS below); `run_many` sends exactly one end event for every job of a `run_many` request."""
 
     def __init__(self, writer: EventWriter, control: JobControl, *, pipe, device: str, model: str | None,
-                 data_dir: Path, compile_unet: bool = False):
+                 data_dir: Path, compile_unet: bool = False, models=None, default_model: str | None = None):
         self.writer = writer
+        self.models = models  # trainer.models.resident.ResidentModels: the base models jobs may name
+        self.default_model = default_model  # the name a job without "model" in its params uses
+        self.resident = None  # the Resident whose pipeline `pipe` is
         self.control = control
         self.pipe = pipe
         self.device = device
@@ -266,6 +273,10 @@ class Worker:
             self.writer.send(event)
             ended.add(event["job_id"])
 
+        if len({job["params"].get("model") or self.default_model for job in jobs}) > 1:
+            for job in jobs:  # the bot batches only jobs of one base model; should others come, each runs alone
+                end(self._run_one(job["job_id"], job["kind"], job["params"]))
+            return
         requests, params = {}, {}
         for job in jobs:
             job_id = job["job_id"]
@@ -321,14 +332,35 @@ class Worker:
                 else:
                     end(protocol.done(job_id, result.to_dict()))
 
+    def use_model(self, params: dict) -> None:
+        """Make the base model the job's params name (default: the worker's default model) the one `pipe` holds,
+        loading it (and evicting others) when it is not resident. Nothing to do for a worker without models."""
+        if self.models is None:
+            return
+        name = params.get("model") or self.default_model
+        if self.resident is not None and self.resident.name == name and self.resident.pipe is not None:
+            self.resident.last_used = time.monotonic()
+            return
+        # Drop our references first: an eviction inside get() must be able to free the old pipeline's memory.
+        self.pipe, self.generation, self.resident, self.safety_problem = None, None, None, None
+        try:
+            self.resident = self.models.get(name)
+        except SetupError as error:
+            raise UserError(f"The base model {name} could not be loaded, so this job could not run; an admin can "
+                            f"see why in `/queue admin models` ({error})") from error
+        self.pipe, self.model, self.generation = self.resident.pipe, self.resident.ref, self.resident.generation
+
     def imagine_request(self, params: dict):
         """The checked /imagine request; creates the resident GenerationService on first use."""
         from trainer.generation.service import GenerationService, ImagineRequest
 
+        self.use_model(params)
         if self.pipe is None:
             raise UserError(NO_MODEL)
         if self.generation is None:
             self.generation = GenerationService(self.pipe, model_name=self.model or "", compile_unet=self.compile_unet)
+            if self.resident is not None:
+                self.resident.generation = self.generation
         request = ImagineRequest.from_params(params)
         if request.safety:
             self.require_safety_checker()
@@ -366,6 +398,7 @@ class Worker:
 def run_train(worker: Worker, job_id: int, params: dict, on_progress, should_stop) -> dict:
     from trainer.training.engine import TrainSpec, train_concept
 
+    worker.use_model(params)
     if worker.pipe is None:
         raise UserError(NO_MODEL)
     spec = TrainSpec.from_params(params)
@@ -375,6 +408,9 @@ def run_train(worker: Worker, job_id: int, params: dict, on_progress, should_sto
     outcome = train_concept(worker.pipe, spec, cache_dir=cache_dir, on_progress=on_progress,
                             should_stop=should_stop, slice_s=params.get("slice_s"))
     if outcome.status == "done":
+        if worker.resident is not None:  # the concept records the base model it was trained on
+            return protocol.done(job_id, {**outcome.result, "model": worker.resident.name,
+                                          "family": worker.resident.family})
         return protocol.done(job_id, outcome.result)
     if outcome.status == "paused":
         return protocol.paused(job_id, outcome.step, outcome.total)
@@ -517,6 +553,23 @@ def exit_fatal(writer: EventWriter, error: str, detail: str, code: int) -> NoRet
     os._exit(code)
 
 
+def resident_models(args: argparse.Namespace, device: str, writer: EventWriter):
+    """The worker's base models: --models plus --model (the default, named as in --models when listed there, else
+    by its reference). Each model's family is detected from its files now; every change of what is loaded is sent
+    to the bot as a `models` event. Returns (ResidentModels, the default's name)."""
+    from trainer.models.resident import ResidentModels, parse_catalog
+
+    catalog = parse_catalog(args.models)
+    default = next((name for name, ref in catalog.items() if ref == args.model), None)
+    if default is None:
+        default = args.model
+        catalog = {default: args.model, **catalog}
+    models = ResidentModels(catalog, device=device, dtype=args.dtype, keep=args.resident,
+                            on_change=lambda: writer.send(protocol.models(models.facts())))
+    models.survey()
+    return models, default
+
+
 def run(args: argparse.Namespace) -> int:
     events = claim_stdout()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a download's bars would be lines in the bot's log
@@ -547,11 +600,14 @@ def run(args: argparse.Namespace) -> int:
             stack = check_stack(stamp=Path(args.data_dir) / "cache" / STACK_STAMP)
             if not stack.ok:
                 exit_fatal(writer, f"the installed packages cannot train LoRAs: {stack.problem}", stack.detail, 4)
-            pipe = load_pipeline(args.model, device, args.dtype)
+            models, default_model = resident_models(args, device, writer)
+            pipe = models.get(default_model).pipe
     except Exception as exc:  # noqa: BLE001 - whatever stops the start is reported to the bot, then we exit
         exit_fatal(writer, describe_start_failure(exc, args), "".join(traceback.format_exception(exc)), 3)
     control.loading = False
     model_facts = {}
+    if not args.no_model:
+        model_facts["models"] = models.facts()
     if pipe is not None:
         from trainer.generation.safety import checker_source
         from trainer.generation.service import native_side
@@ -562,7 +618,10 @@ def run(args: argparse.Namespace) -> int:
     writer.send(protocol.ready(describe_device(device), str(dtype).removeprefix("torch."),
                                None if args.no_model else args.model, os.getpid(), **model_facts))
     worker = Worker(writer, control, pipe=pipe, device=device, model=None if args.no_model else args.model,
-                    data_dir=Path(args.data_dir), compile_unet=args.compile_unet)
+                    data_dir=Path(args.data_dir), compile_unet=args.compile_unet,
+                    models=None if args.no_model else models, default_model=None if args.no_model else default_model)
+    if worker.models is not None:
+        worker.resident = worker.models.get(default_model)
     try:
         worker.serve()
     except BrokenPipeError:

@@ -37,7 +37,8 @@ async def check_training(services: Services, *, guild_id: int, member_id: int, r
     normalised (token, class_name, style, recipe)."""
     await services.ledger.check_submit("train", member_id, guild_id, role_ids=list(role_ids))
     recipe = {**checked_params(TRAIN_RECIPE), **checked_params(options or {}, by_member=True)}
-    token = tokens.check_token(token, tokens.model_vocab(services.settings.model))
+    model = await training_model(services, guild_id)
+    token = tokens.check_token(token, tokens.model_vocab(model.ref))
     class_name = intake.normalise_class(class_name)
     style = bool(style) or intake.class_kind(class_name) == "style"
     existing = await services.concepts.by_token(guild_id, token)
@@ -47,6 +48,16 @@ async def check_training(services: Services, *, guild_id: int, member_id: int, r
                             f"`/concepts delete {existing.token}` to train it again.")
         raise UserError(f"The token {existing.token} is already taken on this server; pick another made-up word.")
     return token, class_name, style, recipe
+
+
+async def training_model(services: Services, guild_id: int):
+    """The base model a /train on this server uses (the server's default); UserError when the worker found it
+    unusable (its files missing or of an unsupported kind)."""
+    model = await services.base_models.for_training(guild_id)
+    if model.problem:
+        raise UserError(f"This server's base model {model.name} can't be used right now, so training can't start: "
+                        f"{model.problem[:600]}. An admin can pick another one with `/queue admin model`.")
+    return model
 
 
 async def submit_training(services: Services, *, guild_id: int, member_id: int, channel_id: int | None,
@@ -81,12 +92,14 @@ async def _take_in_and_queue(services: Services, work_dir: Path, *, guild_id, me
     if not report.ok:
         raise UserError(report.summary())
 
-    concept = await services.concepts.create(guild_id, member_id, token, class_name, style)
+    model = await training_model(services, guild_id)
+    concept = await services.concepts.create(guild_id, member_id, token, class_name, style, base_model=model.name,
+                                             base_family=model.family.name if model.family else None)
     try:
         photos_dir = services.concepts.concept_dir(concept.id) / "photos"
         await asyncio.to_thread(report.save, photos_dir)
         params = {**recipe, "concept_id": concept.id, "token": concept.token, "class_name": class_name,
-                  "style": bool(style), "seed": secrets.randbelow(2**31)}
+                  "style": bool(style), "seed": secrets.randbelow(2**31), "model": model.name}
         job = await services.ledger.submit("train", member_id, guild_id, channel_id, params, role_ids=role_ids)
         await services.concepts.attach_job(concept.id, job.id, photo_count=len(report.accepted))
     except BaseException:
@@ -100,13 +113,16 @@ def _mentions(prompt: str, token: str) -> bool:
     return re.search(rf"(?<![\w]){re.escape(token)}(?![\w])", prompt, re.IGNORECASE) is not None
 
 
-def check_against_model(ready_info: dict | None, *, width: int | None, height: int | None, safety: bool) -> None:
+def check_against_model(ready_info: dict | None, *, width: int | None, height: int | None, safety: bool,
+                        native_side: int | None = None) -> None:
     """What depends on the loaded model, checked with what the worker reported when it became ready (its `ready`
     event: the model's native side and whether it has a safety checker), by the rule the worker applies. Until a
-    worker has been ready once this is unknown, and the worker checks the same when the job runs."""
+    worker has been ready once this is unknown, and the worker checks the same when the job runs. `native_side`:
+    that of the job's base model when it is not the one the worker loaded first (its family's)."""
     info = ready_info or {}
-    if info.get("native_side") and (width or height):
-        check_size(width, height, int(info["native_side"]))
+    native_side = native_side or info.get("native_side")
+    if native_side and (width or height):
+        check_size(width, height, int(native_side))
     if safety and info.get("safety_checker") is False:
         raise UserError(NO_SAFETY_CHECKER)
 
@@ -136,16 +152,24 @@ async def submit_imagine(services: Services, *, guild_id: int, member_id: int, c
                             concept.status == "training" else
                             f"The training of {concept.token} failed, so it can't be used yet. "
                             f"Run /train with the token {concept.token} again to retry.")
-    check_against_model(services.worker.ready_info, width=width, height=height, safety=safety)
     params = {"prompt": prompt, "negative": negative or "", "seed": seed, "steps": steps, "cfg": cfg,
               "width": width, "height": height, "count": count, "upload_limit": upload_limit, "safety": safety}
     if init_image is not None:
         params.update(init_image=str(init_image), strength=strength if strength is not None else VARIATION_STRENGTH)
     params = {k: v for k, v in params.items() if v is not None}
     # The same checks the worker will run (options, tokens, <lora:> tags); the paths are filled in at run time.
-    ImagineRequest.from_params({
+    request = ImagineRequest.from_params({
         **params, "out_dir": str(Path(services.settings.data_dir) / "images" / "check"),
         "concepts": [{"concept_id": c.id, "token": c.token, "class_name": c.class_name} for c in usable]})
+    used_ids = {use.concept.concept_id for use in request.parsed.uses}
+    used = [c for c in usable if c.id in used_ids]
+    model = await services.base_models.for_prompt(guild_id, used)  # the concepts' model, else the server's
+    loaded_first = (services.worker.ready_info or {}).get("model") == model.ref  # its own size is in `ready`
+    check_against_model(services.worker.ready_info, width=width, height=height, safety=safety,
+                        native_side=model.family.native_side if model.family and not loaded_first else None)
+    params["model"] = model.name
+    if used:
+        params["model_for"] = [c.token for c in used]  # the reply says which concepts chose the model
     job = await services.ledger.submit("imagine", member_id, guild_id, channel_id, params, role_ids=role_ids)
     await services.job_submitted(job)
     return job

@@ -24,7 +24,7 @@ KINDS = tuple(JobKind)
 REQUESTS = ("run", "run_many", "cancel", "shutdown")
 # Kinds a `run_many` may hold: jobs that can share one denoising loop. The worker answers one end event per job.
 BATCH_KINDS = (JobKind.IMAGINE,)
-EVENTS = ("ready", "progress", "paused", "done", "cancelled", "failed", "fatal")
+EVENTS = ("ready", "progress", "paused", "done", "cancelled", "failed", "fatal", "models")
 # Events after which the worker has finished with a job (for now: `paused` hands control back until the next run).
 TERMINAL_EVENTS = ("done", "cancelled", "failed")
 JOB_END_EVENTS = TERMINAL_EVENTS + ("paused",)
@@ -41,6 +41,7 @@ _REQUIRED = {
     ("event", "cancelled"): ("job_id",),
     ("event", "failed"): ("job_id", "error"),
     ("event", "fatal"): ("error",),
+    ("event", "models"): ("models",),
 }
 
 
@@ -100,12 +101,15 @@ def shutdown() -> dict:
 
 # --- events (worker -> bot) ---
 def ready(device: str, dtype: str, model: str | None, pid: int, *, native_side: int | None = None,
-          safety_checker: bool | None = None, family: str | None = None) -> dict:
+          safety_checker: bool | None = None, family: str | None = None, models: list[dict] | None = None) -> dict:
     """`native_side`: the model's training resolution, from which the allowed /imagine sizes follow
     (imagine_request.check_size); `safety_checker`: whether the model has one the safety filter can use;
     `family`: the model's family name (trainer/contract/families.py: "sd1" | "sdxl"). All None without a model."""
-    return {"event": "ready", "device": device, "dtype": dtype, "model": model, "pid": pid,
-            "native_side": native_side, "safety_checker": safety_checker, "family": family}
+    event = {"event": "ready", "device": device, "dtype": dtype, "model": model, "pid": pid,
+             "native_side": native_side, "safety_checker": safety_checker, "family": family}
+    if models is not None:  # the base models jobs may name (`models` below); the default model's facts are above
+        event["models"] = models
+    return event
 
 
 def progress(job_id: int, step: int, total: int, eta_s: float | None = None, loss: float | None = None,
@@ -134,6 +138,12 @@ def cancelled(job_id: int) -> dict:
 
 def failed(job_id: int, error: str, detail: str = "") -> dict:
     return {"event": "failed", "job_id": job_id, "error": error, "detail": detail}
+
+
+def models(entries: list[dict]) -> dict:
+    """The worker's base models changed (one was loaded or evicted): `entries` as in `ready`'s "models", one
+    {"name", "ref", "family", "resident", "problem"} per model the worker may load."""
+    return {"event": "models", "models": entries}
 
 
 def fatal(error: str, detail: str = "") -> dict:
