@@ -23,6 +23,7 @@ class BaseModel:
     family: Family | None  # None until the worker has looked at it
     resident: bool  # loaded on the GPU now
     problem: str | None  # why the worker cannot use it
+    native_side: int | None = None  # its training resolution (the sizes /imagine may ask of it), once known
 
     def label(self) -> str:
         """"pony (SDXL)", or just the name while its family is unknown."""
@@ -53,7 +54,7 @@ class BaseModels:
     @staticmethod
     def _model(name: str, ref: str, fact: dict) -> BaseModel:
         return BaseModel(name, ref, FAMILIES.get(fact.get("family") or ""), bool(fact.get("resident")),
-                         fact.get("problem"))
+                         fact.get("problem"), fact.get("native_side"))
 
     def model_of(self, concept) -> str:
         """The base model a concept was trained on (concepts from before base models were recorded: the bot's

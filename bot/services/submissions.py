@@ -113,16 +113,13 @@ def _mentions(prompt: str, token: str) -> bool:
     return re.search(rf"(?<![\w]){re.escape(token)}(?![\w])", prompt, re.IGNORECASE) is not None
 
 
-def check_against_model(ready_info: dict | None, *, width: int | None, height: int | None, safety: bool,
-                        native_side: int | None = None) -> None:
+def check_against_model(ready_info: dict | None, *, width: int | None, height: int | None, safety: bool) -> None:
     """What depends on the loaded model, checked with what the worker reported when it became ready (its `ready`
     event: the model's native side and whether it has a safety checker), by the rule the worker applies. Until a
-    worker has been ready once this is unknown, and the worker checks the same when the job runs. `native_side`:
-    that of the job's base model when it is not the one the worker loaded first (its family's)."""
+    worker has been ready once this is unknown, and the worker checks the same when the job runs."""
     info = ready_info or {}
-    native_side = native_side or info.get("native_side")
-    if native_side and (width or height):
-        check_size(width, height, int(native_side))
+    if info.get("native_side") and (width or height):
+        check_size(width, height, int(info["native_side"]))
     if safety and info.get("safety_checker") is False:
         raise UserError(NO_SAFETY_CHECKER)
 
@@ -164,9 +161,10 @@ async def submit_imagine(services: Services, *, guild_id: int, member_id: int, c
     used_ids = {use.concept.concept_id for use in request.parsed.uses}
     used = [c for c in usable if c.id in used_ids]
     model = await services.base_models.for_prompt(guild_id, used)  # the concepts' model, else the server's
-    loaded_first = (services.worker.ready_info or {}).get("model") == model.ref  # its own size is in `ready`
-    check_against_model(services.worker.ready_info, width=width, height=height, safety=safety,
-                        native_side=model.family.native_side if model.family and not loaded_first else None)
+    ready = dict(services.worker.ready_info or {})
+    if ready.get("model") != model.ref:  # `ready` describes the model the worker loaded first; this is another
+        ready["native_side"] = model.native_side  # as the worker read it from the model's files (None: unknown)
+    check_against_model(ready, width=width, height=height, safety=safety)
     params["model"] = model.name
     if used:
         params["model_for"] = [c.token for c in used]  # the reply says which concepts chose the model

@@ -46,17 +46,20 @@ def parse_catalog(raw: str) -> dict[str, str]:
 
 class ResidentModels:
     def __init__(self, catalog: dict[str, str], *, device: str, dtype: str, keep: int = 1,
-                 loader: Callable | None = None, on_change: Callable[[], None] | None = None):
+                 loader: Callable | None = None, on_change: Callable[[], None] | None = None,
+                 free_memory: Callable[[], int | None] | None = None):
         self.catalog = dict(catalog)
         self.device = device
         self.dtype = dtype
         self.keep = max(1, keep)
         self._loader = loader
         self._on_change = on_change
+        self._free_memory = free_memory or self._measure_free_memory  # replaceable: CPU tests have no GPU to fill
         self._resident: dict[str, Resident] = {}
         self._measured: dict[str, int] = {}  # footprints of earlier loads, kept after an eviction
         self._problems: dict[str, str] = {}  # why a model cannot be used (found at start or at a failed load)
         self._families: dict[str, str] = {}
+        self._native_sides: dict[str, int] = {}
 
     # --- facts ------------------------------------------------------------------------------------------------------
     def survey(self) -> None:
@@ -69,14 +72,20 @@ class ResidentModels:
             if name in self._families:
                 continue
             try:
-                self._families[name] = detect_family(resolve_model(ref)).name
+                source = resolve_model(ref)
+                family = detect_family(source)
             except SetupError as error:
                 self._problems[name] = str(error)
+                continue
+            self._families[name] = family.name
+            self._native_sides[name] = (_configured_native_side(Path(source.location))
+                                        if source.kind == "directory" else None) or family.native_side
 
     def facts(self) -> list[dict]:
         """One entry per model, for the `ready` and `models` events: name, ref, family, resident, problem."""
         return [{"name": name, "ref": ref, "family": self._families.get(name),
-                 "resident": name in self._resident, "problem": self._problems.get(name)}
+                 "native_side": self._native_sides.get(name), "resident": name in self._resident,
+                 "problem": self._problems.get(name)}
                 for name, ref in self.catalog.items()]
 
     def resident_names(self) -> list[str]:
@@ -110,6 +119,7 @@ class ResidentModels:
             self._evict_all()
             before = self._allocated()
             pipe = self._load_pipe(name)
+        from trainer.generation.service import native_side
         from trainer.models.family import family_of
 
         footprint = max(0, self._allocated() - before)
@@ -117,6 +127,7 @@ class ResidentModels:
             self._measured[name] = footprint
         resident = Resident(name, self.catalog[name], pipe, family_of(pipe).name, footprint)
         self._families[name] = resident.family
+        self._native_sides[name] = native_side(pipe)
         self._problems.pop(name, None)
         self._resident[name] = resident
         _log(f"loaded base model {name} ({self.catalog[name]})"
@@ -136,7 +147,7 @@ class ResidentModels:
         while len(self._resident) >= self.keep:
             self._evict(self.resident_names()[0], "the resident-model limit is reached")
         need = self._expected_bytes(name)
-        while self._resident and need and self._free_bytes() is not None and self._free_bytes() < need:
+        while self._resident and need and (free := self._free_memory()) is not None and free < need:
             self._evict(self.resident_names()[0], f"{name} needs about {need / 2**30:.1f} GiB of free GPU memory")
 
     def _expected_bytes(self, name: str) -> int:
@@ -145,7 +156,7 @@ class ResidentModels:
         known = self._measured.get(name) or _weights_on_disk(self.catalog[name])
         return int(known * HEADROOM)
 
-    def _free_bytes(self) -> int | None:
+    def _measure_free_memory(self) -> int | None:
         """Free device memory, counting what torch's allocator holds unused; None off CUDA (the count limits)."""
         if not self.device.startswith("cuda"):
             return None
@@ -180,6 +191,19 @@ class ResidentModels:
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change()
+
+
+def _configured_native_side(directory: Path) -> int | None:
+    """A diffusers folder's training resolution from its configs, as generation.service.native_side computes it
+    from the loaded pipeline: the UNet's sample size times the VAE's downscaling."""
+    import json
+
+    try:
+        unet = json.loads((directory / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((directory / "vae" / "config.json").read_text(encoding="utf-8"))
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _weights_on_disk(ref: str) -> int:
