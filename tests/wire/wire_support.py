@@ -45,7 +45,9 @@ class Booth:
         # One torch thread: the worker shares 2 CI cores with this process, and torch's spinning thread pool slows
         # down many times over when the cores are oversubscribed.
         worker = WorkerClient(worker_command(model=self.settings.model, data_dir=self.settings.data_dir,
-                                             device=self.settings.device, dtype=self.settings.dtype, threads=1))
+                                             device=self.settings.device, dtype=self.settings.dtype, threads=1,
+                                             models=self.settings.base_models,
+                                             resident=self.settings.resident_models))
         self.services = await start_services(self.settings, worker=worker)
         if with_discord:
             await self.connect()
