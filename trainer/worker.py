@@ -402,7 +402,9 @@ def run_train(worker: Worker, job_id: int, params: dict, on_progress, should_sto
     if worker.pipe is None:
         raise UserError(NO_MODEL)
     spec = TrainSpec.from_params(params)
-    if worker.generation is not None:
+    if worker.models is not None:
+        worker.models.release_generation_memory()  # every resident model's CUDA graph pools: training needs room
+    elif worker.generation is not None:
         worker.generation.release_memory()  # the CUDA graphs' pools: lets the training fit a 12 GB card
     cache_dir = Path(params.get("cache_dir") or worker.data_dir / "cache")
     outcome = train_concept(worker.pipe, spec, cache_dir=cache_dir, on_progress=on_progress,

@@ -161,6 +161,9 @@ async def submit_imagine(services: Services, *, guild_id: int, member_id: int, c
     used_ids = {use.concept.concept_id for use in request.parsed.uses}
     used = [c for c in usable if c.id in used_ids]
     model = await services.base_models.for_prompt(guild_id, used)  # the concepts' model, else the server's
+    if model.problem:
+        raise UserError(f"The base model {model.name} can't be used right now: {model.problem[:600]}. "
+                        "An admin can see the models with `/queue admin models`.")
     ready = dict(services.worker.ready_info or {})
     if ready.get("model") != model.ref:  # `ready` describes the model the worker loaded first; this is another
         ready["native_side"] = model.native_side  # as the worker read it from the model's files (None: unknown)

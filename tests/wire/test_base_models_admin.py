@@ -49,3 +49,27 @@ async def test_admins_pick_the_server_default_by_name_with_autocomplete(booth):
     reset = await fake.command(admin, "queue", subcommand=["admin", "model"])
     assert "default base model is now" in await booth.answer(reset)
     assert await booth.services.base_models.stored_default(fake.guild_id) is None
+
+
+async def test_imagine_with_a_concept_says_which_model_and_concepts_show_theirs(booth):
+    from wire_support import imagine_options
+
+    fake = booth.fake
+    member = fake.member("modelconcept")
+    name = booth.settings.default_model_name
+    await booth.services.worker.wait_ready(120)
+    concept = await booth.services.concepts.create(fake.guild_id, member.id, "zintarok", "man", base_model=name,
+                                                   base_family="sd1")
+    await booth.services.concepts.mark_ready(concept.id, str(booth.services.concepts.concept_dir(concept.id)
+                                                             / "lora.safetensors"), None)
+    await booth.services.admin.pause(fake.member("modelpauser", manage_guild=True).id)  # the job need not run
+    try:
+        interaction = await fake.command(member, "imagine", imagine_options("a photo of zintarok", steps=2))
+        text = await booth.answer(interaction)
+        assert f"Using {name} — zintarok was trained on it." in text
+        job = await booth.latest_job(member)
+        await booth.services.ledger.cancel(job.id, member.id)
+    finally:
+        await booth.services.admin.resume(fake.member("modelpauser", manage_guild=True).id)
+    listing = await fake.command(member, "concepts", subcommand=["list"])
+    assert f"`zintarok` — man · on {name} · ready" in await booth.answer(listing)

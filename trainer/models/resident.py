@@ -172,6 +172,13 @@ class ResidentModels:
 
         return torch.cuda.memory_allocated(self.device)
 
+    def release_generation_memory(self) -> None:
+        """What every resident model's generation keeps between requests (CUDA graph pools, LoRA copies), given back
+        before a training needs the memory; the next /imagine makes it again."""
+        for resident in self._resident.values():
+            if resident.generation is not None:
+                resident.generation.release_memory()
+
     # --- evicting ---------------------------------------------------------------------------------------------------
     def _evict(self, name: str, why: str) -> None:
         resident = self._resident.pop(name)
