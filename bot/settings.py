@@ -49,6 +49,7 @@ class Settings:
     imagine_between_slices_s: float = 10.0
     safety: bool = False
     compile_unet: bool = False
+    train_memory: str = "auto"  # trainer/training/memory.py
     log_level: str = "INFO"
 
     @property
@@ -212,6 +213,7 @@ _KEYS: dict[str, tuple[str, object]] = {
     "BOOTHBOT_IMAGINE_BETWEEN_SLICES_S": ("imagine_between_slices_s", _float(0.5, 3600)),
     "BOOTHBOT_SAFETY": ("safety", _bool),
     "BOOTHBOT_COMPILE_UNET": ("compile_unet", _bool),
+    "BOOTHBOT_TRAIN_MEMORY": ("train_memory", _choice("auto", "low", "fast")),
     "BOOTHBOT_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
 }
 

@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-unet", action="store_true",
                         help="compile the UNet with torch.compile inside the CUDA graphs (CUDA only): faster images, "
                              "about a minute of compiling per image size the first time")
+    parser.add_argument("--train-memory", choices=("auto", "low", "fast"), default="auto",
+                        help="training's memory setting: low (gradient checkpointing: SDXL training + serving fit a "
+                             "24 GB card), fast, or auto (low for SDXL on GPUs under 40 GB; default)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice). Leaving one core free keeps the bot "
                              "responsive on CPU-only machines")
@@ -201,7 +204,8 @@ class Worker:
     kind's handler (HANDLERS below); `run_many` sends exactly one end event for every job of a `run_many` request."""
 
     def __init__(self, writer: EventWriter, control: JobControl, *, pipe, device: str, model: str | None,
-                 data_dir: Path, compile_unet: bool = False, models=None, default_model: str | None = None):
+                 data_dir: Path, compile_unet: bool = False, train_memory: str = "auto", models=None,
+                 default_model: str | None = None):
         self.writer = writer
         self.models = models  # trainer.models.resident.ResidentModels: the base models jobs may name
         self.default_model = default_model  # the name a job without "model" in its params uses
@@ -212,6 +216,7 @@ class Worker:
         self.model = model
         self.data_dir = data_dir
         self.compile_unet = compile_unet
+        self.train_memory = train_memory
         self.generation = None  # the resident GenerationService, made at the first /imagine
         self.safety_problem: str | None = None  # why the safety filter cannot run, once a job found out
 
@@ -401,7 +406,10 @@ def run_train(worker: Worker, job_id: int, params: dict, on_progress, should_sto
     worker.use_model(params)
     if worker.pipe is None:
         raise UserError(NO_MODEL)
-    spec = TrainSpec.from_params(params)
+    from trainer.training.memory import gradient_checkpointing_for
+
+    checkpointing = gradient_checkpointing_for(worker.train_memory, worker.pipe)
+    spec = TrainSpec.from_params({"gradient_checkpointing": checkpointing, **params})
     if worker.models is not None:
         worker.models.release_generation_memory()  # every resident model's CUDA graph pools: training needs room
     elif worker.generation is not None:
@@ -620,7 +628,7 @@ def run(args: argparse.Namespace) -> int:
     writer.send(protocol.ready(describe_device(device), str(dtype).removeprefix("torch."),
                                None if args.no_model else args.model, os.getpid(), **model_facts))
     worker = Worker(writer, control, pipe=pipe, device=device, model=None if args.no_model else args.model,
-                    data_dir=Path(args.data_dir), compile_unet=args.compile_unet,
+                    data_dir=Path(args.data_dir), compile_unet=args.compile_unet, train_memory=args.train_memory,
                     models=None if args.no_model else models, default_model=None if args.no_model else default_model)
     if worker.models is not None:
         worker.resident = worker.models.get(default_model)

@@ -34,7 +34,7 @@ ProgressCallback = Callable[[dict], Awaitable[None]]
 
 def worker_command(*, model: str | None, data_dir: Path | str, device: str = "auto", dtype: str = "auto",
                    threads: int | None = None, compile_unet: bool = False, debug: bool = False,
-                   models: dict[str, str] | None = None, resident: int = 1,
+                   train_memory: str = "auto", models: dict[str, str] | None = None, resident: int = 1,
                    python: str = sys.executable) -> list[str]:
     """The argv that starts the worker; `model=None` starts one without a base model (selftest jobs only).
     `models`: every base model jobs may name (name -> reference, the default included), `resident`: how many may
@@ -48,6 +48,8 @@ def worker_command(*, model: str | None, data_dir: Path | str, device: str = "au
         argv += ["--threads", str(threads)]
     if compile_unet:
         argv += ["--compile-unet"]
+    if train_memory != "auto":
+        argv += ["--train-memory", train_memory]
     if debug:
         argv += ["--debug"]
     return argv
@@ -93,7 +95,7 @@ class WorkerClient:
         return cls(worker_command(model=settings.model, data_dir=settings.data_dir, device=settings.device,
                                   dtype=settings.dtype, compile_unet=settings.compile_unet,
                                   models=settings.base_models, resident=settings.resident_models,
-                                  debug=settings.log_level == "DEBUG"), **kwargs)
+                                  train_memory=settings.train_memory, debug=settings.log_level == "DEBUG"), **kwargs)
 
     @property
     def pid(self) -> int | None:

@@ -35,13 +35,13 @@ def make_spec(photos_dir: Path, out_dir: Path, concept_id="c1", **overrides) -> 
     return TrainSpec(**fields)
 
 
-def pipeline_state(pipe) -> dict:
-    """Everything training promises to leave as it found it."""
+def pipeline_state(pipe, extra=()) -> dict:
+    """Everything training promises to leave as it found it (`extra`: more components, e.g. SDXL's text_encoder_2)."""
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     state = {}
-    for name in ("unet", "text_encoder", "vae"):
+    for name in ("unet", "text_encoder", "vae", *extra):
         model = getattr(pipe, name)
         layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
         state[name] = {

@@ -91,3 +91,22 @@ def encode_latents(vae, pixels, batch_size: int = 8):
             means.append(torch.cat(batch_means))
             stds.append(torch.cat(batch_stds))
     return torch.stack(means), torch.stack(stds)
+
+
+def size_conditioning(paths: list[Path], resolution: int):
+    """SDXL's `add_time_ids` per photo, [N, 6] float32: its size before resizing (h, w), where `load_pixels`'
+    centre crop starts in the resized image (top, left), and the training size (h, w), as diffusers' SDXL DreamBooth
+    script conditions each photo."""
+    import torch
+    from PIL import Image
+
+    from trainer.models.family import add_time_ids
+
+    rows = []
+    for path in paths:
+        with Image.open(path) as image:
+            width, height = image.size
+        scale = resolution / min(width, height)
+        top, left = (round(height * scale) - resolution) // 2, (round(width * scale) - resolution) // 2
+        rows.append(add_time_ids((height, width), (top, left), (resolution, resolution)))
+    return torch.cat(rows)

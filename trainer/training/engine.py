@@ -243,7 +243,8 @@ class _Slice:
                                 on_image=report)
 
     def _inputs(self) -> dict:
-        """Latents of the photos (and mirrors), prompt token ids and, unless the text encoder trains, embeddings.
+        """Latents of the photos (and mirrors), prompt token ids and, unless the text encoder trains, embeddings;
+        for SDXL the second encoder's ids, the pooled embeddings and each photo's size conditioning too.
 
         Computed on the first slice and kept in out_dir/checkpoint/inputs.safetensors for the others, so each job
         runs the VAE and the text encoder over its inputs once.
@@ -263,16 +264,25 @@ class _Slice:
                 return load_file(str(path))
         import torch
 
-        pixels = load_pixels([p.path for p in self.job.photos], self.job.resolution)
+        from trainer.models.family import encode_prompt_ids, family_of, tokenize
+
+        family = family_of(self.pipe)
+        paths = [p.path for p in self.job.photos]
+        pixels = load_pixels(paths, self.job.resolution)
         mean, std = encode_latents(self.pipe.vae, pixels)
-        tokenizer = self.pipe.tokenizer
-        ids = tokenizer(self.job.prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        inputs = {"mean": mean, "std": std, "prompt_ids": ids,
+        ids = tokenize(self.pipe, family, self.job.prompts)
+        inputs = {"mean": mean, "std": std, "prompt_ids": ids[0],
                   "photo_prompt": torch.tensor(self.job.photo_prompt, dtype=torch.long)}
+        if family.extra_conditioning:
+            from trainer.training.data import size_conditioning
+
+            inputs["prompt_ids_2"] = ids[1]
+            inputs["time_ids"] = size_conditioning(paths, self.job.resolution)
         if not self.spec.train_text_encoder:
-            with torch.no_grad():
-                inputs["embeds"] = self.pipe.text_encoder(ids.to(self.device))[0].float().cpu()
+            embeds, pooled = encode_prompt_ids(self.pipe, family, ids)
+            inputs["embeds"] = embeds.float().cpu()
+            if pooled is not None:
+                inputs["pooled"] = pooled.float().cpu()
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file_atomic(inputs, path, {"fingerprint": self.job.fingerprint})
         return inputs
@@ -364,15 +374,18 @@ class _Slice:
         """Write both LoRA files (diffusers and kohya format) with the training's metadata; returns their paths."""
         from peft.utils import get_peft_model_state_dict
 
+        from trainer.models.family import family_of
         from trainer.training.lora_files import training_metadata, write_lora_files
 
         spec, job = self.spec, self.job
         unet_state = {k: v.detach().float().cpu() for k, v in
                       get_peft_model_state_dict(self.pipe.unet, adapter_name=spec.adapter_name).items()}
-        te_state = None
+        family = family_of(self.pipe)
+        te_states = {}
         if spec.train_text_encoder:
-            te_state = {k: v.detach().float().cpu() for k, v in
-                        get_peft_model_state_dict(self.pipe.text_encoder, adapter_name=spec.adapter_name).items()}
+            te_states = {name: {k: v.detach().float().cpu() for k, v in
+                                get_peft_model_state_dict(encoder, adapter_name=spec.adapter_name).items()}
+                         for name, encoder in zip(family.text_encoders, family.text_encoder_modules(self.pipe))}
         # The spec's fields marked `lora`, with the values this training actually used where they are derived.
         metadata = training_metadata(**{
             **spec.lora_fields(), "style": spec.is_style, "steps": job.total, "resolution": job.resolution,
@@ -380,9 +393,10 @@ class _Slice:
             "text_encoder_learning_rate": spec.text_encoder_learning_rate if spec.train_text_encoder else None,
             "instance_prompt": job.instance_prompt, "base_model": job.base_model, "photo_count": len(job.photos),
             "seconds": seconds})
-        return write_lora_files(spec.out_dir, unet_state=unet_state, text_encoder_state=te_state,
+        return write_lora_files(spec.out_dir, family=family, unet_state=unet_state, text_encoder_states=te_states,
                                 unet_config=scope.adapter_config("unet"),
-                                text_encoder_config=scope.adapter_config("text_encoder"), metadata=metadata)
+                                text_encoder_configs={name: scope.adapter_config(name) for name in te_states},
+                                metadata=metadata, unet_layers_per_block=self.pipe.unet.config.layers_per_block)
 
     def _samples(self, lora: Path) -> list[str]:
         """samples/NNN.png, each with the A1111 `parameters` chunk an /imagine image of the same prompt would carry."""

@@ -30,6 +30,8 @@ def model_fingerprint(pipe) -> str:
     digest = hashlib.sha256()
     probes = (pipe.unet.conv_in.weight, pipe.vae.encoder.conv_in.weight,
               pipe.text_encoder.get_input_embeddings().weight[:256])
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: its second encoder differs between fine-tunes too
+        probes += (pipe.text_encoder_2.get_input_embeddings().weight[:256],)
     for tensor in probes:
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())

@@ -21,9 +21,13 @@ class StepRunner:
         import torch
         from diffusers import DDPMScheduler
 
+        from trainer.models.family import family_of
+
         spec = job.spec
         self.spec, self.job = spec, job
+        self.pipe, self.family = pipe, family_of(pipe)
         self.unet, self.text_encoder = pipe.unet, pipe.text_encoder
+        self.text_encoders = dict(zip(self.family.text_encoders, self.family.text_encoder_modules(pipe)))
         self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
         self.generator = noise_generator
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -37,10 +41,17 @@ class StepRunner:
         self.prior = class_latents is not None
         if self.prior:
             self.class_mean, self.class_std = class_latents[0].to(**to), class_latents[1].to(**to)
+        if self.family.extra_conditioning:  # SDXL: the second encoder's ids, pooled embeddings, size conditioning
+            self.prompt_ids_2 = inputs["prompt_ids_2"].to(**to)
+            self.pooled = inputs["pooled"].to(self.device, self.dtype) if "pooled" in inputs else None
+            self.time_ids = inputs["time_ids"].to(**to)
+            side = float(job.resolution)  # class images are generated at the training size: no crop
+            self.class_time_ids = torch.tensor([[side, side, 0.0, 0.0, side, side]], device=self.device)
         self.plan = {k: v.to(**to) for k, v in self._plan().items()}
 
         self.unet_params = [p for p in self.unet.parameters() if p.requires_grad]
-        self.te_params = [p for p in self.text_encoder.parameters() if p.requires_grad] if spec.train_text_encoder else []
+        self.te_params = ([p for encoder in self.text_encoders.values() for p in encoder.parameters() if p.requires_grad]
+                          if spec.train_text_encoder else [])
         groups = [{"params": self.unet_params, "lr": spec.learning_rate}]
         if self.te_params:
             groups.append({"params": self.te_params, "lr": spec.text_encoder_learning_rate})
@@ -72,7 +83,8 @@ class StepRunner:
             self.graph = GraphedStep(self._compute, lambda: self.optimizer.zero_grad(set_to_none=True))
         self.unet.train()
         if spec.train_text_encoder:
-            self.text_encoder.train()
+            for encoder in self.text_encoders.values():
+                encoder.train()
 
     def _plan(self) -> dict:
         """Per step: photo indices, mirror flags, class-image indices and timesteps, from the seed alone."""
@@ -144,11 +156,14 @@ class StepRunner:
         target = noise if self.prediction == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
 
         with self.autocast:
-            if self.embeds is not None:
-                embeds = self.embeds[prompt]
+            if self.family.extra_conditioning:
+                pred = self._sdxl_prediction(noisy, timesteps, prompt, photo)
             else:
-                embeds = self.text_encoder(self.prompt_ids[prompt])[0]
-            pred = self.unet(noisy.to(self.dtype), timesteps, embeds.to(self.dtype)).sample
+                if self.embeds is not None:
+                    embeds = self.embeds[prompt]
+                else:
+                    embeds = self.text_encoder(self.prompt_ids[prompt])[0]
+                pred = self.unet(noisy.to(self.dtype), timesteps, embeds.to(self.dtype)).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.spec.snr_gamma:
             # Min-SNR weighting (Hang et al. 2023), as diffusers' training scripts apply it.
@@ -174,6 +189,23 @@ class StepRunner:
             self.optimizer.zero_grad(set_to_none=True)
         self.loss_sum += loss.detach()
 
+    def _sdxl_prediction(self, noisy, timesteps, prompt, photo):
+        """SDXL's UNet call: both encoders' hidden states, the pooled embedding and the size conditioning."""
+        import torch
+
+        from trainer.models.family import encode_prompt_ids
+
+        if self.embeds is not None:
+            embeds, pooled = self.embeds[prompt], self.pooled[prompt]
+        else:
+            embeds, pooled = encode_prompt_ids(self.pipe, self.family,
+                                               [self.prompt_ids[prompt], self.prompt_ids_2[prompt]], grad=True)
+        time_ids = self.time_ids[photo]
+        if self.prior:
+            time_ids = torch.cat([time_ids, self.class_time_ids.expand(len(photo), -1)])
+        added = {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.to(self.dtype)}
+        return self.unet(noisy.to(self.dtype), timesteps, embeds.to(self.dtype), added_cond_kwargs=added).sample
+
     @property
     def graph_replays(self) -> int:
         return self.graph.replays if self.graph is not None else 0
@@ -189,7 +221,8 @@ class StepRunner:
     def _named_trainables(self) -> dict:
         named = {f"unet.{n}": p for n, p in self.unet.named_parameters() if p.requires_grad}
         if self.te_params:
-            named.update({f"text_encoder.{n}": p for n, p in self.text_encoder.named_parameters() if p.requires_grad})
+            for component, encoder in self.text_encoders.items():
+                named.update({f"{component}.{n}": p for n, p in encoder.named_parameters() if p.requires_grad})
         return named
 
     def state_dict(self) -> dict:
