@@ -1,6 +1,6 @@
 """Several base models per bot (issue 13 bullet 4), through the services a command calls with real parts: SQLite in
-tmp_path, the real photo intake, and one real worker process given two tiny SD 1.x models ("alpha", "beta": two
-seeds) that keeps one of them loaded at a time. A server's default decides /train; a concept keeps its model, and
+tmp_path, the real photo intake, and one real worker process given three tiny models (SD 1.x "alpha" and "beta": two
+seeds; SDXL "xl") that keeps one of them loaded at a time. A server's default decides /train; a concept keeps its model, and
 /imagine with it runs on that model; concepts of two models are refused together; a model taken out of the settings
 leaves its concepts intact and usable again once it is back."""
 from __future__ import annotations
@@ -45,11 +45,11 @@ def noise_photos(count: int, seed: int = 0) -> list[tuple[str, bytes]]:
 
 
 @pytest.fixture(scope="module")
-def two_models(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
+def two_models(tiny_model_dir, tiny_sdxl_model_dir, tmp_path_factory) -> dict[str, str]:
     from trainer.models.tiny import make_tiny_model
 
     beta = make_tiny_model(tmp_path_factory.mktemp("tiny-beta"), seed=1)
-    return {"alpha": str(tiny_model_dir), "beta": str(beta)}
+    return {"alpha": str(tiny_model_dir), "beta": str(beta), "xl": str(tiny_sdxl_model_dir)}
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -118,8 +118,7 @@ def fast_recipe(monkeypatch):
 
 async def test_the_worker_reports_every_model_with_its_family(services):
     facts = {entry["name"]: entry for entry in services.worker.models_info}
-    assert set(facts) == {"alpha", "beta"}
-    assert {entry["family"] for entry in facts.values()} == {"sd1"}
+    assert {name: entry["family"] for name, entry in facts.items()} == {"alpha": "sd1", "beta": "sd1", "xl": "sdxl"}
     assert facts["alpha"]["resident"] and not facts["beta"]["resident"]
     assert all(entry["problem"] is None for entry in facts.values())
 
@@ -162,16 +161,31 @@ async def test_imagine_jobs_of_different_models_never_share_a_denoising_loop():
     assert imagine_batch_key({**options, "model": "alpha"}) != imagine_batch_key({**options, "model": "beta"})
 
 
-async def test_concepts_of_two_models_in_one_prompt_are_refused_naming_each(services):
-    old = await services.concepts.create(GUILD, BOB, "quillop", "dog", base_model="alpha", base_family="sd1")
-    await services.concepts.mark_ready(old.id, str(services.concepts.concept_dir(old.id) / "lora.safetensors"), None)
-    new = await services.concepts.create(GUILD, BOB, "vexmor", "cat", base_model="beta", base_family="sd1")
-    await services.concepts.mark_ready(new.id, str(services.concepts.concept_dir(new.id) / "lora.safetensors"), None)
+async def test_a_training_on_the_sdxl_model_records_its_family(services):
+    await services.base_models.set_default(ADMIN, GUILD, "xl")
+    job = await train(services, BOB, "grelvin")
+    assert job.params["model"] == "xl"
+    done = await run(services, job.id)
+    assert done.status == "succeeded", done.error
+    assert resident(services) == {"xl"}
+    concept = await services.concepts.by_token(GUILD, "grelvin")
+    assert (concept.status, concept.base_model, concept.base_family) == ("ready", "xl", "sdxl")
+
+
+async def test_concepts_of_different_models_in_one_prompt_are_refused_naming_each(services):
+    sd1 = await services.concepts.create(GUILD, BOB, "quillop", "dog", base_model="alpha", base_family="sd1")
+    await services.concepts.mark_ready(sd1.id, str(services.concepts.concept_dir(sd1.id) / "lora.safetensors"), None)
+    xl = await services.concepts.create(GUILD, BOB, "vexmor", "cat", base_model="xl", base_family="sdxl")
+    await services.concepts.mark_ready(xl.id, str(services.concepts.concept_dir(xl.id) / "lora.safetensors"), None)
+    beta = await services.concepts.create(GUILD, BOB, "tarnol", "cat", base_model="beta", base_family="sd1")
+    await services.concepts.mark_ready(beta.id, str(services.concepts.concept_dir(beta.id) / "l.safetensors"), None)
     with pytest.raises(UserError) as refused:
         await imagine(services, BOB, "quillop and vexmor on a beach")
     text = str(refused.value)
     assert "different base models" in text
-    assert "quillop on alpha (Stable Diffusion 1.x)" in text and "vexmor on beta (Stable Diffusion 1.x)" in text
+    assert "quillop on alpha (Stable Diffusion 1.x)" in text and "vexmor on xl (SDXL)" in text
+    with pytest.raises(UserError, match=r"quillop on alpha \(Stable Diffusion 1\.x\); tarnol on beta"):
+        await imagine(services, BOB, "quillop and tarnol")  # one family, two models: refused as well
     assert await services.ledger.list_jobs(guild_id=GUILD, owner_id=BOB) == []
 
 
