@@ -592,7 +592,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import torch
 
-        from trainer.models.loading import load_pipeline, pick_device, pick_dtype
+        from trainer.models.loading import pick_device, pick_dtype
 
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -632,6 +632,7 @@ def run(args: argparse.Namespace) -> int:
                     models=None if args.no_model else models, default_model=None if args.no_model else default_model)
     if worker.models is not None:
         worker.resident = worker.models.get(default_model)
+    pipe = None  # the resident models hold it now: an eviction must be able to free its memory
     try:
         worker.serve()
     except BrokenPipeError:

@@ -1,8 +1,8 @@
 """Several base models per bot (issue 13 bullet 4), through the services a command calls with real parts: SQLite in
 tmp_path, the real photo intake, and one real worker process given three tiny models (SD 1.x "alpha" and "beta": two
-seeds; SDXL "xl") that keeps one of them loaded at a time. A server's default decides /train; a concept keeps its model, and
-/imagine with it runs on that model; concepts of two models are refused together; a model taken out of the settings
-leaves its concepts intact and usable again once it is back."""
+seeds; SDXL "xl") that keeps one of them loaded at a time. A server's default decides /train; a concept keeps its
+model, and /imagine with it runs on that model; concepts of two models are refused together; a model taken out of the
+settings leaves its concepts intact and usable again once it is back."""
 from __future__ import annotations
 
 import io

@@ -184,9 +184,7 @@ class ResidentModels:
         resident = self._resident.pop(name)
         if resident.generation is not None:
             resident.generation.release_memory()
-        resident.generation = None
-        resident.pipe = None
-        del resident
+        resident.generation = resident.pipe = None  # the worker dropped its references before asking for another
         _release_memory(self.device)
         _log(f"evicted base model {name}: {why}")
         self._changed()
