@@ -54,7 +54,7 @@ class ResidentModels:
         self.keep = max(1, keep)
         self._loader = loader
         self._on_change = on_change
-        self._free_memory = free_memory or self._measure_free_memory  # replaceable: CPU tests have no GPU to fill
+        self._free_memory = free_memory or self.measure_free_memory  # replaceable: CPU tests have no GPU to fill
         self._resident: dict[str, Resident] = {}
         self._measured: dict[str, int] = {}  # footprints of earlier loads, kept after an eviction
         self._problems: dict[str, str] = {}  # why a model cannot be used (found at start or at a failed load)
@@ -116,7 +116,7 @@ class ResidentModels:
             if not _out_of_memory(error) or not self._resident:
                 raise
             _log(f"out of memory loading {name}; evicting every other model and trying again")
-            self._evict_all()
+            self.evict_all()
             before = self._allocated()
             pipe = self._load_pipe(name)
         from trainer.generation.service import native_side
@@ -146,17 +146,17 @@ class ResidentModels:
         """Evict least recently used models until one more fits the count and the measured free memory."""
         while len(self._resident) >= self.keep:
             self._evict(self.resident_names()[0], "the resident-model limit is reached")
-        need = self._expected_bytes(name)
+        need = self.expected_bytes(name)
         while self._resident and need and (free := self._free_memory()) is not None and free < need:
             self._evict(self.resident_names()[0], f"{name} needs about {need / 2**30:.1f} GiB of free GPU memory")
 
-    def _expected_bytes(self, name: str) -> int:
+    def expected_bytes(self, name: str) -> int:
         """What loading `name` takes: its measured footprint from an earlier load, else the size of its weights on
         disk; with headroom for the load's temporaries."""
         known = self._measured.get(name) or _weights_on_disk(self.catalog[name])
         return int(known * HEADROOM)
 
-    def _measure_free_memory(self) -> int | None:
+    def measure_free_memory(self) -> int | None:
         """Free device memory, counting what torch's allocator holds unused; None off CUDA (the count limits)."""
         if not self.device.startswith("cuda"):
             return None
@@ -189,7 +189,7 @@ class ResidentModels:
         _log(f"evicted base model {name}: {why}")
         self._changed()
 
-    def _evict_all(self) -> None:
+    def evict_all(self) -> None:
         for name in list(self._resident):
             self._evict(name, "out of memory while loading another model")
 
