@@ -565,8 +565,8 @@ def exit_fatal(writer: EventWriter, error: str, detail: str, code: int) -> NoRet
 
 def resident_models(args: argparse.Namespace, device: str, writer: EventWriter):
     """The worker's base models: --models plus --model (the default, named as in --models when listed there, else
-    by its reference). Each model's family is detected from its files now; every change of what is loaded is sent
-    to the bot as a `models` event. Returns (ResidentModels, the default's name)."""
+    by its reference). Each model's family is detected from its files now. Returns (ResidentModels, the default's
+    name)."""
     from trainer.models.resident import ResidentModels, parse_catalog
 
     catalog = parse_catalog(args.models)
@@ -574,8 +574,7 @@ def resident_models(args: argparse.Namespace, device: str, writer: EventWriter):
     if default is None:
         default = args.model
         catalog = {default: args.model, **catalog}
-    models = ResidentModels(catalog, device=device, dtype=args.dtype, keep=args.resident,
-                            on_change=lambda: writer.send(protocol.models(models.facts())))
+    models = ResidentModels(catalog, device=device, dtype=args.dtype, keep=args.resident)
     models.survey()
     return models, default
 
@@ -623,7 +622,7 @@ def run(args: argparse.Namespace) -> int:
         from trainer.generation.service import native_side
         from trainer.models.family import family_of
 
-        model_facts = {"native_side": native_side(pipe), "safety_checker": checker_source(args.model) is not None,
+        model_facts |= {"native_side": native_side(pipe), "safety_checker": checker_source(args.model) is not None,
                        "family": family_of(pipe).name}
     writer.send(protocol.ready(describe_device(device), str(dtype).removeprefix("torch."),
                                None if args.no_model else args.model, os.getpid(), **model_facts))
@@ -632,6 +631,8 @@ def run(args: argparse.Namespace) -> int:
                     models=None if args.no_model else models, default_model=None if args.no_model else default_model)
     if worker.models is not None:
         worker.resident = worker.models.get(default_model)
+        # From now on every load and eviction is sent to the bot (`ready` above carried the state so far).
+        worker.models.on_change = lambda: writer.send(protocol.models(worker.models.facts()))
     pipe = None  # the resident models hold it now: an eviction must be able to free its memory
     try:
         worker.serve()

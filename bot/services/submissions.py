@@ -165,8 +165,8 @@ async def submit_imagine(services: Services, *, guild_id: int, member_id: int, c
         raise UserError(f"The base model {model.name} can't be used right now: {model.problem[:600]}. "
                         "An admin can see the models with `/queue admin models`.")
     ready = dict(services.worker.ready_info or {})
-    if ready.get("model") != model.ref:  # `ready` describes the model the worker loaded first; this is another
-        ready["native_side"] = model.native_side  # as the worker read it from the model's files (None: unknown)
+    if model.native_side is not None and ready.get("model") != model.ref:
+        ready["native_side"] = model.native_side  # not the model `ready` describes: its size from its own files
     check_against_model(ready, width=width, height=height, safety=safety)
     params["model"] = model.name
     if used:

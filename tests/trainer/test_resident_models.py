@@ -37,7 +37,7 @@ def test_the_survey_reads_each_models_family_and_size_from_its_files(catalog, tm
 def test_the_least_recently_used_model_makes_room_at_the_count_limit(catalog):
     changes = []
     models = shelf(catalog, keep=2)
-    models._on_change = lambda: changes.append(models.resident_names())
+    models.on_change = lambda: changes.append(models.resident_names())
     alpha = models.get("alpha")
     models.get("xl")
     assert models.get("alpha") is alpha  # resident: not loaded again, and now the most recently used

@@ -53,7 +53,7 @@ class ResidentModels:
         self.dtype = dtype
         self.keep = max(1, keep)
         self._loader = loader
-        self._on_change = on_change
+        self.on_change = on_change  # told of every load and eviction
         self._free_memory = free_memory or self.measure_free_memory  # replaceable: CPU tests have no GPU to fill
         self._resident: dict[str, Resident] = {}
         self._measured: dict[str, int] = {}  # footprints of earlier loads, kept after an eviction
@@ -194,8 +194,8 @@ class ResidentModels:
             self._evict(name, "out of memory while loading another model")
 
     def _changed(self) -> None:
-        if self._on_change is not None:
-            self._on_change()
+        if self.on_change is not None:
+            self.on_change()
 
 
 def _configured_native_side(directory: Path) -> int | None:
