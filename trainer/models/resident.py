@@ -46,13 +46,12 @@ def parse_catalog(raw: str) -> dict[str, str]:
 
 class ResidentModels:
     def __init__(self, catalog: dict[str, str], *, device: str, dtype: str, keep: int = 1,
-                 loader: Callable | None = None, on_change: Callable[[], None] | None = None,
+                 on_change: Callable[[], None] | None = None,
                  free_memory: Callable[[], int | None] | None = None):
         self.catalog = dict(catalog)
         self.device = device
         self.dtype = dtype
         self.keep = max(1, keep)
-        self._loader = loader
         self.on_change = on_change  # told of every load and eviction
         self._free_memory = free_memory or self.measure_free_memory  # replaceable: CPU tests have no GPU to fill
         self._resident: dict[str, Resident] = {}
@@ -136,8 +135,6 @@ class ResidentModels:
         return resident
 
     def _load_pipe(self, name: str):
-        if self._loader is not None:
-            return self._loader(self.catalog[name], self.device, self.dtype)
         from trainer.models.loading import load_pipeline
 
         return load_pipeline(self.catalog[name], self.device, self.dtype)
