@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol, runtime_checkable
 
 from bot.services.admin import AdminService
+from bot.services.base_models import BaseModels
 from bot.services.concepts import ConceptService
 from bot.dispatch.announcer import Notifier
 from bot.dispatch.dispatcher import Dispatcher
@@ -60,6 +62,11 @@ class Services:
     def workers(self) -> list[GpuWorker]:
         """Every GPU worker, one per dispatcher lane (BOOTHBOT_WORKERS)."""
         return self.dispatcher.workers
+
+    @cached_property
+    def base_models(self) -> BaseModels:
+        """The base models the bot offers, each server's default, and which one a job runs on."""
+        return BaseModels(self.store, self.settings, self.worker)
 
     def set_notifier(self, notifier: Notifier | None) -> None:
         """Attach the announcer of progress and finished jobs; jobs that finished without one are announced now."""

@@ -65,7 +65,7 @@ def run_check(*, env_file: str | os.PathLike | None = ".env", gpu: bool = False,
         for device in worker_devices(settings):
             check_torch(report, device)
         check_packages(report)
-        check_model(report, settings.model)
+        check_models(report, settings)
         if gpu and not report.failed:
             asyncio.run(check_worker(report, settings))
         check_metrics(report, settings)
@@ -220,16 +220,22 @@ def check_packages(report: Report) -> None:
         report.warn("packages", f"{item} is outside the versions boothbot was tested with")
 
 
-def check_model(report: Report, ref: str) -> None:
+def check_models(report: Report, settings: Settings) -> None:
+    """Every base model the bot offers (BOOTHBOT_MODEL and BOOTHBOT_MODELS) can be found."""
+    for name, ref in settings.base_models.items():
+        check_model(report, ref, key="BOOTHBOT_MODEL" if ref == settings.model else f"BOOTHBOT_MODELS {name}")
+
+
+def check_model(report: Report, ref: str, key: str = "BOOTHBOT_MODEL") -> None:
     from trainer.models.loading import require_model
 
     try:
         source = require_model(ref)
     except SetupError as e:
-        report.fail("model", f"BOOTHBOT_MODEL: {e}", e)
+        report.fail("model", f"{key}: {e}", e)
         return
     except Exception as e:  # noqa: BLE001 - e.g. an unreadable Hugging Face cache
-        report.fail("model", f"BOOTHBOT_MODEL={ref}: could not look it up ({e})", e)
+        report.fail("model", f"{key}={ref}: could not look it up ({e})", e)
         return
     if source.kind == "hub" and not source.cached:
         note = "" if ref == DEFAULT_MODEL else " (check the spelling: it is only looked up when downloading)"

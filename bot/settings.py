@@ -5,6 +5,7 @@ Nothing else in the project reads `os.environ`; every key is documented in `.env
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,7 +27,9 @@ class SettingsError(ValueError):
 class Settings:
     discord_token: str | None = field(default=None, repr=False)
     guild_ids: tuple[int, ...] = ()
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_MODEL  # the default base model's reference (BOOTHBOT_MODEL, or the first of BOOTHBOT_MODELS)
+    models: tuple[tuple[str, str], ...] = ()  # BOOTHBOT_MODELS: (name, reference) of every further base model
+    resident_models: int = 1  # how many base models the worker may keep loaded at once (memory permitting)
     data_dir: Path = Path("data")
     backups_keep: int = 7
     db_lock_wait_s: float = 120.0
@@ -59,6 +62,23 @@ class Settings:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "boothbot.sqlite3"
+
+    @property
+    def base_models(self) -> dict[str, str]:
+        """Every base model the bot offers, name -> reference: BOOTHBOT_MODELS, plus BOOTHBOT_MODEL when it is not
+        one of them (named after its folder, file or hub id). The first is the default."""
+        catalog = dict(self.models)
+        if self.model in catalog.values():
+            default = next(name for name, ref in catalog.items() if ref == self.model)
+        else:
+            default = model_name_for(self.model)
+            if default in catalog:
+                default = "default"
+        return {default: self.model, **{name: ref for name, ref in catalog.items() if name != default}}
+
+    @property
+    def default_model_name(self) -> str:
+        return next(iter(self.base_models))
 
     def require_token(self) -> str:
         if not self.discord_token:
@@ -190,6 +210,37 @@ def _model(key: str, raw: str) -> str:
     return value
 
 
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,39}$")
+
+
+def model_name_for(ref: str) -> str:
+    """A name for a base model listed without one: its folder, file (without suffix) or hub repository name."""
+    base = Path(ref.rstrip("/\\")).name
+    stem = Path(base).stem if Path(base).suffix.lower() in (".safetensors", ".ckpt") else base
+    name = re.sub(r"[^a-z0-9_.-]+", "-", stem.lower()).strip("-._")[:40]
+    return name if MODEL_NAME.match(name) else "default"
+
+
+def _models(key: str, raw: str) -> tuple[tuple[str, str], ...]:
+    how = ("allowed: comma-separated name=reference pairs, e.g. "
+           "sd15=stable-diffusion-v1-5/stable-diffusion-v1-5,pony=/models/pony.safetensors")
+    found: dict[str, str] = {}
+    for part in raw.split(","):
+        if not part.strip():
+            continue
+        name, equals, ref = part.partition("=")
+        name, ref = name.strip().lower(), ref.strip()
+        if not equals or not ref:
+            raise SettingsError(f"{key} has {part.strip()!r}, which has no reference after a name=; {how}")
+        if not MODEL_NAME.match(name):
+            raise SettingsError(f"{key} has the name {name!r}: a name is 1-40 lowercase letters, digits, '-', '_' "
+                                f"or '.', starting with a letter or digit; {how}")
+        if name in found:
+            raise SettingsError(f"{key} names {name!r} twice ({found[name]} and {ref}); give each model its own name")
+        found[name] = ref
+    return tuple(found.items())
+
+
 def _path(key: str, raw: str) -> Path:
     if not raw.strip():
         raise SettingsError(f"{key} is empty; allowed: a directory path such as ./data")
@@ -200,6 +251,8 @@ _KEYS: dict[str, tuple[str, object]] = {
     "DISCORD_TOKEN": ("discord_token", _text),
     "BOOTHBOT_GUILD_IDS": ("guild_ids", _guild_ids),
     "BOOTHBOT_MODEL": ("model", _model),
+    "BOOTHBOT_MODELS": ("models", _models),
+    "BOOTHBOT_RESIDENT_MODELS": ("resident_models", _int(1, 16)),
     "BOOTHBOT_DATA_DIR": ("data_dir", _path),
     "BOOTHBOT_BACKUPS_KEEP": ("backups_keep", _int(1, 1000)),
     "BOOTHBOT_DB_LOCK_WAIT_S": ("db_lock_wait_s", _float(1, 3600)),
@@ -250,6 +303,8 @@ def load_settings(env: Mapping[str, str] | None = None, env_file: str | os.PathL
     for key, (name, parse) in _KEYS.items():
         if key in merged:
             values[name] = parse(key, merged[key])
+    if "models" in values:
+        values["model"] = _default_model(merged.get("BOOTHBOT_MODEL"), values.get("model"), values["models"])
     if "log_level" in values:
         values["log_level"] = str(values["log_level"]).upper()
     settings = Settings(**values)
@@ -259,6 +314,17 @@ def load_settings(env: Mapping[str, str] | None = None, env_file: str | os.PathL
             "the minimum must not exceed the maximum"
         )
     return settings
+
+
+def _default_model(raw: str | None, model: str | None, models: tuple[tuple[str, str], ...]) -> str:
+    """BOOTHBOT_MODEL may name one of BOOTHBOT_MODELS or be a reference of its own; unset, the first listed one is
+    the default."""
+    listed = dict(models)
+    if raw is None:
+        if not listed:
+            return DEFAULT_MODEL
+        return next(iter(listed.values()))
+    return listed.get(model.lower(), model)
 
 
 def setting_names() -> list[str]:

@@ -7,6 +7,7 @@ import discord
 from bot.errors import NotFound
 from bot.jobs.ledger import Job
 from bot.services.submissions import VARIATION_STRENGTH, submit_imagine
+from cogs import _render
 from cogs._base import services_of
 
 
@@ -38,5 +39,7 @@ async def queue_again(interaction: discord.Interaction, job: Job, *, variation_o
         options.update(init_image=images[variation_of], strength=VARIATION_STRENGTH)
     new_job = await queue_imagine(interaction, **options)
     what = f"Variations of image {variation_of + 1}" if variation_of is not None else "A re-roll"
+    using = _render.using_model_line(new_job.params)
     await interaction.followup.send(f"{what} of job {job.id} is queued as job {new_job.id}; "
-                                    "it will show up in this channel.", ephemeral=True)
+                                    "it will show up in this channel." + (f"\n{using}" if using else ""),
+                                    ephemeral=True)

@@ -131,12 +131,35 @@ def intake_embed(report_text: str, *, token: str, accepted: int, ok: bool) -> di
     return embed
 
 
-def concept_line(concept, member_id: int) -> str:
+def concept_line(concept, member_id: int, model: str | None = None) -> str:
+    """`model`: the base model it was trained on (services.base_models.model_of)."""
     owner = "yours" if concept.owner_id == member_id else f"shared by <@{concept.owner_id}>"
     state = CONCEPT_STATES.get(concept.status, concept.status)
     shared = ", shared" if concept.shared and concept.owner_id == member_id else ""
     kind = " (style)" if concept.style else ""
-    return f"`{concept.token}` — {concept.class_name}{kind} · {state} · {owner}{shared}"
+    on_model = f" · on {model}" if model else ""
+    return f"`{concept.token}` — {concept.class_name}{kind}{on_model} · {state} · {owner}{shared}"
+
+
+def using_model_line(params: dict) -> str:
+    """What an /imagine with concepts says about its base model: "Using pony — squidarth was trained on it."."""
+    tokens = params.get("model_for") or []
+    if not tokens or not params.get("model"):
+        return ""
+    verb = "was" if len(tokens) == 1 else "were"
+    return f"Using {params['model']} — {', '.join(tokens)} {verb} trained on it."
+
+
+def base_model_line(model, *, server_default: str, bot_default: str) -> str:
+    """One base model for /queue admin models: name, family, where from, loaded or not, and any problem."""
+    family = model.family.label if model.family else "family not known yet"
+    marks = [mark for mark, on in (("this server's default", model.name == server_default),
+                                   ("the bot's default", model.name == bot_default)) if on]
+    state = "loaded on the GPU" if model.resident else "not loaded (loads at its first job)"
+    line = f"**{model.name}** — {family} · `{model.ref}` · {state}" + (f" · {', '.join(marks)}" if marks else "")
+    if model.problem:
+        line += f"\n  ⚠️ can't be used: {model.problem[:300]}"
+    return line
 
 
 def photos_text(concept) -> str:
@@ -147,9 +170,12 @@ def photos_text(concept) -> str:
     return f"{concept.photo_count}, deleted <t:{int(deleted_at)}:R> after the training (the LoRA stays)"
 
 
-def concept_embed(concept, member_id: int) -> discord.Embed:
-    embed = discord.Embed(title=f"`{concept.token}`", colour=COLOR_INFO, description=concept_line(concept, member_id))
+def concept_embed(concept, member_id: int, model: str | None = None) -> discord.Embed:
+    embed = discord.Embed(title=f"`{concept.token}`", colour=COLOR_INFO,
+                          description=concept_line(concept, member_id, model))
     embed.add_field(name="Class", value=concept.class_name)
+    if model:
+        embed.add_field(name="Base model", value=model)
     embed.add_field(name="Photos", value=photos_text(concept))
     embed.add_field(name="Shared", value="yes" if concept.shared else "no")
     if concept.status == "ready":

@@ -64,7 +64,8 @@ class Concepts(BoothCog, commands.GroupCog, group_name="concepts", group_descrip
             text = ("You have no concepts yet. Train one with `/train token:<word> class:<man|woman|dog|…>` "
                     "and photos.")
         else:
-            text = "\n".join(_render.concept_line(c, interaction.user.id) for c in concepts[:40])
+            model_of = self.services.base_models.model_of
+            text = "\n".join(_render.concept_line(c, interaction.user.id, model_of(c)) for c in concepts[:40])
             if len(concepts) > 40:
                 text += f"\n…and {len(concepts) - 40} more."
         await interaction.response.send_message(text[:2000], ephemeral=True,
@@ -74,7 +75,8 @@ class Concepts(BoothCog, commands.GroupCog, group_name="concepts", group_descrip
     @app_commands.describe(concept="The concept's token")
     async def info(self, interaction: discord.Interaction, concept: str) -> None:
         found = await self._find(interaction, concept)
-        await interaction.response.send_message(embed=_render.concept_embed(found, interaction.user.id),
+        model = self.services.base_models.model_of(found)
+        await interaction.response.send_message(embed=_render.concept_embed(found, interaction.user.id, model),
                                                 ephemeral=True)
 
     @app_commands.command(name="share", description="Let everyone on this server use one of your concepts")

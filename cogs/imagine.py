@@ -5,6 +5,7 @@ import discord
 from discord import app_commands
 
 from bot.client import BoothBot
+from cogs import _render
 from cogs._base import BoothCog
 from cogs._imagine_jobs import queue_imagine
 from cogs._views import DYNAMIC_ITEMS
@@ -48,8 +49,9 @@ class Imagine(BoothCog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         job = await queue_imagine(interaction, prompt=prompt, negative=negative or "", seed=seed, steps=steps,
                                   cfg=cfg, size=size.value if size is not None else None, count=count)
-        await interaction.followup.send(f"Queued as job {job.id}; your images will show up in this channel.",
-                                        ephemeral=True)
+        using = _render.using_model_line(job.params)
+        await interaction.followup.send(f"Queued as job {job.id}; your images will show up in this channel."
+                                        + (f"\n{using}" if using else ""), ephemeral=True)
 
 
 async def setup(bot: BoothBot) -> None:

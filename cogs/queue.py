@@ -246,6 +246,42 @@ class Queue(BoothCog, commands.GroupCog, group_name="queue", group_description="
                              "bot's operator for a base model that includes one.")
         await interaction.response.send_message("\n".join(lines), ephemeral=True)
 
+    @admin.command(name="models", description="The base models this bot has, and this server's default")
+    async def admin_models(self, interaction: discord.Interaction) -> None:
+        require_admin(interaction)
+        models = self.services.base_models
+        server_default = await models.default_for(interaction.guild_id)
+        lines = [_render.base_model_line(model, server_default=server_default,
+                                         bot_default=self.services.settings.default_model_name)
+                 for model in models.listing()]
+        stored = await models.stored_default(interaction.guild_id)
+        if stored and not models.offered(stored):
+            lines.append(f"⚠️ This server chose {stored}, which the bot no longer has; {server_default} is used "
+                         "instead.")
+        lines.append("\n/train uses this server's default; /imagine with a concept uses the model it was trained "
+                     "on. Change the default with `/queue admin model name:`.")
+        await interaction.response.send_message("\n".join(lines)[:2000], ephemeral=True)
+
+    @admin.command(name="model", description="Pick this server's default base model for /train and /imagine")
+    @app_commands.describe(name="The base model (see /queue admin models); empty: back to the bot's default")
+    async def admin_model(self, interaction: discord.Interaction,
+                          name: app_commands.Range[str, 1, 100] | None = None) -> None:
+        require_admin(interaction)
+        chosen = await self.services.base_models.set_default(interaction.user.id, interaction.guild_id, name)
+        model = self.services.base_models.get(chosen)
+        what = model.label() if model else chosen
+        await interaction.response.send_message(
+            f"This server's default base model is now **{what}**: new /train jobs use it, and so does /imagine "
+            "without a concept. Concepts keep the model they were trained on.", ephemeral=True)
+
+    @admin_model.autocomplete("name")
+    async def _model_choices(self, interaction: discord.Interaction, current: str):
+        if not is_admin(interaction):
+            return []
+        current = current.strip().lower()
+        return [app_commands.Choice(name=model.label()[:100], value=model.name)
+                for model in self.services.base_models.listing() if current in model.name][:25]
+
     @admin.command(name="ban", description="Stop a member from using the bot on this server")
     @app_commands.describe(member="Who", reason="Why (shown to them)")
     async def admin_ban(self, interaction: discord.Interaction, member: discord.User,

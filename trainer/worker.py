@@ -44,6 +44,10 @@ STACK_STAMP = "stack-check.json"  # under the cache directory: the package versi
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model: hub id, local diffusers directory or .safetensors/.ckpt file")
+    parser.add_argument("--models", default="",
+                        help="further base models a job may name: name=ref,name=ref (loaded when first needed)")
+    parser.add_argument("--resident", type=int, default=1,
+                        help="how many base models may stay loaded at once, free GPU memory permitting (default 1)")
     parser.add_argument("--no-model", action="store_true",
                         help="do not load a base model: only `selftest` jobs run (GPU checks, benchmarks, tests)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
@@ -230,8 +234,12 @@ class Worker:
     kind's handler (HANDLERS below); `run_many` sends exactly one end event for every job of a `run_many` request."""
 
     def __init__(self, writer: EventWriter, control: JobControl, *, pipe, device: str, model: str | None,
-                 data_dir: Path, compile_unet: bool = False, train_memory: str = "auto"):
+                 data_dir: Path, compile_unet: bool = False, train_memory: str = "auto", models=None,
+                 default_model: str | None = None):
         self.writer = writer
+        self.models = models  # trainer.models.resident.ResidentModels: the base models jobs may name
+        self.default_model = default_model  # the name a job without "model" in its params uses
+        self.resident = None  # the Resident whose pipeline `pipe` is
         self.control = control
         self.pipe = pipe
         self.device = device
@@ -309,6 +317,10 @@ class Worker:
             self.writer.send(event)
             ended.add(event["job_id"])
 
+        if len({job["params"].get("model") or self.default_model for job in jobs}) > 1:
+            for job in jobs:  # the bot batches only jobs of one base model; should others come, each runs alone
+                end(self._run_one(job["job_id"], job["kind"], job["params"]))
+            return
         requests, params = {}, {}
         for job in jobs:
             job_id = job["job_id"]
@@ -364,15 +376,37 @@ class Worker:
                 else:
                     end(protocol.done(job_id, result.to_dict()))
 
+    def use_model(self, params: dict) -> None:
+        """Make the base model the job's params name (default: the worker's default model) the one `pipe` holds,
+        loading it (and evicting others) when it is not resident. Nothing to do for a worker without models."""
+        if self.models is None:
+            return
+        name = params.get("model") or self.default_model
+        if self.resident is not None and self.resident.name == name and self.resident.pipe is not None:
+            self.resident.last_used = time.monotonic()
+            return
+        self.live.drop()  # a held training lives in the old pipeline
+        # Drop our references first: an eviction inside get() must be able to free the old pipeline's memory.
+        self.pipe, self.generation, self.resident, self.safety_problem = None, None, None, None
+        try:
+            self.resident = self.models.get(name)
+        except SetupError as error:
+            raise UserError(f"The base model {name} could not be loaded, so this job could not run; an admin can "
+                            f"see why in `/queue admin models` ({error})") from error
+        self.pipe, self.model, self.generation = self.resident.pipe, self.resident.ref, self.resident.generation
+
     def imagine_request(self, params: dict):
         """The checked /imagine request; creates the resident GenerationService on first use."""
         from trainer.generation.service import GenerationService, ImagineRequest
 
+        self.use_model(params)
         if self.pipe is None:
             raise UserError(NO_MODEL)
         if self.generation is None:
             self.live.drop()  # the service changes the UNet's weight layout, which a held training graph points at
             self.generation = GenerationService(self.pipe, model_name=self.model or "", compile_unet=self.compile_unet)
+            if self.resident is not None:
+                self.resident.generation = self.generation
         request = ImagineRequest.from_params(params)
         if request.safety:
             self.require_safety_checker()
@@ -443,6 +477,7 @@ class Worker:
 def run_train(worker: Worker, job_id: int, params: dict, on_progress, should_stop) -> dict:
     from trainer.training.engine import TrainSpec, train_concept
 
+    worker.use_model(params)
     if worker.pipe is None:
         raise UserError(NO_MODEL)
     from trainer.training.memory import gradient_checkpointing_for
@@ -450,7 +485,11 @@ def run_train(worker: Worker, job_id: int, params: dict, on_progress, should_sto
     checkpointing = gradient_checkpointing_for(worker.train_memory, worker.pipe)
     spec = TrainSpec.from_params({"gradient_checkpointing": checkpointing, **params})
     resuming_live = worker.live.held is not None and worker.live.held.spec.out_dir == spec.out_dir
-    if worker.generation is not None and not resuming_live:
+    if resuming_live:
+        pass  # the held training's memory stays; the /imagine jobs in between keep their graphs
+    elif worker.models is not None:
+        worker.models.release_generation_memory()  # every resident model's CUDA graph pools: training needs room
+    elif worker.generation is not None:
         worker.generation.release_memory()  # the CUDA graphs' pools: lets the training fit a 12 GB card
     cache_dir = Path(params.get("cache_dir") or worker.data_dir / "cache")
     try:
@@ -464,6 +503,9 @@ def run_train(worker: Worker, job_id: int, params: dict, on_progress, should_sto
             # was suspended point at the old ones.
             worker.generation.release_memory()
     if outcome.status == "done":
+        if worker.resident is not None:  # the concept records the base model it was trained on
+            return protocol.done(job_id, {**outcome.result, "model": worker.resident.name,
+                                          "family": worker.resident.family})
         return protocol.done(job_id, outcome.result)
     if outcome.status == "paused":
         return protocol.paused(job_id, outcome.step, outcome.total)
@@ -625,6 +667,22 @@ def exit_fatal(writer: EventWriter, error: str, detail: str, code: int) -> NoRet
     os._exit(code)
 
 
+def resident_models(args: argparse.Namespace, device: str, writer: EventWriter):
+    """The worker's base models: --models plus --model (the default, named as in --models when listed there, else
+    by its reference). Each model's family is detected from its files now. Returns (ResidentModels, the default's
+    name)."""
+    from trainer.models.resident import ResidentModels, parse_catalog
+
+    catalog = parse_catalog(args.models)
+    default = next((name for name, ref in catalog.items() if ref == args.model), None)
+    if default is None:
+        default = args.model
+        catalog = {default: args.model, **catalog}
+    models = ResidentModels(catalog, device=device, dtype=args.dtype, keep=args.resident)
+    models.survey()
+    return models, default
+
+
 def run(args: argparse.Namespace) -> int:
     events = claim_stdout()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a download's bars would be lines in the bot's log
@@ -637,7 +695,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import torch
 
-        from trainer.models.loading import load_pipeline, pick_device, pick_dtype
+        from trainer.models.loading import pick_device, pick_dtype
 
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -656,27 +714,37 @@ def run(args: argparse.Namespace) -> int:
             stack = check_stack(stamp=Path(args.data_dir) / "cache" / STACK_STAMP)
             if not stack.ok:
                 exit_fatal(writer, f"the installed packages cannot train LoRAs: {stack.problem}", stack.detail, 4)
-            pipe = load_pipeline(args.model, device, args.dtype)
+            models, default_model = resident_models(args, device, writer)
+            pipe = models.get(default_model).pipe
     except Exception as exc:  # noqa: BLE001 - whatever stops the start is reported to the bot, then we exit
         exit_fatal(writer, describe_start_failure(exc, args), "".join(traceback.format_exception(exc)), 3)
     control.loading = False
     model_facts = {}
+    if not args.no_model:
+        model_facts["models"] = models.facts()
     if pipe is not None:
         from trainer.generation.safety import checker_source
         from trainer.generation.service import native_side
         from trainer.models.family import family_of
 
-        model_facts = {"native_side": native_side(pipe), "safety_checker": checker_source(args.model) is not None,
+        model_facts |= {"native_side": native_side(pipe), "safety_checker": checker_source(args.model) is not None,
                        "family": family_of(pipe).name}
     worker = Worker(writer, control, pipe=pipe, device=device, model=None if args.no_model else args.model,
-                    data_dir=Path(args.data_dir), compile_unet=args.compile_unet, train_memory=args.train_memory)
-    if pipe is not None and _warms_up(args.warm_up, device):
+                    data_dir=Path(args.data_dir), compile_unet=args.compile_unet, train_memory=args.train_memory,
+                    models=None if args.no_model else models, default_model=None if args.no_model else default_model)
+    if worker.models is not None:
+        worker.resident = worker.models.get(default_model)
+    pipe = None  # the resident models hold it now: an eviction must be able to free its memory
+    if worker.pipe is not None and _warms_up(args.warm_up, device):
         try:
             print(f"worker: warmed up for /imagine in {worker.warm_up():.1f} s", file=sys.stderr, flush=True)
         except Exception as exc:  # noqa: BLE001 - a failed warm-up only means the first /imagine pays for it
             print(f"worker: the /imagine warm-up failed ({exc}); the first /imagine does it", file=sys.stderr, flush=True)
     writer.send(protocol.ready(describe_device(device), str(dtype).removeprefix("torch."),
                                None if args.no_model else args.model, os.getpid(), **model_facts))
+    if worker.models is not None:
+        # From now on every load and eviction is sent to the bot (`ready` above carried the state so far).
+        worker.models.on_change = lambda: writer.send(protocol.models(worker.models.facts()))
     try:
         worker.serve()
     except BrokenPipeError:

@@ -34,12 +34,16 @@ STREAM_LIMIT = 16 * 1024 * 1024  # longest line we accept (tracebacks in `detail
 
 def worker_command(*, model: str | None, data_dir: Path | str, device: str = "auto", dtype: str = "auto",
                    threads: int | None = None, compile_unet: bool = False, debug: bool = False,
-                   train_memory: str = "auto", python: str = sys.executable) -> list[str]:
+                   train_memory: str = "auto", models: dict[str, str] | None = None, resident: int = 1,
+                   python: str = sys.executable) -> list[str]:
     """The argv that starts the worker; `model=None` starts one without a base model (selftest jobs only).
-    `debug`: the libraries' own warnings and progress bars reach the log too (trainer/quiet.py)."""
+    `models`: every base model jobs may name (name -> reference, the default included), `resident`: how many may
+    stay loaded. `debug`: the libraries' own warnings and progress bars reach the log too (trainer/quiet.py)."""
     argv = [python, "-m", "trainer", "worker", "--data-dir", str(Path(data_dir).resolve()),
             "--device", device, "--dtype", dtype]
     argv += ["--no-model"] if model is None else ["--model", model]
+    if model is not None and models:
+        argv += ["--models", ",".join(f"{name}={ref}" for name, ref in models.items()), "--resident", str(resident)]
     if threads:
         argv += ["--threads", str(threads)]
     if compile_unet:
@@ -81,6 +85,7 @@ class WorkerClient:
         self.cancel_grace_s = cancel_grace_s
         self.stop_grace_s = stop_grace_s
         self.ready_info: dict | None = None  # the last `ready` event
+        self.models_info: list[dict] | None = None  # the worker's base models: `ready`'s, then each `models` event
         self.last_fatal: dict | None = None  # the last `fatal` event (the worker could not start)
         self.last_prefill: dict | None = None  # the last `prefill` event (class images made while idle)
         self.starts = 0  # how many worker processes were launched
@@ -100,6 +105,7 @@ class WorkerClient:
         """The worker the settings describe, on `device` (default: BOOTHBOT_DEVICE)."""
         return cls(worker_command(model=settings.model, data_dir=settings.data_dir, device=device or settings.device,
                                   dtype=settings.dtype, compile_unet=settings.compile_unet,
+                                  models=settings.base_models, resident=settings.resident_models,
                                   train_memory=settings.train_memory, debug=settings.log_level == "DEBUG"), **kwargs)
 
     @property
@@ -328,8 +334,11 @@ class WorkerClient:
     def _route(self, event: dict) -> None:
         metrics.worker_event(self.label, event)
         kind = event.get("event")
-        if kind == "ready":
+        if kind == "models":
+            self.models_info = event["models"]
+        elif kind == "ready":
             self.ready_info = event
+            self.models_info = event.get("models", self.models_info)
             self.last_fatal = None
             log.info("GPU worker ready: device %s, dtype %s, model %s, pid %s",
                      event["device"], event["dtype"], event["model"], event["pid"])

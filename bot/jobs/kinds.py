@@ -25,6 +25,8 @@ CONCEPT_GONE = "The concept for this training was deleted before it ran."
 IMAGINE_INTERRUPTED = "The bot restarted while this was running; please run /imagine again."
 TRAIN_INTERRUPTED = ("The bot restarted during this training {n} times, so it was stopped; "
                      "please try /train again later, or ask an admin if it keeps happening.")
+MODEL_GONE = ("This job needs the base model {name}, which this bot no longer offers (an admin changed the bot's "
+              "settings). Nothing is lost; it works again once the model is back.")
 UNMEASURED_DURATION_S = 60.0  # a kind's guess until jobs of it have been measured, unless its spec says better
 
 
@@ -88,6 +90,19 @@ def between_slices() -> tuple[str, ...]:
     return tuple(name for name, spec in KINDS.items() if spec.runs_between_slices)
 
 
+def with_model(params: dict, settings: Settings) -> dict:
+    """The job's base model as the worker wants it: named when it is not the worker's default (a worker started with
+    --model alone knows no names); UserError when the bot no longer offers it."""
+    name = params.get("model")
+    if name is None:
+        return params
+    if name not in settings.base_models:
+        raise UserError(MODEL_GONE.format(name=name))
+    if name == settings.default_model_name:
+        return {key: value for key, value in params.items() if key != "model"}
+    return params
+
+
 def preview_path(job: Job, context: KindContext) -> str:
     return str(Path(context.settings.data_dir).resolve() / "previews" / f"{job.id}.webp")
 
@@ -100,7 +115,7 @@ async def train_params(job: Job, context: KindContext) -> dict:
         raise UserError(CONCEPT_GONE)
     concept_dir = Path(context.concepts.concept_dir(concept.id)).resolve()
     data_dir = Path(context.settings.data_dir).resolve()
-    return {**job.params, "concept_id": concept.id, "token": concept.token,
+    return {**with_model(job.params, context.settings), "concept_id": concept.id, "token": concept.token,
             "class_name": concept.class_name, "style": bool(concept.style),
             "photos_dir": str(concept_dir / "photos"), "out_dir": str(concept_dir),
             "cache_dir": str(data_dir / "cache"), "slice_s": context.settings.train_slice_s,
@@ -109,7 +124,8 @@ async def train_params(job: Job, context: KindContext) -> dict:
 
 
 async def keep_trained(job: Job, result: dict, context: KindContext) -> None:
-    await context.concepts.mark_ready(job.params["concept_id"], result["lora"], result.get("lora_kohya"))
+    await context.concepts.mark_ready(job.params["concept_id"], result["lora"], result.get("lora_kohya"),
+                                      base_family=result.get("family"))
 
 
 register(KindSpec(
@@ -123,10 +139,14 @@ register(KindSpec(
 
 async def imagine_params(job: Job, context: KindContext) -> dict:
     usable = await context.concepts.usable(job.guild_id, job.owner_id)  # others' private concepts: plain text
+    model = job.params.get("model") or context.settings.default_model_name
+    # Only LoRAs of the job's base model fit its pipeline; a concept of another model is plain text here.
     concepts = [{"concept_id": c.id, "token": c.token, "class_name": c.class_name,
-                 "lora_path": c.lora_path, "weight": 1.0} for c in usable if c.lora_path]
+                 "lora_path": c.lora_path, "weight": 1.0} for c in usable
+                if c.lora_path and (c.base_model or context.settings.default_model_name) == model]
     out_dir = Path(context.settings.data_dir).resolve() / "images" / str(job.id)
-    return {"safety": context.settings.safety, **job.params, "concepts": concepts, "out_dir": str(out_dir),
+    return {"safety": context.settings.safety, **with_model(job.params, context.settings), "concepts": concepts,
+            "out_dir": str(out_dir),
             "job_id": job.id, "preview_path": preview_path(job, context)}
 
 
@@ -145,7 +165,8 @@ def imagine_batch_key(params: dict) -> tuple | None:
                    "scheduler": str(params.get("scheduler") or SCHEDULERS[0]).strip().lower()}
     except (TypeError, ValueError):
         return None
-    return batching.batch_key(options, variation=bool(params.get("init_image")))
+    key = batching.batch_key(options, variation=bool(params.get("init_image")))
+    return None if key is None else (params.get("model"), *key)  # one denoising loop runs on one base model
 
 
 def image_count(params: dict) -> int:

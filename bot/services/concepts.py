@@ -47,6 +47,8 @@ class Concept:
     created_at: float
     error: str | None = None  # why training failed
     photos_deleted_at: float | None = None  # when photo retention (bot/services/retention.py) deleted the uploads
+    base_model: str | None = None  # the name of the base model it was trained on (None: the bot's default model)
+    base_family: str | None = None  # that model's family ("sd1" | "sdxl"), once known
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Concept:
@@ -54,7 +56,8 @@ class Concept:
                    class_name=row["class_name"], style=bool(row["style"]), status=row["status"],
                    shared=bool(row["shared"]), job_id=row["job_id"], photo_count=row["photo_count"],
                    lora_path=row["lora_path"], lora_kohya_path=row["lora_kohya_path"], created_at=row["created_at"],
-                   error=row["error"], photos_deleted_at=row["photos_deleted_at"])
+                   error=row["error"], photos_deleted_at=row["photos_deleted_at"], base_model=row["base_model"],
+                   base_family=row["base_family"])
 
 
 def concept_dir(data_dir: Path, concept_id: int) -> Path:
@@ -111,7 +114,8 @@ class ConceptService:
     # --- changes ----------------------------------------------------------------------------------------------------
 
     async def create(self, guild_id: int, owner_id: int, token: str, class_name: str,
-                     style: bool = False) -> Concept:
+                     style: bool = False, *, base_model: str | None = None,
+                     base_family: str | None = None) -> Concept:
         """Register a concept in training and give it an empty directory.
 
         UserError if the token names another live concept on this server; a failed one of the same owner is
@@ -137,8 +141,9 @@ class ConceptService:
                                     "pick another word.")
             await touch_member(db, guild_id, owner_id, now)
             concept_id = await db.insert(
-                "INSERT INTO concepts (guild_id, owner_id, token, class_name, style, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)", (guild_id, owner_id, token, class_name, int(style), now, now))
+                "INSERT INTO concepts (guild_id, owner_id, token, class_name, style, base_model, base_family,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (guild_id, owner_id, token, class_name, int(style), base_model, base_family, now, now))
             concept = await self.get(concept_id)
         if replaced is not None:
             await remove_tree(self.concept_dir(replaced))
@@ -198,11 +203,14 @@ class ConceptService:
         await db.execute("UPDATE concepts SET status = 'deleted', shared = 0, deleted_at = ?, updated_at = ?"
                          " WHERE id = ?", (now, now, concept.id))
 
-    async def mark_ready(self, concept_id: int, lora_path: str, lora_kohya_path: str | None) -> bool:
-        """Training finished. False (and its files removed) if the concept was deleted meanwhile."""
+    async def mark_ready(self, concept_id: int, lora_path: str, lora_kohya_path: str | None, *,
+                         base_family: str | None = None) -> bool:
+        """Training finished (`base_family`: the family of the model it ran on, as the worker reported it). False
+        (and its files removed) if the concept was deleted meanwhile."""
         changed = await self.store.execute(
-            "UPDATE concepts SET status = 'ready', lora_path = ?, lora_kohya_path = ?, error = NULL, updated_at = ?"
-            " WHERE id = ? AND status = 'training'", (lora_path, lora_kohya_path, self.clock(), concept_id))
+            "UPDATE concepts SET status = 'ready', lora_path = ?, lora_kohya_path = ?, error = NULL, updated_at = ?,"
+            " base_family = COALESCE(?, base_family) WHERE id = ? AND status = 'training'",
+            (lora_path, lora_kohya_path, self.clock(), base_family, concept_id))
         if not changed:
             await self._clean_if_gone(concept_id)
         return changed == 1

@@ -39,7 +39,8 @@ async def check_training(services: Services, *, guild_id: int, member_id: int, r
     normalised (token, class_name, style, recipe)."""
     await services.ledger.check_submit("train", member_id, guild_id, role_ids=list(role_ids))
     recipe = {**checked_params(TRAIN_RECIPE), **checked_params(options or {}, by_member=True)}
-    token = tokens.check_token(token, tokens.model_vocab(services.settings.model))
+    model = await training_model(services, guild_id)
+    token = tokens.check_token(token, tokens.model_vocab(model.ref))
     class_name = intake.normalise_class(class_name)
     style = bool(style) or intake.class_kind(class_name) == "style"
     existing = await services.concepts.by_token(guild_id, token)
@@ -49,6 +50,16 @@ async def check_training(services: Services, *, guild_id: int, member_id: int, r
                             f"`/concepts delete {existing.token}` to train it again.")
         raise UserError(f"The token {existing.token} is already taken on this server; pick another made-up word.")
     return token, class_name, style, recipe
+
+
+async def training_model(services: Services, guild_id: int):
+    """The base model a /train on this server uses (the server's default); UserError when the worker found it
+    unusable (its files missing or of an unsupported kind)."""
+    model = await services.base_models.for_training(guild_id)
+    if model.problem:
+        raise UserError(f"This server's base model {model.name} can't be used right now, so training can't start: "
+                        f"{model.problem[:600]}. An admin can pick another one with `/queue admin model`.")
+    return model
 
 
 async def submit_training(services: Services, *, guild_id: int, member_id: int, channel_id: int | None,
@@ -90,12 +101,14 @@ async def _take_in_and_queue(services: Services, work_dir: Path, *, guild_id, me
     if not report.ok:
         raise UserError(report.summary())
 
-    concept = await services.concepts.create(guild_id, member_id, token, class_name, style)
+    model = await training_model(services, guild_id)
+    concept = await services.concepts.create(guild_id, member_id, token, class_name, style, base_model=model.name,
+                                             base_family=model.family.name if model.family else None)
     try:
         photos_dir = services.concepts.concept_dir(concept.id) / "photos"
         await asyncio.to_thread(report.save, photos_dir)
         params = {**recipe, "concept_id": concept.id, "token": concept.token, "class_name": class_name,
-                  "style": bool(style), "seed": secrets.randbelow(2**31)}
+                  "style": bool(style), "seed": secrets.randbelow(2**31), "model": model.name}
         job = await services.ledger.submit("train", member_id, guild_id, channel_id, params, role_ids=role_ids)
         await services.concepts.attach_job(concept.id, job.id, photo_count=len(report.accepted))
     except BaseException:
@@ -154,18 +167,35 @@ async def submit_imagine(services: Services, *, guild_id: int, member_id: int, c
                             concept.status == "training" else
                             f"The training of {concept.token} failed, so it can't be used yet. "
                             f"Run /train with the token {concept.token} again to retry.")
-    ready_info = services.worker.ready_info
-    width, height = check_against_model(ready_info, width=width, height=height, safety=safety, size=size)
     params = {"prompt": prompt, "negative": negative or "", "seed": seed, "steps": steps, "cfg": cfg,
-              "width": width, "height": height, "count": count, "upload_limit": upload_limit, "safety": safety,
-              "size": size if ready_info is None and not (width or height) else None}
+              "width": width, "height": height, "count": count, "upload_limit": upload_limit, "safety": safety}
     if init_image is not None:
         params.update(init_image=str(init_image), strength=strength if strength is not None else VARIATION_STRENGTH)
     params = {k: v for k, v in params.items() if v is not None}
     # The same checks the worker will run (options, tokens, <lora:> tags); the paths are filled in at run time.
-    ImagineRequest.from_params({
+    request = ImagineRequest.from_params({
         **params, "out_dir": str(Path(services.settings.data_dir) / "images" / "check"),
         "concepts": [{"concept_id": c.id, "token": c.token, "class_name": c.class_name} for c in usable]})
+    used_ids = {use.concept.concept_id for use in request.parsed.uses}
+    used = [c for c in usable if c.id in used_ids]
+    model = await services.base_models.for_prompt(guild_id, used)  # the concepts' model, else the server's
+    if model.problem:
+        raise UserError(f"The base model {model.name} can't be used right now: {model.problem[:600]}. "
+                        "An admin can see the models with `/queue admin models`.")
+    ready = services.worker.ready_info
+    if ready is not None and ready.get("model") != model.ref:  # not the model `ready` describes: its own facts
+        ready = dict(ready)
+        if model.native_side is not None:
+            ready["native_side"] = model.native_side
+        if model.family is not None:
+            ready["family"] = model.family.name
+    width, height = check_against_model(ready, width=width, height=height, safety=safety, size=size)
+    params.update({k: v for k, v in (("width", width), ("height", height)) if v is not None})
+    if ready is None and size is not None and not (width or height):
+        params["size"] = size  # no worker was ready yet: the worker turns the shape into its family's size
+    params["model"] = model.name
+    if used:
+        params["model_for"] = [c.token for c in used]  # the reply says which concepts chose the model
     job = await services.ledger.submit("imagine", member_id, guild_id, channel_id, params, role_ids=role_ids)
     await services.job_submitted(job)
     return job

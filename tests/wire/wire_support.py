@@ -46,7 +46,9 @@ class Booth:
         # One torch thread: the worker shares 2 CI cores with this process, and torch's spinning thread pool slows
         # down many times over when the cores are oversubscribed.
         workers = [WorkerClient(worker_command(model=self.settings.model, data_dir=self.settings.data_dir,
-                                               device=device, dtype=self.settings.dtype, threads=1))
+                                               device=device, dtype=self.settings.dtype, threads=1,
+                                               models=self.settings.base_models,
+                                               resident=self.settings.resident_models))
                    for device in local_devices(self.settings)]  # BOOTHBOT_WORKERS=local:cpu,cpu: two lanes
         self.services = await start_services(self.settings, workers=workers)
         if with_discord:

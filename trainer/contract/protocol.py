@@ -26,7 +26,7 @@ KINDS = tuple(JobKind)
 REQUESTS = ("run", "run_many", "cancel", "yield", "prefill", "shutdown")
 # Kinds a `run_many` may hold: jobs that can share one denoising loop. The worker answers one end event per job.
 BATCH_KINDS = (JobKind.IMAGINE,)
-EVENTS = ("ready", "progress", "paused", "done", "cancelled", "failed", "prefill", "fatal")
+EVENTS = ("ready", "progress", "paused", "done", "cancelled", "failed", "prefill", "fatal", "models")
 # Events after which the worker has finished with a job (for now: `paused` hands control back until the next run).
 TERMINAL_EVENTS = ("done", "cancelled", "failed")
 JOB_END_EVENTS = TERMINAL_EVENTS + ("paused",)
@@ -46,6 +46,7 @@ _REQUIRED = {
     ("event", "failed"): ("job_id", "error"),
     ("event", "prefill"): ("state",),
     ("event", "fatal"): ("error",),
+    ("event", "models"): ("models",),
 }
 
 
@@ -120,12 +121,15 @@ def shutdown() -> dict:
 
 # --- events (worker -> bot) ---
 def ready(device: str, dtype: str, model: str | None, pid: int, *, native_side: int | None = None,
-          safety_checker: bool | None = None, family: str | None = None) -> dict:
+          safety_checker: bool | None = None, family: str | None = None, models: list[dict] | None = None) -> dict:
     """`native_side`: the model's training resolution, from which the allowed /imagine sizes follow
     (imagine_request.check_size); `safety_checker`: whether the model has one the safety filter can use;
     `family`: the model's family name (trainer/contract/families.py: "sd1" | "sdxl"). All None without a model."""
-    return {"event": "ready", "device": device, "dtype": dtype, "model": model, "pid": pid,
-            "native_side": native_side, "safety_checker": safety_checker, "family": family}
+    event = {"event": "ready", "device": device, "dtype": dtype, "model": model, "pid": pid,
+             "native_side": native_side, "safety_checker": safety_checker, "family": family}
+    if models is not None:  # the base models jobs may name (`models` below); the default model's facts are above
+        event["models"] = models
+    return event
 
 
 def progress(job_id: int, step: int, total: int, eta_s: float | None = None, loss: float | None = None,
@@ -160,6 +164,12 @@ def prefill_state(state: str, *, class_name: str | None = None, done: int = 0, c
     """`state`: "progress" (class_name: done/count images), "complete" (every set asked for is ready) or "stopped"
     (another request came first)."""
     return {"event": "prefill", "state": state, "class_name": class_name, "done": done, "count": count}
+
+
+def models(entries: list[dict]) -> dict:
+    """The worker's base models changed (one was loaded or evicted): `entries` as in `ready`'s "models", one
+    {"name", "ref", "family", "resident", "problem"} per model the worker may load."""
+    return {"event": "models", "models": entries}
 
 
 def fatal(error: str, detail: str = "") -> dict:
