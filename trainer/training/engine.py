@@ -8,8 +8,9 @@ or `should_stop()` turns true (→ "cancelled"), and always leaves the pipeline 
 trainer/training/lora_scope.py). With `checkpoint_s` it also writes a crash checkpoint that often without stopping
 (trainer/training/periodic_checkpoint.py). With `live` (the worker's LiveTrainings) a paused training stays
 resident, its adapter off, and the next call for it goes on from memory (trainer/training/live.py). Calling it again
-with the same spec resumes from the checkpoint; the result is identical to an uninterrupted run (same hardware, same seed). A finished
-training removes its checkpoint and records its result in out_dir/training.json, which answers a repeated call.
+with the same spec resumes from the checkpoint; the result is identical to an uninterrupted run (same hardware, same
+seed). A finished training removes its checkpoint and records its result in out_dir/training.json, which answers a
+repeated call.
 
 The recipe and where each default comes from: docs/TRAINING.md.
 """
