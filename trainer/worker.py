@@ -485,23 +485,33 @@ def run_train(worker: Worker, job_id: int, params: dict, on_progress, should_sto
     checkpointing = gradient_checkpointing_for(worker.train_memory, worker.pipe)
     spec = TrainSpec.from_params({"gradient_checkpointing": checkpointing, **params})
     resuming_live = worker.live.held is not None and worker.live.held.spec.out_dir == spec.out_dir
-    if resuming_live:
-        pass  # the held training's memory stays; the /imagine jobs in between keep their graphs
-    elif worker.models is not None:
-        worker.models.release_generation_memory()  # every resident model's CUDA graph pools: training needs room
-    elif worker.generation is not None:
-        worker.generation.release_memory()  # the CUDA graphs' pools: lets the training fit a 12 GB card
+    adapters_added = []
+
+    def before_adapters() -> None:
+        # The CUDA graphs' pools: lets the training fit a 12 GB card. Not before the class images, which run beside
+        # them as a prefill does: a training that yields while making them keeps /imagine's graphs.
+        adapters_added.append(True)
+        if worker.models is not None:
+            worker.models.release_generation_memory()  # every resident model's graph pools
+        elif worker.generation is not None:
+            worker.generation.release_memory()
+
     cache_dir = Path(params.get("cache_dir") or worker.data_dir / "cache")
+    outcome = None
     try:
         outcome = train_concept(worker.pipe, spec, cache_dir=cache_dir, on_progress=on_progress,
                                 should_stop=should_stop, slice_s=params.get("slice_s"),
                                 should_yield=worker.control.should_yield(job_id),
-                                checkpoint_s=params.get("checkpoint_s"), live=worker.live)
+                                checkpoint_s=params.get("checkpoint_s"), live=worker.live,
+                                before_adapters=before_adapters)
     finally:
-        if worker.generation is not None and worker.live.held is None:
+        trained = adapters_added or resuming_live
+        if worker.generation is not None and worker.live.held is None and (trained or outcome is None):
             # Ending the training moved the UNet's weights back to generation's layout: graphs captured while it
             # was suspended point at the old ones.
             worker.generation.release_memory()
+    if outcome.run is not None:
+        print(f"worker: job {job_id}: {describe_run(outcome)}", file=sys.stderr, flush=True)
     if outcome.status == "done":
         if worker.resident is not None:  # the concept records the base model it was trained on
             return protocol.done(job_id, {**outcome.result, "model": worker.resident.name,
@@ -512,6 +522,14 @@ def run_train(worker: Worker, job_id: int, params: dict, on_progress, should_sto
     if outcome.status == "cancelled":
         return protocol.cancelled(job_id)
     raise RuntimeError(f"train_concept returned an unknown status {outcome.status!r}")
+
+
+def describe_run(outcome) -> str:
+    """One line per training run for the log: where it went on from and what its setup and its steps cost."""
+    run = outcome.run
+    where = "started" if run["from"] == "start" else f"resumed from {run['from']}"
+    return (f"{where} at step {run['first_step']}; setup {run['setup_s']:.2f} s, steps {run['steps']} in "
+            f"{run['steps_s']:.2f} s; {outcome.status} at step {outcome.step}/{outcome.total}")
 
 
 def run_imagine(worker: Worker, job_id: int, params: dict, on_progress, should_stop) -> dict:

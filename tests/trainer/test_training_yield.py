@@ -70,6 +70,8 @@ def test_a_yielded_training_goes_on_from_memory_and_imagine_in_between_is_untouc
                          on_progress=lambda info: steps.append(info.step))
     assert done.status == "done" and live.resumed == 1 and live.held is None
     assert steps[0] == 3  # went on from step 2 (the checkpoint file was not needed)
+    assert paused.run["from"] == "start" and (done.run["from"], done.run["first_step"], done.run["steps"]) == (
+        "memory", 2, STEPS - 2)
     _same_lora(whole.result["lora"], done.result["lora"])
     assert _imagine(service, tmp_path / "after")[0].shape == untouched[0].shape
 
@@ -149,3 +151,28 @@ def test_a_held_training_another_lane_went_on_with_resumes_from_the_newer_file(t
     done = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, on_progress=lambda info: steps.append(info.step))
     assert done.status == "done" and live.held is None
     assert steps[0] == 2  # on from the file's step 1, not from memory's step 2
+
+
+def test_a_training_asked_to_yield_during_its_class_images_pauses_and_the_next_run_makes_the_rest(tiny_pipeline,
+                                                                                                  tmp_path):
+    """Someone waits while the class images are still being made: the training stops at the next image batch (on
+    CPU: two images a batch), keeps the images made so far in the shared cache, and the next run makes only the
+    rest and trains to the LoRA of an uninterrupted run."""
+    photos = write_noise_photos(tmp_path / "photos", 3)
+    recipe = dict(FROM_FILE, class_images=5)
+    whole = train_concept(tiny_pipeline, make_spec(photos, tmp_path / "whole", **recipe), cache_dir=tmp_path / "c1")
+
+    cache, live, asked = tmp_path / "c2", LiveTrainings(), []
+    spec = make_spec(photos, tmp_path / "yielded", **recipe)
+    paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live,
+                           should_yield=lambda: asked.append(True) or True)
+    assert (paused.status, paused.step) == ("paused", 0) and asked
+    [class_dir] = (cache / "priors").iterdir()
+    assert sorted(p.name for p in class_dir.iterdir()) == ["000.png", "001.png"]  # one batch, not yet complete
+
+    made = []
+    done = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live,
+                         on_progress=lambda info: made.append(info.step) if info.stage == "class_images" else None)
+    assert done.status == "done"
+    assert made == [2, 4, 5]  # went on from the two images on disk
+    _same_lora(whole.result["lora"], done.result["lora"])

@@ -2,14 +2,15 @@
 
 `train_concept(pipe, spec, cache_dir=...)` is what the GPU worker, the CLI and the tests call. One call runs one
 slice: it prepares (class images, cached latents and text embeddings), trains until the job is finished,
-`should_yield()` turns true (someone waits for the GPU) or the slice's time (an upper bound, off by default) is up
-(→ "paused", with a checkpoint under out_dir/checkpoint/) or `should_stop()` turns true (→ "cancelled"), and always
-leaves the pipeline as it found it (see trainer/training/lora_scope.py). With `checkpoint_s` it also writes a crash
-checkpoint that often without stopping (trainer/training/periodic_checkpoint.py). With `live` (the worker's
-LiveTrainings) a paused training stays resident, its adapter off, and the next call for it goes on from memory
-(trainer/training/live.py). Calling it again with the same spec
-resumes from the checkpoint; the result is identical to an uninterrupted run (same hardware, same seed). A finished
-training removes its checkpoint and records its result in out_dir/training.json, which answers a repeated call.
+`should_yield()` turns true (someone waits for the GPU; while class images are made: at the next batch of them) or
+the slice's time (an upper bound, off by default) is up (→ "paused", with a checkpoint under out_dir/checkpoint/)
+or `should_stop()` turns true (→ "cancelled"), and always leaves the pipeline as it found it (see
+trainer/training/lora_scope.py). With `checkpoint_s` it also writes a crash checkpoint that often without stopping
+(trainer/training/periodic_checkpoint.py). With `live` (the worker's LiveTrainings) a paused training stays
+resident, its adapter off, and the next call for it goes on from memory (trainer/training/live.py). Calling it again
+with the same spec resumes from the checkpoint; the result is identical to an uninterrupted run (same hardware, same
+seed). A finished training removes its checkpoint and records its result in out_dir/training.json, which answers a
+repeated call.
 
 The recipe and where each default comes from: docs/TRAINING.md.
 """
@@ -21,7 +22,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from trainer.contract.errors import UserError
@@ -71,6 +72,7 @@ class TrainOutcome:
     step: int
     total: int
     result: dict | None = None
+    run: dict | None = None  # what this call did (_Slice.run_summary), for the worker's log; None: nothing ran
 
 
 @dataclass
@@ -124,8 +126,10 @@ def _prepare_job(pipe, spec: TrainSpec, cache_dir: Path) -> _Job:
 
 def train_concept(pipe, spec: TrainSpec, *, cache_dir: Path, on_progress=None, should_stop=None,
                   slice_s: float | None = None, should_yield=None, checkpoint_s: float | None = None,
-                  live=None) -> TrainOutcome:
-    """Run one slice of `spec`'s training on `pipe`; see the module docstring. Raises UserError for bad inputs."""
+                  live=None, before_adapters=None) -> TrainOutcome:
+    """Run one slice of `spec`'s training on `pipe`; see the module docstring. Raises UserError for bad inputs.
+    `before_adapters()` is called once the class images are ready, right before the LoRA adapters are added (the
+    worker frees generation's memory there, not before the class images, which do not need it)."""
     started = time.monotonic()
     slice_s = spec.slice_s if slice_s is None else slice_s
     deadline = started + slice_s if slice_s and slice_s > 0 else None
@@ -136,8 +140,10 @@ def train_concept(pipe, spec: TrainSpec, *, cache_dir: Path, on_progress=None, s
     job = _prepare_job(pipe, spec, Path(cache_dir))
     if live is not None:
         held = live.take(job.fingerprint)
-        if held is not None and _written_since(held):
-            held.close()  # another worker (lane) trained it further after the yield: its file is newer than memory
+        if held is not None and (Path(held.spec.out_dir) != Path(spec.out_dir) or _written_since(held)):
+            # Its files are elsewhere now (a Ray actor gives every request its own directory), or another worker
+            # (lane) trained it further after the yield: its file is newer than memory. Go on from the file.
+            held.close()
         elif held is not None:
             return held.resume(started, deadline, on_progress, should_stop, should_yield, live)
         live.drop()  # another training's state: this one needs the memory
@@ -152,7 +158,7 @@ def train_concept(pipe, spec: TrainSpec, *, cache_dir: Path, on_progress=None, s
         checkpoint.remove(spec.out_dir)
         return TrainOutcome("cancelled", _step_of(state), job.total)
     return _Slice(pipe, job, state, started, deadline, on_progress, should_stop, should_yield,
-                  PeriodicCheckpoint(spec.out_dir, checkpoint_s)).run(live)
+                  PeriodicCheckpoint(spec.out_dir, checkpoint_s), before_adapters).run(live)
 
 
 def _written_since(held: "_Slice") -> bool:
@@ -186,7 +192,7 @@ def _write_finished(out_dir: Path, fingerprint: str, result: dict) -> None:
 
 class _Slice:
     def __init__(self, pipe, job: _Job, state, started, deadline, on_progress, should_stop, should_yield,
-                 checkpoints: PeriodicCheckpoint):
+                 checkpoints: PeriodicCheckpoint, before_adapters=None):
         import torch
 
         self.pipe, self.job, self.spec, self.state = pipe, job, job.spec, state
@@ -194,6 +200,7 @@ class _Slice:
         self.timings: dict[str, float] = {}  # seconds per phase of this slice (logged, and in the result)
         self.on_progress, self.should_stop, self.should_yield = on_progress, should_stop, should_yield
         self.checkpoints = checkpoints
+        self.before_adapters = before_adapters or (lambda: None)
         self.device = pipe.unet.device
         self.dtype = pipe.unet.dtype
         self.step = _step_of(state)
@@ -205,6 +212,10 @@ class _Slice:
         self.trainer: StepRunner | None = None
         self.training_rng: dict | None = None  # the global RNG states while suspended (live)
         self.live = None
+        self.origin = "file" if state else "start"  # where this call's run went on from: start, file or memory
+        self.first_step = self.step  # this call's
+        self.steps_s = 0.0  # this call's steps (GPU work included)
+        self.setup_s: float | None = None  # this call's time before its first step
 
     # ---------------------------------------------------------------- orchestration
     def run(self, live=None) -> TrainOutcome:
@@ -222,6 +233,7 @@ class _Slice:
 
         self.started, self.deadline, self.live = started, deadline, live
         self.on_progress, self.should_stop, self.should_yield = on_progress, should_stop, should_yield
+        self.origin, self.first_step, self.steps_s, self.setup_s = "memory", self.step, 0.0, None
         with self._session(self.training_rng):
             resume(self.scope)
             return self._leave(self._train_and_end)
@@ -235,6 +247,7 @@ class _Slice:
         except BaseException:
             self.close()
             raise
+        outcome = replace(outcome, run=self.run_summary())
         if outcome.status == "paused" and self.live is not None and self.trainer is not None:
             suspend(self.scope)
             self.training_rng = checkpoint.capture_global_rng()
@@ -286,6 +299,7 @@ class _Slice:
         with self._phase("inputs"):
             inputs = self._inputs()
         with self._phase("adapters"):
+            self.before_adapters()
             scope.add_adapters(self.spec.rank, self.spec.train_text_encoder, seed=self.spec.seed)
             if self.spec.gradient_checkpointing:
                 scope.enable_gradient_checkpointing()
@@ -298,11 +312,21 @@ class _Slice:
         return self._train_and_end()
 
     def _train_and_end(self) -> TrainOutcome:
+        began = time.monotonic()
+        self.setup_s = began - self.started
         with self._phase("steps", sync=True):
             status = self._train(self.trainer)
+        self.steps_s = time.monotonic() - began
         if status != "done":
             return self._stop(status, self.trainer)
         return self._finish(self.scope, self.trainer)
+
+    def run_summary(self) -> dict:
+        """This call's run: where it went on from, at which step, its setup (class images, inputs, adapters, or
+        nothing when resumed from memory) and its steps."""
+        setup_s = self.setup_s if self.setup_s is not None else time.monotonic() - self.started
+        return {"from": self.origin, "first_step": self.first_step, "setup_s": round(setup_s, 3),
+                "steps": self.step - self.first_step, "steps_s": round(self.steps_s, 3)}
 
     def _ensure_class_images(self) -> str:
         class_set = self.job.class_set
@@ -324,7 +348,7 @@ class _Slice:
         wide = 4 if family_of(self.pipe).extra_conditioning else 8
         batch = wide if self.device.type == "cuda" else 2
         return class_set.ensure(self.pipe, batch_size=batch, deadline=self.deadline, should_stop=self.should_stop,
-                                on_image=report)
+                                should_yield=self.should_yield, on_image=report)
 
     def _inputs(self) -> dict:
         """Latents of the photos (and mirrors), prompt token ids and, unless the text encoder trains, embeddings;

@@ -3,8 +3,8 @@
 The cache lives under cache_dir/priors/<key>/ where the key hashes (base model weights, class prompt, resolution,
 count, how the images are made). It holds NNN.png, latents.safetensors (VAE latents of each image and its mirror) and
 info.json, written last, which marks the set complete. Generation is resumable image by image: each image has its own
-seed and is renamed into place when written, so a slice that runs out of time, a crash or two workers racing on the
-same class only ever leave whole images behind, and finishing the set later gives the same images.
+seed and is renamed into place when written, so a training that yields or runs out of time, a crash or two workers
+racing on the same class only ever leave whole images behind, and finishing the set later gives the same images.
 """
 from __future__ import annotations
 
@@ -61,16 +61,20 @@ class ClassImageSet:
     def missing(self) -> list[int]:
         return [i for i in range(self.count) if not self.image_path(i).is_file()]
 
-    def ensure(self, pipe, *, batch_size: int, deadline: float | None, should_stop, on_image=None) -> str:
-        """Generate what is missing and encode the latents. Returns "complete", "paused" (deadline) or "cancelled".
+    def ensure(self, pipe, *, batch_size: int, deadline: float | None, should_stop, should_yield=None,
+               on_image=None) -> str:
+        """Generate what is missing and encode the latents. Returns "complete", "paused" (the deadline passed, or
+        `should_yield()` turned true at a batch boundary: someone waits for the GPU) or "cancelled".
 
-        At least one batch is generated per call even past the deadline, so slicing always makes progress.
+        At least one batch is generated per call even past the deadline or when asked to yield, so a training that
+        yields always makes progress.
         """
         if self.complete:
             return "complete"
         self.directory.mkdir(parents=True, exist_ok=True)
         with unet_graphs(pipe) as graphs:  # every batch has the same shape: captured once
-            status = self._generate_missing(pipe, batch_size, deadline, should_stop, on_image, graphs)
+            status = self._generate_missing(pipe, batch_size, deadline, should_stop, should_yield or (lambda: False),
+                                            on_image, graphs)
         if status != "complete":
             return status
         self._write_latents(pipe)
@@ -78,7 +82,7 @@ class ClassImageSet:
                                      "recipe": RECIPE, "created": time.time()})
         return "complete"
 
-    def _generate_missing(self, pipe, batch_size, deadline, should_stop, on_image, graphs) -> str:
+    def _generate_missing(self, pipe, batch_size, deadline, should_stop, should_yield, on_image, graphs) -> str:
         generated_any = False
         for start in range(0, self.count, batch_size):
             group = [i for i in range(start, min(start + batch_size, self.count)) if not self.image_path(i).is_file()]
@@ -86,7 +90,7 @@ class ClassImageSet:
                 continue
             if should_stop():
                 return "cancelled"
-            if generated_any and deadline is not None and time.monotonic() >= deadline:
+            if generated_any and (should_yield() or deadline is not None and time.monotonic() >= deadline):
                 return "paused"
             images = generate(pipe, self.prompt, [PRIOR_SEED + i for i in group], self.resolution, graphs=graphs)
             for i, image in zip(group, images):
