@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from bot import metrics
 from bot.dispatch.ray_files import (FileHashes, input_files, megabytes, relative_to_root, write_preview,
                                     write_returned)
 from bot.dispatch.worker_api import ProgressCallback
@@ -151,6 +152,7 @@ class RayWorkerClient:
                 self.label = f"ray:{info.get('host', '?')}/" + (f"gpu{','.join(gpus)}" if gpus else f"cpu{self.index}")
                 log.info("Ray worker ready: %s, device %s, dtype %s, model %s, pid %s", self.label, info["device"],
                          info["dtype"], info["model"], info["pid"])
+                metrics.worker_event(self.label, info)
                 self._ready.set()
                 return
         finally:
@@ -158,6 +160,7 @@ class RayWorkerClient:
 
     def _lost_actor(self, why: str) -> None:
         self._ready.clear()
+        metrics.worker_exited(self.label, restarting=not self._stopping)
         if not self._stopping:
             log.warning("the Ray worker %s died (%s); Ray restarts it, the other workers go on", self.label, why)
             self._come_up()
@@ -269,6 +272,7 @@ class RayWorkerClient:
         if event.get("job_id") not in job_ids:
             return
         if kind in protocol.JOB_END_EVENTS:
+            metrics.worker_event(self.label, event)
             ends.setdefault(event["job_id"], event)
         elif kind == "progress":
             preview_file = event.pop("preview_file", None)

@@ -116,8 +116,6 @@ class WorkerClient:
     def is_ready(self) -> bool:
         return self._ready.is_set()
 
-    label = "local"  # the lane's name in logs and metrics
-
     async def start(self) -> None:
         """Launch the worker and keep it alive in the background; `wait_ready` waits for the model to load."""
         if self._supervisor is None:
