@@ -151,11 +151,12 @@ async def test_two_imagine_jobs_run_at_the_same_time_on_two_actors(lanes, ray_wo
 
 async def test_a_lora_trained_on_one_actor_reaches_the_other_once_and_slices_resend_nothing(lanes, ray_workers):
     trainer_lane, other_lane = lanes.runners
-    lanes.context.settings = replace(lanes.settings, train_slice_s=0.01)  # a slice per step: 4 requests
+    # A slice per step and per batch of class images: several requests, each resuming from the checkpoint
+    lanes.context.settings = replace(lanes.settings, train_slice_s=0.01)
     concept, train = await lanes.train(ALICE, "sid", steps=4)
     sent_before, requests_before = trainer_lane.worker.bytes_sent, trainer_lane.worker.requests
     assert (await trainer_lane.run_next()).id == train.id
-    assert trainer_lane.worker.requests - requests_before == 4
+    assert trainer_lane.worker.requests - requests_before >= 4  # at least one per training step
     trained = await lanes.ledger.get(train.id)
     assert trained.status == "succeeded", trained.error
     ready = await lanes.concepts.get(concept.id)
