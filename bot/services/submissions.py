@@ -82,7 +82,7 @@ async def submit_training(services: Services, *, guild_id: int, member_id: int, 
 
     limits = intake.IntakeLimits(min_photos=settings.min_photos, max_photos=settings.max_photos,
                                  max_photo_bytes=settings.max_photo_mb * 1024 * 1024,
-                                 resolution=photo_resolution(services.worker.ready_info))
+                                 resolution=photo_resolution(services.worker and services.worker.ready_info))
     async with intake_workspace(settings.data_dir) as work_dir:
         return await _take_in_and_queue(services, work_dir, guild_id=guild_id, member_id=member_id,
                                         channel_id=channel_id, role_ids=role_ids, token=token, class_name=class_name,
