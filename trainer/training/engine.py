@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from trainer.contract.errors import UserError
@@ -72,7 +72,9 @@ class TrainOutcome:
     step: int
     total: int
     result: dict | None = None
-    run: dict | None = None  # what this call did (_Slice.run_summary), for the worker's log; None: nothing ran
+    # What this call did (_Slice.run_summary), for the worker's log; None: nothing ran. Not part of the outcome's
+    # equality: two calls with the same outcome differ in their timings.
+    run: dict | None = field(default=None, compare=False)
 
 
 @dataclass
