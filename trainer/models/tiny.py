@@ -76,8 +76,8 @@ def build_tiny_pipeline(seed: int = 0, tokenizer_dir: Path | None = None, family
         raise ValueError(f"no tiny model for family {family!r}: sd1 or sdxl")
 
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = Path(tokenizer_dir or tmp)
@@ -97,35 +97,22 @@ def build_tiny_pipeline(seed: int = 0, tokenizer_dir: Path | None = None, family
         attention_head_dim=4,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=TINY_RESOLUTION,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
-        )
-    )
+    vae = _tiny_vae()
+    text_encoder = CLIPTextModel(_tiny_clip_config(vocab_size))
     scheduler = PNDMScheduler(**SD15_SCHEDULER_CONFIG)
     return StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def _tiny_vae(**extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4,
+                         norm_num_groups=16, sample_size=TINY_RESOLUTION, **extra)
 
 
 def _tiny_clip_config(vocab_size: int, **extra):
@@ -144,7 +131,7 @@ def _build_tiny_sdxl(seed: int, tokenizer_dir: Path | None):
     import tempfile
 
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,17 +160,7 @@ def _build_tiny_sdxl(seed: int, tokenizer_dir: Path | None):
         projection_class_embeddings_input_dim=6 * TINY_TIME_EMBED_DIM + pooled_dim,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=TINY_RESOLUTION,
-        scaling_factor=0.13025,  # SDXL's VAE
-    )
+    vae = _tiny_vae(scaling_factor=0.13025)  # SDXL's VAE
     text_encoder = CLIPTextModel(_tiny_clip_config(vocab_size))
     text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(vocab_size, projection_dim=pooled_dim))
     # SDXL base ships Euler with the SD 1.x betas; the training noise schedule is built from this config.
