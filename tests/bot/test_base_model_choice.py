@@ -5,13 +5,10 @@ model, and /imagine with it runs on that model; concepts of two models are refus
 settings leaves its concepts intact and usable again once it is back."""
 from __future__ import annotations
 
-import io
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import pytest_asyncio
-from PIL import Image
 
 from bot.app import Services
 from bot.dispatch.dispatcher import Dispatcher
@@ -24,24 +21,12 @@ from bot.services.gallery import Gallery
 from bot.services.submissions import submit_imagine, submit_training
 from bot.settings import Settings
 from bot.store.database import Store
+from tests.bot.test_token_reservation import FAST_IMAGINE, FAST_TRAIN, noise_photos
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 GUILD, OTHER_GUILD, CHANNEL = 111111111111111111, 222222222222222222, 5
 ALICE, BOB, ADMIN = 1001, 1002, 9009
-FAST_TRAIN = {"prior_preservation": False, "sample_count": 0, "train_text_encoder": False, "resolution": 64,
-              "steps": 2}
-FAST_IMAGINE = {"steps": 2, "width": 64, "height": 64, "seed": 5}
-
-
-def noise_photos(count: int, seed: int = 0) -> list[tuple[str, bytes]]:
-    photos = []
-    for i in range(count):
-        pixels = np.random.default_rng(seed + i).integers(0, 255, (320, 320, 3), dtype=np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, "PNG")
-        photos.append((f"photo{i}.png", buffer.getvalue()))
-    return photos
 
 
 @pytest.fixture(scope="module")

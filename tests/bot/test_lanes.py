@@ -8,15 +8,11 @@ from dataclasses import replace
 import pytest
 import pytest_asyncio
 
-from bot.dispatch.dispatcher import Dispatcher
 from bot.dispatch.workers import build_workers, first_ready
-from bot.jobs.ledger import Ledger
 from bot.services.admin import AdminService
-from bot.services.concepts import ConceptService
-from bot.services.gallery import Gallery
 from bot.settings import Settings
 from bot.store.database import Store
-from tests.bot.test_dispatcher import ALICE, BOB, Bot, RecordingNotifier
+from tests.bot.test_dispatcher import ALICE, BOB, Bot
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -39,15 +35,7 @@ async def two_workers(tiny_model_dir, tmp_path_factory):
 
 
 class LanesBot(Bot):
-    def __init__(self, settings: Settings, store: Store, workers):
-        self.settings = settings
-        self.store = store
-        self.ledger = Ledger(store, settings=settings)
-        self.concepts = ConceptService(store, settings.data_dir)
-        self.gallery = Gallery(store)
-        self.notifier = RecordingNotifier(self.ledger)
-        self.dispatcher = Dispatcher(settings, self.ledger, self.concepts, self.gallery, workers,
-                                     notifier=self.notifier, poll_s=0.2)
+    """test_dispatcher's Bot, with a list of workers: one dispatcher lane each."""
 
     def lane_running(self, job_id: int):
         return next((lane for lane in self.dispatcher.lanes if lane.runner.current_job_id == job_id), None)
