@@ -171,12 +171,31 @@ def _gradient_checkpointing_on(model) -> bool:
     return False
 
 
+# Non-reentrant checkpointing (autograd's saved-tensor hooks) without saving and restoring the RNG state: nothing in
+# a LoRA step draws random numbers inside the models (no dropout), and reading the CUDA RNG state is not allowed while
+# a CUDA graph is captured, so this is what lets the low-memory step replay from a graph too (trainer/training/graph.py).
+CHECKPOINT_OPTIONS = {"use_reentrant": False, "preserve_rng_state": False}
+
+
+def _checkpointed_call(module, *args):
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(module.__call__, *args, **CHECKPOINT_OPTIONS)
+
+
 def _set_gradient_checkpointing(model, enabled: bool) -> None:
-    # diffusers models and transformers models name these switches differently.
+    # diffusers models and transformers models name these switches differently (transformers 5.2x renamed its own).
     if hasattr(model, "enable_gradient_checkpointing"):
-        model.enable_gradient_checkpointing() if enabled else model.disable_gradient_checkpointing()
+        model.enable_gradient_checkpointing(_checkpointed_call) if enabled else model.disable_gradient_checkpointing()
+    elif hasattr(model, "activation_checkpointing_enable"):
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINT_OPTIONS)
+        else:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINT_OPTIONS)
     else:
-        model.gradient_checkpointing_enable() if enabled else model.gradient_checkpointing_disable()
+        model.gradient_checkpointing_disable()
 
 
 def _layer_states(model) -> dict:

@@ -3,7 +3,8 @@
 - fast: activations kept for the backward pass, the step replayed from a CUDA graph (the fastest; an SDXL training
   at 1024² needs big GPUs for it beside the resident service).
 - low: gradient checkpointing on the trained models: activations recomputed in the backward pass (~30 % more compute
-  per step, no CUDA graph), so SDXL training and serving fit a 24 GB card (docs/TRAINING.md, "Memory").
+  per step; the step is still replayed from a CUDA graph), so SDXL training and serving fit a 24 GB card
+  (docs/TRAINING.md, "Memory").
 - auto (the default): low for SDXL on a GPU with less than AUTO_FAST_GIB of memory in all, fast otherwise. SD 1.x
   fits a 12 GB card in the fast setting.
 

@@ -58,9 +58,9 @@ class StepRunner:
         self.params = self.unet_params + self.te_params
         cuda = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and cuda else None
-        # The grad scaler syncs with the host (inf checks) and checkpointed layers re-draw RNG state in backward:
-        # neither can live in a CUDA graph.
-        use_graph = cuda_graphs and cuda and self.scaler is None and not spec.gradient_checkpointing
+        # The grad scaler syncs with the host (inf checks): it cannot live in a CUDA graph. Checkpointed layers can
+        # (their recompute is more kernels in the backward pass; trainer/training/lora_scope.py CHECKPOINT_OPTIONS).
+        use_graph = cuda_graphs and cuda and self.scaler is None
         # diffusers' train_dreambooth_lora.py AdamW settings; fused kernels on CUDA (one launch for all params);
         # a graph needs the step count on the device (capturable).
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
