@@ -15,6 +15,8 @@ GOALS = {
     "switch_ms": ("ms", 20.0, True, "ref/ours"),
     "peak_vram_gb": ("GB", 10.0, True, "ref/ours"),
 }
+# Issue 13's goals for the SDXL family at 1024² (no throughput goal was set for it).
+FAMILY_GOALS = {"sdxl": {"train_s": 60.0, "imagine_s": 1.0, "throughput_ips": None, "peak_vram_gb": 20.0}}
 LABELS = {
     "train_s": "train one concept (job start -> LoRA saved)",
     "imagine_s": "/imagine 1 image, LoRA active",
@@ -42,10 +44,11 @@ def environment(device: str) -> dict:
     }
 
 
-def comparison_rows(metrics: dict) -> list[dict]:
-    """One row per metric with a goal: {metric, label, unit, reference, ours, ratio, goal, met}."""
+def comparison_rows(metrics: dict, family: str = "sd1") -> list[dict]:
+    """One row per metric: {metric, label, unit, reference, ours, ratio, goal, met}; the goals are the family's."""
     rows = []
     for metric, (unit, goal, lower_better, ratio_reads) in GOALS.items():
+        goal = FAMILY_GOALS.get(family, {}).get(metric, goal)
         pair = metrics.get(metric)
         if pair is None:
             continue
@@ -54,11 +57,12 @@ def comparison_rows(metrics: dict) -> list[dict]:
         if isinstance(ref, (int, float)) and isinstance(ours, (int, float)) and ref > 0 and ours > 0:
             ratio = ref / ours if ratio_reads == "ref/ours" else ours / ref
         met = None
-        if isinstance(ours, (int, float)):
+        if isinstance(ours, (int, float)) and goal is not None:
             met = ours <= goal if lower_better else ours >= goal
         rows.append({"metric": metric, "label": LABELS[metric], "unit": unit, "reference": ref, "ours": ours,
                      "ratio": ratio, "ratio_reads": ratio_reads, "goal": goal,
-                     "goal_reads": ("<= " if lower_better else ">= ") + f"{goal:g}", "met": met,
+                     "goal_reads": "-" if goal is None else ("<= " if lower_better else ">= ") + f"{goal:g}",
+                     "met": met,
                      "note": pair.get("note", "")})
     return rows
 

@@ -435,7 +435,7 @@ def build_report(env: dict, cfg: BenchConfig, bench: Bench) -> dict:
 
     metrics = summarise(bench)
     return {"environment": env, "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
-            "metrics": metrics, "rows": comparison_rows(metrics), "results": bench.results, "errors": bench.errors}
+            "metrics": metrics, "rows": comparison_rows(metrics, cfg.family), "results": bench.results, "errors": bench.errors}
 
 
 def run_bench(cfg: BenchConfig, json_path: Path | None = None) -> dict:

@@ -73,6 +73,15 @@ def test_rows_compute_ratio_in_the_direction_that_reads_as_speedup():
     assert "NVIDIA H100 80GB HBM3" in table and "10.00x" in table and "NO" in table and "engine missing" in table
 
 
+def test_sdxl_rows_are_judged_by_the_sdxl_goals():
+    metrics = {"imagine_s": {"reference": 4.7, "ours": 0.9}, "throughput_ips": {"reference": 0.2, "ours": 1.0}}
+    sd1 = {r["metric"]: r for r in comparison_rows(metrics)}
+    sdxl = {r["metric"]: r for r in comparison_rows(metrics, "sdxl")}
+    assert sd1["imagine_s"]["met"] is False and sdxl["imagine_s"]["met"] is True  # 0.25 s at 512², 1.0 s at 1024²
+    assert sdxl["imagine_s"]["goal_reads"] == "<= 1"
+    assert sdxl["throughput_ips"]["met"] is None and sdxl["throughput_ips"]["goal_reads"] == "-"  # no goal set
+
+
 def test_bench_rejects_unknown_sections_and_full_size_on_cpu():
     with pytest.raises(SystemExit, match="unknown section.*bogus"):
         main(["--tiny", "--only", "imagine,bogus"])
