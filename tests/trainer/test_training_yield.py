@@ -87,7 +87,7 @@ def test_a_held_training_dropped_leaves_the_pipeline_as_found_and_resumes_from_i
     # The class images are cached: the first run's lasting work is the inputs, then it yields; the second goes on
     # from memory and makes at least one step.
     paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=lambda: True)
-    assert (paused.status, paused.step, paused.run["phase"]) == ("paused", 0, "adapters")
+    assert (paused.status, paused.step, paused.run.get("phase")) == ("paused", 0, "adapters")
     paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=lambda: True)
     assert (paused.status, paused.step, paused.run["from"]) == ("paused", 1, "memory")  # at least one step per run
     assert live.held is not None

@@ -52,7 +52,7 @@ def test_a_training_yielding_in_its_class_images_goes_on_from_memory_with_what_i
     live, cache = LiveTrainings(), tmp_path / "c2"
     spec = make_spec(photos, tmp_path / "yielded", **FIVE_CLASS_IMAGES)
     paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_always)
-    assert (paused.status, paused.step, paused.run["phase"], paused.run["phase_detail"]) == (
+    assert (paused.status, paused.step, paused.run.get("phase"), paused.run.get("phase_detail")) == (
         "paused", 0, "class_images", "2/5")
     assert describe_run(paused).endswith("paused in class images 2/5")
     held = live.held
@@ -63,7 +63,7 @@ def test_a_training_yielding_in_its_class_images_goes_on_from_memory_with_what_i
     assert len(between) == len(untouched) and all(np.array_equal(a, b) for a, b in zip(between, untouched))
 
     again = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_always)
-    assert (again.status, again.run["from"], again.run["phase_detail"]) == ("paused", "memory", "4/5")
+    assert (again.status, again.run["from"], again.run.get("phase_detail")) == ("paused", "memory", "4/5")
     assert live.held is held and held.scope is scope  # not rebuilt
 
     done = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live)
@@ -82,7 +82,7 @@ def test_a_training_held_in_its_class_images_dropped_leaves_the_pipeline_as_foun
     live, cache = LiveTrainings(), tmp_path / "c2"
     spec = make_spec(photos, tmp_path / "dropped", **FIVE_CLASS_IMAGES)
     paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_always)
-    assert (paused.status, paused.run["phase"]) == ("paused", "class_images")
+    assert (paused.status, paused.run.get("phase")) == ("paused", "class_images")
     held = live.held
     assert held is not None
 
@@ -103,7 +103,7 @@ def test_a_yield_right_after_the_class_images_or_the_inputs_pauses_there_and_goe
     spec = make_spec(photos, tmp_path / "yielded", **FROM_FILE)  # two class images: one batch on CPU
 
     runs = [train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_always) for _ in range(3)]
-    assert [(r.status, r.step, r.run["from"], r.run["phase"]) for r in runs] == [
+    assert [(r.status, r.step, r.run["from"], r.run.get("phase")) for r in runs] == [
         ("paused", 0, "start", "inputs"),  # the class images (and their latents) are made
         ("paused", 0, "memory", "adapters"),  # the inputs are cached
         ("paused", 1, "memory", "steps")]  # at least one step
@@ -124,6 +124,6 @@ def test_a_run_that_finds_its_setup_done_on_disk_makes_a_step_before_it_yields(t
     phases = []
     for _ in range(3):
         outcome = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_always)
-        phases.append((outcome.step, outcome.run["from"], outcome.run["phase"]))
+        phases.append((outcome.step, outcome.run["from"], outcome.run.get("phase")))
         live.drop()  # e.g. the GPU went idle: the next run starts from the file
     assert phases == [(0, "start", "inputs"), (0, "file", "adapters"), (1, "file", "steps")]
