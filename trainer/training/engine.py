@@ -2,12 +2,14 @@
 
 `train_concept(pipe, spec, cache_dir=...)` is what the GPU worker, the CLI and the tests call. One call runs one
 slice: it prepares (class images, cached latents and text embeddings), trains until the job is finished,
-`should_yield()` turns true (someone waits for the GPU; while class images are made: at the next batch of them) or
+`should_yield()` turns true (someone waits for the GPU; while class images are made: at the next batch of them;
+in the setup: once the class images or the inputs are ready) or
 the slice's time (an upper bound, off by default) is up (→ "paused", with a checkpoint under out_dir/checkpoint/)
 or `should_stop()` turns true (→ "cancelled"), and always leaves the pipeline as it found it (see
 trainer/training/lora_scope.py). With `checkpoint_s` it also writes a crash checkpoint that often without stopping
 (trainer/training/periodic_checkpoint.py). With `live` (the worker's LiveTrainings) a paused training stays
-resident, its adapter off, and the next call for it goes on from memory (trainer/training/live.py). Calling it again
+resident, its adapter off, and the next call for it goes on from memory with the phase it paused in
+(trainer/training/live.py). Calling it again
 with the same spec resumes from the checkpoint; the result is identical to an uninterrupted run (same hardware, same
 seed). A finished training removes its checkpoint and records its result in out_dir/training.json, which answers a
 repeated call.
