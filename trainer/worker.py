@@ -529,7 +529,19 @@ def describe_run(outcome) -> str:
     run = outcome.run
     where = "started" if run["from"] == "start" else f"resumed from {run['from']}"
     return (f"{where} at step {run['first_step']}; setup {run['setup_s']:.2f} s, steps {run['steps']} in "
-            f"{run['steps_s']:.2f} s; {outcome.status} at step {outcome.step}/{outcome.total}")
+            f"{run['steps_s']:.2f} s; {outcome.status} {_where_it_stopped(outcome)}")
+
+
+def _where_it_stopped(outcome) -> str:
+    """"in class images 16/50", "after the class images", "after the inputs" or "at step 1/800"."""
+    phase = outcome.run.get("phase", "steps")
+    if phase == "class_images":
+        return f"in class images {outcome.run.get('phase_detail', '')}".rstrip()
+    if phase == "inputs":
+        return "after the class images"
+    if phase == "adapters":
+        return "after the inputs"
+    return f"at step {outcome.step}/{outcome.total}"
 
 
 def run_imagine(worker: Worker, job_id: int, params: dict, on_progress, should_stop) -> dict:

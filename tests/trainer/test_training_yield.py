@@ -52,9 +52,9 @@ def test_a_yielded_training_goes_on_from_memory_and_imagine_in_between_is_untouc
 
     live, asked = LiveTrainings(), []
 
-    def someone_waits_from_the_second_boundary() -> bool:  # asked once per step boundary after the first step
-        asked.append(True)
-        return len(asked) >= 2
+    def someone_waits_from_the_second_boundary() -> bool:
+        asked.append(True)  # asked once the inputs are cached, then at each step boundary after the first step
+        return len(asked) >= 3
 
     spec = make_spec(photos, tmp_path / "yielded", **RECIPE)
     paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live,
@@ -84,13 +84,17 @@ def test_a_held_training_dropped_leaves_the_pipeline_as_found_and_resumes_from_i
     whole = train_concept(tiny_pipeline, make_spec(photos, tmp_path / "whole", **FROM_FILE), cache_dir=cache)
     live = LiveTrainings()
     spec = make_spec(photos, tmp_path / "dropped", **FROM_FILE)
+    # The class images are cached: the first run's lasting work is the inputs, then it yields; the second goes on
+    # from memory and makes at least one step.
     paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=lambda: True)
-    assert (paused.status, paused.step) == ("paused", 1)  # at least one step per run
+    assert (paused.status, paused.step, paused.run.get("phase")) == ("paused", 0, "adapters")
+    paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=lambda: True)
+    assert (paused.status, paused.step, paused.run["from"]) == ("paused", 1, "memory")  # at least one step per run
     assert live.held is not None
     live.drop()  # e.g. another training needs the memory
     assert pipeline_state(tiny_pipeline) == before
     done = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live)  # from the file written at the yield
-    assert done.status == "done" and live.resumed == 0
+    assert done.status == "done" and live.resumed == 1
     _same_lora(whole.result["lora"], done.result["lora"])
 
 
@@ -139,8 +143,9 @@ def test_a_held_training_another_lane_went_on_with_resumes_from_the_newer_file(t
     cache = tmp_path / "cache"
     live, asked = LiveTrainings(), []
     spec = make_spec(photos, tmp_path / "yielded", **FROM_FILE)
+    # Asked once the class images are made, once the inputs are cached, then at each step boundary after the first.
     paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live,
-                           should_yield=lambda: asked.append(True) or len(asked) >= 2)
+                           should_yield=lambda: asked.append(True) or len(asked) >= 4)
     assert (paused.status, paused.step) == ("paused", 2) and live.held is not None
     live.held.checkpoints.wait()
     state = checkpoint.load_state(spec.out_dir, live.held.job.fingerprint)

@@ -1,6 +1,7 @@
 """A training job in the real Worker, in-process on the tiny model: one log line per run says where it went on from
-and what its setup and its steps cost, and a training that yields while making its class images leaves the
-generation service's memory (its CUDA graphs, on a GPU) alone: only adding the adapters needs that memory."""
+and what its setup and its steps cost (and the phase it paused in), and a training that yields while making its
+class images stays resident and leaves the generation service's memory (its CUDA graphs, on a GPU) alone: only adding
+the adapters needs that memory."""
 from __future__ import annotations
 
 from trainer.contract import protocol
@@ -46,11 +47,12 @@ def test_a_training_yielding_in_its_class_images_keeps_generation_memory_and_eac
     paused = _run(worker, control, events, params, someone_waits=True)
     assert (paused["event"], paused["step"]) == ("paused", 0)  # yielded after the first batch of class images
     assert releases == []  # /imagine's graphs were not freed for class images
-    assert f"worker: job {JOB}: started at step 0; setup " in capfd.readouterr().err
+    log = capfd.readouterr().err
+    assert f"worker: job {JOB}: started at step 0; setup " in log and "paused in class images 2/4" in log
 
     done = _run(worker, control, events, params, someone_waits=False)
     assert done["event"] == "done"
     assert len(releases) == 2  # before the adapters, and after the training gave the UNet back
     log = capfd.readouterr().err
-    assert f"worker: job {JOB}: resumed from file at step 0; setup " in log and "steps 2 in " in log
+    assert f"worker: job {JOB}: resumed from memory at step 0; setup " in log and "steps 2 in " in log
     assert "done at step 2/2" in log

@@ -2,12 +2,14 @@
 
 `train_concept(pipe, spec, cache_dir=...)` is what the GPU worker, the CLI and the tests call. One call runs one
 slice: it prepares (class images, cached latents and text embeddings), trains until the job is finished,
-`should_yield()` turns true (someone waits for the GPU; while class images are made: at the next batch of them) or
+`should_yield()` turns true (someone waits for the GPU; while class images are made: at the next batch of them;
+in the setup: once the class images or the inputs are ready) or
 the slice's time (an upper bound, off by default) is up (→ "paused", with a checkpoint under out_dir/checkpoint/)
 or `should_stop()` turns true (→ "cancelled"), and always leaves the pipeline as it found it (see
 trainer/training/lora_scope.py). With `checkpoint_s` it also writes a crash checkpoint that often without stopping
 (trainer/training/periodic_checkpoint.py). With `live` (the worker's LiveTrainings) a paused training stays
-resident, its adapter off, and the next call for it goes on from memory (trainer/training/live.py). Calling it again
+resident, its adapter off, and the next call for it goes on from memory with the phase it paused in
+(trainer/training/live.py). Calling it again
 with the same spec resumes from the checkpoint; the result is identical to an uninterrupted run (same hardware, same
 seed). A finished training removes its checkpoint and records its result in out_dir/training.json, which answers a
 repeated call.
@@ -36,6 +38,11 @@ from trainer.training.step import StepRunner
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 1.0
+# A training's phases, in order; `_Slice.phase` is the one it goes on with. A run may pause (yield) inside the class
+# images (at a batch of them), after the phases in YIELD_AFTER, and at a step boundary; kept resident (`live`), the
+# next run goes on with the phase it stopped in.
+PHASES = ("class_images", "inputs", "adapters", "steps")
+YIELD_AFTER = ("class_images", "inputs")
 INPUTS_FILE = "inputs.safetensors"
 FINISHED_FILE = "training.json"  # {"fingerprint", "result"} of the training that finished in this out_dir
 FINISHED_KEY = "finished"  # where older versions marked a finished training: in its checkpoint's state
@@ -211,6 +218,12 @@ class _Slice:
         earlier = job.spec.preview_interval(job.total) and job.spec.preview_file.is_file()
         self.preview: str | None = str(job.spec.preview_file.resolve()) if earlier else None  # an earlier slice's
         self.scope = None  # LoraTrainingScope, open from the first slice until close()
+        self.phase = PHASES[0]  # the phase this training goes on with
+        self.progressed = False  # whether this call did work a later run does not redo (then it may yield)
+        self.class_graphs = None  # the class images' unet_graphs (None off CUDA), held until the set is complete
+        self.class_graphs_owner = None  # the ExitStack that frees them
+        self.class_latents = None
+        self.inputs: dict | None = None
         self.trainer: StepRunner | None = None
         self.training_rng: dict | None = None  # the global RNG states while suspended (live)
         self.live = None
@@ -226,19 +239,21 @@ class _Slice:
         self.live = live
         with self._session(self.state["rng"] if self.state and "rng" in self.state else None):
             self.scope = LoraTrainingScope(self.pipe, self.spec.adapter_name).__enter__()
-            return self._leave(self._run_in_scope)
+            self.scope.base_model_only()
+            return self._leave(self._run_phases)
 
     def resume(self, started, deadline, on_progress, should_stop, should_yield, live) -> TrainOutcome:
-        """Go on from memory after a yield (see trainer/training/live.py): no checkpoint read, no adapters added, the
-        CUDA graph replayed as captured."""
+        """Go on from memory after a yield (see trainer/training/live.py) with the phase it stopped in: no checkpoint
+        read, no adapters added, the CUDA graphs (class images' or the step's) replayed as captured."""
         from trainer.training.lora_scope import resume
 
         self.started, self.deadline, self.live = started, deadline, live
         self.on_progress, self.should_stop, self.should_yield = on_progress, should_stop, should_yield
         self.origin, self.first_step, self.steps_s, self.setup_s = "memory", self.step, 0.0, None
+        self.progressed = False
         with self._session(self.training_rng):
             resume(self.scope)
-            return self._leave(self._train_and_end)
+            return self._leave(self._run_phases)
 
     def _leave(self, body) -> TrainOutcome:
         """Run `body` in the open scope; then keep the training resident (paused, with a `live` holder) or close."""
@@ -250,7 +265,7 @@ class _Slice:
             self.close()
             raise
         outcome = replace(outcome, run=self.run_summary())
-        if outcome.status == "paused" and self.live is not None and self.trainer is not None:
+        if outcome.status == "paused" and self.live is not None:
             suspend(self.scope)
             self.training_rng = checkpoint.capture_global_rng()
             self.elapsed_before, self.started = self._elapsed(), time.monotonic()
@@ -275,8 +290,9 @@ class _Slice:
             checkpoint.restore_global_rng(caller_rng)
 
     def close(self) -> None:
-        """Free the step's graph and give the pipeline back as it was found (ours removed)."""
+        """Free the graphs (class images', step's) and give the pipeline back as it was found (ours removed)."""
         self.checkpoints.wait()
+        self._free_class_graphs()
         if self.trainer is not None:
             self.trainer.close()
             self.trainer = None
@@ -288,30 +304,49 @@ class _Slice:
                 resume(scope)  # back to the training's flags, which the scope's exit knows how to undo
             scope.__exit__(None, None, None)
 
-    def _run_in_scope(self) -> TrainOutcome:
+    def _run_phases(self) -> TrainOutcome:
+        """The phases from the one this training stopped in; pausing inside one, or after one in YIELD_AFTER when
+        someone waits and this call already did lasting work (so a busy queue cannot starve a training)."""
+        for phase in PHASES[PHASES.index(self.phase):]:
+            self.phase = phase
+            if phase == "steps":
+                return self._train_and_end()
+            with self._phase(phase):
+                status = getattr(self, f"_{phase}_phase")()
+            if status != "complete":
+                return self._stop(status, self.trainer)
+            if phase in YIELD_AFTER and self.progressed and self.should_yield():
+                self.phase = PHASES[PHASES.index(phase) + 1]
+                return self._stop("paused", self.trainer)
+        raise AssertionError("unreachable: the steps phase ends every run")
+
+    def _class_images_phase(self) -> str:
+        if self.job.class_set is None:
+            return "complete"
+        status = self._ensure_class_images()
+        if status == "complete":
+            self._free_class_graphs()
+            self.class_latents = self.job.class_set.latents()
+        return status
+
+    def _inputs_phase(self) -> str:
+        self.inputs = self._inputs()
+        return "complete"
+
+    def _adapters_phase(self) -> str:
         scope = self.scope
-        scope.base_model_only()
-        class_latents = None
-        if self.job.class_set is not None:
-            with self._phase("class_images"):
-                status = self._ensure_class_images()
-                if status != "complete":
-                    return self._stop(status, trainer=None)
-                class_latents = self.job.class_set.latents()
-        with self._phase("inputs"):
-            inputs = self._inputs()
-        with self._phase("adapters"):
-            self.before_adapters()
-            scope.add_adapters(self.spec.rank, self.spec.train_text_encoder, seed=self.spec.seed)
-            if self.spec.gradient_checkpointing:
-                scope.enable_gradient_checkpointing()
-            self.trainer = StepRunner(self.pipe, self.job, inputs, class_latents, self.noise_generator,
-                                      cuda_graphs=self.spec.cuda_graphs)
+        self.before_adapters()
+        scope.add_adapters(self.spec.rank, self.spec.train_text_encoder, seed=self.spec.seed)
+        if self.spec.gradient_checkpointing:
+            scope.enable_gradient_checkpointing()
+        self.trainer = StepRunner(self.pipe, self.job, self.inputs, self.class_latents, self.noise_generator,
+                                  cuda_graphs=self.spec.cuda_graphs)
+        self.inputs = self.class_latents = None  # the StepRunner holds them now
         if self.state and "lora" in self.state:
             self.trainer.load_state(self.state)
         else:
             self.noise_generator.manual_seed(self.spec.seed + 1)
-        return self._train_and_end()
+        return "complete"
 
     def _train_and_end(self) -> TrainOutcome:
         began = time.monotonic()
@@ -325,15 +360,35 @@ class _Slice:
 
     def run_summary(self) -> dict:
         """This call's run: where it went on from, at which step, its setup (class images, inputs, adapters, or
-        nothing when resumed from memory) and its steps."""
+        nothing when resumed from memory), its steps, and the phase it ended in (`phase`, `phase_detail`: for the
+        class images, how many of the set exist)."""
         setup_s = self.setup_s if self.setup_s is not None else time.monotonic() - self.started
-        return {"from": self.origin, "first_step": self.first_step, "setup_s": round(setup_s, 3),
-                "steps": self.step - self.first_step, "steps_s": round(self.steps_s, 3)}
+        summary = {"from": self.origin, "first_step": self.first_step, "setup_s": round(setup_s, 3),
+                   "steps": self.step - self.first_step, "steps_s": round(self.steps_s, 3), "phase": self.phase}
+        class_set = self.job.class_set
+        if self.phase == "class_images" and class_set is not None:
+            summary["phase_detail"] = f"{class_set.count - len(class_set.missing())}/{class_set.count}"
+        return summary
+
+    def _free_class_graphs(self) -> None:
+        if self.class_graphs_owner is not None:
+            owner, self.class_graphs_owner, self.class_graphs = self.class_graphs_owner, None, None
+            owner.close()
 
     def _ensure_class_images(self) -> str:
+        """Make the missing class images. The UNet graphs they replay are this training's, kept while it is held
+        between runs (not captured again when it resumes from memory) and freed once the set is complete."""
+        from contextlib import ExitStack
+
+        from trainer.training.images import unet_graphs
+
         class_set = self.job.class_set
         if class_set.complete:
             return "complete"
+        self.progressed = True  # at least one batch is made (ClassImageSet.ensure), or the set is finished
+        if self.class_graphs_owner is None:
+            self.class_graphs_owner = ExitStack()
+            self.class_graphs = self.class_graphs_owner.enter_context(unet_graphs(self.pipe))
         began, done_before = time.monotonic(), class_set.count - len(class_set.missing())  # earlier slices' images
 
         def report(done: int, count: int) -> None:
@@ -350,7 +405,7 @@ class _Slice:
         wide = 4 if family_of(self.pipe).extra_conditioning else 8
         batch = wide if self.device.type == "cuda" else 2
         return class_set.ensure(self.pipe, batch_size=batch, deadline=self.deadline, should_stop=self.should_stop,
-                                should_yield=self.should_yield, on_image=report)
+                                should_yield=self.should_yield, on_image=report, graphs=self.class_graphs)
 
     def _inputs(self) -> dict:
         """Latents of the photos (and mirrors), prompt token ids and, unless the text encoder trains, embeddings;
@@ -372,6 +427,7 @@ class _Slice:
                 same_job = (f.metadata() or {}).get("fingerprint") == self.job.fingerprint
             if same_job:
                 return load_file(str(path))
+        self.progressed = True
         import torch
 
         from trainer.models.family import encode_prompt_ids, family_of, tokenize, vae_precision
@@ -467,8 +523,10 @@ class _Slice:
         if status == "cancelled":
             checkpoint.remove(self.spec.out_dir)
             return TrainOutcome("cancelled", self.step, self.job.total)
-        if self.live is not None and trainer is not None:
-            self.checkpoints.save_async(self._state(trainer, on_device=True))  # kept resident: the file is for a crash
+        if self.live is not None:
+            # Kept resident: the file is for a crash or a drop; written by `checkpoints`, so that a held training
+            # knows whether the file is still its own (_written_since).
+            self.checkpoints.save_async(self._state(trainer, on_device=True))
         else:
             checkpoint.save_state(self.spec.out_dir, self._state(trainer))
         return TrainOutcome("paused", self.step, self.job.total)

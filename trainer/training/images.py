@@ -41,12 +41,18 @@ def unet_graphs(pipe):
     try:
         yield graphs
     finally:
-        had = bool(graphs.captures)
-        graphs.clear()
-        if had:
-            import torch
+        free_graphs(graphs)
 
-            torch.cuda.empty_cache()  # the graphs' pool, back for the training that follows
+
+def free_graphs(graphs) -> None:
+    """Drop the captured graphs of a `unet_graphs()` (None: nothing to do) and give their pool back; they are
+    captured again if used afterwards."""
+    if graphs is None or not graphs.captures:
+        return
+    graphs.clear()
+    import torch
+
+    torch.cuda.empty_cache()  # the graphs' pool, back for the training that follows
 
 
 def generate(pipe, prompt: str, seeds: list[int], resolution: int, *, steps: int = SAMPLER_STEPS,

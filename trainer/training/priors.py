@@ -8,6 +8,7 @@ racing on the same class only ever leave whole images behind, and finishing the 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.contract.files import write_text_atomic
-from trainer.training.images import GUIDANCE_SCALE, SAMPLER_STEPS, generate, save_image_atomic, unet_graphs
+from trainer.training.images import (GUIDANCE_SCALE, SAMPLER_STEPS, free_graphs, generate, save_image_atomic,
+                                     unet_graphs)
 
 PRIORS_DIR = "priors"
 INFO_FILE = "info.json"
@@ -62,21 +64,26 @@ class ClassImageSet:
         return [i for i in range(self.count) if not self.image_path(i).is_file()]
 
     def ensure(self, pipe, *, batch_size: int, deadline: float | None, should_stop, should_yield=None,
-               on_image=None) -> str:
+               on_image=None, graphs=None) -> str:
         """Generate what is missing and encode the latents. Returns "complete", "paused" (the deadline passed, or
         `should_yield()` turned true at a batch boundary: someone waits for the GPU) or "cancelled".
 
         At least one batch is generated per call even past the deadline or when asked to yield, so a training that
-        yields always makes progress.
+        yields always makes progress. `graphs`: the caller's `unet_graphs(pipe)`, kept from one call to the next (a
+        training that yields keeps them) and emptied here once every image is made; by default this call captures
+        its own.
         """
         if self.complete:
             return "complete"
         self.directory.mkdir(parents=True, exist_ok=True)
-        with unet_graphs(pipe) as graphs:  # every batch has the same shape: captured once
+        with contextlib.ExitStack() as own:
+            if graphs is None:
+                graphs = own.enter_context(unet_graphs(pipe))  # every batch has the same shape: captured once
             status = self._generate_missing(pipe, batch_size, deadline, should_stop, should_yield or (lambda: False),
                                             on_image, graphs)
         if status != "complete":
             return status
+        free_graphs(graphs)  # the latents' VAE pass below may need the memory
         self._write_latents(pipe)
         self._write_json(INFO_FILE, {"prompt": self.prompt, "resolution": self.resolution, "count": self.count,
                                      "recipe": RECIPE, "created": time.time()})

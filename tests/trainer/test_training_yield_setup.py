@@ -1,0 +1,129 @@
+"""A training that yields before its steps (while its class images are made, or right after them or after its
+inputs) stays resident like one that yields during its steps: the next run goes on with the phase it stopped in,
+from memory, with the scope and class-image graphs it holds, to exactly the LoRA of an uninterrupted run."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+
+from tests.trainer.test_training_yield import FROM_FILE, _imagine, _same_lora
+from tests.trainer.training_helpers import make_spec, pipeline_state, write_noise_photos
+from trainer.generation.fast_unet import UNetGraphs
+from trainer.generation.service import GenerationService
+from trainer.training import images
+from trainer.training.engine import train_concept
+from trainer.training.live import LiveTrainings
+from trainer.worker import describe_run
+
+FIVE_CLASS_IMAGES = dict(FROM_FILE, class_images=5)  # on CPU two a batch: batches of 2, 2 and 1
+
+
+def _always() -> bool:
+    return True
+
+
+def _count_class_graphs(monkeypatch) -> list:
+    """Every `unet_graphs()` a training opens for its class images, appended when opened. Made on CPU too (where
+    they capture nothing: the UNet runs eagerly for CPU tensors), so that what is made and kept can be seen."""
+    monkeypatch.setattr(UNetGraphs, "usable", staticmethod(lambda unet: True))
+    opened, real = [], images.unet_graphs
+
+    @contextmanager
+    def counted(pipe):
+        with real(pipe) as graphs:
+            opened.append(graphs)
+            yield graphs
+
+    monkeypatch.setattr(images, "unet_graphs", counted)
+    return opened
+
+
+def test_a_training_yielding_in_its_class_images_goes_on_from_memory_with_what_it_holds(tiny_pipeline, tmp_path,
+                                                                                        monkeypatch):
+    photos = write_noise_photos(tmp_path / "photos", 3)
+    service = GenerationService(tiny_pipeline, model_name="tiny")
+    untouched = _imagine(service, tmp_path / "before")
+    before = pipeline_state(tiny_pipeline)
+    whole = train_concept(tiny_pipeline, make_spec(photos, tmp_path / "whole", **FIVE_CLASS_IMAGES),
+                          cache_dir=tmp_path / "c1")
+    opened = _count_class_graphs(monkeypatch)
+
+    live, cache = LiveTrainings(), tmp_path / "c2"
+    spec = make_spec(photos, tmp_path / "yielded", **FIVE_CLASS_IMAGES)
+    paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_always)
+    assert (paused.status, paused.step, paused.run.get("phase"), paused.run.get("phase_detail")) == (
+        "paused", 0, "class_images", "2/5")
+    assert describe_run(paused).endswith("paused in class images 2/5")
+    held = live.held
+    assert held is not None  # resident: the scope and the class images' graphs kept
+    scope = held.scope
+
+    between = _imagine(service, tmp_path / "between")
+    assert len(between) == len(untouched) and all(np.array_equal(a, b) for a, b in zip(between, untouched))
+
+    again = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_always)
+    assert (again.status, again.run["from"], again.run.get("phase_detail")) == ("paused", "memory", "4/5")
+    assert live.held is held and held.scope is scope  # not rebuilt
+
+    done = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live)
+    assert (done.status, done.run["from"], live.resumed, live.held) == ("done", "memory", 2, None)
+    assert len(opened) == 1 and opened[0] is not None  # made once for the three runs, not once a run
+    _same_lora(whole.result["lora"], done.result["lora"])
+    assert pipeline_state(tiny_pipeline) == before
+
+
+def test_a_training_held_in_its_class_images_dropped_leaves_the_pipeline_as_found_and_finishes_from_its_file(
+        tiny_pipeline, tmp_path):
+    photos = write_noise_photos(tmp_path / "photos", 3)
+    before = pipeline_state(tiny_pipeline)
+    whole = train_concept(tiny_pipeline, make_spec(photos, tmp_path / "whole", **FIVE_CLASS_IMAGES),
+                          cache_dir=tmp_path / "c1")
+    live, cache = LiveTrainings(), tmp_path / "c2"
+    spec = make_spec(photos, tmp_path / "dropped", **FIVE_CLASS_IMAGES)
+    paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_always)
+    assert (paused.status, paused.run.get("phase")) == ("paused", "class_images")
+    held = live.held
+    assert held is not None
+
+    live.drop()  # e.g. another training needs the memory
+    assert pipeline_state(tiny_pipeline) == before
+    assert (held.scope, held.class_graphs_owner) == (None, None)  # scope closed, graphs freed
+
+    done = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live)
+    assert (done.status, done.run["from"], live.resumed) == ("done", "file", 0)
+    _same_lora(whole.result["lora"], done.result["lora"])
+
+
+def test_a_yield_right_after_the_class_images_or_the_inputs_pauses_there_and_goes_on_from_memory(tiny_pipeline,
+                                                                                                tmp_path):
+    photos = write_noise_photos(tmp_path / "photos", 3)
+    whole = train_concept(tiny_pipeline, make_spec(photos, tmp_path / "whole", **FROM_FILE), cache_dir=tmp_path / "c1")
+    live, cache = LiveTrainings(), tmp_path / "c2"
+    spec = make_spec(photos, tmp_path / "yielded", **FROM_FILE)  # two class images: one batch on CPU
+
+    runs = [train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_always) for _ in range(3)]
+    assert [(r.status, r.step, r.run["from"], r.run.get("phase")) for r in runs] == [
+        ("paused", 0, "start", "inputs"),  # the class images (and their latents) are made
+        ("paused", 0, "memory", "adapters"),  # the inputs are cached
+        ("paused", 1, "memory", "steps")]  # at least one step
+    assert [describe_run(r).rsplit("; ", 1)[1] for r in runs] == [
+        "paused after the class images", "paused after the inputs", "paused at step 1/5"]
+
+    done = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live)
+    assert (done.status, done.run["from"], live.resumed) == ("done", "memory", 3)
+    _same_lora(whole.result["lora"], done.result["lora"])
+
+
+def test_a_run_that_finds_its_setup_done_on_disk_makes_a_step_before_it_yields(tiny_pipeline, tmp_path):
+    """Yields in the setup only follow lasting work (class images made, inputs written): a run resumed from the
+    file whose class images and inputs are on disk trains at least one step, so a busy queue cannot starve it."""
+    photos = write_noise_photos(tmp_path / "photos", 3)
+    live, cache = LiveTrainings(), tmp_path / "cache"
+    spec = make_spec(photos, tmp_path / "out", **FROM_FILE)
+    phases = []
+    for _ in range(3):
+        outcome = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_always)
+        phases.append((outcome.step, outcome.run["from"], outcome.run.get("phase")))
+        live.drop()  # e.g. the GPU went idle: the next run starts from the file
+    assert phases == [(0, "start", "inputs"), (0, "file", "adapters"), (1, "file", "steps")]
