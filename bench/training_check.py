@@ -1,6 +1,7 @@
 """`python -m bench.training_check`: on a GPU, check the CUDA-graph training step against the eager one.
 
-Tiny model, 120 steps at batch 2 with prior preservation and the text-encoder LoRA, deterministic kernels:
+Tiny model, 120 steps at batch 2 with prior preservation and the text-encoder LoRA, deterministic kernels
+(`--gradient-checkpointing`: every run with it, as BOOTHBOT_TRAIN_MEMORY=low trains):
 - the LoRA trained with the step replayed from a CUDA graph vs the eager step (max difference of every tensor);
 - the same graph training cut into slices and resumed vs uninterrupted (the checkpoint path with graphs);
 - how many steps were replayed, and the seconds per phase of each run.
@@ -35,6 +36,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="train every run with it (low memory)")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="traincheck-"))
     pipe = load_pipeline(str(make_tiny_model(root / "model")), "cuda", "auto")
@@ -44,7 +46,8 @@ def main(argv=None) -> dict:
     def spec(name: str, graphs: bool, slice_s=None) -> TrainSpec:
         return TrainSpec(concept_id=name, token="squidarth", class_name="man", photos_dir=photos,
                          out_dir=root / name, steps=args.steps, seed=3, batch_size=args.batch, class_images=4,
-                         sample_count=0, cuda_graphs=graphs, slice_s=slice_s)
+                         sample_count=0, cuda_graphs=graphs, slice_s=slice_s,
+                         gradient_checkpointing=args.gradient_checkpointing)
 
     def train(name: str, graphs: bool, slice_s=None) -> tuple[dict, int]:
         slices = 0
@@ -62,7 +65,7 @@ def main(argv=None) -> dict:
     eager_step_s = eager["timings"]["steps"] / args.steps
     sliced, slices = train("sliced", graphs=True, slice_s=5 * eager_step_s)
     out = {
-        "device": __import__("torch").cuda.get_device_name(),
+        "device": __import__("torch").cuda.get_device_name(), "gradient_checkpointing": args.gradient_checkpointing,
         "graph_steps": graph["graph_steps"], "steps": graph["steps"],
         "graph_vs_eager_max_abs_diff": _max_difference(_tensors(graph["lora"]), _tensors(eager["lora"])),
         "sliced_graph_vs_uninterrupted_max_abs_diff": _max_difference(_tensors(sliced["lora"]),
