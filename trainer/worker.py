@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", required=True, help="the bot's data directory (caches live under it)")
     parser.add_argument("--compile-unet", action="store_true",
                         help="compile the UNet with torch.compile inside the CUDA graphs (CUDA only): faster images, "
-                             "about a minute of compiling per image size the first time")
+                             "about a minute of compiling per image size the first time (kept under "
+                             "DATA_DIR/cache/inductor for the next start)")
     parser.add_argument("--train-memory", choices=("auto", "low", "fast"), default="auto",
                         help="training's memory setting: low (gradient checkpointing: SDXL training + serving fit a "
                              "24 GB card), fast, or auto (low for SDXL on GPUs under 40 GB; default)")
@@ -739,6 +740,10 @@ def run(args: argparse.Namespace) -> int:
             from trainer.quiet import quiet_libraries
 
             require_model(args.model)  # a wrong path fails here at once, before seconds of importing diffusers
+            if args.compile_unet:
+                from trainer.generation.fast_unet import keep_compiled_kernels
+
+                keep_compiled_kernels(Path(args.data_dir))
             quiet_libraries(args.debug)  # bars and notices would be lines in the bot's log
             # Before the base model (maybe a download of gigabytes): can this set of packages train a LoRA at all?
             stack = check_stack(stamp=Path(args.data_dir) / "cache" / STACK_STAMP)

@@ -20,12 +20,24 @@ much for every step). LoRAs folded into the weights in place (trainer/generation
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
+
+INDUCTOR_CACHE = Path("cache") / "inductor"  # under the bot's data directory
+
+
+def keep_compiled_kernels(data_dir: Path) -> Path:
+    """With `compile=True`: inductor's caches (FX graphs, Triton kernels, autotuning) under the bot's data directory
+    rather than in /tmp, so a restarted worker (or one after a reboot) finds the kernels it compiled and does not
+    spend a minute per image size again. An operator's own TORCHINDUCTOR_CACHE_DIR wins. Returns the directory."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(data_dir).resolve() / INDUCTOR_CACHE))
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 ADDED_CONDITIONING = ("text_embeds", "time_ids")  # SDXL's, the only added_cond_kwargs a graph takes
