@@ -11,17 +11,12 @@ import pytest
 import pytest_asyncio
 
 from bot.app import Services
-from bot.dispatch.dispatcher import Dispatcher
 from bot.dispatch.worker_client import WorkerClient, worker_command
 from bot.errors import UserError
-from bot.jobs.ledger import Ledger
-from bot.services.admin import AdminService
-from bot.services.concepts import ConceptService
-from bot.services.gallery import Gallery
 from bot.services.submissions import submit_imagine, submit_training
 from bot.settings import Settings
 from bot.store.database import Store
-from tests.bot.test_token_reservation import FAST_IMAGINE, FAST_TRAIN, noise_photos
+from tests.bot.test_token_reservation import FAST_IMAGINE, FAST_TRAIN, make_services, noise_photos
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -46,15 +41,6 @@ async def two_model_worker(two_models, tmp_path_factory):
     await client.wait_ready(120)
     yield client
     await client.stop()
-
-
-def make_services(settings, store, worker) -> Services:
-    ledger = Ledger(store, settings=settings)
-    concepts = ConceptService(store, settings.data_dir, model=settings.model)
-    gallery = Gallery(store)
-    dispatcher = Dispatcher(settings, ledger, concepts, gallery, worker, poll_s=0.2)
-    return Services(settings, store, ledger, concepts, gallery, AdminService(store, ledger, settings), worker,
-                    dispatcher)
 
 
 @pytest.fixture

@@ -47,14 +47,20 @@ async def services(tmp_path, worker, tiny_model_dir):
     settings = replace(Settings(), data_dir=tmp_path / "data", model=str(tiny_model_dir), max_queued_jobs=10,
                        trainings_per_day=10)
     store = await Store.open(settings.db_path)
+    services = make_services(settings, store, worker)
+    yield services
+    await services.dispatcher.stop(grace_s=30)
+    await store.close()
+
+
+def make_services(settings, store, worker) -> Services:
+    """What start_services builds around `store` and `worker`, without starting the dispatcher's loop."""
     ledger = Ledger(store, settings=settings)
     concepts = ConceptService(store, settings.data_dir, model=settings.model)
     gallery = Gallery(store)
     dispatcher = Dispatcher(settings, ledger, concepts, gallery, worker, poll_s=0.2)
-    yield Services(settings, store, ledger, concepts, gallery, AdminService(store, ledger, settings), worker,
-                   dispatcher)
-    await dispatcher.stop(grace_s=30)
-    await store.close()
+    return Services(settings, store, ledger, concepts, gallery, AdminService(store, ledger, settings), worker,
+                    dispatcher)
 
 
 async def squat(services: Services, owner: int, token: str):
