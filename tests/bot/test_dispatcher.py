@@ -115,6 +115,12 @@ async def bot(tmp_path, worker):
     await store.close()
 
 
+def run_without_slices(bot: Bot) -> None:
+    """A training runs until someone waits, as in production: with 0.01 s slices it is queued again between any two
+    steps, and a cancel there ends it at once ("cancelled") instead of at its next step ("requested")."""
+    bot.dispatcher.settings = replace(bot.settings, train_slice_s=None)
+
+
 async def test_imagine_job_runs_end_to_end(bot):
     job = await bot.imagine(ALICE)
     assert (await bot.dispatcher.run_next()).id == job.id
@@ -176,6 +182,7 @@ async def test_others_private_concepts_are_plain_text(bot):
 
 
 async def test_cancel_of_a_running_training_stops_it_at_a_step_boundary(bot):
+    run_without_slices(bot)
     concept, train = await bot.train(ALICE, "sid", steps=5000)
     runner = asyncio.create_task(bot.dispatcher.run_next())
     await bot.notifier.wait_for(lambda: any(j == train.id and e["step"] >= 1 for j, e in bot.notifier.progress))
@@ -202,6 +209,7 @@ async def test_imagine_past_its_time_limit_is_stopped(bot):
 
 
 async def test_worker_death_mid_training_requeues_it_from_its_checkpoint_and_the_queue_goes_on(bot, worker):
+    run_without_slices(bot)
     concept, train = await bot.train(ALICE, "sid", steps=5000)
     after = await bot.imagine(BOB)
     await bot.dispatcher.start()
