@@ -425,7 +425,8 @@ class Worker:
         return time.monotonic() - started
 
     def prefill(self, message: dict) -> None:
-        """Make class images while nothing else waits; any request arriving stops it at the next image boundary."""
+        """Make class images while nothing else waits; any request arriving stops it at the next sampler step (the
+        batch it stopped in goes on at the next prefill)."""
         from trainer.training.prefill import prefill_class_images
 
         if self.pipe is None:
@@ -436,6 +437,7 @@ class Worker:
                 self.pipe, message["classes"], cache_dir=self.data_dir / "cache", count=message.get("count"),
                 resolution=message.get("resolution"),
                 should_stop=lambda: self.control.closing.is_set() or self.control.work_waiting(),
+                unfinished=self.live.class_batches,
                 on_image=lambda name, done, count: self.writer.send(
                     protocol.prefill_state("progress", class_name=name, done=done, count=count)))
         except Exception as exc:  # noqa: BLE001 - nobody's job: log it, the next idle moment tries again

@@ -16,6 +16,7 @@ from trainer.contract.imagine_request import ImagineRequest
 from trainer.generation.service import GenerationService
 from trainer.training import checkpoint
 from trainer.training.engine import train_concept
+from trainer.training.images import SAMPLER_STEPS
 from trainer.training.live import LiveTrainings
 
 STEPS = 5
@@ -143,9 +144,10 @@ def test_a_held_training_another_lane_went_on_with_resumes_from_the_newer_file(t
     cache = tmp_path / "cache"
     live, asked = LiveTrainings(), []
     spec = make_spec(photos, tmp_path / "yielded", **FROM_FILE)
-    # Asked once the class images are made, once the inputs are cached, then at each step boundary after the first.
+    # Asked after each sampler step of the class images' batch but the last, once they are made, once the inputs are
+    # cached, then at each step boundary after the first.
     paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live,
-                           should_yield=lambda: asked.append(True) or len(asked) >= 4)
+                           should_yield=lambda: asked.append(True) or len(asked) >= SAMPLER_STEPS - 1 + 4)
     assert (paused.status, paused.step) == ("paused", 2) and live.held is not None
     live.held.checkpoints.wait()
     state = checkpoint.load_state(spec.out_dir, live.held.job.fingerprint)
@@ -160,23 +162,23 @@ def test_a_held_training_another_lane_went_on_with_resumes_from_the_newer_file(t
 
 def test_a_training_asked_to_yield_during_its_class_images_pauses_and_the_next_run_makes_the_rest(tiny_pipeline,
                                                                                                   tmp_path):
-    """Someone waits while the class images are still being made: the training stops at the next image batch (on
-    CPU: two images a batch), keeps the images made so far in the shared cache, and the next run makes only the
-    rest and trains to the LoRA of an uninterrupted run."""
+    """Someone waits while the class images are still being made, and the training has no `live` to keep a batch
+    paused between two sampler steps in (the CLI): it stops at the end of the batch (on CPU: two images a batch),
+    keeps the images made so far in the shared cache, and the next run makes only the rest and trains to the LoRA
+    of an uninterrupted run. (With `live`, as in the worker: tests/trainer/test_training_yield_setup.py.)"""
     photos = write_noise_photos(tmp_path / "photos", 3)
     recipe = dict(FROM_FILE, class_images=5)
     whole = train_concept(tiny_pipeline, make_spec(photos, tmp_path / "whole", **recipe), cache_dir=tmp_path / "c1")
 
-    cache, live, asked = tmp_path / "c2", LiveTrainings(), []
+    cache, asked = tmp_path / "c2", []
     spec = make_spec(photos, tmp_path / "yielded", **recipe)
-    paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live,
-                           should_yield=lambda: asked.append(True) or True)
+    paused = train_concept(tiny_pipeline, spec, cache_dir=cache, should_yield=lambda: asked.append(True) or True)
     assert (paused.status, paused.step) == ("paused", 0) and asked
     [class_dir] = (cache / "priors").iterdir()
     assert sorted(p.name for p in class_dir.iterdir()) == ["000.png", "001.png"]  # one batch, not yet complete
 
     made = []
-    done = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live,
+    done = train_concept(tiny_pipeline, spec, cache_dir=cache,
                          on_progress=lambda info: made.append(info.step) if info.stage == "class_images" else None)
     assert done.status == "done"
     assert made == [2, 4, 5]  # went on from the two images on disk

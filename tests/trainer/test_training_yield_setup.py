@@ -1,18 +1,20 @@
-"""A training that yields before its steps (while its class images are made, or right after them or after its
-inputs) stays resident like one that yields during its steps: the next run goes on with the phase it stopped in,
-from memory, with the scope and class-image graphs it holds, to exactly the LoRA of an uninterrupted run."""
+"""A training that yields before its steps (while its class images are made, even between two sampler steps of a
+batch, or right after them or after its inputs) stays resident like one that yields during its steps: the next run
+goes on with the phase it stopped in, from memory, with the scope, class-image graphs and batch it holds, to exactly
+the class images and LoRA of an uninterrupted run."""
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import numpy as np
 
-from tests.trainer.test_training_yield import FROM_FILE, _imagine, _same_lora
+from tests.trainer.test_training_yield import FROM_FILE, _imagine, _pixels, _same_lora
 from tests.trainer.training_helpers import make_spec, pipeline_state, write_noise_photos
 from trainer.generation.fast_unet import UNetGraphs
 from trainer.generation.service import GenerationService
 from trainer.training import images
 from trainer.training.engine import train_concept
+from trainer.training.images import SAMPLER_STEPS
 from trainer.training.live import LiveTrainings
 from trainer.worker import describe_run
 
@@ -39,6 +41,31 @@ def _count_class_graphs(monkeypatch) -> list:
     return opened
 
 
+def _on_ask(n: int):
+    """A `should_yield` that says yes the n-th time it is asked (the class images ask after every sampler step)."""
+    asked = []
+
+    def should_yield() -> bool:
+        asked.append(True)
+        return len(asked) == n
+    return should_yield
+
+
+def _after_the_class_images():
+    """A `should_yield` that says no while the two class images are made (one batch on CPU: asked after each of its
+    sampler steps but the last) and yes from then on."""
+    asked = []
+
+    def should_yield() -> bool:
+        asked.append(True)
+        return len(asked) >= SAMPLER_STEPS
+    return should_yield
+
+
+def _class_image_pixels(cache) -> list[np.ndarray]:
+    return [_pixels(p) for p in sorted(cache.glob("priors/*/*.png"))]
+
+
 def test_a_training_yielding_in_its_class_images_goes_on_from_memory_with_what_it_holds(tiny_pipeline, tmp_path,
                                                                                         monkeypatch):
     photos = write_noise_photos(tmp_path / "photos", 3)
@@ -51,24 +78,27 @@ def test_a_training_yielding_in_its_class_images_goes_on_from_memory_with_what_i
 
     live, cache = LiveTrainings(), tmp_path / "c2"
     spec = make_spec(photos, tmp_path / "yielded", **FIVE_CLASS_IMAGES)
-    paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_always)
+    paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_on_ask(SAMPLER_STEPS + 3))
     assert (paused.status, paused.step, paused.run.get("phase"), paused.run.get("phase_detail")) == (
-        "paused", 0, "class_images", "2/5")
-    assert describe_run(paused).endswith("paused in class images 2/5")
+        "paused", 0, "class_images", f"2/5, the next batch at sampler step 3/{SAMPLER_STEPS}")
+    assert describe_run(paused).endswith(f"paused in class images 2/5, the next batch at sampler step 3/{SAMPLER_STEPS}")
     held = live.held
-    assert held is not None  # resident: the scope and the class images' graphs kept
+    assert held is not None  # resident: the scope, the class images' graphs and the batch in progress kept
     scope = held.scope
 
     between = _imagine(service, tmp_path / "between")
     assert len(between) == len(untouched) and all(np.array_equal(a, b) for a, b in zip(between, untouched))
 
     again = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_always)
-    assert (again.status, again.run["from"], again.run.get("phase_detail")) == ("paused", "memory", "4/5")
+    assert (again.status, again.run["from"], again.run.get("phase_detail")) == (
+        "paused", "memory", f"2/5, the next batch at sampler step 4/{SAMPLER_STEPS}")  # one step on: none made twice
     assert live.held is held and held.scope is scope  # not rebuilt
 
     done = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live)
     assert (done.status, done.run["from"], live.resumed, live.held) == ("done", "memory", 2, None)
     assert len(opened) == 1 and opened[0] is not None  # made once for the three runs, not once a run
+    made, uninterrupted = _class_image_pixels(cache), _class_image_pixels(tmp_path / "c1")
+    assert len(made) == 5 and all(np.array_equal(a, b) for a, b in zip(made, uninterrupted))
     _same_lora(whole.result["lora"], done.result["lora"])
     assert pipeline_state(tiny_pipeline) == before
 
@@ -89,9 +119,13 @@ def test_a_training_held_in_its_class_images_dropped_leaves_the_pipeline_as_foun
     live.drop()  # e.g. another training needs the memory
     assert pipeline_state(tiny_pipeline) == before
     assert (held.scope, held.class_graphs_owner) == (None, None)  # scope closed, graphs freed
+    assert live.class_batches.step(held.job.class_set.directory) == f"1/{SAMPLER_STEPS}"  # its batch outlives it
 
     done = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live)
     assert (done.status, done.run["from"], live.resumed) == ("done", "file", 0)
+    assert live.class_batches.step(held.job.class_set.directory) is None  # gone on with, from its step 1
+    made, uninterrupted = _class_image_pixels(cache), _class_image_pixels(tmp_path / "c1")
+    assert len(made) == 5 and all(np.array_equal(a, b) for a, b in zip(made, uninterrupted))
     _same_lora(whole.result["lora"], done.result["lora"])
 
 
@@ -102,7 +136,8 @@ def test_a_yield_right_after_the_class_images_or_the_inputs_pauses_there_and_goe
     live, cache = LiveTrainings(), tmp_path / "c2"
     spec = make_spec(photos, tmp_path / "yielded", **FROM_FILE)  # two class images: one batch on CPU
 
-    runs = [train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_always) for _ in range(3)]
+    runs = [train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=answer)
+            for answer in (_after_the_class_images(), _always, _always)]
     assert [(r.status, r.step, r.run["from"], r.run.get("phase")) for r in runs] == [
         ("paused", 0, "start", "inputs"),  # the class images (and their latents) are made
         ("paused", 0, "memory", "adapters"),  # the inputs are cached
@@ -122,8 +157,8 @@ def test_a_run_that_finds_its_setup_done_on_disk_makes_a_step_before_it_yields(t
     live, cache = LiveTrainings(), tmp_path / "cache"
     spec = make_spec(photos, tmp_path / "out", **FROM_FILE)
     phases = []
-    for _ in range(3):
-        outcome = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_always)
+    for answer in (_after_the_class_images(), _always, _always):
+        outcome = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=answer)
         phases.append((outcome.step, outcome.run["from"], outcome.run.get("phase")))
         live.drop()  # e.g. the GPU went idle: the next run starts from the file
     assert phases == [(0, "start", "inputs"), (0, "file", "adapters"), (1, "file", "steps")]

@@ -1,13 +1,15 @@
 """Class images made while the GPU is idle (`prefill`), in-process on the tiny model with the real Worker and
-JobControl: the sets a default training would use get made, a member's request stops it at the next image boundary,
-and the next prefill finishes a half-made set without making its images again."""
+JobControl: the sets a default training would use get made, a member's request stops it at the next sampler step,
+and the next prefill finishes a half-made set (and the batch it stopped in) without making anything again."""
 from __future__ import annotations
 
 from trainer.contract import protocol
 from trainer.training.engine import class_prompt, train_concept
+from trainer.training.images import SAMPLER_STEPS
 from trainer.training.priors import ClassImageSet, model_fingerprint
 from trainer.worker import EventWriter, JobControl, Worker
 
+from tests.trainer.test_training_yield import _pixels
 from tests.trainer.test_worker_run_many import Events
 from tests.trainer.training_helpers import make_spec, write_noise_photos
 
@@ -25,27 +27,37 @@ def test_prefill_fills_the_class_cache_when_idle_and_stops_for_a_members_job(tin
                     data_dir=tmp_path)
     cache = tmp_path / "cache"
     member_job = protocol.run(7, "selftest", {"seconds": 0.01, "step_s": 0.01})
+    unet_calls = []  # one per sampler step (the guidance's two halves run as one batch)
 
-    def a_member_submits_after_the_first_images(event):
-        if event["event"] == "prefill" and event["state"] == "progress" and not events.events[:-1].count(event):
-            if control.jobs.empty():
-                control.submit(member_job)
+    def a_member_submits_during_the_second_batch(module, args, output):
+        unet_calls.append(True)
+        if len(unet_calls) == SAMPLER_STEPS + 5:
+            control.submit(member_job)
 
-    events.on_event = a_member_submits_after_the_first_images
-    worker.prefill(protocol.prefill(["man", "style", "dog"], count=COUNT, resolution=SIDE))
-    assert events.events[-1] == protocol.prefill_state("stopped")
-    man, dog = _set(tiny_pipeline, cache, "man"), _set(tiny_pipeline, cache, "dog")
-    assert man.missing() == [2, 3] and dog.missing() == list(range(COUNT))  # stopped after one batch
-    assert control.jobs.get_nowait() == member_job  # the member's job is next, untouched
-    control.ended(7)
-    made_first = {i: man.image_path(i).stat().st_mtime_ns for i in (0, 1)}
+    hook = tiny_pipeline.unet.register_forward_hook(a_member_submits_during_the_second_batch)
+    try:
+        worker.prefill(protocol.prefill(["man", "style", "dog"], count=COUNT, resolution=SIDE))
+        assert events.events[-1] == protocol.prefill_state("stopped")
+        man, dog = _set(tiny_pipeline, cache, "man"), _set(tiny_pipeline, cache, "dog")
+        assert man.missing() == [2, 3] and dog.missing() == list(range(COUNT))
+        assert worker.live.class_batches.step(man.directory) == f"5/{SAMPLER_STEPS}"  # the member waited one step
+        assert control.jobs.get_nowait() == member_job  # the member's job is next, untouched
+        control.ended(7)
+        made_first = {i: man.image_path(i).stat().st_mtime_ns for i in (0, 1)}
 
-    events.on_event = None
-    worker.prefill(protocol.prefill(["man", "style", "dog"], count=COUNT, resolution=SIDE))
+        worker.prefill(protocol.prefill(["man", "style", "dog"], count=COUNT, resolution=SIDE))
+    finally:
+        hook.remove()
     assert events.events[-1] == protocol.prefill_state("complete")
     assert man.complete and dog.complete
     assert {i: man.image_path(i).stat().st_mtime_ns for i in (0, 1)} == made_first  # resumed, not made again
+    assert len(unet_calls) == 4 * SAMPLER_STEPS  # two sets of two batches: the stopped batch went on at its step 5
     assert {e["class_name"] for e in events.events if e.get("state") == "progress"} == {"man", "dog"}  # styles: none
+    uninterrupted = ClassImageSet.for_model(tmp_path / "uninterrupted", model_fingerprint(tiny_pipeline),
+                                            class_prompt("man"), SIDE, COUNT)
+    assert uninterrupted.ensure(tiny_pipeline, batch_size=2, deadline=None, should_stop=lambda: False) == "complete"
+    assert all(_pixels(man.image_path(i)).tolist() == _pixels(uninterrupted.image_path(i)).tolist()
+               for i in range(COUNT))
 
     # A training of that class then makes no class images of its own.
     photos = write_noise_photos(tmp_path / "photos", 2)

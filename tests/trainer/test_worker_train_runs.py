@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from trainer.contract import protocol
 from trainer.generation.service import GenerationService
+from trainer.training.images import SAMPLER_STEPS
 from trainer.worker import EventWriter, JobControl, Worker
 
 from tests.trainer.test_worker_run_many import Events
@@ -45,10 +46,11 @@ def test_a_training_yielding_in_its_class_images_keeps_generation_memory_and_eac
     params = _params(tmp_path)
 
     paused = _run(worker, control, events, params, someone_waits=True)
-    assert (paused["event"], paused["step"]) == ("paused", 0)  # yielded after the first batch of class images
+    assert (paused["event"], paused["step"]) == ("paused", 0)  # yielded after the first step of class images
     assert releases == []  # /imagine's graphs were not freed for class images
     log = capfd.readouterr().err
-    assert f"worker: job {JOB}: started at step 0; setup " in log and "paused in class images 2/4" in log
+    assert f"worker: job {JOB}: started at step 0; setup " in log
+    assert f"paused in class images 0/4, the next batch at sampler step 1/{SAMPLER_STEPS}" in log
 
     done = _run(worker, control, events, params, someone_waits=False)
     assert done["event"] == "done"

@@ -110,7 +110,8 @@ def yield_training(job_id: int) -> dict:
 
 def prefill(classes: list[str], *, count: int | None = None, resolution: int | None = None) -> dict:
     """Make the class images trainings of these classes will need, most wanted first, while nothing else runs: any
-    other request stops it at the next image boundary; what is made stays (a set half made resumes next time).
+    other request stops it at the next sampler step; what is made stays (a set half made, even its batch half made,
+    resumes next time).
     `count`/`resolution`: as a default training would use them when None."""
     return {"op": "prefill", "classes": list(classes), "count": count, "resolution": resolution}
 

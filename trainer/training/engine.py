@@ -2,8 +2,8 @@
 
 `train_concept(pipe, spec, cache_dir=...)` is what the GPU worker, the CLI and the tests call. One call runs one
 slice: it prepares (class images, cached latents and text embeddings), trains until the job is finished,
-`should_yield()` turns true (someone waits for the GPU; while class images are made: at the next batch of them;
-in the setup: once the class images or the inputs are ready) or
+`should_yield()` turns true (someone waits for the GPU; while class images are made: at the next sampler step,
+the batch kept in `live` for the next run; in the setup: once the class images or the inputs are ready) or
 the slice's time (an upper bound, off by default) is up (→ "paused", with a checkpoint under out_dir/checkpoint/)
 or `should_stop()` turns true (→ "cancelled"), and always leaves the pipeline as it found it (see
 trainer/training/lora_scope.py). With `checkpoint_s` it also writes a crash checkpoint that often without stopping
@@ -222,6 +222,7 @@ class _Slice:
         self.progressed = False  # whether this call did work a later run does not redo (then it may yield)
         self.class_graphs = None  # the class images' unet_graphs (None off CUDA), held until the set is complete
         self.class_graphs_owner = None  # the ExitStack that frees them
+        self.class_batches = None  # priors.UnfinishedBatches: the live trainings' (class-image batches paused mid-way)
         self.class_latents = None
         self.inputs: dict | None = None
         self.trainer: StepRunner | None = None
@@ -237,6 +238,7 @@ class _Slice:
         from trainer.training.lora_scope import LoraTrainingScope
 
         self.live = live
+        self.class_batches = None if live is None else live.class_batches  # without one, no pause inside a batch
         with self._session(self.state["rng"] if self.state and "rng" in self.state else None):
             self.scope = LoraTrainingScope(self.pipe, self.spec.adapter_name).__enter__()
             self.scope.base_model_only()
@@ -368,6 +370,9 @@ class _Slice:
         class_set = self.job.class_set
         if self.phase == "class_images" and class_set is not None:
             summary["phase_detail"] = f"{class_set.count - len(class_set.missing())}/{class_set.count}"
+            paused_at = self.class_batches and self.class_batches.step(class_set.directory)
+            if paused_at:
+                summary["phase_detail"] += f", the next batch at sampler step {paused_at}"
         return summary
 
     def _free_class_graphs(self) -> None:
@@ -405,7 +410,8 @@ class _Slice:
         wide = 4 if family_of(self.pipe).extra_conditioning else 8
         batch = wide if self.device.type == "cuda" else 2
         return class_set.ensure(self.pipe, batch_size=batch, deadline=self.deadline, should_stop=self.should_stop,
-                                should_yield=self.should_yield, on_image=report, graphs=self.class_graphs)
+                                should_yield=self.should_yield, on_image=report, graphs=self.class_graphs,
+                                unfinished=self.class_batches)
 
     def _inputs(self) -> dict:
         """Latents of the photos (and mirrors), prompt token ids and, unless the text encoder trains, embeddings;

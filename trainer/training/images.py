@@ -7,26 +7,16 @@ CUDA graphs (trainer/generation/fast_unet.py): pass one `unet_graphs()` to sever
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.contract.files import write_atomic
 
 SAMPLER_STEPS = 25
 GUIDANCE_SCALE = 7.5
-SAMPLER_LABEL = "DPM++ 2M"  # A1111's name for what dpm_solver() below makes of SD's scheduler config
-
-
-@contextmanager
-def dpm_solver(pipe):
-    from diffusers import DPMSolverMultistepScheduler
-
-    original = pipe.scheduler
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(original.config)
-    try:
-        yield pipe
-    finally:
-        pipe.scheduler = original
+SAMPLER_LABEL = "DPM++ 2M"  # A1111's name for DPM-Solver++ made from SD's scheduler config, as below
 
 
 @contextmanager
@@ -59,21 +49,102 @@ def generate(pipe, prompt: str, seeds: list[int], resolution: int, *, steps: int
              guidance_scale: float = GUIDANCE_SCALE, output_type: str = "pil", graphs=None):
     """One image per seed (each from its own generator, so an image does not depend on its batch-mates, up to the
     float rounding of the batch size). `graphs`: from `unet_graphs(pipe)`; by default this call makes its own."""
+    return generate_pausable(pipe, prompt, seeds, resolution, steps=steps, guidance_scale=guidance_scale,
+                             output_type=output_type, graphs=graphs)
+
+
+@dataclass
+class PausedBatch:
+    """A batch stopped between two sampler steps: its latents and its sampler as they were then. DPM-Solver++ draws no
+    noise after the first latents, so going on from here gives exactly the images of an uninterrupted batch."""
+    prompt: str
+    seeds: tuple[int, ...]
+    resolution: int
+    latents: object  # torch.Tensor
+    scheduler: object  # the DPMSolverMultistepScheduler, with its step index and the model outputs it keeps
+    steps_done: int
+    steps: int
+
+
+class _Paused(Exception):
+    def __init__(self, batch: PausedBatch):
+        self.batch = batch
+
+
+class _GoOn:
+    """A paused batch's scheduler as the pipeline sees it when the batch goes on: `set_timesteps` keeps its state and
+    `timesteps` lists only the steps still to run (its own `step` still sees the whole schedule)."""
+
+    def __init__(self, scheduler, steps_done: int):
+        self._scheduler, self._steps_done = scheduler, steps_done
+
+    def set_timesteps(self, *args, **kwargs) -> None:
+        pass
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        pass
+
+    @property
+    def timesteps(self):
+        return self._scheduler.timesteps[self._steps_done:]
+
+    def __getattr__(self, name):
+        return getattr(self._scheduler, name)
+
+
+def generate_pausable(pipe, prompt: str, seeds: list[int], resolution: int, *, steps: int = SAMPLER_STEPS,
+                      guidance_scale: float = GUIDANCE_SCALE, output_type: str = "pil", graphs=None,
+                      should_pause: Callable[[], bool] | None = None, paused: PausedBatch | None = None):
+    """`generate`, which `should_pause()` (asked after each sampler step but the last) can stop between two steps:
+    then it returns a PausedBatch instead of the images, and passing that back as `paused` goes on where it stopped.
+    A call makes at least one step, so a batch asked to pause at every step still finishes."""
     import torch
+
+    from diffusers import DPMSolverMultistepScheduler
 
     from trainer.generation.service import vae_one_image_at_a_time
 
+    if paused is not None and (paused.prompt, paused.seeds, paused.resolution, paused.steps) != (
+            prompt, tuple(seeds), resolution, steps):
+        raise ValueError("the paused batch is another batch than the one asked for")
     generators = [torch.Generator(device=pipe.device).manual_seed(int(seed)) for seed in seeds]
+    if paused is None:
+        scheduler, steps_before, latents = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config), 0, None
+    else:
+        scheduler, steps_before, latents = paused.scheduler, paused.steps_done, paused.latents
+
+    def on_step_end(pipeline, index, timestep, tensors):
+        steps_done = steps_before + index + 1
+        if should_pause is not None and steps_done < steps and should_pause():
+            raise _Paused(PausedBatch(prompt, tuple(seeds), resolution, tensors["latents"].clone(), scheduler,
+                                      steps_done, steps))
+        return {}
+
     with contextlib.ExitStack() as stack:
         if graphs is None:
             graphs = stack.enter_context(unet_graphs(pipe))
         if graphs is not None:
             stack.enter_context(graphs.installed())
-        stack.enter_context(dpm_solver(pipe))
+        stack.enter_context(_scheduler(pipe, scheduler if paused is None else _GoOn(scheduler, steps_before)))
         stack.enter_context(vae_one_image_at_a_time(pipe.vae, len(seeds)))  # 8 images at once: +4 GB at 512²
         stack.enter_context(torch.no_grad())
-        return pipe(prompt=[prompt] * len(seeds), height=resolution, width=resolution, num_inference_steps=steps,
-                    guidance_scale=guidance_scale, generator=generators, output_type=output_type).images
+        try:
+            return pipe(prompt=[prompt] * len(seeds), height=resolution, width=resolution, num_inference_steps=steps,
+                        guidance_scale=guidance_scale, generator=generators, latents=latents,
+                        output_type=output_type, callback_on_step_end=on_step_end,
+                        callback_on_step_end_tensor_inputs=["latents"]).images
+        except _Paused as stop:
+            return stop.batch
+
+
+@contextmanager
+def _scheduler(pipe, scheduler):
+    original = pipe.scheduler
+    pipe.scheduler = scheduler
+    try:
+        yield pipe
+    finally:
+        pipe.scheduler = original
 
 
 def save_image_atomic(image, path: Path, **save_options) -> Path:

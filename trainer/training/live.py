@@ -6,19 +6,28 @@ Meanwhile its adapter is switched off and nothing of it is trainable (LoraTraini
 in between generate exactly what they would without it. The checkpoint is still written at the yield: whoever
 drops the held training (another training needs the memory, the generation service is created, the GPU went idle,
 the worker exits) loses nothing, and the next `run` resumes from the file as before.
+
+A training that yields while making its class images, between two sampler steps of a batch, leaves that batch in
+`class_batches`, which a drop keeps: the next run, from memory or from the file, goes on with it (so does the
+worker's idle prefill of the same set). Each run makes at least one sampler step, so a busy queue that drops the
+training between runs cannot starve it.
 """
 from __future__ import annotations
 
 import logging
 
+from trainer.training.priors import UnfinishedBatches
+
 log = logging.getLogger(__name__)
 
 
 class LiveTrainings:
-    """At most one suspended training (the engine's _Slice), found again by its training's fingerprint."""
+    """At most one suspended training (the engine's _Slice), found again by its training's fingerprint, and the class
+    images' paused batches."""
 
     def __init__(self):
         self._held = None
+        self.class_batches = UnfinishedBatches()
         self.resumed = 0  # resumes served from memory (logs, tests)
 
     @property

@@ -3,7 +3,8 @@
 
 Each set is exactly the one a default training of that class would use (same prompt, resolution, count and recipe,
 so the same cache key), made image by image: whatever stops it (`should_stop`: another request arrived) leaves whole
-images behind, and the next prefill or the training itself finishes the set.
+images behind and the batch it stopped between two sampler steps, and the next prefill or the training itself
+finishes the set.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import dataclasses
 
 from trainer.contract.naming import class_kind
 from trainer.contract.train_spec import TrainSpec
+from trainer.training.priors import UnfinishedBatches
 
 
 def default_class_images() -> int:
@@ -25,8 +27,13 @@ def uses_class_images(class_name: str) -> bool:
 
 
 def prefill_class_images(pipe, class_names, *, cache_dir: Path, count: int | None = None,
-                         resolution: int | None = None, should_stop, on_image=None) -> bool:
-    """Complete the class-image set of each class in order; True when all are complete, False when stopped."""
+                         resolution: int | None = None, should_stop, on_image=None,
+                         unfinished: UnfinishedBatches | None = None) -> bool:
+    """Complete the class-image set of each class in order; True when all are complete, False when stopped.
+
+    `should_stop()` is asked between two sampler steps too: a request waits one step, not a batch. The batch it
+    stopped is kept in `unfinished` (the worker's, for the next prefill or training of that set): no step is made twice.
+    """
     from trainer.training.engine import _native_resolution, class_prompt
     from trainer.training.lora_scope import LoraTrainingScope
     from trainer.training.priors import ClassImageSet, model_fingerprint
@@ -40,9 +47,12 @@ def prefill_class_images(pipe, class_names, *, cache_dir: Path, count: int | Non
         for name in class_names:
             if not uses_class_images(name):
                 continue
+            if should_stop():
+                return False
             class_set = ClassImageSet.for_model(Path(cache_dir), model_fp, class_prompt(name), resolution, count)
             report = None if on_image is None else (lambda done, total, name=name: on_image(name, done, total))
-            if class_set.ensure(pipe, batch_size=batch, deadline=None, should_stop=should_stop,
-                                on_image=report) != "complete":
+            # Stopping here is a pause (kept in `unfinished`), not a cancel: nobody's job is given up.
+            if class_set.ensure(pipe, batch_size=batch, deadline=None, should_stop=lambda: False,
+                                should_yield=should_stop, on_image=report, unfinished=unfinished) != "complete":
                 return False
     return True

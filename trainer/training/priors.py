@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.contract.files import write_text_atomic
-from trainer.training.images import (GUIDANCE_SCALE, SAMPLER_STEPS, free_graphs, generate, save_image_atomic,
-                                     unet_graphs)
+from trainer.training.images import (GUIDANCE_SCALE, SAMPLER_STEPS, PausedBatch, free_graphs, generate_pausable,
+                                     save_image_atomic, unet_graphs)
 
 PRIORS_DIR = "priors"
 INFO_FILE = "info.json"
@@ -64,14 +64,15 @@ class ClassImageSet:
         return [i for i in range(self.count) if not self.image_path(i).is_file()]
 
     def ensure(self, pipe, *, batch_size: int, deadline: float | None, should_stop, should_yield=None,
-               on_image=None, graphs=None) -> str:
+               on_image=None, graphs=None, unfinished: "UnfinishedBatches | None" = None) -> str:
         """Generate what is missing and encode the latents. Returns "complete", "paused" (the deadline passed, or
-        `should_yield()` turned true at a batch boundary: someone waits for the GPU) or "cancelled".
+        `should_yield()` turned true: someone waits for the GPU) or "cancelled" (`should_stop()`).
 
-        At least one batch is generated per call even past the deadline or when asked to yield, so a training that
-        yields always makes progress. `graphs`: the caller's `unet_graphs(pipe)`, kept from one call to the next (a
-        training that yields keeps them) and emptied here once every image is made; by default this call captures
-        its own.
+        With `unfinished` (where the caller keeps a batch paused between two sampler steps, for its next call),
+        both are asked between two sampler steps too, so whoever waits waits one step, not a batch; without it a
+        pause waits for the end of the batch. A call makes at least one sampler step (without `unfinished`: one
+        batch) even past the deadline or when asked to yield, so a training that yields always makes progress. `graphs`: the caller's `unet_graphs(pipe)`, kept from one call to the next (a training
+        that yields keeps them) and emptied here once every image is made; by default this call captures its own.
         """
         if self.complete:
             return "complete"
@@ -80,7 +81,7 @@ class ClassImageSet:
             if graphs is None:
                 graphs = own.enter_context(unet_graphs(pipe))  # every batch has the same shape: captured once
             status = self._generate_missing(pipe, batch_size, deadline, should_stop, should_yield or (lambda: False),
-                                            on_image, graphs)
+                                            on_image, graphs, unfinished)
         if status != "complete":
             return status
         free_graphs(graphs)  # the latents' VAE pass below may need the memory
@@ -89,7 +90,14 @@ class ClassImageSet:
                                      "recipe": RECIPE, "created": time.time()})
         return "complete"
 
-    def _generate_missing(self, pipe, batch_size, deadline, should_stop, should_yield, on_image, graphs) -> str:
+    def _generate_missing(self, pipe, batch_size, deadline, should_stop, should_yield, on_image, graphs,
+                          unfinished: "UnfinishedBatches | None") -> str:
+        def wants_pause() -> bool:
+            return should_yield() or deadline is not None and time.monotonic() >= deadline
+
+        def pause_mid_batch() -> bool:
+            return should_stop() or unfinished is not None and wants_pause()
+
         generated_any = False
         for start in range(0, self.count, batch_size):
             group = [i for i in range(start, min(start + batch_size, self.count)) if not self.image_path(i).is_file()]
@@ -97,9 +105,17 @@ class ClassImageSet:
                 continue
             if should_stop():
                 return "cancelled"
-            if generated_any and (should_yield() or deadline is not None and time.monotonic() >= deadline):
+            if generated_any and wants_pause():
                 return "paused"
-            images = generate(pipe, self.prompt, [PRIOR_SEED + i for i in group], self.resolution, graphs=graphs)
+            seeds = [PRIOR_SEED + i for i in group]
+            images = generate_pausable(pipe, self.prompt, seeds, self.resolution, graphs=graphs,
+                                       should_pause=pause_mid_batch,
+                                       paused=unfinished and unfinished.take(self.directory, seeds))
+            if isinstance(images, PausedBatch):
+                if should_stop() or unfinished is None:
+                    return "cancelled"
+                unfinished.keep(self.directory, images)
+                return "paused"
             for i, image in zip(group, images):
                 save_image_atomic(image, self.image_path(i))
             generated_any = True
@@ -127,3 +143,29 @@ class ClassImageSet:
 
     def _write_json(self, name: str, data: dict) -> None:
         write_text_atomic(self.directory / name, json.dumps(data, indent=2))
+
+
+class UnfinishedBatches:
+    """Batches of class images paused between two sampler steps, one per class-image set (the last few sets), kept
+    until that set's next `ensure` goes on with it: by the worker (trainer/training/live.py) for its trainings and
+    prefills, so a batch outlives the training held in memory and a dropped training loses no sampler step. A set
+    goes on only with its own batch of the same seeds; anything else drops it. A batch is a few small tensors."""
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self._batches: dict[Path, PausedBatch] = {}
+
+    def keep(self, directory: Path, batch: PausedBatch) -> None:
+        self._batches.pop(directory, None)
+        self._batches[directory] = batch
+        while len(self._batches) > self.capacity:
+            self._batches.pop(next(iter(self._batches)))
+
+    def take(self, directory: Path, seeds: list[int]) -> PausedBatch | None:
+        batch = self._batches.pop(directory, None)
+        return batch if batch is not None and batch.seeds == tuple(seeds) else None
+
+    def step(self, directory: Path) -> str | None:
+        """"7/25": the sampler step the set's kept batch stopped at (logs); None when there is none."""
+        batch = self._batches.get(directory)
+        return None if batch is None else f"{batch.steps_done}/{batch.steps}"
