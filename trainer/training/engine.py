@@ -525,15 +525,17 @@ class _Slice:
         return state
 
     def _stop(self, status: str, trainer) -> TrainOutcome:
-        self.checkpoints.wait()  # an older periodic write must not land after this
         if status == "cancelled":
+            self.checkpoints.wait()  # a periodic write in flight must not land after the removal
             checkpoint.remove(self.spec.out_dir)
             return TrainOutcome("cancelled", self.step, self.job.total)
         if self.live is not None:
-            # Kept resident: the file is for a crash or a drop; written by `checkpoints`, so that a held training
-            # knows whether the file is still its own (_written_since).
+            # Kept resident: the file is for a crash or a drop; written by `checkpoints` (queued behind a periodic
+            # write in flight, not waiting for it: someone waits for the GPU), so that a held training knows whether
+            # the file is still its own (_written_since).
             self.checkpoints.save_async(self._state(trainer, on_device=True))
         else:
+            self.checkpoints.wait()  # an older periodic write must not land after this
             checkpoint.save_state(self.spec.out_dir, self._state(trainer))
         return TrainOutcome("paused", self.step, self.job.total)
 

@@ -4,8 +4,12 @@ A training no longer pauses at fixed times to save itself (it pauses only when s
 worker or bot would lose everything since the start. Instead, at a step boundary, every tensor of the training state
 (LoRA weights, optimiser moments, step counters) is cloned on its device: a few small copies queued behind the
 running steps, no wait for the GPU. A background thread then copies the clones to the host and writes the checkpoint
-file (trainer/training/checkpoint.py, renamed into place). At most one write is in flight; a due checkpoint waits
-for the next boundary after it. A killed process loses at most about one interval of steps.
+file (trainer/training/checkpoint.py, renamed into place). At most one periodic write is in flight; a due
+checkpoint waits for the next boundary after it. A killed process loses at most about one interval of steps.
+
+The checkpoint a training writes when it yields goes through here too, queued behind a write in flight rather than
+waiting for it: the member whose /imagine made it yield does not wait for a disk write, and the files still land in
+the order they were taken.
 """
 from __future__ import annotations
 
@@ -46,14 +50,17 @@ class PeriodicCheckpoint:
         return time.monotonic() - self._last >= self.interval_s
 
     def save_async(self, state: dict) -> None:
-        """Write `state` in the background; its tensors may be live training tensors (they are cloned here)."""
-        self.wait()
+        """Write `state` in the background, after the write in flight if any (this call does not wait for it); its
+        tensors may be live training tensors (they are cloned here)."""
         snapshot = _map_tensors(state, lambda t: t.detach().clone())
         self._last = time.monotonic()
-        self._thread = threading.Thread(target=self._write, args=(snapshot,), name="train-checkpoint", daemon=True)
+        self._thread = threading.Thread(target=self._write, args=(snapshot, self._thread), name="train-checkpoint",
+                                        daemon=True)
         self._thread.start()
 
-    def _write(self, snapshot: dict) -> None:
+    def _write(self, snapshot: dict, after: threading.Thread | None) -> None:
+        if after is not None:
+            after.join()  # an older state must not land over this one
         try:
             checkpoint.save_state(self.out_dir, _map_tensors(snapshot, lambda t: t.cpu()))
             self.last_stamp = checkpoint.stamp(self.out_dir)
