@@ -144,10 +144,10 @@ def test_a_held_training_another_lane_went_on_with_resumes_from_the_newer_file(t
     cache = tmp_path / "cache"
     live, asked = LiveTrainings(), []
     spec = make_spec(photos, tmp_path / "yielded", **FROM_FILE)
-    # Asked after each sampler step of the class images' batch but the last, once they are made, once the inputs are
-    # cached, then at each step boundary after the first.
+    # Asked after each sampler step of the class images' batch, once they are made, once the inputs are cached, then
+    # at each step boundary after the first.
     paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live,
-                           should_yield=lambda: asked.append(True) or len(asked) >= SAMPLER_STEPS - 1 + 4)
+                           should_yield=lambda: asked.append(True) or len(asked) >= SAMPLER_STEPS + 4)
     assert (paused.status, paused.step) == ("paused", 2) and live.held is not None
     live.held.checkpoints.wait()
     state = checkpoint.load_state(spec.out_dir, live.held.job.fingerprint)

@@ -53,12 +53,12 @@ def _on_ask(n: int):
 
 def _after_the_class_images():
     """A `should_yield` that says no while the two class images are made (one batch on CPU: asked after each of its
-    sampler steps but the last) and yes from then on."""
+    sampler steps) and yes from then on."""
     asked = []
 
     def should_yield() -> bool:
         asked.append(True)
-        return len(asked) >= SAMPLER_STEPS
+        return len(asked) > SAMPLER_STEPS
     return should_yield
 
 
@@ -78,7 +78,7 @@ def test_a_training_yielding_in_its_class_images_goes_on_from_memory_with_what_i
 
     live, cache = LiveTrainings(), tmp_path / "c2"
     spec = make_spec(photos, tmp_path / "yielded", **FIVE_CLASS_IMAGES)
-    paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_on_ask(SAMPLER_STEPS + 3))
+    paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_on_ask(SAMPLER_STEPS + 4))
     assert (paused.status, paused.step, paused.run.get("phase"), paused.run.get("phase_detail")) == (
         "paused", 0, "class_images", f"2/5, the next batch at sampler step 3/{SAMPLER_STEPS}")
     assert describe_run(paused).endswith(f"paused in class images 2/5, the next batch at sampler step 3/{SAMPLER_STEPS}")

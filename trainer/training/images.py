@@ -96,9 +96,10 @@ class _GoOn:
 def generate_pausable(pipe, prompt: str, seeds: list[int], resolution: int, *, steps: int = SAMPLER_STEPS,
                       guidance_scale: float = GUIDANCE_SCALE, output_type: str = "pil", graphs=None,
                       should_pause: Callable[[], bool] | None = None, paused: PausedBatch | None = None):
-    """`generate`, which `should_pause()` (asked after each sampler step but the last) can stop between two steps:
-    then it returns a PausedBatch instead of the images, and passing that back as `paused` goes on where it stopped.
-    A call makes at least one step, so a batch asked to pause at every step still finishes."""
+    """`generate`, which `should_pause()` (asked after each sampler step) can stop between two steps or before the
+    VAE decode: then it returns a PausedBatch instead of the images, and passing that back as `paused` goes on where
+    it stopped. A call makes at least one step (or, once every step is made, the decode), so a batch asked to pause
+    at every step still finishes."""
     import torch
 
     from diffusers import DPMSolverMultistepScheduler
@@ -126,7 +127,7 @@ def generate_pausable(pipe, prompt: str, seeds: list[int], resolution: int, *, s
             in_flight[-1].record()
             if len(in_flight) > MAX_STEPS_IN_FLIGHT:
                 in_flight.popleft().synchronize()
-        if should_pause is not None and steps_done < steps and should_pause():
+        if should_pause is not None and should_pause():  # after the last step too: the decode can wait as well
             raise _Paused(PausedBatch(prompt, tuple(seeds), resolution, tensors["latents"].clone(), scheduler,
                                       steps_done, steps))
         return {}

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,12 +117,17 @@ class ClassImageSet:
                     return "cancelled"
                 unfinished.keep(self.directory, images)
                 return "paused"
-            for i, image in zip(group, images):
-                save_image_atomic(image, self.image_path(i))
+            self._save(group, images)
             generated_any = True
             if on_image:
                 on_image(self.count - len(self.missing()), self.count)
         return "complete"
+
+    def _save(self, indices: list[int], images) -> None:
+        """The PNGs of a batch, encoded side by side (zlib lets go of the GIL): 8 in a row at 512² take ≈ 0.4 s of
+        the job thread, which a member's /imagine would wait for."""
+        with ThreadPoolExecutor(max_workers=min(len(indices), 4), thread_name_prefix="class-image-png") as pool:
+            list(pool.map(lambda i, image: save_image_atomic(image, self.image_path(i)), indices, images))
 
     def latents(self):
         """(mean, std) [2, count, C, h, w] float32 CPU tensors, as `train_data.encode_latents` returns them."""
