@@ -72,8 +72,9 @@ class ClassImageSet:
         With `unfinished` (where the caller keeps a batch paused between two sampler steps, for its next call),
         both are asked between two sampler steps too, so whoever waits waits one step, not a batch; without it a
         pause waits for the end of the batch. A call makes at least one sampler step (without `unfinished`: one
-        batch) even past the deadline or when asked to yield, so a training that yields always makes progress. `graphs`: the caller's `unet_graphs(pipe)`, kept from one call to the next (a training
-        that yields keeps them) and emptied here once every image is made; by default this call captures its own.
+        batch) even past the deadline or when asked to yield, so a training that yields always makes progress.
+        `graphs`: the caller's `unet_graphs(pipe)`, kept from one call to the next (a training that yields keeps
+        them) and emptied here once every image is made; by default this call captures its own.
         """
         if self.complete:
             return "complete"
@@ -96,7 +97,7 @@ class ClassImageSet:
         def wants_pause() -> bool:
             return should_yield() or deadline is not None and time.monotonic() >= deadline
 
-        def pause_mid_batch() -> bool:
+        def pause_in_batch() -> bool:
             return should_stop() or unfinished is not None and wants_pause()
 
         generated_any = False
@@ -110,8 +111,8 @@ class ClassImageSet:
                 return "paused"
             seeds = [PRIOR_SEED + i for i in group]
             images = generate_pausable(pipe, self.prompt, seeds, self.resolution, graphs=graphs,
-                                       should_pause=pause_mid_batch,
-                                       paused=unfinished and unfinished.take(self.directory, seeds))
+                                       should_pause=pause_in_batch,
+                                       paused=None if unfinished is None else unfinished.take(self.directory, seeds))
             if isinstance(images, PausedBatch):
                 if should_stop() or unfinished is None:
                     return "cancelled"
