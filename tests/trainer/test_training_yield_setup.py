@@ -81,7 +81,8 @@ def test_a_training_yielding_in_its_class_images_goes_on_from_memory_with_what_i
     paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_on_ask(SAMPLER_STEPS + 4))
     assert (paused.status, paused.step, paused.run.get("phase"), paused.run.get("phase_detail")) == (
         "paused", 0, "class_images", f"2/5, the next batch at sampler step 3/{SAMPLER_STEPS}")
-    assert describe_run(paused).endswith(f"paused in class images 2/5, the next batch at sampler step 3/{SAMPLER_STEPS}")
+    assert describe_run(paused).endswith(
+        f"paused in class images 2/5, the next batch at sampler step 3/{SAMPLER_STEPS}")
     held = live.held
     assert held is not None  # resident: the scope, the class images' graphs and the batch in progress kept
     scope = held.scope
