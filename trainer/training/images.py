@@ -7,7 +7,6 @@ CUDA graphs (trainer/generation/fast_unet.py): pass one `unet_graphs()` to sever
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,7 +104,7 @@ def generate_pausable(pipe, prompt: str, seeds: list[int], resolution: int, *, s
     from diffusers import DPMSolverMultistepScheduler
 
     from trainer.generation.service import vae_one_image_at_a_time
-    from trainer.training.step import MAX_STEPS_IN_FLIGHT
+    from trainer.training.step import StepsInFlight
 
     if paused is not None and (paused.prompt, paused.seeds, paused.resolution, paused.steps) != (
             prompt, tuple(seeds), resolution, steps):
@@ -116,20 +115,17 @@ def generate_pausable(pipe, prompt: str, seeds: list[int], resolution: int, *, s
     else:
         scheduler, steps_before, latents = paused.scheduler, paused.steps_done, paused.latents
 
-    in_flight = deque()  # CUDA events of the steps queued (a paused batch's host must not run ahead of its GPU)
+    # The host queues a graph-replayed step in a few launches: left alone it queues the whole batch at once, and a
+    # pause asked for then would still wait for every queued step.
+    in_flight = StepsInFlight(pipe.device)
 
     def on_step_end(pipeline, index, timestep, tensors):
-        steps_done = steps_before + index + 1
-        if should_pause is not None and pipe.device.type == "cuda":
-            # The host queues a graph-replayed step in a few launches: left alone it queues the whole batch at
-            # once, and a pause asked for then would still wait for every queued step. Keep it a step or two ahead.
-            in_flight.append(torch.cuda.Event())
-            in_flight[-1].record()
-            if len(in_flight) > MAX_STEPS_IN_FLIGHT:
-                in_flight.popleft().synchronize()
-        if should_pause is not None and should_pause():  # after the last step too: the decode can wait as well
+        if should_pause is None:
+            return {}
+        in_flight.queued()
+        if should_pause():  # after the last step too: the decode can wait as well
             raise _Paused(PausedBatch(prompt, tuple(seeds), resolution, tensors["latents"].clone(), scheduler,
-                                      steps_done, steps))
+                                      steps_before + index + 1, steps))
         return {}
 
     with contextlib.ExitStack() as stack:

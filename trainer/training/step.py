@@ -16,6 +16,25 @@ from contextlib import nullcontext
 MAX_STEPS_IN_FLIGHT = 2
 
 
+class StepsInFlight:
+    """Keeps the host at most MAX_STEPS_IN_FLIGHT steps ahead of a CUDA device (nothing to do elsewhere): call
+    `queued()` after queueing each step. Used by the training step and by class images that may pause."""
+
+    def __init__(self, device):
+        self._cuda = device.type == "cuda"
+        self._events: deque = deque()
+
+    def queued(self) -> None:
+        if not self._cuda:
+            return
+        import torch
+
+        self._events.append(torch.cuda.Event())
+        self._events[-1].record()
+        if len(self._events) > MAX_STEPS_IN_FLIGHT:
+            self._events.popleft().synchronize()
+
+
 class StepRunner:
     def __init__(self, pipe, job, inputs: dict, class_latents, noise_generator, *, cuda_graphs: bool = True):
         import torch
@@ -75,7 +94,7 @@ class StepRunner:
         self._index = torch.zeros(1, dtype=torch.long, device=self.device)
         self._latent_noise = torch.empty(shape, dtype=self.mean.dtype, device=self.device)
         self._noise = torch.empty(shape, dtype=self.mean.dtype, device=self.device)
-        self._in_flight: deque = deque()
+        self._in_flight = StepsInFlight(self.device)
         self.graph = None
         if use_graph:
             from trainer.training.graph import GraphedStep
@@ -123,12 +142,7 @@ class StepRunner:
         else:
             self._compute(True)
         self.loss_count += 1
-        if self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-            self._in_flight.append(done)
-            if len(self._in_flight) > MAX_STEPS_IN_FLIGHT:
-                self._in_flight.popleft().synchronize()
+        self._in_flight.queued()
 
     def _compute(self, zero_grad: bool) -> None:
         """The step itself, on the static inputs; no host sync (it may run inside a CUDA graph)."""
