@@ -222,7 +222,6 @@ class _Slice:
         self.progressed = False  # whether this call did work a later run does not redo (then it may yield)
         self.class_graphs = None  # the class images' unet_graphs (None off CUDA), held until the set is complete
         self.class_graphs_owner = None  # the ExitStack that frees them
-        self.class_batches = None  # priors.UnfinishedBatches: the live trainings' (class-image batches paused mid-way)
         self.class_latents = None
         self.inputs: dict | None = None
         self.trainer: StepRunner | None = None
@@ -238,7 +237,6 @@ class _Slice:
         from trainer.training.lora_scope import LoraTrainingScope
 
         self.live = live
-        self.class_batches = None if live is None else live.class_batches  # without one, no pause inside a batch
         with self._session(self.state["rng"] if self.state and "rng" in self.state else None):
             self.scope = LoraTrainingScope(self.pipe, self.spec.adapter_name).__enter__()
             self.scope.base_model_only()
@@ -256,6 +254,12 @@ class _Slice:
         with self._session(self.training_rng):
             resume(self.scope)
             return self._leave(self._run_phases)
+
+    @property
+    def class_batches(self):
+        """The live trainings' class-image batches paused mid-way (priors.UnfinishedBatches); without `live`, None: no
+        pause inside a batch."""
+        return None if self.live is None else self.live.class_batches
 
     def _leave(self, body) -> TrainOutcome:
         """Run `body` in the open scope; then keep the training resident (paused, with a `live` holder) or close."""
