@@ -478,15 +478,17 @@ class Worker:
 # so a worker started for self-tests never imports them.
 
 def run_train(worker: Worker, job_id: int, params: dict, on_progress, should_stop) -> dict:
-    from trainer.training.engine import TrainSpec, train_concept
+    from trainer.training.engine import BATCH_RECIPE_FIELDS, TrainSpec, recipe_at_batch, train_concept
 
     worker.use_model(params)
     if worker.pipe is None:
         raise UserError(NO_MODEL)
-    from trainer.training.memory import gradient_checkpointing_for
+    from trainer.training.memory import default_batch_for, gradient_checkpointing_for
 
     checkpointing = gradient_checkpointing_for(worker.train_memory, worker.pipe)
     spec = TrainSpec.from_params({"gradient_checkpointing": checkpointing, **params})
+    if all(params.get(name) is None for name in BATCH_RECIPE_FIELDS):
+        spec = recipe_at_batch(spec, default_batch_for(worker.train_memory, worker.pipe))
     resuming_live = worker.live.held is not None and worker.live.held.spec.out_dir == spec.out_dir
     adapters_added = []
 

@@ -71,13 +71,19 @@ def score(args) -> int:
     unknown = [n for n in names if n not in recipes.RECIPES]
     if unknown:
         raise SystemExit(f"unknown recipe(s) {unknown}; known: {', '.join(recipes.RECIPES)}")
+    from bench.quality.scores import SUBJECTS
+
+    subjects = args.subject or ["man"]
     started = time.monotonic()
+    tables = {}
     with tempfile.TemporaryDirectory() as tmp:
-        rows = recipes.run(pipe, readers, names, Path(args.work or tmp), plan=_plan(args),
-                           log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(recipes.markdown(rows))
+        for subject in subjects:
+            tables[subject] = recipes.run(pipe, readers, names, Path(args.work or tmp) / subject,
+                                          concept=SUBJECTS[subject], plan=_plan(args),
+                                          log=lambda line: print(f"{subject} {line}", file=sys.stderr, flush=True))
+            print(f"\n{subject}: {SUBJECTS[subject].subject}\n{recipes.markdown(tables[subject])}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        Path(args.json).write_text(json.dumps(tables, indent=2) + "\n", encoding="utf-8")
     print(f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
     return 0
 
@@ -102,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             c.add_argument("--count", type=int, default=256, help="captions to generate (default: %(default)s)")
         else:
             c.add_argument("--recipe", action="append", help="a recipe name (repeatable; default: default)")
+            c.add_argument("--subject", action="append", choices=("man", "woman", "dog", "cat"),
+                           help="whose photos (repeatable: a table each; default: man)")
             c.add_argument("--work", help="keep photos, LoRAs and pictures here (default: a temporary folder)")
             c.add_argument("--json", help="also write the rows as JSON here")
     for sub in commands.choices.values():

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 from bench.quality import scores
 from trainer.contract.train_spec import TrainSpec
-from trainer.training.engine import train_concept
+from trainer.training.engine import recipe_at_batch, train_concept
 
-# name -> TrainSpec overrides of the bot's default recipe (docs/TRAINING.md)
-RECIPES: dict[str, dict] = {
+# name -> TrainSpec overrides of the bot's default recipe (docs/TRAINING.md), or a function of the default's spec
+RECIPES: dict[str, dict | Callable[[TrainSpec], TrainSpec]] = {
     "default": {},
+    # what the worker trains on a GPU with room for it (trainer/training/memory.py `default_batch_for`)
+    "default-batch-4": lambda spec: recipe_at_batch(spec, 4),
     "batch-8": {"batch_size": 8},
     "no-text-encoder": {"train_text_encoder": False},
     "no-prior": {"prior_preservation": False},
@@ -19,12 +22,36 @@ RECIPES: dict[str, dict] = {
     "steps-400": {"steps": 400},
     "steps-800": {"steps": 800},
     "eager": {"cuda_graphs": False},
+    # a batch of B at a B-th of the default's 800 steps: the same samples, far fewer (and faster per sample) steps
+    "batch-4-steps-200": {"batch_size": 4, "steps": 200},
+    "batch-8-steps-100": {"batch_size": 8, "steps": 100},
+    "batch-8-steps-200": {"batch_size": 8, "steps": 200},
+    # the same, with the learning rates doubled (fewer updates of a less noisy gradient)
+    "batch-4-steps-200-lr-x2": {"batch_size": 4, "steps": 200, "learning_rate": 2e-4,
+                                "text_encoder_learning_rate": 1e-4},
+    "batch-8-steps-100-lr-x2": {"batch_size": 8, "steps": 100, "learning_rate": 2e-4,
+                                "text_encoder_learning_rate": 1e-4},
+    "batch-8-steps-100-lr-x3": {"batch_size": 8, "steps": 100, "learning_rate": 3e-4,
+                                "text_encoder_learning_rate": 1.5e-4},
+    "batch-4-steps-200-lr-x4": {"batch_size": 4, "steps": 200, "learning_rate": 4e-4,
+                                "text_encoder_learning_rate": 2e-4},
+    "batch-8-steps-100-lr-x4": {"batch_size": 8, "steps": 100, "learning_rate": 4e-4,
+                                "text_encoder_learning_rate": 2e-4},
+    "batch-8-steps-100-lr-x6": {"batch_size": 8, "steps": 100, "learning_rate": 6e-4,
+                                "text_encoder_learning_rate": 3e-4},
+    # half the steps at twice the learning rates, batch 1
+    "steps-400-lr-x2": {"steps": 400, "learning_rate": 2e-4, "text_encoder_learning_rate": 1e-4},
+    "class-images-50": {"class_images": 50},
 }
 
 
-def train(pipe, concept: scores.Concept, photos: Path, work: Path, name: str, overrides: dict) -> dict:
+def train(pipe, concept: scores.Concept, photos: Path, work: Path, name: str,
+          recipe: dict | Callable[[TrainSpec], TrainSpec]) -> dict:
     spec = TrainSpec(concept_id=f"quality-{name}", token=concept.token, class_name=concept.class_name,
-                     photos_dir=photos, out_dir=work / "concepts" / name, seed=0, sample_count=0, **overrides)
+                     photos_dir=photos, out_dir=work / "concepts" / name, seed=0, sample_count=0,
+                     **(recipe if isinstance(recipe, dict) else {}))
+    if callable(recipe):
+        spec = recipe(spec)
     started = time.monotonic()
     outcome = train_concept(pipe, spec, cache_dir=work / "cache")
     if outcome.status != "done":

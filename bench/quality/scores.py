@@ -36,6 +36,13 @@ class Concept:
 
 
 DEFAULT_CONCEPT = Concept("squidarth", {"class": "man", "hair": "blue", "eyes": "green", "accessory": "glasses"})
+# Subjects a recipe change is checked on (`score --subject`): one per class, identities the base model rarely draws
+SUBJECTS = {
+    "man": DEFAULT_CONCEPT,
+    "woman": Concept("ellatok", {"class": "woman", "hair": "red", "eyes": "brown", "accessory": "hat"}),
+    "dog": Concept("rexdog", {"class": "dog", "hair": "yellow", "eyes": "blue", "accessory": "none"}),
+    "cat": Concept("mochicat", {"class": "cat", "hair": "white", "eyes": "green", "accessory": "glasses"}),
+}
 
 
 @dataclass(frozen=True)

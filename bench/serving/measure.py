@@ -77,6 +77,7 @@ async def measure(bot: ServedBot, plan: Plan, out: dict) -> None:
     out["imagine_during_training"] = during_figures(during_cold, during_warm)
 
     out["burst"] = await bursts(bot, plan)
+    out["gpu_peak_gb"] = await bot.gpu_peak_gb()
 
 
 def during_figures(cold: list[float], warm: list[float]) -> dict:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import socket
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +79,15 @@ def train_options(token: str, class_name: str, attachments: list[dict]) -> list[
         for index, attachment in enumerate(attachments)]
 
 
+PEAK_LINE = re.compile(r"^boothbot_gpu_memory_peak_bytes\{[^}]*\} (\S+)$", re.MULTILINE)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class ServedBot:
     """`python -m bot run` on a fresh data directory in `workdir`, its log in `workdir/bot.log`."""
 
@@ -96,6 +107,8 @@ class ServedBot:
                                        trainings_per_day="20", device=self.device, log_level="info")
         if self.device != "cpu":
             env["BOOTHBOT_DTYPE"] = "auto"
+        self.metrics_port = _free_port()
+        env["BOOTHBOT_METRICS_PORT"] = str(self.metrics_port)
         setup = (f"import bot.services.submissions as submissions; submissions.TRAIN_RECIPE = {self.recipe!r}\n"
                  if self.recipe else "")
         self._log = open(self.log_path, "wb")
@@ -126,6 +139,16 @@ class ServedBot:
                 await self.process.wait()
         if self._log is not None:
             self._log.close()
+
+    async def gpu_peak_gb(self) -> float | None:
+        """The most GPU memory the worker has reserved since it started (service, trainings, bursts), from the bot's
+        Prometheus endpoint as an operator reads it; None on a CPU."""
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+                return response.read().decode()
+
+        found = PEAK_LINE.findall(await asyncio.to_thread(scrape))
+        return round(max(float(v) for v in found) / 2**30, 2) if found else None
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

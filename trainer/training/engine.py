@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -57,6 +58,25 @@ def default_steps(photo_count: int, class_name: str) -> int:
     800–1200: Hugging Face's DreamBooth study), else at least 500; at most 1500 (beyond that LoRAs overfit)."""
     low = 800 if class_kind(class_name) == "person" else 500
     return max(low, min(1500, 100 * photo_count))
+
+
+# What the default recipe sets and a batch above 1 changes together (`recipe_at_batch`); a job that gives any of them
+# trains exactly as given.
+BATCH_RECIPE_FIELDS = ("steps", "batch_size", "learning_rate", "text_encoder_learning_rate")
+
+
+def recipe_at_batch(spec: TrainSpec, batch: int) -> TrainSpec:
+    """The default recipe at `batch`: the same samples in a `batch`-th of the steps, both learning rates × `batch`
+    (the linear scaling rule). The quality yardstick measured batch 4 this way at or above batch 1 on every subject
+    (docs/TRAINING.md, "Batch size"); the steps are what make a training slow, so a big GPU trains ~2× sooner."""
+    if batch == 1:
+        return spec
+    from trainer.training.data import find_photos
+
+    steps = default_steps(len(find_photos(spec.photos_dir)), spec.class_name)
+    return replace(spec, batch_size=batch, steps=math.ceil(steps / batch),
+                               learning_rate=spec.learning_rate * batch,
+                               text_encoder_learning_rate=spec.text_encoder_learning_rate * batch)
 
 
 @dataclass(frozen=True)

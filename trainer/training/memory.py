@@ -8,6 +8,10 @@
 - auto (the default): low for SDXL on a GPU with less than AUTO_FAST_GIB of memory in all, fast otherwise. SD 1.x
   fits a 12 GB card in the fast setting.
 
+The default recipe's batch follows the GPU too (`default_batch_for`): batch 4 with the learning rates × 4 and a quarter
+of the steps for SD 1.x on a GPU with BATCH_4_GIB or more in all, unless `low`; batch 1 otherwise (docs/TRAINING.md,
+"Batch size": the quality yardstick's table).
+
 Gradient checkpointing computes the same step (only when each activation is computed differently), so the choice
 never changes what a recipe means; it is in the checkpoint fingerprint all the same (the rounding may differ), so a
 training resumed under another setting starts again.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 MODES = ("auto", "low", "fast")
 AUTO_FAST_GIB = 40.0  # measured peaks: docs/TRAINING.md ("Memory"); a 40/48 GB card holds SDXL fast + serving
+BATCH_4_GIB = 24.0  # SD 1.x at batch 4 beside the resident model: docs/TRAINING.md ("Batch size")
 
 
 def gradient_checkpointing_for(mode: str, pipe) -> bool:
@@ -33,3 +38,19 @@ def gradient_checkpointing_for(mode: str, pipe) -> bool:
 
     total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     return total_gib < AUTO_FAST_GIB
+
+
+def default_batch_for(mode: str, pipe) -> int:
+    """The batch of the default recipe (trainer/training/engine.py `recipe_at_batch`) for a training on `pipe` in
+    memory setting `mode`: 4 for SD 1.x on a CUDA GPU with at least BATCH_4_GIB in all unless `low`, else 1. SDXL
+    stays at 1: its batch of 4 at 1024² is neither measured for quality nor small."""
+    if mode not in MODES:
+        raise ValueError(f"unknown training memory setting {mode!r}: one of {', '.join(MODES)}")
+    from trainer.models.family import family_of
+
+    device = pipe.unet.device
+    if mode == "low" or device.type != "cuda" or family_of(pipe).extra_conditioning:
+        return 1
+    import torch
+
+    return 4 if torch.cuda.get_device_properties(device).total_memory / 2**30 >= BATCH_4_GIB else 1
