@@ -397,6 +397,8 @@ class _Slice:
             paused_at = self.class_batches and self.class_batches.step(class_set.directory)
             if paused_at:
                 summary["phase_detail"] += f", the next batch at sampler step {paused_at}"
+            elif not class_set.missing():
+                summary["phase_detail"] += f", their latents {class_set.latents_encoded()}"
         return summary
 
     def _free_class_graphs(self) -> None:

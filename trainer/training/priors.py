@@ -2,7 +2,8 @@
 
 The cache lives under cache_dir/priors/<key>/ where the key hashes (base model weights, class prompt, resolution,
 count, how the images are made). It holds NNN.png, latents.safetensors (VAE latents of each image and its mirror) and
-info.json, written last, which marks the set complete. Generation is resumable image by image: each image has its own
+info.json, written last, which marks the set complete. The latents are encoded LATENT_CHUNK images at a time, each
+chunk kept in latent-parts/ until the set's file is written, so a yield waits for one chunk, not for the whole set. Generation is resumable image by image: each image has its own
 seed and is renamed into place when written, so a training that yields or runs out of time, a crash or two workers
 racing on the same class only ever leave whole images behind, and finishing the set later gives the same images.
 """
@@ -23,6 +24,8 @@ from trainer.training.images import (GUIDANCE_SCALE, SAMPLER_STEPS, PausedBatch,
 PRIORS_DIR = "priors"
 INFO_FILE = "info.json"
 LATENTS_FILE = "latents.safetensors"
+LATENT_PARTS = "latent-parts"  # latents of LATENT_CHUNK images each, while the set's are being encoded
+LATENT_CHUNK = 16  # a multiple of encode_latents' batch: the VAE sees the same batches as in one pass (same latents)
 PRIOR_SEED = 1_000_003  # image i uses seed PRIOR_SEED + i
 RECIPE = f"dpmsolver++/{SAMPLER_STEPS}/cfg{GUIDANCE_SCALE}/seed{PRIOR_SEED}"
 
@@ -79,24 +82,26 @@ class ClassImageSet:
         if self.complete:
             return "complete"
         self.directory.mkdir(parents=True, exist_ok=True)
+        should_yield = should_yield or (lambda: False)
+
+        def wants_pause() -> bool:
+            return should_yield() or deadline is not None and time.monotonic() >= deadline
+
         with contextlib.ExitStack() as own:
             if graphs is None:
                 graphs = own.enter_context(unet_graphs(pipe))  # every batch has the same shape: captured once
-            status = self._generate_missing(pipe, batch_size, deadline, should_stop, should_yield or (lambda: False),
-                                            on_image, graphs, unfinished)
+            status = self._generate_missing(pipe, batch_size, wants_pause, should_stop, on_image, graphs, unfinished)
         if status != "complete":
             return status
         free_graphs(graphs)  # the latents' VAE pass below may need the memory
-        self._write_latents(pipe)
+        if not self._write_latents(pipe, wants_pause, should_stop):
+            return "cancelled" if should_stop() else "paused"
         self._write_json(INFO_FILE, {"prompt": self.prompt, "resolution": self.resolution, "count": self.count,
                                      "recipe": RECIPE, "created": time.time()})
         return "complete"
 
-    def _generate_missing(self, pipe, batch_size, deadline, should_stop, should_yield, on_image, graphs,
+    def _generate_missing(self, pipe, batch_size, wants_pause, should_stop, on_image, graphs,
                           unfinished: "UnfinishedBatches | None") -> str:
-        def wants_pause() -> bool:
-            return should_yield() or deadline is not None and time.monotonic() >= deadline
-
         def pause_in_batch() -> bool:
             return should_stop() or unfinished is not None and wants_pause()
 
@@ -137,16 +142,49 @@ class ClassImageSet:
         tensors = load_file(str(self.directory / LATENTS_FILE))
         return tensors["mean"], tensors["std"]
 
-    def _write_latents(self, pipe) -> None:
-        from trainer.training.lora_files import save_file_atomic
-        from trainer.training.data import encode_latents, load_pixels
+    def latents_encoded(self) -> str:
+        """"32/100": how many images' latents are encoded (in latent-parts/) while the set's file is not written."""
+        if self.complete:
+            return f"{self.count}/{self.count}"
+        done = sum(min(LATENT_CHUNK, self.count - start) for start in range(0, self.count, LATENT_CHUNK)
+                   if self._latent_part(start).is_file())
+        return f"{done}/{self.count}"
+
+    def _latent_part(self, start: int) -> Path:
+        return self.directory / LATENT_PARTS / f"{start:05d}.safetensors"
+
+    def _write_latents(self, pipe, wants_pause, should_stop) -> bool:
+        """Encodes the chunks not yet in latent-parts/, then writes the set's file. False: stopped between two chunks
+        (asked to yield or stop; at least one chunk is encoded first, so a call always makes progress). 100 images
+        at 512² take ≈ 3 s on an H200 (PNG decoding and the VAE), one chunk a fraction of a second."""
+        import shutil
+
+        import torch
+        from safetensors.torch import load_file
 
         from trainer.models.family import vae_precision
+        from trainer.training.data import encode_latents, load_pixels
+        from trainer.training.lora_files import save_file_atomic
 
-        pixels = load_pixels([self.image_path(i) for i in range(self.count)], self.resolution)
+        parts = self.directory / LATENT_PARTS
+        parts.mkdir(exist_ok=True)
+        paths = [self._latent_part(start) for start in range(0, self.count, LATENT_CHUNK)]
+        encoded_any = False
         with vae_precision(pipe) as vae:
-            mean, std = encode_latents(vae, pixels)
-        save_file_atomic({"mean": mean, "std": std}, self.directory / LATENTS_FILE, {"count": str(self.count)})
+            for path, start in zip(paths, range(0, self.count, LATENT_CHUNK)):
+                if path.is_file():
+                    continue
+                if should_stop() or encoded_any and wants_pause():
+                    return False
+                chunk = range(start, min(start + LATENT_CHUNK, self.count))
+                mean, std = encode_latents(vae, load_pixels([self.image_path(i) for i in chunk], self.resolution))
+                save_file_atomic({"mean": mean, "std": std}, path, {"start": str(start)})
+                encoded_any = True
+        chunks = [load_file(str(path)) for path in paths]
+        save_file_atomic({key: torch.cat([c[key] for c in chunks], dim=1) for key in ("mean", "std")},
+                         self.directory / LATENTS_FILE, {"count": str(self.count)})
+        shutil.rmtree(parts, ignore_errors=True)
+        return True
 
     def _write_json(self, name: str, data: dict) -> None:
         write_text_atomic(self.directory / name, json.dumps(data, indent=2))

@@ -1,0 +1,47 @@
+"""A class-image set's latents are encoded a chunk at a time (trainer/training/priors.py): someone waiting for the
+GPU waits for one chunk, not for the whole set's VAE pass, and the set's latents are those of one pass."""
+from __future__ import annotations
+
+import torch
+
+from trainer.training import priors
+from trainer.training.data import encode_latents, load_pixels
+from trainer.training.engine import class_prompt
+from trainer.training.priors import ClassImageSet, model_fingerprint
+
+COUNT, SIDE, CHUNK = 20, 32, 8  # chunks of 8, 8 and 4 images
+
+
+def test_the_latents_pause_between_chunks_and_equal_one_pass(tiny_pipeline, tmp_path, monkeypatch):
+    monkeypatch.setattr(priors, "LATENT_CHUNK", CHUNK)
+    class_set = ClassImageSet.for_model(tmp_path, model_fingerprint(tiny_pipeline), class_prompt("dog"), SIDE, COUNT)
+    someone_waits = []
+    status = class_set.ensure(tiny_pipeline, batch_size=COUNT, deadline=None, should_stop=lambda: False,
+                              should_yield=lambda: bool(someone_waits),
+                              on_image=lambda done, count: someone_waits.append(True))
+    assert status == "paused" and not class_set.missing()  # the images, then one chunk of latents
+    assert class_set.latents_encoded() == f"{CHUNK}/{COUNT}"
+    calls = 1
+    while status != "complete":
+        status = class_set.ensure(tiny_pipeline, batch_size=COUNT, deadline=None, should_stop=lambda: False,
+                                  should_yield=lambda: True)
+        calls += 1
+    assert calls == 3  # one chunk a call
+    assert class_set.complete and not (class_set.directory / priors.LATENT_PARTS).exists()
+
+    mean, std = class_set.latents()
+    expected_mean, expected_std = encode_latents(
+        tiny_pipeline.vae, load_pixels([class_set.image_path(i) for i in range(COUNT)], SIDE))
+    assert mean.shape == expected_mean.shape == (2, COUNT, *expected_mean.shape[2:])
+    assert torch.equal(mean, expected_mean) and torch.equal(std, expected_std)
+
+
+def test_a_stop_between_chunks_cancels_and_the_next_call_goes_on(tiny_pipeline, tmp_path, monkeypatch):
+    monkeypatch.setattr(priors, "LATENT_CHUNK", CHUNK)
+    class_set = ClassImageSet.for_model(tmp_path, model_fingerprint(tiny_pipeline), class_prompt("cat"), SIDE, COUNT)
+    stop = []
+    status = class_set.ensure(tiny_pipeline, batch_size=COUNT, deadline=None, should_stop=lambda: bool(stop),
+                              on_image=lambda done, count: stop.append(True))
+    assert status == "cancelled" and class_set.latents_encoded() == f"0/{COUNT}"
+    assert class_set.ensure(tiny_pipeline, batch_size=COUNT, deadline=None, should_stop=lambda: False) == "complete"
+    assert class_set.latents_encoded() == f"{COUNT}/{COUNT}"
