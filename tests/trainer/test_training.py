@@ -291,3 +291,21 @@ def test_previews_are_written_and_reported_while_training(tiny_pipeline, photos,
     train_concept(tiny_pipeline, make_spec(photos, tmp_path / "quiet", steps=2, sample_count=0),
                   cache_dir=tmp_path / "cache", on_progress=quiet.append)
     assert all(e.preview is None for e in quiet)
+
+
+def test_a_preview_is_dropped_when_someone_starts_waiting_for_the_gpu_during_it(tiny_pipeline, photos, tmp_path):
+    preview = tmp_path / "previews" / "42.webp"
+    sampler_steps = []  # the preview's UNet calls (training steps run with gradients)
+    hook = tiny_pipeline.unet.register_forward_hook(
+        lambda module, args, output: None if torch.is_grad_enabled() else sampler_steps.append(True))
+    spec = make_spec(photos, tmp_path / "out", steps=4, sample_count=0, preview_path=preview, preview_every=2,
+                     prior_preservation=False)
+    try:
+        paused = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache",
+                               should_yield=lambda: bool(sampler_steps))  # a member's /imagine arrives then
+    finally:
+        hook.remove()
+    assert (paused.status, paused.step) == ("paused", 2)
+    assert len(sampler_steps) == 1 and not preview.exists()  # dropped after its first of 20 sampler steps
+    done = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache")
+    assert done.status == "done" and not preview.exists()  # the next preview would come at step 4, the last

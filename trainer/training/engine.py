@@ -504,8 +504,9 @@ class _Slice:
             if self.checkpoints.due() and self.step < total:
                 self.checkpoints.save_async(self._state(trainer, on_device=True))
             if every and self.step % every == 0 and self.step < total:
-                self.preview = self._preview()
-                new_preview = True
+                preview = self._preview()
+                if preview is not None:
+                    self.preview, new_preview = preview, True
             now = time.monotonic()
             if self.step in (first_step + 1, total) or new_preview or now - last_report >= PROGRESS_EVERY_S:
                 loss = trainer.take_mean_loss()  # the only host sync in the loop
@@ -515,12 +516,17 @@ class _Slice:
                 last_report, new_preview = now, False
         return "done"
 
-    def _preview(self) -> str:
-        from trainer.training.images import generate, save_image_atomic
+    def _preview(self) -> str | None:
+        """The instance prompt's picture with the LoRA so far (≈1 s of the GPU at 512²). None when someone started
+        waiting for the GPU (or a cancel came) meanwhile: the picture is dropped between two sampler steps rather than
+        make them wait for it; the member gets the next one."""
+        from trainer.training.images import PausedBatch, generate_pausable, save_image_atomic
 
-        path = self.spec.preview_file
-        image = generate(self.pipe, self.job.instance_prompt, [self.spec.seed], self.job.resolution, steps=20)[0]
-        return str(save_image_atomic(image, path, quality=85).resolve())
+        images = generate_pausable(self.pipe, self.job.instance_prompt, [self.spec.seed], self.job.resolution,
+                                   steps=20, should_pause=lambda: self.should_yield() or self.should_stop())
+        if isinstance(images, PausedBatch):
+            return None
+        return str(save_image_atomic(images[0], self.spec.preview_file, quality=85).resolve())
 
     @contextmanager
     def _phase(self, name: str, *, sync: bool = False):
