@@ -1,11 +1,13 @@
 """`python -m bench.compile_modes`: what each way of compiling the /imagine UNet costs once and gives per image.
 
-Modes (trainer/generation/fast_unet.py): `none` (CUDA graphs of the eager kernels, today's default), `regional`
-(inductor's kernels for the repeated transformer blocks only, inside the graphs) and `full` (the whole forward).
+Modes (trainer/generation/fast_unet.py): `none` (CUDA graphs of the eager kernels, today's default) and `full`
+(inductor's kernels for the whole forward inside the graphs, the worker's --compile-unet). A third, `regional`
+(diffusers' regional compile: the repeated transformer blocks only), was measured at commit 1587276 and left out
+(docs/BENCHMARKS.md).
 Each mode runs in its own process on the SD 1.5-architecture random model (fp16, 512², 30 steps, CFG 7, no LoRA):
 first with an empty inductor cache, then again with the cache the first run left (a restarted worker). Reports per
 run: the first /imagine (compile + graph capture), the median of `--repeats` /imagine after it, the first batch of 8
-and the images/s of batches of 8 after it. Prints JSON. Needs a CUDA GPU.
+and the images/s of batches of 8 after it. Prints JSON. Needs a CUDA GPU (`--tiny`: the code path on the CPU).
 """
 from __future__ import annotations
 
@@ -19,29 +21,46 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("none", "regional", "full")
+MODES = ("none", "full")
 
 
-def _one(mode: str, repeats: int, out_dir: Path) -> dict:
+def _pipeline(tiny: bool, root: Path):
+    """(pipeline, side, sampler steps): SD 1.5's architecture on the GPU, or the tiny model on the CPU (--tiny: the
+    code path only, for CI; nothing is compiled off CUDA)."""
     import torch
 
+    if tiny:
+        from trainer.models.loading import load_pipeline
+        from trainer.models.tiny import make_tiny_model
+
+        return load_pipeline(str(make_tiny_model(root / "model")), "cpu", "auto"), 64, 2
     from bench.sd15 import build_sd15_pipeline
+
+    return build_sd15_pipeline("cuda").to(dtype=torch.float16), 512, 30
+
+
+def _one(mode: str, repeats: int, out_dir: Path, tiny: bool) -> dict:
+    import torch
+
     from trainer.generation.service import GenerationService, ImagineRequest
 
-    pipe = build_sd15_pipeline("cuda").to(dtype=torch.float16)
-    service = GenerationService(pipe, model_name="compile-modes", compile_unet=False if mode == "none" else mode)
+    pipe, side, steps = _pipeline(tiny, out_dir)
+    service = GenerationService(pipe, model_name="compile-modes", compile_unet=mode == "full")
     counter = iter(range(10**6))
+    cuda = pipe.device.type == "cuda"
 
     def request(seed: int) -> ImagineRequest:
-        return ImagineRequest.from_params({"prompt": "a photo of a man on a beach", "seed": seed, "steps": 30,
-                                           "cfg": 7, "width": 512, "height": 512,
+        return ImagineRequest.from_params({"prompt": "a photo of a man on a beach", "seed": seed, "steps": steps,
+                                           "cfg": 7, "width": side, "height": side,
                                            "out_dir": str(out_dir / f"r{next(counter)}")})
 
     def timed(fn) -> float:
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         began = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - began
 
     first = timed(lambda: service.imagine(request(0)))
@@ -51,18 +70,19 @@ def _one(mode: str, repeats: int, out_dir: Path) -> dict:
     return {"mode": mode, "first_imagine_s": round(first, 2), "imagine_p50_s": round(statistics.median(single), 4),
             "first_batch8_s": round(first_batch, 2), "batch8_images_per_s": round(8 / statistics.median(batches), 2),
             "captures": service.graphs.captures if service.graphs else 0,
-            "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+            "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compile_modes", description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: the code path only (CI)")
     parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # the child: one mode, prints one JSON line
     args = parser.parse_args(argv)
     if args.one:
         with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(_one(args.one, args.repeats, Path(tmp))), flush=True)
+            print(json.dumps(_one(args.one, args.repeats, Path(tmp), args.tiny)), flush=True)
         return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-compile-modes-") as tmp:
@@ -72,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                 env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
                 began = time.perf_counter()
                 child = subprocess.run([sys.executable, "-m", "bench.compile_modes", "--one", mode,
-                                        "--repeats", str(args.repeats)], env=env, capture_output=True, text=True)
+                                        "--repeats", str(args.repeats), *(["--tiny"] if args.tiny else [])],
+                                       env=env, capture_output=True, text=True)
                 row = {"run": run, "process_s": round(time.perf_counter() - began, 1)}
                 if child.returncode == 0:
                     row.update(json.loads(child.stdout.strip().splitlines()[-1]))
@@ -82,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
     import torch
 
-    print(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}, indent=2))
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.tiny else "cpu"
+    print(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=2))
     return 0 if all("error" not in r for r in rows) else 1
 
 

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
-import types
 from collections import OrderedDict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,41 +49,14 @@ class _Entry:
         self.added = added  # {name: static tensor} for SDXL's added conditioning, {} otherwise
 
 
-COMPILE_MODES = ("full", "regional")
-
-
-@contextmanager
-def _compiled_blocks(unet, compiled_forwards: dict):
-    """The UNet's repeated blocks (diffusers' `_repeated_blocks`: SD's BasicTransformerBlock) run inductor's kernels
-    for the duration: one compiled forward per block class, shared by every instance of it, so a shape compiles once
-    per class instead of once per block. Instance attributes only, removed on exit: a training on the same UNet never
-    sees them, and a graph captured meanwhile keeps the compiled kernels."""
-    blocks = [m for m in unet.modules() if type(m).__name__ in getattr(unet, "_repeated_blocks", ())]
-    for block in blocks:
-        cls = type(block)
-        if cls not in compiled_forwards:
-            compiled_forwards[cls] = torch.compile(cls.forward, dynamic=False)
-        block.forward = types.MethodType(compiled_forwards[cls], block)
-    try:
-        yield
-    finally:
-        for block in blocks:
-            del block.forward
-
-
 class UNetGraphs:
-    def __init__(self, unet, *, state_key=lambda: None, max_graphs: int = 4, warmup: int = 2,
-                 compile: bool | str = False):
+    def __init__(self, unet, *, state_key=lambda: None, max_graphs: int = 4, warmup: int = 2, compile: bool = False):
         self.unet = unet
-        # Optional: inductor's fused kernels inside the graphs, compiled once per shape on the first warm-up (slow):
-        # "full" (or True) the whole forward, "regional" only the repeated transformer blocks (a fraction of the
-        # compile time, part of the speed: docs/BENCHMARKS.md).
-        mode = "full" if compile is True else (compile or None)
-        if mode not in (None, *COMPILE_MODES):
-            raise ValueError(f"unknown compile mode {compile!r}: one of {', '.join(COMPILE_MODES)}")
-        self.compile_mode = mode
-        self._compiled = torch.compile(self._plain, dynamic=False) if mode == "full" else None
-        self._compiled_blocks: dict = {}
+        # Optional: inductor's fused kernels inside the graphs (compiles once per shape on the first warm-up: slow).
+        # Compiling only the repeated transformer blocks (diffusers' regional compile) was measured too: a seventh of
+        # the compile time for a quarter of the speed-up (8 % per image), still seconds per new shape that a member
+        # would wait for (docs/BENCHMARKS.md, `python -m bench.compile_modes`), so it is not offered.
+        self._compiled = torch.compile(self._plain, dynamic=False) if compile else None
         self.state_key = state_key  # anything else that changes the captured kernels (LoRA slot on, its version)
         self.max_graphs = max_graphs
         self.warmup = warmup
@@ -182,19 +154,17 @@ class UNetGraphs:
                 return self._compiled(static_sample, static_t, static_hidden, static_added)
             return self._plain(static_sample, static_t, static_hidden, static_added)
 
-        regional = self.compile_mode == "regional"
-        with _compiled_blocks(self.unet, self._compiled_blocks) if regional else nullcontext():
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(self.warmup + (1 if self.compile_mode else 0)):
-                    run()
-            torch.cuda.current_stream().wait_stream(stream)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                output = run()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup + (1 if self._compiled is not None else 0)):
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = run()
         entry = _Entry(graph, static_sample, static_t, static_hidden, static_added, output)
         self._graphs[key] = entry
         self.captures += 1

@@ -135,7 +135,7 @@ class _Prepared:
 class GenerationService:
     def __init__(self, pipe, *, model_name: str, model_hash: str | None = None, adapter_capacity: int = 8,
                  max_batch_images: int = batching.MAX_BATCH_IMAGES, use_cuda_graphs: bool = True,
-                 channels_last: bool = True, compile_unet: bool | str = False):
+                 channels_last: bool = True, compile_unet: bool = False):
         self.pipe = pipe
         self.model_name = model_name
         self.model_hash = model_hash
