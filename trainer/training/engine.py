@@ -65,18 +65,18 @@ def default_steps(photo_count: int, class_name: str) -> int:
 BATCH_RECIPE_FIELDS = ("steps", "batch_size", "learning_rate", "text_encoder_learning_rate")
 
 
-def recipe_at_batch(spec: TrainSpec, batch: int) -> TrainSpec:
-    """The default recipe at `batch`: the same samples in a `batch`-th of the steps, both learning rates × `batch`
-    (the linear scaling rule). The quality yardstick measured batch 4 this way at or above batch 1 on every subject
-    (docs/TRAINING.md, "Batch size"); the steps are what make a training slow, so a big GPU trains ~2× sooner."""
+def recipe_at_batch(spec: TrainSpec, batch: int, steps_at_batch_1: int | None = None) -> TrainSpec:
+    """`spec`'s recipe (batch 1, `steps_at_batch_1` steps, by default the photos' `default_steps`) at `batch`: the
+    same samples in a `batch`-th of the steps, both learning rates × `batch` (the linear scaling rule). The quality
+    yardstick measured batch 4 this way at or above batch 1 on every subject (docs/TRAINING.md, "Batch size"); the
+    steps are what make a training slow, so a big GPU trains ~2× sooner."""
     if batch == 1:
         return spec
     from trainer.training.data import find_photos
 
-    steps = default_steps(len(find_photos(spec.photos_dir)), spec.class_name)
-    return replace(spec, batch_size=batch, steps=math.ceil(steps / batch),
-                               learning_rate=spec.learning_rate * batch,
-                               text_encoder_learning_rate=spec.text_encoder_learning_rate * batch)
+    steps = steps_at_batch_1 or default_steps(len(find_photos(spec.photos_dir)), spec.class_name)
+    return replace(spec, batch_size=batch, steps=math.ceil(steps / batch), learning_rate=spec.learning_rate * batch,
+                   text_encoder_learning_rate=spec.text_encoder_learning_rate * batch)
 
 
 @dataclass(frozen=True)

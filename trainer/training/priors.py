@@ -2,10 +2,11 @@
 
 The cache lives under cache_dir/priors/<key>/ where the key hashes (base model weights, class prompt, resolution,
 count, how the images are made). It holds NNN.png, latents.safetensors (VAE latents of each image and its mirror) and
-info.json, written last, which marks the set complete. The latents are encoded LATENT_CHUNK images at a time, each
-chunk kept in latent-parts/ until the set's file is written, so a yield waits for one chunk, not for the whole set. Generation is resumable image by image: each image has its own
+info.json, written last, which marks the set complete. Generation is resumable image by image: each image has its own
 seed and is renamed into place when written, so a training that yields or runs out of time, a crash or two workers
 racing on the same class only ever leave whole images behind, and finishing the set later gives the same images.
+The latents are encoded LATENT_CHUNK images at a time, each chunk kept in latent-parts/ until the set's file is
+written, so a yield waits for one chunk, not for the whole set.
 """
 from __future__ import annotations
 
