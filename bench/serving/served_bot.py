@@ -147,7 +147,10 @@ class ServedBot:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
                 return response.read().decode()
 
-        found = PEAK_LINE.findall(await asyncio.to_thread(scrape))
+        try:
+            found = PEAK_LINE.findall(await asyncio.to_thread(scrape))
+        except OSError:  # the endpoint did not start (the bot's log says why): the other figures stand
+            return None
         return round(max(float(v) for v in found) / 2**30, 2) if found else None
 
     def log_text(self) -> str:

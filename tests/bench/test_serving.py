@@ -23,7 +23,9 @@ def test_tiny_serving_bench_measures_every_figure_through_the_bot_beside_the_eng
     assert served["imagine_during_training"]["count"] >= 2  # at least one during each of the two trainings
     burst = served["burst"]
     assert burst["members"] == 8 and len(burst["rounds_s"]) == 3 and burst["images_per_s_overall"] > 0
-    assert all(row["value"] is not None for row in report["served_rows"]), report["served_rows"]
+    assert all(row["value"] is not None for row in report["served_rows"] if row["figure"] != "gpu_peak_gb"), \
+        report["served_rows"]
+    assert served["gpu_peak_gb"] is None  # a CPU worker reports no GPU memory to the metrics endpoint
 
     engine = {row["metric"]: row for row in report["engine"]["rows"]}
     assert set(engine) >= {"train_s", "imagine_s", "throughput_ips"}
@@ -46,3 +48,14 @@ def test_each_figure_is_checked_against_its_goal_in_its_direction():
     assert rows["imagine_alone.p50_s"]["met"] is False and rows["imagine_alone.p99_s"]["met"] is None  # no goal
     assert rows["burst.images_per_s_overall"]["met"] is True  # >= 8 images/s: more is better
     assert rows["imagine_first_after_ready_s"]["value"] is None and rows["imagine_first_after_ready_s"]["met"] is None
+
+
+def test_the_gpu_peak_is_read_from_the_bots_metrics_as_the_largest_lanes():
+    from bench.serving.served_bot import PEAK_LINE
+
+    exposition = ("# HELP boothbot_gpu_memory_peak_bytes The most GPU memory ...\n"
+                  "# TYPE boothbot_gpu_memory_peak_bytes gauge\n"
+                  'boothbot_gpu_memory_peak_bytes{lane="0"} 1.5654584e+010\n'
+                  'boothbot_gpu_memory_peak_bytes{lane="1"} 2.147483648e+09\n'
+                  'boothbot_gpu_memory_reserved_bytes{lane="0"} 9.0e+09\n')
+    assert [float(v) for v in PEAK_LINE.findall(exposition)] == [1.5654584e10, 2.147483648e9]
