@@ -9,7 +9,7 @@
   fits a 12 GB card in the fast setting.
 
 The default recipe's batch follows the GPU too (`default_batch_for`): batch 4 with the learning rates × 4 and a quarter
-of the steps for SD 1.x on a GPU with BATCH_4_GIB or more in all, unless `low`; batch 1 otherwise (docs/TRAINING.md,
+of the steps for SD 1.x on a GPU with BATCH_4_GIB or more in all (a 24 GB card), unless `low`; batch 1 otherwise (docs/TRAINING.md,
 "Batch size": the quality yardstick's table).
 
 Gradient checkpointing computes the same step (only when each activation is computed differently), so the choice
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 MODES = ("auto", "low", "fast")
 AUTO_FAST_GIB = 40.0  # measured peaks: docs/TRAINING.md ("Memory"); a 40/48 GB card holds SDXL fast + serving
-BATCH_4_GIB = 24.0  # SD 1.x at batch 4 beside the resident model: docs/TRAINING.md ("Batch size")
+# SD 1.x at batch 4 beside the resident model peaked at 14.6 GB (docs/TRAINING.md, "Batch size"): 24 GB cards (which
+# report 22.5-24 GiB in all) and bigger train at batch 4, 12-16 GB cards at batch 1.
+BATCH_4_GIB = 22.0
 
 
 def gradient_checkpointing_for(mode: str, pipe) -> bool:
