@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.training import priors
+from trainer.training import data, priors
 from trainer.training.data import encode_latents, load_pixels
 from trainer.training.engine import class_prompt
 from trainer.training.priors import ClassImageSet, model_fingerprint
@@ -45,3 +45,30 @@ def test_a_stop_between_chunks_cancels_and_the_next_call_goes_on(tiny_pipeline, 
     assert status == "cancelled" and class_set.latents_encoded() == f"0/{COUNT}"
     assert class_set.ensure(tiny_pipeline, batch_size=COUNT, deadline=None, should_stop=lambda: False) == "complete"
     assert class_set.latents_encoded() == f"{COUNT}/{COUNT}"
+
+
+def test_another_worker_finishing_the_same_set_meanwhile_leaves_one_complete_set(tiny_pipeline, tmp_path,
+                                                                                monkeypatch):
+    """Two idle GPUs prefill the same classes: one finishes the set and clears its latent parts while the other is
+    between two chunks of it."""
+    monkeypatch.setattr(priors, "LATENT_CHUNK", CHUNK)
+    key = (tmp_path, model_fingerprint(tiny_pipeline), class_prompt("man"), SIDE, COUNT)
+    mine = ClassImageSet.for_model(*key)
+    assert mine.ensure(tiny_pipeline, batch_size=COUNT, deadline=None, should_stop=lambda: False,
+                       should_yield=lambda: True) == "paused"  # the images and the first chunk
+    real_encode, raced = data.encode_latents, []
+
+    def the_other_worker_finishes_first(vae, pixels):
+        if not raced:
+            raced.append(True)
+            theirs = ClassImageSet.for_model(*key)
+            assert theirs.ensure(tiny_pipeline, batch_size=COUNT, deadline=None, should_stop=lambda: False) == \
+                "complete"
+        return real_encode(vae, pixels)
+
+    monkeypatch.setattr(data, "encode_latents", the_other_worker_finishes_first)
+    assert mine.ensure(tiny_pipeline, batch_size=COUNT, deadline=None, should_stop=lambda: False) == "complete"
+    assert raced and mine.complete and not (mine.directory / priors.LATENT_PARTS).exists()
+    mean, _ = mine.latents()
+    assert torch.equal(mean, real_encode(tiny_pipeline.vae, load_pixels([mine.image_path(i) for i in range(COUNT)],
+                                                                        SIDE))[0])

@@ -168,20 +168,28 @@ class ClassImageSet:
         from trainer.training.lora_files import save_file_atomic
 
         parts = self.directory / LATENT_PARTS
-        parts.mkdir(exist_ok=True)
         paths = [self._latent_part(start) for start in range(0, self.count, LATENT_CHUNK)]
         encoded_any = False
-        with vae_precision(pipe) as vae:
-            for path, start in zip(paths, range(0, self.count, LATENT_CHUNK)):
-                if path.is_file():
-                    continue
-                if should_stop() or encoded_any and wants_pause():
-                    return False
-                chunk = range(start, min(start + LATENT_CHUNK, self.count))
-                mean, std = encode_latents(vae, load_pixels([self.image_path(i) for i in chunk], self.resolution))
-                save_file_atomic({"mean": mean, "std": std}, path, {"start": str(start)})
-                encoded_any = True
-        chunks = [load_file(str(path)) for path in paths]
+        try:
+            with vae_precision(pipe) as vae:
+                for path, start in zip(paths, range(0, self.count, LATENT_CHUNK)):
+                    if path.is_file():
+                        continue
+                    if should_stop() or encoded_any and wants_pause():
+                        return False
+                    chunk = range(start, min(start + LATENT_CHUNK, self.count))
+                    mean, std = encode_latents(vae, load_pixels([self.image_path(i) for i in chunk], self.resolution))
+                    parts.mkdir(exist_ok=True)
+                    save_file_atomic({"mean": mean, "std": std}, path, {"start": str(start)})
+                    encoded_any = True
+            chunks = [load_file(str(path)) for path in paths]
+        except FileNotFoundError:
+            # Another worker making the same set (two idle GPUs prefill the same classes) finished it and removed
+            # the parts under us: its file is the same.
+            if (self.directory / LATENTS_FILE).is_file():
+                shutil.rmtree(parts, ignore_errors=True)  # what this call wrote after the other one cleared it
+                return True
+            raise
         save_file_atomic({key: torch.cat([c[key] for c in chunks], dim=1) for key in ("mean", "std")},
                          self.directory / LATENTS_FILE, {"count": str(self.count)})
         shutil.rmtree(parts, ignore_errors=True)
