@@ -1,13 +1,16 @@
 """`python -m bench.compile_modes`: what each way of compiling the /imagine UNet costs once and gives per image.
 
-Modes (trainer/generation/fast_unet.py): `none` (CUDA graphs of the eager kernels, today's default) and `full`
-(inductor's kernels for the whole forward inside the graphs, the worker's --compile-unet). A third, `regional`
+Modes (trainer/generation/fast_unet.py): `none` (CUDA graphs of the eager kernels), `full` (inductor's kernels for
+the whole forward inside the graphs, the worker's --compile-unet) and `ahead` (the worker's --compile-ahead,
+trainer/generation/aot_kernels.py: the first requests run on the eager graphs while a separate process compiles
+their shapes; then the idle worker adopts the packages and the rest run on them). A third, `regional`
 (diffusers' regional compile: the repeated transformer blocks only), was measured at commit 1587276 and left out
 (docs/BENCHMARKS.md).
 Each mode runs in its own process on the SD 1.5-architecture random model (fp16, 512², 30 steps, CFG 7, no LoRA):
 first with an empty inductor cache, then again with the cache the first run left (a restarted worker). Reports per
 run: the first /imagine (compile + graph capture), the median of `--repeats` /imagine after it, the first batch of 8
-and the images/s of batches of 8 after it. Prints JSON. Needs a CUDA GPU (`--tiny`: the code path on the CPU).
+and the images/s of batches of 8 after it; `ahead` also the /imagine p50 while the other process compiles, how long
+it compiled and how long adopting took (loading + graph capture). Prints JSON. Needs a CUDA GPU (`--tiny`: the code path on the CPU).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("none", "full")
+MODES = ("none", "full", "ahead")
 
 
 def _pipeline(tiny: bool, root: Path):
@@ -45,7 +48,8 @@ def _one(mode: str, repeats: int, out_dir: Path, tiny: bool) -> dict:
     from trainer.generation.service import GenerationService, ImagineRequest
 
     pipe, side, steps = _pipeline(tiny, out_dir)
-    service = GenerationService(pipe, model_name="compile-modes", compile_unet=mode == "full")
+    aot_dir = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "aot" if mode == "ahead" else None  # kept like inductor's
+    service = GenerationService(pipe, model_name="compile-modes", compile_unet=mode == "full", aot_dir=aot_dir)
     counter = iter(range(10**6))
     cuda = pipe.device.type == "cuda"
 
@@ -64,13 +68,33 @@ def _one(mode: str, repeats: int, out_dir: Path, tiny: bool) -> dict:
         return time.perf_counter() - began
 
     first = timed(lambda: service.imagine(request(0)))
+    ahead = {}
+    if service.aot is not None:
+        ahead = _compile_ahead(service, lambda: timed(lambda: service.imagine(request(1))), repeats)
     single = [timed(lambda: service.imagine(request(i))) for i in range(repeats)]
     first_batch = timed(lambda: service.imagine_many([request(i) for i in range(8)]))
     batches = [timed(lambda: service.imagine_many([request(i) for i in range(8)])) for _ in range(3)]
     return {"mode": mode, "first_imagine_s": round(first, 2), "imagine_p50_s": round(statistics.median(single), 4),
             "first_batch8_s": round(first_batch, 2), "batch8_images_per_s": round(8 / statistics.median(batches), 2),
-            "captures": service.graphs.captures if service.graphs else 0,
+            "captures": service.graphs.captures if service.graphs else 0, **ahead,
             "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+
+
+def _compile_ahead(service, one_imagine, repeats: int) -> dict:
+    """Serve while the other process compiles (the first /imagine asked for its shape and the batch-of-8 one), wait
+    for it, then adopt as the idle worker does."""
+    began = time.perf_counter()
+    while_compiling = []
+    while service.aot.compiling and len(while_compiling) < repeats:
+        while_compiling.append(one_imagine())
+    service.aot.wait()
+    compiled_s = time.perf_counter() - began
+    began = time.perf_counter()
+    service.idle()
+    return {"imagine_p50_while_compiling_s": round(statistics.median(while_compiling), 4) if while_compiling else None,
+            "compile_process_s": round(compiled_s, 1) if service.aot.compiles_started else 0.0,
+            "adopt_s": round(time.perf_counter() - began, 2), "compiled_shapes": len(service.aot.loaded),
+            "refused": service.aot.refused}
 
 
 def main(argv: list[str] | None = None) -> int:

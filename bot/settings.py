@@ -54,6 +54,7 @@ class Settings:
     batch_window_ms: float = 50.0
     safety: bool = False
     compile_unet: bool = False
+    compile_ahead: str = "auto"  # trainer/generation/aot_kernels.py
     train_memory: str = "auto"  # trainer/training/memory.py
     log_level: str = "INFO"
     ray_cpu_workers: int = 0  # Ray without GPUs (tests, trying it out): this many CPU actors instead of one per GPU
@@ -277,6 +278,7 @@ _KEYS: dict[str, tuple[str, object]] = {
     "BOOTHBOT_BATCH_WINDOW_MS": ("batch_window_ms", _float(0, 1000)),
     "BOOTHBOT_SAFETY": ("safety", _bool),
     "BOOTHBOT_COMPILE_UNET": ("compile_unet", _bool),
+    "BOOTHBOT_COMPILE_AHEAD": ("compile_ahead", _choice("auto", "on", "off")),
     "BOOTHBOT_TRAIN_MEMORY": ("train_memory", _choice("auto", "low", "fast")),
     "BOOTHBOT_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
     "BOOTHBOT_RAY_CPU_WORKERS": ("ray_cpu_workers", _int(0, 256)),

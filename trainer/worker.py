@@ -39,6 +39,7 @@ SAFETY_CHECKER_FAILED = ("The safety filter is on for this server, but the bot c
 NO_MODEL = "The GPU worker was started without a base model (--no-model), so it can only run self-tests."
 PROGRESS_INTERVAL_S = 0.25  # at most ~4 progress events a second per job (plus the first and the last step)
 SELFTEST_MAX_S = 3600.0
+IDLE_POLL_S = 2.0  # how long the job loop waits for a request before doing idle work
 STACK_STAMP = "stack-check.json"  # under the cache directory: the package versions whose probe passed
 
 
@@ -57,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile the UNet with torch.compile inside the CUDA graphs (CUDA only): faster images, "
                              "about a minute of compiling per image size the first time (kept under "
                              "DATA_DIR/cache/inductor for the next start)")
+    parser.add_argument("--compile-ahead", choices=("auto", "on", "off"), default="auto",
+                        help="compile the UNet forward for the image shapes members use in a separate process and use "
+                             "it once ready, so nobody waits for a compile (cached under DATA_DIR/cache/aot; auto: on "
+                             "CUDA GPUs with 22 GB or more in all, 40 GB for SDXL)")
     parser.add_argument("--train-memory", choices=("auto", "low", "fast"), default="auto",
                         help="training's memory setting: low (gradient checkpointing: SDXL training + serving fit a "
                              "24 GB card), fast, or auto (low for SDXL on GPUs under 40 GB; default)")
@@ -236,7 +241,7 @@ class Worker:
 
     def __init__(self, writer: EventWriter, control: JobControl, *, pipe, device: str, model: str | None,
                  data_dir: Path, compile_unet: bool = False, train_memory: str = "auto", models=None,
-                 default_model: str | None = None):
+                 default_model: str | None = None, compile_ahead: str = "off"):
         self.writer = writer
         self.models = models  # trainer.models.resident.ResidentModels: the base models jobs may name
         self.default_model = default_model  # the name a job without "model" in its params uses
@@ -247,6 +252,7 @@ class Worker:
         self.model = model
         self.data_dir = data_dir
         self.compile_unet = compile_unet
+        self.compile_ahead = compile_ahead  # trainer/generation/aot_kernels.py `compiles_ahead`
         self.train_memory = train_memory
         self.generation = None  # the resident GenerationService, made at the first /imagine
         self.live = LiveTrainings()  # a training that yielded, kept resident until it resumes
@@ -257,10 +263,16 @@ class Worker:
             self._serve()
         finally:
             self.live.drop()  # its checkpoint write (a background thread) lands before the process ends
+            for generation in self._generations():
+                generation.stop_compiling()
 
     def _serve(self) -> None:
         while True:
-            message = self.control.jobs.get()
+            try:
+                message = self.control.jobs.get(timeout=IDLE_POLL_S)
+            except queue.Empty:
+                self.idle()
+                continue
             if message is None or self.control.closing.is_set():
                 return  # shutdown, or the bot went away: jobs still queued here have nobody to report to
             try:
@@ -273,6 +285,20 @@ class Worker:
             finally:
                 for job_id in protocol.job_ids(message):
                     self.control.ended(job_id)
+
+    def idle(self) -> None:
+        """No request for IDLE_POLL_S: the resident generation adopts what was compiled ahead of time meanwhile."""
+        if self.generation is None or self.live.held is not None:
+            return  # a held training's graph points at the UNet as it is: no new captures beside it
+        try:
+            self.generation.idle()
+        except Exception as exc:  # noqa: BLE001 - only speed is at stake: log it and go on
+            print(f"worker: idle work failed:\n{''.join(traceback.format_exception(exc))}", file=sys.stderr, flush=True)
+
+    def _generations(self) -> list:
+        if self.models is None:
+            return [self.generation] if self.generation is not None else []
+        return self.models.generations()
 
     def run_job(self, job_id: int, kind: str, params: dict) -> None:
         self.writer.send(self._run_one(job_id, kind, params))
@@ -405,7 +431,11 @@ class Worker:
             raise UserError(NO_MODEL)
         if self.generation is None:
             self.live.drop()  # the service changes the UNet's weight layout, which a held training graph points at
-            self.generation = GenerationService(self.pipe, model_name=self.model or "", compile_unet=self.compile_unet)
+            from trainer.generation.aot_kernels import AOT_CACHE, compiles_ahead
+
+            aot_dir = self.data_dir / AOT_CACHE if compiles_ahead(self.compile_ahead, self.pipe) else None
+            self.generation = GenerationService(self.pipe, model_name=self.model or "", compile_unet=self.compile_unet,
+                                                aot_dir=aot_dir)
             if self.resident is not None:
                 self.resident.generation = self.generation
         request = ImagineRequest.from_params(params)
@@ -770,6 +800,7 @@ def run(args: argparse.Namespace) -> int:
                        "family": family_of(pipe).name}
     worker = Worker(writer, control, pipe=pipe, device=device, model=None if args.no_model else args.model,
                     data_dir=Path(args.data_dir), compile_unet=args.compile_unet, train_memory=args.train_memory,
+                    compile_ahead=args.compile_ahead,
                     models=None if args.no_model else models, default_model=None if args.no_model else default_model)
     if worker.models is not None:
         worker.resident = worker.models.get(default_model)

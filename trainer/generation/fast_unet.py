@@ -12,6 +12,10 @@ rebuilt (`slots.version`), or anything else about the UNet's parameters moves, t
 SDXL's UNet also takes `added_cond_kwargs` (the pooled text embedding `text_embeds` and the size numbers
 `time_ids`): they get static buffers of their own, like the sample.
 
+With `aot` (trainer/generation/aot_kernels.py), a graph is captured around the UNet forward compiled ahead of time
+for its shape, where one exists and no adapter is active; off CUDA (no graphs) the compiled forward is called
+directly.
+
 `installed()` points the UNet instance's `forward` at the graph runner for the duration of a request and restores it
 on exit; calls the graphs can't serve (gradients on, other extra conditioning, CPU tensors) run eagerly. Whether the
 parameters moved is checked once per request, on entry (walking SD 1.5's 686 parameters costs milliseconds: too
@@ -26,6 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from trainer.generation.aot_shapes import ForwardShape
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +50,17 @@ ADDED_CONDITIONING = ("text_embeds", "time_ids")  # SDXL's, the only added_cond_
 
 
 class _Entry:
-    def __init__(self, graph, sample, timestep, hidden, added, output):
+    def __init__(self, graph, sample, timestep, hidden, added, output, shape: ForwardShape, ahead: bool):
         self.graph, self.sample, self.timestep, self.hidden, self.output = graph, sample, timestep, hidden, output
         self.added = added  # {name: static tensor} for SDXL's added conditioning, {} otherwise
+        self.shape, self.ahead = shape, ahead  # ahead: around the forward compiled ahead of time
 
 
 class UNetGraphs:
-    def __init__(self, unet, *, state_key=lambda: None, max_graphs: int = 4, warmup: int = 2, compile: bool = False):
+    def __init__(self, unet, *, state_key=lambda: None, max_graphs: int = 4, warmup: int = 2, compile: bool = False,
+                 aot=None):
         self.unet = unet
+        self.aot = aot  # AotKernels or None
         # Optional: inductor's fused kernels inside the graphs (compiles once per shape on the first warm-up: slow).
         # Compiling only the repeated transformer blocks (diffusers' regional compile) was measured too: a seventh of
         # the compile time for a quarter of the speed-up (8 % per image), still seconds per new shape that a member
@@ -65,6 +74,7 @@ class UNetGraphs:
         self._graphs: OrderedDict[tuple, _Entry] = OrderedDict()
         self._pool = None
         self._params_key = None
+        self._tuner_layers: list = []
 
     @staticmethod
     def usable(unet) -> bool:
@@ -101,15 +111,17 @@ class UNetGraphs:
         added = dict(added_cond_kwargs or {})
         plain = (timestep_cond is None and not cross_attention_kwargs and not kwargs
                  and set(added) <= set(ADDED_CONDITIONING) and all(torch.is_tensor(v) for v in added.values())
-                 and not torch.is_grad_enabled() and sample.is_cuda and torch.is_tensor(timestep)
-                 and timestep.numel() == 1 and not torch.cuda.is_current_stream_capturing())
-        if not plain:
+                 and not torch.is_grad_enabled() and torch.is_tensor(timestep)
+                 and timestep.numel() == 1 and not (sample.is_cuda and torch.cuda.is_current_stream_capturing()))
+        if plain and not sample.is_cuda:  # no graphs: the forward compiled ahead of time alone, where there is one
+            compiled = self._compiled_ahead(sample, timestep, encoder_hidden_states, added)
+            if compiled is not None:
+                return _output(self.aot.run(compiled, sample, timestep, encoder_hidden_states, added), return_dict)
+        if not plain or not sample.is_cuda:
             return self._eager(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
                                cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
                                return_dict=return_dict, **kwargs)
-        key = (tuple(sample.shape), sample.dtype, tuple(encoder_hidden_states.shape), encoder_hidden_states.dtype,
-               timestep.dtype, tuple((name, tuple(v.shape), v.dtype) for name, v in sorted(added.items())),
-               self.state_key())
+        key = self._key(sample, timestep, encoder_hidden_states, added)
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(key, sample, timestep, encoder_hidden_states, added)
@@ -122,12 +134,39 @@ class UNetGraphs:
             entry.added[name].copy_(value)
         entry.graph.replay()
         self.replays += 1
-        out = entry.output.clone()
-        if not return_dict:
-            return (out,)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+        return _output(entry.output.clone(), return_dict)
 
-        return UNet2DConditionOutput(sample=out)
+    def _key(self, sample, timestep, hidden, added: dict) -> tuple:
+        return (tuple(sample.shape), sample.dtype, tuple(hidden.shape), hidden.dtype, timestep.dtype,
+                tuple((name, tuple(v.shape), v.dtype) for name, v in sorted(added.items())), self.state_key())
+
+    def _compiled_ahead(self, sample, timestep, hidden, added: dict):
+        """The forward compiled ahead of time for these inputs (None: there is none yet, or an adapter is active,
+        which the compiled bare UNet would leave out)."""
+        if self.aot is None or any(layer.active_adapters and not layer.disable_adapters
+                                   for layer in self._tuner_layers):
+            return None
+        return self.aot.get(ForwardShape.of(sample, timestep, hidden, added))
+
+    def adopt_compiled(self) -> int:
+        """Load the forwards compiled ahead of time since the last call (the worker calls this when idle) and capture
+        their graphs now, so that no member pays for either; graphs of the same shapes around the eager forward are
+        dropped. Returns how many were adopted."""
+        if self.aot is None:
+            return 0
+        self._check_params()
+        shapes = self.aot.adopt()
+        names = {shape.name for shape in shapes}
+        for key in [key for key, entry in self._graphs.items() if entry.shape.name in names and not entry.ahead]:
+            del self._graphs[key]
+        if self.usable(self.unet):
+            with torch.no_grad():
+                for shape in shapes[:self.max_graphs]:
+                    inputs = shape.example_inputs(self.unet.device, channels_last=False)
+                    key = self._key(*inputs)
+                    if key not in self._graphs:
+                        self._capture(key, *inputs)
+        return len(shapes)
 
     def _check_params(self) -> None:
         """Drop every graph when the UNet's parameters were replaced (moved, re-cast, layers added/removed)."""
@@ -138,6 +177,10 @@ class UNetGraphs:
                 log.info("UNet parameters changed: dropping %d CUDA graph(s)", len(self._graphs))
             self.clear()
             self._params_key = key
+            self._tuner_layers = [m for m in self.unet.modules() if hasattr(m, "active_adapters")
+                                  and hasattr(m, "disable_adapters") and hasattr(m, "get_base_layer")]
+            if self.aot is not None:
+                self.aot.rebind()
 
     def _capture(self, key, sample, timestep, hidden, added) -> _Entry:
         while len(self._graphs) >= self.max_graphs:
@@ -148,16 +191,28 @@ class UNetGraphs:
         static_t = timestep.detach().reshape(()).clone()
         static_hidden = hidden.detach().clone()
         static_added = {name: value.detach().clone() for name, value in added.items()}
+        static = (static_sample, static_t, static_hidden, static_added)
+        shape = ForwardShape.of(*static)
+        ahead = self._compiled_ahead(*static)
+        if ahead is not None:
+            try:
+                return self._capture_with(key, static, shape, ahead)
+            except Exception as exc:  # noqa: BLE001 - a package that cannot be graphed costs speed, never a request
+                self.aot.refuse(shape.name, f"its CUDA graph could not be captured: {exc}")
+        return self._capture_with(key, static, shape, None)
 
+    def _capture_with(self, key, static: tuple, shape: ForwardShape, ahead) -> _Entry:
         def run():
+            if ahead is not None:
+                return self.aot.run(ahead, *static)
             if self._compiled is not None:
-                return self._compiled(static_sample, static_t, static_hidden, static_added)
-            return self._plain(static_sample, static_t, static_hidden, static_added)
+                return self._compiled(*static)
+            return self._plain(*static)
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(self.warmup + (1 if self._compiled is not None else 0)):
+            for _ in range(self.warmup + (1 if self._compiled is not None and ahead is None else 0)):
                 run()
         torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
@@ -165,8 +220,16 @@ class UNetGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             output = run()
-        entry = _Entry(graph, static_sample, static_t, static_hidden, static_added, output)
+        entry = _Entry(graph, *static, output, shape, ahead is not None)
         self._graphs[key] = entry
         self.captures += 1
-        log.info("captured a UNet CUDA graph for %s", key[:3])
+        log.info("captured a UNet CUDA graph for %s%s", key[:3], " (compiled ahead of time)" if ahead is not None else "")
         return entry
+
+
+def _output(sample: torch.Tensor, return_dict: bool):
+    if not return_dict:
+        return (sample,)
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    return UNet2DConditionOutput(sample=sample)

@@ -21,7 +21,8 @@ sampler, prompt length; text-to-image) into one loop of up to `max_batch_images`
 each member's LoRA reaches only their own rows through ONE fixed-rank peft adapter (the slot, filled in place) with
 a per-row mask on its ranks. On CUDA the UNet forward replays from CUDA graphs (trainer/generation/fast_unet.py). The VAE
 decodes one image at a time (memory for a 12 GB card). Images are written by a small thread pool while the GPU goes
-on.
+on. With `aot_dir`, the UNet forward is compiled ahead of time for the shapes served, in a separate process, and
+used once ready (trainer/generation/aot_kernels.py; `idle()` adopts what finished).
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ class _Prepared:
 class GenerationService:
     def __init__(self, pipe, *, model_name: str, model_hash: str | None = None, adapter_capacity: int = 8,
                  max_batch_images: int = batching.MAX_BATCH_IMAGES, use_cuda_graphs: bool = True,
-                 channels_last: bool = True, compile_unet: bool = False):
+                 channels_last: bool = True, compile_unet: bool = False, aot_dir: Path | None = None):
         self.pipe = pipe
         self.model_name = model_name
         self.model_hash = model_hash
@@ -144,11 +145,19 @@ class GenerationService:
         self.max_batch_images = max_batch_images
         self.preview_min_interval_s = 1.0  # a preview is written at most this often (a fast job needs none)
         self.graphs = None
-        if use_cuda_graphs and UNetGraphs.usable(pipe.unet):
-            if channels_last:  # faster convolutions (docs/BENCHMARKS.md: 12.0 -> 10.3 ms per CFG step in a graph)
-                pipe.unet.to(memory_format=torch.channels_last)
+        graphs = use_cuda_graphs and UNetGraphs.usable(pipe.unet)
+        if graphs and channels_last:  # faster convolutions (docs/BENCHMARKS.md: 12.0 -> 10.3 ms per CFG step in a graph)
+            pipe.unet.to(memory_format=torch.channels_last)
+        self.aot = None
+        if aot_dir is not None:  # after the memory format: the packages are compiled for it
+            from trainer.generation.aot_kernels import AotKernels
+
+            self.aot = AotKernels(pipe.unet, aot_dir, batch_rows=(2 * max_batch_images,))  # CFG: two rows an image
+        if graphs or self.aot is not None:
             self.graphs = UNetGraphs(pipe.unet, state_key=lambda: (self.adapters.unet_active(), self.adapters.version),
-                                     compile=compile_unet)
+                                     compile=compile_unet and graphs, aot=self.aot)
+        if self.aot is not None:
+            self.graphs.adopt_compiled()  # what an earlier run compiled: from the first request on (a restart)
         self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="imagine-png")
 
     @property
@@ -180,7 +189,22 @@ class GenerationService:
             images = self._denoise([prepared[i] for i in batch], on_progress, should_stop)
             for index, item_images in zip(batch, images):
                 saving[index] = self._writer.submit(self._finish, prepared[index], item_images)
+        if self.aot is not None:
+            self.aot.compile_wanted()  # shapes this call served without a compiled forward
         return [future.result() for future in saving]
+
+    def idle(self) -> None:
+        """Nothing is waiting for the GPU: adopt the forwards compiled since (their CUDA graphs captured now, not in
+        a member's request) and start compiling the shapes still wanted."""
+        if self.aot is None:
+            return
+        self.graphs.adopt_compiled()
+        self.aot.compile_wanted()
+
+    def stop_compiling(self) -> None:
+        """End the compiling process, if one runs (the model is evicted, the worker stops)."""
+        if self.aot is not None:
+            self.aot.close()
 
     def release_memory(self) -> None:
         """Give the GPU memory generation keeps between requests back (the CUDA graphs' pools, the copies of base

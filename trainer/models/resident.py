@@ -169,6 +169,10 @@ class ResidentModels:
 
         return torch.cuda.memory_allocated(self.device)
 
+    def generations(self) -> list:
+        """The resident models' GenerationServices (those made so far)."""
+        return [r.generation for r in self._resident.values() if r.generation is not None]
+
     def release_generation_memory(self) -> None:
         """What every resident model's generation keeps between requests (CUDA graph pools, LoRA copies), given back
         before a training needs the memory; the next /imagine makes it again."""
@@ -181,6 +185,7 @@ class ResidentModels:
         resident = self._resident.pop(name)
         if resident.generation is not None:
             resident.generation.release_memory()
+            resident.generation.stop_compiling()  # its second copy of the UNet on the GPU goes too
         resident.generation = resident.pipe = None  # the worker dropped its references before asking for another
         _release_memory(self.device)
         _log(f"evicted base model {name}: {why}")

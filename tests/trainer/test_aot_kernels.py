@@ -1,0 +1,260 @@
+"""The UNet forward compiled ahead of time (trainer/generation/aot_kernels.py, aot_compile.py), on the CPU.
+
+Real parts: the compiling process is the real `python -m trainer.generation.aot_compile` (torch.export + AOTInductor
+into a package, ~1 minute per shape here), the package is loaded with torch's loader and its weights are pointed at
+the live UNet's. What a CPU cannot show is the CUDA graph captured around it (bench/compile_modes.py `--mode ahead`).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import trainer.generation.service as generation
+from tests.trainer.test_generation import concept, make_lora, pixels
+from tests.trainer.test_generation import request as full_request
+from trainer.generation.aot_kernels import AotKernels, compiles_ahead, live_constants
+from trainer.generation.aot_shapes import PREFIX, ForwardShape, architecture_key
+from trainer.generation.service import GenerationService
+from trainer.models.loading import load_pipeline
+
+COMPILE_TIMEOUT_S = 900
+
+
+def same_image(a, b) -> bool:
+    """Equal up to the rounding of other kernels (inductor's fp32 CPU kernels vs eager's: measured at most 1 of 255,
+    as the folded LoRA vs the slot; a LoRA at weight 0.9 changes the mean by 10.7)."""
+    return np.abs(pixels(a) - pixels(b)).max() <= 1
+
+
+def request(tmp_path, name, **params):
+    return full_request(tmp_path, name, **{"steps": 3, "count": 1, **params})
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory):
+    return make_lora(tmp_path_factory.mktemp("aot-lora") / "sid.safetensors", 4, text_encoder=True)
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_model_dir, lora, tmp_path_factory):
+    """A service on its own tiny pipeline that served the same requests before and after its one shape was compiled
+    ahead of time: {name: (eager result, compiled result)}, plus the service and what the kernels counted."""
+    root = tmp_path_factory.mktemp("aot")
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype="fp32")
+    service = GenerationService(pipe, model_name="tiny", aot_dir=root / "aot", max_batch_images=1)
+    sid = [concept({"sid": lora}, "sid", weight=0.9)]
+    cases = {"plain": {}, "lora": {"concepts": sid}}
+
+    def serve(label):
+        return {name: service.imagine(request(root, f"{label}-{name}", **params)) for name, params in cases.items()}
+
+    def serve_through_the_slot(label):
+        with pytest.MonkeyPatch.context() as patch:  # every row through the mixed-batch slot, an active adapter
+            patch.setattr(generation, "same_loras", lambda groups: False)
+            return service.imagine(request(root, f"{label}-slot", concepts=sid))
+
+    eager = serve("eager")
+    eager_slot = serve_through_the_slot("eager")  # also wraps the UNet's layers in peft's: base weights renamed
+    wanted = list(service.aot.wanted.values())
+    started = service.aot.compiles_started  # by the requests themselves
+    service.aot.wait(COMPILE_TIMEOUT_S)
+    service.idle()
+    calls = service.aot.calls
+    ahead = serve("ahead")
+    facts = {"wanted": wanted, "started": started, "calls_before": calls, "calls_after": service.aot.calls}
+    slot_calls = service.aot.calls
+    ahead_slot = serve_through_the_slot("ahead")
+    facts["slot_calls"] = service.aot.calls - slot_calls
+    yield {"service": service, "eager": eager, "ahead": ahead, "slots": (eager_slot, ahead_slot), "facts": facts,
+           "root": root}
+    service.stop_compiling()
+
+
+def test_a_served_shape_is_compiled_in_another_process_and_then_serves_the_same_images(compiled):
+    facts, kernels = compiled["facts"], compiled["service"].aot
+    assert len(facts["wanted"]) == 1 and facts["started"] == 1  # 1 image with CFG: 2 rows of 8x8 latents
+    shape = facts["wanted"][0]
+    assert shape.sample[0] == 2 and shape.name in kernels.loaded, kernels.refused
+    assert (kernels.dir / f"{shape.name}.pt2").is_file() and "done in" in (kernels.dir / "compile.log").read_text()
+    assert facts["calls_before"] == 0 and facts["calls_after"] == 2 * 3  # both requests, 3 steps each
+    for name in ("plain", "lora"):
+        for eager, ahead in zip(compiled["eager"][name].images, compiled["ahead"][name].images):
+            assert same_image(eager, ahead), name
+    # The LoRA was folded into the very weights the compiled code reads, and taken out again after.
+    lora_image, plain_image = compiled["ahead"]["lora"].images[0], compiled["ahead"]["plain"].images[0]
+    assert np.abs(pixels(lora_image) - pixels(plain_image)).mean() > 5
+
+
+def test_the_compiled_forward_reads_the_live_weights_and_their_changes_in_place(compiled):
+    """The package was compiled from random weights in another process: every weight must come from the live UNet
+    (a value compiled in would show here, not necessarily in a tiny model's images), changes in place included."""
+    service = compiled["service"]
+    kernels, unet = service.aot, service.pipe.unet
+    shape = compiled["facts"]["wanted"][0]
+    generator = torch.Generator().manual_seed(3)
+    sample, timestep, hidden, added = shape.example_inputs("cpu", channels_last=False)
+    sample.normal_(generator=generator)
+    hidden.normal_(generator=generator)
+    timestep.fill_(500)
+
+    def relative_error() -> float:
+        with torch.no_grad():
+            eager = type(unet).forward(unet, sample, timestep, hidden, return_dict=False)[0]
+            ahead = kernels.run(kernels.loaded[shape.name], sample, timestep, hidden, added)
+        return ((ahead - eager).norm() / eager.norm()).item()
+
+    assert relative_error() < 1e-4
+    bias = unet.conv_out.bias
+    saved = bias.detach().clone()
+    try:
+        with torch.no_grad():
+            bias.add_(0.5)
+        assert relative_error() < 1e-4
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+
+
+def test_an_active_adapter_keeps_the_eager_forward(compiled):
+    eager, ahead = compiled["slots"]
+    assert compiled["facts"]["slot_calls"] == 0
+    assert same_image(eager.images[0], ahead.images[0])
+
+
+def test_weights_in_another_layout_use_the_eager_forward_until_the_layout_comes_back(compiled, tmp_path):
+    """As while a training holds the UNet in its own layout (trainer/training/lora_scope.py) and an /imagine comes."""
+    service = compiled["service"]
+    kernels, unet = service.aot, service.pipe.unet
+    unet.to(memory_format=torch.channels_last)  # compiled for the contiguous layout of a CPU pipeline
+    try:
+        calls = kernels.calls
+        other_layout = service.imagine(request(tmp_path, "other-layout"))
+        assert kernels.calls == calls and kernels.unbound == set(kernels.loaded) and not kernels.refused
+    finally:
+        unet.to(memory_format=torch.contiguous_format)
+    back = service.imagine(request(tmp_path, "back"))
+    assert kernels.calls == calls + 3 and not kernels.unbound
+    reference = compiled["eager"]["plain"].images[0]
+    assert same_image(other_layout.images[0], reference) and same_image(back.images[0], reference)
+
+
+def test_a_restarted_worker_uses_the_packages_from_its_first_request_without_compiling(compiled, tmp_path):
+    service = compiled["service"]
+    again = GenerationService(service.pipe, model_name="tiny", aot_dir=compiled["root"] / "aot", max_batch_images=1)
+    assert again.aot.dir == service.aot.dir and list(again.aot.loaded) == list(service.aot.loaded)
+    first = again.imagine(request(tmp_path, "first"))
+    assert again.aot.calls == 3 and not again.aot.wanted and again.aot.compiles_started == 0
+    assert same_image(first.images[0], compiled["eager"]["plain"].images[0])
+
+
+def test_a_package_compiled_for_other_strides_is_refused_not_run(compiled, tmp_path):
+    service = compiled["service"]
+    copy = tmp_path / "aot"
+    shutil.copytree(compiled["root"] / "aot", copy)
+    kernels = AotKernels(service.pipe.unet, copy)
+    meta_path = next(kernels.dir.glob("*.json"))
+    meta = json.loads(meta_path.read_text())
+    name = PREFIX + "conv_in.weight"
+    meta["constants"][name][1] = list(reversed(meta["constants"][name][1]))
+    meta_path.write_text(json.dumps(meta))
+    assert kernels.adopt() == [] and not kernels.loaded
+    assert "conv_in.weight" in kernels.refused[meta_path.stem]
+    kernels.want(ForwardShape.from_json(meta["shape"]))
+    assert not kernels.wanted  # refused: not compiled again and again
+
+
+def test_a_shape_that_cannot_compile_is_recorded_and_not_asked_for_again(tiny_pipeline, tmp_path):
+    kernels = AotKernels(tiny_pipeline.unet, tmp_path / "aot")
+    hidden = tiny_pipeline.unet.config.cross_attention_dim + 3  # text embeddings the UNet cannot take
+    shape = ForwardShape((2, 4, 8, 8), (2, 77, hidden), "float32", "float32", "int64")
+    kernels.want(shape)
+    assert kernels.compile_wanted()
+    kernels.wait(COMPILE_TIMEOUT_S)
+    assert kernels.adopt() == []
+    assert shape.name in kernels.refused and (kernels.dir / f"{shape.name}.failed").is_file()
+    kernels.want(shape)
+    assert not kernels.wanted and not kernels.compile_wanted()
+
+
+def test_wanted_shapes_include_the_largest_batch_once(tiny_pipeline, tmp_path):
+    kernels = AotKernels(tiny_pipeline.unet, tmp_path / "aot", batch_rows=(16,))
+    shape = ForwardShape((2, 4, 8, 8), (2, 77, 32), "float32", "float32", "int64", (("time_ids", (2, 6), "float32"),))
+    kernels.want(shape)
+    kernels.want(shape.with_batch(4))
+    rows = [(s.sample[0], s.hidden[0], s.added[0][1][0]) for s in kernels.wanted.values()]
+    assert rows == [(2, 2, 2), (16, 16, 16), (4, 4, 4)]
+    assert ForwardShape.from_json(json.loads(json.dumps(shape.to_json()))) == shape
+
+
+def test_the_architecture_key_follows_what_the_kernels_depend_on(tiny_pipeline):
+    unet = tiny_pipeline.unet
+    key = architecture_key(unet)
+    assert architecture_key(unet) == key
+    unet.to(memory_format=torch.channels_last)
+    try:
+        assert architecture_key(unet) != key
+    finally:
+        unet.to(memory_format=torch.contiguous_format)
+    assert architecture_key(unet) == key
+
+
+def test_live_constants_name_base_weights_as_the_bare_unet_does(compiled):
+    from diffusers import UNet2DConditionModel
+
+    unet = compiled["service"].pipe.unet
+    assert any(".base_layer." in name for name, _ in unet.named_parameters())  # peft's wrapped layers: the slot
+    bare = UNet2DConditionModel.from_config(unet.config)
+    assert set(live_constants(unet)) == {PREFIX + name for name, _ in [*bare.named_parameters(), *bare.named_buffers()]}
+
+
+def test_the_setting(tiny_pipeline):
+    assert compiles_ahead("on", tiny_pipeline) and not compiles_ahead("off", tiny_pipeline)
+    assert not compiles_ahead("auto", tiny_pipeline)  # a CPU: a compile a shape would take longer than it saves
+    with pytest.raises(ValueError, match="auto, on, off"):
+        compiles_ahead("sometimes", tiny_pipeline)
+
+
+def test_sdxl_compiled_ahead_serves_the_same_images(tiny_sdxl_model_dir, tmp_path):
+    pipe = load_pipeline(str(tiny_sdxl_model_dir), device="cpu", dtype="fp32")
+    service = GenerationService(pipe, model_name="tiny-xl", aot_dir=tmp_path / "aot", max_batch_images=1)
+    try:
+        eager = service.imagine(request(tmp_path, "eager"))
+        shape = next(iter(service.aot.wanted.values()))
+        assert [name for name, _, _ in shape.added] == ["text_embeds", "time_ids"]
+        service.aot.wait(COMPILE_TIMEOUT_S)
+        service.idle()
+        assert shape.name in service.aot.loaded, service.aot.refused
+        ahead = service.imagine(request(tmp_path, "ahead"))
+        assert service.aot.calls == 3
+        assert same_image(eager.images[0], ahead.images[0])
+    finally:
+        service.stop_compiling()
+
+
+def test_the_worker_serves_with_the_packages_compiles_what_is_missing_and_stops_the_compiler_on_exit(
+        compiled, tiny_model_dir, tmp_path):
+    from tests.trainer.test_worker_run_many import Events
+    from trainer.contract import protocol
+    from trainer.generation.aot_kernels import AOT_CACHE
+    from trainer.worker import EventWriter, JobControl, Worker
+
+    shutil.copytree(compiled["root"] / "aot", tmp_path / "data" / AOT_CACHE)  # what an earlier run compiled
+    events = Events()
+    worker = Worker(EventWriter(events), JobControl(), pipe=load_pipeline(str(tiny_model_dir), "cpu", "fp32"),
+                    device="cpu", model=str(tiny_model_dir), data_dir=tmp_path / "data", compile_ahead="on")
+    params = {"prompt": "a photo of sid", "seed": 11, "steps": 3, "width": 64, "height": 64,
+              "out_dir": str(tmp_path / "images")}
+    worker.control.submit(protocol.run(1, "imagine", params))
+    worker.control.jobs.put(None)
+    worker.serve()
+    kernels = worker.generation.aot
+    assert [e["event"] for e in events.ends()[1]] == ["done"]
+    assert kernels.calls == 3  # the copied package served the job from its first step
+    # The same forward at the largest batch (a burst of 8 members) was wanted, and its compiling process started;
+    # the worker's exit ended it.
+    assert kernels.compiles_started == 1 and not kernels.compiling
+    assert [shape.sample[0] for shape in kernels.wanted.values()] == [16]

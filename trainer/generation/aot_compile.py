@@ -1,0 +1,116 @@
+"""Compile the UNet forward ahead of time, one package per shape, in a process of its own.
+
+    python -m trainer.generation.aot_compile SPEC.json
+
+The worker (trainer/generation/aot_kernels.py) starts this for the shapes its members use, so that nobody waits for
+a compile (a minute per shape for SD 1.5 on an H200). For each shape: `torch.export` of the forward, then
+AOTInductor (`torch._inductor.aoti_compile_and_package`) into `<shape>.pt2`, with the weights left out of the package:
+the worker points the compiled code at its own live weights (folded LoRAs included). So the UNet here is built from
+the config alone, with random weights; what must match is each weight's shape, dtype and strides, which
+`<shape>.json` records for the worker to check. The JSON is written last: it says the package is complete. A shape
+that cannot be compiled gets `<shape>.failed` with the reason, so the worker does not ask again.
+
+SPEC: {"config": the UNet's config, "dtype", "channels_last", "device", "out_dir", "shapes": [ForwardShape JSON],
+"parent": the worker's pid (this process stops between shapes once the worker is gone)}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from trainer.generation.aot_shapes import ForwardShape
+
+# Weights out of the package, and none inlined into the kernels (inductor inlines small ones by default, e.g. the 4
+# numbers of conv_out's bias: those would keep the random values of this process).
+INDUCTOR_OPTIONS = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
+
+
+class UNetForward(torch.nn.Module):
+    """The forward the worker's CUDA graphs call (trainer/generation/fast_unet.py `_plain`), as a module to export."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, hidden, added: dict):
+        return self.unet(sample, timestep, hidden, added_cond_kwargs=added or None, return_dict=False)[0]
+
+
+def build_unet(spec: dict):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(spec["device"]):
+        unet = UNet2DConditionModel.from_config(spec["config"])
+    unet.to(dtype=getattr(torch, spec["dtype"]))
+    if spec["channels_last"]:
+        unet.to(memory_format=torch.channels_last)
+    return unet.eval().requires_grad_(False)
+
+
+def constants_layout(module: torch.nn.Module) -> dict[str, list]:
+    """name -> [shape, stride, dtype] of every weight and buffer, as the compiled code will expect them."""
+    tensors = dict(module.named_parameters())
+    tensors.update(module.named_buffers())
+    return {name: [list(t.shape), list(t.stride()), str(t.dtype).removeprefix("torch.")]
+            for name, t in tensors.items()}
+
+
+def compile_shape(module: UNetForward, shape: ForwardShape, out_dir: Path, *, channels_last: bool) -> Path:
+    inputs = shape.example_inputs(next(module.parameters()).device, channels_last=channels_last)
+    started = time.monotonic()
+    with torch.no_grad():
+        program = torch.export.export(module, inputs, strict=False)
+    exported = time.monotonic()
+    partial = out_dir / f".{shape.name}.{os.getpid()}.pt2"
+    torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=INDUCTOR_OPTIONS)
+    package = out_dir / f"{shape.name}.pt2"
+    os.replace(partial, package)
+    meta = {"shape": shape.to_json(), "constants": constants_layout(module), "torch": torch.__version__,
+            "export_s": round(exported - started, 2), "compile_s": round(time.monotonic() - exported, 2)}
+    _write_atomically(out_dir / f"{shape.name}.json", json.dumps(meta))
+    return package
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    out_dir = Path(spec["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.nice(10)  # compiling is CPU work the worker's own jobs (data loading, PNGs) should win against
+    module = UNetForward(build_unet(spec))
+    for data in spec["shapes"]:
+        if spec.get("parent") and os.getppid() != spec["parent"]:
+            print("aot_compile: the worker is gone; stopping", file=sys.stderr, flush=True)
+            return 0
+        shape = ForwardShape.from_json(data)
+        if (out_dir / f"{shape.name}.json").exists():
+            continue
+        print(f"aot_compile: {shape.name}: {shape.describe()} ...", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        try:
+            compile_shape(module, shape, out_dir, channels_last=spec["channels_last"])
+        except Exception as exc:  # noqa: BLE001 - one shape that cannot compile must not stop the others
+            detail = "".join(traceback.format_exception(exc))
+            print(f"aot_compile: {shape.name} failed:\n{detail}", file=sys.stderr, flush=True)
+            _write_atomically(out_dir / f"{shape.name}.failed", detail)
+            continue
+        print(f"aot_compile: {shape.name} done in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,237 @@
+"""The UNet forward compiled ahead of time, where no member waits for it: the worker's side.
+
+A compiled UNet (inductor's fused kernels) makes an /imagine 1.5x faster on an H200 (docs/BENCHMARKS.md), but
+compiling takes about a minute per shape, which must not happen on the job thread. So:
+- every forward shape generation serves is noted (`get` of a shape without a package), with the same forward at
+  the largest batch the bot makes (a burst of members);
+- a separate process (trainer/generation/aot_compile.py, niced) compiles the noted shapes one by one into
+  `<data>/cache/aot/<architecture>/<shape>.pt2`; the architecture key covers the UNet's config, dtype, memory format,
+  GPU and library versions, so base models of one architecture share packages and a restart finds them;
+- when the worker is idle it `adopt`s finished packages: loads each and points its weights at the live UNet's own
+  tensors (`user_managed`: no copy, and LoRAs folded into the weights in place are seen), after checking that every
+  weight's shape, dtype and strides are what the package was compiled for;
+- trainer/generation/fast_unet.py then captures its CUDA graph around the compiled forward instead of the eager one.
+
+The compiled forward is the bare UNet: it is used only while no adapter is active (no mixed-LoRA slot, no
+training's adapter); otherwise the eager forward runs as before.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from trainer.generation.aot_shapes import (PREFIX, ForwardShape, architecture, architecture_key, channels_last,
+                                          inputs_in_layout)
+
+log = logging.getLogger(__name__)
+
+AOT_CACHE = Path("cache") / "aot"  # under the bot's data directory
+SETTINGS = ("auto", "on", "off")
+# auto: where the compiling process (a second copy of the UNet on the GPU, ~2.5 GB for SD 1.5, ~6 GB for SDXL)
+# fits beside the service and a training: the GPUs that train SD 1.x at batch 4, and SDXL where it trains `fast`.
+AUTO_MIN_GIB = {"sd1": 22.0, "sdxl": 40.0}
+
+
+def compiles_ahead(setting: str, pipe) -> bool:
+    """Whether generation on `pipe` compiles its UNet forward ahead of time under the worker's --compile-ahead."""
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown compile-ahead setting {setting!r}: one of {', '.join(SETTINGS)}")
+    if setting != "auto":
+        return setting == "on"
+    from trainer.models.family import family_of
+
+    device = pipe.unet.device
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total_gib = torch.cuda.get_device_properties(index).total_memory / 2**30
+    return total_gib >= AUTO_MIN_GIB.get(family_of(pipe).name, AUTO_MIN_GIB["sdxl"])
+
+
+def live_constants(unet) -> dict[str, torch.Tensor]:
+    """The UNet's own weights and buffers under the names the compiled code uses: peft's wrapped layers keep the base
+    weight at `<layer>.base_layer.weight`, the bare UNet at `<layer>.weight`; adapters' own weights are left out."""
+    tensors = {}
+    for name, tensor in [*unet.named_parameters(), *unet.named_buffers()]:
+        if ".lora_" in name:
+            continue
+        tensors[PREFIX + name.replace(".base_layer.", ".")] = tensor
+    return tensors
+
+
+def layout_problem(expected: dict[str, list], live: dict[str, torch.Tensor], needed: list[str]) -> str | None:
+    """Why the live tensors cannot stand in for the compiled constants, or None. Every live tensor must be one of
+    them: one the compiled code does not take would have had its compile-time value baked in."""
+    baked = sorted(set(live) - set(needed))
+    if baked:
+        return f"it does not read {', '.join(baked[:3])} from the live UNet"
+    for name in needed:
+        tensor = live.get(name)
+        if tensor is None:
+            return f"the live UNet has no {name}"
+        if name not in expected:
+            return f"the package does not describe {name}"
+        shape, stride, dtype = expected[name]
+        found = [list(tensor.shape), list(tensor.stride()), str(tensor.dtype).removeprefix("torch.")]
+        if found != [shape, stride, dtype]:
+            return f"{name} is {found}, compiled for {[shape, stride, dtype]}"
+    return None
+
+
+class AotKernels:
+    """Compiled forwards for one UNet: which exist, which are wanted, and the process that compiles them."""
+
+    def __init__(self, unet, cache_dir: Path, *, batch_rows: tuple[int, ...] = (), python: str = sys.executable):
+        self.unet = unet
+        self.dir = Path(cache_dir).resolve() / architecture_key(unet)
+        self.channels_last = channels_last(unet)
+        self.batch_rows = batch_rows  # forwards also wanted at these batch sizes when a shape is first served
+        self.python = python
+        self.loaded: dict[str, object] = {}   # shape name -> the loaded package, bound to the live weights
+        self.refused: dict[str, str] = {}     # shape name -> why it is not used
+        self.unbound: set[str] = set()        # loaded, but the live weights' layout does not fit it now
+        self.wanted: dict[str, ForwardShape] = {}
+        self.calls = 0            # forwards run compiled
+        self.compiles_started = 0
+        self._process: subprocess.Popen | None = None
+
+    # --- serving -------------------------------------------------------------------------------------------------
+    def get(self, shape: ForwardShape):
+        """The compiled forward for `shape`, or None. The shape (and its largest batch) is noted for the compiling
+        process where it has no package."""
+        self.want(shape)
+        return None if shape.name in self.unbound else self.loaded.get(shape.name)
+
+    def run(self, model, sample, timestep, hidden, added: dict) -> torch.Tensor:
+        self.calls += 1
+        return model(*inputs_in_layout(sample, timestep, hidden, added, channels_last=self.channels_last))
+
+    def want(self, shape: ForwardShape) -> None:
+        for rows in (shape.sample[0], *self.batch_rows):
+            wanted = shape.with_batch(rows)
+            name = wanted.name
+            if name not in self.wanted and name not in self.loaded and name not in self.refused:
+                self.wanted[name] = wanted
+
+    def rebind(self) -> None:
+        """The UNet's parameters moved (re-cast, replaced, layers wrapped or unwrapped): point every package at the
+        new tensors. One the new layout does not fit waits unused for a layout that does (a training holds the UNet
+        in the contiguous layout until it ends, trainer/training/lora_scope.py)."""
+        live = live_constants(self.unet)
+        for name, model in self.loaded.items():
+            problem = self._bind(name, model, live)
+            if problem and name not in self.unbound:
+                log.info("compiled UNet forward %s unused while %s", name, problem)
+                self.unbound.add(name)
+            elif not problem:
+                self.unbound.discard(name)
+
+    # --- adopting finished packages ---------------------------------------------------------------------------
+    def adopt(self) -> list[ForwardShape]:
+        """Load every finished package not loaded yet; returns the shapes that became compiled."""
+        if not self.dir.is_dir():
+            return []
+        adopted, live = [], None
+        for meta_path in sorted(self.dir.glob("*.json")):
+            name = meta_path.stem
+            if name in self.loaded or name in self.refused:
+                continue
+            live = live if live is not None else live_constants(self.unet)
+            shape = self._load(name, meta_path, live)
+            if shape is not None:
+                adopted.append(shape)
+        for failed in self.dir.glob("*.failed"):
+            if failed.stem not in self.refused:
+                self.refuse(failed.stem, f"it could not be compiled (see {failed})")
+        return adopted
+
+    def _load(self, name: str, meta_path: Path, live: dict) -> ForwardShape | None:
+        try:
+            meta = json.loads(meta_path.read_text())
+            model = torch._inductor.aoti_load_package(str(self.dir / f"{name}.pt2"), device_index=self._device_index())
+            problem = self._bind(name, model, live, meta["constants"])
+        except Exception as exc:  # noqa: BLE001 - a broken package costs speed, never a job
+            problem = f"it could not be loaded: {exc}"
+        if problem:
+            self.refuse(name, problem)
+            return None
+        self.loaded[name] = model
+        self.wanted.pop(name, None)
+        shape = ForwardShape.from_json(meta["shape"])
+        log.info("compiled UNet forward in use for %s", shape.describe())
+        return shape
+
+    def _bind(self, name: str, model, live: dict, expected: dict | None = None) -> str | None:
+        needed = model.get_constant_fqns()
+        if expected is None:
+            expected = json.loads((self.dir / f"{name}.json").read_text())["constants"]
+        problem = layout_problem(expected, live, needed)
+        if problem is None:
+            model.load_constants({fqn: live[fqn] for fqn in needed}, check_full_update=True, user_managed=True)
+        return problem
+
+    def refuse(self, name: str, why: str) -> None:
+        """Stop using (and wanting) the compiled forward `name`."""
+        self.refused[name] = why
+        self.wanted.pop(name, None)
+        self.loaded.pop(name, None)
+        log.warning("compiled UNet forward %s not used: %s", name, why)
+
+    def _device_index(self) -> int:
+        device = self.unet.conv_in.weight.device
+        if device.type != "cuda":
+            return -1
+        return device.index if device.index is not None else torch.cuda.current_device()
+
+    # --- the compiling process ---------------------------------------------------------------------------------
+    @property
+    def compiling(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def compile_wanted(self) -> bool:
+        """Start the compiling process for the wanted shapes that have no package yet, unless it is running.
+        Returns whether one was started."""
+        if self.compiling:
+            return False
+        pending = [shape for name, shape in self.wanted.items()
+                   if not (self.dir / f"{name}.json").exists() and not (self.dir / f"{name}.failed").exists()]
+        if not pending:
+            return False
+        self.dir.mkdir(parents=True, exist_ok=True)
+        facts = architecture(self.unet)
+        spec = {"config": facts["config"], "dtype": facts["dtype"], "channels_last": facts["channels_last"],
+                "device": str(self.unet.conv_in.weight.device), "out_dir": str(self.dir),
+                "shapes": [shape.to_json() for shape in pending], "parent": os.getpid()}
+        spec_path = self.dir / "compile.spec"  # not *.json: that names a finished package
+        spec_path.write_text(json.dumps(spec))
+        with open(self.dir / "compile.log", "ab") as log_file:
+            self._process = subprocess.Popen([self.python, "-m", "trainer.generation.aot_compile", str(spec_path)],
+                                             stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                             cwd=_package_root())
+        self.compiles_started += 1
+        log.info("compiling the UNet forward for %d shape(s) in process %d", len(pending), self._process.pid)
+        return True
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Until the compiling process ends (tests, benches)."""
+        if self._process is not None:
+            self._process.wait(timeout)
+
+    def close(self) -> None:
+        if self.compiling:
+            self._process.terminate()
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+
+
+def _package_root() -> str:
+    """The directory `trainer` is imported from, so `python -m trainer.generation.aot_compile` finds the same code."""
+    return str(Path(__file__).resolve().parents[2])

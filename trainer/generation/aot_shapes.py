@@ -1,0 +1,105 @@
+"""What identifies an ahead-of-time compiled UNet forward: the architecture it was built for and the shape it serves.
+
+Shared by the worker's side (trainer/generation/aot_kernels.py) and the compiling process
+(trainer/generation/aot_compile.py), so both name the same package the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+
+PREFIX = "unet."  # the compiled module holds the UNet as `unet`: its constants are named "unet.<parameter>"
+
+
+@dataclass(frozen=True)
+class ForwardShape:
+    """The tensors one UNet forward takes: the latents, the text embeddings, the timestep (0-dim) and SDXL's added
+    conditioning ((name, shape, dtype), sorted by name). Dtypes as torch spells them without "torch."."""
+    sample: tuple[int, ...]
+    hidden: tuple[int, ...]
+    dtype: str
+    hidden_dtype: str
+    timestep_dtype: str
+    added: tuple[tuple[str, tuple[int, ...], str], ...] = ()
+
+    @classmethod
+    def of(cls, sample, timestep, hidden, added: dict) -> "ForwardShape":
+        return cls(tuple(sample.shape), tuple(hidden.shape), _name(sample.dtype), _name(hidden.dtype),
+                   _name(timestep.dtype),
+                   tuple((name, tuple(added[name].shape), _name(added[name].dtype)) for name in sorted(added)))
+
+    def with_batch(self, rows: int) -> "ForwardShape":
+        """The same forward for `rows` rows (every batched input's first dimension)."""
+        return ForwardShape((rows, *self.sample[1:]), (rows, *self.hidden[1:]), self.dtype, self.hidden_dtype,
+                            self.timestep_dtype,
+                            tuple((name, (rows, *shape[1:]), dtype) for name, shape, dtype in self.added))
+
+    @property
+    def name(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json()).encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict:
+        return {"sample": list(self.sample), "hidden": list(self.hidden), "dtype": self.dtype,
+                "hidden_dtype": self.hidden_dtype, "timestep_dtype": self.timestep_dtype,
+                "added": [[name, list(shape), dtype] for name, shape, dtype in self.added]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ForwardShape":
+        return cls(tuple(data["sample"]), tuple(data["hidden"]), data["dtype"], data["hidden_dtype"],
+                   data["timestep_dtype"], tuple((name, tuple(shape), dtype) for name, shape, dtype in data["added"]))
+
+    def example_inputs(self, device, *, channels_last: bool) -> tuple:
+        """Zeros of this shape, in the layout the forward gets them (`inputs_in_layout`): (sample, timestep, hidden,
+        added)."""
+        def zeros(shape, dtype):
+            return torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
+
+        added = {name: zeros(shape, dtype) for name, shape, dtype in self.added}
+        return inputs_in_layout(zeros(self.sample, self.dtype), zeros((), self.timestep_dtype),
+                                zeros(self.hidden, self.hidden_dtype), added, channels_last=channels_last)
+
+    def describe(self) -> str:
+        batch, _, height, width = self.sample
+        return f"{batch} rows of {height}x{width} latents, {self.hidden[1]} tokens"
+
+
+def inputs_in_layout(sample, timestep, hidden, added: dict, *, channels_last: bool) -> tuple:
+    """The forward's inputs with the strides the compiled code assumes (it does not check them): the sample
+    channels-last when the UNet is (as the CUDA graphs' static sample is), the rest contiguous, `added` sorted by
+    name (the compiled code takes its tensors in that order)."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return (sample.contiguous(memory_format=layout), timestep.reshape(()).contiguous(), hidden.contiguous(),
+            {name: added[name].contiguous() for name in sorted(added)})
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def architecture(unet) -> dict:
+    """Everything a compiled forward depends on besides its shape: the UNet's config, its weights' dtype and memory
+    format, the device and the library versions (kernels from one torch or GPU are not for another). Not the weights'
+    values: the worker supplies those at run time."""
+    import diffusers
+
+    weight = unet.conv_in.weight
+    device = weight.device
+    gpu = None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        gpu = [torch.cuda.get_device_name(index), list(torch.cuda.get_device_capability(index))]
+    return {"config": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
+            "dtype": _name(weight.dtype), "channels_last": channels_last(unet), "device": device.type, "gpu": gpu,
+            "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def architecture_key(unet) -> str:
+    return hashlib.sha256(json.dumps(architecture(unet), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def channels_last(unet) -> bool:
+    weight = unet.conv_in.weight
+    return weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
