@@ -80,7 +80,8 @@ def test_a_served_shape_is_compiled_in_another_process_and_then_serves_the_same_
     shape = facts["wanted"][0]
     assert shape.sample[0] == 2 and shape.name in kernels.loaded, kernels.refused
     assert (kernels.dir / f"{shape.name}.pt2").is_file() and "done in" in (kernels.dir / "compile.log").read_text()
-    assert facts["calls_before"] == 0 and facts["calls_after"] == 2 * 3  # both requests, 3 steps each
+    # Adopting ran it once, to check it against the eager forward; then both requests, 3 steps each.
+    assert facts["calls_before"] == 1 and facts["calls_after"] == 1 + 2 * 3
     for name in ("plain", "lora"):
         for eager, ahead in zip(compiled["eager"][name].images, compiled["ahead"][name].images):
             assert same_image(eager, ahead), name
@@ -147,7 +148,7 @@ def test_a_restarted_worker_uses_the_packages_from_its_first_request_without_com
     again = GenerationService(service.pipe, model_name="tiny", aot_dir=compiled["root"] / "aot", max_batch_images=1)
     assert again.aot.dir == service.aot.dir and list(again.aot.loaded) == list(service.aot.loaded)
     first = again.imagine(request(tmp_path, "first"))
-    assert again.aot.calls == 3 and not again.aot.wanted and again.aot.compiles_started == 0
+    assert again.aot.calls == 1 + 3 and not again.aot.wanted and again.aot.compiles_started == 0
     assert same_image(first.images[0], compiled["eager"]["plain"].images[0])
 
 
@@ -165,6 +166,31 @@ def test_a_package_compiled_for_other_strides_is_refused_not_run(compiled, tmp_p
     assert "conv_in.weight" in kernels.refused[meta_path.stem]
     kernels.want(ForwardShape.from_json(meta["shape"]))
     assert not kernels.wanted  # refused: not compiled again and again
+
+
+def test_a_package_that_computes_something_else_is_refused_when_adopted(compiled, tiny_model_dir, tmp_path):
+    """Compiled for another activation (the same weights, other arithmetic): adoption compares it with the eager
+    forward on random inputs and refuses it, so no member gets its images."""
+    import subprocess
+    import sys
+
+    from trainer.generation.aot_shapes import architecture
+
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype="fp32")
+    directory = AotKernels(pipe.unet, tmp_path / "aot").dir
+    facts = architecture(pipe.unet)
+    assert facts["config"]["act_fn"] == "silu"
+    spec = {"config": {**facts["config"], "act_fn": "gelu"}, "dtype": facts["dtype"], "channels_last": False,
+            "device": "cpu", "out_dir": str(directory), "shapes": [compiled["facts"]["wanted"][0].to_json()]}
+    directory.mkdir(parents=True)
+    (directory / "compile.spec").write_text(json.dumps(spec))
+    subprocess.run([sys.executable, "-m", "trainer.generation.aot_compile", str(directory / "compile.spec")],
+                   check=True, timeout=COMPILE_TIMEOUT_S, capture_output=True)
+    service = GenerationService(pipe, model_name="tiny", aot_dir=tmp_path / "aot", max_batch_images=1)
+    name = compiled["facts"]["wanted"][0].name
+    assert not service.aot.loaded and "off the eager forward" in service.aot.refused[name]
+    service.imagine(request(tmp_path, "eager"))
+    assert service.aot.calls == 1 and not service.aot.wanted  # the one call was the check; not compiled again
 
 
 def test_a_shape_that_cannot_compile_is_recorded_and_not_asked_for_again(tiny_pipeline, tmp_path):
@@ -229,7 +255,7 @@ def test_sdxl_compiled_ahead_serves_the_same_images(tiny_sdxl_model_dir, tmp_pat
         service.idle()
         assert shape.name in service.aot.loaded, service.aot.refused
         ahead = service.imagine(request(tmp_path, "ahead"))
-        assert service.aot.calls == 3
+        assert service.aot.calls == 1 + 3
         assert same_image(eager.images[0], ahead.images[0])
     finally:
         service.stop_compiling()
@@ -253,7 +279,7 @@ def test_the_worker_serves_with_the_packages_compiles_what_is_missing_and_stops_
     worker.serve()
     kernels = worker.generation.aot
     assert [e["event"] for e in events.ends()[1]] == ["done"]
-    assert kernels.calls == 3  # the copied package served the job from its first step
+    assert kernels.calls == 1 + 3  # checked when adopted at the start, then it served the job from its first step
     # The same forward at the largest batch (a burst of 8 members) was wanted, and its compiling process started;
     # the worker's exit ended it.
     assert kernels.compiles_started == 1 and not kernels.compiling

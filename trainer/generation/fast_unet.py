@@ -47,6 +47,9 @@ def keep_compiled_kernels(data_dir: Path) -> Path:
 
 
 ADDED_CONDITIONING = ("text_embeds", "time_ids")  # SDXL's, the only added_cond_kwargs a graph takes
+# How far (relative) a forward compiled ahead of time may be from the eager one: other kernels' rounding in fp16 is
+# ~1e-3; a package that computes something else is far off (a constant compiled in: 0.13, tests/trainer/test_aot_kernels.py).
+COMPILED_TOLERANCE = 2e-2
 
 
 class _Entry:
@@ -140,33 +143,62 @@ class UNetGraphs:
         return (tuple(sample.shape), sample.dtype, tuple(hidden.shape), hidden.dtype, timestep.dtype,
                 tuple((name, tuple(v.shape), v.dtype) for name, v in sorted(added.items())), self.state_key())
 
+    def _adapter_active(self) -> bool:
+        return any(layer.active_adapters and not layer.disable_adapters for layer in self._tuner_layers)
+
     def _compiled_ahead(self, sample, timestep, hidden, added: dict):
         """The forward compiled ahead of time for these inputs (None: there is none yet, or an adapter is active,
         which the compiled bare UNet would leave out)."""
-        if self.aot is None or any(layer.active_adapters and not layer.disable_adapters
-                                   for layer in self._tuner_layers):
+        if self.aot is None or self._adapter_active():
             return None
         return self.aot.get(ForwardShape.of(sample, timestep, hidden, added))
 
     def adopt_compiled(self) -> int:
-        """Load the forwards compiled ahead of time since the last call (the worker calls this when idle) and capture
-        their graphs now, so that no member pays for either; graphs of the same shapes around the eager forward are
-        dropped. Returns how many were adopted."""
+        """Load the forwards compiled ahead of time since the last call (the worker calls this when idle), capture
+        their graphs now and check each against the eager forward, so that no member pays for either and none gets
+        a wrong image from a package; graphs of the same shapes around the eager forward are dropped. Returns how
+        many were adopted."""
         if self.aot is None:
             return 0
         self._check_params()
+        if self._adapter_active():
+            return 0  # the check below needs the bare UNet; the next idle moment adopts
         shapes = self.aot.adopt()
         names = {shape.name for shape in shapes}
         for key in [key for key, entry in self._graphs.items() if entry.shape.name in names and not entry.ahead]:
             del self._graphs[key]
+        adopted = 0
+        with torch.no_grad():
+            for shape in shapes:
+                error = self._compiled_error(shape)
+                if error is None:
+                    continue  # its graph could not be captured: refused there
+                if error <= COMPILED_TOLERANCE:
+                    adopted += 1
+                    continue
+                self.aot.refuse(shape.name, f"its output is {error:.2g} off the eager forward's (relative)")
+                for key in [key for key, entry in self._graphs.items() if entry.shape.name == shape.name]:
+                    del self._graphs[key]
+        return adopted
+
+    def _compiled_error(self, shape: ForwardShape) -> float | None:
+        """Relative difference between the compiled forward (replayed from its graph on CUDA, captured here) and
+        the eager one on random inputs; None when the compiled one did not run (a graph capture refused it)."""
+        inputs = shape.example_inputs(self.unet.device, channels_last=False)
+        generator = torch.Generator(device=self.unet.device).manual_seed(0)
+        for tensor in (inputs[0], inputs[2], *inputs[3].values()):
+            tensor.normal_(generator=generator)
+        inputs[1].fill_(500)
+        calls = self.aot.calls
+        compiled = self._forward(*inputs[:3], added_cond_kwargs=inputs[3] or None, return_dict=False)[0]
         if self.usable(self.unet):
-            with torch.no_grad():
-                for shape in shapes[:self.max_graphs]:
-                    inputs = shape.example_inputs(self.unet.device, channels_last=False)
-                    key = self._key(*inputs)
-                    if key not in self._graphs:
-                        self._capture(key, *inputs)
-        return len(shapes)
+            entry = self._graphs.get(self._key(*inputs))
+            if entry is None or not entry.ahead:
+                return None
+        elif self.aot.calls == calls:
+            return None
+        eager = self._plain(*inputs)
+        return ((compiled.float() - eager.float()).norm() / eager.float().norm().clamp_min(1e-12)).item()
 
     def _check_params(self) -> None:
         """Drop every graph when the UNet's parameters were replaced (moved, re-cast, layers added/removed)."""

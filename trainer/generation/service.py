@@ -157,7 +157,10 @@ class GenerationService:
             self.graphs = UNetGraphs(pipe.unet, state_key=lambda: (self.adapters.unet_active(), self.adapters.version),
                                      compile=compile_unet and graphs, aot=self.aot)
         if self.aot is not None:
-            self.graphs.adopt_compiled()  # what an earlier run compiled: from the first request on (a restart)
+            try:  # what an earlier run compiled: from the first request on (a restart)
+                self.graphs.adopt_compiled()
+            except Exception:  # noqa: BLE001 - only speed is at stake: the eager forward serves
+                log.exception("adopting the UNet forwards compiled ahead of time failed")
         self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="imagine-png")
 
     @property
