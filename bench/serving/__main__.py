@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds between that member's next /imagine jobs while the training runs (default 5)")
     parser.add_argument("--burst-members", type=int, default=8, help="members in each burst (default 8)")
     parser.add_argument("--burst-rounds", type=int, default=3, help="bursts (default 3)")
+    parser.add_argument("--settle", type=float, default=None,
+                        help="before /imagine alone, wait up to this many seconds (the bot idle) until the shapes the "
+                             "worker compiles ahead of time are in use, as in a bot that has run a while "
+                             "(default 600; --tiny: 30, which a CPU worker, compiling nothing, does not wait)")
     parser.add_argument("--engine", default=ENGINE_SECTIONS,
                         help=f"`python -m bench` sections run after the bot (default {ENGINE_SECTIONS}; none: skip)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for any one thing the bot does")
@@ -62,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.steps = args.steps or (2 if tiny else None)
     args.repeats = args.repeats or (3 if tiny else 20)
     args.during_after = args.during_after if args.during_after is not None else (0.5 if tiny else 8.0)
+    args.settle = args.settle if args.settle is not None else (30.0 if tiny else 600.0)
     if args.repeats < 1 or args.burst_members < 1 or args.burst_rounds < 1:
         parser.error("--repeats, --burst-members and --burst-rounds must be at least 1")
     if args.during_after < 0 or args.during_every <= 0:
@@ -72,7 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def plan_of(args: argparse.Namespace) -> Plan:
     return Plan(imagine_options={"steps": args.steps} if args.steps else {}, repeats=args.repeats,
                 during_after_s=args.during_after, during_every_s=args.during_every,
-                burst_members=args.burst_members, burst_rounds=args.burst_rounds, photo_side=256 if args.tiny else 512)
+                burst_members=args.burst_members, burst_rounds=args.burst_rounds, photo_side=256 if args.tiny else 512,
+                settle_s=args.settle)
 
 
 async def through_the_bot(args: argparse.Namespace, workdir: Path, served: dict) -> None:

@@ -28,6 +28,7 @@ class Plan:
     burst_members: int
     burst_rounds: int
     photo_side: int
+    settle_s: float = 0.0  # at most this long, before /imagine alone, for the forwards compiled ahead of time
 
 
 def seconds(values: list[float]) -> dict:
@@ -61,6 +62,8 @@ async def measure(bot: ServedBot, plan: Plan, out: dict) -> None:
                                                          visitor, plan)
     out["train_cold_s"] = round(cold.seconds, 2)
     out["imagine_during_training"] = during_figures(during_cold, [])
+    if plan.settle_s:
+        out["compiled_ahead"] = await bot.settle_compiled(plan.settle_s)
 
     alone = [await bot.imagine(visitor, f"a photo of a dog number {i}", **plan.imagine_options)
              for i in range(plan.repeats)]

@@ -19,6 +19,16 @@ from bench.wire.fake_discord import FakeMember
 READY_LINE = "GPU worker ready"  # bot/dispatch/worker_client.py logs it when the worker has loaded the model
 FAILED = re.compile(r"your \w+ job (\d+) failed: (.*)")  # cogs/_render.py's failure text
 STOP_TIMEOUT_S = 60.0
+# trainer/generation/aot_kernels.py's lines in the worker's log (the bot logs the worker's stderr)
+COMPILING = re.compile(r"compiling the UNet forward for (\d+) shape")
+COMPILED_IN_USE = "compiled UNet forward in use for"
+COMPILED_REFUSED = re.compile(r"compiled UNet forward \w+ not used:")
+
+
+def compiled_ahead_counts(log: str) -> dict:
+    """How many forward shapes the worker asked to compile ahead of time, has in use and refused, from its log."""
+    return {"requested": sum(int(n) for n in COMPILING.findall(log)), "in_use": log.count(COMPILED_IN_USE),
+            "refused": len(COMPILED_REFUSED.findall(log))}
 
 
 class BenchFailed(RuntimeError):
@@ -152,6 +162,16 @@ class ServedBot:
         except OSError:  # the endpoint did not start (the bot's log says why): the other figures stand
             return None
         return round(max(float(v) for v in found) / 2**30, 2) if found else None
+
+    async def settle_compiled(self, within_s: float) -> dict:
+        """Wait (the bot idle) until every shape the worker compiles ahead of time is in use or refused, at most
+        `within_s`: the state a bot that has run a while is in. Returns the counts and the seconds waited."""
+        began = time.monotonic()
+        counts = compiled_ahead_counts(self.log_text())
+        while counts["in_use"] + counts["refused"] < counts["requested"] and time.monotonic() - began < within_s:
+            await asyncio.sleep(1.0)
+            counts = compiled_ahead_counts(self.log_text())
+        return {**counts, "waited_s": round(time.monotonic() - began, 1)}
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -26,6 +26,8 @@ def test_tiny_serving_bench_measures_every_figure_through_the_bot_beside_the_eng
     assert all(row["value"] is not None for row in report["served_rows"] if row["figure"] != "gpu_peak_gb"), \
         report["served_rows"]
     assert served["gpu_peak_gb"] is None  # a CPU worker reports no GPU memory to the metrics endpoint
+    # A CPU worker compiles nothing ahead of time (auto: CUDA GPUs of 22 GB or more), so nothing was waited for.
+    assert served["compiled_ahead"] == {"requested": 0, "in_use": 0, "refused": 0, "waited_s": 0.0}
 
     engine = {row["metric"]: row for row in report["engine"]["rows"]}
     assert set(engine) >= {"train_s", "imagine_s", "throughput_ips"}
@@ -48,6 +50,17 @@ def test_each_figure_is_checked_against_its_goal_in_its_direction():
     assert rows["imagine_alone.p50_s"]["met"] is False and rows["imagine_alone.p99_s"]["met"] is None  # no goal
     assert rows["burst.images_per_s_overall"]["met"] is True  # >= 8 images/s: more is better
     assert rows["imagine_first_after_ready_s"]["value"] is None and rows["imagine_first_after_ready_s"]["met"] is None
+
+
+def test_the_shapes_compiled_ahead_are_counted_from_the_workers_lines_in_the_bots_log():
+    from bench.serving.served_bot import compiled_ahead_counts
+
+    log = ("INFO worker[12]: worker: compiling the UNet forward for 2 shape(s) in process 40 (log: /d/compile.log)\n"
+           "INFO worker[12]: worker: compiled UNet forward in use for 2 rows of 64x64 latents, 77 tokens\n"
+           "INFO worker[12]: worker: compiled UNet forward 3f2a9c0d11aa22bb not used: it could not be compiled\n"
+           "INFO worker[12]: worker: compiling the UNet forward for 1 shape(s) in process 41 (log: /d/compile.log)\n")
+    assert compiled_ahead_counts(log) == {"requested": 3, "in_use": 1, "refused": 1}
+    assert compiled_ahead_counts("") == {"requested": 0, "in_use": 0, "refused": 0}
 
 
 def test_the_gpu_peak_is_read_from_the_bots_metrics_as_the_largest_lanes():

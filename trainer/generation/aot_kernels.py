@@ -164,7 +164,7 @@ class AotKernels:
         self.loaded[name] = model
         self.wanted.pop(name, None)
         shape = ForwardShape.from_json(meta["shape"])
-        log.info("compiled UNet forward in use for %s", shape.describe())
+        _tell(f"compiled UNet forward in use for {shape.describe()}")
         return shape
 
     def _bind(self, name: str, model, live: dict, expected: dict | None = None) -> str | None:
@@ -181,7 +181,7 @@ class AotKernels:
         self.refused[name] = why
         self.wanted.pop(name, None)
         self.loaded.pop(name, None)
-        log.warning("compiled UNet forward %s not used: %s", name, why)
+        _tell(f"compiled UNet forward {name} not used: {why}")
 
     def _device_index(self) -> int:
         device = self.unet.conv_in.weight.device
@@ -215,7 +215,8 @@ class AotKernels:
                                              stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                              cwd=_package_root())
         self.compiles_started += 1
-        log.info("compiling the UNet forward for %d shape(s) in process %d", len(pending), self._process.pid)
+        _tell(f"compiling the UNet forward for {len(pending)} shape(s) in process {self._process.pid} "
+              f"(log: {self.dir / 'compile.log'})")
         return True
 
     def wait(self, timeout: float | None = None) -> None:
@@ -230,6 +231,11 @@ class AotKernels:
                 self._process.wait(10)
             except subprocess.TimeoutExpired:
                 self._process.kill()
+
+
+def _tell(line: str) -> None:
+    """A line for the bot's log (the worker's stderr), as the worker's own notices are written."""
+    print(f"worker: {line}", file=sys.stderr, flush=True)
 
 
 def _package_root() -> str:
