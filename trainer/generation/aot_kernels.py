@@ -154,7 +154,10 @@ class AotKernels:
     def _load(self, name: str, meta_path: Path, live: dict) -> ForwardShape | None:
         try:
             meta = json.loads(meta_path.read_text())
-            model = torch._inductor.aoti_load_package(str(self.dir / f"{name}.pt2"), device_index=self._device_index())
+            # Single-threaded: the default runner's threading makes a CUDA graph capture fail ("operation not
+            # permitted when stream is capturing", pytorch/pytorch#148601); the job thread is the only caller anyway.
+            model = torch._inductor.aoti_load_package(str(self.dir / f"{name}.pt2"), run_single_threaded=True,
+                                                      device_index=self._device_index())
             problem = self._bind(name, model, live, meta["constants"])
         except Exception as exc:  # noqa: BLE001 - a broken package costs speed, never a job
             problem = f"it could not be loaded: {exc}"
