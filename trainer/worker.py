@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-ahead", choices=("auto", "on", "off"), default="auto",
                         help="compile the UNet forward for the image shapes members use in a separate process and use "
                              "it once ready, so nobody waits for a compile (cached under DATA_DIR/cache/aot; auto: on "
-                             "CUDA GPUs with 22 GB or more in all, 40 GB for SDXL)")
+                             "CUDA GPUs with 22 GB or more in all, 40 GB for SDXL, unless base models may be evicted)")
     parser.add_argument("--train-memory", choices=("auto", "low", "fast"), default="auto",
                         help="training's memory setting: low (gradient checkpointing: SDXL training + serving fit a "
                              "24 GB card), fast, or auto (low for SDXL on GPUs under 40 GB; default)")
@@ -433,7 +433,9 @@ class Worker:
             self.live.drop()  # the service changes the UNet's weight layout, which a held training graph points at
             from trainer.generation.aot_kernels import AOT_CACHE, compiles_ahead
 
-            aot_dir = self.data_dir / AOT_CACHE if compiles_ahead(self.compile_ahead, self.pipe) else None
+            may_evict = self.models is not None and len(self.models.catalog) > self.models.keep
+            aot_dir = (self.data_dir / AOT_CACHE
+                       if compiles_ahead(self.compile_ahead, self.pipe, may_evict=may_evict) else None)
             self.generation = GenerationService(self.pipe, model_name=self.model or "", compile_unet=self.compile_unet,
                                                 aot_dir=aot_dir)
             if self.resident is not None:

@@ -240,6 +240,7 @@ def test_live_constants_name_base_weights_as_the_bare_unet_does(compiled):
 def test_the_setting(tiny_pipeline):
     assert compiles_ahead("on", tiny_pipeline) and not compiles_ahead("off", tiny_pipeline)
     assert not compiles_ahead("auto", tiny_pipeline)  # a CPU: a compile a shape would take longer than it saves
+    assert not compiles_ahead("auto", tiny_pipeline, may_evict=True)
     with pytest.raises(ValueError, match="auto, on, off"):
         compiles_ahead("sometimes", tiny_pipeline)
 
@@ -284,3 +285,66 @@ def test_the_worker_serves_with_the_packages_compiles_what_is_missing_and_stops_
     # the worker's exit ended it.
     assert kernels.compiles_started == 1 and not kernels.compiling
     assert [shape.sample[0] for shape in kernels.wanted.values()] == [16]
+
+
+def test_a_compiling_process_that_dies_is_not_started_again_and_again(tiny_pipeline, tmp_path, monkeypatch):
+    """Outside any one shape (here: a config it cannot build; in life a crash or the GPU's memory), the process ends
+    without packages or `.failed` files: its shapes are refused for this run instead of a new process every idle
+    moment."""
+    import trainer.generation.aot_kernels as aot_kernels
+
+    real = aot_kernels.architecture
+    monkeypatch.setattr(aot_kernels, "architecture",
+                        lambda unet: {**real(unet), "config": {**real(unet)["config"], "down_block_types": ["Nope"]}})
+    kernels = AotKernels(tiny_pipeline.unet, tmp_path / "aot")
+    shape = ForwardShape((2, 4, 8, 8), (2, 77, 32), "float32", "float32", "int64")
+    kernels.want(shape)
+    assert kernels.compile_wanted()
+    kernels.wait(COMPILE_TIMEOUT_S)
+    assert not kernels.compile_wanted() and kernels.compiles_started == 1
+    assert "ended (1)" in kernels.refused[shape.name] and not list(kernels.dir.glob("*.failed"))
+    assert "Nope" in (kernels.dir / "compile.log").read_text()
+
+
+def test_a_training_keeps_the_layout_of_weights_compiled_forwards_read(tiny_model_dir):
+    from trainer.generation.aot_shapes import WEIGHTS_BOUND_ATTR, channels_last
+    from trainer.training.lora_scope import LoraTrainingScope
+
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype="fp32")
+    pipe.unet.to(memory_format=torch.channels_last)
+    LoraTrainingScope(pipe, "test")._training_layout()
+    assert not channels_last(pipe.unet)  # as before: trained in the default layout
+    pipe.unet.to(memory_format=torch.channels_last)
+    setattr(pipe.unet, WEIGHTS_BOUND_ATTR, True)
+    pointers = [p.data_ptr() for p in pipe.unet.parameters()]
+    LoraTrainingScope(pipe, "test")._training_layout()
+    assert channels_last(pipe.unet) and [p.data_ptr() for p in pipe.unet.parameters()] == pointers
+
+
+def test_an_idle_worker_adopts_packages_that_appear(compiled, tiny_model_dir, tmp_path, monkeypatch, capfd):
+    import threading
+    import time
+
+    import trainer.worker as worker_module
+    from tests.trainer.test_worker_run_many import Events
+    from trainer.generation.aot_kernels import AOT_CACHE
+    from trainer.worker import EventWriter, JobControl, Worker
+
+    monkeypatch.setattr(worker_module, "IDLE_POLL_S", 0.05)
+    worker = Worker(EventWriter(Events()), JobControl(), pipe=load_pipeline(str(tiny_model_dir), "cpu", "fp32"),
+                    device="cpu", model=str(tiny_model_dir), data_dir=tmp_path / "data", compile_ahead="on")
+    worker.imagine_request({"prompt": "", "out_dir": str(tmp_path / "unused")})  # the service, nothing compiled yet
+    kernels = worker.generation.aot
+    assert not kernels.loaded
+    shutil.copytree(compiled["root"] / "aot", tmp_path / "data" / AOT_CACHE, dirs_exist_ok=True)  # a compile ends
+    serving = threading.Thread(target=worker.serve)
+    serving.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not kernels.loaded and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.control.jobs.put(None)
+        serving.join(60)
+    assert list(kernels.loaded) == list(compiled["service"].aot.loaded) and not serving.is_alive()
+    assert "worker: compiled UNet forward in use for 2 rows of 32x32 latents" in capfd.readouterr().err

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -68,13 +69,21 @@ def compile_shape(module: UNetForward, shape: ForwardShape, out_dir: Path, *, ch
         program = torch.export.export(module, inputs, strict=False)
     exported = time.monotonic()
     partial = out_dir / f".{shape.name}.{os.getpid()}.pt2"
-    torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=INDUCTOR_OPTIONS)
-    package = out_dir / f"{shape.name}.pt2"
-    os.replace(partial, package)
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(partial),
+                                                 inductor_configs=INDUCTOR_OPTIONS)
+        package = out_dir / f"{shape.name}.pt2"
+        os.replace(partial, package)
+    finally:
+        partial.unlink(missing_ok=True)
     meta = {"shape": shape.to_json(), "constants": constants_layout(module), "torch": torch.__version__,
             "export_s": round(exported - started, 2), "compile_s": round(time.monotonic() - exported, 2)}
     _write_atomically(out_dir / f"{shape.name}.json", json.dumps(meta))
     return package
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(0)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -91,10 +100,19 @@ def main(argv: list[str]) -> int:
     out_dir = Path(spec["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     os.nice(10)  # compiling is CPU work the worker's own jobs (data loading, PNGs) should win against
-    module = UNetForward(build_unet(spec))
-    for data in spec["shapes"]:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # the worker stopping us: partial files are removed on the way
+
+    def worker_gone() -> bool:
         if spec.get("parent") and os.getppid() != spec["parent"]:
             print("aot_compile: the worker is gone; stopping", file=sys.stderr, flush=True)
+            return True
+        return False
+
+    if worker_gone():
+        return 0
+    module = UNetForward(build_unet(spec))
+    for data in spec["shapes"]:
+        if worker_gone():
             return 0
         shape = ForwardShape.from_json(data)
         if (out_dir / f"{shape.name}.json").exists():
@@ -106,7 +124,8 @@ def main(argv: list[str]) -> int:
         except Exception as exc:  # noqa: BLE001 - one shape that cannot compile must not stop the others
             detail = "".join(traceback.format_exception(exc))
             print(f"aot_compile: {shape.name} failed:\n{detail}", file=sys.stderr, flush=True)
-            _write_atomically(out_dir / f"{shape.name}.failed", detail)
+            if not isinstance(exc, torch.OutOfMemoryError):  # beside a training: worth another try after a restart
+                _write_atomically(out_dir / f"{shape.name}.failed", detail)
             continue
         print(f"aot_compile: {shape.name} done in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     return 0

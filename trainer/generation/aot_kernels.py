@@ -14,6 +14,12 @@ compiling takes about a minute per shape, which must not happen on the job threa
 
 The compiled forward is the bare UNet: it is used only while no adapter is active (no mixed-LoRA slot, no
 training's adapter); otherwise the eager forward runs as before.
+
+Weights bound by reference are never freed (torch 2.13's AOTInductor leaks the tensor handle it makes for each
+user-managed constant, pytorch/pytorch#194480). Harmless for the resident UNet's own weights, which live as long as
+the worker; so nothing may replace them: packages are bound again only when the bound tensors really changed, the
+UNet is marked (`WEIGHTS_BOUND_ATTR`) so that a training keeps its memory layout instead of re-allocating every
+weight (trainer/training/lora_scope.py), and `auto` stays off for a worker that may evict its base model.
 """
 from __future__ import annotations
 
@@ -26,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.generation.aot_shapes import (PREFIX, ForwardShape, architecture, architecture_key, channels_last,
-                                          inputs_in_layout)
+from trainer.generation.aot_shapes import (PREFIX, WEIGHTS_BOUND_ATTR, ForwardShape, architecture, architecture_key,
+                                          channels_last, inputs_in_layout)
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +44,15 @@ SETTINGS = ("auto", "on", "off")
 AUTO_MIN_GIB = {"sd1": 22.0, "sdxl": 40.0}
 
 
-def compiles_ahead(setting: str, pipe) -> bool:
-    """Whether generation on `pipe` compiles its UNet forward ahead of time under the worker's --compile-ahead."""
+def compiles_ahead(setting: str, pipe, *, may_evict: bool = False) -> bool:
+    """Whether generation on `pipe` compiles its UNet forward ahead of time under the worker's --compile-ahead.
+    `may_evict`: the worker may unload this model for another, whose weights the bound packages would keep (above)."""
     if setting not in SETTINGS:
         raise ValueError(f"unknown compile-ahead setting {setting!r}: one of {', '.join(SETTINGS)}")
     if setting != "auto":
         return setting == "on"
+    if may_evict:
+        return False
     from trainer.models.family import family_of
 
     device = pipe.unet.device
@@ -96,10 +105,13 @@ class AotKernels:
         self.loaded: dict[str, object] = {}   # shape name -> the loaded package, bound to the live weights
         self.refused: dict[str, str] = {}     # shape name -> why it is not used
         self.unbound: set[str] = set()        # loaded, but the live weights' layout does not fit it now
+        self._layouts: dict[str, dict] = {}   # shape name -> the constants' layout it was compiled for
+        self._bound_to: dict[str, tuple] = {} # shape name -> what its constants point at (data_ptr, strides)
         self.wanted: dict[str, ForwardShape] = {}
         self.calls = 0            # forwards run compiled
         self.compiles_started = 0
         self._process: subprocess.Popen | None = None
+        self._asked: list[str] = []  # the shapes the last compiling process was started for
 
     # --- serving -------------------------------------------------------------------------------------------------
     def get(self, shape: ForwardShape):
@@ -120,14 +132,17 @@ class AotKernels:
                 self.wanted[name] = wanted
 
     def rebind(self) -> None:
-        """The UNet's parameters moved (re-cast, replaced, layers wrapped or unwrapped): point every package at the
-        new tensors. One the new layout does not fit waits unused for a layout that does (a training holds the UNet
-        in the contiguous layout until it ends, trainer/training/lora_scope.py)."""
+        """The UNet's parameters changed (layers wrapped or unwrapped by adapters, or weights re-allocated): point
+        every package at the live tensors where they are not those already bound. One the live layout does not fit
+        waits unused until it does; an error binding it only makes it wait too (a request never fails here)."""
         live = live_constants(self.unet)
         for name, model in self.loaded.items():
-            problem = self._bind(name, model, live)
+            try:
+                problem = self._bind(name, model, live)
+            except Exception as exc:  # noqa: BLE001 - speed is at stake, not the request
+                problem = f"binding failed: {exc}"
             if problem and name not in self.unbound:
-                log.info("compiled UNet forward %s unused while %s", name, problem)
+                _tell(f"compiled UNet forward {name} unused while {problem}")
                 self.unbound.add(name)
             elif not problem:
                 self.unbound.discard(name)
@@ -147,18 +162,19 @@ class AotKernels:
             if shape is not None:
                 adopted.append(shape)
         for failed in self.dir.glob("*.failed"):
-            if failed.stem not in self.refused:
-                self.refuse(failed.stem, f"it could not be compiled (see {failed})")
+            if failed.stem not in self.refused and failed.stem not in self.loaded:  # another worker's, for a shape
+                self.refuse(failed.stem, f"it could not be compiled (see {failed})")  # this one has: keep it
         return adopted
 
     def _load(self, name: str, meta_path: Path, live: dict) -> ForwardShape | None:
         try:
             meta = json.loads(meta_path.read_text())
+            self._layouts[name] = meta["constants"]
             # Single-threaded: the default runner's threading makes a CUDA graph capture fail ("operation not
             # permitted when stream is capturing", pytorch/pytorch#148601); the job thread is the only caller anyway.
             model = torch._inductor.aoti_load_package(str(self.dir / f"{name}.pt2"), run_single_threaded=True,
                                                       device_index=self._device_index())
-            problem = self._bind(name, model, live, meta["constants"])
+            problem = self._bind(name, model, live)
         except Exception as exc:  # noqa: BLE001 - a broken package costs speed, never a job
             problem = f"it could not be loaded: {exc}"
         if problem:
@@ -166,24 +182,30 @@ class AotKernels:
             return None
         self.loaded[name] = model
         self.wanted.pop(name, None)
-        shape = ForwardShape.from_json(meta["shape"])
-        _tell(f"compiled UNet forward in use for {shape.describe()}")
-        return shape
+        return ForwardShape.from_json(meta["shape"])
 
-    def _bind(self, name: str, model, live: dict, expected: dict | None = None) -> str | None:
+    def in_use(self, shape: ForwardShape) -> None:
+        """Say (in the bot's log) that a checked package now serves `shape`."""
+        _tell(f"compiled UNet forward in use for {shape.describe()}")
+
+    def _bind(self, name: str, model, live: dict) -> str | None:
         needed = model.get_constant_fqns()
-        if expected is None:
-            expected = json.loads((self.dir / f"{name}.json").read_text())["constants"]
-        problem = layout_problem(expected, live, needed)
-        if problem is None:
+        problem = layout_problem(self._layouts[name], live, needed)
+        if problem is not None:
+            return problem
+        target = tuple((fqn, live[fqn].data_ptr(), tuple(live[fqn].stride())) for fqn in needed)
+        if self._bound_to.get(name) != target:  # each binding leaks its handles (above): only when needed
             model.load_constants({fqn: live[fqn] for fqn in needed}, check_full_update=True, user_managed=True)
-        return problem
+            self._bound_to[name] = target
+            setattr(self.unet, WEIGHTS_BOUND_ATTR, True)
+        return None
 
     def refuse(self, name: str, why: str) -> None:
         """Stop using (and wanting) the compiled forward `name`."""
         self.refused[name] = why
         self.wanted.pop(name, None)
         self.loaded.pop(name, None)
+        self.unbound.discard(name)
         _tell(f"compiled UNet forward {name} not used: {why}")
 
     def _device_index(self) -> int:
@@ -199,9 +221,16 @@ class AotKernels:
 
     def compile_wanted(self) -> bool:
         """Start the compiling process for the wanted shapes that have no package yet, unless it is running.
-        Returns whether one was started."""
+        Returns whether one was started. Shapes a finished process left without a package or a `.failed` (it
+        crashed, or ran out of GPU memory beside a training) are not asked for again until the worker restarts."""
         if self.compiling:
             return False
+        if self._process is not None:
+            code, self._process = self._process.returncode, None
+            for name in self._asked:
+                if not (self.dir / f"{name}.json").exists() and name not in self.refused:
+                    self.refuse(name, f"the compiling process ended ({code}) without it; see "
+                                      f"{self.dir / 'compile.log'}")
         pending = [shape for name, shape in self.wanted.items()
                    if not (self.dir / f"{name}.json").exists() and not (self.dir / f"{name}.failed").exists()]
         if not pending:
@@ -211,8 +240,13 @@ class AotKernels:
         spec = {"config": facts["config"], "dtype": facts["dtype"], "channels_last": facts["channels_last"],
                 "device": str(self.unet.conv_in.weight.device), "out_dir": str(self.dir),
                 "shapes": [shape.to_json() for shape in pending], "parent": os.getpid()}
-        spec_path = self.dir / "compile.spec"  # not *.json: that names a finished package
-        spec_path.write_text(json.dumps(spec))
+        # One per worker (GPUs sharing the data directory each compile their own), written whole; not *.json: that
+        # names a finished package.
+        spec_path = self.dir / f"compile-{os.getpid()}.spec"
+        partial = spec_path.with_name(f".{spec_path.name}")
+        partial.write_text(json.dumps(spec))
+        os.replace(partial, spec_path)
+        self._asked = [shape.name for shape in pending]
         with open(self.dir / "compile.log", "ab") as log_file:
             self._process = subprocess.Popen([self.python, "-m", "trainer.generation.aot_compile", str(spec_path)],
                                              stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 PREFIX = "unet."  # the compiled module holds the UNet as `unet`: its constants are named "unet.<parameter>"
+# Set on a UNet whose weights compiled forwards read by reference: they must stay where they are (aot_kernels.py).
+WEIGHTS_BOUND_ATTR = "_boothbot_weights_bound"
 
 
 @dataclass(frozen=True)

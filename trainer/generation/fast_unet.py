@@ -53,10 +53,11 @@ COMPILED_TOLERANCE = 2e-2
 
 
 class _Entry:
-    def __init__(self, graph, sample, timestep, hidden, added, output, shape: ForwardShape, ahead: bool):
+    def __init__(self, graph, sample, timestep, hidden, added, output, shape: ForwardShape, ahead):
         self.graph, self.sample, self.timestep, self.hidden, self.output = graph, sample, timestep, hidden, output
         self.added = added  # {name: static tensor} for SDXL's added conditioning, {} otherwise
-        self.shape, self.ahead = shape, ahead  # ahead: around the forward compiled ahead of time
+        # The package compiled ahead of time the graph replays (kept alive with it), or None: eager kernels.
+        self.shape, self.ahead = shape, ahead
 
 
 class UNetGraphs:
@@ -165,7 +166,7 @@ class UNetGraphs:
             return 0  # the check below needs the bare UNet; the next idle moment adopts
         shapes = self.aot.adopt()
         names = {shape.name for shape in shapes}
-        for key in [key for key, entry in self._graphs.items() if entry.shape.name in names and not entry.ahead]:
+        for key in [key for key, entry in self._graphs.items() if entry.shape.name in names and entry.ahead is None]:
             del self._graphs[key]
         adopted = 0
         with torch.no_grad():
@@ -174,6 +175,7 @@ class UNetGraphs:
                 if error is None:
                     continue  # its graph could not be captured: refused there
                 if error <= COMPILED_TOLERANCE:
+                    self.aot.in_use(shape)
                     adopted += 1
                     continue
                 self.aot.refuse(shape.name, f"its output is {error:.2g} off the eager forward's (relative)")
@@ -193,7 +195,7 @@ class UNetGraphs:
         compiled = self._forward(*inputs[:3], added_cond_kwargs=inputs[3] or None, return_dict=False)[0]
         if self.usable(self.unet):
             entry = self._graphs.get(self._key(*inputs))
-            if entry is None or not entry.ahead:
+            if entry is None or entry.ahead is None:
                 return None
         elif self.aot.calls == calls:
             return None
@@ -252,7 +254,7 @@ class UNetGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             output = run()
-        entry = _Entry(graph, *static, output, shape, ahead is not None)
+        entry = _Entry(graph, *static, output, shape, ahead)
         self._graphs[key] = entry
         self.captures += 1
         log.info("captured a UNet CUDA graph for %s%s", key[:3], " (compiled ahead of time)" if ahead is not None else "")

@@ -193,7 +193,10 @@ class GenerationService:
             for index, item_images in zip(batch, images):
                 saving[index] = self._writer.submit(self._finish, prepared[index], item_images)
         if self.aot is not None:
-            self.aot.compile_wanted()  # shapes this call served without a compiled forward
+            try:
+                self.aot.compile_wanted()  # shapes this call served without a compiled forward
+            except Exception:  # noqa: BLE001 - only speed is at stake, the images are made
+                log.exception("starting the UNet compiling process failed")
         return [future.result() for future in saving]
 
     def idle(self) -> None:

@@ -75,9 +75,14 @@ class LoraTrainingScope:
     def _training_layout(self) -> None:
         """Generation keeps the UNet channels_last (faster inference, class images included); a training step is
         ~8 % slower that way (H200, batch 8, CUDA graph: 11.9 vs 11.0 s for 50 steps), so it trains in the default
-        layout and gets channels_last back on exit."""
+        layout and gets channels_last back on exit. Not when compiled forwards read the weights by reference
+        (trainer/generation/aot_kernels.py): re-allocating them would leak the bound ones, so it trains ~8 % slower."""
         import torch
 
+        from trainer.generation.aot_shapes import WEIGHTS_BOUND_ATTR
+
+        if getattr(self.pipe.unet, WEIGHTS_BOUND_ATTR, False):
+            return
         weight = self.pipe.unet.conv_in.weight
         if weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
             self.unet_was_channels_last = True
