@@ -24,7 +24,6 @@ weight (trainer/training/lora_scope.py), and `auto` stays off for a worker that 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -34,8 +33,6 @@ import torch
 
 from trainer.generation.aot_shapes import (PREFIX, WEIGHTS_BOUND_ATTR, ForwardShape, architecture, architecture_key,
                                           channels_last, inputs_in_layout)
-
-log = logging.getLogger(__name__)
 
 AOT_CACHE = Path("cache") / "aot"  # under the bot's data directory
 SETTINGS = ("auto", "on", "off")
@@ -228,7 +225,8 @@ class AotKernels:
         if self._process is not None:
             code, self._process = self._process.returncode, None
             for name in self._asked:
-                if not (self.dir / f"{name}.json").exists() and name not in self.refused:
+                finished = (self.dir / f"{name}.json").exists() or (self.dir / f"{name}.failed").exists()
+                if not finished and name not in self.refused:  # (a .failed is refused with its own reason)
                     self.refuse(name, f"the compiling process ended ({code}) without it; see "
                                       f"{self.dir / 'compile.log'}")
         pending = [shape for name, shape in self.wanted.items()
