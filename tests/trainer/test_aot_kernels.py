@@ -146,6 +146,8 @@ def test_weights_in_another_layout_use_the_eager_forward_until_the_layout_comes_
 def test_a_restarted_worker_uses_the_packages_from_its_first_request_without_compiling(compiled, tmp_path):
     service = compiled["service"]
     again = GenerationService(service.pipe, model_name="tiny", aot_dir=compiled["root"] / "aot", max_batch_images=1)
+    assert not again.aot.loaded  # adopting is idle work (the worker: before its warm-up), not a request's
+    again.idle()
     assert again.aot.dir == service.aot.dir and list(again.aot.loaded) == list(service.aot.loaded)
     first = again.imagine(request(tmp_path, "first"))
     assert again.aot.calls == 1 + 3 and not again.aot.wanted and again.aot.compiles_started == 0
@@ -187,6 +189,7 @@ def test_a_package_that_computes_something_else_is_refused_when_adopted(compiled
     subprocess.run([sys.executable, "-m", "trainer.generation.aot_compile", str(directory / "compile.spec")],
                    check=True, timeout=COMPILE_TIMEOUT_S, capture_output=True)
     service = GenerationService(pipe, model_name="tiny", aot_dir=tmp_path / "aot", max_batch_images=1)
+    service.idle()
     name = compiled["facts"]["wanted"][0].name
     assert not service.aot.loaded and "off the eager forward" in service.aot.refused[name]
     service.imagine(request(tmp_path, "eager"))
@@ -273,14 +276,17 @@ def test_the_worker_serves_with_the_packages_compiles_what_is_missing_and_stops_
     events = Events()
     worker = Worker(EventWriter(events), JobControl(), pipe=load_pipeline(str(tiny_model_dir), "cpu", "fp32"),
                     device="cpu", model=str(tiny_model_dir), data_dir=tmp_path / "data", compile_ahead="on")
+    worker.warm_up()  # as the worker starts: the packages on disk are adopted before its throwaway /imagine
+    kernels = worker.generation.aot
+    assert kernels.loaded and not kernels.refused
+    before = kernels.calls
     params = {"prompt": "a photo of sid", "seed": 11, "steps": 3, "width": 64, "height": 64,
               "out_dir": str(tmp_path / "images")}
     worker.control.submit(protocol.run(1, "imagine", params))
     worker.control.jobs.put(None)
     worker.serve()
-    kernels = worker.generation.aot
     assert [e["event"] for e in events.ends()[1]] == ["done"]
-    assert kernels.calls == 1 + 3  # checked when adopted at the start, then it served the job from its first step
+    assert kernels.calls == before + 3  # the member's job ran compiled from its first step
     # The same forward at the largest batch (a burst of 8 members) was wanted, and its compiling process started;
     # the worker's exit ended it.
     assert kernels.compiles_started == 1 and not kernels.compiling

@@ -156,11 +156,6 @@ class GenerationService:
         if graphs or self.aot is not None:
             self.graphs = UNetGraphs(pipe.unet, state_key=lambda: (self.adapters.unet_active(), self.adapters.version),
                                      compile=compile_unet and graphs, aot=self.aot)
-        if self.aot is not None:
-            try:  # what an earlier run compiled: from the first request on (a restart)
-                self.graphs.adopt_compiled()
-            except Exception:  # noqa: BLE001 - only speed is at stake: the eager forward serves
-                log.exception("adopting the UNet forwards compiled ahead of time failed")
         self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="imagine-png")
 
     @property
@@ -200,8 +195,9 @@ class GenerationService:
         return [future.result() for future in saving]
 
     def idle(self) -> None:
-        """Nothing is waiting for the GPU: adopt the forwards compiled since (their CUDA graphs captured now, not in
-        a member's request) and start compiling the shapes still wanted."""
+        """Nothing is waiting for the GPU: adopt the forwards compiled since, or by an earlier run (their CUDA graphs
+        captured now, not in a member's request), and start compiling the shapes still wanted. Only here: the worker
+        calls it when idle and before its warm-up."""
         if self.aot is None:
             return
         self.graphs.adopt_compiled()
