@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.generation.aot_shapes import ForwardShape
+from trainer.generation.aot_shapes import ForwardShape, dtype_name
 
 # Weights out of the package, and none inlined into the kernels (inductor inlines small ones by default, e.g. the 4
 # numbers of conv_out's bias: those would keep the random values of this process).
@@ -58,8 +58,7 @@ def constants_layout(module: torch.nn.Module) -> dict[str, list]:
     """name -> [shape, stride, dtype] of every weight and buffer, as the compiled code will expect them."""
     tensors = dict(module.named_parameters())
     tensors.update(module.named_buffers())
-    return {name: [list(t.shape), list(t.stride()), str(t.dtype).removeprefix("torch.")]
-            for name, t in tensors.items()}
+    return {name: [list(t.shape), list(t.stride()), dtype_name(t.dtype)] for name, t in tensors.items()}
 
 
 def compile_shape(module: UNetForward, shape: ForwardShape, out_dir: Path, *, channels_last: bool) -> Path:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from trainer.generation.aot_shapes import (PREFIX, WEIGHTS_BOUND_ATTR, ForwardShape, architecture, architecture_key,
-                                          channels_last, inputs_in_layout)
+                                          channels_last, dtype_name, inputs_in_layout)
 
 AOT_CACHE = Path("cache") / "aot"  # under the bot's data directory
 SETTINGS = ("auto", "on", "off")
@@ -51,13 +51,10 @@ def compiles_ahead(setting: str, pipe, *, may_evict: bool = False) -> bool:
     if may_evict:
         return False
     from trainer.models.family import family_of
+    from trainer.training.memory import total_gib
 
     device = pipe.unet.device
-    if device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    total_gib = torch.cuda.get_device_properties(index).total_memory / 2**30
-    return total_gib >= AUTO_MIN_GIB.get(family_of(pipe).name, AUTO_MIN_GIB["sdxl"])
+    return device.type == "cuda" and total_gib(device) >= AUTO_MIN_GIB.get(family_of(pipe).name, AUTO_MIN_GIB["sdxl"])
 
 
 def live_constants(unet) -> dict[str, torch.Tensor]:
@@ -84,7 +81,7 @@ def layout_problem(expected: dict[str, list], live: dict[str, torch.Tensor], nee
         if name not in expected:
             return f"the package does not describe {name}"
         shape, stride, dtype = expected[name]
-        found = [list(tensor.shape), list(tensor.stride()), str(tensor.dtype).removeprefix("torch.")]
+        found = [list(tensor.shape), list(tensor.stride()), dtype_name(tensor.dtype)]
         if found != [shape, stride, dtype]:
             return f"{name} is {found}, compiled for {[shape, stride, dtype]}"
     return None

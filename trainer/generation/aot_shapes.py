@@ -29,9 +29,9 @@ class ForwardShape:
 
     @classmethod
     def of(cls, sample, timestep, hidden, added: dict) -> "ForwardShape":
-        return cls(tuple(sample.shape), tuple(hidden.shape), _name(sample.dtype), _name(hidden.dtype),
-                   _name(timestep.dtype),
-                   tuple((name, tuple(added[name].shape), _name(added[name].dtype)) for name in sorted(added)))
+        return cls(tuple(sample.shape), tuple(hidden.shape), dtype_name(sample.dtype), dtype_name(hidden.dtype),
+                   dtype_name(timestep.dtype),
+                   tuple((name, tuple(added[name].shape), dtype_name(added[name].dtype)) for name in sorted(added)))
 
     def with_batch(self, rows: int) -> "ForwardShape":
         """The same forward for `rows` rows (every batched input's first dimension)."""
@@ -77,7 +77,7 @@ def inputs_in_layout(sample, timestep, hidden, added: dict, *, channels_last: bo
             {name: added[name].contiguous() for name in sorted(added)})
 
 
-def _name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -94,7 +94,7 @@ def architecture(unet) -> dict:
         index = device.index if device.index is not None else torch.cuda.current_device()
         gpu = [torch.cuda.get_device_name(index), list(torch.cuda.get_device_capability(index))]
     return {"config": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
-            "dtype": _name(weight.dtype), "channels_last": channels_last(unet), "device": device.type, "gpu": gpu,
+            "dtype": dtype_name(weight.dtype), "channels_last": channels_last(unet), "device": device.type, "gpu": gpu,
             "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 

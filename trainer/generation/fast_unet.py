@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from trainer.generation.aot_shapes import ForwardShape
+from trainer.generation.lora_slots import _tuner_layers
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,7 @@ class UNetGraphs:
             return 0  # the check below needs the bare UNet; the next idle moment adopts
         shapes = self.aot.adopt()
         names = {shape.name for shape in shapes}
-        for key in [key for key, entry in self._graphs.items() if entry.shape.name in names and entry.ahead is None]:
-            del self._graphs[key]
+        self._drop_graphs(lambda entry: entry.shape.name in names and entry.ahead is None)
         adopted = 0
         with torch.no_grad():
             for shape in shapes:
@@ -179,9 +179,12 @@ class UNetGraphs:
                     adopted += 1
                     continue
                 self.aot.refuse(shape.name, f"its output is {error:.2g} off the eager forward's (relative)")
-                for key in [key for key, entry in self._graphs.items() if entry.shape.name == shape.name]:
-                    del self._graphs[key]
+                self._drop_graphs(lambda entry: entry.shape.name == shape.name)
         return adopted
+
+    def _drop_graphs(self, which) -> None:
+        for key in [key for key, entry in self._graphs.items() if which(entry)]:
+            del self._graphs[key]
 
     def _compiled_error(self, shape: ForwardShape) -> float | None:
         """Relative difference between the compiled forward (replayed from its graph on CUDA, captured here) and
@@ -211,8 +214,7 @@ class UNetGraphs:
                 log.info("UNet parameters changed: dropping %d CUDA graph(s)", len(self._graphs))
             self.clear()
             self._params_key = key
-            self._tuner_layers = [m for m in self.unet.modules() if hasattr(m, "active_adapters")
-                                  and hasattr(m, "disable_adapters") and hasattr(m, "get_base_layer")]
+            self._tuner_layers = list(_tuner_layers(self.unet).values())
             if self.aot is not None:
                 self.aot.rebind()
 

@@ -79,12 +79,11 @@ class LoraTrainingScope:
         (trainer/generation/aot_kernels.py): re-allocating them would leak the bound ones, so it trains ~8 % slower."""
         import torch
 
-        from trainer.generation.aot_shapes import WEIGHTS_BOUND_ATTR
+        from trainer.generation.aot_shapes import WEIGHTS_BOUND_ATTR, channels_last
 
         if getattr(self.pipe.unet, WEIGHTS_BOUND_ATTR, False):
             return
-        weight = self.pipe.unet.conv_in.weight
-        if weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        if channels_last(self.pipe.unet):
             self.unet_was_channels_last = True
             self.pipe.unet.to(memory_format=torch.contiguous_format)
 

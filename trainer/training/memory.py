@@ -25,6 +25,13 @@ AUTO_FAST_GIB = 40.0  # measured peaks: docs/TRAINING.md ("Memory"); a 40/48 GB 
 BATCH_4_GIB = 22.0
 
 
+def total_gib(device) -> float:
+    """A CUDA device's memory in all, in GiB (what the auto settings compare against)."""
+    import torch
+
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
 def gradient_checkpointing_for(mode: str, pipe) -> bool:
     """Whether a training on `pipe` should use gradient checkpointing in memory setting `mode`."""
     if mode not in MODES:
@@ -36,10 +43,7 @@ def gradient_checkpointing_for(mode: str, pipe) -> bool:
     device = pipe.unet.device
     if device.type != "cuda" or not family_of(pipe).extra_conditioning:
         return False
-    import torch
-
-    total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-    return total_gib < AUTO_FAST_GIB
+    return total_gib(device) < AUTO_FAST_GIB
 
 
 def default_batch_for(mode: str, pipe) -> int:
@@ -53,6 +57,4 @@ def default_batch_for(mode: str, pipe) -> int:
     device = pipe.unet.device
     if mode == "low" or device.type != "cuda" or family_of(pipe).extra_conditioning:
         return 1
-    import torch
-
-    return 4 if torch.cuda.get_device_properties(device).total_memory / 2**30 >= BATCH_4_GIB else 1
+    return 4 if total_gib(device) >= BATCH_4_GIB else 1
