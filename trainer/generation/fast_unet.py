@@ -185,6 +185,13 @@ class UNetGraphs:
     def _drop_graphs(self, which) -> None:
         for key in [key for key, entry in self._graphs.items() if which(entry)]:
             del self._graphs[key]
+        self._forget_pool_if_unused()
+
+    def _forget_pool_if_unused(self) -> None:
+        # A memory pool whose last graph is gone cannot be captured into again (the caching allocator asserts
+        # use_count > 0, found on an H200): the next capture starts a new one, and the old one's memory is freed.
+        if not self._graphs:
+            self._pool = None
 
     def _compiled_error(self, shape: ForwardShape) -> float | None:
         """Relative difference between the compiled forward (replayed from its graph on CUDA, captured here) and
@@ -221,6 +228,7 @@ class UNetGraphs:
     def _capture(self, key, sample, timestep, hidden, added) -> _Entry:
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
+        self._forget_pool_if_unused()
         memory_format = torch.channels_last if self.unet.conv_in.weight.is_contiguous(
             memory_format=torch.channels_last) and sample.dim() == 4 else torch.contiguous_format
         static_sample = torch.empty_like(sample, memory_format=memory_format).copy_(sample)
