@@ -116,14 +116,17 @@ def main(argv: list[str] | None = None) -> int:
             for run in ("cold", "kept cache") if mode != "none" else ("cold",):
                 env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
                 began = time.perf_counter()
-                child = subprocess.run([sys.executable, "-m", "bench.compile_modes", "--one", mode,
-                                        "--repeats", str(args.repeats), *(["--tiny"] if args.tiny else [])],
+                # faulthandler: a native crash (a segfault in torch's package loader was one) names its Python line
+                child = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "bench.compile_modes",
+                                        "--one", mode, "--repeats", str(args.repeats),
+                                        *(["--tiny"] if args.tiny else [])],
                                        env=env, capture_output=True, text=True)
                 row = {"run": run, "process_s": round(time.perf_counter() - began, 1)}
                 if child.returncode == 0:
                     row.update(json.loads(child.stdout.strip().splitlines()[-1]))
                 else:
-                    row.update(mode=mode, error=child.stderr[-3000:])
+                    crash = child.stderr.split("\nExtension modules:")[0]  # faulthandler's list of every module
+                    row.update(mode=mode, returncode=child.returncode, error=crash[-3000:])
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
     import torch

@@ -58,10 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile the UNet with torch.compile inside the CUDA graphs (CUDA only): faster images, "
                              "about a minute of compiling per image size the first time (kept under "
                              "DATA_DIR/cache/inductor for the next start)")
-    parser.add_argument("--compile-ahead", choices=("auto", "on", "off"), default="auto",
+    parser.add_argument("--compile-ahead", choices=("auto", "on", "off"), default="off",
                         help="compile the UNet forward for the image shapes members use in a separate process and use "
                              "it once ready, so nobody waits for a compile (cached under DATA_DIR/cache/aot; auto: on "
-                             "CUDA GPUs with 22 GB or more in all, 40 GB for SDXL, unless base models may be evicted)")
+                             "CUDA GPUs with 22 GB or more in all, 40 GB for SDXL, unless base models may be evicted; "
+                             "default off: not yet measured to work at full size, docs/BENCHMARKS.md)")
     parser.add_argument("--train-memory", choices=("auto", "low", "fast"), default="auto",
                         help="training's memory setting: low (gradient checkpointing: SDXL training + serving fit a "
                              "24 GB card), fast, or auto (low for SDXL on GPUs under 40 GB; default)")

@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds between that member's next /imagine jobs while the training runs (default 5)")
     parser.add_argument("--burst-members", type=int, default=8, help="members in each burst (default 8)")
     parser.add_argument("--burst-rounds", type=int, default=3, help="bursts (default 3)")
+    parser.add_argument("--compile-ahead", choices=("off", "auto", "on"), default="off",
+                        help="the bot's BOOTHBOT_COMPILE_AHEAD (default off, the bot's default)")
     parser.add_argument("--settle", type=float, default=None,
                         help="before /imagine alone, wait up to this many seconds (the bot idle) until the shapes the "
                              "worker compiles ahead of time are in use, as in a bot that has run a while "
@@ -87,7 +89,7 @@ async def through_the_bot(args: argparse.Namespace, workdir: Path, served: dict)
     fake = ServingDiscord()
     await fake.start()
     bot = ServedBot(fake, workdir, model, args.device, recipe=TINY_RECIPE if args.tiny else None,
-                    timeout_s=args.timeout)
+                    timeout_s=args.timeout, compile_ahead=args.compile_ahead)
     try:
         await bot.start()
         await measure(bot, plan_of(args), served)

@@ -102,8 +102,9 @@ class ServedBot:
     """`python -m bot run` on a fresh data directory in `workdir`, its log in `workdir/bot.log`."""
 
     def __init__(self, fake: ServingDiscord, workdir: Path, model: str, device: str, *, recipe: dict | None = None,
-                 timeout_s: float = 900.0):
+                 timeout_s: float = 900.0, compile_ahead: str = "off"):
         self.fake, self.workdir, self.model, self.device = fake, workdir, model, device
+        self.compile_ahead = compile_ahead  # BOOTHBOT_COMPILE_AHEAD
         self.recipe = recipe  # a TRAIN_RECIPE for the bot process (--tiny keeps trainings short); None: the default
         self.timeout_s = timeout_s
         self.log_path = workdir / "bot.log"
@@ -114,7 +115,8 @@ class ServedBot:
     async def start(self) -> None:
         env = live_bot.bot_environment(self.workdir / "data", self.model, home=self.workdir,
                                        guild_ids=str(self.fake.guild_id), max_queued_jobs="20",
-                                       trainings_per_day="20", device=self.device, log_level="info")
+                                       trainings_per_day="20", device=self.device, log_level="info",
+                                       compile_ahead=self.compile_ahead)
         if self.device != "cpu":
             env["BOOTHBOT_DTYPE"] = "auto"
         self.metrics_port = _free_port()

@@ -7,7 +7,9 @@ the live UNet's. What a CPU cannot show is the CUDA graph captured around it (be
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -80,6 +82,9 @@ def test_a_served_shape_is_compiled_in_another_process_and_then_serves_the_same_
     shape = facts["wanted"][0]
     assert shape.sample[0] == 2 and shape.name in kernels.loaded, kernels.refused
     assert (kernels.dir / f"{shape.name}.pt2").is_file() and "done in" in (kernels.dir / "compile.log").read_text()
+    # The compiling process loaded and checked it before saying it is done; its marker is gone.
+    assert json.loads((kernels.dir / f"{shape.name}.json").read_text())["check_s"] >= 0
+    assert not list(kernels.dir.glob("*.checking"))
     # Adopting ran it once, to check it against the eager forward; then both requests, 3 steps each.
     assert facts["calls_before"] == 1 and facts["calls_after"] == 1 + 2 * 3
     for name in ("plain", "lora"):
@@ -310,6 +315,55 @@ def test_a_compiling_process_that_dies_is_not_started_again_and_again(tiny_pipel
     assert not kernels.compile_wanted() and kernels.compiles_started == 1
     assert "ended (1)" in kernels.refused[shape.name] and not list(kernels.dir.glob("*.failed"))
     assert "Nope" in (kernels.dir / "compile.log").read_text()
+
+
+CRASH_ON_LOADING = """
+import os
+import signal
+
+import torch._inductor
+
+
+def crash(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+torch._inductor.aoti_load_package = crash
+"""
+
+
+def test_a_package_whose_loading_crashes_is_never_loaded_by_the_worker(tiny_pipeline, tmp_path, monkeypatch):
+    """On an H200 loading the SD 1.5 package segfaulted inside torch's loader (docs/BENCHMARKS.md). Here the loader
+    of the compiling process really dies of SIGSEGV (a sitecustomize on its path replaces it): the worker never
+    loads that package, refuses the shape for this run, and after a restart it is recorded as failed without being
+    compiled again."""
+    crash_path = tmp_path / "crash"
+    crash_path.mkdir()
+    (crash_path / "sitecustomize.py").write_text(CRASH_ON_LOADING)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(crash_path), os.environ.get("PYTHONPATH", "")]))
+    unet = tiny_pipeline.unet
+    shape = ForwardShape((2, 4, 8, 8), (2, 77, unet.config.cross_attention_dim), "float32", "float32", "int64")
+    kernels = AotKernels(unet, tmp_path / "aot")
+    kernels.want(shape)
+    assert kernels.compile_wanted()
+    kernels.wait(COMPILE_TIMEOUT_S)
+    assert kernels.adopt() == [] and not kernels.loaded
+    assert (kernels.dir / f"{shape.name}.pt2").is_file() and not (kernels.dir / f"{shape.name}.json").exists()
+    assert (kernels.dir / f"{shape.name}.checking").is_file()
+    assert not kernels.compile_wanted()
+    assert f"ended ({-signal.SIGSEGV})" in kernels.refused[shape.name]
+
+    monkeypatch.undo()  # the worker restarts; its compiling process would load normally now
+    restarted = AotKernels(unet, tmp_path / "aot")
+    restarted.want(shape)
+    assert restarted.compile_wanted()
+    restarted.wait(COMPILE_TIMEOUT_S)
+    assert restarted.adopt() == [] and not restarted.loaded
+    assert "crashed the process that checked it" in restarted.refused[shape.name]
+    assert not (restarted.dir / f"{shape.name}.checking").exists()
+    assert (restarted.dir / "compile.log").read_text().count("done in") == 0  # not compiled a second time
+    restarted.want(shape)
+    assert not restarted.wanted and not restarted.compile_wanted()
 
 
 def test_a_training_keeps_the_layout_of_weights_compiled_forwards_read(tiny_model_dir):

@@ -7,8 +7,14 @@ a compile (a minute per shape for SD 1.5 on an H200). For each shape: `torch.exp
 AOTInductor (`torch._inductor.aoti_compile_and_package`) into `<shape>.pt2`, with the weights left out of the package:
 the worker points the compiled code at its own live weights (folded LoRAs included). So the UNet here is built from
 the config alone, with random weights; what must match is each weight's shape, dtype and strides, which
-`<shape>.json` records for the worker to check. The JSON is written last: it says the package is complete. A shape
-that cannot be compiled gets `<shape>.failed` with the reason, so the worker does not ask again.
+`<shape>.json` records for the worker to check.
+
+Before the worker may load a package, this process loads it the same way (weights bound by reference) and checks
+one forward against its own eager one: loading a package has crashed the process doing it (a segfault inside
+torch's loader, SD 1.5 on an H200 with torch 2.11, docs/BENCHMARKS.md), and that must never be the worker. While
+checking, `<shape>.checking` holds this process's pid; a later run that finds it with the process gone knows the
+check crashed. The JSON is written last: it says the package is complete and checked. A shape that cannot be
+compiled or checked gets `<shape>.failed`, its first line the reason, so the worker does not ask again.
 
 SPEC: {"config": the UNet's config, "dtype", "channels_last", "device", "out_dir", "shapes": [ForwardShape JSON],
 "parent": the worker's pid (this process stops between shapes once the worker is gone)}.
@@ -25,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.generation.aot_shapes import ForwardShape, dtype_name
+from trainer.generation.aot_kernels import live_constants, load_package
+from trainer.generation.aot_shapes import COMPILED_TOLERANCE, ForwardShape, dtype_name, relative_error
 
 # Weights out of the package, and none inlined into the kernels (inductor inlines small ones by default, e.g. the 4
 # numbers of conv_out's bias: those would keep the random values of this process).
@@ -61,6 +68,10 @@ def constants_layout(module: torch.nn.Module) -> dict[str, list]:
     return {name: [list(t.shape), list(t.stride()), dtype_name(t.dtype)] for name, t in tensors.items()}
 
 
+class CheckFailed(Exception):
+    """The package was built but must not be used (the reason is the message)."""
+
+
 def compile_shape(module: UNetForward, shape: ForwardShape, out_dir: Path, *, channels_last: bool) -> Path:
     inputs = shape.example_inputs(next(module.parameters()).device, channels_last=channels_last)
     started = time.monotonic()
@@ -75,10 +86,58 @@ def compile_shape(module: UNetForward, shape: ForwardShape, out_dir: Path, *, ch
         os.replace(partial, package)
     finally:
         partial.unlink(missing_ok=True)
+    compiled = time.monotonic()
+    checking = out_dir / f"{shape.name}.checking"
+    _write_atomically(checking, str(os.getpid()))
+    try:
+        problem = check_package(module, shape, package, channels_last=channels_last)
+    finally:
+        checking.unlink(missing_ok=True)  # a crash leaves it (above); an exception is a reason like any other
+    if problem is not None:
+        raise CheckFailed(problem)
     meta = {"shape": shape.to_json(), "constants": constants_layout(module), "torch": torch.__version__,
-            "export_s": round(exported - started, 2), "compile_s": round(time.monotonic() - exported, 2)}
+            "export_s": round(exported - started, 2), "compile_s": round(compiled - exported, 2),
+            "check_s": round(time.monotonic() - compiled, 2)}
     _write_atomically(out_dir / f"{shape.name}.json", json.dumps(meta))
     return package
+
+
+def check_package(module: UNetForward, shape: ForwardShape, package: Path, *, channels_last: bool) -> str | None:
+    """Load `package` as the worker does, bind this process's weights to it by reference and compare one forward on
+    random inputs with the eager one: why it must not be used, or None."""
+    device = next(module.parameters()).device
+    try:
+        model = load_package(package, device)
+        live = live_constants(module.unet)
+        model.load_constants({fqn: live[fqn] for fqn in model.get_constant_fqns()}, check_full_update=True,
+                             user_managed=True)
+        inputs = shape.random_inputs(device, channels_last=channels_last)
+        with torch.no_grad():
+            output = model(*inputs)
+            eager = module(*inputs)
+    except torch.OutOfMemoryError:
+        raise  # beside a training: worth another try
+    except Exception as exc:  # noqa: BLE001 - any failure to load or run it is a reason not to use it
+        return f"loading and running it failed: {type(exc).__name__}: {exc}"
+    error = relative_error(output[0] if isinstance(output, (list, tuple)) else output, eager)
+    if not error <= COMPILED_TOLERANCE:
+        return f"its output is {error:.2g} off the eager forward's (relative)"
+    return None
+
+
+def crashed_while_checking(out_dir: Path, shape: ForwardShape) -> bool:
+    """An earlier process died checking this shape's package (its marker stayed, its pid is gone)."""
+    try:
+        pid = int((out_dir / f"{shape.name}.checking").read_text())
+    except (FileNotFoundError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    return False
 
 
 def _exit_on_sigterm(signum, frame):
@@ -116,15 +175,24 @@ def main(argv: list[str]) -> int:
         shape = ForwardShape.from_json(data)
         if (out_dir / f"{shape.name}.json").exists():
             continue
+        if crashed_while_checking(out_dir, shape):
+            _write_atomically(out_dir / f"{shape.name}.failed",
+                              f"loading its compiled package crashed the process that checked it (torch "
+                              f"{torch.__version__}; see compile.log)\n")
+            (out_dir / f"{shape.name}.checking").unlink(missing_ok=True)
+            print(f"aot_compile: {shape.name}: an earlier check crashed; not used", file=sys.stderr, flush=True)
+            continue
         print(f"aot_compile: {shape.name}: {shape.describe()} ...", file=sys.stderr, flush=True)
         started = time.monotonic()
         try:
             compile_shape(module, shape, out_dir, channels_last=spec["channels_last"])
         except Exception as exc:  # noqa: BLE001 - one shape that cannot compile must not stop the others
+            reason = str(exc) if isinstance(exc, CheckFailed) else f"{type(exc).__name__}: {exc}"
             detail = "".join(traceback.format_exception(exc))
             print(f"aot_compile: {shape.name} failed:\n{detail}", file=sys.stderr, flush=True)
             if not isinstance(exc, torch.OutOfMemoryError):  # beside a training: worth another try after a restart
-                _write_atomically(out_dir / f"{shape.name}.failed", detail)
+                first_line = (reason.splitlines() or [""])[0]
+                _write_atomically(out_dir / f"{shape.name}.failed", f"{first_line}\n\n{detail}")
             continue
         print(f"aot_compile: {shape.name} done in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     return 0

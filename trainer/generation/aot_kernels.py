@@ -7,6 +7,8 @@ compiling takes about a minute per shape, which must not happen on the job threa
 - a separate process (trainer/generation/aot_compile.py, niced) compiles the noted shapes one by one into
   `<data>/cache/aot/<architecture>/<shape>.pt2`; the architecture key covers the UNet's config, dtype, memory format,
   GPU and library versions, so base models of one architecture share packages and a restart finds them;
+- the compiling process loads and checks each package before declaring it finished: loading one has crashed the
+  loading process (SD 1.5 on an H200, torch 2.11), and that must not be the worker;
 - when the worker is idle it `adopt`s finished packages: loads each and points its weights at the live UNet's own
   tensors (`user_managed`: no copy, and LoRAs folded into the weights in place are seen), after checking that every
   weight's shape, dtype and strides are what the package was compiled for;
@@ -66,6 +68,16 @@ def live_constants(unet) -> dict[str, torch.Tensor]:
             continue
         tensors[PREFIX + name.replace(".base_layer.", ".")] = tensor
     return tensors
+
+
+def load_package(path: Path, device: torch.device):
+    """A compiled forward's package, loaded for `device` as the worker runs it. Single-threaded: the default runner's
+    threading makes a CUDA graph capture fail ("operation not permitted when stream is capturing",
+    pytorch/pytorch#148601); the job thread is the only caller anyway."""
+    index = -1
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch._inductor.aoti_load_package(str(path), run_single_threaded=True, device_index=index)
 
 
 def layout_problem(expected: dict[str, list], live: dict[str, torch.Tensor], needed: list[str]) -> str | None:
@@ -157,17 +169,16 @@ class AotKernels:
                 adopted.append(shape)
         for failed in self.dir.glob("*.failed"):
             if failed.stem not in self.refused and failed.stem not in self.loaded:  # another worker's, for a shape
-                self.refuse(failed.stem, f"it could not be compiled (see {failed})")  # this one has: keep it
+                first_line = failed.read_text(errors="replace").strip().splitlines()[:1]  # this one has: keep it
+                self.refuse(failed.stem, f"it could not be compiled or checked: {''.join(first_line)[:300]} "
+                                         f"(see {failed})")
         return adopted
 
     def _load(self, name: str, meta_path: Path, live: dict) -> ForwardShape | None:
         try:
             meta = json.loads(meta_path.read_text())
             self._layouts[name] = meta["constants"]
-            # Single-threaded: the default runner's threading makes a CUDA graph capture fail ("operation not
-            # permitted when stream is capturing", pytorch/pytorch#148601); the job thread is the only caller anyway.
-            model = torch._inductor.aoti_load_package(str(self.dir / f"{name}.pt2"), run_single_threaded=True,
-                                                      device_index=self._device_index())
+            model = load_package(self.dir / f"{name}.pt2", self.unet.conv_in.weight.device)
             problem = self._bind(name, model, live)
         except Exception as exc:  # noqa: BLE001 - a broken package costs speed, never a job
             problem = f"it could not be loaded: {exc}"
@@ -201,12 +212,6 @@ class AotKernels:
         self.loaded.pop(name, None)
         self.unbound.discard(name)
         _tell(f"compiled UNet forward {name} not used: {why}")
-
-    def _device_index(self) -> int:
-        device = self.unet.conv_in.weight.device
-        if device.type != "cuda":
-            return -1
-        return device.index if device.index is not None else torch.cuda.current_device()
 
     # --- the compiling process ---------------------------------------------------------------------------------
     @property

@@ -14,6 +14,10 @@ import torch
 PREFIX = "unet."  # the compiled module holds the UNet as `unet`: its constants are named "unet.<parameter>"
 # Set on a UNet whose weights compiled forwards read by reference: they must stay where they are (aot_kernels.py).
 WEIGHTS_BOUND_ATTR = "_boothbot_weights_bound"
+# How far (relative) a compiled forward may be from the eager one on random inputs: other kernels' rounding in fp16
+# is ~1e-3; a package that computes something else is far off (a constant compiled in: 0.13,
+# tests/trainer/test_aot_kernels.py).
+COMPILED_TOLERANCE = 2e-2
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,16 @@ class ForwardShape:
         return inputs_in_layout(zeros(self.sample, self.dtype), zeros((), self.timestep_dtype),
                                 zeros(self.hidden, self.hidden_dtype), added, channels_last=channels_last)
 
+    def random_inputs(self, device, *, channels_last: bool) -> tuple:
+        """`example_inputs` filled the same way every time (normal latents and embeddings, timestep 500): the inputs
+        a compiled forward is checked on against the eager one."""
+        inputs = self.example_inputs(device, channels_last=channels_last)
+        generator = torch.Generator(device=device).manual_seed(0)
+        for tensor in (inputs[0], inputs[2], *inputs[3].values()):
+            tensor.normal_(generator=generator)
+        inputs[1].fill_(500)
+        return inputs
+
     def describe(self) -> str:
         batch, _, height, width = self.sample
         return f"{batch} rows of {height}x{width} latents, {self.hidden[1]} tokens"
@@ -75,6 +89,11 @@ def inputs_in_layout(sample, timestep, hidden, added: dict, *, channels_last: bo
     layout = torch.channels_last if channels_last else torch.contiguous_format
     return (sample.contiguous(memory_format=layout), timestep.reshape(()).contiguous(), hidden.contiguous(),
             {name: added[name].contiguous() for name in sorted(added)})
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    output, reference = output.float(), reference.float()
+    return ((output - reference).norm() / reference.norm().clamp_min(1e-12)).item()
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.generation.aot_shapes import ForwardShape
+from trainer.generation.aot_shapes import COMPILED_TOLERANCE, ForwardShape, relative_error
 from trainer.generation.lora_slots import _tuner_layers
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,6 @@ def keep_compiled_kernels(data_dir: Path) -> Path:
 
 
 ADDED_CONDITIONING = ("text_embeds", "time_ids")  # SDXL's, the only added_cond_kwargs a graph takes
-# How far (relative) a forward compiled ahead of time may be from the eager one: other kernels' rounding in fp16 is
-# ~1e-3; a package that computes something else is far off (a constant compiled in: 0.13, tests/trainer/test_aot_kernels.py).
-COMPILED_TOLERANCE = 2e-2
 
 
 class _Entry:
@@ -196,11 +193,7 @@ class UNetGraphs:
     def _compiled_error(self, shape: ForwardShape) -> float | None:
         """Relative difference between the compiled forward (replayed from its graph on CUDA, captured here) and
         the eager one on random inputs; None when the compiled one did not run (a graph capture refused it)."""
-        inputs = shape.example_inputs(self.unet.device, channels_last=False)
-        generator = torch.Generator(device=self.unet.device).manual_seed(0)
-        for tensor in (inputs[0], inputs[2], *inputs[3].values()):
-            tensor.normal_(generator=generator)
-        inputs[1].fill_(500)
+        inputs = shape.random_inputs(self.unet.device, channels_last=False)
         calls = self.aot.calls
         compiled = self._forward(*inputs[:3], added_cond_kwargs=inputs[3] or None, return_dict=False)[0]
         if self.usable(self.unet):
@@ -209,8 +202,7 @@ class UNetGraphs:
                 return None
         elif self.aot.calls == calls:
             return None
-        eager = self._plain(*inputs)
-        return ((compiled.float() - eager.float()).norm() / eager.float().norm().clamp_min(1e-12)).item()
+        return relative_error(compiled, self._plain(*inputs))
 
     def _check_params(self) -> None:
         """Drop every graph when the UNet's parameters were replaced (moved, re-cast, layers added/removed)."""
