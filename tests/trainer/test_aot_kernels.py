@@ -253,6 +253,28 @@ def test_the_setting(tiny_pipeline):
         compiles_ahead("sometimes", tiny_pipeline)
 
 
+def test_the_setting_is_off_by_default_and_reaches_the_worker(tmp_path):
+    """Off by default (the SD 1.5 package crashed torch 2.11's loader on an H200); an operator's choice reaches the
+    worker's command line, whose own default is the same."""
+    import argparse
+
+    from bot.dispatch.worker_client import worker_command
+    from bot.settings import SettingsError, load_settings
+    from trainer.worker import add_arguments
+
+    assert load_settings({"DISCORD_TOKEN": "x"}, env_file=None).compile_ahead == "off"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--data-dir", str(tmp_path)]).compile_ahead == "off"
+    assert "--compile-ahead" not in worker_command(model="m", data_dir=tmp_path)
+    for value in ("auto", "on"):
+        settings = load_settings({"DISCORD_TOKEN": "x", "BOOTHBOT_COMPILE_AHEAD": value}, env_file=None)
+        argv = worker_command(model="m", data_dir=tmp_path, compile_ahead=settings.compile_ahead)
+        assert argv[argv.index("--compile-ahead") + 1] == value
+    with pytest.raises(SettingsError, match="BOOTHBOT_COMPILE_AHEAD"):
+        load_settings({"DISCORD_TOKEN": "x", "BOOTHBOT_COMPILE_AHEAD": "yes"}, env_file=None)
+
+
 def test_sdxl_compiled_ahead_serves_the_same_images(tiny_sdxl_model_dir, tmp_path):
     pipe = load_pipeline(str(tiny_sdxl_model_dir), device="cpu", dtype="fp32")
     service = GenerationService(pipe, model_name="tiny-xl", aot_dir=tmp_path / "aot", max_batch_images=1)
