@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.generation.aot_kernels import live_constants, load_package
-from trainer.generation.aot_shapes import COMPILED_TOLERANCE, ForwardShape, dtype_name, relative_error
+from trainer.generation.aot_kernels import bind_by_reference, live_constants, load_package
+from trainer.generation.aot_shapes import ForwardShape, dtype_name, relative_error, too_far_off
 
 # Weights out of the package, and none inlined into the kernels (inductor inlines small ones by default, e.g. the 4
 # numbers of conv_out's bias: those would keep the random values of this process).
@@ -108,9 +108,7 @@ def check_package(module: UNetForward, shape: ForwardShape, package: Path, *, ch
     device = next(module.parameters()).device
     try:
         model = load_package(package, device)
-        live = live_constants(module.unet)
-        model.load_constants({fqn: live[fqn] for fqn in model.get_constant_fqns()}, check_full_update=True,
-                             user_managed=True)
+        bind_by_reference(model, live_constants(module.unet), model.get_constant_fqns())
         inputs = shape.random_inputs(device, channels_last=channels_last)
         with torch.no_grad():
             output = model(*inputs)
@@ -119,10 +117,7 @@ def check_package(module: UNetForward, shape: ForwardShape, package: Path, *, ch
         raise  # beside a training: worth another try
     except Exception as exc:  # noqa: BLE001 - any failure to load or run it is a reason not to use it
         return f"loading and running it failed: {type(exc).__name__}: {exc}"
-    error = relative_error(output[0] if isinstance(output, (list, tuple)) else output, eager)
-    if not error <= COMPILED_TOLERANCE:
-        return f"its output is {error:.2g} off the eager forward's (relative)"
-    return None
+    return too_far_off(relative_error(output[0] if isinstance(output, (list, tuple)) else output, eager))
 
 
 def crashed_while_checking(out_dir: Path, shape: ForwardShape) -> bool:

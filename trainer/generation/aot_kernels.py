@@ -80,6 +80,11 @@ def load_package(path: Path, device: torch.device):
     return torch._inductor.aoti_load_package(str(path), run_single_threaded=True, device_index=index)
 
 
+def bind_by_reference(model, live: dict[str, torch.Tensor], needed: list[str]) -> None:
+    """Point the package's constants `needed` at the live tensors themselves (no copy)."""
+    model.load_constants({fqn: live[fqn] for fqn in needed}, check_full_update=True, user_managed=True)
+
+
 def layout_problem(expected: dict[str, list], live: dict[str, torch.Tensor], needed: list[str]) -> str | None:
     """Why the live tensors cannot stand in for the compiled constants, or None. Every live tensor must be one of
     them: one the compiled code does not take would have had its compile-time value baked in."""
@@ -169,9 +174,8 @@ class AotKernels:
                 adopted.append(shape)
         for failed in self.dir.glob("*.failed"):
             if failed.stem not in self.refused and failed.stem not in self.loaded:  # another worker's, for a shape
-                first_line = failed.read_text(errors="replace").strip().splitlines()[:1]  # this one has: keep it
-                self.refuse(failed.stem, f"it could not be compiled or checked: {''.join(first_line)[:300]} "
-                                         f"(see {failed})")
+                reason = (failed.read_text(errors="replace").strip().splitlines() or [""])[0]  # this one has: keep it
+                self.refuse(failed.stem, f"it could not be compiled or checked: {reason[:300]} (see {failed})")
         return adopted
 
     def _load(self, name: str, meta_path: Path, live: dict) -> ForwardShape | None:
@@ -200,7 +204,7 @@ class AotKernels:
             return problem
         target = tuple((fqn, live[fqn].data_ptr(), tuple(live[fqn].stride())) for fqn in needed)
         if self._bound_to.get(name) != target:  # each binding leaks its handles (above): only when needed
-            model.load_constants({fqn: live[fqn] for fqn in needed}, check_full_update=True, user_managed=True)
+            bind_by_reference(model, live, needed)
             self._bound_to[name] = target
             setattr(self.unet, WEIGHTS_BOUND_ATTR, True)
         return None

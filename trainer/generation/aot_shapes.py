@@ -96,6 +96,13 @@ def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
     return ((output - reference).norm() / reference.norm().clamp_min(1e-12)).item()
 
 
+def too_far_off(error: float) -> str | None:
+    """Why a compiled forward `error` (relative_error) off the eager one must not be used, or None."""
+    if error <= COMPILED_TOLERANCE:
+        return None
+    return f"its output is {error:.2g} off the eager forward's (relative)"
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

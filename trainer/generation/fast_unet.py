@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.generation.aot_shapes import COMPILED_TOLERANCE, ForwardShape, relative_error
+from trainer.generation.aot_shapes import ForwardShape, relative_error, too_far_off
 from trainer.generation.lora_slots import _tuner_layers
 
 log = logging.getLogger(__name__)
@@ -171,24 +171,18 @@ class UNetGraphs:
                 error = self._compiled_error(shape)
                 if error is None:
                     continue  # its graph could not be captured: refused there
-                if error <= COMPILED_TOLERANCE:
+                problem = too_far_off(error)
+                if problem is None:
                     self.aot.in_use(shape)
                     adopted += 1
                     continue
-                self.aot.refuse(shape.name, f"its output is {error:.2g} off the eager forward's (relative)")
+                self.aot.refuse(shape.name, problem)
                 self._drop_graphs(lambda entry: entry.shape.name == shape.name)
         return adopted
 
     def _drop_graphs(self, which) -> None:
         for key in [key for key, entry in self._graphs.items() if which(entry)]:
             del self._graphs[key]
-        self._forget_pool_if_unused()
-
-    def _forget_pool_if_unused(self) -> None:
-        # A memory pool whose last graph is gone cannot be captured into again (the caching allocator asserts
-        # use_count > 0, found on an H200): the next capture starts a new one, and the old one's memory is freed.
-        if not self._graphs:
-            self._pool = None
 
     def _compiled_error(self, shape: ForwardShape) -> float | None:
         """Relative difference between the compiled forward (replayed from its graph on CUDA, captured here) and
@@ -220,7 +214,6 @@ class UNetGraphs:
     def _capture(self, key, sample, timestep, hidden, added) -> _Entry:
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
-        self._forget_pool_if_unused()
         memory_format = torch.channels_last if self.unet.conv_in.weight.is_contiguous(
             memory_format=torch.channels_last) and sample.dim() == 4 else torch.contiguous_format
         static_sample = torch.empty_like(sample, memory_format=memory_format).copy_(sample)
@@ -251,7 +244,9 @@ class UNetGraphs:
             for _ in range(self.warmup + (1 if self._compiled is not None and ahead is None else 0)):
                 run()
         torch.cuda.current_stream().wait_stream(stream)
-        if self._pool is None:
+        if self._pool is None or not self._graphs:
+            # A pool whose last graph is gone cannot be captured into again (the caching allocator asserts
+            # use_count > 0, found on an H200): a new one; the old one's memory went with its graphs.
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
