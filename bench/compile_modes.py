@@ -50,7 +50,7 @@ def _one(mode: str, repeats: int, out_dir: Path, tiny: bool) -> dict:
     pipe, side, steps = _pipeline(tiny, out_dir)
     aot_dir = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "aot" if mode == "ahead" else None  # kept like inductor's
     service = GenerationService(pipe, model_name="compile-modes", compile_unet=mode == "full", aot_dir=aot_dir)
-    service.idle()  # as the worker does before its warm-up: packages an earlier run compiled are adopted
+    service.idle(starting=True)  # as the worker does before its warm-up: an earlier run's packages are adopted
     counter = iter(range(10**6))
     cuda = pipe.device.type == "cuda"
 
@@ -90,6 +90,7 @@ def _compile_ahead(service, one_imagine, repeats: int) -> dict:
         while_compiling.append(one_imagine())
     service.aot.wait()
     compiled_s = time.perf_counter() - began
+    service.aot.loader_ready.wait()  # the worker adopts when idle and its loader is prepared (aot_kernels.py)
     began = time.perf_counter()
     service.idle()
     return {"imagine_p50_while_compiling_s": round(statistics.median(while_compiling), 4) if while_compiling else None,

@@ -455,7 +455,7 @@ class Worker:
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="boothbot-warm-up-") as out:
             request = self.imagine_request({"prompt": "a photo", "out_dir": out})  # makes self.generation
-            self.generation.idle()
+            self.generation.idle(starting=True)
             self.generation.imagine(request)
         return time.monotonic() - started
 

@@ -64,6 +64,7 @@ def compiled(tiny_model_dir, lora, tmp_path_factory):
     wanted = list(service.aot.wanted.values())
     started = service.aot.compiles_started  # by the requests themselves
     service.aot.wait(COMPILE_TIMEOUT_S)
+    service.aot.loader_ready.wait(COMPILE_TIMEOUT_S)  # an idle worker adopts once torch's loader is prepared
     service.idle()
     calls = service.aot.calls
     ahead = serve("ahead")
@@ -152,11 +153,35 @@ def test_a_restarted_worker_uses_the_packages_from_its_first_request_without_com
     service = compiled["service"]
     again = GenerationService(service.pipe, model_name="tiny", aot_dir=compiled["root"] / "aot", max_batch_images=1)
     assert not again.aot.loaded  # adopting is idle work (the worker: before its warm-up), not a request's
-    again.idle()
+    again.idle(starting=True)
     assert again.aot.dir == service.aot.dir and list(again.aot.loaded) == list(service.aot.loaded)
     first = again.imagine(request(tmp_path, "first"))
     assert again.aot.calls == 1 + 3 and not again.aot.wanted and again.aot.compiles_started == 0
     assert same_image(first.images[0], compiled["eager"]["plain"].images[0])
+
+
+def test_an_idle_worker_adopts_only_once_the_loader_is_prepared_off_the_job_thread(compiled, monkeypatch):
+    """torch's loader first works out the CPU's vector ISA by compiling and loading test programs (~50 s on the
+    H200, once per process): a thread does it when the kernels are made. Until then an idle worker adopts nothing,
+    so no member waits behind it; a starting worker (nobody waits yet) waits for it."""
+    import threading
+
+    import torch._inductor.codecache as codecache
+
+    release = threading.Event()
+    real = codecache.get_device_information
+    monkeypatch.setattr(codecache, "get_device_information", lambda device: release.wait(60) and real(device))
+    service = GenerationService(compiled["service"].pipe, model_name="tiny", aot_dir=compiled["root"] / "aot",
+                                max_batch_images=1)
+    service.idle()
+    assert not service.aot.loaded and not service.aot.loader_ready.is_set()
+    starting = threading.Thread(target=service.idle, kwargs={"starting": True})
+    starting.start()
+    starting.join(0.5)
+    assert starting.is_alive() and not service.aot.loaded
+    release.set()
+    starting.join(60)
+    assert not starting.is_alive() and list(service.aot.loaded) == list(compiled["service"].aot.loaded)
 
 
 def test_a_package_compiled_for_other_strides_is_refused_not_run(compiled, tmp_path):
@@ -194,7 +219,7 @@ def test_a_package_that_computes_something_else_is_refused_when_adopted(compiled
     subprocess.run([sys.executable, "-m", "trainer.generation.aot_compile", str(directory / "compile.spec")],
                    check=True, timeout=COMPILE_TIMEOUT_S, capture_output=True)
     service = GenerationService(pipe, model_name="tiny", aot_dir=tmp_path / "aot", max_batch_images=1)
-    service.idle()
+    service.idle(starting=True)
     name = compiled["facts"]["wanted"][0].name
     assert not service.aot.loaded and "off the eager forward" in service.aot.refused[name]
     service.imagine(request(tmp_path, "eager"))
@@ -283,6 +308,7 @@ def test_sdxl_compiled_ahead_serves_the_same_images(tiny_sdxl_model_dir, tmp_pat
         shape = next(iter(service.aot.wanted.values()))
         assert [name for name, _, _ in shape.added] == ["text_embeds", "time_ids"]
         service.aot.wait(COMPILE_TIMEOUT_S)
+        service.aot.loader_ready.wait(COMPILE_TIMEOUT_S)
         service.idle()
         assert shape.name in service.aot.loaded, service.aot.refused
         ahead = service.imagine(request(tmp_path, "ahead"))

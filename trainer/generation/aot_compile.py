@@ -33,6 +33,7 @@ import torch
 
 from trainer.generation.aot_kernels import bind_by_reference, live_constants, load_package
 from trainer.generation.aot_shapes import ForwardShape, dtype_name, relative_error, too_far_off
+from trainer.generation.aot_toolchain import choose_compiler, use_compiler
 
 # Weights out of the package, and none inlined into the kernels (inductor inlines small ones by default, e.g. the 4
 # numbers of conv_out's bias: those would keep the random values of this process).
@@ -135,6 +136,19 @@ def crashed_while_checking(out_dir: Path, shape: ForwardShape) -> bool:
     return False
 
 
+def pick_compiler(out_dir: Path) -> str | None:
+    """Make inductor build with a compiler whose libraries load beside torch (aot_toolchain.py); None when no
+    compiler here does, else the compiler."""
+    compiler, refused = choose_compiler(out_dir / "toolchain")
+    for line in refused:
+        print(f"aot_compile: not compiling with {line}", file=sys.stderr, flush=True)
+    if compiler is not None:
+        if refused:
+            print(f"aot_compile: compiling with {compiler}", file=sys.stderr, flush=True)
+        use_compiler(compiler)
+    return compiler
+
+
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(0)
 
@@ -164,6 +178,7 @@ def main(argv: list[str]) -> int:
     if worker_gone():
         return 0
     module = UNetForward(build_unet(spec))
+    compiler_checked = False
     for data in spec["shapes"]:
         if worker_gone():
             return 0
@@ -177,6 +192,15 @@ def main(argv: list[str]) -> int:
             (out_dir / f"{shape.name}.checking").unlink(missing_ok=True)
             print(f"aot_compile: {shape.name}: an earlier check crashed; not used", file=sys.stderr, flush=True)
             continue
+        if not compiler_checked:
+            compiler_checked = True
+            if pick_compiler(out_dir) is None:
+                for pending in spec["shapes"]:
+                    name = ForwardShape.from_json(pending).name
+                    if not (out_dir / f"{name}.json").exists():
+                        _write_atomically(out_dir / f"{name}.failed", "no C++ compiler here builds packages that "
+                                          "load beside torch (see compile.log; set CXX to one that does)\n")
+                return 0
         print(f"aot_compile: {shape.name}: {shape.describe()} ...", file=sys.stderr, flush=True)
         started = time.monotonic()
         try:

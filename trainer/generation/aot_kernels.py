@@ -11,7 +11,10 @@ compiling takes about a minute per shape, which must not happen on the job threa
   loading process (SD 1.5 on an H200, torch 2.11), and that must not be the worker;
 - when the worker is idle it `adopt`s finished packages: loads each and points its weights at the live UNet's own
   tensors (`user_managed`: no copy, and LoRAs folded into the weights in place are seen), after checking that every
-  weight's shape, dtype and strides are what the package was compiled for;
+  weight's shape, dtype and strides are what the package was compiled for. torch's loader first works out this
+  machine's CPU vector ISA, once per process, by compiling and loading test programs: on the H200 the first load
+  took ~50 s. A thread does that when the kernels are made, and idle moments adopt only once it is done, so no
+  member waits behind it;
 - trainer/generation/fast_unet.py then captures its CUDA graph around the compiled forward instead of the eager one.
 
 The compiled forward is the bare UNet: it is used only while no adapter is active (no mixed-LoRA slot, no
@@ -29,6 +32,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -123,6 +128,8 @@ class AotKernels:
         self.compiles_started = 0
         self._process: subprocess.Popen | None = None
         self._asked: list[str] = []  # the shapes the last compiling process was started for
+        self.loader_ready = threading.Event()
+        threading.Thread(target=self._prepare_loader, name="aot-loader", daemon=True).start()
 
     # --- serving -------------------------------------------------------------------------------------------------
     def get(self, shape: ForwardShape):
@@ -159,9 +166,25 @@ class AotKernels:
                 self.unbound.discard(name)
 
     # --- adopting finished packages ---------------------------------------------------------------------------
-    def adopt(self) -> list[ForwardShape]:
-        """Load every finished package not loaded yet; returns the shapes that became compiled."""
+    def _prepare_loader(self) -> None:
+        """What torch's loader works out once per process before the first package (above), off the job thread."""
+        try:
+            from torch._inductor.codecache import get_device_information
+
+            get_device_information(self.unet.device.type)
+        except Exception as exc:  # noqa: BLE001 - the first load then does it itself
+            _tell(f"preparing to load compiled forwards failed: {type(exc).__name__}: {exc}")
+        finally:
+            self.loader_ready.set()
+
+    def adopt(self, *, starting: bool = False) -> list[ForwardShape]:
+        """Load every finished package not loaded yet; returns the shapes that became compiled. Until the loader is
+        prepared only a `starting` worker (nobody waits for it yet) waits for it; an idle one adopts later."""
         if not self.dir.is_dir():
+            return []
+        if starting:
+            self.loader_ready.wait()
+        elif not self.loader_ready.is_set():
             return []
         adopted, live = [], None
         for meta_path in sorted(self.dir.glob("*.json")):
@@ -182,6 +205,7 @@ class AotKernels:
         try:
             meta = json.loads(meta_path.read_text())
             self._layouts[name] = meta["constants"]
+            started = time.monotonic()
             model = load_package(self.dir / f"{name}.pt2", self.unet.conv_in.weight.device)
             problem = self._bind(name, model, live)
         except Exception as exc:  # noqa: BLE001 - a broken package costs speed, never a job
@@ -189,6 +213,7 @@ class AotKernels:
         if problem:
             self.refuse(name, problem)
             return None
+        _tell(f"compiled UNet forward {name} loaded in {time.monotonic() - started:.1f} s")
         self.loaded[name] = model
         self.wanted.pop(name, None)
         return ForwardShape.from_json(meta["shape"])
