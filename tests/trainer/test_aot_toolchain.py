@@ -27,6 +27,7 @@ while [ $# -gt 0 ]; do
   if [ "$1" = "-o" ]; then out="$2"; shift; fi
   shift
 done
+[ -n "$out" ] || exit 1
 printf 'extern "C" int boothbot_probe() {{ return *(volatile int *)0; }}\\n' > "$out.cpp"
 PATH="{path}" exec {gxx} -shared -fPIC -o "$out" "$out.cpp"
 """
