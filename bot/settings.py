@@ -54,7 +54,7 @@ class Settings:
     batch_window_ms: float = 50.0
     safety: bool = False
     compile_unet: bool = False
-    compile_ahead: str = "off"  # trainer/generation/aot_kernels.py
+    compile_ahead: str = "auto"  # trainer/generation/aot_kernels.py
     train_memory: str = "auto"  # trainer/training/memory.py
     log_level: str = "INFO"
     ray_cpu_workers: int = 0  # Ray without GPUs (tests, trying it out): this many CPU actors instead of one per GPU

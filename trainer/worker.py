@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile the UNet with torch.compile inside the CUDA graphs (CUDA only): faster images, "
                              "about a minute of compiling per image size the first time (kept under "
                              "DATA_DIR/cache/inductor for the next start)")
-    parser.add_argument("--compile-ahead", choices=("auto", "on", "off"), default="off",
+    parser.add_argument("--compile-ahead", choices=("auto", "on", "off"), default="auto",
                         help="compile the UNet forward for the image shapes members use in a separate process and use "
                              "it once ready, so nobody waits for a compile (cached under DATA_DIR/cache/aot; auto: on "
                              "CUDA GPUs with 22 GB or more in all, 40 GB for SDXL, unless base models may be evicted; "
@@ -242,7 +242,7 @@ class Worker:
 
     def __init__(self, writer: EventWriter, control: JobControl, *, pipe, device: str, model: str | None,
                  data_dir: Path, compile_unet: bool = False, train_memory: str = "auto", models=None,
-                 default_model: str | None = None, compile_ahead: str = "off"):
+                 default_model: str | None = None, compile_ahead: str = "auto"):
         self.writer = writer
         self.models = models  # trainer.models.resident.ResidentModels: the base models jobs may name
         self.default_model = default_model  # the name a job without "model" in its params uses
@@ -573,7 +573,8 @@ def describe_run(outcome) -> str:
 
 
 def _where_it_stopped(outcome) -> str:
-    """"in class images 16/50", "after the class images", "after the inputs" or "at step 1/800"."""
+    """"in class images 16/50", "after the class images", "after the inputs", "at step 1/800" or "at step 800/800, in
+    the samples, ..."."""
     phase = outcome.run.get("phase", "steps")
     if phase == "class_images":
         return f"in class images {outcome.run.get('phase_detail', '')}".rstrip()
@@ -581,7 +582,8 @@ def _where_it_stopped(outcome) -> str:
         return "after the class images"
     if phase == "adapters":
         return "after the inputs"
-    return f"at step {outcome.step}/{outcome.total}"
+    samples = outcome.run.get("phase_detail", "") if outcome.step == outcome.total else ""
+    return f"at step {outcome.step}/{outcome.total}" + (f", {samples}" if samples else "")
 
 
 def run_imagine(worker: Worker, job_id: int, params: dict, on_progress, should_stop) -> dict:

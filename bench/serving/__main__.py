@@ -49,8 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds between that member's next /imagine jobs while the training runs (default 5)")
     parser.add_argument("--burst-members", type=int, default=8, help="members in each burst (default 8)")
     parser.add_argument("--burst-rounds", type=int, default=3, help="bursts (default 3)")
-    parser.add_argument("--compile-ahead", choices=("off", "auto", "on"), default="off",
-                        help="the bot's BOOTHBOT_COMPILE_AHEAD (default off, the bot's default)")
+    parser.add_argument("--compile-ahead", choices=("off", "auto", "on"), default="auto",
+                        help="the bot's BOOTHBOT_COMPILE_AHEAD (default auto, the bot's default)")
     parser.add_argument("--settle", type=float, default=None,
                         help="before /imagine alone, wait up to this many seconds (the bot idle) until the shapes the "
                              "worker compiles ahead of time are in use, as in a bot that has run a while "

@@ -17,7 +17,7 @@ SERVED_ROWS = (
     ("/imagine with the new concept, p99 (s)", ("imagine_with_concept", "p99_s"), None, True),
     ("burst of members' /imagine at once (images/s)", ("burst", "images_per_s_overall"), 8.0, False),
     ("bot start -> worker ready (s)", ("start_to_ready_s",), None, True),
-    # measured from /imagine alone on: 0 when the worker does not compile ahead (the default; --compile-ahead)
+    # measured from /imagine alone on: 0 when the worker does not compile ahead (a CPU, a GPU under 22 GB, or off)
     ("forward shapes compiled ahead of time and in use", ("compiled_ahead", "in_use"), None, False),
     ("waited for them after the first training (s)", ("compiled_ahead", "waited_s"), None, True),
     # the whole run's peak (reserved by the worker: service, both trainings, bursts of 8), at this GPU's own settings

@@ -35,7 +35,7 @@ STREAM_LIMIT = 16 * 1024 * 1024  # longest line we accept (tracebacks in `detail
 def worker_command(*, model: str | None, data_dir: Path | str, device: str = "auto", dtype: str = "auto",
                    threads: int | None = None, compile_unet: bool = False, debug: bool = False,
                    train_memory: str = "auto", models: dict[str, str] | None = None, resident: int = 1,
-                   compile_ahead: str = "off", python: str = sys.executable) -> list[str]:
+                   compile_ahead: str = "auto", python: str = sys.executable) -> list[str]:
     """The argv that starts the worker; `model=None` starts one without a base model (selftest jobs only).
     `models`: every base model jobs may name (name -> reference, the default included), `resident`: how many may
     stay loaded. `debug`: the libraries' own warnings and progress bars reach the log too (trainer/quiet.py)."""
@@ -50,7 +50,7 @@ def worker_command(*, model: str | None, data_dir: Path | str, device: str = "au
         argv += ["--compile-unet"]
     if train_memory != "auto":
         argv += ["--train-memory", train_memory]
-    if compile_ahead != "off":
+    if compile_ahead != "auto":
         argv += ["--compile-ahead", compile_ahead]
     if debug:
         argv += ["--debug"]

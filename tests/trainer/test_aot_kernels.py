@@ -278,8 +278,8 @@ def test_the_setting(tiny_pipeline):
         compiles_ahead("sometimes", tiny_pipeline)
 
 
-def test_the_setting_is_off_by_default_and_reaches_the_worker(tmp_path):
-    """Off by default (the SD 1.5 package crashed torch 2.11's loader on an H200); an operator's choice reaches the
+def test_the_setting_is_auto_by_default_and_reaches_the_worker(tmp_path):
+    """auto by default (measured through the bot on an H200, docs/BENCHMARKS.md); an operator's choice reaches the
     worker's command line, whose own default is the same."""
     import argparse
 
@@ -287,12 +287,12 @@ def test_the_setting_is_off_by_default_and_reaches_the_worker(tmp_path):
     from bot.settings import SettingsError, load_settings
     from trainer.worker import add_arguments
 
-    assert load_settings({"DISCORD_TOKEN": "x"}, env_file=None).compile_ahead == "off"
+    assert load_settings({"DISCORD_TOKEN": "x"}, env_file=None).compile_ahead == "auto"
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert parser.parse_args(["--data-dir", str(tmp_path)]).compile_ahead == "off"
+    assert parser.parse_args(["--data-dir", str(tmp_path)]).compile_ahead == "auto"
     assert "--compile-ahead" not in worker_command(model="m", data_dir=tmp_path)
-    for value in ("auto", "on"):
+    for value in ("off", "on"):
         settings = load_settings({"DISCORD_TOKEN": "x", "BOOTHBOT_COMPILE_AHEAD": value}, env_file=None)
         argv = worker_command(model="m", data_dir=tmp_path, compile_ahead=settings.compile_ahead)
         assert argv[argv.index("--compile-ahead") + 1] == value

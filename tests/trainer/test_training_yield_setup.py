@@ -163,3 +163,47 @@ def test_a_run_that_finds_its_setup_done_on_disk_makes_a_step_before_it_yields(t
         phases.append((outcome.step, outcome.run["from"], outcome.run.get("phase")))
         live.drop()  # e.g. the GPU went idle: the next run starts from the file
     assert phases == [(0, "start", "inputs"), (0, "file", "adapters"), (1, "file", "steps")]
+
+
+def test_a_training_asked_to_yield_in_its_samples_goes_on_from_memory_to_the_same_samples(tiny_pipeline, tmp_path):
+    """The samples made after the LoRA is written (4 at 25 sampler steps: ~2.5 s of an H200) did not yield, and an
+    /imagine sent then waited 3.0 s (docs/BENCHMARKS.md). Now they stop between two sampler steps when someone waits;
+    the next run goes on from memory with that batch, without writing the LoRA again, to the samples and LoRA of an
+    uninterrupted run."""
+    photos = write_noise_photos(tmp_path / "photos", 3)
+    settings = dict(steps=3, sample_count=2, class_images=2)
+    whole = train_concept(tiny_pipeline, make_spec(photos, tmp_path / "whole", **settings), cache_dir=tmp_path / "c")
+
+    live, spec, stages = LiveTrainings(), make_spec(photos, tmp_path / "yielded", **settings), []
+    paused = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "c", live=live,
+                           on_progress=lambda progress: stages.append(progress.stage),
+                           should_yield=lambda: "samples" in stages)
+    detail = f"in the samples, the next at sampler step 1/{SAMPLER_STEPS}"
+    assert (paused.status, paused.step, paused.total, paused.run.get("phase_detail")) == ("paused", 3, 3, detail)
+    assert describe_run(paused).endswith(f"paused at step 3/3, {detail}")
+    assert live.held is not None and not (spec.out_dir / "samples").exists()
+    lora = spec.out_dir / "lora.safetensors"
+    written = lora.stat().st_mtime_ns
+
+    done = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "c", live=live)
+    assert (done.status, done.run["from"], live.held) == ("done", "memory", None)
+    assert lora.stat().st_mtime_ns == written
+    _same_lora(whole.result["lora"], done.result["lora"])
+    assert [_pixels(p).tolist() for p in done.result["samples"]] == [_pixels(p).tolist() for p in whole.result["samples"]]
+
+
+def test_a_training_paused_in_its_samples_and_dropped_makes_them_again_from_its_file(tiny_pipeline, tmp_path):
+    photos = write_noise_photos(tmp_path / "photos", 3)
+    settings = dict(steps=3, sample_count=2, class_images=2)
+    whole = train_concept(tiny_pipeline, make_spec(photos, tmp_path / "whole", **settings), cache_dir=tmp_path / "c")
+
+    live, spec, stages = LiveTrainings(), make_spec(photos, tmp_path / "yielded", **settings), []
+    paused = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "c", live=live,
+                           on_progress=lambda progress: stages.append(progress.stage),
+                           should_yield=lambda: "samples" in stages)
+    assert (paused.status, paused.step) == ("paused", 3)
+    live.drop()  # another training needed the memory, or the GPU went idle
+    done = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "c", live=live)
+    assert (done.status, done.run["from"]) == ("done", "file")
+    _same_lora(whole.result["lora"], done.result["lora"])
+    assert [_pixels(p).tolist() for p in done.result["samples"]] == [_pixels(p).tolist() for p in whole.result["samples"]]

@@ -182,15 +182,15 @@ class AotKernels:
         prepared only a `starting` worker (nobody waits for it yet) waits for it; an idle one adopts later."""
         if not self.dir.is_dir():
             return []
-        if starting:
+        finished = [path for path in sorted(self.dir.glob("*.json"))
+                    if path.stem not in self.loaded and path.stem not in self.refused]
+        if finished and not self.loader_ready.is_set():
+            if not starting:
+                return []
             self.loader_ready.wait()
-        elif not self.loader_ready.is_set():
-            return []
         adopted, live = [], None
-        for meta_path in sorted(self.dir.glob("*.json")):
+        for meta_path in finished:
             name = meta_path.stem
-            if name in self.loaded or name in self.refused:
-                continue
             live = live if live is not None else live_constants(self.unet)
             shape = self._load(name, meta_path, live)
             if shape is not None:

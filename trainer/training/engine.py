@@ -246,6 +246,8 @@ class _Slice:
         self.inputs: dict | None = None
         self.trainer: StepRunner | None = None
         self.training_rng: dict | None = None  # the global RNG states while suspended (live)
+        self.saved: tuple | None = None  # (lora, kohya, seconds) once the LoRA files are written
+        self.paused_samples = None  # the samples' batch stopped between two sampler steps (images.PausedBatch)
         self.live = None
         self.origin = "file" if state else "start"  # where this call's run went on from: start, file or memory
         self.first_step = self.step  # this call's
@@ -399,6 +401,9 @@ class _Slice:
                 summary["phase_detail"] += f", the next batch at sampler step {paused_at}"
             elif not class_set.missing():
                 summary["phase_detail"] += f", their latents {class_set.latents_encoded()}"
+        if self.paused_samples is not None:
+            summary["phase_detail"] = (f"in the samples, the next at sampler step {self.paused_samples.steps_done}/"
+                                       f"{self.paused_samples.steps}")
         return summary
 
     def _free_class_graphs(self) -> None:
@@ -575,11 +580,15 @@ class _Slice:
         spec, job = self.spec, self.job
         # The training's time, every slice until its LoRA is written, measured once for the LoRA's metadata, the result
         # and the CLI's "trained in"; the samples come after (their time is in timings).
-        seconds = round(self._elapsed(), 1)
-        with self._phase("save"):
-            lora, kohya = self._save_lora(scope, seconds)
+        if self.saved is None:
+            seconds = round(self._elapsed(), 1)
+            with self._phase("save"):
+                self.saved = (*self._save_lora(scope, seconds), seconds)
+        lora, kohya, seconds = self.saved
         with self._phase("samples"):
             samples = self._samples(lora)
+        if samples is None:  # someone waits for the GPU: the samples go on from memory at the next run
+            return self._stop("paused", trainer)
         result = {"lora": str(lora.resolve()), "lora_kohya": str(kohya.resolve()), "samples": samples,
                   "steps": job.total, "seconds": seconds, "timings": dict(self.timings),
                   "graph_steps": trainer.graph_replays}
@@ -618,17 +627,26 @@ class _Slice:
                                 text_encoder_configs={name: scope.adapter_config(name) for name in te_states},
                                 metadata=metadata, unet_layers_per_block=self.pipe.unet.config.layers_per_block)
 
-    def _samples(self, lora: Path) -> list[str]:
-        """samples/NNN.png, each with the A1111 `parameters` chunk an /imagine image of the same prompt would carry."""
+    def _samples(self, lora: Path) -> list[str] | None:
+        """samples/NNN.png, each with the A1111 `parameters` chunk an /imagine image of the same prompt would carry.
+        None when someone started waiting for the GPU: the batch stopped between two sampler steps (each run makes at
+        least one), and is kept for the next run of this resident training."""
         from trainer.generation.pnginfo import format_parameters, save_png
-        from trainer.training.images import generate
+        from trainer.training.images import PausedBatch, generate_pausable
 
         count = self.spec.sample_count
         if not count:
             return []
         self._report(stage="samples", detail=f"making {count} sample image{'' if count == 1 else 's'}")
         seeds = [self.spec.seed + i for i in range(count)]
-        images = generate(self.pipe, self.job.instance_prompt, seeds, self.job.resolution)
+        # Only a resident training can go on with a paused batch; one resumed from its file makes them again.
+        should_pause = self.should_yield if self.live is not None else None
+        images = generate_pausable(self.pipe, self.job.instance_prompt, seeds, self.job.resolution,
+                                   should_pause=should_pause, paused=self.paused_samples)
+        if isinstance(images, PausedBatch):
+            self.paused_samples = images
+            return None
+        self.paused_samples = None
         prompt, fields = f"{self.job.instance_prompt} <lora:{self.spec.token}:1>", self._sample_fields(lora)
         directory = self.spec.out_dir / "samples"
         return [str(save_png(image, directory / f"{i:03d}.png",
