@@ -165,19 +165,32 @@ def test_a_run_that_finds_its_setup_done_on_disk_makes_a_step_before_it_yields(t
     assert phases == [(0, "start", "inputs"), (0, "file", "adapters"), (1, "file", "steps")]
 
 
+SAMPLES = dict(steps=3, sample_count=2, class_images=2)
+
+
+def _paused_in_the_samples(pipe, tmp_path):
+    """(an uninterrupted training's outcome, the same training's spec, its outcome asked to yield once it reported
+    its samples, the LiveTrainings holding it)."""
+    photos = write_noise_photos(tmp_path / "photos", 3)
+    whole = train_concept(pipe, make_spec(photos, tmp_path / "whole", **SAMPLES), cache_dir=tmp_path / "c")
+    live, spec, stages = LiveTrainings(), make_spec(photos, tmp_path / "yielded", **SAMPLES), []
+    paused = train_concept(pipe, spec, cache_dir=tmp_path / "c", live=live,
+                           on_progress=lambda progress: stages.append(progress.stage),
+                           should_yield=lambda: "samples" in stages)
+    return whole, spec, paused, live
+
+
+def _same_result(whole, done) -> None:
+    _same_lora(whole.result["lora"], done.result["lora"])
+    assert [_pixels(p).tolist() for p in done.result["samples"]] == [_pixels(p).tolist() for p in whole.result["samples"]]
+
+
 def test_a_training_asked_to_yield_in_its_samples_goes_on_from_memory_to_the_same_samples(tiny_pipeline, tmp_path):
     """The samples made after the LoRA is written (4 at 25 sampler steps: ~2.5 s of an H200) did not yield, and an
     /imagine sent then waited 3.0 s (docs/BENCHMARKS.md). Now they stop between two sampler steps when someone waits;
     the next run goes on from memory with that batch, without writing the LoRA again, to the samples and LoRA of an
     uninterrupted run."""
-    photos = write_noise_photos(tmp_path / "photos", 3)
-    settings = dict(steps=3, sample_count=2, class_images=2)
-    whole = train_concept(tiny_pipeline, make_spec(photos, tmp_path / "whole", **settings), cache_dir=tmp_path / "c")
-
-    live, spec, stages = LiveTrainings(), make_spec(photos, tmp_path / "yielded", **settings), []
-    paused = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "c", live=live,
-                           on_progress=lambda progress: stages.append(progress.stage),
-                           should_yield=lambda: "samples" in stages)
+    whole, spec, paused, live = _paused_in_the_samples(tiny_pipeline, tmp_path)
     detail = f"in the samples, the next at sampler step 1/{SAMPLER_STEPS}"
     assert (paused.status, paused.step, paused.total, paused.run.get("phase_detail")) == ("paused", 3, 3, detail)
     assert describe_run(paused).endswith(f"paused at step 3/3, {detail}")
@@ -188,22 +201,13 @@ def test_a_training_asked_to_yield_in_its_samples_goes_on_from_memory_to_the_sam
     done = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "c", live=live)
     assert (done.status, done.run["from"], live.held) == ("done", "memory", None)
     assert lora.stat().st_mtime_ns == written
-    _same_lora(whole.result["lora"], done.result["lora"])
-    assert [_pixels(p).tolist() for p in done.result["samples"]] == [_pixels(p).tolist() for p in whole.result["samples"]]
+    _same_result(whole, done)
 
 
 def test_a_training_paused_in_its_samples_and_dropped_makes_them_again_from_its_file(tiny_pipeline, tmp_path):
-    photos = write_noise_photos(tmp_path / "photos", 3)
-    settings = dict(steps=3, sample_count=2, class_images=2)
-    whole = train_concept(tiny_pipeline, make_spec(photos, tmp_path / "whole", **settings), cache_dir=tmp_path / "c")
-
-    live, spec, stages = LiveTrainings(), make_spec(photos, tmp_path / "yielded", **settings), []
-    paused = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "c", live=live,
-                           on_progress=lambda progress: stages.append(progress.stage),
-                           should_yield=lambda: "samples" in stages)
+    whole, spec, paused, live = _paused_in_the_samples(tiny_pipeline, tmp_path)
     assert (paused.status, paused.step) == ("paused", 3)
     live.drop()  # another training needed the memory, or the GPU went idle
     done = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "c", live=live)
     assert (done.status, done.run["from"]) == ("done", "file")
-    _same_lora(whole.result["lora"], done.result["lora"])
-    assert [_pixels(p).tolist() for p in done.result["samples"]] == [_pixels(p).tolist() for p in whole.result["samples"]]
+    _same_result(whole, done)
