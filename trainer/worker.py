@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile the UNet forward for the image shapes members use in a separate process and use "
                              "it once ready, so nobody waits for a compile (cached under DATA_DIR/cache/aot; auto: on "
                              "CUDA GPUs with 22 GB or more in all, 40 GB for SDXL, unless base models may be evicted; "
-                             "default off: not yet measured to work at full size, docs/BENCHMARKS.md)")
+                             "the default)")
     parser.add_argument("--train-memory", choices=("auto", "low", "fast"), default="auto",
                         help="training's memory setting: low (gradient checkpointing: SDXL training + serving fit a "
                              "24 GB card), fast, or auto (low for SDXL on GPUs under 40 GB; default)")
