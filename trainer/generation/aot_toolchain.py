@@ -58,8 +58,8 @@ def candidates(first: str) -> list[str]:
 def problem_with(compiler: str, work_dir: Path) -> str | None:
     """Why libraries `compiler` builds cannot be loaded beside torch, or None."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    name = Path(compiler).name
-    source, library = work_dir / "probe.cpp", work_dir / f"probe-{os.getpid()}-{name}.so"
+    stem = f"probe-{os.getpid()}-{Path(compiler).name}"  # two compiling processes may check at once
+    source, library = work_dir / f"{stem}.cpp", work_dir / f"{stem}.so"
     source.write_text(PROBE_SOURCE)
     try:
         built = subprocess.run([compiler, "-shared", "-fPIC", "-std=c++17", "-o", str(library), str(source)],
@@ -71,6 +71,7 @@ def problem_with(compiler: str, work_dir: Path) -> str | None:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"{type(exc).__name__}: {exc}"
     finally:
+        source.unlink(missing_ok=True)
         library.unlink(missing_ok=True)
     if loaded.returncode < 0:
         return f"a library it built crashed the process loading it beside torch (signal {-loaded.returncode})"
