@@ -449,13 +449,14 @@ class Worker:
     def warm_up(self) -> float:
         """One throwaway /imagine at the model's defaults before the worker says it is ready, so the first member's
         /imagine finds the generation service made, its CUDA graph captured and the kernels chosen (those compiled
-        ahead of time by an earlier run adopted first). Seconds taken."""
+        ahead of time by an earlier run are adopted here if torch's loader is prepared already, else at the first
+        idle moment after: the start does not wait for it). Seconds taken."""
         import tempfile
 
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="boothbot-warm-up-") as out:
             request = self.imagine_request({"prompt": "a photo", "out_dir": out})  # makes self.generation
-            self.generation.idle(starting=True)
+            self.generation.idle()
             self.generation.imagine(request)
         return time.monotonic() - started
 

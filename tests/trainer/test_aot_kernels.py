@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -153,7 +154,8 @@ def test_a_restarted_worker_uses_the_packages_from_its_first_request_without_com
     service = compiled["service"]
     again = GenerationService(service.pipe, model_name="tiny", aot_dir=compiled["root"] / "aot", max_batch_images=1)
     assert not again.aot.loaded  # adopting is idle work (the worker: before its warm-up), not a request's
-    again.idle(starting=True)
+    again.aot.loader_ready.wait(COMPILE_TIMEOUT_S)
+    again.idle()
     assert again.aot.dir == service.aot.dir and list(again.aot.loaded) == list(service.aot.loaded)
     first = again.imagine(request(tmp_path, "first"))
     assert again.aot.calls == 1 + 3 and not again.aot.wanted and again.aot.compiles_started == 0
@@ -162,8 +164,8 @@ def test_a_restarted_worker_uses_the_packages_from_its_first_request_without_com
 
 def test_an_idle_worker_adopts_only_once_the_loader_is_prepared_off_the_job_thread(compiled, monkeypatch):
     """torch's loader first works out the CPU's vector ISA by compiling and loading test programs (~50 s on the
-    H200, once per process): a thread does it when the kernels are made. Until then an idle worker adopts nothing,
-    so no member waits behind it; a starting worker (nobody waits yet) waits for it."""
+    H200, once per process): a thread does it when the kernels are made. Until then an idle (or starting) worker
+    adopts nothing, so nobody waits behind it; the next idle moment after it adopts."""
     import threading
 
     import torch._inductor.codecache as codecache
@@ -173,15 +175,13 @@ def test_an_idle_worker_adopts_only_once_the_loader_is_prepared_off_the_job_thre
     monkeypatch.setattr(codecache, "get_device_information", lambda device: release.wait(60) and real(device))
     service = GenerationService(compiled["service"].pipe, model_name="tiny", aot_dir=compiled["root"] / "aot",
                                 max_batch_images=1)
+    began = time.monotonic()
     service.idle()
-    assert not service.aot.loaded and not service.aot.loader_ready.is_set()
-    starting = threading.Thread(target=service.idle, kwargs={"starting": True})
-    starting.start()
-    starting.join(0.5)
-    assert starting.is_alive() and not service.aot.loaded
+    assert time.monotonic() - began < 5 and not service.aot.loaded and not service.aot.loader_ready.is_set()
     release.set()
-    starting.join(60)
-    assert not starting.is_alive() and list(service.aot.loaded) == list(compiled["service"].aot.loaded)
+    assert service.aot.loader_ready.wait(60)
+    service.idle()
+    assert list(service.aot.loaded) == list(compiled["service"].aot.loaded)
 
 
 def test_a_package_compiled_for_other_strides_is_refused_not_run(compiled, tmp_path):
@@ -219,7 +219,8 @@ def test_a_package_that_computes_something_else_is_refused_when_adopted(compiled
     subprocess.run([sys.executable, "-m", "trainer.generation.aot_compile", str(directory / "compile.spec")],
                    check=True, timeout=COMPILE_TIMEOUT_S, capture_output=True)
     service = GenerationService(pipe, model_name="tiny", aot_dir=tmp_path / "aot", max_batch_images=1)
-    service.idle(starting=True)
+    service.aot.loader_ready.wait(COMPILE_TIMEOUT_S)
+    service.idle()
     name = compiled["facts"]["wanted"][0].name
     assert not service.aot.loaded and "off the eager forward" in service.aot.refused[name]
     service.imagine(request(tmp_path, "eager"))
@@ -329,8 +330,10 @@ def test_the_worker_serves_with_the_packages_compiles_what_is_missing_and_stops_
     events = Events()
     worker = Worker(EventWriter(events), JobControl(), pipe=load_pipeline(str(tiny_model_dir), "cpu", "fp32"),
                     device="cpu", model=str(tiny_model_dir), data_dir=tmp_path / "data", compile_ahead="on")
-    worker.warm_up()  # as the worker starts: the packages on disk are adopted before its throwaway /imagine
+    worker.warm_up()  # as the worker starts: not waiting for the loader's preparation (aot_kernels.py)
     kernels = worker.generation.aot
+    assert kernels.loader_ready.wait(COMPILE_TIMEOUT_S)
+    worker.idle()  # its first idle moment adopts the packages on disk
     assert kernels.loaded and not kernels.refused
     before = kernels.calls
     params = {"prompt": "a photo of sid", "seed": 11, "steps": 3, "width": 64, "height": 64,

@@ -14,7 +14,7 @@ compiling takes about a minute per shape, which must not happen on the job threa
   weight's shape, dtype and strides are what the package was compiled for. torch's loader first works out this
   machine's CPU vector ISA, once per process, by compiling and loading test programs: on the H200 the first load
   took ~50 s. A thread does that when the kernels are made, and idle moments adopt only once it is done, so no
-  member waits behind it;
+  member (and no start) waits behind it;
 - trainer/generation/fast_unet.py then captures its CUDA graph around the compiled forward instead of the eager one.
 
 The compiled forward is the bare UNet: it is used only while no adapter is active (no mixed-LoRA slot, no
@@ -177,17 +177,15 @@ class AotKernels:
         finally:
             self.loader_ready.set()
 
-    def adopt(self, *, starting: bool = False) -> list[ForwardShape]:
-        """Load every finished package not loaded yet; returns the shapes that became compiled. Until the loader is
-        prepared only a `starting` worker (nobody waits for it yet) waits for it; an idle one adopts later."""
+    def adopt(self) -> list[ForwardShape]:
+        """Load every finished package not loaded yet; returns the shapes that became compiled. Nothing until the
+        loader is prepared: a later idle moment adopts them (a starting worker does not wait: it is ready sooner)."""
         if not self.dir.is_dir():
             return []
         finished = [path for path in sorted(self.dir.glob("*.json"))
                     if path.stem not in self.loaded and path.stem not in self.refused]
         if finished and not self.loader_ready.is_set():
-            if not starting:
-                return []
-            self.loader_ready.wait()
+            return []
         adopted, live = [], None
         for meta_path in finished:
             name = meta_path.stem

@@ -152,7 +152,7 @@ class UNetGraphs:
             return None
         return self.aot.get(ForwardShape.of(sample, timestep, hidden, added))
 
-    def adopt_compiled(self, *, starting: bool = False) -> int:
+    def adopt_compiled(self) -> int:
         """Load the forwards compiled ahead of time since the last call (the worker calls this when idle), capture
         their graphs now and check each against the eager forward, so that no member pays for either and none gets
         a wrong image from a package; graphs of the same shapes around the eager forward are dropped. Returns how
@@ -162,7 +162,7 @@ class UNetGraphs:
         self._check_params()
         if self._adapter_active():
             return 0  # the check below needs the bare UNet; the next idle moment adopts
-        shapes = self.aot.adopt(starting=starting)
+        shapes = self.aot.adopt()
         names = {shape.name for shape in shapes}
         self._drop_graphs(lambda entry: entry.shape.name in names and entry.ahead is None)
         adopted = 0

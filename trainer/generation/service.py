@@ -194,13 +194,13 @@ class GenerationService:
                 log.exception("starting the UNet compiling process failed")
         return [future.result() for future in saving]
 
-    def idle(self, *, starting: bool = False) -> None:
+    def idle(self) -> None:
         """Nothing is waiting for the GPU: adopt the forwards compiled since, or by an earlier run (their CUDA graphs
         captured now, not in a member's request), and start compiling the shapes still wanted. Only here: the worker
-        calls it when idle and, `starting`, before its warm-up."""
+        calls it when idle and before its warm-up."""
         if self.aot is None:
             return
-        self.graphs.adopt_compiled(starting=starting)
+        self.graphs.adopt_compiled()
         self.aot.compile_wanted()
 
     def stop_compiling(self) -> None:
