@@ -50,8 +50,9 @@ def _one(mode: str, repeats: int, out_dir: Path, tiny: bool) -> dict:
     pipe, side, steps = _pipeline(tiny, out_dir)
     aot_dir = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "aot" if mode == "ahead" else None  # kept like inductor's
     service = GenerationService(pipe, model_name="compile-modes", compile_unet=mode == "full", aot_dir=aot_dir)
-    service.aot.loader_ready.wait()  # a worker that has run a while (the first idle moment after its start)
-    service.idle()  # the packages an earlier run compiled are adopted
+    if service.aot is not None:  # as a worker at its first idle moment once torch's loader is prepared:
+        service.aot.loader_ready.wait()
+        service.idle()  # the packages an earlier run compiled are adopted
     counter = iter(range(10**6))
     cuda = pipe.device.type == "cuda"
 
