@@ -43,15 +43,15 @@ def bad_compiler(tmp_path):
     return path
 
 
-def test_the_compiler_torch_finds_is_kept_when_its_libraries_load(tmp_path, monkeypatch):
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, GXX))  # whatever CXX this machine sets
-    compiler, refused = choose_compiler(tmp_path)
+def test_the_compiler_torch_finds_is_kept_when_its_libraries_load(tmp_path):
+    with inductor_config.patch({"cpp.cxx": (None, GXX)}):  # whatever CXX this machine sets
+        compiler, refused = choose_compiler(tmp_path)
     assert refused == [] and os.path.realpath(compiler) == os.path.realpath(GXX)
 
 
-def test_a_compiler_whose_libraries_crash_beside_torch_is_passed_over(tmp_path, bad_compiler, monkeypatch):
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(bad_compiler)))  # as CXX=... would
-    compiler, refused = choose_compiler(tmp_path / "work")
+def test_a_compiler_whose_libraries_crash_beside_torch_is_passed_over(tmp_path, bad_compiler):
+    with inductor_config.patch({"cpp.cxx": (None, str(bad_compiler))}):  # as CXX=... would
+        compiler, refused = choose_compiler(tmp_path / "work")
     assert os.path.realpath(compiler) == os.path.realpath(GXX)
     assert len(refused) == 1 and refused[0].startswith(f"{bad_compiler}: ")
     assert "crashed the process loading it beside torch (signal 11)" in refused[0]
