@@ -583,8 +583,8 @@ def _where_it_stopped(outcome) -> str:
         return "after the class images"
     if phase == "adapters":
         return "after the inputs"
-    samples = outcome.run.get("phase_detail", "") if outcome.step == outcome.total else ""
-    return f"at step {outcome.step}/{outcome.total}" + (f", {samples}" if samples else "")
+    detail = outcome.run.get("phase_detail")  # in the steps phase: only a pause in the samples has one
+    return f"at step {outcome.step}/{outcome.total}" + (f", {detail}" if detail else "")
 
 
 def run_imagine(worker: Worker, job_id: int, params: dict, on_progress, should_stop) -> dict:

@@ -153,6 +153,11 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(0)
 
 
+def _record_failure(out_dir: Path, name: str, reason: str, detail: str = "") -> None:
+    """`<name>.failed`: the reason on its first line (the worker quotes it), then any detail."""
+    _write_atomically(out_dir / f"{name}.failed", f"{reason}\n\n{detail}" if detail else f"{reason}\n")
+
+
 def _write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     partial.write_text(text)
@@ -186,9 +191,8 @@ def main(argv: list[str]) -> int:
         if (out_dir / f"{shape.name}.json").exists():
             continue
         if crashed_while_checking(out_dir, shape):
-            _write_atomically(out_dir / f"{shape.name}.failed",
-                              f"loading its compiled package crashed the process that checked it (torch "
-                              f"{torch.__version__}; see compile.log)\n")
+            _record_failure(out_dir, shape.name, f"loading its compiled package crashed the process that checked it "
+                                                 f"(torch {torch.__version__}; see compile.log)")
             (out_dir / f"{shape.name}.checking").unlink(missing_ok=True)
             print(f"aot_compile: {shape.name}: an earlier check crashed; not used", file=sys.stderr, flush=True)
             continue
@@ -198,8 +202,8 @@ def main(argv: list[str]) -> int:
                 for pending in spec["shapes"]:
                     name = ForwardShape.from_json(pending).name
                     if not (out_dir / f"{name}.json").exists():
-                        _write_atomically(out_dir / f"{name}.failed", "no C++ compiler here builds packages that "
-                                          "load beside torch (see compile.log; set CXX to one that does)\n")
+                        _record_failure(out_dir, name, "no C++ compiler here builds packages that load beside torch "
+                                                       "(see compile.log; set CXX to one that does)")
                 return 0
         print(f"aot_compile: {shape.name}: {shape.describe()} ...", file=sys.stderr, flush=True)
         started = time.monotonic()
@@ -210,8 +214,7 @@ def main(argv: list[str]) -> int:
             detail = "".join(traceback.format_exception(exc))
             print(f"aot_compile: {shape.name} failed:\n{detail}", file=sys.stderr, flush=True)
             if not isinstance(exc, torch.OutOfMemoryError):  # beside a training: worth another try after a restart
-                first_line = (reason.splitlines() or [""])[0]
-                _write_atomically(out_dir / f"{shape.name}.failed", f"{first_line}\n\n{detail}")
+                _record_failure(out_dir, shape.name, (reason.splitlines() or [""])[0], detail)
             continue
         print(f"aot_compile: {shape.name} done in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
     return 0
