@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.serving.breakdown import WallClock, imagine_breakdown
 from bench.serving.served_bot import ServedBot, Timed
 
 CLASS_NAME = "man"
@@ -51,7 +52,7 @@ def photo_bytes(count: int, side: int, seed: int) -> list[bytes]:
 
 async def measure(bot: ServedBot, plan: Plan, out: dict) -> None:
     """Every figure into `out`, each as soon as it is measured."""
-    member = bot.fake.member
+    member, clock = bot.fake.member, WallClock()
     await bot.wait_ready()
     out["start_to_ready_s"] = round(bot.ready_at - bot.started_at, 2)
     first = await bot.imagine(member("first"), "a photo of a lighthouse", **plan.imagine_options)
@@ -68,6 +69,8 @@ async def measure(bot: ServedBot, plan: Plan, out: dict) -> None:
     alone = [await bot.imagine(visitor, f"a photo of a dog number {i}", **plan.imagine_options)
              for i in range(plan.repeats)]
     out["imagine_alone"] = seconds([t.seconds for t in alone])
+    out["imagine_alone_parts"] = imagine_breakdown(bot.db_path, [(t.job_id, t.sent, t.ended) for t in alone],
+                                                   clock)
     with_concept = [await bot.imagine(owner, f"a photo of {TOKENS[0]} {CLASS_NAME} number {i}",
                                       **plan.imagine_options) for i in range(plan.repeats + 1)]
     out["imagine_with_concept"] = {"first_s": round(with_concept[0].seconds, 3),

@@ -2,6 +2,8 @@
 reference-vs-ours rows beside them, as a markdown table (docs/BENCHMARKS.md takes it as it is) and JSON."""
 from __future__ import annotations
 
+from bench.serving.breakdown import PARTS
+
 # (label, path into the measured figures, goal, lower is better); goal None: a figure without a goal
 SERVED_ROWS = (
     ("/train, 5 photos, fresh data directory -> \"ready\" post (s)", ("train_cold_s",), 25.0, True),
@@ -62,6 +64,10 @@ def markdown(report: dict) -> str:
         goal = "" if row["goal"] is None else f"{row['goal_reads']} {_cell(row['goal'])}"
         met = "" if row["met"] is None else ("yes" if row["met"] else "NO")
         lines.append(f"| {row['label']} | {_cell(row['value'])} | {goal} | {met} |")
+    parts = _at(report, ("served", "imagine_alone_parts")) or {}
+    if parts:
+        lines += ["", "| where /imagine alone's time went (median) | s |", "| --- | ---: |"]
+        lines += [f"| {PARTS[name]} | {_cell(value)} |" for name, value in parts.items()]
     burst = _at(report, ("served", "burst")) or {}
     if burst.get("images_per_s"):
         lines.append(f"\nburst rounds: {burst['rounds_s']} s -> {burst['images_per_s']} images/s")

@@ -108,6 +108,7 @@ class ServedBot:
         self.recipe = recipe  # a TRAIN_RECIPE for the bot process (--tiny keeps trainings short); None: the default
         self.timeout_s = timeout_s
         self.log_path = workdir / "bot.log"
+        self.db_path = workdir / "data" / "boothbot.sqlite3"
         self.process: asyncio.subprocess.Process | None = None
         self.started_at = self.ready_at = 0.0
         self._log = None

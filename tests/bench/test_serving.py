@@ -19,6 +19,14 @@ def test_tiny_serving_bench_measures_every_figure_through_the_bot_beside_the_eng
     assert served["train_cold_s"] > 0 and served["train_warm_s"] > 0
     assert served["imagine_first_after_ready_s"] > 0 and served["start_to_ready_s"] > 0
     assert served["imagine_alone"]["count"] == 3
+    # Where /imagine alone's time went: every part measured, the engine inside the worker's part, and the parts
+    # together about what the member waited (medians of each part, so not exactly).
+    parts = served["imagine_alone_parts"]
+    assert set(parts) == {"command_to_queued_s", "queued_to_started_s", "worker_s", "engine_s", "finished_to_posted_s"}
+    assert all(value >= 0 for value in parts.values()), parts
+    assert 0 < parts["engine_s"] <= parts["worker_s"]
+    total = sum(value for name, value in parts.items() if name != "engine_s")
+    assert abs(total - served["imagine_alone"]["p50_s"]) < 0.5 * served["imagine_alone"]["p50_s"], parts
     assert served["imagine_with_concept"]["count"] == 3 and served["imagine_with_concept"]["first_s"] > 0
     assert served["imagine_during_training"]["count"] >= 2  # at least one during each of the two trainings
     burst = served["burst"]
@@ -38,6 +46,7 @@ def test_tiny_serving_bench_measures_every_figure_through_the_bot_beside_the_eng
     env = report["environment"]
     assert env["gpu"] in printed and env["date"] in printed and env["torch"] in printed
     assert "| through the bot |" in printed and "| engine, same command" in printed
+    assert "| where /imagine alone's time went (median) | s |" in printed
 
 
 def test_each_figure_is_checked_against_its_goal_in_its_direction():

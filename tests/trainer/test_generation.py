@@ -307,7 +307,9 @@ def test_foreign_adapter_is_left_alone(service, tmp_path):
 def test_imagine_many_loops_over_requests(service, tmp_path):
     results = service.imagine_many([request(tmp_path, "m1"), request(tmp_path, "m2", seed=3)])
     assert [r.seed for r in results] == [11, 3]
-    assert results[0].to_dict().keys() == {"images", "grid", "small", "seed", "seeds", "parameters", "blocked", "notices"}
+    assert results[0].to_dict().keys() == {"images", "grid", "small", "seed", "seeds", "parameters", "blocked", "notices",
+                                          "seconds"}
+    assert all(r.seconds > 0 for r in results)
 
 
 @pytest.fixture(scope="module")

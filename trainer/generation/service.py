@@ -76,6 +76,7 @@ class ImagineResult:
     parameters: str                 # A1111 parameters text of the first image
     blocked: list[int] = field(default_factory=list)   # indexes (0..count-1) hidden by the safety checker
     notices: list[str] = field(default_factory=list)   # things the member should be told
+    seconds: float = 0.0            # the engine's time for this request: options checked -> files written
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -373,10 +374,10 @@ class GenerationService:
         }
         saved, saved_seeds, texts, grid, small = self._save(request, parsed, fields, images, item.seeds, flagged,
                                                             notices)
+        seconds = time.monotonic() - item.started
         log.info("imagine job=%s: %d image(s) %dx%d, %d steps, %s, %d LoRA(s), %.2fs", request.job_id, len(images),
-                 item.width, item.height, request.steps, request.scheduler, len(item.loras),
-                 time.monotonic() - item.started)
-        return ImagineResult(saved, grid, small, item.seed, saved_seeds, texts[0], blocked, notices)
+                 item.width, item.height, request.steps, request.scheduler, len(item.loras), seconds)
+        return ImagineResult(saved, grid, small, item.seed, saved_seeds, texts[0], blocked, notices, round(seconds, 4))
 
     def _save(self, request, parsed, fields, images, seeds, flagged, notices):
         """Write NNN.png (+ NNN.small.webp when over the upload limit) per unflagged image, and grid.png for several."""
