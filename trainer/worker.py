@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import os
 import queue
@@ -704,6 +705,18 @@ def claim_stdout():
     return os.fdopen(events_fd, "wb", buffering=0)
 
 
+def log_engine_lines(debug: bool) -> None:
+    """The engine's own log lines (loggers under `trainer`: each /imagine's time, CUDA graph captures, a training's
+    summary, warnings) on stderr, which the bot logs as the worker's lines. Library loggers are left as they are."""
+    level = os.environ.get("BOOTHBOT_LOG_LEVEL", "info").strip().upper()
+    engine = logging.getLogger("trainer")
+    engine.setLevel(logging.DEBUG if debug else getattr(logging, level, logging.INFO))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    engine.addHandler(handler)
+    engine.propagate = False
+
+
 def _warms_up(setting: str, device: str) -> bool:
     return setting == "on" or (setting == "auto" and device.startswith("cuda"))
 
@@ -758,6 +771,7 @@ def resident_models(args: argparse.Namespace, device: str, writer: EventWriter):
 
 def run(args: argparse.Namespace) -> int:
     events = claim_stdout()
+    log_engine_lines(args.debug)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a download's bars would be lines in the bot's log
     writer = EventWriter(events)
     control = JobControl()

@@ -88,8 +88,9 @@ async def measure(bot: ServedBot, plan: Plan, out: dict) -> None:
 
 def during_figures(cold: list[float], warm: list[float]) -> dict:
     """The /imagine jobs sent during both trainings; `first_s`: the first one, sent `during_after_s` into the cold one
-    (the issue's "an /imagine sent 8 s into that training")."""
-    return {"first_s": round(cold[0], 3) if cold else None, **seconds(cold + warm)}
+    (the issue's "an /imagine sent 8 s into that training"); each one's seconds too, in the order sent."""
+    return {"first_s": round(cold[0], 3) if cold else None, **seconds(cold + warm),
+            "each_cold_s": [round(s, 3) for s in cold], "each_warm_s": [round(s, 3) for s in warm]}
 
 
 async def train_while_others_imagine(bot: ServedBot, owner, token: str, photos: list[bytes], visitor,

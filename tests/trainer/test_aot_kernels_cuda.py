@@ -1,6 +1,6 @@
 """The forward compiled ahead of time inside a CUDA graph: what the CPU tests (test_aot_kernels.py) cannot show.
-Needs a CUDA GPU (run on the lent H200: `python -m pytest tests/trainer/test_aot_kernels_cuda.py`, about a minute
-for the tiny model's one shape); skipped elsewhere."""
+Needs a CUDA GPU (run on the lent H200: `python -m pytest tests/trainer/test_aot_kernels_cuda.py`, a minute or two
+for the tiny model's shapes); skipped elsewhere."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,14 +9,33 @@ import torch
 
 from tests.trainer.test_generation import pixels
 from tests.trainer.test_generation import request as full_request
+from tests.trainer.training_helpers import make_spec, write_noise_photos
 from trainer.generation.service import GenerationService
 from trainer.models.loading import load_pipeline
+from trainer.training.engine import train_concept
+from trainer.training.live import LiveTrainings
 
 COMPILE_TIMEOUT_S = 600
 
 
 def request(tmp_path, name, **params):
     return full_request(tmp_path, name, **{"steps": 4, "count": 1, **params})
+
+
+def compiled_service(tmp_path, family="sd1") -> GenerationService:
+    """A tiny model's service on CUDA whose one /imagine shape was compiled ahead of time and adopted."""
+    from trainer.models.tiny import make_tiny_model
+
+    pipe = load_pipeline(str(make_tiny_model(tmp_path / "model", family=family)), device="cuda", dtype="fp16")
+    service = GenerationService(pipe, model_name="tiny", aot_dir=tmp_path / "aot", max_batch_images=1)
+    service.imagine(request(tmp_path, "eager"))
+    service.aot.wait(COMPILE_TIMEOUT_S)
+    assert service.graphs.adopt_compiled() == 1, service.aot.refused
+    return service
+
+
+def ahead_graphs(service) -> int:
+    return sum(entry.ahead is not None for entry in service.graphs._graphs.values())
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
@@ -39,5 +58,44 @@ def test_a_cuda_graph_replays_the_compiled_forward_and_serves_the_same_images(fa
         assert service.graphs.replays == replays + 4  # every step replayed the graph around the package
         difference = np.abs(pixels(eager.images[0]) - pixels(ahead.images[0]))
         assert difference.max() <= 8 and difference.mean() <= 1.0  # fp16 kernels of two kinds
+    finally:
+        service.stop_compiling()
+
+
+def test_the_compiled_forward_serves_again_after_a_training_that_yielded_to_imagine(tmp_path):
+    """The worker's order: a training frees generation's graphs and yields while a member's /imagine runs beside it
+    (adapters resident), goes on, ends (graphs freed again); the next idle moment captures the compiled forward's
+    graph again. No member's request captures a compiled forward, and the package is never refused."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run on the lent H200)")
+    service = compiled_service(tmp_path)
+    try:
+        pipe, live, released, asked = service.pipe, LiveTrainings(), [], []
+        spec = make_spec(write_noise_photos(tmp_path / "photos", 3), tmp_path / "lora", steps=6, resolution=64)
+
+        def before_adapters() -> None:  # the worker's: generation's graphs go, the training's adapters come
+            released.append(True)
+            service.release_memory()
+
+        def someone_waits_after_two_steps() -> bool:
+            if released:
+                asked.append(True)
+            return len(asked) >= 3
+
+        paused = train_concept(pipe, spec, cache_dir=tmp_path / "cache", live=live,
+                               should_yield=someone_waits_after_two_steps, before_adapters=before_adapters)
+        assert paused.status == "paused" and paused.step >= 1 and live.held is not None
+        during = service.imagine(request(tmp_path, "during"))
+        assert during.images and ahead_graphs(service) == 0  # the eager forward's graph, captured for the member
+        done = train_concept(pipe, spec, cache_dir=tmp_path / "cache", live=live)
+        assert done.status == "done" and live.held is None
+        service.release_memory()  # as the worker does when a training ends
+
+        service.graphs.adopt_compiled()  # the worker's idle moment
+        assert ahead_graphs(service) == 1 and not service.aot.refused, service.aot.refused
+        replays, calls = service.graphs.replays, service.aot.calls
+        after = service.imagine(request(tmp_path, "after"))
+        assert after.images and service.graphs.replays == replays + 4 and ahead_graphs(service) == 1
+        assert service.aot.calls == calls  # replayed from the graph: the package is not called from Python
     finally:
         service.stop_compiling()

@@ -119,6 +119,7 @@ class AotKernels:
         self.batch_rows = batch_rows  # forwards also wanted at these batch sizes when a shape is first served
         self.python = python
         self.loaded: dict[str, object] = {}   # shape name -> the loaded package, bound to the live weights
+        self.shapes: dict[str, ForwardShape] = {}  # shape name -> the shape of each loaded package
         self.refused: dict[str, str] = {}     # shape name -> why it is not used
         self.unbound: set[str] = set()        # loaded, but the live weights' layout does not fit it now
         self._layouts: dict[str, dict] = {}   # shape name -> the constants' layout it was compiled for
@@ -214,7 +215,12 @@ class AotKernels:
         _tell(f"compiled UNet forward {name} loaded in {time.monotonic() - started:.1f} s")
         self.loaded[name] = model
         self.wanted.pop(name, None)
-        return ForwardShape.from_json(meta["shape"])
+        self.shapes[name] = ForwardShape.from_json(meta["shape"])
+        return self.shapes[name]
+
+    def serving(self) -> dict[str, ForwardShape]:
+        """The loaded packages that fit the live weights now, by name."""
+        return {name: self.shapes[name] for name in self.loaded if name not in self.unbound}
 
     def in_use(self, shape: ForwardShape) -> None:
         """Say (in the bot's log) that a checked package now serves `shape`."""
@@ -237,6 +243,7 @@ class AotKernels:
         self.refused[name] = why
         self.wanted.pop(name, None)
         self.loaded.pop(name, None)
+        self.shapes.pop(name, None)
         self.unbound.discard(name)
         _tell(f"compiled UNet forward {name} not used: {why}")
 

@@ -14,7 +14,13 @@ SDXL's UNet also takes `added_cond_kwargs` (the pooled text embedding `text_embe
 
 With `aot` (trainer/generation/aot_kernels.py), a graph is captured around the UNet forward compiled ahead of time
 for its shape, where one exists and no adapter is active; off CUDA (no graphs) the compiled forward is called
-directly.
+directly. Those graphs are captured only in `adopt_compiled`, which the worker calls when the GPU is idle: a member's
+request whose shape has a package but no graph of it yet (the graphs were released for a training) gets the eager
+forward's graph, and the next idle moment captures the compiled one again. A capture of a package once failed in a
+member's request beside a held training (cuDNN: CUDNN_STATUS_BAD_PARAM_STREAM_MISMATCH, H200, 2026-12-02), costing
+that member ~2 s and the package for good; now a failed capture costs nobody's request, and a package is refused
+only after MAX_CAPTURE_TRIES failed idle captures. Warm-up and capture share one side stream (lazy per-stream state,
+such as cuDNN's, is then set up before the capture, not in it).
 
 `installed()` points the UNet instance's `forward` at the graph runner for the duration of a request and restores it
 on exit; calls the graphs can't serve (gradients on, other extra conditioning, CPU tensors) run eagerly. Whether the
@@ -48,6 +54,7 @@ def keep_compiled_kernels(data_dir: Path) -> Path:
 
 
 ADDED_CONDITIONING = ("text_embeds", "time_ids")  # SDXL's, the only added_cond_kwargs a graph takes
+MAX_CAPTURE_TRIES = 3  # idle moments a compiled forward's graph may fail to capture before it is refused
 
 
 class _Entry:
@@ -75,8 +82,11 @@ class UNetGraphs:
         self.replays = 0
         self._graphs: OrderedDict[tuple, _Entry] = OrderedDict()
         self._pool = None
+        self._stream = None  # the side stream every warm-up and capture runs on
         self._params_key = None
         self._tuner_layers: list = []
+        self._adopting = False  # only adopt_compiled captures graphs around compiled forwards
+        self._capture_failures: dict[str, int] = {}  # compiled forward's name -> failed captures so far
 
     @staticmethod
     def usable(unet) -> bool:
@@ -155,30 +165,45 @@ class UNetGraphs:
     def adopt_compiled(self) -> int:
         """Load the forwards compiled ahead of time since the last call (the worker calls this when idle), capture
         their graphs now and check each against the eager forward, so that no member pays for either and none gets
-        a wrong image from a package; graphs of the same shapes around the eager forward are dropped. Returns how
-        many were adopted."""
+        a wrong image from a package; graphs of the same shapes around the eager forward are dropped. Packages in
+        use whose graphs were released since (a training needed the memory) are captured and checked again. Returns
+        how many were adopted for the first time."""
         if self.aot is None:
             return 0
         self._check_params()
         if self._adapter_active():
             return 0  # the check below needs the bare UNet; the next idle moment adopts
-        shapes = self.aot.adopt()
+        new = self.aot.adopt()
+        first_time = {shape.name for shape in new}
+        shapes = new + self._without_graph(exclude=first_time)
         names = {shape.name for shape in shapes}
         self._drop_graphs(lambda entry: entry.shape.name in names and entry.ahead is None)
         adopted = 0
-        with torch.no_grad():
-            for shape in shapes:
-                error = self._compiled_error(shape)
-                if error is None:
-                    continue  # its graph could not be captured: refused there
-                problem = too_far_off(error)
-                if problem is None:
-                    self.aot.in_use(shape)
-                    adopted += 1
-                    continue
-                self.aot.refuse(shape.name, problem)
-                self._drop_graphs(lambda entry: entry.shape.name == shape.name)
+        self._adopting = True
+        try:
+            with torch.no_grad():
+                for shape in shapes:
+                    error = self._compiled_error(shape)
+                    if error is None:
+                        continue  # its graph could not be captured: tried again at the next idle moment
+                    problem = too_far_off(error)
+                    if problem is None:
+                        if shape.name in first_time:
+                            self.aot.in_use(shape)
+                            adopted += 1
+                        continue
+                    self.aot.refuse(shape.name, problem)
+                    self._drop_graphs(lambda entry: entry.shape.name == shape.name)
+        finally:
+            self._adopting = False
         return adopted
+
+    def _without_graph(self, exclude: set[str]) -> list[ForwardShape]:
+        """The shapes of packages in use whose graph is not captured now (on CUDA; elsewhere there are none)."""
+        if not self.usable(self.unet):
+            return []
+        graphed = {entry.shape.name for entry in self._graphs.values() if entry.ahead is not None}
+        return [shape for name, shape in self.aot.serving().items() if name not in graphed and name not in exclude]
 
     def _drop_graphs(self, which) -> None:
         for key in [key for key, entry in self._graphs.items() if which(entry)]:
@@ -222,13 +247,21 @@ class UNetGraphs:
         static_added = {name: value.detach().clone() for name, value in added.items()}
         static = (static_sample, static_t, static_hidden, static_added)
         shape = ForwardShape.of(*static)
-        ahead = self._compiled_ahead(*static)
-        if ahead is not None:
+        ahead = self._compiled_ahead(*static)  # also notes the shape for the compiling process
+        if ahead is not None and self._adopting:
             try:
                 return self._capture_with(key, static, shape, ahead)
             except Exception as exc:  # noqa: BLE001 - a package that cannot be graphed costs speed, never a request
-                self.aot.refuse(shape.name, f"its CUDA graph could not be captured: {exc}")
+                self._capture_failed(shape.name, exc)
         return self._capture_with(key, static, shape, None)
+
+    def _capture_failed(self, name: str, exc: Exception) -> None:
+        tries = self._capture_failures[name] = self._capture_failures.get(name, 0) + 1
+        reason = f"its CUDA graph could not be captured ({tries} tries): {str(exc).splitlines()[0][:300]}"
+        if tries >= MAX_CAPTURE_TRIES:
+            self.aot.refuse(name, reason)
+        else:
+            log.warning("compiled UNet forward %s: %s; trying again when the GPU is idle", name, reason)
 
     def _capture_with(self, key, static: tuple, shape: ForwardShape, ahead) -> _Entry:
         def run():
@@ -238,7 +271,9 @@ class UNetGraphs:
                 return self._compiled(*static)
             return self._plain(*static)
 
-        stream = torch.cuda.Stream()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(self.warmup + (1 if self._compiled is not None and ahead is None else 0)):
@@ -249,7 +284,7 @@ class UNetGraphs:
             # use_count > 0, found on an H200): a new one; the old one's memory went with its graphs.
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream):
             output = run()
         entry = _Entry(graph, *static, output, shape, ahead)
         self._graphs[key] = entry
