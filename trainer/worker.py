@@ -439,7 +439,7 @@ class Worker:
             aot_dir = (self.data_dir / AOT_CACHE
                        if compiles_ahead(self.compile_ahead, self.pipe, may_evict=may_evict) else None)
             self.generation = GenerationService(self.pipe, model_name=self.model or "", compile_unet=self.compile_unet,
-                                                aot_dir=aot_dir)
+                                                aot_dir=aot_dir, training_held=lambda: self.live.held is not None)
             if self.resident is not None:
                 self.resident.generation = self.generation
         request = ImagineRequest.from_params(params)

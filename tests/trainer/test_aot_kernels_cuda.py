@@ -22,12 +22,15 @@ def request(tmp_path, name, **params):
     return full_request(tmp_path, name, **{"steps": 4, "count": 1, **params})
 
 
-def compiled_service(tmp_path, family="sd1") -> GenerationService:
-    """A tiny model's service on CUDA whose one /imagine shape was compiled ahead of time and adopted."""
+def compiled_service(tmp_path, family="sd1", live: LiveTrainings | None = None) -> GenerationService:
+    """A tiny model's service on CUDA whose one /imagine shape was compiled ahead of time and adopted (beside the
+    trainings `live` holds, as the worker makes it)."""
     from trainer.models.tiny import make_tiny_model
 
     pipe = load_pipeline(str(make_tiny_model(tmp_path / "model", family=family)), device="cuda", dtype="fp16")
-    service = GenerationService(pipe, model_name="tiny", aot_dir=tmp_path / "aot", max_batch_images=1)
+    held = (lambda: live.held is not None) if live is not None else (lambda: False)
+    service = GenerationService(pipe, model_name="tiny", aot_dir=tmp_path / "aot", max_batch_images=1,
+                                training_held=held)
     service.imagine(request(tmp_path, "eager"))
     service.aot.wait(COMPILE_TIMEOUT_S)
     assert service.graphs.adopt_compiled() == 1, service.aot.refused
@@ -65,12 +68,14 @@ def test_a_cuda_graph_replays_the_compiled_forward_and_serves_the_same_images(fa
 def test_the_compiled_forward_serves_again_after_a_training_that_yielded_to_imagine(tmp_path):
     """The worker's order: a training frees generation's graphs and yields while a member's /imagine runs beside it
     (adapters resident), goes on, ends (graphs freed again); the next idle moment captures the compiled forward's
-    graph again. No member's request captures a compiled forward, and the package is never refused."""
+    graph again. No request beside the held training captures a compiled forward, and the package is never
+    refused."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (run on the lent H200)")
-    service = compiled_service(tmp_path)
+    live = LiveTrainings()
+    service = compiled_service(tmp_path, live=live)
     try:
-        pipe, live, released, asked = service.pipe, LiveTrainings(), [], []
+        pipe, released, asked = service.pipe, [], []
         spec = make_spec(write_noise_photos(tmp_path / "photos", 3), tmp_path / "lora", steps=6, resolution=64)
 
         def before_adapters() -> None:  # the worker's: generation's graphs go, the training's adapters come
@@ -91,11 +96,15 @@ def test_the_compiled_forward_serves_again_after_a_training_that_yielded_to_imag
         assert done.status == "done" and live.held is None
         service.release_memory()  # as the worker does when a training ends
 
-        service.graphs.adopt_compiled()  # the worker's idle moment
+        service.graphs.adopt_compiled()  # the worker's idle moment captures it again
         assert ahead_graphs(service) == 1 and not service.aot.refused, service.aot.refused
         replays, calls = service.graphs.replays, service.aot.calls
         after = service.imagine(request(tmp_path, "after"))
         assert after.images and service.graphs.replays == replays + 4 and ahead_graphs(service) == 1
         assert service.aot.calls == calls  # replayed from the graph: the package is not called from Python
+
+        service.release_memory()  # freed again, and a member comes before any idle moment: no training is held,
+        busy = service.imagine(request(tmp_path, "busy"))  # so the request captures the compiled forward's graph
+        assert busy.images and ahead_graphs(service) == 1 and not service.aot.refused
     finally:
         service.stop_compiling()

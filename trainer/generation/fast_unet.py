@@ -14,13 +14,13 @@ SDXL's UNet also takes `added_cond_kwargs` (the pooled text embedding `text_embe
 
 With `aot` (trainer/generation/aot_kernels.py), a graph is captured around the UNet forward compiled ahead of time
 for its shape, where one exists and no adapter is active; off CUDA (no graphs) the compiled forward is called
-directly. Those graphs are captured only in `adopt_compiled`, which the worker calls when the GPU is idle: a member's
-request whose shape has a package but no graph of it yet (the graphs were released for a training) gets the eager
-forward's graph, and the next idle moment captures the compiled one again. A capture of a package once failed in a
-member's request beside a held training (cuDNN: CUDNN_STATUS_BAD_PARAM_STREAM_MISMATCH, H200, 2026-12-02), costing
-that member ~2 s and the package for good; now a failed capture costs nobody's request, and a package is refused
-only after MAX_CAPTURE_TRIES failed idle captures. Warm-up and capture share one side stream (lazy per-stream state,
-such as cuDNN's, is then set up before the capture, not in it).
+directly. A package's graph is captured in `adopt_compiled` (the worker's idle moments: first use, and again after
+the graphs were released for a training) or in a member's request when its graph is missing, but never while a
+yielded training is held in the UNet (`training_held()`): such a capture failed on the H200 (cuDNN:
+CUDNN_STATUS_BAD_PARAM_STREAM_MISMATCH, 2026-12-02), costing that member ~2 s and the package for good. Then the
+request gets the eager forward's graph, and the next idle moment captures the compiled one. A failed capture falls
+back the same way; a package is refused only after MAX_CAPTURE_TRIES failed captures. Warm-up and capture share one
+side stream (lazy per-stream state, such as cuDNN's, is then set up before the capture, not in it).
 
 `installed()` points the UNet instance's `forward` at the graph runner for the duration of a request and restores it
 on exit; calls the graphs can't serve (gradients on, other extra conditioning, CPU tensors) run eagerly. Whether the
@@ -67,9 +67,10 @@ class _Entry:
 
 class UNetGraphs:
     def __init__(self, unet, *, state_key=lambda: None, max_graphs: int = 4, warmup: int = 2, compile: bool = False,
-                 aot=None):
+                 aot=None, training_held=lambda: False):
         self.unet = unet
         self.aot = aot  # AotKernels or None
+        self.training_held = training_held  # a yielded training resident in the UNet: no compiled captures now
         # Optional: inductor's fused kernels inside the graphs (compiles once per shape on the first warm-up: slow).
         # Compiling only the repeated transformer blocks (diffusers' regional compile) was measured too: a seventh of
         # the compile time for a quarter of the speed-up (8 % per image), still seconds per new shape that a member
@@ -85,7 +86,7 @@ class UNetGraphs:
         self._stream = None  # the side stream every warm-up and capture runs on
         self._params_key = None
         self._tuner_layers: list = []
-        self._adopting = False  # only adopt_compiled captures graphs around compiled forwards
+        self._adopting = False  # in adopt_compiled: the GPU is idle
         self._capture_failures: dict[str, int] = {}  # compiled forward's name -> failed captures so far
 
     @staticmethod
@@ -106,6 +107,11 @@ class UNetGraphs:
                 unet.forward = previous
             else:
                 del unet.forward
+
+    @property
+    def kept(self) -> int:
+        """How many graphs are captured and kept now."""
+        return len(self._graphs)
 
     def clear(self) -> None:
         self._graphs.clear()
@@ -248,7 +254,7 @@ class UNetGraphs:
         static = (static_sample, static_t, static_hidden, static_added)
         shape = ForwardShape.of(*static)
         ahead = self._compiled_ahead(*static)  # also notes the shape for the compiling process
-        if ahead is not None and self._adopting:
+        if ahead is not None and (self._adopting or not self.training_held()):
             try:
                 return self._capture_with(key, static, shape, ahead)
             except Exception as exc:  # noqa: BLE001 - a package that cannot be graphed costs speed, never a request
@@ -261,7 +267,7 @@ class UNetGraphs:
         if tries >= MAX_CAPTURE_TRIES:
             self.aot.refuse(name, reason)
         else:
-            log.warning("compiled UNet forward %s: %s; trying again when the GPU is idle", name, reason)
+            log.warning("compiled UNet forward %s: %s; the eager forward serves until the next try", name, reason)
 
     def _capture_with(self, key, static: tuple, shape: ForwardShape, ahead) -> _Entry:
         def run():
@@ -289,7 +295,8 @@ class UNetGraphs:
         entry = _Entry(graph, *static, output, shape, ahead)
         self._graphs[key] = entry
         self.captures += 1
-        log.info("captured a UNet CUDA graph for %s%s", key[:3], " (compiled ahead of time)" if ahead is not None else "")
+        log.info("captured a UNet CUDA graph for %s%s (state %s; %d graph(s) kept, %d captures so far)", key[:3],
+                 " (compiled ahead of time)" if ahead is not None else "", key[-1], len(self._graphs), self.captures)
         return entry
 
 

@@ -137,7 +137,10 @@ class _Prepared:
 class GenerationService:
     def __init__(self, pipe, *, model_name: str, model_hash: str | None = None, adapter_capacity: int = 8,
                  max_batch_images: int = batching.MAX_BATCH_IMAGES, use_cuda_graphs: bool = True,
-                 channels_last: bool = True, compile_unet: bool = False, aot_dir: Path | None = None):
+                 channels_last: bool = True, compile_unet: bool = False, aot_dir: Path | None = None,
+                 training_held: Callable[[], bool] = lambda: False):
+        """`training_held()`: whether a yielded training is resident in the pipeline now (the worker's); compiled
+        forwards' graphs are then captured only when the GPU is idle (trainer/generation/fast_unet.py)."""
         self.pipe = pipe
         self.model_name = model_name
         self.model_hash = model_hash
@@ -156,7 +159,7 @@ class GenerationService:
             self.aot = AotKernels(pipe.unet, aot_dir, batch_rows=(2 * max_batch_images,))  # CFG: two rows an image
         if graphs or self.aot is not None:
             self.graphs = UNetGraphs(pipe.unet, state_key=lambda: (self.adapters.unet_active(), self.adapters.version),
-                                     compile=compile_unet and graphs, aot=self.aot)
+                                     compile=compile_unet and graphs, aot=self.aot, training_held=training_held)
         self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="imagine-png")
 
     @property
@@ -214,6 +217,8 @@ class GenerationService:
         weights kept for folding LoRAs, the allocator's cache) before a training job needs it; the next request makes
         them again (graphs: about a second per shape)."""
         if self.graphs is not None:
+            if self.graphs.kept:
+                log.info("generation's memory released: %d CUDA graph(s) dropped", self.graphs.kept)
             self.graphs.clear()
         self.adapters.release()
         if torch.cuda.is_available():
