@@ -520,7 +520,7 @@ def run_train(worker: Worker, job_id: int, params: dict, on_progress, should_sto
     worker.use_model(params)
     if worker.pipe is None:
         raise UserError(NO_MODEL)
-    from trainer.training.memory import default_batch_for, gradient_checkpointing_for
+    from trainer.training.memory import default_batch_for, gradient_checkpointing_for, keeps_generation_memory
 
     checkpointing = gradient_checkpointing_for(worker.train_memory, worker.pipe)
     spec = TrainSpec.from_params({"gradient_checkpointing": checkpointing, **params})
@@ -528,11 +528,15 @@ def run_train(worker: Worker, job_id: int, params: dict, on_progress, should_sto
         spec = recipe_at_batch(spec, default_batch_for(worker.train_memory, worker.pipe))
     resuming_live = worker.live.held is not None and worker.live.held.spec.out_dir == spec.out_dir
     adapters_added = []
+    keep_generation = keeps_generation_memory(worker.pipe)
 
     def before_adapters() -> None:
         # The CUDA graphs' pools: lets the training fit a 12 GB card. Not before the class images, which run beside
-        # them as a prefill does: a training that yields while making them keeps /imagine's graphs.
+        # them as a prefill does: a training that yields while making them keeps /imagine's graphs. A big GPU keeps
+        # them throughout (trainer/training/memory.py).
         adapters_added.append(True)
+        if keep_generation:
+            return
         if worker.models is not None:
             worker.models.release_generation_memory()  # every resident model's graph pools
         elif worker.generation is not None:
@@ -548,9 +552,10 @@ def run_train(worker: Worker, job_id: int, params: dict, on_progress, should_sto
                                 before_adapters=before_adapters)
     finally:
         trained = adapters_added or resuming_live
-        if worker.generation is not None and worker.live.held is None and (trained or outcome is None):
+        if (worker.generation is not None and worker.live.held is None and (trained or outcome is None)
+                and not keep_generation):
             # Ending the training moved the UNet's weights back to generation's layout: graphs captured while it
-            # was suspended point at the old ones.
+            # was suspended point at the old ones. (Kept graphs see the move themselves: fast_unet._check_params.)
             worker.generation.release_memory()
     if outcome.run is not None:
         print(f"worker: job {job_id}: {describe_run(outcome)}", file=sys.stderr, flush=True)

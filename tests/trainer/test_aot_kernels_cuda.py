@@ -108,3 +108,35 @@ def test_the_compiled_forward_serves_again_after_a_training_that_yielded_to_imag
         assert busy.images and ahead_graphs(service) == 1 and not service.aot.refused
     finally:
         service.stop_compiling()
+
+
+def test_with_room_to_keep_them_the_compiled_graph_replays_beside_a_held_training(tmp_path):
+    """On a GPU that keeps generation's graphs through a training (trainer/training/memory.py), the training's adapters
+    leave the weights where the graph reads them: an /imagine beside the held training and after it replays the
+    compiled forward's graph captured before, capturing nothing, and makes the same image."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run on the lent H200)")
+    live = LiveTrainings()
+    service = compiled_service(tmp_path, live=live)
+    try:
+        reference = pixels(service.imagine(request(tmp_path, "reference")).images[0])
+        captures, added, asked = service.graphs.captures, [], []
+
+        def someone_waits_after_two_steps() -> bool:
+            if added:
+                asked.append(True)
+            return len(asked) >= 3
+
+        spec = make_spec(write_noise_photos(tmp_path / "photos", 3), tmp_path / "lora", steps=6, resolution=64)
+        paused = train_concept(service.pipe, spec, cache_dir=tmp_path / "cache", live=live,
+                               should_yield=someone_waits_after_two_steps, before_adapters=lambda: added.append(1))
+        assert paused.status == "paused" and live.held is not None
+        during = pixels(service.imagine(request(tmp_path, "during")).images[0])
+        assert service.graphs.captures == captures and ahead_graphs(service) == 1
+        assert np.array_equal(during, reference)
+        assert train_concept(service.pipe, spec, cache_dir=tmp_path / "cache", live=live).status == "done"
+        after = pixels(service.imagine(request(tmp_path, "after")).images[0])
+        assert service.graphs.captures == captures and np.array_equal(after, reference)
+        assert not service.aot.refused
+    finally:
+        service.stop_compiling()

@@ -26,3 +26,38 @@ def test_the_setting_reaches_the_worker_and_a_typo_is_refused_by_name(tmp_path):
     assert "--train-memory" not in worker_command(model="m", data_dir=tmp_path)  # auto: the worker's default
     with pytest.raises(SettingsError, match="BOOTHBOT_TRAIN_MEMORY"):
         load_settings({"DISCORD_TOKEN": "x", "BOOTHBOT_TRAIN_MEMORY": "small"}, env_file=None)
+
+
+def test_generation_keeps_its_graphs_through_a_training_only_on_a_gpu_with_room(tiny_pipeline, monkeypatch):
+    import types
+
+    import torch
+
+    import trainer.training.memory as memory
+
+    assert memory.keeps_generation_memory(tiny_pipeline) is False  # a CPU has no graphs to keep
+    on_cuda = types.SimpleNamespace(unet=types.SimpleNamespace(device=torch.device("cuda", 0)))
+    for total, keeps in ((11.6, False), (23.6, False), (39.5, False), (79.1, True), (139.8, True)):
+        monkeypatch.setattr(memory, "total_gib", lambda device, total=total: total)
+        assert memory.keeps_generation_memory(on_cuda) is keeps, total
+
+
+def test_a_trainings_adapters_leave_the_weights_where_generations_graphs_read_them(tiny_model_dir):
+    """What decides whether generation's CUDA graphs survive a training (trainer/generation/fast_unet.py): the UNet's
+    own weights' places. peft wrapping layers for a training keeps them; a new memory layout moves them."""
+    import torch
+
+    from trainer.generation.fast_unet import own_weights_key
+    from trainer.models.loading import load_pipeline
+    from trainer.training.lora_scope import LoraTrainingScope
+
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype="fp32")  # its own: the layout is changed below
+    unet = pipe.unet
+    before, every_param = own_weights_key(unet), len(list(unet.parameters()))
+    with LoraTrainingScope(pipe, "probe") as scope:
+        scope.add_adapters(rank=4, train_text_encoder=False, seed=0)
+        assert len(list(unet.parameters())) > every_param  # the training's LoRA weights came
+        assert own_weights_key(unet) == before
+    assert len(list(unet.parameters())) == every_param and own_weights_key(unet) == before
+    unet.to(memory_format=torch.channels_last)
+    assert own_weights_key(unet) != before

@@ -84,7 +84,8 @@ class UNetGraphs:
         self._graphs: OrderedDict[tuple, _Entry] = OrderedDict()
         self._pool = None
         self._stream = None  # the side stream every warm-up and capture runs on
-        self._params_key = None
+        self._params_key = None  # every parameter's place (adapters' too)
+        self._weights_key = None  # the UNet's own weights' place: what the graphs read
         self._tuner_layers: list = []
         self._adopting = False  # in adopt_compiled: the GPU is idle
         self._capture_failures: dict[str, int] = {}  # compiled forward's name -> failed captures so far
@@ -230,17 +231,22 @@ class UNetGraphs:
         return relative_error(compiled, self._plain(*inputs))
 
     def _check_params(self) -> None:
-        """Drop every graph when the UNet's parameters were replaced (moved, re-cast, layers added/removed)."""
-        key = tuple((p.data_ptr(), p.dtype) for p in self.unet.parameters())
-        key = hash(key)
-        if key != self._params_key:
+        """Drop every graph when the UNet's own weights moved (re-laid out, re-cast, replaced). Adapters added or
+        removed (a training's, generation's LoRA slot) leave the weights where the graphs read them: the graphs stay
+        (what they compute is named by `state_key`), and only what is known about the layers is refreshed."""
+        key = hash(tuple((p.data_ptr(), p.dtype) for p in self.unet.parameters()))
+        if key == self._params_key:
+            return
+        self._params_key = key
+        weights = own_weights_key(self.unet)
+        if weights != self._weights_key:
             if self._graphs:
-                log.info("UNet parameters changed: dropping %d CUDA graph(s)", len(self._graphs))
+                log.info("UNet weights moved: dropping %d CUDA graph(s)", len(self._graphs))
             self.clear()
-            self._params_key = key
-            self._tuner_layers = list(_tuner_layers(self.unet).values())
-            if self.aot is not None:
-                self.aot.rebind()
+            self._weights_key = weights
+        self._tuner_layers = list(_tuner_layers(self.unet).values())
+        if self.aot is not None:
+            self.aot.rebind()
 
     def _capture(self, key, sample, timestep, hidden, added) -> _Entry:
         while len(self._graphs) >= self.max_graphs:
@@ -298,6 +304,12 @@ class UNetGraphs:
         log.info("captured a UNet CUDA graph for %s%s (state %s; %d graph(s) kept, %d captures so far)", key[:3],
                  " (compiled ahead of time)" if ahead is not None else "", key[-1], len(self._graphs), self.captures)
         return entry
+
+
+def own_weights_key(unet) -> int:
+    """Where the UNet's own weights are (pointers and dtypes; adapters' weights left out), which peft's wrapping of
+    a layer does not change (the base weight stays the same tensor) and a new memory layout or dtype does."""
+    return hash(tuple((p.data_ptr(), p.dtype) for name, p in unet.named_parameters() if ".lora_" not in name))
 
 
 def _output(sample: torch.Tensor, return_dict: bool):

@@ -23,6 +23,10 @@ AUTO_FAST_GIB = 40.0  # measured peaks: docs/TRAINING.md ("Memory"); a 40/48 GB 
 # SD 1.x at batch 4 beside the resident model peaked at 14.6 GB (docs/TRAINING.md, "Batch size"): 24 GB cards (which
 # report 22.5-24 GiB in all) and bigger train at batch 4, 12-16 GB cards at batch 1.
 BATCH_4_GIB = 22.0
+# Generation's CUDA graphs (and LoRA copies) stay through a training on GPUs this big: an /imagine during the training
+# then replays them as before (the compiled forward included) instead of capturing eager ones beside the training.
+# Smaller GPUs give them to the training (their pools hold a few GB at SD 1.5's batch shapes; 12-24 GB cards).
+KEEP_GENERATION_GIB = 40.0
 
 
 def total_gib(device) -> float:
@@ -44,6 +48,12 @@ def gradient_checkpointing_for(mode: str, pipe) -> bool:
     if device.type != "cuda" or not family_of(pipe).extra_conditioning:
         return False
     return total_gib(device) < AUTO_FAST_GIB
+
+
+def keeps_generation_memory(pipe) -> bool:
+    """Whether a training on `pipe` leaves generation's graphs and LoRA copies in place (KEEP_GENERATION_GIB)."""
+    device = pipe.unet.device
+    return device.type == "cuda" and total_gib(device) >= KEEP_GENERATION_GIB
 
 
 def default_batch_for(mode: str, pipe) -> int:
