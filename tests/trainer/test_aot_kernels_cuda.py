@@ -1,6 +1,6 @@
 """The forward compiled ahead of time inside a CUDA graph: what the CPU tests (test_aot_kernels.py) cannot show.
-Needs a CUDA GPU (run on the lent H200: `python -m pytest tests/trainer/test_aot_kernels_cuda.py`, a minute or two
-for the tiny model's shapes); skipped elsewhere."""
+Needs a CUDA GPU (run on the lent H200: `python -m pytest tests/trainer/test_aot_kernels_cuda.py`; three compiles of
+the tiny models' one shape, ~2 minutes each there); skipped elsewhere."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,17 +22,31 @@ def request(tmp_path, name, **params):
     return full_request(tmp_path, name, **{"steps": 4, "count": 1, **params})
 
 
-def compiled_service(tmp_path, family="sd1", live: LiveTrainings | None = None) -> GenerationService:
-    """A tiny model's service on CUDA whose one /imagine shape was compiled ahead of time and adopted (beside the
-    trainings `live` holds, as the worker makes it)."""
+@pytest.fixture(scope="module")
+def sd1_compiled(tmp_path_factory):
+    """The tiny SD 1.x model with its /imagine shape compiled ahead of time, once for the tests that need it (a compile
+    takes a minute or more); each test's service adopts the package from disk, as a restarted worker does."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run on the lent H200)")
     from trainer.models.tiny import make_tiny_model
 
-    pipe = load_pipeline(str(make_tiny_model(tmp_path / "model", family=family)), device="cuda", dtype="fp16")
-    held = (lambda: live.held is not None) if live is not None else (lambda: False)
-    service = GenerationService(pipe, model_name="tiny", aot_dir=tmp_path / "aot", max_batch_images=1,
-                                training_held=held)
-    service.imagine(request(tmp_path, "eager"))
+    root = tmp_path_factory.mktemp("sd1-compiled")
+    model = make_tiny_model(root / "model", family="sd1")
+    service = GenerationService(load_pipeline(str(model), device="cuda", dtype="fp16"), model_name="tiny",
+                                aot_dir=root / "aot", max_batch_images=1)
+    service.imagine(request(root, "eager"))
     service.aot.wait(COMPILE_TIMEOUT_S)
+    service.stop_compiling()
+    return model, root / "aot"
+
+
+def compiled_service(compiled, live: LiveTrainings) -> GenerationService:
+    """A service on the compiled model with the package adopted, beside the trainings `live` holds (as the worker
+    makes it)."""
+    model, aot_dir = compiled
+    service = GenerationService(load_pipeline(str(model), device="cuda", dtype="fp16"), model_name="tiny",
+                                aot_dir=aot_dir, max_batch_images=1, training_held=lambda: live.held is not None)
+    assert service.aot.loader_ready.wait(COMPILE_TIMEOUT_S)
     assert service.graphs.adopt_compiled() == 1, service.aot.refused
     return service
 
@@ -65,15 +79,13 @@ def test_a_cuda_graph_replays_the_compiled_forward_and_serves_the_same_images(fa
         service.stop_compiling()
 
 
-def test_the_compiled_forward_serves_again_after_a_training_that_yielded_to_imagine(tmp_path):
+def test_the_compiled_forward_serves_again_after_a_training_that_yielded_to_imagine(sd1_compiled, tmp_path):
     """The worker's order: a training frees generation's graphs and yields while a member's /imagine runs beside it
     (adapters resident), goes on, ends (graphs freed again); the next idle moment captures the compiled forward's
     graph again. No request beside the held training captures a compiled forward, and the package is never
     refused."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (run on the lent H200)")
     live = LiveTrainings()
-    service = compiled_service(tmp_path, live=live)
+    service = compiled_service(sd1_compiled, live)
     try:
         pipe, released, asked = service.pipe, [], []
         spec = make_spec(write_noise_photos(tmp_path / "photos", 3), tmp_path / "lora", steps=6, resolution=64)
@@ -110,14 +122,12 @@ def test_the_compiled_forward_serves_again_after_a_training_that_yielded_to_imag
         service.stop_compiling()
 
 
-def test_with_room_to_keep_them_the_compiled_graph_replays_beside_a_held_training(tmp_path):
+def test_with_room_to_keep_them_the_compiled_graph_replays_beside_a_held_training(sd1_compiled, tmp_path):
     """On a GPU that keeps generation's graphs through a training (trainer/training/memory.py), the training's adapters
     leave the weights where the graph reads them: an /imagine beside the held training and after it replays the
     compiled forward's graph captured before, capturing nothing, and makes the same image."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (run on the lent H200)")
     live = LiveTrainings()
-    service = compiled_service(tmp_path, live=live)
+    service = compiled_service(sd1_compiled, live)
     try:
         reference = pixels(service.imagine(request(tmp_path, "reference")).images[0])
         captures, added, asked = service.graphs.captures, [], []
