@@ -11,6 +11,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 
@@ -55,10 +56,12 @@ def check(args) -> int:
 
     pipe, readers = _load(args)
     plan = _plan(args)
+    sampling = replace(plan.sampling, steps=args.steps) if args.steps else plan.sampling
     with tempfile.TemporaryDirectory() as tmp:
         following = prompt_following(make_service(pipe), readers, args.count, seed=7, out_dir=Path(tmp),
-                                     sampling=plan.sampling)
-    report = {"readers_on_renders": readers_mod.accuracy(readers.cpu()), "prompt_following": following}
+                                     sampling=sampling)
+    report = {"readers_on_renders": readers_mod.accuracy(readers.cpu()), "prompt_following": following,
+              "sampling": asdict(sampling)}
     print(json.dumps(report, indent=2))
     return 0
 
@@ -106,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         c.add_argument("--quick", action="store_true", help="fewer, shorter generations (the CI test's plan)")
         if name == "check":
             c.add_argument("--count", type=int, default=256, help="captions to generate (default: %(default)s)")
+            c.add_argument("--steps", type=int, default=None,
+                           help="sampler steps per picture (default: the bot's /imagine default)")
         else:
             c.add_argument("--recipe", action="append", help="a recipe name (repeatable; default: default)")
             c.add_argument("--subject", action="append", choices=("man", "woman", "dog", "cat"),

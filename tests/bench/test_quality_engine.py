@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 
-from bench.quality import recipes, scores
+from bench.quality import recipes, scores, world
 from bench.quality.generate import Sampling
 from bench.quality.world_model import INFO_FILE, READERS_FILE, build, load_world_pipeline, load_world_readers
 
 
-def test_a_tiny_world_model_is_built_loaded_by_the_bot_and_scores_a_concept(tmp_path):
+def test_a_tiny_world_model_is_built_loaded_by_the_bot_and_scores_a_concept(tmp_path, capsys):
     info = build(tmp_path / "wm", size="tiny", log=lambda line: None)
     assert json.loads((tmp_path / "wm" / INFO_FILE).read_text()) == info
     assert (tmp_path / "wm" / READERS_FILE).is_file()
@@ -37,3 +37,11 @@ def test_a_tiny_world_model_is_built_loaded_by_the_bot_and_scores_a_concept(tmp_
     assert rows["base"]["prior_tv"] == 0 and rows["base"]["leak_tv"] == 0
     table = recipes.markdown(rows)
     assert table.count("\n") == 3 and "| smoke | 2 |" in table
+
+    # `python -m bench.quality check --steps N`: the world model's prompt following at a sampler step count
+    from bench.quality.__main__ import main
+
+    capsys.readouterr()
+    assert main(["check", "--model", str(tmp_path / "wm"), "--count", "2", "--steps", "3", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sampling"]["steps"] == 3 and set(report["prompt_following"]) == set(world.ATTRIBUTES)
