@@ -54,7 +54,7 @@ def keep_compiled_kernels(data_dir: Path) -> Path:
 
 
 ADDED_CONDITIONING = ("text_embeds", "time_ids")  # SDXL's, the only added_cond_kwargs a graph takes
-MAX_CAPTURE_TRIES = 3  # idle moments a compiled forward's graph may fail to capture before it is refused
+MAX_CAPTURE_TRIES = 3  # failed captures of a compiled forward's graph before the package is refused
 
 
 class _Entry:
@@ -206,11 +206,14 @@ class UNetGraphs:
         return adopted
 
     def _without_graph(self, exclude: set[str]) -> list[ForwardShape]:
-        """The shapes of packages in use whose graph is not captured now (on CUDA; elsewhere there are none)."""
+        """The shapes of packages in use whose graph is not captured now (on CUDA; elsewhere there are none), as many
+        as there is room for: a graph the most-recently-used limit pushed out is captured again by the request that
+        needs it, not at every idle moment in turn with the others."""
         if not self.usable(self.unet):
             return []
         graphed = {entry.shape.name for entry in self._graphs.values() if entry.ahead is not None}
-        return [shape for name, shape in self.aot.serving().items() if name not in graphed and name not in exclude]
+        missing = [shape for name, shape in self.aot.serving().items() if name not in graphed and name not in exclude]
+        return missing[:max(0, self.max_graphs - len(self._graphs))]
 
     def _drop_graphs(self, which) -> None:
         for key in [key for key, entry in self._graphs.items() if which(entry)]:
