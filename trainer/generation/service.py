@@ -139,8 +139,8 @@ class GenerationService:
                  max_batch_images: int = batching.MAX_BATCH_IMAGES, use_cuda_graphs: bool = True,
                  channels_last: bool = True, compile_unet: bool = False, aot_dir: Path | None = None,
                  training_held: Callable[[], bool] = lambda: False):
-        """`training_held()`: whether a yielded training is resident in the pipeline now (the worker's); compiled
-        forwards' graphs are then captured only when the GPU is idle (trainer/generation/fast_unet.py)."""
+        """`training_held()`: whether a yielded training is resident in the pipeline now (the worker's); while it is,
+        no compiled forward's graph is captured (trainer/generation/fast_unet.py)."""
         self.pipe = pipe
         self.model_name = model_name
         self.model_hash = model_hash
