@@ -61,3 +61,27 @@ def test_a_trainings_adapters_leave_the_weights_where_generations_graphs_read_th
     assert len(list(unet.parameters())) == every_param and own_weights_key(unet) == before
     unet.to(memory_format=torch.channels_last)
     assert own_weights_key(unet) != before
+
+
+@pytest.mark.parametrize("keeps", [False, True])
+def test_a_training_moves_the_weights_to_its_layout_only_where_generations_graphs_are_not_kept(tiny_model_dir,
+                                                                                               monkeypatch, keeps):
+    """Where generation's graphs stay through a training, the training keeps generation's channels_last weights:
+    re-laying them out would drop those graphs (the first /imagine beside the training would capture anew)."""
+    import torch
+
+    import trainer.training.memory as memory
+    from trainer.generation.aot_shapes import channels_last
+    from trainer.generation.fast_unet import own_weights_key
+    from trainer.models.loading import load_pipeline
+    from trainer.training.lora_scope import LoraTrainingScope
+
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype="fp32")
+    pipe.unet.to(memory_format=torch.channels_last)  # as the generation service lays it out
+    monkeypatch.setattr(memory, "keeps_generation_memory", lambda pipe: keeps)
+    before = own_weights_key(pipe.unet)
+    with LoraTrainingScope(pipe, "probe") as scope:
+        scope.add_adapters(rank=4, train_text_encoder=False, seed=0)
+        assert channels_last(pipe.unet) is keeps
+        assert (own_weights_key(pipe.unet) == before) is keeps
+    assert channels_last(pipe.unet)  # generation's layout back either way

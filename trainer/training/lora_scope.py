@@ -74,14 +74,18 @@ class LoraTrainingScope:
 
     def _training_layout(self) -> None:
         """Generation keeps the UNet channels_last (faster inference, class images included); a training step is
-        ~8 % slower that way (H200, batch 8, CUDA graph: 11.9 vs 11.0 s for 50 steps), so it trains in the default
-        layout and gets channels_last back on exit. Not when compiled forwards read the weights by reference
-        (trainer/generation/aot_kernels.py): re-allocating them would leak the bound ones, so it trains ~8 % slower."""
+        a little slower that way (H200, CUDA graph: batch 8 11.9 vs 11.0 s for 50 steps; the default batch 4 0.123
+        vs 0.120 s a step through the bot), so it trains in the default layout and gets channels_last back on exit.
+        Not when compiled forwards read the weights by reference (trainer/generation/aot_kernels.py: re-allocating
+        them would leak the bound ones), nor where generation's CUDA graphs stay through a training
+        (memory.keeps_generation_memory): moving the weights would drop them, and the first /imagine beside the
+        training would wait for a new capture (1.07 s in the engine instead of 0.45 s, H200)."""
         import torch
 
         from trainer.generation.aot_shapes import WEIGHTS_BOUND_ATTR, channels_last
+        from trainer.training.memory import keeps_generation_memory
 
-        if getattr(self.pipe.unet, WEIGHTS_BOUND_ATTR, False):
+        if getattr(self.pipe.unet, WEIGHTS_BOUND_ATTR, False) or keeps_generation_memory(self.pipe):
             return
         if channels_last(self.pipe.unet):
             self.unet_was_channels_last = True
