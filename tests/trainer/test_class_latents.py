@@ -72,3 +72,21 @@ def test_another_worker_finishing_the_same_set_meanwhile_leaves_one_complete_set
     mean, _ = mine.latents()
     assert torch.equal(mean, real_encode(tiny_pipeline.vae, load_pixels([mine.image_path(i) for i in range(COUNT)],
                                                                         SIDE))[0])
+
+
+def test_parts_of_another_chunk_size_left_by_an_older_run_are_not_taken_for_this_ones(tiny_pipeline, tmp_path,
+                                                                                     monkeypatch):
+    """A kill between two chunks, then a version with another LATENT_CHUNK: the set's latents are still one pass's."""
+    monkeypatch.setattr(priors, "LATENT_CHUNK", 2 * CHUNK)
+    class_set = ClassImageSet.for_model(tmp_path, model_fingerprint(tiny_pipeline), class_prompt("boy"), SIDE, COUNT)
+    assert class_set.ensure(tiny_pipeline, batch_size=COUNT, deadline=None, should_stop=lambda: False,
+                            should_yield=lambda: True) == "paused"  # the images and a part of 16
+    assert class_set.latents_encoded() == f"{2 * CHUNK}/{COUNT}"
+    monkeypatch.setattr(priors, "LATENT_CHUNK", CHUNK)
+    assert class_set.latents_encoded() == f"0/{COUNT}"
+    assert class_set.ensure(tiny_pipeline, batch_size=COUNT, deadline=None, should_stop=lambda: False) == "complete"
+    mean, std = class_set.latents()
+    expected_mean, expected_std = encode_latents(
+        tiny_pipeline.vae, load_pixels([class_set.image_path(i) for i in range(COUNT)], SIDE))
+    assert torch.equal(mean, expected_mean) and torch.equal(std, expected_std)
+    assert not (class_set.directory / priors.LATENT_PARTS).exists()
