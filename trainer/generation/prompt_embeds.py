@@ -69,8 +69,11 @@ def encode_prompts(tokenizer, text_encoder, prompt: str, negative: str, max_chun
     negative_chunks += [[]] * (chunks - len(negative_chunks))
     per_chunk = tokenizer.model_max_length - 2
     truncated = per_chunk * max_chunks if count > per_chunk * max_chunks else None
-    return PromptEmbeddings(_encode_chunks(tokenizer, text_encoder, prompt_chunks),
-                            _encode_chunks(tokenizer, text_encoder, negative_chunks), count, truncated)
+    # One text-encoder pass for both (the rows are independent): on a GPU the pass is bound by kernel launches, so
+    # this halves the prompts' share of an /imagine.
+    both = _encode_chunks(tokenizer, text_encoder, prompt_chunks + negative_chunks)
+    prompt_embeds, negative_embeds = both.chunk(2, dim=1)
+    return PromptEmbeddings(prompt_embeds, negative_embeds, count, truncated)
 
 
 @torch.no_grad()
