@@ -309,3 +309,23 @@ def test_a_preview_is_dropped_when_someone_starts_waiting_for_the_gpu_during_it(
     assert len(sampler_steps) == 1 and not preview.exists()  # dropped after its first of 20 sampler steps
     done = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache")
     assert done.status == "done" and not preview.exists()  # the next preview would come at step 4, the last
+
+
+def test_no_preview_is_started_when_someone_already_waits_for_the_gpu(tiny_pipeline, photos, tmp_path):
+    preview = tmp_path / "previews" / "43.webp"
+    sampler_steps, boundaries = [], []  # the preview's UNet calls; the training's questions at step boundaries
+    hook = tiny_pipeline.unet.register_forward_hook(
+        lambda module, args, output: None if torch.is_grad_enabled() else sampler_steps.append(True))
+    spec = make_spec(photos, tmp_path / "out", steps=4, sample_count=0, preview_path=preview, preview_every=2,
+                     prior_preservation=False)
+
+    def someone_waits_from_step_2() -> bool:
+        boundaries.append(True)
+        return len(boundaries) >= 3  # asked once the inputs are ready, after step 1, then after step 2
+
+    try:
+        paused = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache", should_yield=someone_waits_from_step_2)
+    finally:
+        hook.remove()
+    assert (paused.status, paused.step) == ("paused", 2)
+    assert not sampler_steps and not preview.exists()  # the preview due after step 2 was not begun

@@ -515,7 +515,9 @@ class _Slice:
             self.step += 1
             if self.checkpoints.due() and self.step < total:
                 self.checkpoints.save_async(self._state(trainer, on_device=True))
-            if every and self.step % every == 0 and self.step < total:
+            # Not when someone already waits: a preview's first sampler step (and, the first time, its graph's
+            # capture: ~0.5 s on an H200) would come before their pause; they get the next preview.
+            if every and self.step % every == 0 and self.step < total and not self.should_yield():
                 preview = self._preview()
                 if preview is not None:
                     self.preview, new_preview = preview, True
