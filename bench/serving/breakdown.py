@@ -53,3 +53,42 @@ def imagine_breakdown(db_path: Path, jobs: list[tuple[int, float, float]], clock
             parts["engine_s"].append(float(result["seconds"]))
         parts["finished_to_posted_s"].append(clock.wall(posted) - finished)
     return {name: round(statistics.median(values), 4) for name, values in parts.items() if values}
+
+
+# /train's parts, in the order a training goes through them; the engine's own phases come from the result's
+# `timings` (trainer/training/engine.py), summed over the training's runs
+TRAIN_PARTS = {
+    "command_to_queued_s": "command sent -> job row written (the photos downloaded and checked, the submit)",
+    "queued_to_started_s": "job row -> first claimed for the worker",
+    "worker_s": "first claimed -> finished (every run of the training, and what ran between them)",
+    "others_between_s": "of which other members' jobs run between its runs (their claim -> finish)",
+    "engine_class_images_s": "of which the engine: class images (and their latents' chunks)",
+    "engine_inputs_s": "of which the engine: the photos' latents, the prompts",
+    "engine_adapters_s": "of which the engine: LoRA adapters, optimiser",
+    "engine_steps_s": "of which the engine: the training steps (previews and periodic checkpoints included)",
+    "engine_save_s": "of which the engine: the LoRA files",
+    "engine_samples_s": "of which the engine: the samples",
+    "finished_to_posted_s": "job finished -> the \"ready\" post seen by Discord (samples uploaded)",
+}
+
+
+def train_breakdown(db_path: Path, nth: int, sent: float, posted: float, clock: WallClock) -> dict:
+    """Where the `nth` (0-based) /train job of the run spent the time from `sent` to `posted` (monotonic seconds);
+    {} when that job or its times are not in the database."""
+    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10) as db:
+        ids = [row[0] for row in db.execute("SELECT id FROM jobs WHERE kind = 'train' ORDER BY id")]
+        if nth >= len(ids):
+            return {}
+        rows = job_rows(db_path, [ids[nth]])
+        created, started, finished, result = rows[ids[nth]]
+        if None in (created, started, finished):
+            return {}
+        others = db.execute("SELECT COALESCE(SUM(finished_at - claimed_at), 0) FROM jobs WHERE id != ? "
+                            "AND claimed_at >= ? AND finished_at <= ?", (ids[nth], started, finished)).fetchone()[0]
+    parts = {"command_to_queued_s": created - clock.wall(sent), "queued_to_started_s": started - created,
+             "worker_s": finished - started, "others_between_s": others}
+    for phase, value in (result.get("timings") or {}).items():
+        if f"engine_{phase}_s" in TRAIN_PARTS:
+            parts[f"engine_{phase}_s"] = value
+    parts["finished_to_posted_s"] = clock.wall(posted) - finished
+    return {name: round(value, 3) for name, value in parts.items()}

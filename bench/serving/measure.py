@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.serving.breakdown import WallClock, imagine_breakdown
+from bench.serving.breakdown import WallClock, imagine_breakdown, train_breakdown
 from bench.serving.served_bot import ServedBot, Timed
 
 CLASS_NAME = "man"
@@ -62,6 +62,7 @@ async def measure(bot: ServedBot, plan: Plan, out: dict) -> None:
     cold, during_cold = await train_while_others_imagine(bot, owner, TOKENS[0], photo_bytes(PHOTOS, plan.photo_side, 1),
                                                          visitor, plan)
     out["train_cold_s"] = round(cold.seconds, 2)
+    out["train_cold_parts"] = train_breakdown(bot.db_path, 0, cold.sent, cold.ended, clock)
     out["imagine_during_training"] = during_figures(during_cold, [])
     if plan.settle_s:
         out["compiled_ahead"] = await bot.settle_compiled(plan.settle_s)
@@ -80,6 +81,7 @@ async def measure(bot: ServedBot, plan: Plan, out: dict) -> None:
     warm, during_warm = await train_while_others_imagine(bot, member("owner2"), TOKENS[1],
                                                          photo_bytes(PHOTOS, plan.photo_side, 2), visitor, plan)
     out["train_warm_s"] = round(warm.seconds, 2)
+    out["train_warm_parts"] = train_breakdown(bot.db_path, 1, warm.sent, warm.ended, clock)
     out["imagine_during_training"] = during_figures(during_cold, during_warm)
 
     out["burst"] = await bursts(bot, plan)

@@ -2,7 +2,7 @@
 reference-vs-ours rows beside them, as a markdown table (docs/BENCHMARKS.md takes it as it is) and JSON."""
 from __future__ import annotations
 
-from bench.serving.breakdown import PARTS
+from bench.serving.breakdown import PARTS, TRAIN_PARTS
 
 # (label, path into the measured figures, goal, lower is better); goal None: a figure without a goal
 SERVED_ROWS = (
@@ -68,6 +68,11 @@ def markdown(report: dict) -> str:
     if parts:
         lines += ["", "| where /imagine alone's time went (median) | s |", "| --- | ---: |"]
         lines += [f"| {PARTS[name]} | {_cell(value)} |" for name, value in parts.items()]
+    cold, warm = (_at(report, ("served", key)) or {} for key in ("train_cold_parts", "train_warm_parts"))
+    if cold or warm:
+        lines += ["", "| where /train's time went | cold (s) | class images cached (s) |", "| --- | ---: | ---: |"]
+        lines += [f"| {label} | {_cell(cold.get(name))} | {_cell(warm.get(name))} |"
+                  for name, label in TRAIN_PARTS.items() if name in cold or name in warm]
     burst = _at(report, ("served", "burst")) or {}
     if burst.get("images_per_s"):
         lines.append(f"\nburst rounds: {burst['rounds_s']} s -> {burst['images_per_s']} images/s")

@@ -27,6 +27,20 @@ def test_tiny_serving_bench_measures_every_figure_through_the_bot_beside_the_eng
     assert 0 < parts["engine_s"] <= parts["worker_s"]
     total = sum(value for name, value in parts.items() if name != "engine_s")
     assert abs(total - served["imagine_alone"]["p50_s"]) < 0.5 * served["imagine_alone"]["p50_s"], parts
+    # Where each /train's time went: its parts add up to what the member waited (one job each, so exactly, up to
+    # rounding), the engine's phases and the other members' jobs served in between inside the worker's part.
+    for key in ("cold", "warm"):
+        train = served[f"train_{key}_parts"]
+        assert all(value >= 0 for value in train.values()), train
+        assert train["engine_steps_s"] > 0 and train["engine_samples_s"] > 0, train
+        inside = train["others_between_s"] + sum(v for name, v in train.items() if name.startswith("engine_"))
+        assert inside <= train["worker_s"] + 0.05, train
+        total = sum(train[name] for name in ("command_to_queued_s", "queued_to_started_s", "worker_s",
+                                             "finished_to_posted_s"))
+        assert abs(total - served[f"train_{key}_s"]) < 0.05, (train, served[f"train_{key}_s"])
+    assert served["train_cold_parts"]["engine_class_images_s"] > served["train_warm_parts"].get(
+        "engine_class_images_s", 0.0)  # the second training found the class images made
+    assert served["train_cold_parts"]["others_between_s"] > 0  # the other member's /imagine ran in between
     assert served["imagine_with_concept"]["count"] == 3 and served["imagine_with_concept"]["first_s"] > 0
     assert served["imagine_during_training"]["count"] >= 2  # at least one during each of the two trainings
     burst = served["burst"]
@@ -47,6 +61,7 @@ def test_tiny_serving_bench_measures_every_figure_through_the_bot_beside_the_eng
     assert env["gpu"] in printed and env["date"] in printed and env["torch"] in printed
     assert "| through the bot |" in printed and "| engine, same command" in printed
     assert "| where /imagine alone's time went (median) | s |" in printed
+    assert "| where /train's time went | cold (s) | class images cached (s) |" in printed
 
 
 def test_each_figure_is_checked_against_its_goal_in_its_direction():
