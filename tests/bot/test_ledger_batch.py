@@ -9,6 +9,7 @@ import pytest
 from bot.jobs.kinds import image_count, imagine_batch_key
 from bot.jobs.ledger import Ledger
 from trainer.contract.batching import MAX_BATCH_IMAGES
+from trainer.contract.imagine_request import DEFAULT_STEPS
 
 GUILD, CHANNEL = 111111111111111111, 333333333333333333
 ALICE, BOB, CAROL = 1001, 1002, 1003
@@ -78,11 +79,12 @@ async def test_concurrent_claimers_never_take_a_job_twice(ledger, other_ledger):
 
 def test_batch_key_treats_missing_options_as_the_engine_defaults():
     plain = imagine_batch_key({"prompt": "a dog"})
-    assert plain == imagine_batch_key({"prompt": "a cat", "steps": 30, "cfg": 7, "scheduler": "DPMPP_2M_Karras "})
+    assert plain == imagine_batch_key({"prompt": "a cat", "steps": DEFAULT_STEPS, "cfg": 7,
+                                       "scheduler": "DPMPP_2M_Karras "})
     assert plain == imagine_batch_key({"width": None, "height": None, "count": 4, "seed": 3, "negative": "blurry"})
     assert plain != imagine_batch_key({"width": 512, "height": 512})  # the model's size is known only to the worker
     assert imagine_batch_key({"width": 512}) != imagine_batch_key({"height": 512})
-    for different in ({"steps": 20}, {"cfg": 7.5}, {"scheduler": "euler_a"}):
+    for different in ({"steps": DEFAULT_STEPS + 10}, {"cfg": 7.5}, {"scheduler": "euler_a"}):
         assert imagine_batch_key(different) != plain
     assert imagine_batch_key({"init_image": "/data/images/3/000.png", "strength": 0.5}) is None  # variations: alone
     assert imagine_batch_key({"steps": "many"}) is None  # the worker names the mistake when it runs alone

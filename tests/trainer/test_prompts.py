@@ -96,7 +96,7 @@ def _params(**overrides):
 
 def test_request_defaults():
     request = ImagineRequest.from_params(_params())
-    assert (request.seed, request.steps, request.cfg, request.count, request.scheduler) == (None, 30, 7.0, 1, "dpmpp_2m_karras")
+    assert (request.seed, request.steps, request.cfg, request.count, request.scheduler) == (None, 20, 7.0, 1, "dpmpp_2m_karras")
     assert request.width is None and request.height is None and request.strength == 0.6
 
 
