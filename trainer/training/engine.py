@@ -245,7 +245,6 @@ class _Slice:
         # The previews' UNet graphs, captured at the first preview and replayed by the next ones until close(): the
         # LoRA they read is trained in place. A capture per preview made each ~1 s (H200, batch 4: 4 s of 29).
         self.preview_graphs = None
-        self.preview_graphs_owner = None
         self.class_latents = None
         self.inputs: dict | None = None
         self.trainer: StepRunner | None = None
@@ -322,12 +321,14 @@ class _Slice:
             checkpoint.restore_global_rng(caller_rng)
 
     def close(self) -> None:
-        """Free the graphs (class images', step's) and give the pipeline back as it was found (ours removed)."""
+        """Free the graphs (class images', previews', step's) and give the pipeline back as it was found (ours
+        removed)."""
+        from trainer.training.images import free_graphs
+
         self.checkpoints.wait()
         self._free_class_graphs()
-        if self.preview_graphs_owner is not None:
-            owner, self.preview_graphs_owner, self.preview_graphs = self.preview_graphs_owner, None, None
-            owner.close()
+        free_graphs(self.preview_graphs)
+        self.preview_graphs = None
         if self.trainer is not None:
             self.trainer.close()
             self.trainer = None
@@ -535,13 +536,10 @@ class _Slice:
         graph's capture: session 13's serving run D). None when someone started waiting for the GPU (or a cancel
         came) meanwhile: the picture is dropped between two sampler steps rather than make them wait for it; the
         member gets the next one."""
-        from contextlib import ExitStack
+        from trainer.training.images import PausedBatch, generate_pausable, new_unet_graphs, save_image_atomic
 
-        from trainer.training.images import PausedBatch, generate_pausable, save_image_atomic, unet_graphs
-
-        if self.preview_graphs_owner is None:
-            self.preview_graphs_owner = ExitStack()
-            self.preview_graphs = self.preview_graphs_owner.enter_context(unet_graphs(self.pipe))
+        if self.preview_graphs is None:
+            self.preview_graphs = new_unet_graphs(self.pipe)
         images = generate_pausable(self.pipe, self.job.instance_prompt, [self.spec.seed], self.job.resolution,
                                    steps=20, graphs=self.preview_graphs,
                                    should_pause=lambda: self.should_yield() or self.should_stop())

@@ -19,15 +19,17 @@ GUIDANCE_SCALE = 7.5
 SAMPLER_LABEL = "DPM++ 2M"  # A1111's name for DPM-Solver++ made from SD's scheduler config, as below
 
 
-@contextmanager
-def unet_graphs(pipe):
-    """CUDA graphs for the UNet steps of the `generate` calls inside (None off CUDA); freed on exit."""
+def new_unet_graphs(pipe):
+    """CUDA graphs for the UNet steps of `generate` calls (None off CUDA); the caller frees them (`free_graphs`)."""
     from trainer.generation.fast_unet import UNetGraphs
 
-    if not UNetGraphs.usable(pipe.unet):
-        yield None
-        return
-    graphs = UNetGraphs(pipe.unet, max_graphs=2)
+    return UNetGraphs(pipe.unet, max_graphs=2) if UNetGraphs.usable(pipe.unet) else None
+
+
+@contextmanager
+def unet_graphs(pipe):
+    """`new_unet_graphs` for the `generate` calls inside; freed on exit."""
+    graphs = new_unet_graphs(pipe)
     try:
         yield graphs
     finally:
