@@ -15,3 +15,9 @@ def test_it_times_the_worker_at_each_step_count_and_profiles_one_job(capsys):
     assert all(s > 0 for s in report["job_s"].values()) and report["profiled_s"] > 0
     assert "fixed_s" in report and "per_step_s" in report
     assert "trainer/generation/service.py" in captured.err  # the worker's own path was profiled
+
+
+def test_members_are_timed_as_one_batch(capsys):
+    assert main(["--tiny", "--steps", "4", "--repeats", "1", "--members", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["members"] == 3 and all(s > 0 for s in report["job_s"].values())

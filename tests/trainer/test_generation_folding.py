@@ -159,6 +159,34 @@ def test_vae_decodes_one_image_at_a_time_and_keeps_its_setting(service, tmp_path
         hook.remove()
 
 
+def test_vae_decodes_the_whole_batch_where_the_gpu_has_room(service, tmp_path, monkeypatch):
+    from trainer.training import memory
+
+    monkeypatch.setattr(memory, "vae_decodes_whole_batches", lambda vae: True)
+    vae = service.pipe.vae
+    decoded = []
+    hook = vae.decoder.register_forward_pre_hook(lambda module, args: decoded.append(args[0].shape[0]))
+    try:
+        service.imagine(request(tmp_path, "three", count=3, steps=1))
+    finally:
+        hook.remove()
+    assert decoded == [3] and not vae.use_slicing
+
+
+def test_images_are_the_bytes_diffusers_own_pil_output_gives():
+    from diffusers.image_processor import VaeImageProcessor
+
+    from trainer.generation.service import pil_images
+
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 16, 24).to(torch.bfloat16)
+    images[0, 0, 0, :4] = torch.tensor([0.5 / 255, 1.5 / 255, 254.5 / 255, 1.0])  # halves round to even
+    ours = pil_images(images)
+    theirs = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))
+    assert [im.size for im in ours] == [(24, 16)] * 3 and all(im.mode == "RGB" for im in ours)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, theirs))
+
+
 def test_training_right_after_generation_sees_the_base_weights(service, loras, tmp_path):
     from tests.trainer.training_helpers import make_spec, pipeline_state, write_solid_photos
     from trainer.training.engine import train_concept

@@ -20,7 +20,7 @@ the model runs as fast as with no LoRA. `imagine_many(requests)` batches compati
 sampler, prompt length; text-to-image) into one loop of up to `max_batch_images` images; when their LoRAs differ,
 each member's LoRA reaches only their own rows through ONE fixed-rank peft adapter (the slot, filled in place) with
 a per-row mask on its ranks. On CUDA the UNet forward replays from CUDA graphs (trainer/generation/fast_unet.py). The VAE
-decodes one image at a time (memory for a 12 GB card). Images are written by a small thread pool while the GPU goes
+decodes one image at a time (memory for a 12 GB card) except on big GPUs. Images are written by a small thread pool while the GPU goes
 on. With `aot_dir`, the UNet forward is compiled ahead of time for the shapes served, in a separate process, and
 used once ready (trainer/generation/aot_kernels.py; `idle()` adopts what finished).
 """
@@ -93,10 +93,13 @@ def same_loras(groups: Sequence[tuple]) -> bool:
 
 
 @contextmanager
-def vae_one_image_at_a_time(vae, images: int):
-    """Decode (and encode) a batch image by image: 4 at once need 2.15 GB more than 1 (0.64 GB) for 61 vs 84 ms of
-    GPU time at 512². The VAE is shared with training, so its own setting is put back afterwards."""
-    if images <= 1 or getattr(vae, "use_slicing", True):
+def vae_batch_decoding(vae, images: int):
+    """Decode (and encode) a batch image by image on GPUs under VAE_WHOLE_BATCH_GIB (trainer/training/memory.py):
+    4 at once need 2.15 GB more than 1 (0.64 GB) for 61 vs 84 ms of GPU time at 512²; in one go on bigger GPUs. The
+    VAE is shared with training, so its own setting is put back afterwards."""
+    from trainer.training.memory import vae_decodes_whole_batches
+
+    if images <= 1 or getattr(vae, "use_slicing", True) or vae_decodes_whole_batches(vae):
         yield
         return
     vae.enable_slicing()
@@ -104,6 +107,13 @@ def vae_one_image_at_a_time(vae, images: int):
         yield
     finally:
         vae.disable_slicing()
+
+
+def pil_images(images: torch.Tensor) -> list[Image.Image]:
+    """[0, 1] NCHW images as PIL RGB, rounded as diffusers' "pil" output rounds them but converted to bytes on their
+    own device, so the host copies a quarter of the data and does no float maths on it."""
+    data = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(array) for array in data]
 
 
 def preview_interval(total: int) -> int:
@@ -286,7 +296,7 @@ class GenerationService:
             applied = self.adapters.folded("unet", groups[0])
         else:  # Classifier-free guidance runs the negative rows first, then the positive ones, in request order.
             applied = self.adapters.active(unet_groups=groups, unet_rows=rows + rows)
-        with applied, vae_one_image_at_a_time(self.pipe.vae, len(rows)):
+        with applied, vae_batch_decoding(self.pipe.vae, len(rows)):
             images = self._run(items, on_progress, should_stop)
         out, start = [], 0
         for item in items:
@@ -337,10 +347,10 @@ class GenerationService:
             output = view(
                 prompt_embeds=prompt, negative_prompt_embeds=negative,
                 num_inference_steps=request.steps, guidance_scale=request.cfg, num_images_per_prompt=1,
-                generator=generators, output_type="pil",
+                generator=generators, output_type="pt",
                 callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"], **call,
             )
-        return list(output.images)
+        return pil_images(output.images)
 
     def _view(self, scheduler: str, *, img2img: bool):
         """The family's (img2img) pipeline class over the resident modules, with a fresh scheduler."""

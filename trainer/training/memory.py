@@ -27,6 +27,9 @@ BATCH_4_GIB = 22.0
 # then replays them as before (the compiled forward included) instead of capturing eager ones beside the training.
 # Smaller GPUs give them to the training (their pools hold a few GB at SD 1.5's batch shapes; 12-24 GB cards).
 KEEP_GENERATION_GIB = 40.0
+# The VAE decodes a batch of images in one go on GPUs this big (8 images at 512²: about 4 GB more than one at a time);
+# smaller ones decode image by image.
+VAE_WHOLE_BATCH_GIB = 40.0
 
 
 def total_gib(device) -> float:
@@ -54,6 +57,12 @@ def keeps_generation_memory(pipe) -> bool:
     """Whether a training on `pipe` leaves generation's graphs and LoRA copies in place (KEEP_GENERATION_GIB)."""
     device = pipe.unet.device
     return device.type == "cuda" and total_gib(device) >= KEEP_GENERATION_GIB
+
+
+def vae_decodes_whole_batches(vae) -> bool:
+    """Whether `vae` decodes a batch in one go rather than image by image (VAE_WHOLE_BATCH_GIB)."""
+    device = vae.device
+    return device.type == "cuda" and total_gib(device) >= VAE_WHOLE_BATCH_GIB
 
 
 def default_batch_for(mode: str, pipe) -> int:
