@@ -201,13 +201,13 @@ class Runner:
         """Run claimed jobs as one `run_many`; record and announce each as the single path does."""
         try:
             outcomes = await self._run_batch_once(jobs)
-            for job in jobs:
-                if job.id not in outcomes:
-                    continue  # shutting down mid-batch: it stays running; the next start recovers it
+            ended = [job for job in jobs if job.id in outcomes]  # the others: shutting down mid-batch, they stay
+            for job in ended:                                     # running and the next start recovers them
                 end, seconds = outcomes[job.id]
                 await record_end(self.ledger, self.context, job, end, seconds)
                 self.jobs_run += 1
-                await self.announcer.finished(job.id)
+            # Every member's result goes out at once: one after another, the last of a batch of 8 waited for 7 posts.
+            await asyncio.gather(*(self.announcer.finished(job.id) for job in ended))
         except Exception:
             for job in jobs:  # each still running fails with a message (the ledger ignores finished ones)
                 await self._fail_after_bot_error(job)

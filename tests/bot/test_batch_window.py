@@ -86,3 +86,35 @@ async def test_a_full_batch_starts_without_waiting_for_the_window(queue):
 
     assert dispatcher.batches_run == 1 and dispatcher.runner.batch_windows_waited == 0
     assert [(await ledger.get(job.id)).status for job in jobs] == ["succeeded"] * len(jobs)
+
+
+class TogetherNotifier:
+    """Confirms a delivery only once every job of the batch is being delivered: deliveries made one after another
+    (each member waiting for the posts before theirs) never get there and are left undelivered."""
+
+    def __init__(self, ledger: Ledger, batch: int):
+        self.ledger, self.batch, self.begun = ledger, batch, 0
+        self.all_begun = asyncio.Event()
+
+    async def job_progress(self, job, event) -> None:
+        pass
+
+    async def job_finished(self, job) -> None:
+        self.begun += 1
+        if self.begun == self.batch:
+            self.all_begun.set()
+        await asyncio.wait_for(self.all_begun.wait(), 5)
+        await self.ledger.mark_delivered(job.id, via="log")
+
+
+async def test_a_batch_s_results_go_out_together(queue):
+    ledger, dispatcher = queue
+    dispatcher.notifier = TogetherNotifier(ledger, len(MEMBERS))
+    try:
+        jobs = [await submit(ledger, dispatcher, member) for member in MEMBERS]
+        await asyncio.wait_for(dispatcher.run_next(), RUN_TIMEOUT_S)
+    finally:
+        dispatcher.notifier = None
+    done = [await ledger.get(job.id) for job in jobs]
+    assert [job.status for job in done] == ["succeeded"] * len(jobs)
+    assert all(job.delivered_at is not None for job in done)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -170,7 +171,9 @@ class GenerationService:
         if graphs or self.aot is not None:
             self.graphs = UNetGraphs(pipe.unet, state_key=lambda: (self.adapters.unet_active(), self.adapters.version),
                                      compile=compile_unet and graphs, aot=self.aot, training_held=training_held)
-        self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="imagine-png")
+        # A batch's images are encoded side by side (OpenCV's encoder lets go of the GIL): 8 PNGs of 512² took 38 ms
+        # on 4 threads and 23 ms on 8 on the H200 host, while the member waits.
+        self._writer = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 4), thread_name_prefix="imagine-png")
 
     @property
     def native_side(self) -> int:
