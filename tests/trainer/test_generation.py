@@ -15,7 +15,7 @@ from tests.conftest import REPO_ROOT
 from trainer.contract.errors import Cancelled, UserError
 from trainer.generation.service import GenerationService, ImagineRequest
 from trainer.generation.pnginfo import lora_hash, parse_parameters, read_exif_parameters, read_png_parameters
-from trainer.generation.prompt_embeds import encode_prompts
+from trainer.generation.prompt_embeds import encode_prompts, encode_prompts_many
 
 STEPS = 3
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -214,6 +214,22 @@ def test_long_prompt_uses_every_chunk(service, tmp_path):
     a = service.imagine(request(tmp_path, "red", prompt=head + "red"))
     b = service.imagine(request(tmp_path, "blue", prompt=head + "blue"))
     assert not np.array_equal(pixels(a.images[0]), pixels(b.images[0])) and a.notices == []
+
+
+def test_several_prompts_in_one_pass_equal_each_alone(service):
+    pipe = service.pipe
+    long = "a photo of the man, " * 16 + "red"  # two chunks
+    pairs = [("a photo of sid", "blurry"), (long, ""), ("a dog", long), (long, "blurry")]
+    together = encode_prompts_many(pipe.tokenizer, pipe.text_encoder, pairs)
+    cut = encode_prompts_many(pipe.tokenizer, pipe.text_encoder, pairs, max_chunks=1)
+    for (prompt, negative), many, one_chunk in zip(pairs, together, cut):
+        alone = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompt, negative)
+        assert many.prompt.shape == alone.prompt.shape == many.negative.shape
+        assert torch.allclose(many.prompt, alone.prompt, atol=1e-5)
+        assert torch.allclose(many.negative, alone.negative, atol=1e-5)
+        assert (many.tokens, many.truncated_to) == (alone.tokens, alone.truncated_to)
+        assert one_chunk.prompt.shape[1] == 77 and one_chunk.truncated_to == (75 if prompt == long else None)
+    assert [m.prompt.shape[1] for m in together] == [77, 154, 154, 154]
 
 
 def test_cancel_at_a_step_boundary(service, loras, tmp_path):

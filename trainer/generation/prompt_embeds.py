@@ -44,12 +44,6 @@ def _chunk_input_ids(tokenizer, chunks: list[list[int]], device) -> torch.Tensor
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
-def _encode_chunks(tokenizer, text_encoder, chunks: list[list[int]]) -> torch.Tensor:
-    input_ids = _chunk_input_ids(tokenizer, chunks, text_encoder.device)
-    hidden = text_encoder(input_ids)[0]  # (chunks, 77, dim), last hidden state as diffusers uses it
-    return hidden.reshape(1, -1, hidden.shape[-1]).to(dtype=text_encoder.dtype)
-
-
 def _encode_chunks_xl(tokenizers, text_encoders, chunks_per_encoder) -> tuple[torch.Tensor, torch.Tensor]:
     hidden, pooled = [], None
     for tokenizer, encoder, chunks in zip(tokenizers, text_encoders, chunks_per_encoder):
@@ -62,18 +56,32 @@ def _encode_chunks_xl(tokenizers, text_encoders, chunks_per_encoder) -> tuple[to
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompt: str, negative: str, max_chunks: int = MAX_CHUNKS) -> PromptEmbeddings:
-    prompt_chunks, count = _chunk_ids(tokenizer, prompt, max_chunks)
-    negative_chunks, _ = _chunk_ids(tokenizer, negative, max_chunks)
-    chunks = max(len(prompt_chunks), len(negative_chunks))
-    prompt_chunks += [[]] * (chunks - len(prompt_chunks))
-    negative_chunks += [[]] * (chunks - len(negative_chunks))
+    return encode_prompts_many(tokenizer, text_encoder, [(prompt, negative)], max_chunks)[0]
+
+
+@torch.no_grad()
+def encode_prompts_many(tokenizer, text_encoder, pairs: list[tuple[str, str]],
+                        max_chunks: int = MAX_CHUNKS) -> list[PromptEmbeddings]:
+    """`encode_prompts` for several (prompt, negative) pairs, in ONE text-encoder pass: on a GPU the pass is bound by
+    kernel launches, so a prompt and its negative together cost what one does, and so do a batch of members' prompts
+    (the rows are independent)."""
     per_chunk = tokenizer.model_max_length - 2
-    truncated = per_chunk * max_chunks if count > per_chunk * max_chunks else None
-    # One text-encoder pass for both (the rows are independent): on a GPU the pass is bound by kernel launches, so
-    # this halves the prompts' share of an /imagine.
-    both = _encode_chunks(tokenizer, text_encoder, prompt_chunks + negative_chunks)
-    prompt_embeds, negative_embeds = both.chunk(2, dim=1)
-    return PromptEmbeddings(prompt_embeds, negative_embeds, count, truncated)
+    rows, plans = [], []
+    for prompt, negative in pairs:
+        prompt_chunks, count = _chunk_ids(tokenizer, prompt, max_chunks)
+        negative_chunks, _ = _chunk_ids(tokenizer, negative, max_chunks)
+        chunks = max(len(prompt_chunks), len(negative_chunks))
+        rows += prompt_chunks + [[]] * (chunks - len(prompt_chunks))
+        rows += negative_chunks + [[]] * (chunks - len(negative_chunks))
+        plans.append((chunks, count, per_chunk * max_chunks if count > per_chunk * max_chunks else None))
+    hidden = text_encoder(_chunk_input_ids(tokenizer, rows, text_encoder.device))[0].to(dtype=text_encoder.dtype)
+    out, start = [], 0
+    for chunks, count, truncated in plans:  # (chunks, 77, dim) rows -> (1, 77 * chunks, dim) per prompt
+        prompt_embeds, negative_embeds = (hidden[first:first + chunks].reshape(1, -1, hidden.shape[-1])
+                                          for first in (start, start + chunks))
+        out.append(PromptEmbeddings(prompt_embeds, negative_embeds, count, truncated))
+        start += 2 * chunks
+    return out
 
 
 @torch.no_grad()

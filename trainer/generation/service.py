@@ -49,7 +49,7 @@ from trainer.contract.imagine_request import SEED_MAX, ImagineRequest, check_siz
 from trainer.generation.lora_slots import LoraSlots
 from trainer.generation.pnginfo import format_parameters, lora_hashes_field, make_grid, save_png, small_copy
 from trainer.generation.previews import save_preview
-from trainer.generation.prompt_embeds import encode_prompts, encode_prompts_xl
+from trainer.generation.prompt_embeds import encode_prompts_many, encode_prompts_xl
 from trainer.generation.schedulers import make_scheduler, sampler_label
 from trainer.models.family import family_of
 
@@ -197,8 +197,11 @@ class GenerationService:
         if should_stop and should_stop():
             raise Cancelled()
         prepared = [self._prepare(r) for r in requests]
+        same_text_loras: dict[tuple, list[_Prepared]] = {}
         for item in prepared:
-            self._encode(item)
+            same_text_loras.setdefault(tuple((id(lora), weight) for lora, weight in item.loras), []).append(item)
+        for items in same_text_loras.values():
+            self._encode(items)
         saving = [None] * len(prepared)
         for batch in self._batches(prepared):
             images = self._denoise([prepared[i] for i in batch], on_progress, should_stop)
@@ -257,21 +260,26 @@ class GenerationService:
                       for use in parsed.uses)
         return _Prepared(request, started, width, height, seed, seeds, init_image, loras, list(parsed.notices))
 
-    def _encode(self, item: _Prepared) -> None:
+    def _encode(self, items: list[_Prepared]) -> None:
+        """The requests' prompts, which use the same LoRAs (folded into the text encoders once for all of them)."""
         family, pipe = self.family, self.pipe
         with ExitStack() as folded:
             for name in family.text_encoders:
-                folded.enter_context(self.adapters.folded(name, item.loras))
-            text, negative = item.request.parsed.text, item.request.negative
+                folded.enter_context(self.adapters.folded(name, items[0].loras))
             if family.extra_conditioning:
-                item.embeddings = encode_prompts_xl(
-                    family.tokenizer_modules(pipe), family.text_encoder_modules(pipe), text, negative,
-                    zero_empty_negative=bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)))
+                for item in items:
+                    item.embeddings = encode_prompts_xl(
+                        family.tokenizer_modules(pipe), family.text_encoder_modules(pipe), item.request.parsed.text,
+                        item.request.negative,
+                        zero_empty_negative=bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)))
             else:
-                item.embeddings = encode_prompts(pipe.tokenizer, pipe.text_encoder, text, negative)
-        if item.embeddings.truncated_to:
-            item.notices.append(f"Your prompt is {item.embeddings.tokens} tokens long; only the first "
-                                f"{item.embeddings.truncated_to} were used.")
+                pairs = [(item.request.parsed.text, item.request.negative) for item in items]
+                for item, embeddings in zip(items, encode_prompts_many(pipe.tokenizer, pipe.text_encoder, pairs)):
+                    item.embeddings = embeddings
+        for item in items:
+            if item.embeddings.truncated_to:
+                item.notices.append(f"Your prompt is {item.embeddings.tokens} tokens long; only the first "
+                                    f"{item.embeddings.truncated_to} were used.")
 
     def _batches(self, prepared: list[_Prepared]) -> list[list[int]]:
         """Indexes of requests per denoising loop: equal keys, at most max_batch_images images, LoRAs that fit."""
