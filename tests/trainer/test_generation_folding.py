@@ -163,7 +163,9 @@ def test_vae_decodes_one_image_at_a_time_and_keeps_its_setting(service, tmp_path
 def test_vae_decodes_the_whole_batch_where_the_gpu_has_room(service, tmp_path, monkeypatch):
     from trainer.training import memory
 
-    monkeypatch.setattr(memory, "vae_decodes_whole_batches", lambda vae: True)
+    asked = []
+    monkeypatch.setattr(memory, "vae_decodes_whole_batches", lambda vae, images, pixels: asked.append((images, pixels))
+                        or True)
     vae = service.pipe.vae
     decoded = []
     hook = vae.decoder.register_forward_pre_hook(lambda module, args: decoded.append(args[0].shape[0]))
@@ -171,7 +173,7 @@ def test_vae_decodes_the_whole_batch_where_the_gpu_has_room(service, tmp_path, m
         service.imagine(request(tmp_path, "three", count=3, steps=1))
     finally:
         hook.remove()
-    assert decoded == [3] and not vae.use_slicing
+    assert decoded == [3] and not vae.use_slicing and asked == [(3, 64 * 64)]
 
 
 def test_images_are_the_bytes_diffusers_own_pil_output_gives():

@@ -42,6 +42,30 @@ def test_generation_keeps_its_graphs_through_a_training_only_on_a_gpu_with_room(
         assert memory.keeps_generation_memory(on_cuda) is keeps, total
 
 
+def test_the_vae_decodes_whole_batches_only_on_a_gpu_with_room_for_them(tiny_pipeline, monkeypatch):
+    import types
+
+    import torch
+
+    import trainer.training.memory as memory
+
+    assert memory.vae_decodes_whole_batches(tiny_pipeline.vae, 8, 64 * 64) is False  # a CPU decodes image by image
+
+    def vae(dtype, force_upcast=False):
+        return types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype,
+                                     config=types.SimpleNamespace(force_upcast=force_upcast))
+
+    side = 512 * 512
+    monkeypatch.setattr(memory, "total_gib", lambda device: 23.6)
+    assert memory.vae_decodes_whole_batches(vae(torch.bfloat16), 8, side) is False  # a 24 GB card
+    monkeypatch.setattr(memory, "total_gib", lambda device: 139.8)
+    assert memory.vae_decodes_whole_batches(vae(torch.bfloat16), 8, side) is True  # 4 GB more: measured on the H200
+    assert memory.vae_decodes_whole_batches(vae(torch.bfloat16), 16, side) is False
+    assert memory.vae_decodes_whole_batches(vae(torch.float32), 8, side) is False
+    assert memory.vae_decodes_whole_batches(vae(torch.float16, force_upcast=True), 4, 4 * side) is False  # SDXL
+    assert memory.vae_decodes_whole_batches(vae(torch.bfloat16), 2, 4 * side) is True
+
+
 def test_a_trainings_adapters_leave_the_weights_where_generations_graphs_read_them(tiny_model_dir):
     """What decides whether generation's CUDA graphs survive a training (trainer/generation/fast_unet.py): the UNet's
     own weights' places. peft wrapping layers for a training keeps them; a new memory layout moves them."""

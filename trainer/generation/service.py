@@ -19,10 +19,11 @@ request), the LoRAs are folded into the base weights for the loop and the weight
 the model runs as fast as with no LoRA. `imagine_many(requests)` batches compatible requests (same size, steps, cfg,
 sampler, prompt length; text-to-image) into one loop of up to `max_batch_images` images; when their LoRAs differ,
 each member's LoRA reaches only their own rows through ONE fixed-rank peft adapter (the slot, filled in place) with
-a per-row mask on its ranks. On CUDA the UNet forward replays from CUDA graphs (trainer/generation/fast_unet.py). The VAE
-decodes one image at a time (memory for a 12 GB card) except on big GPUs. Images are written by a small thread pool while the GPU goes
-on. With `aot_dir`, the UNet forward is compiled ahead of time for the shapes served, in a separate process, and
-used once ready (trainer/generation/aot_kernels.py; `idle()` adopts what finished).
+a per-row mask on its ranks. On CUDA the UNet forward replays from CUDA graphs (trainer/generation/fast_unet.py). The
+VAE decodes one image at a time (memory for a 12 GB card) unless the GPU has room. Images become bytes on the GPU and
+are written by a small thread pool while the GPU goes on. With `aot_dir`, the UNet forward is compiled ahead of time
+for the shapes served, in a separate process, and used once ready (trainer/generation/aot_kernels.py; `idle()` adopts
+what finished).
 """
 from __future__ import annotations
 
@@ -94,13 +95,13 @@ def same_loras(groups: Sequence[tuple]) -> bool:
 
 
 @contextmanager
-def vae_batch_decoding(vae, images: int):
-    """Decode (and encode) a batch image by image on GPUs under VAE_WHOLE_BATCH_GIB (trainer/training/memory.py):
-    4 at once need 2.15 GB more than 1 (0.64 GB) for 61 vs 84 ms of GPU time at 512²; in one go on bigger GPUs. The
-    VAE is shared with training, so its own setting is put back afterwards."""
+def vae_batch_decoding(vae, images: int, pixels_each: int):
+    """Decode (and encode) a batch image by image: 4 at once need 2.15 GB more than 1 (0.64 GB) for 61 vs 84 ms of GPU
+    time at 512²; in one go where the GPU has room (trainer/training/memory.py, `vae_decodes_whole_batches`). The VAE
+    is shared with training, so its own setting is put back afterwards."""
     from trainer.training.memory import vae_decodes_whole_batches
 
-    if images <= 1 or getattr(vae, "use_slicing", True) or vae_decodes_whole_batches(vae):
+    if images <= 1 or getattr(vae, "use_slicing", True) or vae_decodes_whole_batches(vae, images, pixels_each):
         yield
         return
     vae.enable_slicing()
@@ -307,7 +308,7 @@ class GenerationService:
             applied = self.adapters.folded("unet", groups[0])
         else:  # Classifier-free guidance runs the negative rows first, then the positive ones, in request order.
             applied = self.adapters.active(unet_groups=groups, unet_rows=rows + rows)
-        with applied, vae_batch_decoding(self.pipe.vae, len(rows)):
+        with applied, vae_batch_decoding(self.pipe.vae, len(rows), items[0].width * items[0].height):
             images = self._run(items, on_progress, should_stop)
         out, start = [], 0
         for item in items:
