@@ -84,7 +84,7 @@ async def measure(bot: ServedBot, plan: Plan, out: dict) -> None:
     out["train_warm_parts"] = train_breakdown(bot.db_path, 1, warm.sent, warm.ended, clock)
     out["imagine_during_training"] = during_figures(during_cold, during_warm)
 
-    out["burst"] = await bursts(bot, plan)
+    out["burst"] = await bursts(bot, plan, clock)
     out["gpu_peak_gb"] = await bot.gpu_peak_gb()
 
 
@@ -114,17 +114,21 @@ async def train_while_others_imagine(bot: ServedBot, owner, token: str, photos: 
     return await training, latencies
 
 
-async def bursts(bot: ServedBot, plan: Plan) -> dict:
-    """`burst_members` members' /imagine sent at once, to the last result, `burst_rounds` times: images/s."""
+async def bursts(bot: ServedBot, plan: Plan, clock: WallClock) -> dict:
+    """`burst_members` members' /imagine sent at once, to the last result, `burst_rounds` times: images/s; and where
+    the time went for the member served last in each round (`last_parts`, medians over the rounds)."""
     members = [bot.fake.member(f"burst{i}") for i in range(plan.burst_members)]
-    rounds = []
+    rounds, lasts = [], []
     for round_ in range(plan.burst_rounds):
         started = time.monotonic()
         timed = await asyncio.gather(*(bot.imagine(m, f"a photo of a cat number {round_}-{i}", **plan.imagine_options)
                                        for i, m in enumerate(members)))
-        rounds.append(max(t.ended for t in timed) - started)
+        last = max(timed, key=lambda t: t.ended)
+        rounds.append(last.ended - started)
+        lasts.append((last.job_id, started, last.ended))  # from the round's start: the parts add up to the round
     images = plan.burst_members * plan.imagine_options.get("count", 1)
     return {"members": plan.burst_members, "rounds_s": [round(r, 3) for r in rounds],
             "images_per_s": [round(images / r, 2) for r in rounds],
+            "last_parts": imagine_breakdown(bot.db_path, lasts, clock),
             "images_per_s_overall": round(images * len(rounds) / sum(rounds), 2)}
 

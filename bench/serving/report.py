@@ -76,6 +76,10 @@ def markdown(report: dict) -> str:
     burst = _at(report, ("served", "burst")) or {}
     if burst.get("images_per_s"):
         lines.append(f"\nburst rounds: {burst['rounds_s']} s -> {burst['images_per_s']} images/s")
+    if burst.get("last_parts"):
+        lines += ["", "| where a burst round's time went (its last result; median over the rounds) | s |",
+                  "| --- | ---: |"]
+        lines += [f"| {PARTS[name]} | {_cell(value)} |" for name, value in burst["last_parts"].items()]
     engine = report.get("engine")
     if engine:
         lines += ["", f"| engine, same command (`python -m bench`, {engine['model']}) | reference | ours | ratio |",

@@ -5,6 +5,7 @@ assertions."""
 from __future__ import annotations
 
 import json
+import statistics
 
 from bench.serving.__main__ import main
 
@@ -45,6 +46,11 @@ def test_tiny_serving_bench_measures_every_figure_through_the_bot_beside_the_eng
     assert served["imagine_during_training"]["count"] >= 2  # at least one during each of the two trainings
     burst = served["burst"]
     assert burst["members"] == 8 and len(burst["rounds_s"]) == 3 and burst["images_per_s_overall"] > 0
+    last = burst["last_parts"]  # the last result of each round, from the round's start: its parts add up to it
+    assert set(last) == set(parts) and all(value >= 0 for value in last.values()), last
+    assert 0 < last["engine_s"] <= last["worker_s"]
+    total = sum(value for name, value in last.items() if name != "engine_s")
+    assert abs(total - statistics.median(burst["rounds_s"])) < 0.5 * statistics.median(burst["rounds_s"]), last
     assert all(row["value"] is not None for row in report["served_rows"] if row["figure"] != "gpu_peak_gb"), \
         report["served_rows"]
     assert served["gpu_peak_gb"] is None  # a CPU worker reports no GPU memory to the metrics endpoint
