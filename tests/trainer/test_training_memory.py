@@ -64,6 +64,9 @@ def test_the_vae_decodes_whole_batches_only_on_a_gpu_with_room_for_them(tiny_pip
     assert memory.vae_decodes_whole_batches(vae(torch.float32), 8, side) is False
     assert memory.vae_decodes_whole_batches(vae(torch.float16, force_upcast=True), 4, 4 * side) is False  # SDXL
     assert memory.vae_decodes_whole_batches(vae(torch.bfloat16), 2, 4 * side) is True
+    assert memory.vae_decodes_whole_batches(vae(torch.bfloat16, force_upcast=True), 8, side) is True  # never upcast
+    assert memory.vae_decodes_whole_batches(vae(torch.float16, force_upcast=True), 8, side) is False
+    assert memory.vae_decodes_whole_batches(vae(torch.float16), 8, side) is True
 
 
 def test_a_trainings_adapters_leave_the_weights_where_generations_graphs_read_them(tiny_model_dir):

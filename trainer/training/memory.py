@@ -62,14 +62,15 @@ def keeps_generation_memory(pipe) -> bool:
 
 def vae_decodes_whole_batches(vae, images: int, pixels_each: int) -> bool:
     """Whether `vae` decodes `images` images of `pixels_each` pixels in one go rather than image by image: on a GPU of
-    VAE_WHOLE_BATCH_GIB or more, when the estimate (0.5 GB per 512² image in 16 bits, twice that in fp32 or when the
-    pipeline upcasts the VAE to decode) stays within VAE_WHOLE_BATCH_EXTRA_GB."""
+    VAE_WHOLE_BATCH_GIB or more, when the estimate (0.5 GB per 512² image in 16 bits, twice that in fp32 or for a fp16
+    VAE that asks to be upcast, as SDXL's pipeline does) stays within VAE_WHOLE_BATCH_EXTRA_GB."""
     import torch
 
     device = vae.device
     if device.type != "cuda" or total_gib(device) < VAE_WHOLE_BATCH_GIB:
         return False
-    wide = vae.dtype == torch.float32 or bool(getattr(vae.config, "force_upcast", False))
+    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    wide = vae.dtype == torch.float32 or upcast
     extra_gb = images * pixels_each / 512**2 * 0.5 * (2 if wide else 1)
     return extra_gb <= VAE_WHOLE_BATCH_EXTRA_GB
 
