@@ -293,6 +293,30 @@ def test_previews_are_written_and_reported_while_training(tiny_pipeline, photos,
     assert all(e.preview is None for e in quiet)
 
 
+@pytest.mark.parametrize("spacing, expected", [(0.0, [2, 4, 6, 8]), (1e9, [2])])
+def test_default_previews_are_spaced_by_their_own_cost(tiny_pipeline, photos, tmp_path, monkeypatch, spacing, expected):
+    from trainer.training import engine
+
+    made_at = []  # the step each preview is made after
+    original = engine._Slice._preview
+
+    def counted(self):
+        made_at.append(self.step)
+        return original(self)
+
+    monkeypatch.setattr(engine, "PREVIEW_SPACING", spacing)
+    monkeypatch.setattr(engine._Slice, "_preview", counted)
+    spec = make_spec(photos, tmp_path / "out", steps=10, sample_count=0, preview_path=tmp_path / "p.webp",
+                     prior_preservation=False)
+    assert train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "cache").status == "done"
+    assert made_at == expected  # every fifth of the steps, then only once the training ran 9x the last one's time
+    made_at.clear()
+    explicit = make_spec(photos, tmp_path / "explicit", steps=10, sample_count=0, preview_path=tmp_path / "e.webp",
+                         preview_every=3, prior_preservation=False)
+    assert train_concept(tiny_pipeline, explicit, cache_dir=tmp_path / "cache").status == "done"
+    assert made_at == [3, 6, 9]  # an interval given explicitly is kept
+
+
 def test_a_preview_is_dropped_when_someone_starts_waiting_for_the_gpu_during_it(tiny_pipeline, photos, tmp_path):
     preview = tmp_path / "previews" / "42.webp"
     sampler_steps = []  # the preview's UNet calls (training steps run with gradients)

@@ -39,6 +39,10 @@ from trainer.training.step import StepRunner
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 1.0
+# With the default preview interval (a fifth of the steps), a preview after the first is made only once the training
+# has run this many times the last preview's own time since it: previews take at most a tenth of a training. A short
+# training on a big GPU (12 s of steps, ≈0.5 s a preview on an H200) shows one; a long one on a small card shows all.
+PREVIEW_SPACING = 9.0
 # A training's phases, in order; `_Slice.phase` is the one it goes on with. A run may pause (yield) inside the class
 # images (at a batch of them), after the phases in YIELD_AFTER, and at a step boundary; kept resident (`live`), the
 # next run goes on with the phase it stopped in.
@@ -505,6 +509,8 @@ class _Slice:
         first_step, loop_start = self.step, time.monotonic()
         last_report = loop_start
         every = self.spec.preview_interval(total)
+        spaced = self.spec.preview_every is None  # an interval given explicitly is kept exactly
+        preview_s = preview_end = None  # the last preview's time and when it ended (this slice)
         new_preview = False
         while self.step < total:
             if self.should_stop():
@@ -518,8 +524,13 @@ class _Slice:
                 self.checkpoints.save_async(self._state(trainer, on_device=True))
             # Not when someone already waits: a preview's first sampler step (and, the first time, its graph's
             # capture: ~0.5 s on an H200) would come before their pause; they get the next preview.
-            if every and self.step % every == 0 and self.step < total and not self.should_yield():
+            if (every and self.step % every == 0 and self.step < total and not self.should_yield()
+                    and (not spaced or preview_s is None
+                         or time.monotonic() - preview_end >= PREVIEW_SPACING * preview_s)):
+                began = time.monotonic()
                 preview = self._preview()
+                preview_end = time.monotonic()
+                preview_s = preview_end - began
                 if preview is not None:
                     self.preview, new_preview = preview, True
             now = time.monotonic()
