@@ -3,6 +3,7 @@ each one beside the base model (the no-training baseline)."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -10,10 +11,30 @@ from bench.quality import scores
 from trainer.contract.train_spec import TrainSpec
 from trainer.training.engine import recipe_at_batch, train_concept
 
+
+def batch_4_share(steps_share: float, rate: float) -> Callable[[TrainSpec], TrainSpec]:
+    """The default recipe at batch 4 in `steps_share` of its steps, both learning rates × `rate` of batch 1's
+    (`default-batch-4` is share 1, rate 4): fewer samples, each step worth more."""
+    def recipe(spec: TrainSpec) -> TrainSpec:
+        at_4 = recipe_at_batch(spec, 4)
+        return replace(at_4, steps=max(1, round(at_4.steps * steps_share)), learning_rate=spec.learning_rate * rate,
+                       text_encoder_learning_rate=spec.text_encoder_learning_rate * rate)
+    return recipe
+
+
+def seeded(name: str, seed: int) -> Callable[[TrainSpec], TrainSpec]:
+    """Recipe `name` (defined in RECIPES before this is called) with another training seed."""
+    def recipe(spec: TrainSpec) -> TrainSpec:
+        spec, base = replace(spec, seed=seed), RECIPES[name]
+        return base(spec) if callable(base) else replace(spec, **base)
+    return recipe
+
+
 # name -> TrainSpec overrides of the bot's default recipe (docs/TRAINING.md), or a function of the default's spec
 RECIPES: dict[str, dict | Callable[[TrainSpec], TrainSpec]] = {
     "default": {},
-    # what the worker trains on a GPU with room for it (trainer/training/memory.py `default_batch_for`)
+    # what the worker trains on a GPU with room for it (trainer/training/memory.py `default_batch_for`): since session
+    # 15 a third of the samples at the rates × 12 (`batch-4-third-lr-x12`); before, `batch-4-linear`
     "default-batch-4": lambda spec: recipe_at_batch(spec, 4),
     "batch-8": {"batch_size": 8},
     "no-text-encoder": {"train_text_encoder": False},
@@ -42,6 +63,17 @@ RECIPES: dict[str, dict | Callable[[TrainSpec], TrainSpec]] = {
     # half the steps at twice the learning rates, batch 1
     "steps-400-lr-x2": {"steps": 400, "learning_rate": 2e-4, "text_encoder_learning_rate": 1e-4},
     "class-images-50": {"class_images": 50},
+    # all of batch 1's samples at batch 4, the rates × 4 (the linear scaling rule): the batch-4 default until session 15
+    "batch-4-linear": batch_4_share(1, 4),
+    # half or a third of batch-4-linear's steps (issue 15: /train in seconds), at the same or higher rates
+    "batch-4-half": batch_4_share(0.5, 4),
+    "batch-4-half-lr-x6": batch_4_share(0.5, 6),
+    "batch-4-half-lr-x8": batch_4_share(0.5, 8),
+    "batch-4-third-lr-x8": batch_4_share(1 / 3, 8),
+    "batch-4-third-lr-x12": batch_4_share(1 / 3, 12),
+    # the same with other training seeds, and with half the class images
+    **{f"{name}-seed-{seed}": seeded(name, seed) for name in ("batch-4-linear", "default-batch-4") for seed in (1, 2)},
+    "default-batch-4-class-50": lambda spec: recipe_at_batch(replace(spec, class_images=50), 4),
 }
 
 

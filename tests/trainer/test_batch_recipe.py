@@ -1,5 +1,5 @@
-"""The default recipe at a bigger batch (trainer/training/engine.py `recipe_at_batch`): the same samples in fewer steps
-at proportionally higher learning rates, chosen by the worker from the GPU (trainer/training/memory.py
+"""The default recipe at a bigger batch (trainer/training/engine.py `recipe_at_batch`): a third of the samples in far
+fewer steps at higher learning rates, chosen by the worker from the GPU (trainer/training/memory.py
 `default_batch_for`) only for a job that sets none of the recipe's speed fields."""
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ def _spec(tmp_path, class_name: str, photos: int) -> TrainSpec:
 
 @pytest.mark.parametrize(("class_name", "photos", "steps_at_batch_1"), [("man", 5, 800), ("dog", 5, 500),
                                                                          ("dog", 13, 1300)])
-def test_a_bigger_batch_sees_the_same_samples_at_proportionally_higher_learning_rates(tmp_path, class_name, photos,
-                                                                                        steps_at_batch_1):
+def test_a_bigger_batch_sees_a_third_of_the_samples_at_higher_learning_rates(tmp_path, class_name, photos,
+                                                                              steps_at_batch_1):
     spec = _spec(tmp_path, class_name, photos)
     at_4 = recipe_at_batch(spec, 4)
-    assert (at_4.batch_size, at_4.steps) == (4, -(-steps_at_batch_1 // 4))
-    assert at_4.learning_rate == pytest.approx(4 * spec.learning_rate)
-    assert at_4.text_encoder_learning_rate == pytest.approx(4 * spec.text_encoder_learning_rate)
+    assert (at_4.batch_size, at_4.steps) == (4, -(-steps_at_batch_1 // 12))  # 800 -> 67, 500 -> 42, 1300 -> 109
+    assert at_4.learning_rate == pytest.approx(12 * spec.learning_rate)
+    assert at_4.text_encoder_learning_rate == pytest.approx(12 * spec.text_encoder_learning_rate)
     assert at_4.fingerprint_fields() != spec.fingerprint_fields()  # a checkpoint of the other recipe is not resumed
     assert recipe_at_batch(spec, 1) is spec
 
@@ -71,5 +71,6 @@ def test_the_worker_trains_its_gpus_default_batch_only_when_the_job_sets_none_of
         assert spec.batch_size == given.get("batch_size", 1)
         assert spec.learning_rate == given.get("learning_rate", 1e-4)
     else:
-        assert paused["total"] == 200
-        assert (spec.batch_size, spec.learning_rate, spec.text_encoder_learning_rate) == (4, 4e-4, 2e-4)
+        assert paused["total"] == 67
+        assert spec.batch_size == 4
+        assert (spec.learning_rate, spec.text_encoder_learning_rate) == pytest.approx((1.2e-3, 6e-4))

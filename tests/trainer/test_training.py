@@ -48,7 +48,7 @@ def test_end_to_end_outputs_load_in_diffusers_and_kohya_format(tiny_pipeline, ti
 
     # The sample carries the A1111 parameters an /imagine image of its prompt would.
     info = parse_parameters(read_png_parameters(result["samples"][0]))
-    assert info == {"Prompt": "a photo of squidarth man <lora:squidarth:1>", "Negative prompt": "", "Steps": "25",
+    assert info == {"Prompt": "a photo of squidarth man <lora:squidarth:1>", "Negative prompt": "", "Steps": "20",
                     "Sampler": "DPM++ 2M", "CFG scale": "7.5", "Seed": "7", "Size": "32x32",
                     "Model": tiny_model_dir.name, "Lora hashes": f"squidarth: {lora_hash(result['lora'])}"}
 
