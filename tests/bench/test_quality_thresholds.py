@@ -1,10 +1,11 @@
 """The committed world model as a yardstick in CI: a short training with the bot's engine must teach the concept
 (identity clearly above the untrained base model) without pulling its class along (prior within a tolerance).
 
-Measured on the CPU (torch 2.13, 2026-12-01) with this plan: base identity 0.491, after 200 steps 0.625; prior_tv
-0.125 against a noise floor of 0.094 (the base model against itself on other seeds). The same samples at batch 4
-(50 steps, learning rates × 4: what a GPU with room trains, trainer/training/engine.py `recipe_at_batch`), measured
-2026-12-02: identity 0.679, prior_tv 0.141; it must learn about as much as batch 1. On the H200 the full table
+Measured on the CPU (torch 2.13, 2026-12-03) with this plan: base identity 0.491, after 200 steps 0.634; prior_tv
+0.141 against a noise floor of 0.094 (the base model against itself on other seeds). What a GPU with room trains
+(trainer/training/engine.py `recipe_at_batch`: batch 4, a third of the samples in 17 steps, learning rates × 12):
+identity 0.688, prior_tv 0.141 (all the samples at batch 4, 50 steps at × 4, the default until 2026-12-03: 0.679,
+0.141); it must learn about as much as batch 1. On the H200 the full table
 (docs/TRAINING.md) gives 0.328 for a training without prior preservation. The thresholds sit about halfway between
 what was measured and failure: a recipe change that loses half the identity gain, or pulls the class 2.5x the noise,
 fails here. About 3-6 minutes on 2 CPU cores."""

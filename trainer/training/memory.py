@@ -8,9 +8,9 @@
 - auto (the default): low for SDXL on a GPU with less than AUTO_FAST_GIB of memory in all, fast otherwise. SD 1.x
   fits a 12 GB card in the fast setting.
 
-The default recipe's batch follows the GPU too (`default_batch_for`): batch 4 with the learning rates × 4 and a quarter
-of the steps for SD 1.x on a GPU with BATCH_4_GIB or more in all (a 24 GB card), unless `low`; batch 1 otherwise (docs/TRAINING.md,
-"Batch size": the quality yardstick's table).
+The default recipe's batch follows the GPU too (`default_batch_for`): batch 4 (a twelfth of batch 1's steps, the
+learning rates × 12: trainer/training/engine.py `recipe_at_batch`) for SD 1.x on a GPU with BATCH_4_GIB or more in all
+(a 24 GB card), unless `low`; batch 1 otherwise (docs/TRAINING.md, "Batch size": the quality yardstick's tables).
 
 Gradient checkpointing computes the same step (only when each activation is computed differently), so the choice
 never changes what a recipe means; it is in the checkpoint fingerprint all the same (the rounding may differ), so a
