@@ -14,7 +14,9 @@ from pathlib import Path
 
 from trainer.contract.files import write_atomic
 
-SAMPLER_STEPS = 20  # 20, 25 and 30 read alike on the world model (docs/BENCHMARKS.md, session 13)
+# /imagine's sampler read alike at 20, 25 and 30 steps on the world model (docs/BENCHMARKS.md, session 13); class
+# images at 20 or 25 trained alike LoRAs (docs/TRAINING.md, "Batch size")
+SAMPLER_STEPS = 20
 GUIDANCE_SCALE = 7.5
 SAMPLER_LABEL = "DPM++ 2M"  # A1111's name for DPM-Solver++ made from SD's scheduler config, as below
 
