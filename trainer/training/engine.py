@@ -519,7 +519,7 @@ class _Slice:
         last_report = loop_start
         every = self.spec.preview_interval(total)
         spaced = self.spec.preview_every is None  # an interval given explicitly is kept exactly
-        preview_s = preview_end = None  # the last preview's time and when it ended (this slice)
+        next_preview_at = -math.inf  # spaced: the last preview's end + PREVIEW_SPACING × its own time (this slice)
         new_preview = False
         while self.step < total:
             if self.should_stop():
@@ -534,12 +534,12 @@ class _Slice:
             # Not when someone already waits: a preview's first sampler step (and, the first time, its graph's
             # capture: ~0.5 s on an H200) would come before their pause; they get the next preview.
             if (every and self.step % every == 0 and self.step < total and not self.should_yield()
-                    and (not spaced or preview_s is None
-                         or time.monotonic() - preview_end >= PREVIEW_SPACING * preview_s)):
+                    and time.monotonic() >= next_preview_at):
                 began = time.monotonic()
                 preview = self._preview()
-                preview_end = time.monotonic()
-                preview_s = preview_end - began
+                if spaced:
+                    ended = time.monotonic()
+                    next_preview_at = ended + PREVIEW_SPACING * (ended - began)
                 if preview is not None:
                     self.preview, new_preview = preview, True
             now = time.monotonic()
