@@ -105,12 +105,11 @@ def train_params(concept_id: int, token: str, photos_dir: Path, out_dir: Path, *
 
 def train_steps_for(samples: int, batch: int | None = None) -> int:
     """Steps at `batch` (default: our engine's batch size) that show it `samples` instance (and as many prior) samples."""
-    import dataclasses
     import math
 
-    from trainer.training.engine import TrainSpec
+    from trainer.contract.train_spec import spec_default
 
-    batch = batch or next(f.default for f in dataclasses.fields(TrainSpec) if f.name == "batch_size")
+    batch = batch or spec_default("batch_size")
     return math.ceil(samples / batch)
 
 

@@ -33,6 +33,14 @@ def seeded(name: str, seed: int) -> Callable[[TrainSpec], TrainSpec]:
     return recipe
 
 
+def class_images_at_batch_4(count: int, steps: int) -> Callable[[TrainSpec], TrainSpec]:
+    """The batch-4 default with `count` class images made at `steps` sampler steps each (100 at 20: the default
+    until session 16)."""
+    return lambda spec: recipe_at_batch(replace(spec, class_images=count, class_image_steps=steps), 4)
+
+
+CLASS_IMAGE_VARIANTS = ((100, 20), (48, 10), (100, 10), (48, 20), (48, 14))
+
 # name -> TrainSpec overrides of the bot's default recipe (docs/TRAINING.md), or a function of the default's spec
 RECIPES: dict[str, dict | Callable[[TrainSpec], TrainSpec]] = {
     "default": {},
@@ -78,7 +86,13 @@ RECIPES: dict[str, dict | Callable[[TrainSpec], TrainSpec]] = {
     **{f"{name}-seed-{seed}": seeded(name, seed) for name in ("batch-4-linear", "default-batch-4", "batch-4-half-lr-x8")
        for seed in (1, 2)},
     "default-batch-4-class-50": lambda spec: recipe_at_batch(replace(spec, class_images=50), 4),
+    # fewer class images, fewer sampler steps each (issue 15: cold /train), at batch 4 and batch 1
+    "batch-1-class-100-steps-20": {"class_images": 100, "class_image_steps": 20},
+    "batch-1-class-48-steps-10": {"class_images": 48, "class_image_steps": 10},
+    **{f"class-{count}-steps-{steps}": class_images_at_batch_4(count, steps) for count, steps in CLASS_IMAGE_VARIANTS},
 }
+RECIPES.update({f"class-{count}-steps-{steps}-seed-{seed}": seeded(f"class-{count}-steps-{steps}", seed)
+                for count, steps in CLASS_IMAGE_VARIANTS for seed in (1, 2)})
 
 
 def train(pipe, concept: scores.Concept, photos: Path, work: Path, name: str,

@@ -9,12 +9,13 @@ from trainer.training.data import encode_latents, load_pixels
 from trainer.training.engine import class_prompt
 from trainer.training.priors import ClassImageSet, model_fingerprint
 
-COUNT, SIDE, CHUNK = 20, 32, 8  # chunks of 8, 8 and 4 images
+COUNT, SIDE, CHUNK, STEPS = 20, 32, 8, 2  # chunks of 8, 8 and 4 images
 
 
 def test_the_latents_pause_between_chunks_and_equal_one_pass(tiny_pipeline, tmp_path, monkeypatch):
     monkeypatch.setattr(priors, "LATENT_CHUNK", CHUNK)
-    class_set = ClassImageSet.for_model(tmp_path, model_fingerprint(tiny_pipeline), class_prompt("dog"), SIDE, COUNT)
+    class_set = ClassImageSet.for_model(tmp_path, model_fingerprint(tiny_pipeline), class_prompt("dog"), SIDE, COUNT,
+                                        STEPS)
     someone_waits = []
     status = class_set.ensure(tiny_pipeline, batch_size=COUNT, deadline=None, should_stop=lambda: False,
                               should_yield=lambda: bool(someone_waits),
@@ -38,7 +39,8 @@ def test_the_latents_pause_between_chunks_and_equal_one_pass(tiny_pipeline, tmp_
 
 def test_a_stop_between_chunks_cancels_and_the_next_call_goes_on(tiny_pipeline, tmp_path, monkeypatch):
     monkeypatch.setattr(priors, "LATENT_CHUNK", CHUNK)
-    class_set = ClassImageSet.for_model(tmp_path, model_fingerprint(tiny_pipeline), class_prompt("cat"), SIDE, COUNT)
+    class_set = ClassImageSet.for_model(tmp_path, model_fingerprint(tiny_pipeline), class_prompt("cat"), SIDE, COUNT,
+                                        STEPS)
     stop = []
     status = class_set.ensure(tiny_pipeline, batch_size=COUNT, deadline=None, should_stop=lambda: bool(stop),
                               on_image=lambda done, count: stop.append(True))
@@ -52,7 +54,7 @@ def test_another_worker_finishing_the_same_set_meanwhile_leaves_one_complete_set
     """Two idle GPUs prefill the same classes: one finishes the set and clears its latent parts while the other is
     between two chunks of it."""
     monkeypatch.setattr(priors, "LATENT_CHUNK", CHUNK)
-    key = (tmp_path, model_fingerprint(tiny_pipeline), class_prompt("man"), SIDE, COUNT)
+    key = (tmp_path, model_fingerprint(tiny_pipeline), class_prompt("man"), SIDE, COUNT, STEPS)
     mine = ClassImageSet.for_model(*key)
     assert mine.ensure(tiny_pipeline, batch_size=COUNT, deadline=None, should_stop=lambda: False,
                        should_yield=lambda: True) == "paused"  # the images and the first chunk
@@ -78,7 +80,8 @@ def test_parts_of_another_chunk_size_left_by_an_older_run_are_not_taken_for_this
                                                                                      monkeypatch):
     """A kill between two chunks, then a version with another LATENT_CHUNK: the set's latents are still one pass's."""
     monkeypatch.setattr(priors, "LATENT_CHUNK", 2 * CHUNK)
-    class_set = ClassImageSet.for_model(tmp_path, model_fingerprint(tiny_pipeline), class_prompt("boy"), SIDE, COUNT)
+    class_set = ClassImageSet.for_model(tmp_path, model_fingerprint(tiny_pipeline), class_prompt("boy"), SIDE, COUNT,
+                                        STEPS)
     assert class_set.ensure(tiny_pipeline, batch_size=COUNT, deadline=None, should_stop=lambda: False,
                             should_yield=lambda: True) == "paused"  # the images and a part of 16
     assert class_set.latents_encoded() == f"{2 * CHUNK}/{COUNT}"

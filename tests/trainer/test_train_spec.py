@@ -17,8 +17,8 @@ from trainer.contract.train_spec import MEMBER_OPTIONS, TRAIN_OPTIONS, TrainSpec
 # finished training.json no longer match); the others do not. A new field goes into exactly one of the two sets.
 FINGERPRINTED = {"concept_id", "token", "class_name", "style", "steps", "seed", "train_text_encoder", "rank",
                  "learning_rate", "text_encoder_learning_rate", "batch_size", "resolution", "prior_preservation",
-                 "class_images", "prior_loss_weight", "snr_gamma", "flip", "max_grad_norm", "gradient_checkpointing",
-                 "deterministic"}
+                 "class_images", "class_image_steps", "prior_loss_weight", "snr_gamma", "flip", "max_grad_norm",
+                 "gradient_checkpointing", "deterministic"}
 NOT_FINGERPRINTED = {"photos_dir", "out_dir", "slice_s", "cuda_graphs", "sample_count", "preview_every", "preview_path",
                      "base_model"}
 

@@ -13,12 +13,13 @@ from safetensors.torch import load_file
 
 from tests.trainer.training_helpers import make_spec, pipeline_state, write_noise_photos
 from trainer.contract.imagine_request import ImagineRequest
+from trainer.contract.train_spec import spec_default
 from trainer.generation.service import GenerationService
 from trainer.training import checkpoint
 from trainer.training.engine import train_concept
-from trainer.training.images import SAMPLER_STEPS
 from trainer.training.live import LiveTrainings
 
+CLASS_STEPS = spec_default("class_image_steps")  # sampler steps per class image
 STEPS = 5
 RECIPE = dict(steps=STEPS, flip=True, prior_preservation=False, sample_count=0)
 # Resuming from a checkpoint file is bit-identical with prior preservation on (test_training_resume.py); without
@@ -147,7 +148,7 @@ def test_a_held_training_another_lane_went_on_with_resumes_from_the_newer_file(t
     # Asked after each sampler step of the class images' batch, once they are made, once the inputs are cached, then
     # at each step boundary after the first.
     paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live,
-                           should_yield=lambda: asked.append(True) or len(asked) >= SAMPLER_STEPS + 4)
+                           should_yield=lambda: asked.append(True) or len(asked) >= CLASS_STEPS + 4)
     assert (paused.status, paused.step) == ("paused", 2) and live.held is not None
     live.held.checkpoints.wait()
     state = checkpoint.load_state(spec.out_dir, live.held.job.fingerprint)

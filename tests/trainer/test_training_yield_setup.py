@@ -10,15 +10,17 @@ import numpy as np
 
 from tests.trainer.test_training_yield import FROM_FILE, _imagine, _pixels, _same_lora
 from tests.trainer.training_helpers import make_spec, pipeline_state, write_noise_photos
+from trainer.contract.train_spec import spec_default
 from trainer.generation.fast_unet import UNetGraphs
 from trainer.generation.service import GenerationService
 from trainer.training import images
-from trainer.training.engine import train_concept
 from trainer.training.images import SAMPLER_STEPS
+from trainer.training.engine import train_concept
 from trainer.training.live import LiveTrainings
 from trainer.worker import describe_run
 
 FIVE_CLASS_IMAGES = dict(FROM_FILE, class_images=5)  # on CPU two a batch: batches of 2, 2 and 1
+CLASS_STEPS = spec_default("class_image_steps")
 
 
 def _always() -> bool:
@@ -58,7 +60,7 @@ def _after_the_class_images():
 
     def should_yield() -> bool:
         asked.append(True)
-        return len(asked) > SAMPLER_STEPS
+        return len(asked) > CLASS_STEPS
     return should_yield
 
 
@@ -78,11 +80,11 @@ def test_a_training_yielding_in_its_class_images_goes_on_from_memory_with_what_i
 
     live, cache = LiveTrainings(), tmp_path / "c2"
     spec = make_spec(photos, tmp_path / "yielded", **FIVE_CLASS_IMAGES)
-    paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_on_ask(SAMPLER_STEPS + 4))
+    paused = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_on_ask(CLASS_STEPS + 4))
     assert (paused.status, paused.step, paused.run.get("phase"), paused.run.get("phase_detail")) == (
-        "paused", 0, "class_images", f"2/5, the next batch at sampler step 3/{SAMPLER_STEPS}")
+        "paused", 0, "class_images", f"2/5, the next batch at sampler step 3/{CLASS_STEPS}")
     assert describe_run(paused).endswith(
-        f"paused in class images 2/5, the next batch at sampler step 3/{SAMPLER_STEPS}")
+        f"paused in class images 2/5, the next batch at sampler step 3/{CLASS_STEPS}")
     held = live.held
     assert held is not None  # resident: the scope, the class images' graphs and the batch in progress kept
     scope = held.scope
@@ -92,7 +94,7 @@ def test_a_training_yielding_in_its_class_images_goes_on_from_memory_with_what_i
 
     again = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live, should_yield=_always)
     assert (again.status, again.run["from"], again.run.get("phase_detail")) == (
-        "paused", "memory", f"2/5, the next batch at sampler step 4/{SAMPLER_STEPS}")  # one step on: none made twice
+        "paused", "memory", f"2/5, the next batch at sampler step 4/{CLASS_STEPS}")  # one step on: none made twice
     assert live.held is held and held.scope is scope  # not rebuilt
 
     done = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live)
@@ -120,7 +122,7 @@ def test_a_training_held_in_its_class_images_dropped_leaves_the_pipeline_as_foun
     live.drop()  # e.g. another training needs the memory
     assert pipeline_state(tiny_pipeline) == before
     assert (held.scope, held.class_graphs_owner) == (None, None)  # scope closed, graphs freed
-    assert live.class_batches.step(held.job.class_set.directory) == f"1/{SAMPLER_STEPS}"  # its batch outlives it
+    assert live.class_batches.step(held.job.class_set.directory) == f"1/{CLASS_STEPS}"  # its batch outlives it
 
     done = train_concept(tiny_pipeline, spec, cache_dir=cache, live=live)
     assert (done.status, done.run["from"], live.resumed) == ("done", "file", 0)

@@ -4,8 +4,8 @@ and the next prefill finishes a half-made set (and the batch it stopped in) with
 from __future__ import annotations
 
 from trainer.contract import protocol
+from trainer.contract.train_spec import spec_default
 from trainer.training.engine import class_prompt, train_concept
-from trainer.training.images import SAMPLER_STEPS
 from trainer.training.priors import ClassImageSet, model_fingerprint
 from trainer.worker import EventWriter, JobControl, Worker
 
@@ -14,10 +14,11 @@ from tests.trainer.test_worker_run_many import Events
 from tests.trainer.training_helpers import make_spec, write_noise_photos
 
 COUNT, SIDE = 4, 32  # 2 batches of 2 images (CPU) per class
+CLASS_STEPS = spec_default("class_image_steps")  # what a prefill makes them with
 
 
 def _set(pipe, cache, name) -> ClassImageSet:
-    return ClassImageSet.for_model(cache, model_fingerprint(pipe), class_prompt(name), SIDE, COUNT)
+    return ClassImageSet.for_model(cache, model_fingerprint(pipe), class_prompt(name), SIDE, COUNT, CLASS_STEPS)
 
 
 def test_prefill_fills_the_class_cache_when_idle_and_stops_for_a_members_job(tiny_pipeline, tiny_model_dir, tmp_path):
@@ -31,7 +32,7 @@ def test_prefill_fills_the_class_cache_when_idle_and_stops_for_a_members_job(tin
 
     def a_member_submits_during_the_second_batch(module, args, output):
         unet_calls.append(True)
-        if len(unet_calls) == SAMPLER_STEPS + 5:
+        if len(unet_calls) == CLASS_STEPS + 5:
             control.submit(member_job)
 
     hook = tiny_pipeline.unet.register_forward_hook(a_member_submits_during_the_second_batch)
@@ -40,7 +41,7 @@ def test_prefill_fills_the_class_cache_when_idle_and_stops_for_a_members_job(tin
         assert events.events[-1] == protocol.prefill_state("stopped")
         man, dog = _set(tiny_pipeline, cache, "man"), _set(tiny_pipeline, cache, "dog")
         assert man.missing() == [2, 3] and dog.missing() == list(range(COUNT))
-        assert worker.live.class_batches.step(man.directory) == f"5/{SAMPLER_STEPS}"  # the member waited one step
+        assert worker.live.class_batches.step(man.directory) == f"5/{CLASS_STEPS}"  # the member waited one step
         assert control.jobs.get_nowait() == member_job  # the member's job is next, untouched
         control.ended(7)
         made_first = {i: man.image_path(i).stat().st_mtime_ns for i in (0, 1)}
@@ -51,10 +52,10 @@ def test_prefill_fills_the_class_cache_when_idle_and_stops_for_a_members_job(tin
     assert events.events[-1] == protocol.prefill_state("complete")
     assert man.complete and dog.complete
     assert {i: man.image_path(i).stat().st_mtime_ns for i in (0, 1)} == made_first  # resumed, not made again
-    assert len(unet_calls) == 4 * SAMPLER_STEPS  # two sets of two batches: the stopped batch went on at its step 5
+    assert len(unet_calls) == 4 * CLASS_STEPS  # two sets of two batches: the stopped batch went on at its step 5
     assert {e["class_name"] for e in events.events if e.get("state") == "progress"} == {"man", "dog"}  # styles: none
     uninterrupted = ClassImageSet.for_model(tmp_path / "uninterrupted", model_fingerprint(tiny_pipeline),
-                                            class_prompt("man"), SIDE, COUNT)
+                                            class_prompt("man"), SIDE, COUNT, CLASS_STEPS)
     assert uninterrupted.ensure(tiny_pipeline, batch_size=2, deadline=None, should_stop=lambda: False) == "complete"
     assert all(_pixels(man.image_path(i)).tolist() == _pixels(uninterrupted.image_path(i)).tolist()
                for i in range(COUNT))

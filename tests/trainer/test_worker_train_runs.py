@@ -5,13 +5,14 @@ the adapters needs that memory."""
 from __future__ import annotations
 
 from trainer.contract import protocol
+from trainer.contract.train_spec import spec_default
 from trainer.generation.service import GenerationService
-from trainer.training.images import SAMPLER_STEPS
 from trainer.worker import EventWriter, JobControl, Worker
 
 from tests.trainer.test_worker_run_many import Events
 from tests.trainer.training_helpers import write_noise_photos
 
+CLASS_STEPS = spec_default("class_image_steps")  # sampler steps per class image
 JOB = 9
 
 
@@ -50,7 +51,7 @@ def test_a_training_yielding_in_its_class_images_keeps_generation_memory_and_eac
     assert releases == []  # /imagine's graphs were not freed for class images
     log = capfd.readouterr().err
     assert f"worker: job {JOB}: started at step 0; setup " in log
-    assert f"paused in class images 0/4, the next batch at sampler step 1/{SAMPLER_STEPS}" in log
+    assert f"paused in class images 0/4, the next batch at sampler step 1/{CLASS_STEPS}" in log
 
     done = _run(worker, control, events, params, someone_waits=False)
     assert done["event"] == "done"

@@ -109,9 +109,14 @@ class TrainSpec:
     prior_preservation: bool | None = option(None, fingerprint=True, lora=True, cli="--prior",
                                              help="prior preservation: also train on generated images of the class "
                                                   "(default: on, except for styles)")
-    class_images: int = option(100, fingerprint=True, lora=True, cli="--class-images",
+    class_images: int = option(48, fingerprint=True, lora=True, cli="--class-images",
                                help="prior-preservation images of the class (default: %(default)s)",
                                label="class images", range=Range(1, 2000), when=lambda spec: spec.uses_prior)
+    # DPM-Solver++ steps per class image (trainer/training/images.py SAMPLER_STEPS is /imagine's)
+    class_image_steps: int = option(10, fingerprint=True, lora=True, cli="--class-image-steps",
+                                    help="sampler steps per class image (default: %(default)s)",
+                                    label="class image sampler steps", range=Range(1, 150),
+                                    when=lambda spec: spec.uses_prior)
     prior_loss_weight: float = option(1.0, fingerprint=True, label="the prior loss weight", range=Range(0))
     snr_gamma: float | None = option(5.0, fingerprint=True, label="snr_gamma", range=Range(0, above=True))
     flip: bool = option(False, fingerprint=True)
@@ -187,6 +192,11 @@ class TrainSpec:
                 continue
             if value not in rules.range:
                 raise UserError(f"Training settings: {rules.label or name} {rules.range.rule()}.")
+
+
+def spec_default(name: str):
+    """The value a TrainSpec field `name` has when a job does not set it."""
+    return next(f.default for f in dataclasses.fields(TrainSpec) if f.name == name)
 
 
 def options_of(spec_class: type) -> dict[str, Option]:

@@ -158,7 +158,8 @@ def _prepare_job(pipe, spec: TrainSpec, cache_dir: Path) -> _Job:
     class_set = None
     if spec.uses_prior:
         prompts.append(class_prompt(spec.class_name))
-        class_set = ClassImageSet.for_model(cache_dir, model_fp, prompts[-1], resolution, spec.class_images)
+        class_set = ClassImageSet.for_model(cache_dir, model_fp, prompts[-1], resolution, spec.class_images,
+                                             spec.class_image_steps)
     fingerprint = hashlib.sha256(json.dumps(
         [spec.fingerprint_fields(), photos_digest(photos), model_fp, resolution, total, prompts,
          str(class_set.directory.name) if class_set else None], sort_keys=True, default=str).encode()).hexdigest()

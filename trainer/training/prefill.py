@@ -10,15 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import dataclasses
-
 from trainer.contract.naming import class_kind
-from trainer.contract.train_spec import TrainSpec
+from trainer.contract.train_spec import spec_default
 from trainer.training.priors import UnfinishedBatches
-
-
-def default_class_images() -> int:
-    return int(next(f.default for f in dataclasses.fields(TrainSpec) if f.name == "class_images"))
 
 
 def uses_class_images(class_name: str) -> bool:
@@ -38,7 +32,8 @@ def prefill_class_images(pipe, class_names, *, cache_dir: Path, count: int | Non
     from trainer.training.lora_scope import LoraTrainingScope
     from trainer.training.priors import ClassImageSet, model_fingerprint
 
-    count = count or default_class_images()
+    count = count or spec_default("class_images")
+    steps = spec_default("class_image_steps")
     resolution = resolution or _native_resolution(pipe)
     model_fp = model_fingerprint(pipe)
     batch = 8 if pipe.unet.device.type == "cuda" else 2
@@ -49,7 +44,8 @@ def prefill_class_images(pipe, class_names, *, cache_dir: Path, count: int | Non
                 continue
             if should_stop():
                 return False
-            class_set = ClassImageSet.for_model(Path(cache_dir), model_fp, class_prompt(name), resolution, count)
+            class_set = ClassImageSet.for_model(Path(cache_dir), model_fp, class_prompt(name), resolution, count,
+                                                steps)
             report = None if on_image is None else (lambda done, total, name=name: on_image(name, done, total))
             # Stopping here is a pause (kept in `unfinished`), not a cancel: nobody's job is given up.
             if class_set.ensure(pipe, batch_size=batch, deadline=None, should_stop=lambda: False,

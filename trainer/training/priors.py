@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.contract.files import write_text_atomic
-from trainer.training.images import (GUIDANCE_SCALE, SAMPLER_STEPS, PausedBatch, free_graphs, generate_pausable,
+from trainer.training.images import (GUIDANCE_SCALE, PausedBatch, free_graphs, generate_pausable,
                                      save_image_atomic, unet_graphs)
 
 PRIORS_DIR = "priors"
@@ -30,7 +30,11 @@ LATENT_PARTS = "latent-parts"  # latents of LATENT_CHUNK images each, while the 
 # an /imagine sent meanwhile waits for: 16 took 0.37-0.68 s on an H200 (PNG decoding and the VAE, photo and mirror).
 LATENT_CHUNK = 8
 PRIOR_SEED = 1_000_003  # image i uses seed PRIOR_SEED + i
-RECIPE = f"dpmsolver++/{SAMPLER_STEPS}/cfg{GUIDANCE_SCALE}/seed{PRIOR_SEED}"
+
+
+def recipe(steps: int) -> str:
+    """How a set's images are made, part of its cache key (20 steps: the key every set had before steps could vary)."""
+    return f"dpmsolver++/{steps}/cfg{GUIDANCE_SCALE}/seed{PRIOR_SEED}"
 
 
 def model_fingerprint(pipe) -> str:
@@ -53,12 +57,14 @@ class ClassImageSet:
     prompt: str
     resolution: int
     count: int
+    steps: int  # sampler steps per image
 
     @classmethod
-    def for_model(cls, cache_dir: Path, model_fp: str, prompt: str, resolution: int, count: int) -> "ClassImageSet":
-        key_source = json.dumps([model_fp, prompt, resolution, count, RECIPE])
+    def for_model(cls, cache_dir: Path, model_fp: str, prompt: str, resolution: int, count: int,
+                  steps: int) -> "ClassImageSet":
+        key_source = json.dumps([model_fp, prompt, resolution, count, recipe(steps)])
         key = hashlib.sha256(key_source.encode()).hexdigest()[:24]
-        return cls(Path(cache_dir) / PRIORS_DIR / key, prompt, resolution, count)
+        return cls(Path(cache_dir) / PRIORS_DIR / key, prompt, resolution, count, steps)
 
     def image_path(self, index: int) -> Path:
         return self.directory / f"{index:03d}.png"
@@ -100,7 +106,7 @@ class ClassImageSet:
         if not self._write_latents(pipe, wants_pause, should_stop):
             return "cancelled" if should_stop() else "paused"
         self._write_json(INFO_FILE, {"prompt": self.prompt, "resolution": self.resolution, "count": self.count,
-                                     "recipe": RECIPE, "created": time.time()})
+                                     "recipe": recipe(self.steps), "created": time.time()})
         return "complete"
 
     def _generate_missing(self, pipe, batch_size, wants_pause, should_stop, on_image, graphs,
@@ -118,7 +124,7 @@ class ClassImageSet:
             if generated_any and wants_pause():
                 return "paused"
             seeds = [PRIOR_SEED + i for i in group]
-            images = generate_pausable(pipe, self.prompt, seeds, self.resolution, graphs=graphs,
+            images = generate_pausable(pipe, self.prompt, seeds, self.resolution, steps=self.steps, graphs=graphs,
                                        should_pause=pause_in_batch,
                                        paused=None if unfinished is None else unfinished.take(self.directory, seeds))
             if isinstance(images, PausedBatch):
