@@ -50,6 +50,7 @@ def _pixels(directory: Path) -> list[bytes]:
 def main(argv=None) -> dict:
     import torch
 
+    from trainer.contract.train_spec import spec_default
     from trainer.training.images import unet_graphs
     from trainer.training.priors import ClassImageSet, UnfinishedBatches, model_fingerprint
 
@@ -65,7 +66,8 @@ def main(argv=None) -> dict:
     fingerprint = model_fingerprint(pipe)
 
     def class_set(name: str) -> ClassImageSet:
-        return ClassImageSet.for_model(root / name, fingerprint, "a photo of a man", side, batch * args.batches)
+        return ClassImageSet.for_model(root / name, fingerprint, "a photo of a man", side, batch * args.batches,
+                                       spec_default("class_image_steps"))
 
     with unet_graphs(pipe) as graphs:
         whole, batch_ends = class_set("whole"), []

@@ -56,6 +56,7 @@ class Settings:
     compile_unet: bool = False
     compile_ahead: str = "auto"  # trainer/generation/aot_kernels.py
     train_memory: str = "auto"  # trainer/training/memory.py
+    gpu_memory_gib: float | None = None  # at most this much of the GPU (trainer/training/memory.py limit_gpu_memory)
     log_level: str = "INFO"
     ray_cpu_workers: int = 0  # Ray without GPUs (tests, trying it out): this many CPU actors instead of one per GPU
     ray_fallback: str = "none"  # "local": Ray unreachable at start -> one local worker instead of a SetupError
@@ -280,6 +281,7 @@ _KEYS: dict[str, tuple[str, object]] = {
     "BOOTHBOT_COMPILE_UNET": ("compile_unet", _bool),
     "BOOTHBOT_COMPILE_AHEAD": ("compile_ahead", _choice("auto", "on", "off")),
     "BOOTHBOT_TRAIN_MEMORY": ("train_memory", _choice("auto", "low", "fast")),
+    "BOOTHBOT_GPU_MEMORY_GIB": ("gpu_memory_gib", _optional(_float(4, 4096))),
     "BOOTHBOT_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
     "BOOTHBOT_RAY_CPU_WORKERS": ("ray_cpu_workers", _int(0, 256)),
     "BOOTHBOT_RAY_FALLBACK": ("ray_fallback", _choice("none", "local")),

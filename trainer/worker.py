@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-memory", choices=("auto", "low", "fast"), default="auto",
                         help="training's memory setting: low (gradient checkpointing: SDXL training + serving fit a "
                              "24 GB card), fast, or auto (low for SDXL on GPUs under 40 GB; default)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="use at most this much of the GPU's memory, as if the card had no more (a GPU shared "
+                             "with other programs; default: all of it)")
     parser.add_argument("--warm-up", choices=("auto", "on", "off"), default="auto",
                         help="one throwaway /imagine before reporting ready, so the first member's does not pay for "
                              "the CUDA graph capture (auto: on CUDA devices)")
@@ -740,14 +743,16 @@ MEMORY_EVENTS = {"ready", *protocol.JOB_END_EVENTS}
 
 def with_gpu_memory(event: dict, device: str) -> dict:
     """`event` with a `gpu_memory` field: the CUDA device's memory now, in bytes (`reserved` by this process, its
-    `peak` so far, the card's `total`), which the bot's metrics show per lane."""
+    `peak` so far, the card's `total`, or the limit set for the worker), which the bot's metrics show per lane."""
     import torch
+
+    from trainer.training.memory import total_gib
 
     index = torch.device(device).index
     index = torch.cuda.current_device() if index is None else index
     return {**event, "gpu_memory": {"reserved": torch.cuda.memory_reserved(index),
                                     "peak": torch.cuda.max_memory_reserved(index),
-                                    "total": torch.cuda.get_device_properties(index).total_memory}}
+                                    "total": int(total_gib(index) * 2**30)}}
 
 
 def exit_fatal(writer: EventWriter, error: str, detail: str, code: int) -> NoReturn:
@@ -794,6 +799,10 @@ def run(args: argparse.Namespace) -> int:
         device = pick_device(args.device)
         dtype = pick_dtype(device, args.dtype)
         writer.gpu = device if device.startswith("cuda") else None
+        if args.gpu_memory_gib and device.startswith("cuda"):
+            from trainer.training.memory import limit_gpu_memory
+
+            limit_gpu_memory(torch.device(device), args.gpu_memory_gib)
         pipe = None
         if not args.no_model:
             from trainer.compat import check_stack

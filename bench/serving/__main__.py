@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--burst-rounds", type=int, default=3, help="bursts (default 3)")
     parser.add_argument("--compile-ahead", choices=("off", "auto", "on"), default="auto",
                         help="the bot's BOOTHBOT_COMPILE_AHEAD (default auto, the bot's default)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="the bot's BOOTHBOT_GPU_MEMORY_GIB: the worker uses at most this much of the GPU and "
+                             "chooses its settings as on such a card (e.g. 11.5 for a 12 GB card; default: all of it)")
     parser.add_argument("--settle", type=float, default=None,
                         help="before /imagine alone, wait up to this many seconds (the bot idle) until the shapes the "
                              "worker compiles ahead of time are in use, as in a bot that has run a while "
@@ -89,7 +92,7 @@ async def through_the_bot(args: argparse.Namespace, workdir: Path, served: dict)
     fake = ServingDiscord()
     await fake.start()
     bot = ServedBot(fake, workdir, model, args.device, recipe=TINY_RECIPE if args.tiny else None,
-                    timeout_s=args.timeout, compile_ahead=args.compile_ahead)
+                    timeout_s=args.timeout, compile_ahead=args.compile_ahead, gpu_memory_gib=args.gpu_memory_gib)
     try:
         await bot.start()
         await measure(bot, plan_of(args), served)
@@ -151,7 +154,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                    "recipe": TINY_RECIPE if args.tiny else "default", "imagine_options": plan_of(args).imagine_options,
                    "repeats": args.repeats, "during_after_s": args.during_after,
                    "during_every_s": args.during_every, "burst_members": args.burst_members,
-                   "burst_rounds": args.burst_rounds, "command": "python -m bench.serving " + shlex.join(argv)},
+                   "burst_rounds": args.burst_rounds, "gpu_memory_gib": args.gpu_memory_gib, "command": "python -m bench.serving " + shlex.join(argv)},
         "served": served, "served_rows": served_rows(served), "engine": engine, "errors": errors,
     }
 

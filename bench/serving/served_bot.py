@@ -102,9 +102,10 @@ class ServedBot:
     """`python -m bot run` on a fresh data directory in `workdir`, its log in `workdir/bot.log`."""
 
     def __init__(self, fake: ServingDiscord, workdir: Path, model: str, device: str, *, recipe: dict | None = None,
-                 timeout_s: float = 900.0, compile_ahead: str = "off"):
+                 timeout_s: float = 900.0, compile_ahead: str = "off", gpu_memory_gib: float | None = None):
         self.fake, self.workdir, self.model, self.device = fake, workdir, model, device
         self.compile_ahead = compile_ahead  # BOOTHBOT_COMPILE_AHEAD
+        self.gpu_memory_gib = gpu_memory_gib  # BOOTHBOT_GPU_MEMORY_GIB: a smaller card's settings on a big GPU
         self.recipe = recipe  # a TRAIN_RECIPE for the bot process (--tiny keeps trainings short); None: the default
         self.timeout_s = timeout_s
         self.log_path = workdir / "bot.log"
@@ -120,6 +121,8 @@ class ServedBot:
                                        compile_ahead=self.compile_ahead)
         if self.device != "cpu":
             env["BOOTHBOT_DTYPE"] = "auto"
+        if self.gpu_memory_gib:
+            env["BOOTHBOT_GPU_MEMORY_GIB"] = f"{self.gpu_memory_gib:g}"
         self.metrics_port = _free_port()
         env["BOOTHBOT_METRICS_PORT"] = str(self.metrics_port)
         setup = (f"import bot.services.submissions as submissions; submissions.TRAIN_RECIPE = {self.recipe!r}\n"

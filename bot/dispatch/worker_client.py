@@ -35,7 +35,8 @@ STREAM_LIMIT = 16 * 1024 * 1024  # longest line we accept (tracebacks in `detail
 def worker_command(*, model: str | None, data_dir: Path | str, device: str = "auto", dtype: str = "auto",
                    threads: int | None = None, compile_unet: bool = False, debug: bool = False,
                    train_memory: str = "auto", models: dict[str, str] | None = None, resident: int = 1,
-                   compile_ahead: str = "auto", python: str = sys.executable) -> list[str]:
+                   compile_ahead: str = "auto", gpu_memory_gib: float | None = None,
+                   python: str = sys.executable) -> list[str]:
     """The argv that starts the worker; `model=None` starts one without a base model (selftest jobs only).
     `models`: every base model jobs may name (name -> reference, the default included), `resident`: how many may
     stay loaded. `debug`: the libraries' own warnings and progress bars reach the log too (trainer/quiet.py)."""
@@ -52,6 +53,8 @@ def worker_command(*, model: str | None, data_dir: Path | str, device: str = "au
         argv += ["--train-memory", train_memory]
     if compile_ahead != "auto":
         argv += ["--compile-ahead", compile_ahead]
+    if gpu_memory_gib:
+        argv += ["--gpu-memory-gib", f"{gpu_memory_gib:g}"]
     if debug:
         argv += ["--debug"]
     return argv
@@ -109,6 +112,7 @@ class WorkerClient:
                                   dtype=settings.dtype, compile_unet=settings.compile_unet,
                                   models=settings.base_models, resident=settings.resident_models,
                                   train_memory=settings.train_memory, compile_ahead=settings.compile_ahead,
+                                  gpu_memory_gib=settings.gpu_memory_gib,
                                   debug=settings.log_level == "DEBUG"), **kwargs)
 
     @property

@@ -112,3 +112,39 @@ def test_a_training_moves_the_weights_to_its_layout_only_where_generations_graph
         assert channels_last(pipe.unet) is keeps
         assert (own_weights_key(pipe.unet) == before) is keeps
     assert channels_last(pipe.unet)  # generation's layout back either way
+
+
+def test_a_gpu_memory_limit_reaches_the_worker_and_a_bad_one_is_refused_by_name(tmp_path):
+    settings = load_settings({"DISCORD_TOKEN": "x", "BOOTHBOT_GPU_MEMORY_GIB": "11.5"}, env_file=None)
+    assert settings.gpu_memory_gib == 11.5
+    argv = worker_command(model="m", data_dir=tmp_path, gpu_memory_gib=settings.gpu_memory_gib)
+    assert argv[argv.index("--gpu-memory-gib") + 1] == "11.5"
+    unset = load_settings({"DISCORD_TOKEN": "x", "BOOTHBOT_GPU_MEMORY_GIB": ""}, env_file=None)
+    assert unset.gpu_memory_gib is None
+    assert "--gpu-memory-gib" not in worker_command(model="m", data_dir=tmp_path, gpu_memory_gib=None)
+    for wrong in ("12GB", "1"):
+        with pytest.raises(SettingsError, match="BOOTHBOT_GPU_MEMORY_GIB"):
+            load_settings({"DISCORD_TOKEN": "x", "BOOTHBOT_GPU_MEMORY_GIB": wrong}, env_file=None)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_memory_limit_is_what_the_auto_settings_see_and_the_allocator_keeps(monkeypatch):
+    import types
+
+    import torch
+
+    import trainer.training.memory as memory
+
+    device = torch.device("cuda", 0)
+    monkeypatch.setattr(memory, "_limit_gib", None)
+    real = memory.total_gib(device)
+    try:
+        memory.limit_gpu_memory(torch.device("cuda"), 2.0)  # as the worker passes it: no index
+        assert memory.total_gib(device) == 2.0
+        on_cuda = types.SimpleNamespace(unet=types.SimpleNamespace(device=device))
+        assert memory.keeps_generation_memory(on_cuda) is False  # as on a small card
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(int(3 * 2**30), dtype=torch.uint8, device=device)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    assert real > 2.0

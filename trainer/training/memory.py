@@ -33,11 +33,31 @@ VAE_WHOLE_BATCH_GIB = 40.0
 VAE_WHOLE_BATCH_EXTRA_GB = 4.5
 
 
+# What the worker may use of its GPU, in GiB (BOOTHBOT_GPU_MEMORY_GIB, `limit_gpu_memory`); None: all of it.
+_limit_gib: float | None = None
+
+
 def total_gib(device) -> float:
-    """A CUDA device's memory in all, in GiB (what the auto settings compare against)."""
+    """A CUDA device's memory in all, in GiB, or the limit set for this process if lower (what the auto settings
+    compare against)."""
     import torch
 
-    return torch.cuda.get_device_properties(device).total_memory / 2**30
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return total if _limit_gib is None else min(total, _limit_gib)
+
+
+def limit_gpu_memory(device, gib: float) -> None:
+    """Use at most `gib` GiB of `device` from now on, as if the GPU had no more: the auto settings choose as for such
+    a card and torch's allocator refuses (out of memory) beyond it. For a GPU shared with other programs, and to
+    measure a small card's settings on a big one."""
+    import torch
+
+    global _limit_gib
+    device = torch.device(device)
+    index = torch.cuda.current_device() if device.index is None else device.index  # "cuda": the current one
+    total = torch.cuda.get_device_properties(index).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib / total), index)
+    _limit_gib = gib
 
 
 def gradient_checkpointing_for(mode: str, pipe) -> bool:
