@@ -14,8 +14,8 @@ from pathlib import Path
 
 from trainer.contract.files import write_atomic
 
-# /imagine's sampler read alike at 20, 25 and 30 steps on the world model (docs/BENCHMARKS.md, session 13); class
-# images at 20 or 25 trained alike LoRAs (docs/TRAINING.md, "Batch size")
+# /imagine's sampler read alike at 20, 25 and 30 steps on the world model (docs/BENCHMARKS.md, session 13); samples
+# and previews use it too. Class images have their own count (TrainSpec.class_image_steps: 10, docs/TRAINING.md)
 SAMPLER_STEPS = 20
 GUIDANCE_SCALE = 7.5
 SAMPLER_LABEL = "DPM++ 2M"  # A1111's name for DPM-Solver++ made from SD's scheduler config, as below
