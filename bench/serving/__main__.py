@@ -154,7 +154,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                    "recipe": TINY_RECIPE if args.tiny else "default", "imagine_options": plan_of(args).imagine_options,
                    "repeats": args.repeats, "during_after_s": args.during_after,
                    "during_every_s": args.during_every, "burst_members": args.burst_members,
-                   "burst_rounds": args.burst_rounds, "gpu_memory_gib": args.gpu_memory_gib, "command": "python -m bench.serving " + shlex.join(argv)},
+                   "burst_rounds": args.burst_rounds, "gpu_memory_gib": args.gpu_memory_gib,
+                   "command": "python -m bench.serving " + shlex.join(argv)},
         "served": served, "served_rows": served_rows(served), "engine": engine, "errors": errors,
     }
 
