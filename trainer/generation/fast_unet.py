@@ -19,8 +19,8 @@ the graphs were released for a training) or in a member's request when its graph
 yielded training is held in the UNet (`training_held()`): such a capture failed on the H200 (cuDNN:
 CUDNN_STATUS_BAD_PARAM_STREAM_MISMATCH, 2026-12-02), costing that member ~2 s and the package for good. Then the
 request gets the eager forward's graph, and the next idle moment captures the compiled one. A failed capture falls
-back the same way; a package is refused only after MAX_CAPTURE_TRIES failed captures. Warm-up and capture share one
-side stream (lazy per-stream state, such as cuDNN's, is then set up before the capture, not in it).
+back the same way; a package is refused only after MAX_CAPTURE_TRIES failed captures in a row. Warm-up and capture
+share one side stream (lazy per-stream state, such as cuDNN's, is then set up before the capture, not in it).
 
 `installed()` points the UNet instance's `forward` at the graph runner for the duration of a request and restores it
 on exit; calls the graphs can't serve (gradients on, other extra conditioning, CPU tensors) run eagerly. Whether the
@@ -54,7 +54,7 @@ def keep_compiled_kernels(data_dir: Path) -> Path:
 
 
 ADDED_CONDITIONING = ("text_embeds", "time_ids")  # SDXL's, the only added_cond_kwargs a graph takes
-MAX_CAPTURE_TRIES = 3  # failed captures of a compiled forward's graph before the package is refused
+MAX_CAPTURE_TRIES = 3  # failed captures in a row of a compiled forward's graph before the package is refused
 
 
 class _Entry:
@@ -88,7 +88,7 @@ class UNetGraphs:
         self._weights_key = None  # the UNet's own weights' place: what the graphs read
         self._tuner_layers: list = []
         self._adopting = False  # in adopt_compiled: the GPU is idle
-        self._capture_failures: dict[str, int] = {}  # compiled forward's name -> failed captures so far
+        self._capture_failures: dict[str, int] = {}  # compiled forward's name -> failed captures since a success
 
     @staticmethod
     def usable(unet) -> bool:
@@ -265,9 +265,12 @@ class UNetGraphs:
         ahead = self._compiled_ahead(*static)  # also notes the shape for the compiling process
         if ahead is not None and (self._adopting or not self.training_held()):
             try:
-                return self._capture_with(key, static, shape, ahead)
+                entry = self._capture_with(key, static, shape, ahead)
             except Exception as exc:  # noqa: BLE001 - a package that cannot be graphed costs speed, never a request
                 self._capture_failed(shape.name, exc)
+            else:
+                self._capture_failures.pop(shape.name, None)  # refused only after failures in a row
+                return entry
         return self._capture_with(key, static, shape, None)
 
     def _capture_failed(self, name: str, exc: Exception) -> None:
