@@ -466,12 +466,16 @@ class Worker:
 
     def prefill(self, message: dict) -> None:
         """Make class images while nothing else waits; any request arriving stops it at the next sampler step (the
-        batch it stopped in goes on at the next prefill)."""
+        batch it stopped in goes on at the next prefill). First, remove the sets no training used for UNUSED_DAYS."""
         from trainer.training.prefill import prefill_class_images
+        from trainer.training.priors import UNUSED_DAYS, prune_unused
 
         if self.pipe is None:
             return
         self.live.drop()  # the GPU is idle: nobody resumes it soon, and the memory is better spent here
+        for directory in prune_unused(self.data_dir / "cache"):
+            print(f"worker: removed the class images in {directory.name}: unused for {UNUSED_DAYS} days",
+                  file=sys.stderr, flush=True)
         try:
             complete = prefill_class_images(
                 self.pipe, message["classes"], cache_dir=self.data_dir / "cache", count=message.get("count"),

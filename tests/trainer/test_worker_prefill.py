@@ -67,3 +67,32 @@ def test_prefill_fills_the_class_cache_when_idle_and_stops_for_a_members_job(tin
                                                   class_images=COUNT, resolution=SIDE),
                          cache_dir=cache, on_progress=lambda info: stages.append(info.stage))
     assert done.status == "done" and "class_images" not in stages
+
+
+def test_an_idle_worker_removes_the_class_images_no_training_used_for_a_month(tiny_pipeline, tiny_model_dir,
+                                                                              tmp_path, capfd):
+    """Sets of a class nobody trains any more, or made by an earlier recipe, do not stay on disk for good: the worker
+    removes them when it is idle, and keeps the ones a training read lately however old they are."""
+    import os
+    import time
+
+    from trainer.training.priors import UNUSED_DAYS
+
+    cache = tmp_path / "cache"
+    used, unused, unfinished = (_set(tiny_pipeline, cache, name) for name in ("man", "dog", "cat"))
+    for complete in (used, unused):
+        assert complete.ensure(tiny_pipeline, batch_size=2, deadline=None, should_stop=lambda: False) == "complete"
+    assert unfinished.ensure(tiny_pipeline, batch_size=2, deadline=None, should_stop=lambda: False,
+                             should_yield=lambda: True) == "paused"  # one batch of two images, then nothing
+    long_ago = time.time() - (UNUSED_DAYS + 1) * 86400
+    for directory in (used.directory, unused.directory, unfinished.directory):
+        for path in [directory, *directory.rglob("*")]:
+            os.utime(path, (long_ago, long_ago))
+    used.latents()  # a training read it today
+
+    worker = Worker(EventWriter(Events()), JobControl(), pipe=tiny_pipeline, device="cpu", model=str(tiny_model_dir),
+                    data_dir=tmp_path)
+    worker.prefill(protocol.prefill(["style"], count=COUNT, resolution=SIDE))  # idle; styles need no class images
+    assert used.complete and not unused.directory.exists() and not unfinished.directory.exists()
+    log = capfd.readouterr().err
+    assert f"removed the class images in {unused.directory.name}: unused for {UNUSED_DAYS} days" in log

@@ -7,12 +7,18 @@ seed and is renamed into place when written, so a training that yields or runs o
 racing on the same class only ever leave whole images behind, and finishing the set later gives the same images.
 The latents are encoded LATENT_CHUNK images at a time, each chunk kept in latent-parts/ until the set's file is
 written, so a yield waits for one chunk, not for the whole set.
+
+A set no training has read for UNUSED_DAYS is removed (`prune_unused`, when the worker is idle): sets of a class
+nobody trains any more, of a base model no longer served, or made by an earlier recipe would otherwise stay for good.
+Reading a set's latents marks it used (its info.json's time); made again, it costs seconds on a big GPU.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +36,7 @@ LATENT_PARTS = "latent-parts"  # latents of LATENT_CHUNK images each, while the 
 # an /imagine sent meanwhile waits for: 16 took 0.37-0.68 s on an H200 (PNG decoding and the VAE, photo and mirror).
 LATENT_CHUNK = 8
 PRIOR_SEED = 1_000_003  # image i uses seed PRIOR_SEED + i
+UNUSED_DAYS = 30  # a set no training read for this long is removed
 
 
 def recipe(steps: int) -> str:
@@ -145,10 +152,13 @@ class ClassImageSet:
             list(pool.map(lambda i, image: save_image_atomic(image, self.image_path(i)), indices, images))
 
     def latents(self):
-        """(mean, std) [2, count, C, h, w] float32 CPU tensors, as `train_data.encode_latents` returns them."""
+        """(mean, std) [2, count, C, h, w] float32 CPU tensors, as `train_data.encode_latents` returns them. Marks the
+        set used (`prune_unused`)."""
         from safetensors.torch import load_file
 
         tensors = load_file(str(self.directory / LATENTS_FILE))
+        with contextlib.suppress(OSError):  # a read-only cache only loses the mark
+            os.utime(self.directory / INFO_FILE)
         return tensors["mean"], tensors["std"]
 
     def latents_encoded(self) -> str:
@@ -169,8 +179,6 @@ class ClassImageSet:
         """Encodes the chunks not yet in latent-parts/, then writes the set's file. False: stopped between two chunks
         (asked to yield or stop; at least one chunk is encoded first, so a call always makes progress). 100 images
         at 512² take ≈ 3 s on an H200 (PNG decoding and the VAE), one chunk a fraction of a second."""
-        import shutil
-
         import torch
         from safetensors.torch import load_file
 
@@ -208,6 +216,28 @@ class ClassImageSet:
 
     def _write_json(self, name: str, data: dict) -> None:
         write_text_atomic(self.directory / name, json.dumps(data, indent=2))
+
+
+def prune_unused(cache_dir: Path, *, days: float = UNUSED_DAYS, now: float | None = None,
+                 keep: set[Path] = frozenset()) -> list[Path]:
+    """Remove the class-image sets under cache_dir/priors/ that nothing has used for `days`: a complete set whose
+    latents no training read since (info.json's time), an unfinished one nobody added to since (its newest file).
+    `keep`: sets not to touch (a held training's). Returns what was removed."""
+    now = time.time() if now is None else now
+    removed = []
+    for directory in sorted(Path(cache_dir, PRIORS_DIR).glob("*")):
+        if not directory.is_dir() or directory in keep:
+            continue
+        info = directory / INFO_FILE
+        try:
+            last = info.stat().st_mtime if info.is_file() else max(
+                (path.stat().st_mtime for path in directory.rglob("*")), default=directory.stat().st_mtime)
+        except OSError:  # another worker removed it meanwhile
+            continue
+        if now - last > days * 86400:
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed
 
 
 class UnfinishedBatches:
