@@ -218,15 +218,14 @@ class ClassImageSet:
         write_text_atomic(self.directory / name, json.dumps(data, indent=2))
 
 
-def prune_unused(cache_dir: Path, *, days: float = UNUSED_DAYS, now: float | None = None,
-                 keep: set[Path] = frozenset()) -> list[Path]:
+def prune_unused(cache_dir: Path, *, days: float = UNUSED_DAYS, now: float | None = None) -> list[Path]:
     """Remove the class-image sets under cache_dir/priors/ that nothing has used for `days`: a complete set whose
     latents no training read since (info.json's time), an unfinished one nobody added to since (its newest file).
-    `keep`: sets not to touch (a held training's). Returns what was removed."""
+    Returns what was removed."""
     now = time.time() if now is None else now
     removed = []
     for directory in sorted(Path(cache_dir, PRIORS_DIR).glob("*")):
-        if not directory.is_dir() or directory in keep:
+        if not directory.is_dir():
             continue
         info = directory / INFO_FILE
         try:
