@@ -3,6 +3,7 @@ cache, cancellation, user errors. Resume is in test_training_resume.py, learning
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -181,15 +182,18 @@ def test_class_images_are_generated_once_and_reused(tiny_pipeline, photos, tmp_p
     [prior_dir] = (cache / "priors").iterdir()
     files = sorted(prior_dir.iterdir())
     assert [f.name for f in files] == ["000.png", "001.png", "002.png", "info.json", "latents.safetensors"]
-    stamps = {f.name: f.stat().st_mtime_ns for f in files}
     assert any(e.stage == "class_images" for e in first_events)
+    os.utime(prior_dir / "info.json", ns=(0, 0))  # made long ago
+    stamps = {f.name: f.stat().st_mtime_ns for f in files}
 
     other = write_solid_photos(tmp_path / "other-photos", 3)
     train_concept(tiny_pipeline, make_spec(other, tmp_path / "two", concept_id="c2", token="zorblat", steps=1,
                                            sample_count=0, class_images=3),
                   cache_dir=cache, on_progress=second_events.append)
     assert not any(e.stage == "class_images" for e in second_events)
-    assert {f.name: f.stat().st_mtime_ns for f in prior_dir.iterdir()} == stamps
+    after = {f.name: f.stat().st_mtime_ns for f in prior_dir.iterdir()}
+    assert after["info.json"] > 0  # reading it marked the set used today (priors.prune_unused)
+    assert {**after, "info.json": None} == {**stamps, "info.json": None}  # nothing made or written again
 
     # Another class (or count) is another set.
     train_concept(tiny_pipeline, make_spec(photos, tmp_path / "three", class_name="dog", steps=1, sample_count=0,

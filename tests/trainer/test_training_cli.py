@@ -134,7 +134,7 @@ def test_cli_flags_come_from_the_spec_options():
     defaults = build_parser().parse_args(base)
     flagged = {name for name, rules in TRAIN_OPTIONS.items() if rules.cli}
     assert flagged == {"style", "steps", "seed", "slice_s", "train_text_encoder", "rank", "learning_rate",
-                       "batch_size", "resolution", "prior_preservation", "class_images"}
+                       "batch_size", "resolution", "prior_preservation", "class_images", "class_image_steps"}
     assert {name: getattr(defaults, name) for name in ("steps", "seed", "rank", "prior_preservation", "style")} == {
         "steps": None, "seed": 0, "rank": 16, "prior_preservation": None, "style": False}
     args = build_parser().parse_args([*base, "--lr", "0.001", "--no-prior", "--no-text-encoder", "--style",
