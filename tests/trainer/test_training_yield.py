@@ -11,15 +11,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.trainer.training_helpers import make_spec, pipeline_state, write_noise_photos
+from tests.trainer.training_helpers import CLASS_STEPS, make_spec, pipeline_state, write_noise_photos
 from trainer.contract.imagine_request import ImagineRequest
-from trainer.contract.train_spec import spec_default
 from trainer.generation.service import GenerationService
 from trainer.training import checkpoint
 from trainer.training.engine import train_concept
 from trainer.training.live import LiveTrainings
 
-CLASS_STEPS = spec_default("class_image_steps")  # sampler steps per class image
 STEPS = 5
 RECIPE = dict(steps=STEPS, flip=True, prior_preservation=False, sample_count=0)
 # Resuming from a checkpoint file is bit-identical with prior preservation on (test_training_resume.py); without

@@ -9,18 +9,16 @@ from contextlib import contextmanager
 import numpy as np
 
 from tests.trainer.test_training_yield import FROM_FILE, _imagine, _pixels, _same_lora
-from tests.trainer.training_helpers import make_spec, pipeline_state, write_noise_photos
-from trainer.contract.train_spec import spec_default
+from tests.trainer.training_helpers import CLASS_STEPS, make_spec, pipeline_state, write_noise_photos
 from trainer.generation.fast_unet import UNetGraphs
 from trainer.generation.service import GenerationService
 from trainer.training import images
-from trainer.training.images import SAMPLER_STEPS
 from trainer.training.engine import train_concept
+from trainer.training.images import SAMPLER_STEPS
 from trainer.training.live import LiveTrainings
 from trainer.worker import describe_run
 
 FIVE_CLASS_IMAGES = dict(FROM_FILE, class_images=5)  # on CPU two a batch: batches of 2, 2 and 1
-CLASS_STEPS = spec_default("class_image_steps")
 
 
 def _always() -> bool:

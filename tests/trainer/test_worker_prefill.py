@@ -4,17 +4,15 @@ and the next prefill finishes a half-made set (and the batch it stopped in) with
 from __future__ import annotations
 
 from trainer.contract import protocol
-from trainer.contract.train_spec import spec_default
 from trainer.training.engine import class_prompt, train_concept
 from trainer.training.priors import ClassImageSet, model_fingerprint
 from trainer.worker import EventWriter, JobControl, Worker
 
 from tests.trainer.test_training_yield import _pixels
 from tests.trainer.test_worker_run_many import Events
-from tests.trainer.training_helpers import make_spec, write_noise_photos
+from tests.trainer.training_helpers import CLASS_STEPS, make_spec, write_noise_photos
 
 COUNT, SIDE = 4, 32  # 2 batches of 2 images (CPU) per class
-CLASS_STEPS = spec_default("class_image_steps")  # what a prefill makes them with
 
 
 def _set(pipe, cache, name) -> ClassImageSet:

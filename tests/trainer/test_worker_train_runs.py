@@ -5,14 +5,12 @@ the adapters needs that memory."""
 from __future__ import annotations
 
 from trainer.contract import protocol
-from trainer.contract.train_spec import spec_default
 from trainer.generation.service import GenerationService
 from trainer.worker import EventWriter, JobControl, Worker
 
 from tests.trainer.test_worker_run_many import Events
-from tests.trainer.training_helpers import write_noise_photos
+from tests.trainer.training_helpers import CLASS_STEPS, write_noise_photos
 
-CLASS_STEPS = spec_default("class_image_steps")  # sampler steps per class image
 JOB = 9
 
 

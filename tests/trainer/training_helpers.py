@@ -6,10 +6,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from trainer.contract.train_spec import spec_default
 from trainer.training.engine import TrainSpec
 
 # 32 px (16×16 latents on the tiny model) keeps a CPU step around 0.1 s; everything else is the real recipe.
 FAST = dict(resolution=32, class_images=2, sample_count=1, rank=4)
+CLASS_STEPS = spec_default("class_image_steps")  # sampler steps per class image, a training's and a prefill's
 
 
 def write_solid_photos(directory: Path, count: int, colour=(230, 20, 200), size: int = 64) -> Path:

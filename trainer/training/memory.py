@@ -37,12 +37,16 @@ VAE_WHOLE_BATCH_EXTRA_GB = 4.5
 _limit_gib: float | None = None
 
 
+def _card_gib(device) -> float:
+    import torch
+
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
 def total_gib(device) -> float:
     """A CUDA device's memory in all, in GiB, or the limit set for this process if lower (what the auto settings
     compare against)."""
-    import torch
-
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    total = _card_gib(device)
     return total if _limit_gib is None else min(total, _limit_gib)
 
 
@@ -55,8 +59,7 @@ def limit_gpu_memory(device, gib: float) -> None:
     global _limit_gib
     device = torch.device(device)
     index = torch.cuda.current_device() if device.index is None else device.index  # "cuda": the current one
-    total = torch.cuda.get_device_properties(index).total_memory / 2**30
-    torch.cuda.set_per_process_memory_fraction(min(1.0, gib / total), index)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib / _card_gib(index)), index)
     _limit_gib = gib
 
 
