@@ -78,13 +78,15 @@ async def measure(bot: ServedBot, plan: Plan, out: dict) -> None:
                                    **seconds([t.seconds for t in with_concept[1:]])}
 
     # Other photos of the same class: only the class images are shared with the first training.
-    warm, during_warm = await train_while_others_imagine(bot, member("owner2"), TOKENS[1],
+    owner2 = member("owner2")
+    warm, during_warm = await train_while_others_imagine(bot, owner2, TOKENS[1],
                                                          photo_bytes(PHOTOS, plan.photo_side, 2), visitor, plan)
     out["train_warm_s"] = round(warm.seconds, 2)
     out["train_warm_parts"] = train_breakdown(bot.db_path, 1, warm.sent, warm.ended, clock)
     out["imagine_during_training"] = during_figures(during_cold, during_warm)
 
     out["burst"] = await bursts(bot, plan, clock)
+    out["burst_concepts"] = await concept_bursts(bot, plan, clock, (owner, owner2))
     out["gpu_peak_gb"] = await bot.gpu_peak_gb()
 
 
@@ -114,14 +116,33 @@ async def train_while_others_imagine(bot: ServedBot, owner, token: str, photos: 
     return await training, latencies
 
 
-async def bursts(bot: ServedBot, plan: Plan, clock: WallClock) -> dict:
+async def concept_bursts(bot: ServedBot, plan: Plan, clock: WallClock, owners) -> dict:
+    """Bursts as `bursts`, each member's /imagine with one of the two trained concepts (shared first), alternating:
+    every batch mixes two LoRAs, so it runs through generation's mixed-LoRA slot. The first round runs the slot's
+    forward before it is compiled (`first_round_s`); then, settled (`plan.settle_s`), the timed rounds."""
+    for owner, token in zip(owners, TOKENS):
+        await bot.share(owner, token)
+
+    def prompt(round_: int, i: int) -> str:
+        return f"a photo of {TOKENS[i % 2]} {CLASS_NAME} number {round_}-{i}"
+
+    first = await bursts(bot, plan, clock, prompt=prompt, round_count=1, label="mixed")
+    out = {"first_round_s": first["rounds_s"][0]}
+    if plan.settle_s:
+        out["compiled_ahead"] = await bot.settle_compiled(plan.settle_s)
+    return {**out, **await bursts(bot, plan, clock, prompt=prompt, label="mixed")}
+
+
+async def bursts(bot: ServedBot, plan: Plan, clock: WallClock, *, prompt=None, round_count: int | None = None,
+                 label: str = "burst") -> dict:
     """`burst_members` members' /imagine sent at once, to the last result, `burst_rounds` times: images/s; and where
     the time went for the member served last in each round (`last_parts`, medians over the rounds)."""
-    members = [bot.fake.member(f"burst{i}") for i in range(plan.burst_members)]
+    members = [bot.fake.member(f"{label}{i}") for i in range(plan.burst_members)]
+    prompt = prompt or (lambda round_, i: f"a photo of a cat number {round_}-{i}")
     rounds, lasts = [], []
-    for round_ in range(plan.burst_rounds):
+    for round_ in range(plan.burst_rounds if round_count is None else round_count):
         started = time.monotonic()
-        timed = await asyncio.gather(*(bot.imagine(m, f"a photo of a cat number {round_}-{i}", **plan.imagine_options)
+        timed = await asyncio.gather(*(bot.imagine(m, prompt(round_, i), **plan.imagine_options)
                                        for i, m in enumerate(members)))
         last = max(timed, key=lambda t: t.ended)
         rounds.append(last.ended - started)

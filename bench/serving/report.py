@@ -18,6 +18,9 @@ SERVED_ROWS = (
     ("/imagine with the new concept, p50 (s)", ("imagine_with_concept", "p50_s"), None, True),
     ("/imagine with the new concept, p99 (s)", ("imagine_with_concept", "p99_s"), None, True),
     ("burst of members' /imagine at once (images/s)", ("burst", "images_per_s_overall"), 8.0, False),
+    # the same with each member's prompt naming one of two trained concepts: every batch mixes LoRAs
+    ("burst with members' concepts mixed (images/s)", ("burst_concepts", "images_per_s_overall"), None, False),
+    ("its first round, before that forward is compiled (s)", ("burst_concepts", "first_round_s"), None, True),
     ("bot start -> worker ready (s)", ("start_to_ready_s",), None, True),
     # measured from /imagine alone on: 0 when the worker does not compile ahead (a CPU, a GPU under 22 GB, or off)
     ("forward shapes compiled ahead of time and in use", ("compiled_ahead", "in_use"), None, False),
@@ -76,6 +79,10 @@ def markdown(report: dict) -> str:
     burst = _at(report, ("served", "burst")) or {}
     if burst.get("images_per_s"):
         lines.append(f"\nburst rounds: {burst['rounds_s']} s -> {burst['images_per_s']} images/s")
+    mixed = _at(report, ("served", "burst_concepts")) or {}
+    if mixed.get("images_per_s"):
+        lines.append(f"\nbursts with concepts mixed: {mixed['rounds_s']} s -> {mixed['images_per_s']} images/s "
+                     f"(first round {mixed['first_round_s']} s)")
     if burst.get("last_parts"):
         lines += ["", "| where a burst round's time went (its last result; median over the rounds) | s |",
                   "| --- | ---: |"]

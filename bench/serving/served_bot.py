@@ -201,6 +201,15 @@ class ServedBot:
             raise BenchFailed(f"/imagine job {job_id} failed: {self.fake.failure(job_id)}\n{self.log_tail()}")
         return Timed(job_id, sent, self.fake.result_at[job_id] - sent)
 
+    async def share(self, owner: FakeMember, token: str) -> None:
+        """`/concepts share`: every member may use the concept from now on."""
+        interaction = await self.fake.command(owner, "concepts", [{"name": "concept", "type": 3, "value": token}],
+                                              subcommand=["share"])
+        answer = await self._wait(lambda: interaction.text() if interaction.followups or interaction.replies
+                                  else None, f"the answer to {owner.name}'s /concepts share")
+        if "now shared" not in answer:
+            raise BenchFailed(f"sharing {token} was refused: {answer}")
+
     async def train(self, member: FakeMember, token: str, class_name: str, photos: list[bytes]) -> Timed:
         """A /train with these photos to the "`token` is ready" post in the channel."""
         attachments = [self.fake.add_attachment(f"photo{i}.png", data) for i, data in enumerate(photos)]

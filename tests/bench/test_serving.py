@@ -51,6 +51,9 @@ def test_tiny_serving_bench_measures_every_figure_through_the_bot_beside_the_eng
     assert 0 < last["engine_s"] <= last["worker_s"]
     total = sum(value for name, value in last.items() if name != "engine_s")
     assert abs(total - statistics.median(burst["rounds_s"])) < 0.5 * statistics.median(burst["rounds_s"]), last
+    mixed = served["burst_concepts"]  # the two trained concepts, shared, alternating over the members
+    assert mixed["members"] == 8 and len(mixed["rounds_s"]) == 3 and mixed["first_round_s"] > 0
+    assert mixed["images_per_s_overall"] > 0 and mixed["last_parts"]["engine_s"] > 0
     assert all(row["value"] is not None for row in report["served_rows"] if row["figure"] != "gpu_peak_gb"), \
         report["served_rows"]
     assert served["gpu_peak_gb"] is None  # a CPU worker reports no GPU memory to the metrics endpoint

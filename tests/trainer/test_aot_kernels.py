@@ -64,9 +64,10 @@ def compiled(tiny_model_dir, lora, tmp_path_factory):
     eager_slot = serve_through_the_slot("eager")  # also wraps the UNet's layers in peft's: base weights renamed
     wanted = list(service.aot.wanted.values())
     started = service.aot.compiles_started  # by the requests themselves
-    service.aot.wait(COMPILE_TIMEOUT_S)
-    service.aot.loader_ready.wait(COMPILE_TIMEOUT_S)  # an idle worker adopts once torch's loader is prepared
-    service.idle()
+    for _ in range(2):  # the requests' process compiles the bare forward; the next idle moment starts the slot's
+        service.aot.wait(COMPILE_TIMEOUT_S)
+        service.aot.loader_ready.wait(COMPILE_TIMEOUT_S)  # an idle worker adopts once torch's loader is prepared
+        service.idle()
     calls = service.aot.calls
     ahead = serve("ahead")
     facts = {"wanted": wanted, "started": started, "calls_before": calls, "calls_after": service.aot.calls}
@@ -78,17 +79,23 @@ def compiled(tiny_model_dir, lora, tmp_path_factory):
     service.stop_compiling()
 
 
+def bare_shape(compiled) -> ForwardShape:
+    return next(shape for shape in compiled["facts"]["wanted"] if shape.slot is None)
+
+
 def test_a_served_shape_is_compiled_in_another_process_and_then_serves_the_same_images(compiled):
     facts, kernels = compiled["facts"], compiled["service"].aot
-    assert len(facts["wanted"]) == 1 and facts["started"] == 1  # 1 image with CFG: 2 rows of 8x8 latents
-    shape = facts["wanted"][0]
+    # 1 image with CFG: 2 rows of 8x8 latents, bare (the LoRA folded) and through the slot
+    assert [shape.slot is None for shape in facts["wanted"]] == [True, False] and facts["started"] == 1
+    assert kernels.compiles_started == 2  # the slot's shape: by the next idle moment, once the first process ended
+    shape = bare_shape(compiled)
     assert shape.sample[0] == 2 and shape.name in kernels.loaded, kernels.refused
     assert (kernels.dir / f"{shape.name}.pt2").is_file() and "done in" in (kernels.dir / "compile.log").read_text()
     # The compiling process loaded and checked it before saying it is done; its marker is gone.
     assert json.loads((kernels.dir / f"{shape.name}.json").read_text())["check_s"] >= 0
     assert not list(kernels.dir.glob("*.checking"))
-    # Adopting ran it once, to check it against the eager forward; then both requests, 3 steps each.
-    assert facts["calls_before"] == 1 and facts["calls_after"] == 1 + 2 * 3
+    # Adopting ran each once, to check it against the eager forward; then both requests, 3 steps each.
+    assert facts["calls_before"] == 2 and facts["calls_after"] == 2 + 2 * 3
     for name in ("plain", "lora"):
         for eager, ahead in zip(compiled["eager"][name].images, compiled["ahead"][name].images):
             assert same_image(eager, ahead), name
@@ -102,7 +109,7 @@ def test_the_compiled_forward_reads_the_live_weights_and_their_changes_in_place(
     (a value compiled in would show here, not necessarily in a tiny model's images), changes in place included."""
     service = compiled["service"]
     kernels, unet = service.aot, service.pipe.unet
-    shape = compiled["facts"]["wanted"][0]
+    shape = bare_shape(compiled)
     generator = torch.Generator().manual_seed(3)
     sample, timestep, hidden, added = shape.example_inputs("cpu", channels_last=False)
     sample.normal_(generator=generator)
@@ -127,10 +134,36 @@ def test_the_compiled_forward_reads_the_live_weights_and_their_changes_in_place(
             bias.copy_(saved)
 
 
-def test_an_active_adapter_keeps_the_eager_forward(compiled):
+def test_rows_with_different_loras_run_the_forward_compiled_with_the_slot(compiled):
+    """Members' LoRAs mixed in one batch go through generation's slot (an active adapter): a forward compiled with
+    the slot (its weights and mask read from the live UNet) serves them, with the images of the eager slot."""
+    service = compiled["service"]
     eager, ahead = compiled["slots"]
-    assert compiled["facts"]["slot_calls"] == 0
+    assert compiled["facts"]["slot_calls"] == 3  # one a step
     assert same_image(eager.images[0], ahead.images[0])
+    slotted = next(shape for shape in compiled["facts"]["wanted"] if shape.slot is not None)
+    assert slotted.slot == service.adapters.layout() and slotted.slot.rank == service.adapters.rank
+    assert slotted.name in service.aot.checked and "mixed" in slotted.describe()
+    assert np.abs(pixels(ahead.images[0]) - pixels(compiled["ahead"]["plain"].images[0])).mean() > 5  # the LoRA acts
+
+
+def test_another_active_adapter_keeps_the_eager_forward(compiled):
+    """An adapter other than the slot alone (a training's) is in no compiled forward."""
+    from peft import LoraConfig
+
+    service = compiled["service"]
+    unet, graphs = service.pipe.unet, service.graphs
+    inputs = bare_shape(compiled).random_inputs("cpu", channels_last=False)
+    assert graphs._compiled_ahead(*inputs) is not None
+    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name="members_training")
+    try:
+        graphs._check_params()
+        assert graphs._adapter_active() and graphs._compiled_ahead(*inputs) is None
+    finally:
+        service.pipe.delete_adapters(["members_training"])
+        service.adapters.deactivate()  # peft made the slot active in its place
+        graphs._check_params()
+    assert graphs._compiled_ahead(*inputs) is not None
 
 
 def test_weights_in_another_layout_use_the_eager_forward_until_the_layout_comes_back(compiled, tmp_path):
@@ -156,7 +189,7 @@ def test_a_restarted_worker_uses_the_packages_from_its_first_request_without_com
     assert not again.aot.loaded  # adopting is idle work (the worker: before its warm-up), not a request's
     again.aot.loader_ready.wait(COMPILE_TIMEOUT_S)
     again.idle()
-    assert again.aot.dir == service.aot.dir and list(again.aot.loaded) == list(service.aot.loaded)
+    assert again.aot.dir == service.aot.dir and set(again.aot.loaded) == set(service.aot.loaded)
     first = again.imagine(request(tmp_path, "first"))
     assert again.aot.calls == 1 + 3 and not again.aot.wanted and again.aot.compiles_started == 0
     assert same_image(first.images[0], compiled["eager"]["plain"].images[0])
@@ -181,7 +214,7 @@ def test_an_idle_worker_adopts_only_once_the_loader_is_prepared_off_the_job_thre
     release.set()
     assert service.aot.loader_ready.wait(60)
     service.idle()
-    assert list(service.aot.loaded) == list(compiled["service"].aot.loaded)
+    assert set(service.aot.loaded) == set(compiled["service"].aot.loaded)
 
 
 def test_a_package_compiled_for_other_strides_is_refused_not_run(compiled, tmp_path):
@@ -189,14 +222,17 @@ def test_a_package_compiled_for_other_strides_is_refused_not_run(compiled, tmp_p
     copy = tmp_path / "aot"
     shutil.copytree(compiled["root"] / "aot", copy)
     kernels = AotKernels(service.pipe.unet, copy)
-    meta_path = next(kernels.dir.glob("*.json"))
-    meta = json.loads(meta_path.read_text())
-    name = PREFIX + "conv_in.weight"
-    meta["constants"][name][1] = list(reversed(meta["constants"][name][1]))
-    meta_path.write_text(json.dumps(meta))
+    metas = sorted(kernels.dir.glob("*.json"))
+    assert len(metas) == 2  # the bare forward and the slotted one
+    for meta_path in metas:
+        meta = json.loads(meta_path.read_text())
+        name = PREFIX + "conv_in.weight"
+        meta["constants"][name][1] = list(reversed(meta["constants"][name][1]))
+        meta_path.write_text(json.dumps(meta))
     assert kernels.adopt() == [] and not kernels.loaded
-    assert "conv_in.weight" in kernels.refused[meta_path.stem]
-    kernels.want(ForwardShape.from_json(meta["shape"]))
+    for meta_path in metas:
+        assert "conv_in.weight" in kernels.refused[meta_path.stem]
+        kernels.want(ForwardShape.from_json(json.loads(meta_path.read_text())["shape"]))
     assert not kernels.wanted  # refused: not compiled again and again
 
 
@@ -213,7 +249,7 @@ def test_a_package_that_computes_something_else_is_refused_when_adopted(compiled
     facts = architecture(pipe.unet)
     assert facts["config"]["act_fn"] == "silu"
     spec = {"config": {**facts["config"], "act_fn": "gelu"}, "dtype": facts["dtype"], "channels_last": False,
-            "device": "cpu", "out_dir": str(directory), "shapes": [compiled["facts"]["wanted"][0].to_json()]}
+            "device": "cpu", "out_dir": str(directory), "shapes": [bare_shape(compiled).to_json()]}
     directory.mkdir(parents=True)
     (directory / "compile.spec").write_text(json.dumps(spec))
     subprocess.run([sys.executable, "-m", "trainer.generation.aot_compile", str(directory / "compile.spec")],
@@ -221,7 +257,7 @@ def test_a_package_that_computes_something_else_is_refused_when_adopted(compiled
     service = GenerationService(pipe, model_name="tiny", aot_dir=tmp_path / "aot", max_batch_images=1)
     service.aot.loader_ready.wait(COMPILE_TIMEOUT_S)
     service.idle()
-    name = compiled["facts"]["wanted"][0].name
+    name = bare_shape(compiled).name
     assert not service.aot.loaded and "off the eager forward" in service.aot.refused[name]
     service.imagine(request(tmp_path, "eager"))
     assert service.aot.calls == 1 and not service.aot.wanted  # the one call was the check; not compiled again
@@ -260,6 +296,48 @@ def test_the_architecture_key_follows_what_the_kernels_depend_on(tiny_pipeline):
     finally:
         unet.to(memory_format=torch.contiguous_format)
     assert architecture_key(unet) == key
+
+
+def test_live_constants_with_the_slot_are_what_the_slotted_compile_reads(compiled):
+    """The worker's names for its tensors (the slot's layers keep peft's `base_layer`, the slot's weights are in)
+    are exactly the constants of the UNet the compiling process builds with that slot."""
+    from trainer.generation.aot_compile import UNetForward, build_unet, constants_layout
+    from trainer.generation.aot_shapes import architecture
+
+    service = compiled["service"]
+    unet, layout = service.pipe.unet, service.adapters.layout()
+    facts = architecture(unet)
+    module = UNetForward(build_unet({**facts, "device": "cpu"}), layout)
+    assert set(live_constants(unet, layout)) == set(constants_layout(module))
+    assert any(".lora_A.gen_slot." in name for name in constants_layout(module))
+
+
+def test_a_restarted_worker_binds_the_slotted_forward_when_its_slot_appears_and_checks_it_first(
+        compiled, lora, tiny_model_dir, tmp_path):
+    """After a restart the slot is made by the first batch of mixed LoRAs: until then the slotted package waits
+    unbound; that batch runs eagerly (the package is not checked in this process yet), the next idle moment checks
+    it, and the batches after it run compiled."""
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype="fp32")
+    service = GenerationService(pipe, model_name="tiny", aot_dir=compiled["root"] / "aot", max_batch_images=1)
+    service.aot.loader_ready.wait(COMPILE_TIMEOUT_S)
+    service.idle()
+    slotted = next(shape.name for shape in compiled["facts"]["wanted"] if shape.slot is not None)
+    assert slotted in service.aot.loaded and slotted in service.aot.unbound and not service.aot.refused
+
+    def mixed(name):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(generation, "same_loras", lambda groups: False)
+            return service.imagine(request(tmp_path, name, concepts=[concept({"sid": lora}, "sid", weight=0.9)]))
+
+    calls = service.aot.calls
+    first = mixed("first")
+    assert service.aot.calls == calls and slotted not in service.aot.unbound and slotted not in service.aot.checked
+    service.idle()
+    assert slotted in service.aot.checked and service.aot.calls == calls + 1
+    second = mixed("second")
+    assert service.aot.calls == calls + 1 + 3 and service.aot.compiles_started == 0
+    reference = compiled["slots"][0].images[0]
+    assert same_image(first.images[0], reference) and same_image(second.images[0], reference)
 
 
 def test_live_constants_name_base_weights_as_the_bare_unet_does(compiled):
@@ -457,5 +535,5 @@ def test_an_idle_worker_adopts_packages_that_appear(compiled, tiny_model_dir, tm
     finally:
         worker.control.jobs.put(None)
         serving.join(60)
-    assert list(kernels.loaded) == list(compiled["service"].aot.loaded) and not serving.is_alive()
+    assert set(kernels.loaded) == set(compiled["service"].aot.loaded) and not serving.is_alive()
     assert "worker: compiled UNet forward in use for 2 rows of 32x32 latents" in capfd.readouterr().err

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from trainer.generation.aot_kernels import bind_by_reference, live_constants, load_package
-from trainer.generation.aot_shapes import ForwardShape, dtype_name, relative_error, too_far_off
+from trainer.generation.aot_shapes import ForwardShape, SlotLayout, dtype_name, relative_error, too_far_off
 from trainer.generation.aot_toolchain import choose_compiler, use_compiler
 
 # Weights out of the package, and none inlined into the kernels (inductor inlines small ones by default, e.g. the 4
@@ -41,14 +41,38 @@ INDUCTOR_OPTIONS = {"aot_inductor.package_constants_in_so": False, "always_keep_
 
 
 class UNetForward(torch.nn.Module):
-    """The forward the worker's CUDA graphs call (trainer/generation/fast_unet.py `_plain`), as a module to export."""
+    """The forward the worker's CUDA graphs call (trainer/generation/fast_unet.py `_plain`), as a module to export.
+    With `slot`: the UNet holds generation's mixed-LoRA slot, active (its weights random here, the worker's own at
+    run time), and the forward takes the slot's mask as a fifth input."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, slot: SlotLayout | None = None):
         super().__init__()
         self.unet = unet
+        self.slot = slot
+        self._mask: list = [None]
+        if slot is not None:
+            from trainer.generation.lora_slots import SLOT_NAME, add_slot, slot_layout
 
-    def forward(self, sample, timestep, hidden, added: dict):
-        return self.unet(sample, timestep, hidden, added_cond_kwargs=added or None, return_dict=False)[0]
+            layers, _ = add_slot(unet, list(slot.targets), slot.rank, lambda: self._mask[0])
+            if slot_layout(layers) != slot:
+                raise CheckFailed(f"this UNet's slot came out as {slot_layout(layers)}, not as asked")
+            for layer in layers.values():
+                layer.set_adapter([SLOT_NAME], inference_mode=True)
+
+    def forward(self, sample, timestep, hidden, added: dict, mask=None):
+        self._mask[0] = mask
+        try:
+            return self.unet(sample, timestep, hidden, added_cond_kwargs=added or None, return_dict=False)[0]
+        finally:
+            self._mask[0] = None
+
+    def example_inputs(self, shape: ForwardShape, *, channels_last: bool, random: bool = False) -> tuple:
+        device = next(self.parameters()).device
+        if random:
+            inputs = shape.random_inputs(device, channels_last=channels_last)
+        else:
+            inputs = shape.example_inputs(device, channels_last=channels_last)
+        return inputs if shape.slot is None else (*inputs, shape.random_mask(device))
 
 
 def build_unet(spec: dict):
@@ -74,7 +98,7 @@ class CheckFailed(Exception):
 
 
 def compile_shape(module: UNetForward, shape: ForwardShape, out_dir: Path, *, channels_last: bool) -> Path:
-    inputs = shape.example_inputs(next(module.parameters()).device, channels_last=channels_last)
+    inputs = module.example_inputs(shape, channels_last=channels_last)
     started = time.monotonic()
     with torch.no_grad():
         program = torch.export.export(module, inputs, strict=False)
@@ -109,8 +133,8 @@ def check_package(module: UNetForward, shape: ForwardShape, package: Path, *, ch
     device = next(module.parameters()).device
     try:
         model = load_package(package, device)
-        bind_by_reference(model, live_constants(module.unet), model.get_constant_fqns())
-        inputs = shape.random_inputs(device, channels_last=channels_last)
+        bind_by_reference(model, live_constants(module.unet, shape.slot), model.get_constant_fqns())
+        inputs = module.example_inputs(shape, channels_last=channels_last, random=True)
         with torch.no_grad():
             output = model(*inputs)
             eager = module(*inputs)
@@ -182,12 +206,14 @@ def main(argv: list[str]) -> int:
 
     if worker_gone():
         return 0
-    module = UNetForward(build_unet(spec))
+    module = None
     compiler_checked = False
-    for data in spec["shapes"]:
+    # The bare forwards first, then each slot's: one UNet (with that slot, or none) at a time.
+    shapes = sorted((ForwardShape.from_json(data) for data in spec["shapes"]),
+                    key=lambda shape: json.dumps(shape.slot.to_json()) if shape.slot is not None else "")
+    for shape in shapes:
         if worker_gone():
             return 0
-        shape = ForwardShape.from_json(data)
         if (out_dir / f"{shape.name}.json").exists():
             continue
         if crashed_while_checking(out_dir, shape):
@@ -207,6 +233,9 @@ def main(argv: list[str]) -> int:
                 return 0
         print(f"aot_compile: {shape.name}: {shape.describe()} ...", file=sys.stderr, flush=True)
         started = time.monotonic()
+        if module is None or module.slot != shape.slot:  # (a UNet that cannot be built ends the process)
+            module = None  # the last one's memory first
+            module = UNetForward(build_unet(spec), shape.slot)
         try:
             compile_shape(module, shape, out_dir, channels_last=spec["channels_last"])
         except Exception as exc:  # noqa: BLE001 - one shape that cannot compile must not stop the others

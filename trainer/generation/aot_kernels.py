@@ -38,8 +38,9 @@ from pathlib import Path
 
 import torch
 
-from trainer.generation.aot_shapes import (PREFIX, WEIGHTS_BOUND_ATTR, ForwardShape, architecture, architecture_key,
-                                          channels_last, dtype_name, inputs_in_layout)
+from trainer.generation.aot_shapes import (PREFIX, WEIGHTS_BOUND_ATTR, ForwardShape, SlotLayout, architecture,
+                                          architecture_key, channels_last, dtype_name, inputs_in_layout)
+from trainer.generation.lora_slots import SLOT_NAME, live_slot_layout
 
 AOT_CACHE = Path("cache") / "aot"  # under the bot's data directory
 SETTINGS = ("auto", "on", "off")
@@ -64,14 +65,22 @@ def compiles_ahead(setting: str, pipe, *, may_evict: bool = False) -> bool:
     return device.type == "cuda" and total_gib(device) >= AUTO_MIN_GIB.get(family_of(pipe).name, AUTO_MIN_GIB["sdxl"])
 
 
-def live_constants(unet) -> dict[str, torch.Tensor]:
-    """The UNet's own weights and buffers under the names the compiled code uses: peft's wrapped layers keep the base
-    weight at `<layer>.base_layer.weight`, the bare UNet at `<layer>.weight`; adapters' own weights are left out."""
+def live_constants(unet, slot: SlotLayout | None = None) -> dict[str, torch.Tensor]:
+    """The tensors a compiled forward reads, under the names its code uses. The bare UNet's: its own weights and
+    buffers; peft's wrapped layers keep the base weight at `<layer>.base_layer.weight`, the bare UNet at
+    `<layer>.weight`; adapters' own weights are left out. With `slot` (the UNet with generation's slot): the layers
+    holding the slot keep `base_layer`, and the slot's own weights are in too (other adapters' still are not)."""
+    held = set(slot.targets) if slot is not None else set()
     tensors = {}
     for name, tensor in [*unet.named_parameters(), *unet.named_buffers()]:
         if ".lora_" in name:
+            if held and (f".lora_A.{SLOT_NAME}." in name or f".lora_B.{SLOT_NAME}." in name):
+                tensors[PREFIX + name] = tensor
             continue
-        tensors[PREFIX + name.replace(".base_layer.", ".")] = tensor
+        layer, wrapped, rest = name.partition(".base_layer.")
+        if wrapped and layer not in held:
+            name = f"{layer}.{rest}"
+        tensors[PREFIX + name] = tensor
     return tensors
 
 
@@ -122,6 +131,7 @@ class AotKernels:
         self.shapes: dict[str, ForwardShape] = {}  # shape name -> the shape of each loaded package
         self.refused: dict[str, str] = {}     # shape name -> why it is not used
         self.unbound: set[str] = set()        # loaded, but the live weights' layout does not fit it now
+        self.checked: set[str] = set()        # loaded and checked against the eager forward in this process
         self._layouts: dict[str, dict] = {}   # shape name -> the constants' layout it was compiled for
         self._bound_to: dict[str, tuple] = {} # shape name -> what its constants point at (data_ptr, strides)
         self.wanted: dict[str, ForwardShape] = {}
@@ -133,15 +143,20 @@ class AotKernels:
         threading.Thread(target=self._prepare_loader, name="aot-loader", daemon=True).start()
 
     # --- serving -------------------------------------------------------------------------------------------------
-    def get(self, shape: ForwardShape):
-        """The compiled forward for `shape`, or None. The shape (and its largest batch) is noted for the compiling
-        process where it has no package."""
+    def get(self, shape: ForwardShape, *, unchecked: bool = False):
+        """The compiled forward for `shape`, or None; one not checked against the eager forward yet only with
+        `unchecked` (the check itself). The shape (and its largest batch) is noted for the compiling process where
+        it has no package."""
         self.want(shape)
-        return None if shape.name in self.unbound else self.loaded.get(shape.name)
+        if shape.name in self.unbound or not (unchecked or shape.name in self.checked):
+            return None
+        return self.loaded.get(shape.name)
 
-    def run(self, model, sample, timestep, hidden, added: dict) -> torch.Tensor:
+    def run(self, model, sample, timestep, hidden, added: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run a compiled forward; `mask`: the slot's, for a forward compiled with the slot (and only then)."""
         self.calls += 1
-        return model(*inputs_in_layout(sample, timestep, hidden, added, channels_last=self.channels_last))
+        inputs = inputs_in_layout(sample, timestep, hidden, added, channels_last=self.channels_last)
+        return model(*inputs) if mask is None else model(*inputs, mask)
 
     def want(self, shape: ForwardShape) -> None:
         for rows in (shape.sample[0], *self.batch_rows):
@@ -154,7 +169,7 @@ class AotKernels:
         """The UNet's parameters changed (layers wrapped or unwrapped by adapters, or weights re-allocated): point
         every package at the live tensors where they are not those already bound. One the live layout does not fit
         waits unused until it does; an error binding it only makes it wait too (a request never fails here)."""
-        live = live_constants(self.unet)
+        live = LiveConstants(self.unet)
         for name, model in self.loaded.items():
             try:
                 problem = self._bind(name, model, live)
@@ -187,11 +202,9 @@ class AotKernels:
                     if path.stem not in self.loaded and path.stem not in self.refused]
         if finished and not self.loader_ready.is_set():
             return []
-        adopted, live = [], None
+        adopted, live = [], LiveConstants(self.unet)
         for meta_path in finished:
-            name = meta_path.stem
-            live = live if live is not None else live_constants(self.unet)
-            shape = self._load(name, meta_path, live)
+            shape = self._load(meta_path.stem, meta_path, live)
             if shape is not None:
                 adopted.append(shape)
         for failed in self.dir.glob("*.failed"):
@@ -200,33 +213,45 @@ class AotKernels:
                 self.refuse(failed.stem, f"it could not be compiled or checked: {reason[:300]} (see {failed})")
         return adopted
 
-    def _load(self, name: str, meta_path: Path, live: dict) -> ForwardShape | None:
+    def _load(self, name: str, meta_path: Path, live: "LiveConstants") -> ForwardShape | None:
         try:
             meta = json.loads(meta_path.read_text())
+            shape = ForwardShape.from_json(meta["shape"])
             self._layouts[name] = meta["constants"]
             started = time.monotonic()
             model = load_package(self.dir / f"{name}.pt2", self.unet.conv_in.weight.device)
-            problem = self._bind(name, model, live)
+            self.shapes[name] = shape
+            waits = live.slot_problem(shape)  # compiled for a slot the UNet does not hold now: it may again
+            problem = None if waits else self._bind(name, model, live)
         except Exception as exc:  # noqa: BLE001 - a broken package costs speed, never a job
             problem = f"it could not be loaded: {exc}"
         if problem:
             self.refuse(name, problem)
             return None
-        _tell(f"compiled UNet forward {name} loaded in {time.monotonic() - started:.1f} s")
+        _tell(f"compiled UNet forward {name} loaded in {time.monotonic() - started:.1f} s"
+              + (f"; unused while {waits}" if waits else ""))
         self.loaded[name] = model
         self.wanted.pop(name, None)
-        self.shapes[name] = ForwardShape.from_json(meta["shape"])
-        return self.shapes[name]
+        if waits:
+            self.unbound.add(name)
+        return shape
 
     def serving(self) -> dict[str, ForwardShape]:
         """The loaded packages that fit the live weights now, by name."""
         return {name: self.shapes[name] for name in self.loaded if name not in self.unbound}
 
     def in_use(self, shape: ForwardShape) -> None:
-        """Say (in the bot's log) that a checked package now serves `shape`."""
+        """`shape`'s package passed the check against the eager forward: it serves from now on (said in the bot's
+        log)."""
+        self.checked.add(shape.name)
         _tell(f"compiled UNet forward in use for {shape.describe()}")
 
-    def _bind(self, name: str, model, live: dict) -> str | None:
+    def _bind(self, name: str, model, live: "LiveConstants") -> str | None:
+        shape = self.shapes[name]
+        problem = live.slot_problem(shape)
+        if problem is not None:
+            return problem
+        live = live.of(shape.slot)
         needed = model.get_constant_fqns()
         problem = layout_problem(self._layouts[name], live, needed)
         if problem is not None:
@@ -245,6 +270,7 @@ class AotKernels:
         self.loaded.pop(name, None)
         self.shapes.pop(name, None)
         self.unbound.discard(name)
+        self.checked.discard(name)
         _tell(f"compiled UNet forward {name} not used: {why}")
 
     # --- the compiling process ---------------------------------------------------------------------------------
@@ -302,6 +328,29 @@ class AotKernels:
                 self._process.wait(10)
             except subprocess.TimeoutExpired:
                 self._process.kill()
+
+
+class LiveConstants:
+    """The live UNet's tensors as compiled forwards name them (`live_constants`), worked out once per slot layout,
+    and the slot it holds now."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.slot = live_slot_layout(unet)
+        self._by_slot: dict[SlotLayout | None, dict[str, torch.Tensor]] = {}
+
+    def of(self, slot: SlotLayout | None) -> dict[str, torch.Tensor]:
+        if slot not in self._by_slot:
+            self._by_slot[slot] = live_constants(self.unet, slot)
+        return self._by_slot[slot]
+
+    def slot_problem(self, shape: ForwardShape) -> str | None:
+        """Why a forward compiled with generation's slot cannot run on the UNet now (None: it can, or it has none)."""
+        if shape.slot is None or shape.slot == self.slot:
+            return None
+        if self.slot is None:
+            return "the UNet holds no mixed-LoRA slot"
+        return f"the UNet's mixed-LoRA slot is another (rank {self.slot.rank}, {len(self.slot.targets)} layers)"
 
 
 def _tell(line: str) -> None:

@@ -21,41 +21,66 @@ COMPILED_TOLERANCE = 2e-2
 
 
 @dataclass(frozen=True)
+class SlotLayout:
+    """Generation's mixed-LoRA slot (trainer/generation/lora_slots.py) as a compiled forward bakes it in: one peft
+    adapter of `rank` on the UNet modules `targets` (sorted), its weights in `dtype`, each row's ranks chosen by a
+    [batch, 1, rank] mask input of that dtype."""
+    rank: int
+    targets: tuple[str, ...]
+    dtype: str
+
+    def to_json(self) -> dict:
+        return {"rank": self.rank, "targets": list(self.targets), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SlotLayout":
+        return cls(int(data["rank"]), tuple(data["targets"]), data["dtype"])
+
+
+@dataclass(frozen=True)
 class ForwardShape:
     """The tensors one UNet forward takes: the latents, the text embeddings, the timestep (0-dim) and SDXL's added
-    conditioning ((name, shape, dtype), sorted by name). Dtypes as torch spells them without "torch."."""
+    conditioning ((name, shape, dtype), sorted by name). Dtypes as torch spells them without "torch.". With `slot`,
+    the forward of the UNet with generation's mixed-LoRA slot active, which also takes the slot's mask."""
     sample: tuple[int, ...]
     hidden: tuple[int, ...]
     dtype: str
     hidden_dtype: str
     timestep_dtype: str
     added: tuple[tuple[str, tuple[int, ...], str], ...] = ()
+    slot: SlotLayout | None = None
 
     @classmethod
-    def of(cls, sample, timestep, hidden, added: dict) -> "ForwardShape":
+    def of(cls, sample, timestep, hidden, added: dict, slot: SlotLayout | None = None) -> "ForwardShape":
         return cls(tuple(sample.shape), tuple(hidden.shape), dtype_name(sample.dtype), dtype_name(hidden.dtype),
                    dtype_name(timestep.dtype),
-                   tuple((name, tuple(added[name].shape), dtype_name(added[name].dtype)) for name in sorted(added)))
+                   tuple((name, tuple(added[name].shape), dtype_name(added[name].dtype)) for name in sorted(added)),
+                   slot)
 
     def with_batch(self, rows: int) -> "ForwardShape":
         """The same forward for `rows` rows (every batched input's first dimension)."""
         return ForwardShape((rows, *self.sample[1:]), (rows, *self.hidden[1:]), self.dtype, self.hidden_dtype,
                             self.timestep_dtype,
-                            tuple((name, (rows, *shape[1:]), dtype) for name, shape, dtype in self.added))
+                            tuple((name, (rows, *shape[1:]), dtype) for name, shape, dtype in self.added), self.slot)
 
     @property
     def name(self) -> str:
         return hashlib.sha256(json.dumps(self.to_json()).encode()).hexdigest()[:16]
 
     def to_json(self) -> dict:
-        return {"sample": list(self.sample), "hidden": list(self.hidden), "dtype": self.dtype,
+        data = {"sample": list(self.sample), "hidden": list(self.hidden), "dtype": self.dtype,
                 "hidden_dtype": self.hidden_dtype, "timestep_dtype": self.timestep_dtype,
                 "added": [[name, list(shape), dtype] for name, shape, dtype in self.added]}
+        if self.slot is not None:  # only then: the bare forwards keep the names their packages were compiled under
+            data["slot"] = self.slot.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "ForwardShape":
+        slot = SlotLayout.from_json(data["slot"]) if data.get("slot") else None
         return cls(tuple(data["sample"]), tuple(data["hidden"]), data["dtype"], data["hidden_dtype"],
-                   data["timestep_dtype"], tuple((name, tuple(shape), dtype) for name, shape, dtype in data["added"]))
+                   data["timestep_dtype"], tuple((name, tuple(shape), dtype) for name, shape, dtype in data["added"]),
+                   slot)
 
     def example_inputs(self, device, *, channels_last: bool) -> tuple:
         """Zeros of this shape, in the layout the forward gets them (`inputs_in_layout`): (sample, timestep, hidden,
@@ -77,9 +102,17 @@ class ForwardShape:
         inputs[1].fill_(500)
         return inputs
 
+    def random_mask(self, device) -> torch.Tensor:
+        """A slot mask for this shape filled the same way every time (each row sees about half the ranks): what a
+        slotted forward is checked with."""
+        generator = torch.Generator(device=device).manual_seed(1)
+        bits = torch.rand(self.sample[0], 1, self.slot.rank, generator=generator, device=device) < 0.5
+        return bits.to(getattr(torch, self.slot.dtype))
+
     def describe(self) -> str:
         batch, _, height, width = self.sample
-        return f"{batch} rows of {height}x{width} latents, {self.hidden[1]} tokens"
+        mixed = f", members' LoRAs mixed (slot of rank {self.slot.rank})" if self.slot is not None else ""
+        return f"{batch} rows of {height}x{width} latents, {self.hidden[1]} tokens{mixed}"
 
 
 def inputs_in_layout(sample, timestep, hidden, added: dict, *, channels_last: bool) -> tuple:

@@ -67,9 +67,14 @@ class _Entry:
 
 class UNetGraphs:
     def __init__(self, unet, *, state_key=lambda: None, max_graphs: int = 4, warmup: int = 2, compile: bool = False,
-                 aot=None, training_held=lambda: False):
+                 aot=None, training_held=lambda: False, slot=lambda: None, exercise_slot=None):
         self.unet = unet
         self.aot = aot  # AotKernels or None
+        # Generation's mixed-LoRA slot: `slot()` is (SlotLayout, mask) while it alone is active, else None;
+        # `exercise_slot(layout, rows, mask)` a context holding test LoRAs in it (LoraSlots.exercised), to check a
+        # slotted compiled forward against the eager one.
+        self.slot = slot
+        self.exercise_slot = exercise_slot
         self.training_held = training_held  # a yielded training resident in the UNet: no compiled captures now
         # Optional: inductor's fused kernels inside the graphs (compiles once per shape on the first warm-up: slow).
         # Compiling only the repeated transformer blocks (diffusers' regional compile) was measured too: a seventh of
@@ -135,7 +140,7 @@ class UNetGraphs:
         if plain and not sample.is_cuda:  # no graphs: the forward compiled ahead of time alone, where there is one
             compiled = self._compiled_ahead(sample, timestep, encoder_hidden_states, added)
             if compiled is not None:
-                return _output(self.aot.run(compiled, sample, timestep, encoder_hidden_states, added), return_dict)
+                return _output(self._run_ahead(compiled, sample, timestep, encoder_hidden_states, added), return_dict)
         if not plain or not sample.is_cuda:
             return self._eager(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
                                cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
@@ -163,11 +168,24 @@ class UNetGraphs:
         return any(layer.active_adapters and not layer.disable_adapters for layer in self._tuner_layers)
 
     def _compiled_ahead(self, sample, timestep, hidden, added: dict):
-        """The forward compiled ahead of time for these inputs (None: there is none yet, or an adapter is active,
-        which the compiled bare UNet would leave out)."""
-        if self.aot is None or self._adapter_active():
+        """The forward compiled ahead of time for these inputs (None: there is none yet, or an adapter other than
+        generation's slot alone is active: no compiled forward has it)."""
+        if self.aot is None:
             return None
-        return self.aot.get(ForwardShape.of(sample, timestep, hidden, added))
+        shape = self._shape_of(sample, timestep, hidden, added)
+        return None if shape is None else self.aot.get(shape, unchecked=self._adopting)
+
+    def _shape_of(self, sample, timestep, hidden, added: dict) -> ForwardShape | None:
+        """The compiled forward's shape for these inputs with the adapters active now: bare, with the slot, or None
+        (another adapter is active)."""
+        if not self._adapter_active():
+            return ForwardShape.of(sample, timestep, hidden, added)
+        in_use = self.slot()
+        return None if in_use is None else ForwardShape.of(sample, timestep, hidden, added, in_use[0])
+
+    def _run_ahead(self, compiled, sample, timestep, hidden, added: dict):
+        in_use = self.slot() if self._adapter_active() else None
+        return self.aot.run(compiled, sample, timestep, hidden, added, None if in_use is None else in_use[1])
 
     def adopt_compiled(self) -> int:
         """Load the forwards compiled ahead of time since the last call (the worker calls this when idle), capture
@@ -179,10 +197,10 @@ class UNetGraphs:
             return 0
         self._check_params()
         if self._adapter_active():
-            return 0  # the check below needs the bare UNet; the next idle moment adopts
+            return 0  # the check below needs the bare UNet (or the slot alone); the next idle moment adopts
         new = self.aot.adopt()
         first_time = {shape.name for shape in new}
-        shapes = new + self._without_graph(exclude=first_time)
+        shapes = new + self._to_check(exclude=first_time)
         names = {shape.name for shape in shapes}
         self._drop_graphs(lambda entry: entry.shape.name in names and entry.ahead is None)
         adopted = 0
@@ -190,14 +208,15 @@ class UNetGraphs:
         try:
             with torch.no_grad():
                 for shape in shapes:
-                    error = self._compiled_error(shape)
+                    with self._exercised(shape) as ready:
+                        error = self._compiled_error(shape) if ready else None
                     if error is None:
-                        continue  # its graph could not be captured: tried again at the next idle moment
+                        continue  # its graph could not be captured (or its slot is not held): the next idle moment
                     problem = too_far_off(error)
                     if problem is None:
-                        if shape.name in first_time:
+                        if shape.name not in self.aot.checked:
                             self.aot.in_use(shape)
-                            adopted += 1
+                            adopted += shape.name in first_time
                         continue
                     self.aot.refuse(shape.name, problem)
                     self._drop_graphs(lambda entry: entry.shape.name == shape.name)
@@ -205,15 +224,30 @@ class UNetGraphs:
             self._adopting = False
         return adopted
 
-    def _without_graph(self, exclude: set[str]) -> list[ForwardShape]:
-        """The shapes of packages in use whose graph is not captured now (on CUDA; elsewhere there are none), as many
-        as there is room for: a graph the most-recently-used limit pushed out is captured again by the request that
-        needs it, not at every idle moment in turn with the others."""
+    @contextmanager
+    def _exercised(self, shape: ForwardShape):
+        """Around checking `shape`: for a slotted forward, the slot active with test LoRAs (yields False when the
+        UNet does not hold that slot, or nothing can exercise it)."""
+        if shape.slot is None:
+            yield True
+        elif self.exercise_slot is None:
+            yield False
+        else:
+            with self.exercise_slot(shape.slot, shape.sample[0], shape.random_mask(self.unet.device)) as ready:
+                yield ready
+
+    def _to_check(self, exclude: set[str]) -> list[ForwardShape]:
+        """Loaded packages (not `exclude`) to check and capture at this idle moment: those that fit the live weights
+        but were never checked in this process (a slotted one bound only once the slot appeared), then on CUDA
+        those in use whose graph is not captured now, as many as there is room for: a graph the most-recently-used
+        limit pushed out is captured again by the request that needs it, not at every idle moment in turn."""
+        serving = {name: shape for name, shape in self.aot.serving().items() if name not in exclude}
+        unchecked = [shape for name, shape in serving.items() if name not in self.aot.checked]
         if not self.usable(self.unet):
-            return []
+            return unchecked
         graphed = {entry.shape.name for entry in self._graphs.values() if entry.ahead is not None}
-        missing = [shape for name, shape in self.aot.serving().items() if name not in graphed and name not in exclude]
-        return missing[:max(0, self.max_graphs - len(self._graphs))]
+        missing = [shape for name, shape in serving.items() if name in self.aot.checked and name not in graphed]
+        return unchecked + missing[:max(0, self.max_graphs - len(self._graphs) - len(unchecked))]
 
     def _drop_graphs(self, which) -> None:
         for key in [key for key, entry in self._graphs.items() if which(entry)]:
@@ -261,7 +295,7 @@ class UNetGraphs:
         static_hidden = hidden.detach().clone()
         static_added = {name: value.detach().clone() for name, value in added.items()}
         static = (static_sample, static_t, static_hidden, static_added)
-        shape = ForwardShape.of(*static)
+        shape = self._shape_of(*static) or ForwardShape.of(*static)
         ahead = self._compiled_ahead(*static)  # also notes the shape for the compiling process
         if ahead is not None and (self._adopting or not self.training_held()):
             try:
@@ -284,7 +318,7 @@ class UNetGraphs:
     def _capture_with(self, key, static: tuple, shape: ForwardShape, ahead) -> _Entry:
         def run():
             if ahead is not None:
-                return self.aot.run(ahead, *static)
+                return self._run_ahead(ahead, *static)
             if self._compiled is not None:
                 return self._compiled(*static)
             return self._plain(*static)

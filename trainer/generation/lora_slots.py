@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from trainer.contract.errors import UserError
+from trainer.generation.aot_shapes import SlotLayout, dtype_name
 from trainer.generation.pnginfo import lora_hash
 from trainer.models.family import TEXT_ENCODER_TARGETS, UNET_TARGETS
 
@@ -121,6 +122,53 @@ def _tuner_layers(model) -> dict[str, object]:
     return {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
 
 
+def add_slot(model, names: list[str], rank: int, mask_of) -> tuple[dict[str, object], list]:
+    """Add the slot adapter (SLOT_NAME, `rank`, scaling 1) to `model`'s modules `names`, inactive, its weights as
+    peft initialises them (random), with a hook on every lora_A multiplying its output by the mask `mask_of()`
+    returns (None: left as it is). Returns ({module name: peft layer}, [the hooks' handles]). Shared by the service
+    and the process compiling the slotted UNet ahead of time (trainer/generation/aot_compile.py)."""
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=names),
+                      adapter_name=SLOT_NAME)
+    layers = {name: layer for name, layer in _tuner_layers(model).items() if SLOT_NAME in layer.lora_A}
+    hooks = []
+    for layer in layers.values():
+        layer.set_adapter([], inference_mode=True)
+        hooks.append(layer.lora_A[SLOT_NAME].register_forward_hook(_mask_hook(mask_of)))
+    for pname, param in model.named_parameters():
+        if f".{SLOT_NAME}." in pname:
+            param.requires_grad_(False)
+    return layers, hooks
+
+
+def _mask_hook(mask_of):
+    def hook(module, args, output):
+        mask = mask_of()
+        if mask is None:
+            return output
+        if output.shape[0] != mask.shape[0]:
+            raise RuntimeError(f"LoRA mask for batch {mask.shape[0]} used on a batch of {output.shape[0]}")
+        if output.dim() == 4:  # a Conv2d LoRA: ranks are channels
+            return output * mask[:, 0, :, None, None]
+        return output * mask.view(mask.shape[0], *([1] * (output.dim() - 2)), mask.shape[-1])
+    return hook
+
+
+def slot_layout(layers: dict[str, object]) -> SlotLayout | None:
+    """The layout of the slot held by these peft layers ({module name: layer}, as `add_slot` returns), or None."""
+    if not layers:
+        return None
+    weight = next(iter(layers.values())).lora_A[SLOT_NAME].weight
+    return SlotLayout(weight.shape[0], tuple(sorted(layers)), dtype_name(weight.dtype))
+
+
+def live_slot_layout(model) -> SlotLayout | None:
+    """The layout of the slot `model` holds now (walks its modules: not for every step)."""
+    return slot_layout({name: layer for name, layer in _tuner_layers(model).items()
+                        if SLOT_NAME in getattr(layer, "lora_A", {})})
+
+
 class LoraSlots:
     def __init__(self, pipe, rank: int = 128, capacity: int = 8):
         if capacity < 1 or rank < 1:
@@ -133,6 +181,7 @@ class LoraSlots:
         self._cache: OrderedDict[tuple, CachedLora] = OrderedDict()
         self._layers: dict[str, dict[str, object]] = {}   # component -> module name -> peft layer with our slot
         self._masks: dict[tuple[str, int], torch.Tensor] = {}  # (component, batch) -> [batch, 1, R] mask
+        self._layouts: dict[str, tuple[int, SlotLayout | None]] = {}  # component -> (version, its slot's layout)
         self._mask: dict[str, torch.Tensor | None] = {c: None for c in COMPONENTS}
         self._hooks = []
         self._used = {c: 0 for c in COMPONENTS}  # ranks [0, used) may hold stale weights; the rest are zero
@@ -297,8 +346,6 @@ class LoraSlots:
         return cached[1]
 
     def _install(self, targets: dict[str, set[str]]) -> None:
-        from peft import LoraConfig
-
         for component in targets:
             model = getattr(self.pipe, component, None)
             if model is None:
@@ -311,18 +358,12 @@ class LoraSlots:
             names = sorted(usual | set(targets.get(component) or ()))
             if not names:
                 continue
-            model.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.rank, init_lora_weights=False,
-                                         target_modules=names), adapter_name=SLOT_NAME)
-            layers = {name: layer for name, layer in _tuner_layers(model).items() if SLOT_NAME in layer.lora_A}
+            layers, hooks = add_slot(model, names, self.rank, lambda component=component: self._mask[component])
             for layer in layers.values():
                 layer.lora_A[SLOT_NAME]._boothbot_slot_owner = id(self)
                 layer.lora_A[SLOT_NAME].weight.data.zero_()
                 layer.lora_B[SLOT_NAME].weight.data.zero_()
-                layer.set_adapter([], inference_mode=True)
-                self._hooks.append(layer.lora_A[SLOT_NAME].register_forward_hook(self._mask_hook(component)))
-            for pname, param in model.named_parameters():
-                if f".{SLOT_NAME}." in pname:
-                    param.requires_grad_(False)
+            self._hooks.extend(hooks)
             self._layers[component] = layers
             self._used[component] = 0
         self._masks.clear()
@@ -343,18 +384,6 @@ class LoraSlots:
         self._layers.clear()
         self._masks.clear()
         self.version += 1
-
-    def _mask_hook(self, component: str):
-        def hook(module, args, output):
-            mask = self._mask[component]
-            if mask is None:
-                return output
-            if output.shape[0] != mask.shape[0]:
-                raise RuntimeError(f"LoRA mask for batch {mask.shape[0]} used on a batch of {output.shape[0]}")
-            if output.dim() == 4:  # a Conv2d LoRA: ranks are channels
-                return output * mask[:, 0, :, None, None]
-            return output * mask.view(mask.shape[0], *([1] * (output.dim() - 2)), mask.shape[-1])
-        return hook
 
     def place(self, component: str, groups: list[tuple[tuple[CachedLora, float], ...]]) -> list[list[int]]:
         """Write the LoRAs of every group side by side into `component`'s slot; return each group's rank indexes.
@@ -412,18 +441,69 @@ class LoraSlots:
 
     def mask(self, component: str, rows: list[list[int]]) -> torch.Tensor:
         """The [batch, 1, R] mask buffer for `component` at this batch size (the same tensor every time), filled."""
-        layers = self._layers.get(component)
-        any_layer = next(iter(layers.values()))
-        weight = any_layer.lora_A[SLOT_NAME].weight
-        key = (component, len(rows))
-        buffer = self._masks.get(key)
-        if buffer is None or buffer.shape[-1] != self.rank:
-            buffer = self._masks[key] = torch.zeros(len(rows), 1, self.rank, dtype=weight.dtype, device=weight.device)
-        host = torch.zeros(len(rows), 1, self.rank, dtype=weight.dtype)
+        buffer = self._mask_buffer(component, len(rows))
+        host = torch.zeros(len(rows), 1, self.rank, dtype=buffer.dtype)
         for i, indexes in enumerate(rows):
             host[i, 0, indexes] = 1
         buffer.copy_(host, non_blocking=False)
         return buffer
+
+    def _mask_buffer(self, component: str, batch: int) -> torch.Tensor:
+        """The mask tensor of `component` for batches of `batch` rows: one per size, kept, so that CUDA graphs (which
+        read it where it is) see every later filling."""
+        weight = next(iter(self._layers[component].values())).lora_A[SLOT_NAME].weight
+        key = (component, batch)
+        buffer = self._masks.get(key)
+        if buffer is None or buffer.shape[-1] != self.rank:
+            buffer = self._masks[key] = torch.zeros(batch, 1, self.rank, dtype=weight.dtype, device=weight.device)
+        return buffer
+
+    def layout(self, component: str = "unet") -> SlotLayout | None:
+        """What a compiled forward of `component` with this slot bakes in (trainer/generation/aot_shapes.py)."""
+        cached = self._layouts.get(component)
+        if cached is None or cached[0] != self.version:
+            cached = self._layouts[component] = (self.version, slot_layout(self._layers.get(component, {})))
+        return cached[1]
+
+    def unet_in_use(self) -> tuple[SlotLayout, torch.Tensor] | None:
+        """(layout, mask) while the UNet's slot is what its forward runs (in `active`, mixed rows), else None."""
+        mask = self._mask["unet"]
+        if mask is None or not self.unet_active():
+            return None
+        return self.layout("unet"), mask
+
+    @contextmanager
+    def exercised(self, layout: SlotLayout, rows: int, mask: torch.Tensor):
+        """For checking a compiled forward of the slotted UNet against the eager one (the worker's idle moments):
+        inside, when the UNet's slot has `layout`, it holds fixed random LoRA weights and `mask` (copied into the
+        slot's own [rows, 1, R] buffer, the one members' batches use) and is active; yields whether it does. On
+        exit the slot is zero and off again."""
+        if self.layout("unet") != layout or self._folded:
+            yield False
+            return
+        layers = self._layers["unet"]
+        generator = torch.Generator(device=mask.device).manual_seed(2)
+        try:
+            self.deactivate()
+            with torch.no_grad():  # scaled so that the LoRAs change each layer's output by ~10 %
+                for layer in layers.values():
+                    down, up = layer.lora_A[SLOT_NAME].weight, layer.lora_B[SLOT_NAME].weight
+                    down.copy_(torch.randn(down.shape, generator=generator, device=down.device)
+                               / down[0].numel() ** 0.5)
+                    up.copy_(torch.randn(up.shape, generator=generator, device=up.device) * 0.1 / up.shape[1] ** 0.5)
+            self._used["unet"] = self.rank
+            self._mask["unet"] = self._mask_buffer("unet", rows).copy_(mask)
+            for layer in layers.values():
+                if layer.disable_adapters:
+                    layer.enable_adapters(True)
+                layer.set_adapter([SLOT_NAME], inference_mode=True)
+            yield True
+        finally:
+            self.deactivate()
+            with torch.no_grad():
+                torch._foreach_zero_([w for layer in layers.values()
+                                      for w in (layer.lora_A[SLOT_NAME].weight, layer.lora_B[SLOT_NAME].weight)])
+            self._used["unet"] = 0
 
     def needs(self, loras) -> dict[str, set[str]]:
         """The layers, per component, that these LoRAs touch."""

@@ -175,7 +175,8 @@ class GenerationService:
             self.aot = AotKernels(pipe.unet, aot_dir, batch_rows=(2 * max_batch_images,))  # CFG: two rows an image
         if graphs or self.aot is not None:
             self.graphs = UNetGraphs(pipe.unet, state_key=lambda: (self.adapters.unet_active(), self.adapters.version),
-                                     compile=compile_unet and graphs, aot=self.aot, training_held=training_held)
+                                     compile=compile_unet and graphs, aot=self.aot, training_held=training_held,
+                                     slot=self.adapters.unet_in_use, exercise_slot=self.adapters.exercised)
         # A batch's images are encoded side by side (OpenCV's encoder lets go of the GIL): 8 PNGs of 512² took 38 ms
         # on 4 threads and 23 ms on 8 on the H200 host, while the member waits.
         self._writer = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 4), thread_name_prefix="imagine-png")
