@@ -7,7 +7,8 @@ a compile (a minute per shape for SD 1.5 on an H200). For each shape: `torch.exp
 AOTInductor (`torch._inductor.aoti_compile_and_package`) into `<shape>.pt2`, with the weights left out of the package:
 the worker points the compiled code at its own live weights (folded LoRAs included). So the UNet here is built from
 the config alone, with random weights; what must match is each weight's shape, dtype and strides, which
-`<shape>.json` records for the worker to check.
+`<shape>.json` records for the worker to check. A shape with a `slot` is compiled on a UNet holding generation's
+mixed-LoRA slot of that layout (random LoRA weights here too; the mask is an input).
 
 Before the worker may load a package, this process loads it the same way (weights bound by reference) and checks
 one forward against its own eager one: loading a package has crashed the process doing it (a segfault inside

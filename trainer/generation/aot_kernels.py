@@ -17,8 +17,12 @@ compiling takes about a minute per shape, which must not happen on the job threa
   member (and no start) waits behind it;
 - trainer/generation/fast_unet.py then captures its CUDA graph around the compiled forward instead of the eager one.
 
-The compiled forward is the bare UNet: it is used only while no adapter is active (no mixed-LoRA slot, no
-training's adapter); otherwise the eager forward runs as before.
+Two kinds of compiled forward: the bare UNet (no adapter active: single requests, whose LoRAs are folded into the
+weights) and the UNet with generation's mixed-LoRA slot (trainer/generation/lora_slots.py: members' different LoRAs
+in one batch), whose shape names the slot's layout (rank, layers) and which also reads the slot's weights and takes
+its mask. A slotted package waits unbound while the UNet holds no slot of its layout (after a restart, until the
+first mixed batch makes it) and serves only once an idle moment checked it against the eager slot. While any other
+adapter is active (a training's) the eager forward runs as before.
 
 Weights bound by reference are never freed (torch 2.13's AOTInductor leaks the tensor handle it makes for each
 user-managed constant, pytorch/pytorch#194480). Harmless for the resident UNet's own weights, which live as long as
