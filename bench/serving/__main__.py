@@ -3,9 +3,10 @@
 The real `python -m bot run` as its own process with its GPU worker (bench/serving/served_bot.py), driven through the
 wire-level fake Discord from a fresh data directory: /train (5 photos, the default recipe) to the "ready" post, cold
 and with the class images cached; /imagine (command -> result post) alone, the first once the worker reports ready,
-during a training (another member, a few seconds into it), with the new concept; bursts of members' /imagine at
-once (images/s), without concepts and with the two trained concepts mixed. Then, in the same command, `python -m bench`'s reference-vs-ours rows for training, /imagine and
-throughput (bench/run.py). Prints a markdown table, then the whole report as one line of JSON.
+during a training (another member, a few seconds into it), with the new concept; bursts of members' /imagine at once
+(images/s), without concepts and with the two trained concepts mixed. Then, in the same command, `python -m bench`'s
+reference-vs-ours rows for training, /imagine and throughput (bench/run.py). Prints a markdown table, then the whole
+report as one line of JSON.
 `--tiny` (tiny model, CPU, a short recipe) checks every path in a few minutes: tests/bench/test_serving.py.
 """
 from __future__ import annotations

@@ -61,6 +61,7 @@ def compiled(tiny_model_dir, lora, tmp_path_factory):
             return service.imagine(request(root, f"{label}-slot", concepts=sid))
 
     eager = serve("eager")
+    wanted_first = list(service.aot.wanted.values())
     eager_slot = serve_through_the_slot("eager")  # also wraps the UNet's layers in peft's: base weights renamed
     wanted = list(service.aot.wanted.values())
     started = service.aot.compiles_started  # by the requests themselves
@@ -70,7 +71,8 @@ def compiled(tiny_model_dir, lora, tmp_path_factory):
         service.idle()
     calls = service.aot.calls
     ahead = serve("ahead")
-    facts = {"wanted": wanted, "started": started, "calls_before": calls, "calls_after": service.aot.calls}
+    facts = {"wanted": wanted, "wanted_first": wanted_first, "started": started, "calls_before": calls,
+             "calls_after": service.aot.calls}
     slot_calls = service.aot.calls
     ahead_slot = serve_through_the_slot("ahead")
     facts["slot_calls"] = service.aot.calls - slot_calls
@@ -87,7 +89,7 @@ def test_a_served_shape_is_compiled_in_another_process_and_then_serves_the_same_
     facts, kernels = compiled["facts"], compiled["service"].aot
     # 1 image with CFG: 2 rows of 8x8 latents, bare (the LoRA folded) and through the slot
     assert [shape.slot is None for shape in facts["wanted"]] == [True, False] and facts["started"] == 1
-    assert kernels.compiles_started == 2  # the slot's shape: by the next idle moment, once the first process ended
+    assert kernels.compiles_started == 1  # both in one process: the slotted one was planned from the first request
     shape = bare_shape(compiled)
     assert shape.sample[0] == 2 and shape.name in kernels.loaded, kernels.refused
     assert (kernels.dir / f"{shape.name}.pt2").is_file() and "done in" in (kernels.dir / "compile.log").read_text()
@@ -145,6 +147,18 @@ def test_rows_with_different_loras_run_the_forward_compiled_with_the_slot(compil
     assert slotted.slot == service.adapters.layout() and slotted.slot.rank == service.adapters.rank
     assert slotted.name in service.aot.checked and "mixed" in slotted.describe()
     assert np.abs(pixels(ahead.images[0]) - pixels(compiled["ahead"]["plain"].images[0])).mean() > 5  # the LoRA acts
+
+
+def test_the_slotted_forward_is_wanted_from_the_first_request_with_the_layout_the_first_mixed_batch_makes(compiled):
+    """The slot exists only once members' different LoRAs share a batch, but its layout is known before (the usual
+    attention layers, rank 128): the first plain request already asks for its compiled forward at the largest
+    batch, so the first mixed bursts do not wait minutes for it."""
+    service = compiled["service"]
+    first = compiled["facts"]["wanted_first"]
+    assert [shape.slot is None for shape in first] == [True, False]
+    assert first[1].slot == service.adapters.layout() == service.adapters.planned_layout()
+    assert first[1].sample[0] == 2 * service.max_batch_images
+    assert compiled["facts"]["wanted"] == first  # the mixed batch wanted nothing new
 
 
 def test_another_active_adapter_keeps_the_eager_forward(compiled):
@@ -260,7 +274,7 @@ def test_a_package_that_computes_something_else_is_refused_when_adopted(compiled
     name = bare_shape(compiled).name
     assert not service.aot.loaded and "off the eager forward" in service.aot.refused[name]
     service.imagine(request(tmp_path, "eager"))
-    assert service.aot.calls == 1 and not service.aot.wanted  # the one call was the check; not compiled again
+    assert service.aot.calls == 1 and name not in service.aot.wanted  # the one call: the check; not compiled again
 
 
 def test_a_shape_that_cannot_compile_is_recorded_and_not_asked_for_again(tiny_pipeline, tmp_path):
@@ -421,10 +435,10 @@ def test_the_worker_serves_with_the_packages_compiles_what_is_missing_and_stops_
     worker.serve()
     assert [e["event"] for e in events.ends()[1]] == ["done"]
     assert kernels.calls == before + 3  # the member's job ran compiled from its first step
-    # The same forward at the largest batch (a burst of 8 members) was wanted, and its compiling process started;
-    # the worker's exit ended it.
+    # The same forward at the largest batch (a burst of 8 members), bare and with members' concepts mixed through
+    # the slot, was wanted, and its compiling process started; the worker's exit ended it.
     assert kernels.compiles_started == 1 and not kernels.compiling
-    assert [shape.sample[0] for shape in kernels.wanted.values()] == [16]
+    assert [(shape.sample[0], shape.slot is None) for shape in kernels.wanted.values()] == [(16, True), (16, False)]
 
 
 def test_a_compiling_process_that_dies_is_not_started_again_and_again(tiny_pipeline, tmp_path, monkeypatch):

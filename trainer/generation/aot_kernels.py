@@ -32,6 +32,7 @@ weight (trainer/training/lora_scope.py), and `auto` stays off for a worker that 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -125,11 +126,15 @@ def layout_problem(expected: dict[str, list], live: dict[str, torch.Tensor], nee
 class AotKernels:
     """Compiled forwards for one UNet: which exist, which are wanted, and the process that compiles them."""
 
-    def __init__(self, unet, cache_dir: Path, *, batch_rows: tuple[int, ...] = (), python: str = sys.executable):
+    def __init__(self, unet, cache_dir: Path, *, batch_rows: tuple[int, ...] = (), python: str = sys.executable,
+                 planned_slot=lambda: None):
         self.unet = unet
         self.dir = Path(cache_dir).resolve() / architecture_key(unet)
         self.channels_last = channels_last(unet)
         self.batch_rows = batch_rows  # forwards also wanted at these batch sizes when a shape is first served
+        # The layout generation's mixed-LoRA slot has or will have (LoraSlots.planned_layout), or None: a burst of
+        # members' different concepts at the largest batch is also wanted when a shape is first served.
+        self.planned_slot = planned_slot
         self.python = python
         self.loaded: dict[str, object] = {}   # shape name -> the loaded package, bound to the live weights
         self.shapes: dict[str, ForwardShape] = {}  # shape name -> the shape of each loaded package
@@ -163,8 +168,12 @@ class AotKernels:
         return model(*inputs) if mask is None else model(*inputs, mask)
 
     def want(self, shape: ForwardShape) -> None:
-        for rows in (shape.sample[0], *self.batch_rows):
-            wanted = shape.with_batch(rows)
+        shapes = [shape.with_batch(rows) for rows in (shape.sample[0], *self.batch_rows)]
+        if shape.slot is None and self.batch_rows:
+            slot = self.planned_slot()
+            if slot is not None:
+                shapes.append(dataclasses.replace(shape.with_batch(max(self.batch_rows)), slot=slot))
+        for wanted in shapes:
             name = wanted.name
             if name not in self.wanted and name not in self.loaded and name not in self.refused:
                 self.wanted[name] = wanted

@@ -12,15 +12,16 @@ rebuilt (`slots.version`), or anything else about the UNet's parameters moves, t
 SDXL's UNet also takes `added_cond_kwargs` (the pooled text embedding `text_embeds` and the size numbers
 `time_ids`): they get static buffers of their own, like the sample.
 
-With `aot` (trainer/generation/aot_kernels.py), a graph is captured around the UNet forward compiled ahead of time
-for its shape, where one exists and no adapter is active, or generation's mixed-LoRA slot alone (a forward compiled
-with the slot, its mask an input); off CUDA (no graphs) the compiled forward is called directly. A package's graph is captured in `adopt_compiled` (the worker's idle moments: first use, and again after
-the graphs were released for a training) or in a member's request when its graph is missing, but never while a
-yielded training is held in the UNet (`training_held()`): such a capture failed on the H200 (cuDNN:
-CUDNN_STATUS_BAD_PARAM_STREAM_MISMATCH, 2026-12-02), costing that member ~2 s and the package for good. Then the
-request gets the eager forward's graph, and the next idle moment captures the compiled one. A failed capture falls
-back the same way; a package is refused only after MAX_CAPTURE_TRIES failed captures in a row. Warm-up and capture
-share one side stream (lazy per-stream state, such as cuDNN's, is then set up before the capture, not in it).
+With `aot` (trainer/generation/aot_kernels.py), a graph is captured around the UNet forward compiled ahead of time for
+its shape, where one exists and no adapter is active, or generation's mixed-LoRA slot alone (a forward compiled with
+the slot, its mask an input); off CUDA (no graphs) the compiled forward is called directly. A package's graph is
+captured in `adopt_compiled` (the worker's idle moments: first use, and again after the graphs were released for a
+training) or in a member's request when its graph is missing, but never while a yielded training is held in the UNet
+(`training_held()`): such a capture failed on the H200 (cuDNN: CUDNN_STATUS_BAD_PARAM_STREAM_MISMATCH, 2026-12-02),
+costing that member ~2 s and the package for good. Then the request gets the eager forward's graph, and the next idle
+moment captures the compiled one. A failed capture falls back the same way; a package is refused only after
+MAX_CAPTURE_TRIES failed captures in a row. Warm-up and capture share one side stream (lazy per-stream state, such as
+cuDNN's, is then set up before the capture, not in it).
 
 `installed()` points the UNet instance's `forward` at the graph runner for the duration of a request and restores it
 on exit; calls the graphs can't serve (gradients on, other extra conditioning, CPU tensors) run eagerly. Whether the

@@ -182,6 +182,7 @@ class LoraSlots:
         self._layers: dict[str, dict[str, object]] = {}   # component -> module name -> peft layer with our slot
         self._masks: dict[tuple[str, int], torch.Tensor] = {}  # (component, batch) -> [batch, 1, R] mask
         self._layouts: dict[str, tuple[int, SlotLayout | None]] = {}  # component -> (version, its slot's layout)
+        self._usual: dict[str, tuple[object, set[str]]] = {}  # component -> (its model, its usual target layers)
         self._mask: dict[str, torch.Tensor | None] = {c: None for c in COMPONENTS}
         self._hooks = []
         self._used = {c: 0 for c in COMPONENTS}  # ranks [0, used) may hold stale weights; the rest are zero
@@ -350,12 +351,7 @@ class LoraSlots:
             model = getattr(self.pipe, component, None)
             if model is None:
                 continue
-            # The usual attention projections are always covered, so that later LoRAs rarely force a rebuild.
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            usual = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, BaseTunerLayer))
-                     and any(n.endswith("." + t) for t in DEFAULT_TARGETS[component]) and ".lora_" not in n}
-            names = sorted(usual | set(targets.get(component) or ()))
+            names = sorted(self._usual_targets(component) | set(targets.get(component) or ()))
             if not names:
                 continue
             layers, hooks = add_slot(model, names, self.rank, lambda component=component: self._mask[component])
@@ -368,6 +364,31 @@ class LoraSlots:
             self._used[component] = 0
         self._masks.clear()
         self.version += 1
+
+    def _usual_targets(self, component: str) -> set[str]:
+        """`component`'s usual attention projections (the layers training targets), which the slot always covers so
+        that later LoRAs rarely force a rebuild."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        model = getattr(self.pipe, component, None)
+        cached = self._usual.get(component)
+        if cached is None or cached[0] is not model:
+            names = set() if model is None else {
+                n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, BaseTunerLayer))
+                and any(n.endswith("." + t) for t in DEFAULT_TARGETS[component]) and ".lora_" not in n}
+            cached = self._usual[component] = (model, names)
+        return cached[1]
+
+    def planned_layout(self) -> SlotLayout | None:
+        """The UNet slot's layout; before the first mixed batch makes the slot, the layout that batch will make for
+        LoRAs like the bot trains (the usual layers, ranks that fit), so that its forward can be compiled ahead of
+        time before any member waits for it."""
+        layout = self.layout("unet")
+        names = self._usual_targets("unet")
+        if layout is not None or not names:
+            return layout
+        weight = _base_weight(self.pipe.unet, min(names))
+        return SlotLayout(self.rank, tuple(sorted(names)), dtype_name(weight.dtype))
 
     def _remove_slot(self) -> None:
         for hook in self._hooks:

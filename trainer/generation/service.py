@@ -172,7 +172,8 @@ class GenerationService:
         if aot_dir is not None:  # after the memory format: the packages are compiled for it
             from trainer.generation.aot_kernels import AotKernels
 
-            self.aot = AotKernels(pipe.unet, aot_dir, batch_rows=(2 * max_batch_images,))  # CFG: two rows an image
+            self.aot = AotKernels(pipe.unet, aot_dir, batch_rows=(2 * max_batch_images,),  # CFG: two rows an image
+                                  planned_slot=self.adapters.planned_layout)
         if graphs or self.aot is not None:
             self.graphs = UNetGraphs(pipe.unet, state_key=lambda: (self.adapters.unet_active(), self.adapters.version),
                                      compile=compile_unet and graphs, aot=self.aot, training_held=training_held,
