@@ -185,7 +185,8 @@ class UNetGraphs:
         return None if in_use is None else ForwardShape.of(sample, timestep, hidden, added, in_use[0])
 
     def _run_ahead(self, compiled, sample, timestep, hidden, added: dict):
-        in_use = self.slot() if self._adapter_active() else None
+        """Run a package `_compiled_ahead` chose: with the slot's mask while the slot is what runs (a slotted one)."""
+        in_use = self.slot()
         return self.aot.run(compiled, sample, timestep, hidden, added, None if in_use is None else in_use[1])
 
     def adopt_compiled(self) -> int:

@@ -131,7 +131,7 @@ def add_slot(model, names: list[str], rank: int, mask_of) -> tuple[dict[str, obj
 
     model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=names),
                       adapter_name=SLOT_NAME)
-    layers = {name: layer for name, layer in _tuner_layers(model).items() if SLOT_NAME in layer.lora_A}
+    layers = _slot_layers(model)
     hooks = []
     for layer in layers.values():
         layer.set_adapter([], inference_mode=True)
@@ -163,10 +163,14 @@ def slot_layout(layers: dict[str, object]) -> SlotLayout | None:
     return SlotLayout(weight.shape[0], tuple(sorted(layers)), dtype_name(weight.dtype))
 
 
+def _slot_layers(model) -> dict[str, object]:
+    """{module name: peft layer} of every layer of `model` holding the slot."""
+    return {name: layer for name, layer in _tuner_layers(model).items() if SLOT_NAME in getattr(layer, "lora_A", {})}
+
+
 def live_slot_layout(model) -> SlotLayout | None:
     """The layout of the slot `model` holds now (walks its modules: not for every step)."""
-    return slot_layout({name: layer for name, layer in _tuner_layers(model).items()
-                        if SLOT_NAME in getattr(layer, "lora_A", {})})
+    return slot_layout(_slot_layers(model))
 
 
 class LoraSlots:
