@@ -12,6 +12,8 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+from trainer.contract.imagine_request import DEEP_CACHE_RANGE, DEFAULT_DEEP_CACHE
+
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TOKEN_HELP = (
     "DISCORD_TOKEN is not set. Create an application at https://discord.com/developers/applications, "
@@ -55,6 +57,7 @@ class Settings:
     safety: bool = False
     compile_unet: bool = False
     compile_ahead: str = "auto"  # trainer/generation/aot_kernels.py
+    deep_cache: int = DEFAULT_DEEP_CACHE  # trainer/generation/deep_cache.py: a whole UNet forward every n-th step
     train_memory: str = "auto"  # trainer/training/memory.py
     gpu_memory_gib: float | None = None  # at most this much of the GPU (trainer/training/memory.py limit_gpu_memory)
     log_level: str = "INFO"
@@ -280,6 +283,7 @@ _KEYS: dict[str, tuple[str, object]] = {
     "BOOTHBOT_SAFETY": ("safety", _bool),
     "BOOTHBOT_COMPILE_UNET": ("compile_unet", _bool),
     "BOOTHBOT_COMPILE_AHEAD": ("compile_ahead", _choice("auto", "on", "off")),
+    "BOOTHBOT_DEEP_CACHE": ("deep_cache", _int(*DEEP_CACHE_RANGE)),
     "BOOTHBOT_TRAIN_MEMORY": ("train_memory", _choice("auto", "low", "fast")),
     "BOOTHBOT_GPU_MEMORY_GIB": ("gpu_memory_gib", _optional(_float(4, 4096))),
     "BOOTHBOT_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),

@@ -27,7 +27,7 @@ from typing import Callable, NoReturn
 from trainer.contract import protocol
 from trainer.contract.protocol import JobKind
 from trainer.contract.errors import Cancelled, SetupError, UserError
-from trainer.contract.imagine_request import NO_SAFETY_CHECKER
+from trainer.contract.imagine_request import DEFAULT_DEEP_CACHE, NO_SAFETY_CHECKER, check_deep_cache
 from trainer.training.live import LiveTrainings
 
 OUT_OF_MEMORY = ("The GPU ran out of memory while running your job. Try fewer or smaller images, or try again when "
@@ -42,6 +42,13 @@ PROGRESS_INTERVAL_S = 0.25  # at most ~4 progress events a second per job (plus 
 SELFTEST_MAX_S = 3600.0
 IDLE_POLL_S = 2.0  # how long the job loop waits for a request before doing idle work
 STACK_STAMP = "stack-check.json"  # under the cache directory: the package versions whose probe passed
+
+
+def _deep_cache(raw: str) -> int:
+    try:
+        return check_deep_cache(int(raw))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "it once ready, so nobody waits for a compile (cached under DATA_DIR/cache/aot; auto: on "
                              "CUDA GPUs with 22 GB or more in all, 40 GB for SDXL, unless base models may be evicted; "
                              "the default)")
+    parser.add_argument("--deep-cache", type=_deep_cache, default=DEFAULT_DEEP_CACHE, metavar="N",
+                        help=f"/imagine reuses the UNet's deep features between sampler steps: a whole forward on "
+                             f"every N-th step, a twelfth of it on the others (1: off; default {DEFAULT_DEEP_CACHE})")
     parser.add_argument("--train-memory", choices=("auto", "low", "fast"), default="auto",
                         help="training's memory setting: low (gradient checkpointing: SDXL training + serving fit a "
                              "24 GB card), fast, or auto (low for SDXL on GPUs under 40 GB; default)")
@@ -246,7 +256,7 @@ class Worker:
 
     def __init__(self, writer: EventWriter, control: JobControl, *, pipe, device: str, model: str | None,
                  data_dir: Path, compile_unet: bool = False, train_memory: str = "auto", models=None,
-                 default_model: str | None = None, compile_ahead: str = "auto"):
+                 default_model: str | None = None, compile_ahead: str = "auto", deep_cache: int = DEFAULT_DEEP_CACHE):
         self.writer = writer
         self.models = models  # trainer.models.resident.ResidentModels: the base models jobs may name
         self.default_model = default_model  # the name a job without "model" in its params uses
@@ -258,6 +268,7 @@ class Worker:
         self.data_dir = data_dir
         self.compile_unet = compile_unet
         self.compile_ahead = compile_ahead  # trainer/generation/aot_kernels.py `compiles_ahead`
+        self.deep_cache = deep_cache  # trainer/generation/deep_cache.py: a whole UNet forward every n-th step
         self.train_memory = train_memory
         self.generation = None  # the resident GenerationService, made at the first /imagine
         self.live = LiveTrainings()  # a training that yielded, kept resident until it resumes
@@ -442,7 +453,8 @@ class Worker:
             aot_dir = (self.data_dir / AOT_CACHE
                        if compiles_ahead(self.compile_ahead, self.pipe, may_evict=may_evict) else None)
             self.generation = GenerationService(self.pipe, model_name=self.model or "", compile_unet=self.compile_unet,
-                                                aot_dir=aot_dir, training_held=lambda: self.live.held is not None)
+                                                aot_dir=aot_dir, training_held=lambda: self.live.held is not None,
+                                                deep_cache_every=self.deep_cache)
             if self.resident is not None:
                 self.resident.generation = self.generation
         request = ImagineRequest.from_params(params)
@@ -840,7 +852,7 @@ def run(args: argparse.Namespace) -> int:
                        "family": family_of(pipe).name}
     worker = Worker(writer, control, pipe=pipe, device=device, model=None if args.no_model else args.model,
                     data_dir=Path(args.data_dir), compile_unet=args.compile_unet, train_memory=args.train_memory,
-                    compile_ahead=args.compile_ahead,
+                    compile_ahead=args.compile_ahead, deep_cache=args.deep_cache,
                     models=None if args.no_model else models, default_model=None if args.no_model else default_model)
     if worker.models is not None:
         worker.resident = worker.models.get(default_model)

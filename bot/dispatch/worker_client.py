@@ -20,6 +20,7 @@ from pathlib import Path
 from bot.dispatch.worker_api import ProgressCallback
 from trainer.contract import protocol
 from trainer.contract.durations import format_duration
+from trainer.contract.imagine_request import DEFAULT_DEEP_CACHE
 from bot import metrics
 
 log = logging.getLogger("boothbot.worker")
@@ -36,7 +37,7 @@ def worker_command(*, model: str | None, data_dir: Path | str, device: str = "au
                    threads: int | None = None, compile_unet: bool = False, debug: bool = False,
                    train_memory: str = "auto", models: dict[str, str] | None = None, resident: int = 1,
                    compile_ahead: str = "auto", gpu_memory_gib: float | None = None,
-                   python: str = sys.executable) -> list[str]:
+                   deep_cache: int = DEFAULT_DEEP_CACHE, python: str = sys.executable) -> list[str]:
     """The argv that starts the worker; `model=None` starts one without a base model (selftest jobs only).
     `models`: every base model jobs may name (name -> reference, the default included), `resident`: how many may
     stay loaded. `debug`: the libraries' own warnings and progress bars reach the log too (trainer/quiet.py)."""
@@ -55,6 +56,8 @@ def worker_command(*, model: str | None, data_dir: Path | str, device: str = "au
         argv += ["--compile-ahead", compile_ahead]
     if gpu_memory_gib:
         argv += ["--gpu-memory-gib", f"{gpu_memory_gib:g}"]
+    if deep_cache != DEFAULT_DEEP_CACHE:
+        argv += ["--deep-cache", str(deep_cache)]
     if debug:
         argv += ["--debug"]
     return argv
@@ -112,7 +115,7 @@ class WorkerClient:
                                   dtype=settings.dtype, compile_unet=settings.compile_unet,
                                   models=settings.base_models, resident=settings.resident_models,
                                   train_memory=settings.train_memory, compile_ahead=settings.compile_ahead,
-                                  gpu_memory_gib=settings.gpu_memory_gib,
+                                  gpu_memory_gib=settings.gpu_memory_gib, deep_cache=settings.deep_cache,
                                   debug=settings.log_level == "DEBUG"), **kwargs)
 
     @property

@@ -19,12 +19,17 @@ import torch
 import trainer.generation.service as generation
 from tests.trainer.test_generation import concept, make_lora, pixels
 from tests.trainer.test_generation import request as full_request
+from trainer.contract.imagine_request import DEFAULT_DEEP_CACHE
 from trainer.generation.aot_kernels import AotKernels, compiles_ahead, live_constants
 from trainer.generation.aot_shapes import PREFIX, ForwardShape, architecture_key
 from trainer.generation.service import GenerationService
 from trainer.models.loading import load_pipeline
 
 COMPILE_TIMEOUT_S = 900
+STEPS = 3
+# The sampler steps of a request that run the whole (compiled) forward: the deep cache's default runs its head, eagerly,
+# on the others (trainer/generation/deep_cache.py).
+WHOLE_STEPS = len(range(0, STEPS, DEFAULT_DEEP_CACHE))
 
 
 def same_image(a, b) -> bool:
@@ -34,7 +39,7 @@ def same_image(a, b) -> bool:
 
 
 def request(tmp_path, name, **params):
-    return full_request(tmp_path, name, **{"steps": 3, "count": 1, **params})
+    return full_request(tmp_path, name, **{"steps": STEPS, "count": 1, **params})
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +101,8 @@ def test_a_served_shape_is_compiled_in_another_process_and_then_serves_the_same_
     # The compiling process loaded and checked it before saying it is done; its marker is gone.
     assert json.loads((kernels.dir / f"{shape.name}.json").read_text())["check_s"] >= 0
     assert not list(kernels.dir.glob("*.checking"))
-    # Adopting ran each once, to check it against the eager forward; then both requests, 3 steps each.
-    assert facts["calls_before"] == 2 and facts["calls_after"] == 2 + 2 * 3
+    # Adopting ran each once, to check it against the eager forward; then both requests' whole steps.
+    assert facts["calls_before"] == 2 and facts["calls_after"] == 2 + 2 * WHOLE_STEPS
     for name in ("plain", "lora"):
         for eager, ahead in zip(compiled["eager"][name].images, compiled["ahead"][name].images):
             assert same_image(eager, ahead), name
@@ -121,7 +126,7 @@ def test_the_compiled_forward_reads_the_live_weights_and_their_changes_in_place(
     def relative_error() -> float:
         with torch.no_grad():
             eager = type(unet).forward(unet, sample, timestep, hidden, return_dict=False)[0]
-            ahead = kernels.run(kernels.loaded[shape.name], sample, timestep, hidden, added)
+            ahead = kernels.run(kernels.loaded[shape.name], sample, timestep, hidden, added)[0]
         return ((ahead - eager).norm() / eager.norm()).item()
 
     assert relative_error() < 1e-4
@@ -141,7 +146,7 @@ def test_rows_with_different_loras_run_the_forward_compiled_with_the_slot(compil
     the slot (its weights and mask read from the live UNet) serves them, with the images of the eager slot."""
     service = compiled["service"]
     eager, ahead = compiled["slots"]
-    assert compiled["facts"]["slot_calls"] == 3  # one a step
+    assert compiled["facts"]["slot_calls"] == WHOLE_STEPS
     assert same_image(eager.images[0], ahead.images[0])
     slotted = next(shape for shape in compiled["facts"]["wanted"] if shape.slot is not None)
     assert slotted.slot == service.adapters.layout() and slotted.slot.rank == service.adapters.rank
@@ -192,7 +197,7 @@ def test_weights_in_another_layout_use_the_eager_forward_until_the_layout_comes_
     finally:
         unet.to(memory_format=torch.contiguous_format)
     back = service.imagine(request(tmp_path, "back"))
-    assert kernels.calls == calls + 3 and not kernels.unbound
+    assert kernels.calls == calls + WHOLE_STEPS and not kernels.unbound
     reference = compiled["eager"]["plain"].images[0]
     assert same_image(other_layout.images[0], reference) and same_image(back.images[0], reference)
 
@@ -205,7 +210,7 @@ def test_a_restarted_worker_uses_the_packages_from_its_first_request_without_com
     again.idle()
     assert again.aot.dir == service.aot.dir and set(again.aot.loaded) == set(service.aot.loaded)
     first = again.imagine(request(tmp_path, "first"))
-    assert again.aot.calls == 1 + 3 and not again.aot.wanted and again.aot.compiles_started == 0
+    assert again.aot.calls == 1 + WHOLE_STEPS and not again.aot.wanted and again.aot.compiles_started == 0
     assert same_image(first.images[0], compiled["eager"]["plain"].images[0])
 
 
@@ -349,7 +354,7 @@ def test_a_restarted_worker_binds_the_slotted_forward_when_its_slot_appears_and_
     service.idle()
     assert slotted in service.aot.checked and service.aot.calls == calls + 1
     second = mixed("second")
-    assert service.aot.calls == calls + 1 + 3 and service.aot.compiles_started == 0
+    assert service.aot.calls == calls + 1 + WHOLE_STEPS and service.aot.compiles_started == 0
     reference = compiled["slots"][0].images[0]
     assert same_image(first.images[0], reference) and same_image(second.images[0], reference)
 
@@ -405,7 +410,7 @@ def test_sdxl_compiled_ahead_serves_the_same_images(tiny_sdxl_model_dir, tmp_pat
         service.idle()
         assert shape.name in service.aot.loaded, service.aot.refused
         ahead = service.imagine(request(tmp_path, "ahead"))
-        assert service.aot.calls == 1 + 3
+        assert service.aot.calls == 1 + WHOLE_STEPS
         assert same_image(eager.images[0], ahead.images[0])
     finally:
         service.stop_compiling()
@@ -434,7 +439,7 @@ def test_the_worker_serves_with_the_packages_compiles_what_is_missing_and_stops_
     worker.control.jobs.put(None)
     worker.serve()
     assert [e["event"] for e in events.ends()[1]] == ["done"]
-    assert kernels.calls == before + 3  # the member's job ran compiled from its first step
+    assert kernels.calls == before + WHOLE_STEPS  # the member's job ran compiled from its first step
     # The same forward at the largest batch (a burst of 8 members), bare and with members' concepts mixed through
     # the slot, was wanted, and its compiling process started; the worker's exit ended it.
     assert kernels.compiles_started == 1 and not kernels.compiling

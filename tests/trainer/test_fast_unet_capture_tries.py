@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from trainer.generation.aot_shapes import ForwardShape
+from trainer.generation.deep_cache import WHOLE
 from trainer.generation.fast_unet import MAX_CAPTURE_TRIES, UNetGraphs
 
 
@@ -25,7 +26,7 @@ def test_a_package_is_refused_only_after_failed_captures_in_a_row(tiny_pipeline,
     graphs = UNetGraphs(tiny_pipeline.unet, aot=aot)
     package, outcomes = object(), []  # each capture of the package: True captured, False failed
 
-    def capture_with(key, static, shape, ahead):
+    def capture_with(key, part, static, shape, ahead):
         if ahead is None:
             return "eager graph"
         if not outcomes.pop(0):
@@ -37,7 +38,7 @@ def test_a_package_is_refused_only_after_failed_captures_in_a_row(tiny_pipeline,
     sample, hidden = torch.zeros(2, 4, 8, 8), torch.zeros(2, 77, 32)
 
     def capture() -> str:
-        return graphs._capture(("key",), sample, torch.tensor(1.0), hidden, {})
+        return graphs._capture(("key",), WHOLE, sample, torch.tensor(1.0), hidden, {}, None)
 
     name = ForwardShape.of(sample, torch.tensor(1.0), hidden, {}).name
     outcomes += [False] * (MAX_CAPTURE_TRIES - 1) + [True]

@@ -176,7 +176,8 @@ def test_parameters_chunk_is_complete_and_parses_back(service, loras, tmp_path):
     assert info == {
         "Prompt": "portrait of sid man, red <lora:sid:0.9>", "Negative prompt": "blurry, dark", "Steps": str(STEPS),
         "Sampler": "Euler a", "CFG scale": "6.5", "Seed": "11", "Size": "64x64", "Model hash": "0123456789",
-        "Model": "tiny", "Lora hashes": f"sid: {lora_hash(loras['sid'])}", "Job id": "42",
+        "Model": "tiny", "Deep cache": "every 3 steps", "Lora hashes": f"sid: {lora_hash(loras['sid'])}",
+        "Job id": "42",
     }
 
 

@@ -26,6 +26,10 @@ SEED_MAX = 2**32 - 1
 # /imagine is a third faster than at 30. Members who want more ask for it (steps:).
 STEPS_RANGE, DEFAULT_STEPS = (1, 100), 20
 CFG_RANGE, DEFAULT_CFG = (1.0, 20.0), 7.0
+# The deep cache (trainer/generation/deep_cache.py): a whole UNet forward on every n-th sampler step, its head on the
+# others; 1 is off. An operator's setting (BOOTHBOT_DEEP_CACHE), not a member's option. Every third step: the quality
+# yardstick read its pictures like those without it at 20 and 30 steps (docs/BENCHMARKS.md, session 18).
+DEEP_CACHE_RANGE, DEFAULT_DEEP_CACHE = (1, 10), 3
 COUNT_RANGE, DEFAULT_COUNT = (1, 4), 1
 STRENGTH_RANGE, DEFAULT_STRENGTH = (0.05, 1.0), 0.6
 SIDE_RANGE = (64, 2048)  # absolute bounds; the model narrows them (see size_range)
@@ -34,6 +38,13 @@ NO_SAFETY_CHECKER = ("The safety filter is on for this server, but the bot's bas
                      "`/queue admin safety state:off`, or the bot's operator can use a base model that includes one.")
 # What /imagine lets a member type in the prompt and the negative prompt (the engine takes up to MAX_PROMPT_CHARS).
 MEMBER_PROMPT_CHARS = 1000
+
+
+def check_deep_cache(every) -> int:
+    lo, hi = DEEP_CACHE_RANGE
+    if isinstance(every, bool) or not isinstance(every, int) or not lo <= every <= hi:
+        raise ValueError(f"the deep cache's interval must be a whole number from {lo} to {hi} (1: off), not {every!r}")
+    return every
 
 
 def _int_option(params: dict, key: str, label: str, lo: int, hi: int, default: int | None) -> int | None:

@@ -35,6 +35,7 @@ import torch
 from trainer.generation.aot_kernels import bind_by_reference, live_constants, load_package
 from trainer.generation.aot_shapes import ForwardShape, SlotLayout, dtype_name, relative_error, too_far_off
 from trainer.generation.aot_toolchain import choose_compiler, use_compiler
+from trainer.generation.deep_cache import DeepCache
 
 # Weights out of the package, and none inlined into the kernels (inductor inlines small ones by default, e.g. the 4
 # numbers of conv_out's bias: those would keep the random values of this process).
@@ -42,14 +43,16 @@ INDUCTOR_OPTIONS = {"aot_inductor.package_constants_in_so": False, "always_keep_
 
 
 class UNetForward(torch.nn.Module):
-    """The forward the worker's CUDA graphs call (trainer/generation/fast_unet.py `_plain`), as a module to export.
-    With `slot`: the UNet holds generation's mixed-LoRA slot, active (its weights random here, the worker's own at
-    run time), and the forward takes the slot's mask as a fifth input."""
+    """The forward the worker's CUDA graphs call (trainer/generation/fast_unet.py `_eager_whole`), as a module to
+    export: (noise, the deep cache's feature), or (noise,) for a UNet the deep cache does not fit. With `slot`: the
+    UNet holds generation's mixed-LoRA slot, active (its weights random here, the worker's own at run time), and the
+    forward takes the slot's mask as a fifth input."""
 
     def __init__(self, unet, slot: SlotLayout | None = None):
         super().__init__()
         self.unet = unet
         self.slot = slot
+        self.deep = DeepCache(unet) if DeepCache.supported(unet) else None
         self._mask: list = [None]
         if slot is not None:
             from trainer.generation.lora_slots import SLOT_NAME, add_slot, slot_layout
@@ -60,10 +63,12 @@ class UNetForward(torch.nn.Module):
             for layer in layers.values():
                 layer.set_adapter([SLOT_NAME], inference_mode=True)
 
-    def forward(self, sample, timestep, hidden, added: dict, mask=None):
+    def forward(self, sample, timestep, hidden, added: dict, mask=None) -> tuple:
         self._mask[0] = mask
         try:
-            return self.unet(sample, timestep, hidden, added_cond_kwargs=added or None, return_dict=False)[0]
+            if self.deep is None:
+                return (self.unet(sample, timestep, hidden, added_cond_kwargs=added or None, return_dict=False)[0],)
+            return self.deep.whole(sample, timestep, hidden, added)
         finally:
             self._mask[0] = None
 
@@ -143,7 +148,10 @@ def check_package(module: UNetForward, shape: ForwardShape, package: Path, *, ch
         raise  # beside a training: worth another try
     except Exception as exc:  # noqa: BLE001 - any failure to load or run it is a reason not to use it
         return f"loading and running it failed: {type(exc).__name__}: {exc}"
-    return too_far_off(relative_error(output[0] if isinstance(output, (list, tuple)) else output, eager))
+    output = tuple(output) if isinstance(output, (list, tuple)) else (output,)
+    if len(output) != len(eager):
+        return f"it returns {len(output)} tensor(s), the eager forward {len(eager)}"
+    return too_far_off(max(relative_error(out, reference) for out, reference in zip(output, eager)))
 
 
 def crashed_while_checking(out_dir: Path, shape: ForwardShape) -> bool:

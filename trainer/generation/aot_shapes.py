@@ -142,9 +142,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def architecture(unet) -> dict:
     """Everything a compiled forward depends on besides its shape: the UNet's config, its weights' dtype and memory
-    format, the device and the library versions (kernels from one torch or GPU are not for another). Not the weights'
-    values: the worker supplies those at run time."""
+    format, the device, the library versions (kernels from one torch or GPU are not for another) and what the
+    package returns. Not the weights' values: the worker supplies those at run time."""
     import diffusers
+
+    from trainer.generation.deep_cache import DeepCache
 
     weight = unet.conv_in.weight
     device = weight.device
@@ -154,7 +156,9 @@ def architecture(unet) -> dict:
         gpu = [torch.cuda.get_device_name(index), list(torch.cuda.get_device_capability(index))]
     return {"config": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
             "dtype": dtype_name(weight.dtype), "channels_last": channels_last(unet), "device": device.type, "gpu": gpu,
-            "torch": torch.__version__, "diffusers": diffusers.__version__}
+            "torch": torch.__version__, "diffusers": diffusers.__version__,
+            # what a package returns: the noise, and the deep cache's feature where it fits (since 2026-12-03)
+            "outputs": 2 if DeepCache.supported(unet) else 1}
 
 
 def architecture_key(unet) -> str:

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from trainer.generation.aot_shapes import ForwardShape, relative_error, too_far_off
+from trainer.generation.deep_cache import HEAD, WHOLE, DeepCache, output, plain_step
 from trainer.generation.lora_slots import _tuner_layers
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,14 @@ def keep_compiled_kernels(data_dir: Path) -> Path:
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
-ADDED_CONDITIONING = ("text_embeds", "time_ids")  # SDXL's, the only added_cond_kwargs a graph takes
 MAX_CAPTURE_TRIES = 3  # failed captures in a row of a compiled forward's graph before the package is refused
 
 
 class _Entry:
-    def __init__(self, graph, sample, timestep, hidden, added, output, shape: ForwardShape, ahead):
-        self.graph, self.sample, self.timestep, self.hidden, self.output = graph, sample, timestep, hidden, output
-        self.added = added  # {name: static tensor} for SDXL's added conditioning, {} otherwise
+    def __init__(self, part: str, graph, static: tuple, outputs: tuple, shape: ForwardShape, ahead):
+        self.part, self.graph, self.outputs = part, graph, outputs  # outputs: (noise, deep feature or none)
+        # added: {name: static tensor} for SDXL's added conditioning, {} otherwise; feature: the head's input
+        self.sample, self.timestep, self.hidden, self.added, self.feature = static
         # The package compiled ahead of time the graph replays (kept alive with it), or None: eager kernels.
         self.shape, self.ahead = shape, ahead
 
@@ -81,7 +82,10 @@ class UNetGraphs:
         # Compiling only the repeated transformer blocks (diffusers' regional compile) was measured too: a seventh of
         # the compile time for a quarter of the speed-up (8 % per image), still seconds per new shape that a member
         # would wait for (docs/BENCHMARKS.md, `python -m bench.compile_modes`), so it is not offered.
-        self._compiled = torch.compile(self._plain, dynamic=False) if compile else None
+        # Generation's deep features reused across steps (trainer/generation/deep_cache.py): a whole forward also
+        # hands back its deep feature; the head's graphs run the eager kernels (a twelfth of the whole's arithmetic).
+        self.deep = DeepCache(unet) if DeepCache.supported(unet) else None
+        self._compiled = torch.compile(self._eager_whole, dynamic=False) if compile else None
         self.state_key = state_key  # anything else that changes the captured kernels (LoRA slot on, its version)
         self.max_graphs = max_graphs
         self.warmup = warmup
@@ -128,41 +132,63 @@ class UNetGraphs:
         return type(self.unet).forward(self.unet, sample, timestep, hidden, added_cond_kwargs=added or None,
                                        return_dict=False)[0]
 
+    def _eager_whole(self, sample, timestep, hidden, added=None) -> tuple:
+        """The UNet's forward as (noise, deep feature), or (noise,) for a UNet the deep cache does not fit."""
+        if self.deep is None:
+            return (self._plain(sample, timestep, hidden, added),)
+        return self.deep.whole(sample, timestep, hidden, added)
+
+    def _eager_part(self, part: str, sample, timestep, hidden, added, feature=None) -> tuple:
+        if part == HEAD:
+            return (self.deep.head(sample, timestep, hidden, added, feature),)
+        return self._eager_whole(sample, timestep, hidden, added)
+
     def _eager(self, *args, **kwargs):
         return type(self.unet).forward(self.unet, *args, **kwargs)
 
     def _forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None,
                  added_cond_kwargs=None, return_dict: bool = True, **kwargs):
         added = dict(added_cond_kwargs or {})
-        plain = (timestep_cond is None and not cross_attention_kwargs and not kwargs
-                 and set(added) <= set(ADDED_CONDITIONING) and all(torch.is_tensor(v) for v in added.values())
-                 and not torch.is_grad_enabled() and torch.is_tensor(timestep)
-                 and timestep.numel() == 1 and not (sample.is_cuda and torch.cuda.is_current_stream_capturing()))
-        if plain and not sample.is_cuda:  # no graphs: the forward compiled ahead of time alone, where there is one
-            compiled = self._compiled_ahead(sample, timestep, encoder_hidden_states, added)
-            if compiled is not None:
-                return _output(self._run_ahead(compiled, sample, timestep, encoder_hidden_states, added), return_dict)
-        if not plain or not sample.is_cuda:
+        if not plain_step(sample, timestep, timestep_cond, cross_attention_kwargs, added, kwargs):
             return self._eager(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
                                cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
                                return_dict=return_dict, **kwargs)
-        key = self._key(sample, timestep, encoder_hidden_states, added)
+        return output(self._run(WHOLE, sample, timestep, encoder_hidden_states, added, outputs=1)[0], return_dict)
+
+    # The two parts of a step with the deep cache (trainer/generation/deep_cache.py `reusing`); plain steps only.
+    def whole(self, sample, timestep, hidden, added: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._run(WHOLE, sample, timestep, hidden, added)
+
+    def head(self, sample, timestep, hidden, added: dict, feature: torch.Tensor) -> torch.Tensor:
+        return self._run(HEAD, sample, timestep, hidden, added, feature, outputs=1)[0]
+
+    def _run(self, part: str, sample, timestep, hidden, added: dict, feature=None, outputs: int = 2) -> tuple:
+        """One plain step's `part`: from a graph on CUDA (captured now if missing), else the compiled forward where
+        there is one, else the eager kernels. Returns the first `outputs` outputs, copied out of the graph."""
+        if not sample.is_cuda:  # no graphs: the forward compiled ahead of time alone, where there is one
+            compiled = self._compiled_ahead(sample, timestep, hidden, added) if part == WHOLE else None
+            if compiled is not None:
+                return self._run_ahead(compiled, sample, timestep, hidden, added)
+            return self._eager_part(part, sample, timestep, hidden, added, feature)
+        key = self._key(part, sample, timestep, hidden, added)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._capture(key, sample, timestep, encoder_hidden_states, added)
+            entry = self._capture(key, part, sample, timestep, hidden, added, feature)
         else:
             self._graphs.move_to_end(key)
         entry.sample.copy_(sample)
         entry.timestep.copy_(timestep.reshape(()))
-        entry.hidden.copy_(encoder_hidden_states)
+        entry.hidden.copy_(hidden)
         for name, value in added.items():
             entry.added[name].copy_(value)
+        if feature is not None:
+            entry.feature.copy_(feature)
         entry.graph.replay()
         self.replays += 1
-        return _output(entry.output.clone(), return_dict)
+        return tuple(out.clone() for out in entry.outputs[:outputs])
 
-    def _key(self, sample, timestep, hidden, added: dict) -> tuple:
-        return (tuple(sample.shape), sample.dtype, tuple(hidden.shape), hidden.dtype, timestep.dtype,
+    def _key(self, part: str, sample, timestep, hidden, added: dict) -> tuple:
+        return (part, tuple(sample.shape), sample.dtype, tuple(hidden.shape), hidden.dtype, timestep.dtype,
                 tuple((name, tuple(v.shape), v.dtype) for name, v in sorted(added.items())), self.state_key())
 
     def _adapter_active(self) -> bool:
@@ -184,10 +210,12 @@ class UNetGraphs:
         in_use = self.slot()
         return None if in_use is None else ForwardShape.of(sample, timestep, hidden, added, in_use[0])
 
-    def _run_ahead(self, compiled, sample, timestep, hidden, added: dict):
-        """Run a package `_compiled_ahead` chose: with the slot's mask while the slot is what runs (a slotted one)."""
+    def _run_ahead(self, compiled, sample, timestep, hidden, added: dict) -> tuple:
+        """Run a package `_compiled_ahead` chose: with the slot's mask while the slot is what runs (a slotted one).
+        Its outputs as `_eager_whole`'s."""
         in_use = self.slot()
-        return self.aot.run(compiled, sample, timestep, hidden, added, None if in_use is None else in_use[1])
+        out = self.aot.run(compiled, sample, timestep, hidden, added, None if in_use is None else in_use[1])
+        return tuple(out) if isinstance(out, (list, tuple)) else (out,)
 
     def adopt_compiled(self) -> int:
         """Load the forwards compiled ahead of time since the last call (the worker calls this when idle), capture
@@ -204,7 +232,7 @@ class UNetGraphs:
         first_time = {shape.name for shape in new}
         shapes = new + self._to_check(exclude=first_time)
         names = {shape.name for shape in shapes}
-        self._drop_graphs(lambda entry: entry.shape.name in names and entry.ahead is None)
+        self._drop_graphs(lambda entry: entry.part == WHOLE and entry.shape.name in names and entry.ahead is None)
         adopted = 0
         self._adopting = True
         try:
@@ -221,7 +249,7 @@ class UNetGraphs:
                             adopted += shape.name in first_time
                         continue
                     self.aot.refuse(shape.name, problem)
-                    self._drop_graphs(lambda entry: entry.shape.name == shape.name)
+                    self._drop_graphs(lambda entry: entry.part == WHOLE and entry.shape.name == shape.name)
         finally:
             self._adopting = False
         return adopted
@@ -247,7 +275,7 @@ class UNetGraphs:
         unchecked = [shape for name, shape in serving.items() if name not in self.aot.checked]
         if not self.usable(self.unet):
             return unchecked
-        graphed = {entry.shape.name for entry in self._graphs.values() if entry.ahead is not None}
+        graphed = {entry.shape.name for entry in self._graphs.values() if entry.ahead is not None}  # (wholes)
         missing = [shape for name, shape in serving.items() if name in self.aot.checked and name not in graphed]
         return unchecked + missing[:max(0, self.max_graphs - len(self._graphs) - len(unchecked))]
 
@@ -260,14 +288,17 @@ class UNetGraphs:
         the eager one on random inputs; None when the compiled one did not run (a graph capture refused it)."""
         inputs = shape.random_inputs(self.unet.device, channels_last=False)
         calls = self.aot.calls
-        compiled = self._forward(*inputs[:3], added_cond_kwargs=inputs[3] or None, return_dict=False)[0]
+        compiled = self._run(WHOLE, *inputs)
         if self.usable(self.unet):
-            entry = self._graphs.get(self._key(*inputs))
+            entry = self._graphs.get(self._key(WHOLE, *inputs))
             if entry is None or entry.ahead is None:
                 return None
         elif self.aot.calls == calls:
             return None
-        return relative_error(compiled, self._plain(*inputs))
+        eager = self._eager_whole(*inputs)
+        if len(compiled) != len(eager):
+            return float("inf")
+        return max(relative_error(out, reference) for out, reference in zip(compiled, eager))
 
     def _check_params(self) -> None:
         """Drop every graph when the UNet's own weights moved (re-laid out, re-cast, replaced). Adapters added or
@@ -287,7 +318,7 @@ class UNetGraphs:
         if self.aot is not None:
             self.aot.rebind()
 
-    def _capture(self, key, sample, timestep, hidden, added) -> _Entry:
+    def _capture(self, key, part: str, sample, timestep, hidden, added, feature) -> _Entry:
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
         memory_format = torch.channels_last if self.unet.conv_in.weight.is_contiguous(
@@ -296,18 +327,21 @@ class UNetGraphs:
         static_t = timestep.detach().reshape(()).clone()
         static_hidden = hidden.detach().clone()
         static_added = {name: value.detach().clone() for name, value in added.items()}
+        static_feature = None if feature is None else feature.detach().clone()
         static = (static_sample, static_t, static_hidden, static_added)
         shape = self._shape_of(*static) or ForwardShape.of(*static)
+        if part == HEAD:  # always the eager kernels
+            return self._capture_with(key, part, (*static, static_feature), shape, None)
         ahead = self._compiled_ahead(*static)  # also notes the shape for the compiling process
         if ahead is not None and (self._adopting or not self.training_held()):
             try:
-                entry = self._capture_with(key, static, shape, ahead)
+                entry = self._capture_with(key, part, (*static, None), shape, ahead)
             except Exception as exc:  # noqa: BLE001 - a package that cannot be graphed costs speed, never a request
                 self._capture_failed(shape.name, exc)
             else:
                 self._capture_failures.pop(shape.name, None)  # refused only after failures in a row
                 return entry
-        return self._capture_with(key, static, shape, None)
+        return self._capture_with(key, part, (*static, None), shape, None)
 
     def _capture_failed(self, name: str, exc: Exception) -> None:
         tries = self._capture_failures[name] = self._capture_failures.get(name, 0) + 1
@@ -317,13 +351,13 @@ class UNetGraphs:
         else:
             log.warning("compiled UNet forward %s: %s; the eager forward serves until the next try", name, reason)
 
-    def _capture_with(self, key, static: tuple, shape: ForwardShape, ahead) -> _Entry:
-        def run():
+    def _capture_with(self, key, part: str, static: tuple, shape: ForwardShape, ahead) -> _Entry:
+        def run() -> tuple:
             if ahead is not None:
-                return self._run_ahead(ahead, *static)
-            if self._compiled is not None:
-                return self._compiled(*static)
-            return self._plain(*static)
+                return self._run_ahead(ahead, *static[:4])
+            if self._compiled is not None and part == WHOLE:
+                return self._compiled(*static[:4])
+            return self._eager_part(part, *static)
 
         if self._stream is None:
             self._stream = torch.cuda.Stream()
@@ -339,11 +373,12 @@ class UNetGraphs:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-            output = run()
-        entry = _Entry(graph, *static, output, shape, ahead)
+            outputs = run()
+        entry = _Entry(part, graph, static, outputs, shape, ahead)
         self._graphs[key] = entry
         self.captures += 1
-        log.info("captured a UNet CUDA graph for %s%s (state %s; %d graph(s) kept, %d captures so far)", key[:3],
+        log.info("captured a UNet CUDA graph for %s%s%s (state %s; %d graph(s) kept, %d captures so far)", key[1:4],
+                 " (the deep cache's head)" if part == HEAD else "",
                  " (compiled ahead of time)" if ahead is not None else "", key[-1], len(self._graphs), self.captures)
         return entry
 
@@ -352,11 +387,3 @@ def own_weights_key(unet) -> int:
     """Where the UNet's own weights are (pointers and dtypes; adapters' weights left out), which peft's wrapping of
     a layer does not change (the base weight stays the same tensor) and a new memory layout or dtype does."""
     return hash(tuple((p.data_ptr(), p.dtype) for name, p in unet.named_parameters() if ".lora_" not in name))
-
-
-def _output(sample: torch.Tensor, return_dict: bool):
-    if not return_dict:
-        return (sample,)
-    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-    return UNet2DConditionOutput(sample=sample)

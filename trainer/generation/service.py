@@ -23,7 +23,8 @@ a per-row mask on its ranks. On CUDA the UNet forward replays from CUDA graphs (
 VAE decodes one image at a time (memory for a 12 GB card) unless the GPU has room. Images become bytes on the GPU and
 are written by a small thread pool while the GPU goes on. With `aot_dir`, the UNet forward is compiled ahead of time
 for the shapes served, in a separate process, and used once ready (trainer/generation/aot_kernels.py; `idle()` adopts
-what finished).
+what finished). With `deep_cache_every` above 1 the UNet's deep features are reused between sampler steps
+(trainer/generation/deep_cache.py): a whole forward on every n-th step, only its head on the others.
 """
 from __future__ import annotations
 
@@ -45,8 +46,10 @@ from trainer.contract import batching
 from trainer.contract.aspects import size_for
 from trainer.generation import safety
 from trainer.contract.errors import Cancelled, UserError
+from trainer.generation.deep_cache import DeepCache, EagerParts, reusing
 from trainer.generation.fast_unet import UNetGraphs
-from trainer.contract.imagine_request import SEED_MAX, ImagineRequest, check_size, size_range
+from trainer.contract.imagine_request import (DEFAULT_DEEP_CACHE, SEED_MAX, ImagineRequest, check_deep_cache,
+                                              check_size, size_range)
 from trainer.generation.lora_slots import LoraSlots
 from trainer.generation.pnginfo import format_parameters, lora_hashes_field, make_grid, save_png, small_copy
 from trainer.generation.previews import save_preview
@@ -154,9 +157,11 @@ class GenerationService:
     def __init__(self, pipe, *, model_name: str, model_hash: str | None = None, adapter_capacity: int = 8,
                  max_batch_images: int = batching.MAX_BATCH_IMAGES, use_cuda_graphs: bool = True,
                  channels_last: bool = True, compile_unet: bool = False, aot_dir: Path | None = None,
-                 training_held: Callable[[], bool] = lambda: False):
+                 training_held: Callable[[], bool] = lambda: False, deep_cache_every: int = DEFAULT_DEEP_CACHE):
         """`training_held()`: whether a yielded training is resident in the pipeline now (the worker's); while it is,
-        no compiled forward's graph is captured (trainer/generation/fast_unet.py)."""
+        no compiled forward's graph is captured (trainer/generation/fast_unet.py). `deep_cache_every`: a whole UNet
+        forward on every n-th sampler step, the deep cache's head on the others (1: off; ignored for a UNet the
+        deep cache does not fit)."""
         self.pipe = pipe
         self.model_name = model_name
         self.model_hash = model_hash
@@ -164,6 +169,7 @@ class GenerationService:
         self.adapters = LoraSlots(pipe, capacity=adapter_capacity)
         self.max_batch_images = max_batch_images
         self.preview_min_interval_s = 1.0  # a preview is written at most this often (a fast job needs none)
+        self.deep_cache_every = check_deep_cache(deep_cache_every) if DeepCache.supported(pipe.unet) else 1
         self.graphs = None
         graphs = use_cuda_graphs and UNetGraphs.usable(pipe.unet)
         if graphs and channels_last:  # faster convolutions (docs/BENCHMARKS.md: 12.0 -> 10.3 ms per CFG step in a graph)
@@ -360,8 +366,10 @@ class GenerationService:
                 negative_pooled_prompt_embeds=torch.cat([i.embeddings.negative_pooled.expand(n, -1)
                                                          for i, n in zip(items, repeat)]))
         generators = [torch.Generator("cpu").manual_seed(s) for item in items for s in item.seeds]
-        graphs = self.graphs.installed() if self.graphs is not None and first.init_image is None else nullcontext()
-        with graphs:
+        graphed = self.graphs is not None and first.init_image is None
+        graphs = self.graphs.installed() if graphed else nullcontext()
+        parts = self.graphs if graphed else EagerParts(self.pipe.unet) if self.deep_cache_every > 1 else None
+        with graphs, reusing(self.pipe.unet, self.deep_cache_every, parts):
             output = view(
                 prompt_embeds=prompt, negative_prompt_embeds=negative,
                 num_inference_steps=request.steps, guidance_scale=request.cfg, num_images_per_prompt=1,
@@ -400,6 +408,7 @@ class GenerationService:
             "Steps": request.steps, "Sampler": sampler_label(request.scheduler), "CFG scale": f"{request.cfg:g}",
             "Seed": None, "Size": f"{item.width}x{item.height}", **self._size_conditioning(item),
             "Model hash": self.model_hash, "Model": self.model_name,
+            "Deep cache": f"every {self.deep_cache_every} steps" if self.deep_cache_every > 1 else None,
             "Denoising strength": f"{request.strength:g}" if item.init_image is not None else None,
             "Lora hashes": lora_hashes_field([(u.concept.token, lora.short_hash)
                                               for u, (lora, _) in zip(parsed.uses, item.loras)]),
