@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from trainer.contract.imagine_request import DEFAULT_DEEP_CACHE
+
 
 def _device(requested: str) -> str:
     import torch
@@ -40,6 +42,11 @@ def _plan(args):
     return Plan()
 
 
+def _deep_caches(args) -> list[int]:
+    """The --deep-cache settings asked for, else the bot's default."""
+    return args.deep_cache or [DEFAULT_DEEP_CACHE]
+
+
 def build_model(args) -> int:
     from bench.quality.world_model import build
 
@@ -57,11 +64,12 @@ def check(args) -> int:
     pipe, readers = _load(args)
     plan = _plan(args)
     sampling = replace(plan.sampling, steps=args.steps) if args.steps else plan.sampling
+    service = make_service(pipe, _deep_caches(args)[-1])
     with tempfile.TemporaryDirectory() as tmp:
-        following = prompt_following(make_service(pipe), readers, args.count, seed=7, out_dir=Path(tmp),
-                                     sampling=sampling)
+        following = prompt_following(service, readers, args.count, seed=7, out_dir=Path(tmp), sampling=sampling)
     report = {"readers_on_renders": readers_mod.accuracy(readers.cpu()), "prompt_following": following,
-              "sampling": asdict(sampling)}
+              "sampling": asdict(sampling),
+              "deep_cache": _deep_caches(args)[-1]}
     print(json.dumps(report, indent=2))
     return 0
 
@@ -83,6 +91,7 @@ def score(args) -> int:
         for subject in subjects:
             tables[subject] = recipes.run(pipe, readers, names, Path(args.work or tmp) / subject,
                                           concept=SUBJECTS[subject], plan=_plan(args),
+                                          deep_caches=tuple(_deep_caches(args)),
                                           log=lambda line: print(f"{subject} {line}", file=sys.stderr, flush=True))
             print(f"\n{subject}: {SUBJECTS[subject].subject}\n{recipes.markdown(tables[subject])}", flush=True)
     if args.json:
@@ -119,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
             c.add_argument("--json", help="also write the rows as JSON here")
     for sub in commands.choices.values():
         sub.add_argument("--device", default="auto")
+    for name, more in (("check", ""), ("score", "; repeatable: the same LoRAs scored under each")):
+        commands.choices[name].add_argument(
+            "--deep-cache", type=int, action="append", metavar="N",
+            help=f"the pictures' BOOTHBOT_DEEP_CACHE: a whole UNet forward every N-th sampler step (1: off; default "
+                 f"{DEFAULT_DEEP_CACHE}, the bot's){more}")
     args = parser.parse_args(argv)
     from trainer.quiet import quiet_libraries
 

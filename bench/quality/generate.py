@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from bench.quality import world
-from trainer.contract.imagine_request import ImagineRequest
+from trainer.contract.imagine_request import DEFAULT_DEEP_CACHE, ImagineRequest
 from trainer.contract.prompts import ConceptSpec
 
 _counter = itertools.count()
@@ -23,10 +23,11 @@ class Sampling:
     scheduler: str = "dpmpp_2m_karras"
 
 
-def make_service(pipe):
+def make_service(pipe, deep_cache: int = DEFAULT_DEEP_CACHE):
+    """The bot's generation engine on `pipe`; `deep_cache`: its BOOTHBOT_DEEP_CACHE (the bot's default unless asked)."""
     from trainer.generation.service import GenerationService
 
-    return GenerationService(pipe, model_name="world-model", max_batch_images=64)
+    return GenerationService(pipe, model_name="world-model", max_batch_images=64, deep_cache_every=deep_cache)
 
 
 def imagine(service, prompts: list[str], per_prompt: int, *, seed: int, out_dir: Path,

@@ -111,22 +111,31 @@ def train(pipe, concept: scores.Concept, photos: Path, work: Path, name: str,
 
 
 def run(pipe, readers, names: list[str], work: Path, *, concept: scores.Concept = scores.DEFAULT_CONCEPT,
-        plan: scores.Plan = scores.Plan(), extra: dict | None = None, log=print) -> dict[str, dict]:
-    """{"base": scores of the untrained model, name: training facts + scores, …}. `extra` adds recipes."""
+        plan: scores.Plan = scores.Plan(), extra: dict | None = None, log=print,
+        deep_caches: tuple[int, ...] = ()) -> dict[str, dict]:
+    """{"base": scores of the untrained model, name: training facts + scores, …}. `extra` adds recipes.
+    `deep_caches`: the pictures' BOOTHBOT_DEEP_CACHE settings (default: the bot's); the rows of every setting after
+    the first are named "<row> @ deep cache N" and score the same LoRAs."""
     from bench.quality.generate import make_service
 
     table = {**RECIPES, **(extra or {})}
     work.mkdir(parents=True, exist_ok=True)
     photos = scores.write_concept_photos(work / "photos", concept)
-    service = make_service(pipe)
-    reference = scores.Reference(service, readers, concept, plan, work / "images")
-    rows = {"base": scores.score(service, readers, concept, reference, plan, work / "images", None)}
-    log(f"base: {rows['base']}")
+    services = [(make_service(pipe, n), f" @ deep cache {n}" if i else "") for i, n in enumerate(deep_caches)]
+    services = services or [(make_service(pipe), "")]
+    references = [scores.Reference(service, readers, concept, plan, work / "images") for service, _ in services]
+    rows = {}
+
+    def score_all(name: str, lora: str | None, facts: dict) -> None:
+        for (service, suffix), reference in zip(services, references):
+            rows[name + suffix] = {**facts, **scores.score(service, readers, concept, reference, plan,
+                                                           work / "images", lora)}
+            log(f"{name + suffix}: {rows[name + suffix]}")
+
+    score_all("base", None, {})
     for name in names:
         facts = train(pipe, concept, photos, work, name, table[name])
-        rows[name] = {**facts, **scores.score(service, readers, concept, reference, plan, work / "images",
-                                              facts["lora"])}
-        log(f"{name}: {rows[name]}")
+        score_all(name, facts["lora"], facts)
     return rows
 
 

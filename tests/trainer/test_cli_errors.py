@@ -77,6 +77,7 @@ def cases(root: Path, tiny_model_dir: Path, closed_port: int,
         "imagine-cut-off-checkpoint": (imagine(cut_off), {}, False),
         "imagine-unreadable-checkpoint": (imagine(unreadable), {}, True),
         "imagine-hub-offline": (imagine("someone/some-model"), {}, False),
+        "imagine-deep-cache-out-of-range": (imagine(tiny_model_dir, "--deep-cache", "0"), {}, False),
         "imagine-hub-unreachable": (imagine("someone/some-model"), unreachable_hub, False),
         "imagine-hub-no-such-model": (imagine("someone/typo-model"), {"HF_HUB_OFFLINE": None, "HF_ENDPOINT": empty_hub},
                                       False),
@@ -141,6 +142,10 @@ def test_missing_model_path(outcomes, command):
     missing = outcomes["root"] / "models" / "sd15.safetensors"
     plain_error(outcomes, f"{command}-missing-model", f"{missing} does not exist: give a hub id such as",
                 "a local diffusers directory, or a .safetensors/.ckpt file")
+
+
+def test_deep_cache_out_of_range(outcomes):
+    plain_error(outcomes, "imagine-deep-cache-out-of-range", "--deep-cache must be from 1 to 10", "not 0")
 
 
 def test_directory_that_is_not_a_model(outcomes):

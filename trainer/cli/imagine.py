@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 from trainer.contract.errors import UserError, require_writable_dir
-from trainer.contract.imagine_request import (CFG_RANGE, COUNT_RANGE, DEFAULT_CFG, DEFAULT_COUNT, DEFAULT_STEPS,
-                                     DEFAULT_STRENGTH, SCHEDULERS, STEPS_RANGE, ImagineRequest)
+from trainer.contract.imagine_request import (CFG_RANGE, COUNT_RANGE, DEEP_CACHE_RANGE, DEFAULT_CFG, DEFAULT_COUNT,
+                                              DEFAULT_DEEP_CACHE, DEFAULT_STEPS, DEFAULT_STRENGTH, SCHEDULERS,
+                                              STEPS_RANGE, ImagineRequest)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the bot's default (bot/settings.py)
 
@@ -32,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", metavar="WxH", help="image size, multiples of 8 (default: the model's, 512x512 for SD 1.5)")
     parser.add_argument("--count", type=int, default=DEFAULT_COUNT, help=f"images {COUNT_RANGE[0]}..{COUNT_RANGE[1]}")
     parser.add_argument("--scheduler", choices=SCHEDULERS, default=SCHEDULERS[0], help="sampler (default %(default)s)")
+    parser.add_argument("--deep-cache", type=int, default=DEFAULT_DEEP_CACHE, metavar="N",
+                        help=f"a whole UNet forward every N-th sampler step, a twelfth of it on the others (the bot's "
+                             f"BOOTHBOT_DEEP_CACHE; {DEEP_CACHE_RANGE[0]}: off, up to {DEEP_CACHE_RANGE[1]}; "
+                             f"default {DEFAULT_DEEP_CACHE})")
     parser.add_argument("--init-image", help="make variations of this image (img2img)")
     parser.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
                         help=f"how far variations move from --init-image, default {DEFAULT_STRENGTH:g}")
@@ -113,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    lo, hi = DEEP_CACHE_RANGE
+    if not lo <= args.deep_cache <= hi:
+        print(f"error: --deep-cache must be from {lo} to {hi} (1: off), not {args.deep_cache}", file=sys.stderr)
+        return 2
     require_model(args.model)  # a wrong --model fails now, not after seconds of importing torch
     require_writable_dir(args.out, "--out")
 
@@ -121,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     from trainer.cli.train import ProgressBar
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
-    service = GenerationService(pipe, model_name=model_label(args.model), model_hash=model_hash(args.model))
+    service = GenerationService(pipe, model_name=model_label(args.model), model_hash=model_hash(args.model),
+                                deep_cache_every=args.deep_cache)
     bar = ProgressBar(sys.stderr)
     started = time.monotonic()
     try:
