@@ -3,7 +3,9 @@
 At batch 1-2 a denoising step is bound by Python and kernel launches, not by the GPU (docs/BENCHMARKS.md: the GPU
 is busy ~30 % of an eager step, and every peft LoRA layer adds Python). A graph captured once per
 (batch, latent size, prompt length, LoRA slot on/off) replays the whole forward with one launch. Inputs are copied
-into the graph's static buffers, the output is cloned out. Captured lazily, the `max_graphs` most recent kept.
+into the graph's static buffers, the output is cloned out. Captured lazily, the `max_graphs` most recent kept (8:
+generation's 2- and 16-row shapes, bare and with the mixed-LoRA slot, each a whole forward and the deep cache's head;
+the graphs share one memory pool).
 
 What a graph bakes in: tensor addresses and the kernels chosen at capture. The LoRA slot (trainer/generation/lora_slots.py)
 keeps both fixed (weights and masks change in place), so switching LoRAs keeps graphs valid; when the slot is
@@ -22,6 +24,10 @@ costing that member ~2 s and the package for good. Then the request gets the eag
 moment captures the compiled one. A failed capture falls back the same way; a package is refused only after
 MAX_CAPTURE_TRIES failed captures in a row. Warm-up and capture share one side stream (lazy per-stream state, such as
 cuDNN's, is then set up before the capture, not in it).
+
+With the deep cache (trainer/generation/deep_cache.py) a step is one of two parts, each with graphs of its own
+(`whole`, `head`): the whole forward (eager, or the package compiled ahead of time) also returns its deep feature,
+and the head's graph, eager kernels always, takes a kept feature as one more static input.
 
 `installed()` points the UNet instance's `forward` at the graph runner for the duration of a request and restores it
 on exit; calls the graphs can't serve (gradients on, other extra conditioning, CPU tensors) run eagerly. Whether the
@@ -68,7 +74,7 @@ class _Entry:
 
 
 class UNetGraphs:
-    def __init__(self, unet, *, state_key=lambda: None, max_graphs: int = 4, warmup: int = 2, compile: bool = False,
+    def __init__(self, unet, *, state_key=lambda: None, max_graphs: int = 8, warmup: int = 2, compile: bool = False,
                  aot=None, training_held=lambda: False, slot=lambda: None, exercise_slot=None):
         self.unet = unet
         self.aot = aot  # AotKernels or None
