@@ -40,7 +40,8 @@ class _EventSink:
 
 
 class OursWorker:
-    def __init__(self, model_dir: Path, device: str, data_dir: Path, dtype: str = "auto", compile_unet: bool = False):
+    def __init__(self, model_dir: Path, device: str, data_dir: Path, dtype: str = "auto", compile_unet: bool = False,
+                 deep_cache: int | None = None):
         from trainer.models.loading import load_pipeline
         from trainer.worker import EventWriter, JobControl, Worker
 
@@ -48,7 +49,8 @@ class OursWorker:
         self.sink = _EventSink()
         self.pipe = load_pipeline(str(model_dir), device, dtype)
         self.worker = Worker(EventWriter(self.sink), JobControl(), pipe=self.pipe, device=device,
-                             model=str(model_dir), data_dir=data_dir, compile_unet=compile_unet)
+                             model=str(model_dir), data_dir=data_dir, compile_unet=compile_unet,
+                             **({} if deep_cache is None else {"deep_cache": deep_cache}))
         self._job_ids = itertools.count(1)
 
     def run(self, kind: str, params: dict) -> tuple[dict, float, int]:

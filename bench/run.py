@@ -24,6 +24,10 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from trainer.contract.imagine_request import DEFAULT_DEEP_CACHE
+
+SETTLED_ROUNDS = 3  # ours' throughput: rounds timed after the first (its median is the figure)
+
 SECTIONS = ("train", "imagine", "throughput", "switch", "profile")
 FAMILY_SECTIONS = {"sd1": SECTIONS, "sdxl": ("imagine", "throughput", "switch")}  # what each family's bench measures
 FULL = dict(steps=400, class_images=50, class_steps=50, imagine_steps=30, switch_steps=4, repeats=5, requests=8,
@@ -53,6 +57,7 @@ class BenchConfig:
     ref_precision: str
     seed: int = 0
     compile_unet: bool = False  # the worker's --compile-unet (BOOTHBOT_COMPILE_UNET)
+    deep_cache: int = DEFAULT_DEEP_CACHE  # the worker's --deep-cache (BOOTHBOT_DEEP_CACHE): ours' /imagine
     settle: bool = True  # time /imagine once the forwards compiled ahead of time are adopted (`_settle`)
     family: str = "sd1"  # "sd1" | "sdxl" (trainer/contract/families.py)
     resolution: int = 512
@@ -98,6 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default, where the worker compiles ahead of time (a GPU of 22 GB or more), the timed "
                              "/imagine and throughput runs wait until the forwards the first requests used are "
                              "compiled and adopted (the wait is reported)")
+    parser.add_argument("--deep-cache", type=int, default=DEFAULT_DEEP_CACHE, metavar="N",
+                        help="ours with the worker's --deep-cache N (BOOTHBOT_DEEP_CACHE): a whole UNet forward every "
+                             "N-th sampler step of an /imagine (1: off, every step whole as the reference; default "
+                             "%(default)s, the bot's)")
     parser.add_argument("--compile-unet", action="store_true",
                         help="ours with the worker's --compile-unet (BOOTHBOT_COMPILE_UNET=1): torch.compile inside the "
                              "CUDA graphs")
@@ -131,7 +140,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         precision = "no" if not device.startswith("cuda") else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     full_side, label = {"sd1": (512, "SD 1.5"), "sdxl": (1024, "SDXL base")}[family]
     return BenchConfig(tiny=args.tiny, device=device, sections=sections, ref_precision=precision, seed=args.seed,
-                       compile_unet=args.compile_unet, settle=args.settle, family=family,
+                       compile_unet=args.compile_unet, deep_cache=args.deep_cache, settle=args.settle, family=family,
                        resolution=64 if args.tiny else full_side, work_dir=args.work_dir,
                        model=(f"tiny random {family} (64 px)" if args.tiny
                               else f"random-weight {label} architecture ({full_side} px)"),
@@ -262,7 +271,8 @@ class Bench:
             return out
         data_dir = self.fx.root / "ours-data"
         reset_peak_memory(cfg.device)
-        worker = OursWorker(self.fx.model_dir, cfg.device, data_dir, compile_unet=cfg.compile_unet)
+        worker = OursWorker(self.fx.model_dir, cfg.device, data_dir, compile_unet=cfg.compile_unet,
+                            deep_cache=cfg.deep_cache)
         images_dir = data_dir / "images"
 
         def imagine(concepts, seed=cfg.seed, steps=cfg.imagine_steps):
@@ -329,17 +339,22 @@ class Bench:
         return out
 
     def _ours_throughput(self, worker, imagine, member) -> dict:
+        from bench.timing import median
+
         imagine([member[0]])  # the service exists and is warm, as in a running worker
         # The first round loads each LoRA once (cold cache) and runs the forward the compiling process has not made
         # yet; the second finds the LoRAs cached and (settled) the forward compiled.
         rounds = [self._ours_batch_round(worker, member, 0)]
         settled = self._settle(worker, "throughput")
-        rounds.append(self._ours_batch_round(worker, member, 1))
+        rounds += [self._ours_batch_round(worker, member, i) for i in range(1, 1 + SETTLED_ROUNDS)]
         compiled = " on the forward compiled ahead of time (settled)" if settled.get("settle_throughput_s") else ""
-        return {**settled, "throughput_round_s": rounds, "throughput_ips": self.cfg.requests / rounds[-1],
+        deep = (f"; deep cache every {self.cfg.deep_cache} steps (BOOTHBOT_DEEP_CACHE)" if self.cfg.deep_cache > 1
+                else "; deep cache off")
+        return {**settled, "throughput_round_s": rounds, "throughput_ips": self.cfg.requests / median(rounds[1:]),
                 "throughput_mode": f"one run_many request of {self.cfg.requests} /imagine jobs through the worker "
                                    "(Worker.run_many -> GenerationService.imagine_many), as the dispatcher batches "
-                                   f"queued jobs{compiled}"}
+                                   f"queued jobs{compiled}, the median of {SETTLED_ROUNDS} rounds after the first"
+                                   f"{deep}"}
 
     def _settle(self, worker, label: str) -> dict:
         """As a running bot serves once its first minutes are over: wait for the compiling process to finish the
