@@ -281,7 +281,7 @@ class UNetGraphs:
         unchecked = [shape for name, shape in serving.items() if name not in self.aot.checked]
         if not self.usable(self.unet):
             return unchecked
-        graphed = {entry.shape.name for entry in self._graphs.values() if entry.ahead is not None}  # (wholes)
+        graphed = {entry.shape.name for entry in self._graphs.values() if entry.ahead is not None}  # wholes only
         missing = [shape for name, shape in serving.items() if name in self.aot.checked and name not in graphed]
         return unchecked + missing[:max(0, self.max_graphs - len(self._graphs) - len(unchecked))]
 
