@@ -87,7 +87,9 @@ async def test_a_job_running_in_one_lane_counts_against_its_owner_in_the_other(b
     mine, bobs = await bot.ledger.get(mine.id), await bot.ledger.get(bobs.id)
     assert mine.status == bobs.status == "succeeded"
     assert bobs.started_at < mine.started_at
-    assert await bot.ledger.cancel(training.id, ALICE) == "requested"
+    # Running (cancel requested) or between two of its runs, having yielded to the imagines (cancelled at once):
+    # which one depends on the moment (CI on a loaded 2-core machine met the second).
+    assert await bot.ledger.cancel(training.id, ALICE) in ("requested", "cancelled")
     [cancelled] = await bot.wait_ended(training.id)
     assert cancelled.status == "cancelled"
 
