@@ -542,7 +542,8 @@ def run_train(worker: Worker, job_id: int, params: dict, on_progress, should_sto
     from trainer.training.memory import default_batch_for, gradient_checkpointing_for, keeps_generation_memory
 
     checkpointing = gradient_checkpointing_for(worker.train_memory, worker.pipe)
-    spec = TrainSpec.from_params({"gradient_checkpointing": checkpointing, **params})
+    spec = TrainSpec.from_params({"gradient_checkpointing": checkpointing, "sample_deep_cache": worker.deep_cache,
+                                  **params})
     if all(params.get(name) is None for name in BATCH_RECIPE_FIELDS):
         spec = recipe_at_batch(spec, default_batch_for(worker.train_memory, worker.pipe))
     resuming_live = worker.live.held is not None and worker.live.held.spec.out_dir == spec.out_dir

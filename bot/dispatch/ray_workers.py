@@ -91,7 +91,8 @@ def create_workers(settings, *, address: str) -> list[RayWorkerClient]:
     clients = []
     for index in range(count):
         actor = actor_class.remote(model=settings.model, device=device, dtype=settings.dtype,
-                                   compile_unet=settings.compile_unet, threads=threads)
+                                   compile_unet=settings.compile_unet, threads=threads,
+                                   deep_cache=settings.deep_cache)
         clients.append(RayWorkerClient(actor, data_dir=settings.data_dir, index=index))
     log.info("starting %d Ray worker actor(s) on %s (%s each)", count, address,
              "1 GPU" if device == "cuda" else "1 CPU")

@@ -65,11 +65,11 @@ def test_reusing_runs_the_whole_forward_every_nth_step_and_the_head_between(tiny
     pipe.set_progress_bar_config(disable=True)
 
     def picture(every: int, steps: int = 7):
-        with reusing(pipe.unet, every, EagerParts(pipe.unet)) as counts:
+        with reusing(pipe.unet, every, EagerParts(pipe.unet)) as reuse:
             image = pipe("a red dog", num_inference_steps=steps, guidance_scale=7.0, width=64, height=64,
                          generator=torch.Generator().manual_seed(3), output_type="np").images[0]
         assert "forward" not in vars(pipe.unet)  # given back
-        return image, counts
+        return image, reuse.counts
 
     whole, counts = picture(1)
     assert counts == {WHOLE: 0, HEAD: 0}  # off: the UNet's own forward, untouched

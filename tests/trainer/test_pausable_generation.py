@@ -57,3 +57,25 @@ def test_the_pipeline_keeps_its_own_scheduler(tiny_pipeline):
     scheduler = tiny_pipeline.scheduler
     generate_pausable(tiny_pipeline, "a photo of a dog", SEEDS, SIDE, steps=STEPS, should_pause=lambda: True)
     assert tiny_pipeline.scheduler is scheduler
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_with_the_deep_cache_a_paused_batch_keeps_its_feature_and_gives_the_uninterrupted_images(
+        family, tiny_pipeline, tiny_sdxl_pipeline):
+    """The samples' deep cache (trainer/generation/deep_cache.py): a batch paused after a whole step goes on with the
+    head from that step's feature, as the uninterrupted batch does, not with a whole forward of its own."""
+    pipe = tiny_pipeline if family == "sd1" else tiny_sdxl_pipeline
+    whole = _pixels(generate_pausable(pipe, "a photo of a dog", SEEDS, SIDE, steps=STEPS, deep_cache_every=3))
+    every_step = _pixels(generate(pipe, "a photo of a dog", SEEDS, SIDE, steps=STEPS))
+    assert not np.array_equal(whole[0], every_step[0])  # the heads ran
+    paused, runs, wholes = None, 0, []
+    while True:
+        result = generate_pausable(pipe, "a photo of a dog", SEEDS, SIDE, steps=STEPS, should_pause=lambda: True,
+                                   paused=paused, deep_cache_every=3)
+        runs += 1
+        if not isinstance(result, PausedBatch):
+            break
+        wholes.append(result.reuse.counts["whole"])
+        paused = result
+    assert runs == STEPS + 1 and wholes[-1] == 2  # steps 0 and 3 whole, across six calls
+    assert all(np.array_equal(a, b) for a, b in zip(_pixels(result), whole))

@@ -19,8 +19,8 @@ FINGERPRINTED = {"concept_id", "token", "class_name", "style", "steps", "seed", 
                  "learning_rate", "text_encoder_learning_rate", "batch_size", "resolution", "prior_preservation",
                  "class_images", "class_image_steps", "prior_loss_weight", "snr_gamma", "flip", "max_grad_norm",
                  "gradient_checkpointing", "deterministic"}
-NOT_FINGERPRINTED = {"photos_dir", "out_dir", "slice_s", "cuda_graphs", "sample_count", "preview_every", "preview_path",
-                     "base_model"}
+NOT_FINGERPRINTED = {"photos_dir", "out_dir", "slice_s", "cuda_graphs", "sample_count", "sample_deep_cache",
+                     "preview_every", "preview_path", "base_model"}
 
 
 def spec(**changes) -> TrainSpec:

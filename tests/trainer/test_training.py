@@ -51,7 +51,8 @@ def test_end_to_end_outputs_load_in_diffusers_and_kohya_format(tiny_pipeline, ti
     info = parse_parameters(read_png_parameters(result["samples"][0]))
     assert info == {"Prompt": "a photo of squidarth man <lora:squidarth:1>", "Negative prompt": "", "Steps": "20",
                     "Sampler": "DPM++ 2M", "CFG scale": "7.5", "Seed": "7", "Size": "32x32",
-                    "Model": tiny_model_dir.name, "Lora hashes": f"squidarth: {lora_hash(result['lora'])}"}
+                    "Model": tiny_model_dir.name, "Deep cache": "every 3 steps",
+                    "Lora hashes": f"squidarth: {lora_hash(result['lora'])}"}
 
     # Metadata in both headers.
     for path in (result["lora"], result["lora_kohya"]):
@@ -81,14 +82,15 @@ def test_end_to_end_outputs_load_in_diffusers_and_kohya_format(tiny_pipeline, ti
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0" in modules
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in modules
 
-    # diffusers loads it, and the loaded LoRA reproduces the sample made with the trained adapter, pixel for pixel.
+    # diffusers loads it, and the loaded LoRA reproduces the sample made with the trained adapter, pixel for pixel
+    # (with the samples' deep cache, as /imagine makes them).
     from trainer.models.loading import load_pipeline
     from trainer.training.images import generate
 
     fresh = load_pipeline(str(tiny_model_dir), device="cpu", dtype="fp32")
     fresh.load_lora_weights(result["lora"], adapter_name="trained")
     assert fresh.get_list_adapters() == {"unet": ["trained"], "text_encoder": ["trained"]}
-    again = generate(fresh, "a photo of squidarth man", [spec.seed], 32)[0]
+    again = generate(fresh, "a photo of squidarth man", [spec.seed], 32, deep_cache_every=spec.sample_deep_cache)[0]
     sample = Image.open(result["samples"][0])
     assert np.abs(np.asarray(again, np.int16) - np.asarray(sample, np.int16)).max() <= 1
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.contract.errors import UserError
+from trainer.contract.imagine_request import DEEP_CACHE_RANGE, DEFAULT_DEEP_CACHE
 from trainer.contract.naming import class_kind
 from trainer.contract.naming import instance_prompt as naming_instance_prompt
 
@@ -127,6 +128,9 @@ class TrainSpec:
     # replay the step from a CUDA graph on CUDA (same math, far fewer launches)
     cuda_graphs: bool = option(True, fingerprint=False)
     sample_count: int = option(4, fingerprint=False, label="sample count", range=Range(0, 16))
+    # the samples' deep cache, as /imagine's (the worker's --deep-cache; 1: off): they show what /imagine will make
+    sample_deep_cache: int = option(DEFAULT_DEEP_CACHE, fingerprint=False, label="the samples' deep cache",
+                                    range=Range(*DEEP_CACHE_RANGE))
     # steps between previews; None: a fifth of the steps when preview_path is set
     preview_every: int | None = option(None, fingerprint=False, label="preview_every", range=Range(0))
     # where previews go (WebP); None and preview_every unset: no previews

@@ -115,39 +115,48 @@ def plain_step(sample, timestep, timestep_cond, cross_attention_kwargs, added: d
             and not (sample.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
+class Reuse:
+    """Where a denoising loop stands with the deep cache: the next step's index, the kept feature, the parts run.
+    A loop paused between two steps keeps its Reuse, so that going on gives the images of an uninterrupted one."""
+
+    def __init__(self, step: int = 0, feature: torch.Tensor | None = None):
+        self.step, self.feature = step, feature
+        self.counts = {WHOLE: 0, HEAD: 0}
+
+
 @contextmanager
-def reusing(unet, every: int, parts):
+def reusing(unet, every: int, parts, going_on: Reuse | None = None):
     """For one pipeline call: `unet.forward` runs a whole forward on every `every`-th sampler step (the first
-    always) and the head from the kept feature on the others. Yields the counts {"whole": n, "head": n}."""
-    counts = {WHOLE: 0, HEAD: 0}
+    always) and the head from the kept feature on the others. Yields the loop's Reuse (`going_on`: a paused loop's,
+    to go on with)."""
+    reuse = going_on or Reuse()
     if every <= 1:
-        yield counts
+        yield reuse
         return
     had_own = "forward" in vars(unet)
     inner = unet.forward  # the CUDA graphs' runner when installed, else the UNet's own
-    state = {"step": 0, "feature": None}
 
     def forward(sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None,
                 added_cond_kwargs=None, return_dict: bool = True, **kwargs):
         added = dict(added_cond_kwargs or {})
         if not plain_step(sample, timestep, timestep_cond, cross_attention_kwargs, added, kwargs):
-            state["feature"] = None
+            reuse.feature = None
             return inner(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
                          cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added_cond_kwargs,
                          return_dict=return_dict, **kwargs)
-        step, state["step"] = state["step"], state["step"] + 1
-        feature = state["feature"]
+        step, reuse.step = reuse.step, reuse.step + 1
+        feature = reuse.feature
         if feature is None or step % every == 0 or feature.shape[0] != sample.shape[0]:
-            noise, state["feature"] = parts.whole(sample, timestep, encoder_hidden_states, added)
-            counts[WHOLE] += 1
+            noise, reuse.feature = parts.whole(sample, timestep, encoder_hidden_states, added)
+            reuse.counts[WHOLE] += 1
         else:
             noise = parts.head(sample, timestep, encoder_hidden_states, added, feature)
-            counts[HEAD] += 1
+            reuse.counts[HEAD] += 1
         return output(noise, return_dict)
 
     unet.forward = forward
     try:
-        yield counts
+        yield reuse
     finally:
         if had_own:
             unet.forward = inner

@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from trainer.contract import protocol
+from trainer.contract.imagine_request import DEFAULT_DEEP_CACHE
 from trainer.remote.blobs import DEFAULT_LIMIT_BYTES, BlobStore, sha256_of
 from trainer.remote.workdir import WorkDir, safe_relative
 from trainer.worker import STACK_STAMP, JobControl, Worker, describe_device, describe_start_failure
@@ -65,7 +66,8 @@ class Request:
 
 class WorkerActor:
     def __init__(self, *, model: str | None, device: str = "auto", dtype: str = "auto", compile_unet: bool = False,
-                 threads: int | None = None, cache_limit_bytes: int = DEFAULT_LIMIT_BYTES):
+                 threads: int | None = None, cache_limit_bytes: int = DEFAULT_LIMIT_BYTES,
+                 deep_cache: int = DEFAULT_DEEP_CACHE):
         self.root = _fresh_root()
         self.blobs = BlobStore(self.root / "blobs", cache_limit_bytes)
         self.cache_dir = self.root / "cache"  # class images: kept for every training on this actor
@@ -77,7 +79,7 @@ class WorkerActor:
         self._lock = threading.Lock()
         self.ready_event = self._load(model, device, dtype, threads)
         self.worker = Worker(self, self.control, pipe=self._pipe, device=self._device, model=model,
-                             data_dir=self.root, compile_unet=compile_unet)
+                             data_dir=self.root, compile_unet=compile_unet, deep_cache=deep_cache)
 
     def _load(self, model, device, dtype, threads) -> dict:
         """The `ready` event, or a `fatal` one saying why the model could not load (the actor stays up to say so)."""

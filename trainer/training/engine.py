@@ -677,7 +677,8 @@ class _Slice:
         # Only a resident training can go on with a paused batch; one resumed from its file makes them again.
         should_pause = self.should_yield if self.live is not None else None
         images = generate_pausable(self.pipe, self.job.instance_prompt, seeds, self.job.resolution,
-                                   should_pause=should_pause, paused=self.paused_samples)
+                                   should_pause=should_pause, paused=self.paused_samples,
+                                   deep_cache_every=self.spec.sample_deep_cache)
         if isinstance(images, PausedBatch):
             self.paused_samples = images
             return None
@@ -694,8 +695,10 @@ class _Slice:
         from trainer.training.images import GUIDANCE_SCALE, SAMPLER_LABEL, SAMPLER_STEPS
 
         size = self.job.resolution
+        every = self.spec.sample_deep_cache
         return {"Steps": SAMPLER_STEPS, "Sampler": SAMPLER_LABEL, "CFG scale": f"{GUIDANCE_SCALE:g}", "Seed": None,
                 "Size": f"{size}x{size}", "Model": model_label(self.job.base_model),
+                "Deep cache": f"every {every} steps" if every > 1 else None,
                 "Lora hashes": lora_hashes_field([(self.spec.token, lora_hash(lora))])}
 
 

@@ -50,11 +50,12 @@ def free_graphs(graphs) -> None:
 
 
 def generate(pipe, prompt: str, seeds: list[int], resolution: int, *, steps: int = SAMPLER_STEPS,
-             guidance_scale: float = GUIDANCE_SCALE, output_type: str = "pil", graphs=None):
+             guidance_scale: float = GUIDANCE_SCALE, output_type: str = "pil", graphs=None, deep_cache_every: int = 1):
     """One image per seed (each from its own generator, so an image does not depend on its batch-mates, up to the
-    float rounding of the batch size). `graphs`: from `unet_graphs(pipe)`; by default this call makes its own."""
+    float rounding of the batch size). `graphs`: from `unet_graphs(pipe)`; by default this call makes its own.
+    `deep_cache_every`: `generate_pausable`'s."""
     return generate_pausable(pipe, prompt, seeds, resolution, steps=steps, guidance_scale=guidance_scale,
-                             output_type=output_type, graphs=graphs)
+                             output_type=output_type, graphs=graphs, deep_cache_every=deep_cache_every)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class PausedBatch:
     scheduler: object  # the DPMSolverMultistepScheduler, with its step index and the model outputs it keeps
     steps_done: int
     steps: int
+    reuse: object = None  # the deep cache's Reuse (trainer/generation/deep_cache.py): its kept feature, when on
 
 
 class _Paused(Exception):
@@ -98,15 +100,18 @@ class _GoOn:
 
 def generate_pausable(pipe, prompt: str, seeds: list[int], resolution: int, *, steps: int = SAMPLER_STEPS,
                       guidance_scale: float = GUIDANCE_SCALE, output_type: str = "pil", graphs=None,
-                      should_pause: Callable[[], bool] | None = None, paused: PausedBatch | None = None):
+                      should_pause: Callable[[], bool] | None = None, paused: PausedBatch | None = None,
+                      deep_cache_every: int = 1):
     """`generate`, which `should_pause()` (asked after each sampler step) can stop between two steps or before the
     VAE decode: then it returns a PausedBatch instead of the images, and passing that back as `paused` goes on where
     it stopped. A call makes at least one step (or, once every step is made, the decode), so a batch asked to pause
-    at every step still finishes."""
+    at every step still finishes. `deep_cache_every`: as /imagine's (trainer/generation/deep_cache.py; 1: off); a
+    paused batch keeps the deep feature, so that going on still gives the uninterrupted batch's images."""
     import torch
 
     from diffusers import DPMSolverMultistepScheduler
 
+    from trainer.generation.deep_cache import DeepCache, EagerParts, Reuse, reusing
     from trainer.generation.service import vae_batch_decoding
     from trainer.training.step import StepsInFlight
 
@@ -122,6 +127,9 @@ def generate_pausable(pipe, prompt: str, seeds: list[int], resolution: int, *, s
     # The host queues a graph-replayed step in a few launches: left alone it queues the whole batch at once, and a
     # pause asked for then would still wait for every queued step.
     in_flight = StepsInFlight(pipe.device)
+    if not DeepCache.supported(pipe.unet):
+        deep_cache_every = 1
+    reuse = paused.reuse if paused is not None and paused.reuse is not None else Reuse(step=steps_before)
 
     def on_step_end(pipeline, index, timestep, tensors):
         if should_pause is None:
@@ -129,7 +137,7 @@ def generate_pausable(pipe, prompt: str, seeds: list[int], resolution: int, *, s
         in_flight.queued()
         if should_pause():  # after the last step too: the decode can wait as well
             raise _Paused(PausedBatch(prompt, tuple(seeds), resolution, tensors["latents"].clone(), scheduler,
-                                      steps_before + index + 1, steps))
+                                      steps_before + index + 1, steps, reuse if deep_cache_every > 1 else None))
         return {}
 
     with contextlib.ExitStack() as stack:
@@ -137,6 +145,9 @@ def generate_pausable(pipe, prompt: str, seeds: list[int], resolution: int, *, s
             graphs = stack.enter_context(unet_graphs(pipe))
         if graphs is not None:
             stack.enter_context(graphs.installed())
+        if deep_cache_every > 1:
+            stack.enter_context(reusing(pipe.unet, deep_cache_every,
+                                        graphs if graphs is not None else EagerParts(pipe.unet), reuse))
         stack.enter_context(_scheduler(pipe, scheduler if paused is None else _GoOn(scheduler, steps_before)))
         stack.enter_context(vae_batch_decoding(pipe.vae, len(seeds), resolution * resolution))
         stack.enter_context(torch.no_grad())
