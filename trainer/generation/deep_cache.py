@@ -8,8 +8,10 @@ always takes) and `conv_out`. For SD 1.5 the head is about a twelfth of the whol
 feature of the same inputs, the head reproduces the whole forward exactly (tests/trainer/test_deep_cache.py); the
 approximation is only that a kept feature comes from an earlier step.
 
-`every`: a whole forward on every `every`-th step (the first step always), the head on the others; 1 is off (the
-default and its yardstick: trainer/contract/imagine_request.py DEFAULT_DEEP_CACHE).
+`every`: a whole forward on every `every`-th step (the first step always), the head on the others; 1 is off. The
+default, 3, and the quality yardstick behind it: trainer/contract/imagine_request.py DEFAULT_DEEP_CACHE. /imagine and
+a training's samples use it (trainer/training/images.py carries a paused batch's kept feature); class images and
+previews do not.
 
 `reusing(unet, every, parts)` points `unet.forward` at the step counter for one pipeline call (a diffusers pipeline
 calls the UNet once per sampler step); `parts` runs the two halves: trainer/generation/fast_unet.py's UNetGraphs (CUDA
