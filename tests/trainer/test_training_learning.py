@@ -50,7 +50,7 @@ def test_generations_with_the_token_move_toward_the_instance_photos(tiny_model_d
     result = train_concept(pipe, make_spec(photos, tmp_path / "out", **RECIPE), cache_dir=tmp_path / "cache").result
     pipe.load_lora_weights(result["lora"], adapter_name="learned")
     after = distances(pipe, target)
-    print(f"\n(full, colour) latent distance to the photos, before -> after: "
+    print("\n(full, colour) latent distance to the photos, before -> after: "
           + "; ".join(f"{name} {before[name]} -> {after[name]}" for name in PROMPTS))
 
     # Toward the photos compared with before training (measured: full ×0.64-0.65, colour ×0.44-0.63)...

@@ -62,7 +62,7 @@ def test_the_lora_lowers_the_loss_on_the_subject_with_the_token(model_dir, reque
     result = train_concept(pipe, make_spec(photos, tmp_path / "out", **RECIPE), cache_dir=tmp_path / "cache").result
     pipe.load_lora_weights(result["lora"], adapter_name="learned")
     after = denoising_losses(pipe, latents)
-    print(f"\nloss before -> after: " + "; ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in PROMPTS))
+    print("\nloss before -> after: " + "; ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in PROMPTS))
 
     assert after["token"] < 0.93 * before["token"]  # the subject is learned (measured ×0.49 SD 1.x, ×0.87 SDXL)
     assert after["token"] < after["empty"]  # and tied to the prompt, not only to the photos' colour
