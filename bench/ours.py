@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from trainer.contract import protocol
+from trainer.contract.imagine_request import DEFAULT_DEEP_CACHE
 from bench.timing import sync
 
 CLASS_NAME = "man"
@@ -41,7 +42,7 @@ class _EventSink:
 
 class OursWorker:
     def __init__(self, model_dir: Path, device: str, data_dir: Path, dtype: str = "auto", compile_unet: bool = False,
-                 deep_cache: int | None = None):
+                 deep_cache: int = DEFAULT_DEEP_CACHE):
         from trainer.models.loading import load_pipeline
         from trainer.worker import EventWriter, JobControl, Worker
 
@@ -50,7 +51,7 @@ class OursWorker:
         self.pipe = load_pipeline(str(model_dir), device, dtype)
         self.worker = Worker(EventWriter(self.sink), JobControl(), pipe=self.pipe, device=device,
                              model=str(model_dir), data_dir=data_dir, compile_unet=compile_unet,
-                             **({} if deep_cache is None else {"deep_cache": deep_cache}))
+                             deep_cache=deep_cache)
         self._job_ids = itertools.count(1)
 
     def run(self, kind: str, params: dict) -> tuple[dict, float, int]:

@@ -15,7 +15,7 @@ previews do not.
 
 `reusing(unet, every, parts)` points `unet.forward` at the step counter for one pipeline call (a diffusers pipeline
 calls the UNet once per sampler step); `parts` runs the two halves: trainer/generation/fast_unet.py's UNetGraphs (CUDA
-graphs, forwards compiled ahead of time) or `EagerParts`. Calls that are not a plain sampler step (gradients on,
+graphs, forwards compiled ahead of time), or by default `EagerParts`. Calls that are not a plain sampler step (gradients on,
 extra conditioning) run the whole forward as it is, and the next step starts afresh.
 """
 from __future__ import annotations
@@ -127,14 +127,16 @@ class Reuse:
 
 
 @contextmanager
-def reusing(unet, every: int, parts, going_on: Reuse | None = None):
+def reusing(unet, every: int, parts=None, going_on: Reuse | None = None):
     """For one pipeline call: `unet.forward` runs a whole forward on every `every`-th sampler step (the first
-    always) and the head from the kept feature on the others. Yields the loop's Reuse (`going_on`: a paused loop's,
-    to go on with)."""
+    always) and the head from the kept feature on the others; nothing changes when `every` is 1 or the UNet is not
+    one the cut fits. `parts`: what runs the two halves (default: `EagerParts`). Yields the loop's Reuse
+    (`going_on`: a paused loop's, to go on with)."""
     reuse = going_on or Reuse()
-    if every <= 1:
+    if every <= 1 or not DeepCache.supported(unet):
         yield reuse
         return
+    parts = parts or EagerParts(unet)
     had_own = "forward" in vars(unet)
     inner = unet.forward  # the CUDA graphs' runner when installed, else the UNet's own
 

@@ -46,7 +46,7 @@ from trainer.contract import batching
 from trainer.contract.aspects import size_for
 from trainer.generation import safety
 from trainer.contract.errors import Cancelled, UserError
-from trainer.generation.deep_cache import DeepCache, EagerParts, reusing
+from trainer.generation.deep_cache import DeepCache, reusing
 from trainer.generation.fast_unet import UNetGraphs
 from trainer.contract.imagine_request import (DEFAULT_DEEP_CACHE, SEED_MAX, ImagineRequest, check_deep_cache,
                                               check_size, size_range)
@@ -368,8 +368,7 @@ class GenerationService:
         generators = [torch.Generator("cpu").manual_seed(s) for item in items for s in item.seeds]
         graphed = self.graphs is not None and first.init_image is None
         graphs = self.graphs.installed() if graphed else nullcontext()
-        parts = self.graphs if graphed else EagerParts(self.pipe.unet) if self.deep_cache_every > 1 else None
-        with graphs, reusing(self.pipe.unet, self.deep_cache_every, parts):
+        with graphs, reusing(self.pipe.unet, self.deep_cache_every, self.graphs if graphed else None):
             output = view(
                 prompt_embeds=prompt, negative_prompt_embeds=negative,
                 num_inference_steps=request.steps, guidance_scale=request.cfg, num_images_per_prompt=1,

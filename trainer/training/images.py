@@ -69,7 +69,7 @@ class PausedBatch:
     scheduler: object  # the DPMSolverMultistepScheduler, with its step index and the model outputs it keeps
     steps_done: int
     steps: int
-    reuse: object = None  # the deep cache's Reuse (trainer/generation/deep_cache.py): its kept feature, when on
+    reuse: object  # the deep cache's Reuse (trainer/generation/deep_cache.py): where it stands, its kept feature
 
 
 class _Paused(Exception):
@@ -111,7 +111,7 @@ def generate_pausable(pipe, prompt: str, seeds: list[int], resolution: int, *, s
 
     from diffusers import DPMSolverMultistepScheduler
 
-    from trainer.generation.deep_cache import DeepCache, EagerParts, Reuse, reusing
+    from trainer.generation.deep_cache import Reuse, reusing
     from trainer.generation.service import vae_batch_decoding
     from trainer.training.step import StepsInFlight
 
@@ -127,9 +127,7 @@ def generate_pausable(pipe, prompt: str, seeds: list[int], resolution: int, *, s
     # The host queues a graph-replayed step in a few launches: left alone it queues the whole batch at once, and a
     # pause asked for then would still wait for every queued step.
     in_flight = StepsInFlight(pipe.device)
-    if not DeepCache.supported(pipe.unet):
-        deep_cache_every = 1
-    reuse = paused.reuse if paused is not None and paused.reuse is not None else Reuse(step=steps_before)
+    reuse = paused.reuse if paused is not None else Reuse()
 
     def on_step_end(pipeline, index, timestep, tensors):
         if should_pause is None:
@@ -137,7 +135,7 @@ def generate_pausable(pipe, prompt: str, seeds: list[int], resolution: int, *, s
         in_flight.queued()
         if should_pause():  # after the last step too: the decode can wait as well
             raise _Paused(PausedBatch(prompt, tuple(seeds), resolution, tensors["latents"].clone(), scheduler,
-                                      steps_before + index + 1, steps, reuse if deep_cache_every > 1 else None))
+                                      steps_before + index + 1, steps, reuse))
         return {}
 
     with contextlib.ExitStack() as stack:
@@ -145,9 +143,7 @@ def generate_pausable(pipe, prompt: str, seeds: list[int], resolution: int, *, s
             graphs = stack.enter_context(unet_graphs(pipe))
         if graphs is not None:
             stack.enter_context(graphs.installed())
-        if deep_cache_every > 1:
-            stack.enter_context(reusing(pipe.unet, deep_cache_every,
-                                        graphs if graphs is not None else EagerParts(pipe.unet), reuse))
+        stack.enter_context(reusing(pipe.unet, deep_cache_every, graphs, reuse))
         stack.enter_context(_scheduler(pipe, scheduler if paused is None else _GoOn(scheduler, steps_before)))
         stack.enter_context(vae_batch_decoding(pipe.vae, len(seeds), resolution * resolution))
         stack.enter_context(torch.no_grad())
