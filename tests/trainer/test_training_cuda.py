@@ -65,3 +65,35 @@ def test_a_trainings_previews_capture_their_graph_once_and_keep_it_through_a_yie
 def pixels(path) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"), np.int16)
+
+
+def test_a_trainings_samples_capture_their_graphs_once_through_yields(tiny_model_dir, tmp_path, caplog):
+    """Samples paused at every sampler step (an /imagine waiting each time) go on with the graphs captured at their
+    first step, the whole forward's and the deep cache's head: two captures, not two a run (serving run M: ~0.5 s
+    of a /train). The pictures are the uninterrupted training's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run on the lent H200)")
+    caplog.set_level(logging.INFO, logger="trainer.generation.fast_unet")
+    pipe = load_pipeline(str(tiny_model_dir), device="cuda", dtype="bf16")
+    photos = write_noise_photos(tmp_path / "photos", 3)
+    recipe = dict(steps=2, prior_preservation=False, sample_count=2, sample_deep_cache=3)
+
+    def sample_captures() -> int:  # two images with guidance: 4 rows
+        return sum(1 for r in caplog.records if r.name == "trainer.generation.fast_unet"
+                   and "captured a UNet CUDA graph for ((4," in r.getMessage())
+
+    whole = train_concept(pipe, make_spec(photos, tmp_path / "whole", **recipe), cache_dir=tmp_path / "cache")
+    assert whole.status == "done" and sample_captures() == 2
+
+    live, stages = LiveTrainings(), []
+    spec = make_spec(photos, tmp_path / "yielded", **recipe)
+    outcome, runs = None, 0
+    while outcome is None or outcome.status == "paused":
+        outcome = train_concept(pipe, spec, cache_dir=tmp_path / "cache", live=live,
+                                on_progress=lambda progress: stages.append(progress.stage),
+                                should_yield=lambda: "samples" in stages)
+        runs += 1
+    assert outcome.status == "done" and runs > 10  # a run per sampler step
+    assert sample_captures() == 4
+    for made, reference in zip(outcome.result["samples"], whole.result["samples"], strict=True):
+        assert np.abs(pixels(made) - pixels(reference)).max() <= 2
