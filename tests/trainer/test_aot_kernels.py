@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,7 +270,7 @@ def test_a_package_that_computes_something_else_is_refused_when_adopted(compiled
     assert facts["config"]["act_fn"] == "silu"
     spec = {"config": {**facts["config"], "act_fn": "gelu"}, "dtype": facts["dtype"], "channels_last": False,
             "device": "cpu", "out_dir": str(directory), "shapes": [bare_shape(compiled).to_json()]}
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)  # made with its facts
     (directory / "compile.spec").write_text(json.dumps(spec))
     subprocess.run([sys.executable, "-m", "trainer.generation.aot_compile", str(directory / "compile.spec")],
                    check=True, timeout=COMPILE_TIMEOUT_S, capture_output=True)
@@ -556,3 +557,48 @@ def test_an_idle_worker_adopts_packages_that_appear(compiled, tiny_model_dir, tm
         serving.join(60)
     assert set(kernels.loaded) == set(compiled["service"].aot.loaded) and not serving.is_alive()
     assert "worker: compiled UNet forward in use for 2 rows of 32x32 latents" in capfd.readouterr().err
+
+
+def test_folders_compiled_by_another_torch_or_diffusers_are_removed_when_kernels_are_made(tiny_pipeline, tmp_path):
+    """Each torch or diffusers upgrade leaves a folder of packages (a few hundred MB) that no worker of this
+    installation can load again; other base models' folders of the same versions stay (another worker sharing the
+    data directory may serve them)."""
+    from trainer.generation.aot_kernels import FACTS_FILE
+    from trainer.generation.aot_shapes import architecture
+
+    root, facts = tmp_path / "aot", architecture(tiny_pipeline.unet)
+
+    def folder(key: str, recorded: dict | None) -> Path:
+        path = root / key
+        path.mkdir(parents=True)
+        (path / "bare-2x4x8x8.pt2").write_bytes(b"package")
+        if recorded is not None:
+            (path / FACTS_FILE).write_text(json.dumps(recorded))
+        return path
+
+    old_torch = folder("0000000000000001", {**facts, "torch": "2.10.0"})
+    old_diffusers = folder("0000000000000002", {**facts, "diffusers": "0.41.0"})
+    unrecorded = folder("0000000000000003", None)  # made before the facts were recorded
+    other_model = folder("0000000000000004", {**facts, "config": {**facts["config"], "sample_size": 128}})
+    other_gpu = folder("0000000000000005", {**facts, "gpu": ["NVIDIA GeForce RTX 3060", [8, 6]]})
+    not_ours = folder("inductor", None)
+    (root / "0000000000000006").write_text("a file, not a folder")
+
+    kernels = AotKernels(tiny_pipeline.unet, root)
+    assert json.loads((kernels.dir / FACTS_FILE).read_text()) == json.loads(json.dumps(facts, default=str))
+    assert not old_torch.exists() and not old_diffusers.exists() and not unrecorded.exists()
+    assert other_model.is_dir() and other_gpu.is_dir() and not_ours.is_dir() and (root / "0000000000000006").is_file()
+    assert kernels.dir.is_dir()
+
+    again = AotKernels(tiny_pipeline.unet, root)  # a restart keeps its own folder and its packages
+    assert again.dir == kernels.dir and other_model.is_dir()
+
+
+def test_a_folder_whose_facts_cannot_be_read_is_left_alone(tmp_path):
+    from trainer.generation.aot_kernels import FACTS_FILE, prune_stale
+
+    torn = tmp_path / "00000000000000aa"
+    torn.mkdir()
+    (torn / FACTS_FILE).write_text("{not json")
+    assert prune_stale(tmp_path, {"torch": "2.13.0", "diffusers": "0.42.1"}) == [] and torn.is_dir()
+    assert prune_stale(tmp_path / "missing", {"torch": "2.13.0", "diffusers": "0.42.1"}) == []

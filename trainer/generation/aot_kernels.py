@@ -15,7 +15,9 @@ compiling takes about a minute per shape, which must not happen on the job threa
   machine's CPU vector ISA, once per process, by compiling and loading test programs: on the H200 the first load
   took ~50 s. A thread does that when the kernels are made, and idle moments adopt only once it is done, so no
   member (and no start) waits behind it;
-- trainer/generation/fast_unet.py then captures its CUDA graph around the compiled forward instead of the eager one.
+- trainer/generation/fast_unet.py then captures its CUDA graph around the compiled forward instead of the eager one;
+- folders that no worker of this installation can use again (compiled by another torch or diffusers, after an
+  upgrade) are removed when kernels are made (`prune_stale`): each is a few hundred MB.
 
 Two kinds of compiled forward: the bare UNet (no adapter active: single requests, whose LoRAs are folded into the
 weights) and the UNet with generation's mixed-LoRA slot (trainer/generation/lora_slots.py: members' different LoRAs
@@ -35,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -45,9 +48,11 @@ import torch
 
 from trainer.generation.aot_shapes import (PREFIX, WEIGHTS_BOUND_ATTR, ForwardShape, SlotLayout, architecture,
                                           architecture_key, channels_last, dtype_name, inputs_in_layout)
+from trainer.contract.files import write_text_atomic
 from trainer.generation.lora_slots import SLOT_NAME, live_slot_layout
 
 AOT_CACHE = Path("cache") / "aot"  # under the bot's data directory
+FACTS_FILE = "architecture.info"  # in each architecture's folder: the facts its key hashes (not *.json: packages)
 SETTINGS = ("auto", "on", "off")
 # auto: where the compiling process (a second copy of the UNet on the GPU, ~2.5 GB for SD 1.5, ~6 GB for SDXL)
 # fits beside the service and a training: the GPUs that train SD 1.x at batch 4, and SDXL where it trains `fast`.
@@ -87,6 +92,35 @@ def live_constants(unet, slot: SlotLayout | None = None) -> dict[str, torch.Tens
             name = f"{layer}.{rest}"
         tensors[PREFIX + name] = tensor
     return tensors
+
+
+def prune_stale(cache_root: Path, facts: dict) -> list[Path]:
+    """Remove the architecture folders under `cache_root` that this installation cannot use again: their packages were
+    compiled by another torch or diffusers than `facts` name (this process's `architecture()`), or by a version of
+    boothbot that did not record its facts (before 2026-12-03: a base model served since then has recorded them, and
+    one not served since compiles its shapes again, where nobody waits). Folders of other base models, dtypes or GPUs
+    of the same versions stay: another worker sharing the data directory may use them. Returns the removed folders."""
+    removed = []
+    if not cache_root.is_dir():
+        return removed
+    for folder in sorted(cache_root.iterdir()):
+        if not (folder.is_dir() and _is_architecture_key(folder.name)):
+            continue
+        try:
+            recorded = json.loads((folder / FACTS_FILE).read_text())
+        except FileNotFoundError:
+            recorded = {}
+        except (OSError, ValueError):  # unreadable or half-written by another worker: leave it
+            continue
+        if all(recorded.get(name) == facts[name] for name in ("torch", "diffusers")):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _is_architecture_key(name: str) -> bool:
+    return len(name) == 16 and all(c in "0123456789abcdef" for c in name)
 
 
 def load_package(path: Path, device: torch.device):
@@ -130,6 +164,11 @@ class AotKernels:
                  planned_slot=lambda: None):
         self.unet = unet
         self.dir = Path(cache_dir).resolve() / architecture_key(unet)
+        facts = architecture(unet)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.dir / FACTS_FILE, json.dumps(facts, sort_keys=True, default=str))  # before pruning
+        for stale in prune_stale(self.dir.parent, facts):
+            _tell(f"removed the compiled UNet forwards in {stale}: made for another torch or diffusers")
         self.channels_last = channels_last(unet)
         self.batch_rows = batch_rows  # forwards also wanted at these batch sizes when a shape is first served
         # The layout generation's mixed-LoRA slot has or will have (LoraSlots.planned_layout), or None: a burst of
