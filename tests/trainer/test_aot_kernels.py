@@ -562,18 +562,21 @@ def test_an_idle_worker_adopts_packages_that_appear(compiled, tiny_model_dir, tm
 def test_folders_compiled_by_another_torch_or_diffusers_are_removed_when_kernels_are_made(tiny_pipeline, tmp_path):
     """Each torch or diffusers upgrade leaves a folder of packages (a few hundred MB) that no worker of this
     installation can load again; other base models' folders of the same versions stay (another worker sharing the
-    data directory may serve them)."""
-    from trainer.generation.aot_kernels import FACTS_FILE
+    data directory may serve them), and so does any folder written to within a day."""
+    from trainer.generation.aot_kernels import FACTS_FILE, STALE_AFTER_S
     from trainer.generation.aot_shapes import architecture
 
     root, facts = tmp_path / "aot", architecture(tiny_pipeline.unet)
+    long_ago = time.time() - STALE_AFTER_S - 60
 
-    def folder(key: str, recorded: dict | None) -> Path:
+    def folder(key: str, recorded: dict | None, *, written: float = long_ago) -> Path:
         path = root / key
         path.mkdir(parents=True)
         (path / "bare-2x4x8x8.pt2").write_bytes(b"package")
         if recorded is not None:
             (path / FACTS_FILE).write_text(json.dumps(recorded))
+        for entry in [*path.iterdir(), path]:
+            os.utime(entry, (written, written))
         return path
 
     old_torch = folder("0000000000000001", {**facts, "torch": "2.10.0"})
@@ -581,24 +584,31 @@ def test_folders_compiled_by_another_torch_or_diffusers_are_removed_when_kernels
     unrecorded = folder("0000000000000003", None)  # made before the facts were recorded
     other_model = folder("0000000000000004", {**facts, "config": {**facts["config"], "sample_size": 128}})
     other_gpu = folder("0000000000000005", {**facts, "gpu": ["NVIDIA GeForce RTX 3060", [8, 6]]})
+    just_made = folder("0000000000000006", None, written=time.time())  # another worker, before it writes its facts
+    compiling = folder("0000000000000007", {**facts, "torch": "2.10.0"}, written=time.time())  # an older install's
+    not_a_dict = folder("0000000000000008", None)
+    (not_a_dict / FACTS_FILE).write_text("[1, 2]")
+    os.utime(not_a_dict / FACTS_FILE, (long_ago, long_ago))
     not_ours = folder("inductor", None)
-    (root / "0000000000000006").write_text("a file, not a folder")
+    (root / "0000000000000009").write_text("a file, not a folder")
 
     kernels = AotKernels(tiny_pipeline.unet, root)
     assert json.loads((kernels.dir / FACTS_FILE).read_text()) == json.loads(json.dumps(facts, default=str))
     assert not old_torch.exists() and not old_diffusers.exists() and not unrecorded.exists()
-    assert other_model.is_dir() and other_gpu.is_dir() and not_ours.is_dir() and (root / "0000000000000006").is_file()
+    kept = [other_model, other_gpu, just_made, compiling, not_a_dict, not_ours]
+    assert all(path.is_dir() for path in kept) and (root / "0000000000000009").is_file()
     assert kernels.dir.is_dir()
 
     again = AotKernels(tiny_pipeline.unet, root)  # a restart keeps its own folder and its packages
-    assert again.dir == kernels.dir and other_model.is_dir()
+    assert again.dir == kernels.dir and all(path.is_dir() for path in kept)
 
 
 def test_a_folder_whose_facts_cannot_be_read_is_left_alone(tmp_path):
-    from trainer.generation.aot_kernels import FACTS_FILE, prune_stale
+    from trainer.generation.aot_kernels import FACTS_FILE, STALE_AFTER_S, prune_stale
 
     torn = tmp_path / "00000000000000aa"
     torn.mkdir()
     (torn / FACTS_FILE).write_text("{not json")
-    assert prune_stale(tmp_path, {"torch": "2.13.0", "diffusers": "0.42.1"}) == [] and torn.is_dir()
+    later = time.time() + 2 * STALE_AFTER_S
+    assert prune_stale(tmp_path, {"torch": "2.13.0", "diffusers": "0.42.1"}, now=later) == [] and torn.is_dir()
     assert prune_stale(tmp_path / "missing", {"torch": "2.13.0", "diffusers": "0.42.1"}) == []

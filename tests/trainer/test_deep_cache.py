@@ -107,6 +107,34 @@ def test_a_call_that_is_not_a_plain_step_runs_the_unets_own_forward_and_starts_a
         torch.testing.assert_close(scaled, unet(sample, timestep, hidden).sample)
 
 
+def test_a_kept_feature_of_another_batch_or_latent_size_is_not_used(tiny_pipeline):
+    """A Reuse carried from one call to another (a paused batch's) with a feature that does not fit the sample runs
+    the whole forward again rather than feed the head another picture's feature."""
+    from trainer.generation.deep_cache import Reuse
+
+    unet, calls = tiny_pipeline.unet, []
+
+    class Parts(EagerParts):
+        def whole(self, *args):
+            calls.append(WHOLE)
+            return super().whole(*args)
+
+        def head(self, *args):
+            calls.append(HEAD)
+            return super().head(*args)
+
+    sample, timestep, hidden, _ = unet_inputs(tiny_pipeline)
+    smaller = torch.nn.functional.interpolate(sample, scale_factor=0.5)
+    with torch.no_grad(), reusing(unet, 3, Parts(unet), Reuse()) as reuse:
+        unet(sample, timestep, hidden)  # step 0: whole
+        unet(smaller, timestep, hidden)  # step 1, a head step, but another latent size: whole
+        unet(smaller, timestep, hidden)  # step 2: the head, from step 1's feature
+        unet(sample, timestep, hidden)  # step 3: whole
+        unet(sample[:1], timestep, hidden[:1])  # step 4, a head step, but other rows: whole
+    assert calls == [WHOLE, WHOLE, HEAD, WHOLE, WHOLE]
+    assert reuse.step == 5
+
+
 def test_the_service_writes_the_setting_into_the_pictures_and_stays_close(tiny_pipeline, tmp_path):
     def make(every, name, seed=11):
         service = GenerationService(tiny_pipeline, model_name="tiny", deep_cache_every=every)

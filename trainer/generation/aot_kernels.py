@@ -53,6 +53,7 @@ from trainer.generation.lora_slots import SLOT_NAME, live_slot_layout
 
 AOT_CACHE = Path("cache") / "aot"  # under the bot's data directory
 FACTS_FILE = "architecture.info"  # in each architecture's folder: the facts its key hashes (not *.json: packages)
+STALE_AFTER_S = 24 * 3600  # a folder of other versions is removed once nothing was written to it for this long
 SETTINGS = ("auto", "on", "off")
 # auto: where the compiling process (a second copy of the UNet on the GPU, ~2.5 GB for SD 1.5, ~6 GB for SDXL)
 # fits beside the service and a training: the GPUs that train SD 1.x at batch 4, and SDXL where it trains `fast`.
@@ -94,23 +95,33 @@ def live_constants(unet, slot: SlotLayout | None = None) -> dict[str, torch.Tens
     return tensors
 
 
-def prune_stale(cache_root: Path, facts: dict) -> list[Path]:
+def prune_stale(cache_root: Path, facts: dict, *, now: float | None = None) -> list[Path]:
     """Remove the architecture folders under `cache_root` that this installation cannot use again: their packages were
     compiled by another torch or diffusers than `facts` name (this process's `architecture()`), or by a version of
     boothbot that did not record its facts (before 2026-12-03: a base model served since then has recorded them, and
-    one not served since compiles its shapes again, where nobody waits). Folders of other base models, dtypes or GPUs
-    of the same versions stay: another worker sharing the data directory may use them. Returns the removed folders."""
-    removed = []
+    one not served since compiles its shapes again, where nobody waits). Only folders nothing was written to for
+    STALE_AFTER_S: a worker that just made its folder has not written its facts yet, and one of another installation
+    sharing the data directory (during an upgrade) may be compiling into it. Folders of other base models, dtypes or
+    GPUs of the same versions stay: another worker sharing the data directory may use them. Returns those removed."""
+    removed, now = [], time.time() if now is None else now
     if not cache_root.is_dir():
         return removed
     for folder in sorted(cache_root.iterdir()):
         if not (folder.is_dir() and _is_architecture_key(folder.name)):
             continue
         try:
+            written = max([folder.stat().st_mtime] + [entry.stat().st_mtime for entry in folder.iterdir()])
+        except OSError:  # removed meanwhile by another worker
+            continue
+        if now - written < STALE_AFTER_S:
+            continue
+        try:
             recorded = json.loads((folder / FACTS_FILE).read_text())
         except FileNotFoundError:
             recorded = {}
-        except (OSError, ValueError):  # unreadable or half-written by another worker: leave it
+        except (OSError, ValueError):  # unreadable: leave it
+            continue
+        if not isinstance(recorded, dict):
             continue
         if all(recorded.get(name) == facts[name] for name in ("torch", "diffusers")):
             continue

@@ -150,7 +150,7 @@ def reusing(unet, every: int, parts=None, going_on: Reuse | None = None):
                          return_dict=return_dict, **kwargs)
         step, reuse.step = reuse.step, reuse.step + 1
         feature = reuse.feature
-        if feature is None or step % every == 0 or feature.shape[0] != sample.shape[0]:
+        if feature is None or step % every == 0 or not _fits(feature, sample):
             noise, reuse.feature = parts.whole(sample, timestep, encoder_hidden_states, added)
             reuse.counts[WHOLE] += 1
         else:
@@ -166,6 +166,12 @@ def reusing(unet, every: int, parts=None, going_on: Reuse | None = None):
             unet.forward = inner
         else:
             del unet.forward
+
+
+def _fits(feature, sample) -> bool:
+    """Whether a kept feature can be the head's for `sample`: the same rows and latent size (the last up block runs at
+    the latent's resolution)."""
+    return feature.shape[0] == sample.shape[0] and feature.shape[-2:] == sample.shape[-2:]
 
 
 def output(sample: torch.Tensor, return_dict: bool):

@@ -259,8 +259,9 @@ class _Slice:
         # The previews' UNet graphs, captured at the first preview and replayed by the next ones until close(): the
         # LoRA they read is trained in place. A capture per preview made each ~1 s (H200, batch 4: 4 s of 29).
         self.preview_graphs = None
-        # The samples' graphs (whole forward and deep-cache head), kept while their batch is paused so that going on
-        # does not capture them again (two captures, ~0.5 s of an H200); freed once the samples are made.
+        # The samples' graphs (whole forward and deep-cache head), kept while their batch is paused where generation's
+        # memory is kept too (a big GPU), so that going on does not capture them again (two captures, ~0.5 s of an
+        # H200); freed once the samples are made.
         self.sample_graphs = None
         self.class_latents = None
         self.inputs: dict | None = None
@@ -616,6 +617,8 @@ class _Slice:
         return TrainOutcome("paused", self.step, self.job.total)
 
     def _finish(self, scope, trainer: "StepRunner") -> TrainOutcome:
+        from trainer.training.images import free_graphs
+
         spec, job = self.spec, self.job
         # The training's time, every slice until its LoRA is written, measured once for the LoRA's metadata, the result
         # and the CLI's "trained in"; the samples come after (their time is in timings).
@@ -624,6 +627,8 @@ class _Slice:
             with self._phase("save"):
                 self.saved = (*self._save_lora(scope, seconds), seconds)
         lora, kohya, seconds = self.saved
+        free_graphs(self.preview_graphs)  # the last step is made: no preview follows, and the samples need the memory
+        self.preview_graphs = None
         with self._phase("samples"):
             samples = self._samples(lora)
         if samples is None:  # someone waits for the GPU: the samples go on from memory at the next run
@@ -672,6 +677,7 @@ class _Slice:
         least one), and is kept for the next run of this resident training."""
         from trainer.generation.pnginfo import format_parameters, save_png
         from trainer.training.images import PausedBatch, free_graphs, generate_pausable, new_unet_graphs
+        from trainer.training.memory import keeps_generation_memory
 
         count = self.spec.sample_count
         if not count:
@@ -687,6 +693,9 @@ class _Slice:
                                    deep_cache_every=self.spec.sample_deep_cache)
         if isinstance(images, PausedBatch):
             self.paused_samples = images
+            if not keeps_generation_memory(self.pipe):  # the waiting /imagine needs the memory for its own graphs
+                free_graphs(self.sample_graphs)
+                self.sample_graphs = None
             return None
         self.paused_samples = None
         free_graphs(self.sample_graphs)
@@ -702,8 +711,10 @@ class _Slice:
         from trainer.generation.pnginfo import lora_hash, lora_hashes_field, model_label
         from trainer.training.images import GUIDANCE_SCALE, SAMPLER_LABEL, SAMPLER_STEPS
 
+        from trainer.generation.deep_cache import DeepCache
+
         size = self.job.resolution
-        every = self.spec.sample_deep_cache
+        every = self.spec.sample_deep_cache if DeepCache.supported(self.pipe.unet) else 1
         return {"Steps": SAMPLER_STEPS, "Sampler": SAMPLER_LABEL, "CFG scale": f"{GUIDANCE_SCALE:g}", "Seed": None,
                 "Size": f"{size}x{size}", "Model": model_label(self.job.base_model),
                 "Deep cache": f"every {every} steps" if every > 1 else None,
