@@ -204,6 +204,27 @@ def test_a_training_asked_to_yield_in_its_samples_goes_on_from_memory_to_the_sam
     _same_result(whole, done)
 
 
+def test_a_training_paused_again_and_again_in_its_samples_writes_its_checkpoint_once(tiny_pipeline, tmp_path):
+    """Each pause of a resident training writes its state for a crash; in the samples no step is made between two
+    pauses, so the state is the same and is written once (LoRA and optimiser: tens of MB a pause). Dropped after
+    the last pause, it goes on from that one file to the uninterrupted samples."""
+    photos = write_noise_photos(tmp_path / "photos", 3)
+    whole = train_concept(tiny_pipeline, make_spec(photos, tmp_path / "whole", **SAMPLES), cache_dir=tmp_path / "c")
+    live, spec, stages, written = LiveTrainings(), make_spec(photos, tmp_path / "yielded", **SAMPLES), [], []
+    for _ in range(4):
+        paused = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "c", live=live,
+                               on_progress=lambda progress: stages.append(progress.stage),
+                               should_yield=lambda: "samples" in stages)
+        assert (paused.status, paused.step) == ("paused", 3)
+        live.held.checkpoints.wait()
+        written.append(live.held.checkpoints.written)
+    assert written == [written[0]] * 4 and written[0] >= 1
+    live.drop()
+    done = train_concept(tiny_pipeline, spec, cache_dir=tmp_path / "c", live=live)
+    assert (done.status, done.run["from"]) == ("done", "file")
+    _same_result(whole, done)
+
+
 def test_a_training_paused_in_its_samples_and_dropped_makes_them_again_from_its_file(tiny_pipeline, tmp_path):
     whole, spec, paused, live = _paused_in_the_samples(tiny_pipeline, tmp_path)
     assert (paused.status, paused.step) == ("paused", 3)

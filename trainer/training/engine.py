@@ -269,6 +269,7 @@ class _Slice:
         self.training_rng: dict | None = None  # the global RNG states while suspended (live)
         self.saved: tuple | None = None  # (lora, kohya, seconds) once the LoRA files are written
         self.paused_samples = None  # the samples' batch stopped between two sampler steps (images.PausedBatch)
+        self.paused_at: int | None = None  # the step whose state the last pause of a resident training wrote
         self.live = None
         self.origin = "file" if state else "start"  # where this call's run went on from: start, file or memory
         self.first_step = self.step  # this call's
@@ -609,8 +610,11 @@ class _Slice:
         if self.live is not None:
             # Kept resident: the file is for a crash or a drop; written by `checkpoints` (queued behind a periodic
             # write in flight, not waiting for it: someone waits for the GPU), so that a held training knows whether
-            # the file is still its own (_written_since).
-            self.checkpoints.save_async(self._state(trainer, on_device=True))
+            # the file is still its own (_written_since). Not again when no step was made since the last pause wrote
+            # this one (paused again in the class images or the samples: the same state, tens of MB for nothing).
+            if self.paused_at != self.step or self.checkpoints.failed:
+                self.checkpoints.save_async(self._state(trainer, on_device=True))
+                self.paused_at = self.step
         else:
             self.checkpoints.wait()  # an older periodic write must not land after this
             checkpoint.save_state(self.spec.out_dir, self._state(trainer))

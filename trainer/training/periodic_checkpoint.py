@@ -43,6 +43,7 @@ class PeriodicCheckpoint:
         self._thread: threading.Thread | None = None
         self.written = 0  # checkpoints written by this object (logs, tests)
         self.last_stamp: tuple[int, int] | None = None  # checkpoint.stamp of the last file this object wrote
+        self.failed = False  # whether the last write that ended failed
 
     def due(self) -> bool:
         if self.interval_s is None or (self._thread is not None and self._thread.is_alive()):
@@ -65,7 +66,9 @@ class PeriodicCheckpoint:
             checkpoint.save_state(self.out_dir, _map_tensors(snapshot, lambda t: t.cpu()))
             self.last_stamp = checkpoint.stamp(self.out_dir)
             self.written += 1
+            self.failed = False
         except Exception:  # noqa: BLE001 - a failed crash checkpoint must not end the training; the next one may work
+            self.failed = True
             log.exception("could not write the periodic checkpoint of %s", self.out_dir)
 
     def wait(self) -> None:
