@@ -283,6 +283,27 @@ def test_a_package_that_computes_something_else_is_refused_when_adopted(compiled
     assert service.aot.calls == 1 and name not in service.aot.wanted  # the one call: the check; not compiled again
 
 
+def test_no_compile_starts_while_a_training_holds_the_unet_in_another_layout(tiny_pipeline, tmp_path):
+    """A card that trains in the default layout (under 40 GB) serves /imagine beside a held training eagerly; a
+    shape first served then waits for the training's end to be compiled, for the served (channels_last) layout
+    rather than the training's, whose package would never bind and never be compiled again."""
+    unet = tiny_pipeline.unet
+    unet.to(memory_format=torch.channels_last)
+    try:
+        kernels = AotKernels(unet, tmp_path / "aot")
+        assert kernels.channels_last
+        kernels.want(ForwardShape((2, 4, 8, 8), (2, 77, 32), "float32", "float32", "int64"))
+        unet.to(memory_format=torch.contiguous_format)  # the training's layout
+        assert not kernels.compile_wanted() and kernels.compiles_started == 0
+        unet.to(memory_format=torch.channels_last)  # the training ended
+        assert kernels.compile_wanted() and kernels.compiles_started == 1
+        spec = json.loads(next(kernels.dir.glob("compile-*.spec")).read_text())
+        assert spec["channels_last"] is True
+    finally:
+        kernels.close()
+        unet.to(memory_format=torch.contiguous_format)
+
+
 def test_a_shape_that_cannot_compile_is_recorded_and_not_asked_for_again(tiny_pipeline, tmp_path):
     kernels = AotKernels(tiny_pipeline.unet, tmp_path / "aot")
     hidden = tiny_pipeline.unet.config.cross_attention_dim + 3  # text embeddings the UNet cannot take

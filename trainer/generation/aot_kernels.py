@@ -344,8 +344,11 @@ class AotKernels:
     def compile_wanted(self) -> bool:
         """Start the compiling process for the wanted shapes that have no package yet, unless it is running.
         Returns whether one was started. Shapes a finished process left without a package or a `.failed` (it
-        crashed, or ran out of GPU memory beside a training) are not asked for again until the worker restarts."""
-        if self.compiling:
+        crashed, or ran out of GPU memory beside a training) are not asked for again until the worker restarts.
+        Not while a training holds the UNet in another memory layout than this folder's (a card that trains in the
+        default layout, trainer/training/lora_scope.py): the packages would be compiled for that layout, never bind
+        to the served one, and never be compiled again. The next idle moment after the training starts it."""
+        if self.compiling or channels_last(self.unet) != self.channels_last:
             return False
         if self._process is not None:
             code, self._process = self._process.returncode, None
@@ -385,7 +388,7 @@ class AotKernels:
             self._process.wait(timeout)
 
     def close(self) -> None:
-        if self.compiling:
+        if self.compiling or channels_last(self.unet) != self.channels_last:
             self._process.terminate()
             try:
                 self._process.wait(10)
