@@ -388,7 +388,7 @@ class AotKernels:
             self._process.wait(timeout)
 
     def close(self) -> None:
-        if self.compiling or channels_last(self.unet) != self.channels_last:
+        if self.compiling:
             self._process.terminate()
             try:
                 self._process.wait(10)
