@@ -46,9 +46,9 @@ from pathlib import Path
 
 import torch
 
+from trainer.contract.files import write_text_atomic
 from trainer.generation.aot_shapes import (PREFIX, WEIGHTS_BOUND_ATTR, ForwardShape, SlotLayout, architecture,
                                           architecture_key, channels_last, dtype_name, inputs_in_layout)
-from trainer.contract.files import write_text_atomic
 from trainer.generation.lora_slots import SLOT_NAME, live_slot_layout
 
 AOT_CACHE = Path("cache") / "aot"  # under the bot's data directory

@@ -610,9 +610,10 @@ class _Slice:
         if self.live is not None:
             # Kept resident: the file is for a crash or a drop; written by `checkpoints` (queued behind a periodic
             # write in flight, not waiting for it: someone waits for the GPU), so that a held training knows whether
-            # the file is still its own (_written_since). Not again when no step was made since the last pause wrote
-            # this one (paused again in the class images or the samples: the same state, tens of MB for nothing).
-            if self.paused_at != self.step or self.checkpoints.failed:
+            # the file is still its own (_written_since). Not again for a pause in the samples when the last pause
+            # wrote this step's state: the LoRA is final and written, the state the same (tens of MB for nothing).
+            again = self.paused_samples is not None and self.paused_at == self.step and not self.checkpoints.failed
+            if not again:
                 self.checkpoints.save_async(self._state(trainer, on_device=True))
                 self.paused_at = self.step
         else:
@@ -712,10 +713,9 @@ class _Slice:
 
     def _sample_fields(self, lora: Path) -> dict:
         """The A1111 fields of the samples (seed aside), in the order /imagine writes them (generation.py)."""
+        from trainer.generation.deep_cache import DeepCache
         from trainer.generation.pnginfo import lora_hash, lora_hashes_field, model_label
         from trainer.training.images import GUIDANCE_SCALE, SAMPLER_LABEL, SAMPLER_STEPS
-
-        from trainer.generation.deep_cache import DeepCache
 
         size = self.job.resolution
         every = self.spec.sample_deep_cache if DeepCache.supported(self.pipe.unet) else 1
