@@ -31,6 +31,22 @@ def unet_inputs(pipe, rows: int = 2, seed: int = 0):
     return sample, torch.tensor(500), hidden, added
 
 
+class CountingParts(EagerParts):
+    """The eager parts, noting in `calls` which one ran."""
+
+    def __init__(self, unet, calls: list):
+        super().__init__(unet)
+        self.calls = calls
+
+    def whole(self, *args):
+        self.calls.append(WHOLE)
+        return super().whole(*args)
+
+    def head(self, *args):
+        self.calls.append(HEAD)
+        return super().head(*args)
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_the_head_from_the_whole_forwards_own_feature_is_the_whole_forward(family, tiny_pipeline, tiny_sdxl_pipeline):
     pipe = tiny_pipeline if family == "sd1" else tiny_sdxl_pipeline
@@ -87,17 +103,8 @@ def test_reusing_runs_the_whole_forward_every_nth_step_and_the_head_between(tiny
 def test_a_call_that_is_not_a_plain_step_runs_the_unets_own_forward_and_starts_afresh(tiny_pipeline):
     unet, calls = tiny_pipeline.unet, []
 
-    class Parts(EagerParts):
-        def whole(self, *args):
-            calls.append(WHOLE)
-            return super().whole(*args)
-
-        def head(self, *args):
-            calls.append(HEAD)
-            return super().head(*args)
-
     sample, timestep, hidden, _ = unet_inputs(tiny_pipeline)
-    with torch.no_grad(), reusing(unet, 3, Parts(unet)):
+    with torch.no_grad(), reusing(unet, 3, CountingParts(unet, calls)):
         unet(sample, timestep, hidden)
         unet(sample, timestep, hidden)
         scaled = unet(sample, timestep, hidden, cross_attention_kwargs={"scale": 1.0}).sample  # not plain
@@ -114,18 +121,9 @@ def test_a_kept_feature_of_another_batch_or_latent_size_is_not_used(tiny_pipelin
 
     unet, calls = tiny_pipeline.unet, []
 
-    class Parts(EagerParts):
-        def whole(self, *args):
-            calls.append(WHOLE)
-            return super().whole(*args)
-
-        def head(self, *args):
-            calls.append(HEAD)
-            return super().head(*args)
-
     sample, timestep, hidden, _ = unet_inputs(tiny_pipeline)
     smaller = torch.nn.functional.interpolate(sample, scale_factor=0.5)
-    with torch.no_grad(), reusing(unet, 3, Parts(unet), Reuse()) as reuse:
+    with torch.no_grad(), reusing(unet, 3, CountingParts(unet, calls), Reuse()) as reuse:
         unet(sample, timestep, hidden)  # step 0: whole
         unet(smaller, timestep, hidden)  # step 1, a head step, but another latent size: whole
         unet(smaller, timestep, hidden)  # step 2: the head, from step 1's feature

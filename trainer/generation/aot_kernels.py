@@ -48,7 +48,7 @@ import torch
 
 from trainer.contract.files import write_text_atomic
 from trainer.generation.aot_shapes import (PREFIX, WEIGHTS_BOUND_ATTR, ForwardShape, SlotLayout, architecture,
-                                          architecture_key, channels_last, dtype_name, inputs_in_layout)
+                                          architecture_text, channels_last, dtype_name, inputs_in_layout, key_of)
 from trainer.generation.lora_slots import SLOT_NAME, live_slot_layout
 
 AOT_CACHE = Path("cache") / "aot"  # under the bot's data directory
@@ -174,13 +174,13 @@ class AotKernels:
     def __init__(self, unet, cache_dir: Path, *, batch_rows: tuple[int, ...] = (), python: str = sys.executable,
                  planned_slot=lambda: None):
         self.unet = unet
-        self.dir = Path(cache_dir).resolve() / architecture_key(unet)
-        facts = architecture(unet)
+        self.facts = architecture(unet)  # what this folder's packages are compiled for
+        self.dir = Path(cache_dir).resolve() / key_of(self.facts)
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.dir / FACTS_FILE, json.dumps(facts, sort_keys=True, default=str))  # before pruning
-        for stale in prune_stale(self.dir.parent, facts):
+        write_text_atomic(self.dir / FACTS_FILE, architecture_text(self.facts))  # before pruning
+        for stale in prune_stale(self.dir.parent, self.facts):
             _tell(f"removed the compiled UNet forwards in {stale}: made for another torch or diffusers")
-        self.channels_last = channels_last(unet)
+        self.channels_last = self.facts["channels_last"]
         self.batch_rows = batch_rows  # forwards also wanted at these batch sizes when a shape is first served
         # The layout generation's mixed-LoRA slot has or will have (LoraSlots.planned_layout), or None: a burst of
         # members' different concepts at the largest batch is also wanted when a shape is first served.
@@ -362,7 +362,7 @@ class AotKernels:
         if not pending:
             return False
         self.dir.mkdir(parents=True, exist_ok=True)
-        facts = architecture(self.unet)
+        facts = self.facts
         spec = {"config": facts["config"], "dtype": facts["dtype"], "channels_last": facts["channels_last"],
                 "device": str(self.unet.conv_in.weight.device), "out_dir": str(self.dir),
                 "shapes": [shape.to_json() for shape in pending], "parent": os.getpid()}

@@ -161,8 +161,17 @@ def architecture(unet) -> dict:
             "outputs": 2 if DeepCache.supported(unet) else 1}
 
 
+def architecture_text(facts: dict) -> str:
+    """`architecture()`'s facts as the key hashes them and a package folder records them."""
+    return json.dumps(facts, sort_keys=True, default=str)
+
+
+def key_of(facts: dict) -> str:
+    return hashlib.sha256(architecture_text(facts).encode()).hexdigest()[:16]
+
+
 def architecture_key(unet) -> str:
-    return hashlib.sha256(json.dumps(architecture(unet), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return key_of(architecture(unet))
 
 
 def channels_last(unet) -> bool:

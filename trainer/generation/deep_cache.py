@@ -117,6 +117,11 @@ def plain_step(sample, timestep, timestep_cond, cross_attention_kwargs, added: d
             and not (sample.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
+def effective_every(unet, every: int) -> int:
+    """`every` where the cut fits `unet`, else 1 (off): what runs, and so what a picture's parameters name."""
+    return every if every > 1 and DeepCache.supported(unet) else 1
+
+
 class Reuse:
     """Where a denoising loop stands with the deep cache: the next step's index, the kept feature, the parts run.
     A loop paused between two steps keeps its Reuse, so that going on gives the images of an uninterrupted one."""
@@ -133,7 +138,7 @@ def reusing(unet, every: int, parts=None, going_on: Reuse | None = None):
     one the cut fits. `parts`: what runs the two halves (default: `EagerParts`). Yields the loop's Reuse
     (`going_on`: a paused loop's, to go on with)."""
     reuse = going_on or Reuse()
-    if every <= 1 or not DeepCache.supported(unet):
+    if effective_every(unet, every) == 1:
         yield reuse
         return
     parts = parts or EagerParts(unet)

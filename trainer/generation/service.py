@@ -46,7 +46,7 @@ from trainer.contract import batching
 from trainer.contract.aspects import size_for
 from trainer.generation import safety
 from trainer.contract.errors import Cancelled, UserError
-from trainer.generation.deep_cache import DeepCache, reusing
+from trainer.generation.deep_cache import effective_every, reusing
 from trainer.generation.fast_unet import UNetGraphs
 from trainer.contract.imagine_request import (DEFAULT_DEEP_CACHE, SEED_MAX, ImagineRequest, check_deep_cache,
                                               check_size, size_range)
@@ -169,7 +169,7 @@ class GenerationService:
         self.adapters = LoraSlots(pipe, capacity=adapter_capacity)
         self.max_batch_images = max_batch_images
         self.preview_min_interval_s = 1.0  # a preview is written at most this often (a fast job needs none)
-        self.deep_cache_every = check_deep_cache(deep_cache_every) if DeepCache.supported(pipe.unet) else 1
+        self.deep_cache_every = effective_every(pipe.unet, check_deep_cache(deep_cache_every))
         self.graphs = None
         graphs = use_cuda_graphs and UNetGraphs.usable(pipe.unet)
         if graphs and channels_last:  # faster convolutions (docs/BENCHMARKS.md: 12.0 -> 10.3 ms per CFG step in a graph)

@@ -713,12 +713,12 @@ class _Slice:
 
     def _sample_fields(self, lora: Path) -> dict:
         """The A1111 fields of the samples (seed aside), in the order /imagine writes them (generation.py)."""
-        from trainer.generation.deep_cache import DeepCache
+        from trainer.generation.deep_cache import effective_every
         from trainer.generation.pnginfo import lora_hash, lora_hashes_field, model_label
         from trainer.training.images import GUIDANCE_SCALE, SAMPLER_LABEL, SAMPLER_STEPS
 
         size = self.job.resolution
-        every = self.spec.sample_deep_cache if DeepCache.supported(self.pipe.unet) else 1
+        every = effective_every(self.pipe.unet, self.spec.sample_deep_cache)
         return {"Steps": SAMPLER_STEPS, "Sampler": SAMPLER_LABEL, "CFG scale": f"{GUIDANCE_SCALE:g}", "Seed": None,
                 "Size": f"{size}x{size}", "Model": model_label(self.job.base_model),
                 "Deep cache": f"every {every} steps" if every > 1 else None,
